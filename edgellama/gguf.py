@@ -1,0 +1,442 @@
+"""GGUF read (memory-mapped, validated) and write (atomic).
+
+Reading never trusts a declared size: every count, length and offset is checked against the bytes
+that remain in the file before anything is looped over or allocated, so a hostile 500-byte file
+fails at once with a ``ModelFormatError`` that names the file, the field and the value.  Tensors are
+zero-copy, read-only views into one ``np.memmap``.
+
+File layout (little-endian, version 2 and 3):
+    magic "GGUF", u32 version, u64 n_tensors, u64 n_kv,
+    n_kv x (string key, u32 value_type, value),
+    n_tensors x (string name, u32 n_dims, u64 ne[n_dims], u32 ggml_type, u64 offset),
+    padding to general.alignment (default 32), then the tensor data section.
+``ne[0]`` is the row length (fastest varying); our shapes are numpy order, i.e. ``ne`` reversed.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .quants import BLOCK_LAYOUT, GGMLType, tensor_nbytes, type_name
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 20
+MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME is 64 including the terminating NUL
+MAX_DIMS = 4
+MAX_ARRAY_DEPTH = 4
+
+
+class ModelFormatError(ValueError):
+    """A model file is malformed, truncated or uses something we do not support."""
+
+
+class ValueType(IntEnum):
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+_SCALAR_DTYPES = {
+    ValueType.UINT8: np.dtype("<u1"), ValueType.INT8: np.dtype("<i1"),
+    ValueType.UINT16: np.dtype("<u2"), ValueType.INT16: np.dtype("<i2"),
+    ValueType.UINT32: np.dtype("<u4"), ValueType.INT32: np.dtype("<i4"),
+    ValueType.FLOAT32: np.dtype("<f4"), ValueType.BOOL: np.dtype("<u1"),
+    ValueType.UINT64: np.dtype("<u8"), ValueType.INT64: np.dtype("<i8"),
+    ValueType.FLOAT64: np.dtype("<f8"),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: GGMLType
+    shape: tuple[int, ...]  # numpy order: (..., rows, row_length)
+    offset: int             # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class _Cursor:
+    """Bounds-checked little-endian reader over the mapped bytes."""
+
+    def __init__(self, buf: np.ndarray, path: str):
+        self.buf = buf
+        self.view = memoryview(buf)
+        self.pos = 0
+        self.path = path
+
+    def fail(self, what: str) -> ModelFormatError:
+        return ModelFormatError(f"{self.path}: {what}")
+
+    def remaining(self) -> int:
+        return len(self.buf) - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or n > self.remaining():
+            raise self.fail(f"file is truncated or incomplete: {what} needs {n} bytes at offset "
+                            f"{self.pos}, only {self.remaining()} remain")
+
+    def scalar(self, fmt: str, size: int, what: str):
+        self.need(size, what)
+        value = struct.unpack_from("<" + fmt, self.view, self.pos)[0]
+        self.pos += size
+        return value
+
+    def u32(self, what: str) -> int:
+        return self.scalar("I", 4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar("Q", 8, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"length of {what}")
+        self.need(n, what)
+        raw = bytes(self.view[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self.fail(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+        self.need(count * dtype.itemsize, what)
+        out = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos)
+        self.pos += count * dtype.itemsize
+        return out
+
+
+def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
+    if vtype in _SCALAR_DTYPES:
+        dtype = _SCALAR_DTYPES[ValueType(vtype)]
+        value = cur.array(dtype, 1, f"value of {key!r}")[0]
+        if vtype == ValueType.BOOL:
+            if value > 1:
+                raise cur.fail(f"key {key!r}: bool value {value} is neither 0 nor 1")
+            return bool(value)
+        return value.item()
+    if vtype == ValueType.STRING:
+        return cur.string(f"value of {key!r}")
+    if vtype == ValueType.ARRAY:
+        if depth >= MAX_ARRAY_DEPTH:
+            raise cur.fail(f"key {key!r}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
+        item_type = cur.u32(f"array type of {key!r}")
+        count = cur.u64(f"array length of {key!r}")
+        if item_type in _SCALAR_DTYPES:
+            dtype = _SCALAR_DTYPES[ValueType(item_type)]
+            if count * dtype.itemsize > cur.remaining():
+                raise cur.fail(f"key {key!r}: array of {count} items needs {count * dtype.itemsize} "
+                               f"bytes, only {cur.remaining()} remain (file is truncated or incomplete)")
+            values = cur.array(dtype, count, f"array {key!r}")
+            return values.astype(bool) if item_type == ValueType.BOOL else values
+        if item_type in (ValueType.STRING, ValueType.ARRAY):
+            min_item = 8 if item_type == ValueType.STRING else 12
+            if count * min_item > cur.remaining():
+                raise cur.fail(f"key {key!r}: array of {count} items cannot fit in the "
+                               f"{cur.remaining()} bytes that remain (file is truncated or incomplete)")
+            return [_read_value(cur, item_type, key, depth + 1) for _ in range(count)]
+        raise cur.fail(f"key {key!r}: unknown array item type {item_type}")
+    raise cur.fail(f"key {key!r}: unknown value type {vtype}")
+
+
+class GGUFFile:
+    """A validated, memory-mapped GGUF file.
+
+    ``metadata`` maps keys to Python values (strings, ints, floats, bools; arrays of strings as
+    ``list[str]``, numeric arrays as read-only numpy arrays).  ``tensors`` maps names to
+    ``TensorInfo``; ``raw(name)`` and ``rows(name)`` are zero-copy uint8 views into the map.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise ModelFormatError(f"{self.path}: no such file")
+        if p.is_dir():
+            raise ModelFormatError(f"{self.path}: is a directory, expected a .gguf file")
+        size = p.stat().st_size
+        if size < 24:
+            raise ModelFormatError(f"{self.path}: file is truncated or incomplete ({size} bytes, a "
+                                   "GGUF header alone is 24)")
+        self.buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._parse()
+
+    def _parse(self) -> None:
+        cur = _Cursor(self.buf, self.path)
+        magic = bytes(cur.view[0:4])
+        if magic != GGUF_MAGIC:
+            raise cur.fail(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        cur.pos = 4
+        self.version = cur.u32("version")
+        if self.version not in (2, 3):
+            swapped = struct.unpack("<I", struct.pack(">I", self.version))[0]
+            if swapped in (2, 3):
+                raise cur.fail(f"big-endian (byte-swapped) GGUF version {swapped} is not supported")
+            raise cur.fail(f"unsupported GGUF version {self.version} (supported: 2, 3)")
+        n_tensors = cur.u64("tensor count")
+        n_kv = cur.u64("metadata count")
+        # Smallest possible entries: kv = 8 (key len) + 1 + 4 (type) + 1; tensor = 8 + 1 + 4 + 8 + 4 + 8.
+        if n_kv * 14 > cur.remaining():
+            raise cur.fail(f"metadata count {n_kv} cannot fit in the {cur.remaining()} bytes of the file "
+                           "(file is truncated or corrupt)")
+        if n_tensors * 33 > cur.remaining():
+            raise cur.fail(f"tensor count {n_tensors} cannot fit in the {cur.remaining()} bytes of the file "
+                           "(file is truncated or corrupt)")
+
+        metadata: dict[str, Any] = {}
+        self.value_types: dict[str, tuple[int, int | None]] = {}
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}")
+            if not key:
+                raise cur.fail(f"metadata key #{i} is empty")
+            if key in metadata:
+                raise cur.fail(f"duplicate metadata key {key!r}")
+            vtype = cur.u32(f"value type of {key!r}")
+            if vtype == ValueType.ARRAY and cur.remaining() >= 4:
+                item_type = struct.unpack_from("<I", cur.view, cur.pos)[0]
+                self.value_types[key] = (ValueType.ARRAY, item_type)
+            else:
+                self.value_types[key] = (vtype, None)
+            metadata[key] = _read_value(cur, vtype, key)
+        self.metadata = metadata
+
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(alignment, bool) or not isinstance(alignment, int):
+            raise cur.fail(f"general.alignment must be an unsigned integer, got {alignment!r}")
+        if alignment <= 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
+            raise cur.fail(f"general.alignment {alignment} is not a power of two in [1, {MAX_ALIGNMENT}]")
+        self.alignment = alignment
+
+        infos = []
+        seen: set[str] = set()
+        for i in range(n_tensors):
+            name = cur.string(f"name of tensor #{i}")
+            if not name or len(name.encode()) > MAX_NAME_BYTES:
+                raise cur.fail(f"tensor #{i} name {name[:80]!r} is empty or longer than {MAX_NAME_BYTES} bytes")
+            if name in seen:
+                raise cur.fail(f"duplicate tensor name {name!r}")
+            seen.add(name)
+            n_dims = cur.u32(f"n_dims of tensor {name!r}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise cur.fail(f"tensor {name!r}: n_dims {n_dims} not in [1, {MAX_DIMS}]")
+            ne = [cur.scalar("q", 8, f"dims of tensor {name!r}") for _ in range(n_dims)]
+            if any(d <= 0 for d in ne):
+                raise cur.fail(f"tensor {name!r}: dimensions {ne} must all be positive")
+            if int(np.prod([float(d) for d in ne])) >= 1 << 60:
+                raise cur.fail(f"tensor {name!r}: dimensions {ne} overflow")
+            type_id = cur.u32(f"type of tensor {name!r}")
+            if type_id not in BLOCK_LAYOUT.keys():
+                raise cur.fail(f"tensor {name!r}: unknown tensor type {type_id}")
+            qtype = GGMLType(type_id)
+            block_elems = BLOCK_LAYOUT[qtype][0]
+            if ne[0] % block_elems:
+                raise cur.fail(f"tensor {name!r}: row length {ne[0]} is not a multiple of the "
+                               f"{type_name(qtype)} block size {block_elems}")
+            offset = cur.u64(f"offset of tensor {name!r}")
+            if offset % alignment:
+                raise cur.fail(f"tensor {name!r}: offset {offset} is not a multiple of the alignment {alignment}")
+            shape = tuple(reversed(ne))
+            infos.append((name, qtype, shape, offset, tensor_nbytes(qtype, shape)))
+
+        self.data_offset = (cur.pos + alignment - 1) // alignment * alignment
+        data_size = len(self.buf) - self.data_offset
+        if data_size < 0:
+            raise cur.fail("file is truncated or incomplete: it ends before its tensor data section")
+        self.tensors: dict[str, TensorInfo] = {}
+        spans = []
+        for name, qtype, shape, offset, nbytes in infos:
+            if offset + nbytes > data_size:
+                raise cur.fail(f"tensor {name!r}: data [{offset}, {offset + nbytes}) lies past the end of the "
+                               f"{data_size}-byte data section: file is truncated or incomplete")
+            spans.append((offset, offset + nbytes, name))
+            self.tensors[name] = TensorInfo(name, qtype, shape, self.data_offset + offset, nbytes)
+        spans.sort()
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+            if start < end:
+                raise cur.fail(f"tensors {a!r} and {b!r} overlap in the data section")
+
+    # ----- access -------------------------------------------------------------------------------
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ModelFormatError(f"{self.path}: missing tensor {name!r}") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """All bytes of a tensor as a flat read-only uint8 view."""
+        info = self.tensor(name)
+        return self.buf[info.offset:info.offset + info.nbytes]
+
+    def rows(self, name: str) -> np.ndarray:
+        """A tensor as a (n_rows, row_bytes) read-only uint8 view (one row = one output unit)."""
+        info = self.tensor(name)
+        n_rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+        return np.asarray(self.raw(name)).reshape(n_rows, info.nbytes // n_rows)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def typed_metadata(self) -> dict[str, tuple[ValueType, Any]]:
+        """Metadata with the file's own value types, ready for ``write_gguf`` to copy exactly."""
+        out = {}
+        for key, value in self.metadata.items():
+            vtype, item_type = self.value_types[key]
+            if vtype == ValueType.ARRAY:
+                out[key] = (ValueType.ARRAY, (ValueType(item_type), value))
+            else:
+                out[key] = (ValueType(vtype), value)
+        return out
+
+    def close(self) -> None:
+        mm = getattr(self.buf, "_mmap", None)
+        self.buf = None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # views are still alive; the map is freed when they are
+
+
+# ----- writing ----------------------------------------------------------------------------------
+
+def _infer_value(key: str, value: Any) -> tuple[ValueType, Any]:
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], ValueType):
+        return value
+    if isinstance(value, bool):
+        return ValueType.BOOL, value
+    if isinstance(value, (int, np.integer)):
+        v = int(value)
+        return (ValueType.UINT32, v) if 0 <= v < 1 << 32 else (ValueType.INT64, v)
+    if isinstance(value, (float, np.floating)):
+        return ValueType.FLOAT32, float(value)
+    if isinstance(value, str):
+        return ValueType.STRING, value
+    if isinstance(value, np.ndarray):
+        for vt, dt in _SCALAR_DTYPES.items():
+            if vt != ValueType.BOOL and value.dtype == dt.newbyteorder("="):
+                return ValueType.ARRAY, (vt, value)
+        if value.dtype == np.bool_:
+            return ValueType.ARRAY, (ValueType.BOOL, value.astype(np.uint8))
+        raise TypeError(f"metadata {key!r}: unsupported array dtype {value.dtype}")
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, str) for v in value):
+            return ValueType.ARRAY, (ValueType.STRING, list(value))
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+            return ValueType.ARRAY, (ValueType.INT32, np.asarray(value, dtype=np.int32))
+        if all(isinstance(v, (float, int)) for v in value):
+            return ValueType.ARRAY, (ValueType.FLOAT32, np.asarray(value, dtype=np.float32))
+    raise TypeError(f"metadata {key!r}: cannot store {type(value).__name__} in GGUF")
+
+
+def _pack_string(s: str) -> bytes:
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _pack_value(vtype: ValueType, value: Any) -> bytes:
+    if vtype == ValueType.STRING:
+        return _pack_string(value)
+    if vtype == ValueType.ARRAY:
+        item_type, items = value
+        head = struct.pack("<IQ", item_type, len(items))
+        if item_type == ValueType.STRING:
+            return head + b"".join(_pack_string(s) for s in items)
+        return head + np.ascontiguousarray(items, dtype=_SCALAR_DTYPES[item_type]).tobytes()
+    return np.array([value], dtype=_SCALAR_DTYPES[vtype]).tobytes()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the writer needs to know about a tensor before its data exists."""
+    name: str
+    qtype: GGMLType
+    shape: tuple[int, ...]  # numpy order
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.qtype, self.shape)
+
+
+def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], specs: list[TensorSpec],
+               data: Iterable[np.ndarray], alignment: int = DEFAULT_ALIGNMENT) -> None:
+    """Write a GGUF v3 file atomically: a temp file in the same folder, renamed at the end.
+
+    ``metadata`` values are plain Python values (types inferred: int -> u32, float -> f32, ...)
+    or ``(ValueType, value)`` pairs; for arrays ``(ValueType.ARRAY, (item_type, items))``.
+    ``data`` yields each tensor's bytes (any dtype, C order) in the order of ``specs``; it is
+    consumed one tensor at a time, so a converter never holds the whole model in memory.
+    If anything fails, nothing is left under ``path``.
+    """
+    path = Path(path)
+    metadata = dict(metadata)
+    if alignment != DEFAULT_ALIGNMENT:
+        metadata["general.alignment"] = (ValueType.UINT32, alignment)
+    header = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(specs), len(metadata))]
+    for key, value in metadata.items():
+        vtype, v = _infer_value(key, value)
+        header += [_pack_string(key), struct.pack("<I", vtype), _pack_value(vtype, v)]
+    offset = 0
+    offsets = []
+    for spec in specs:
+        block_elems = BLOCK_LAYOUT[spec.qtype][0]
+        if spec.shape[-1] % block_elems:
+            raise ValueError(f"{spec.name}: row length {spec.shape[-1]} is not a multiple of "
+                             f"{type_name(spec.qtype)}'s block size {block_elems}")
+        header += [_pack_string(spec.name), struct.pack("<I", len(spec.shape)),
+                   struct.pack(f"<{len(spec.shape)}Q", *reversed(spec.shape)),
+                   struct.pack("<IQ", spec.qtype, offset)]
+        offsets.append(offset)
+        offset += (spec.nbytes + alignment - 1) // alignment * alignment
+    head = b"".join(header)
+    head += b"\0" * (-len(head) % alignment)
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(head)
+            written = 0
+            chunks = iter(data)
+            for spec in specs:
+                chunk = next(chunks, None)
+                if chunk is None:
+                    raise ValueError(f"no data given for tensor {spec.name!r}")
+                raw = memoryview(np.ascontiguousarray(chunk)).cast("B")
+                if raw.nbytes != spec.nbytes:
+                    raise ValueError(f"tensor {spec.name!r}: {raw.nbytes} bytes given, "
+                                     f"{type_name(spec.qtype)} {spec.shape} needs {spec.nbytes}")
+                f.write(raw)
+                written += raw.nbytes
+                pad = -written % alignment
+                f.write(b"\0" * pad)
+                written += pad
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

