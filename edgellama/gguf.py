@@ -149,7 +149,12 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
                 raise cur.fail(f"key {key!r}: array of {count} items needs {count * dtype.itemsize} "
                                f"bytes, only {cur.remaining()} remain (file is truncated or incomplete)")
             values = cur.array(dtype, count, f"array {key!r}")
-            return values.astype(bool) if item_type == ValueType.BOOL else values
+            if item_type != ValueType.BOOL:
+                return values
+            if count and values.max() > 1:
+                raise cur.fail(f"key {key!r}: bool value {values.max()} at index "
+                               f"{int(np.argmax(values > 1))} is neither 0 nor 1")
+            return values.view(np.bool_)
         if item_type in (ValueType.STRING, ValueType.ARRAY):
             min_item = 8 if item_type == ValueType.STRING else 12
             if count * min_item > cur.remaining():
@@ -199,10 +204,10 @@ class GGUFFile:
         # Smallest possible entries: kv = 8 (key len) + 1 + 4 (type) + 1; tensor = 8 + 1 + 4 + 8 + 4 + 8.
         if n_kv * 14 > cur.remaining():
             raise cur.fail(f"metadata count {n_kv} cannot fit in the {cur.remaining()} bytes of the file "
-                           "(file is truncated or corrupt)")
+                           "(file is truncated or incomplete)")
         if n_tensors * 33 > cur.remaining():
             raise cur.fail(f"tensor count {n_tensors} cannot fit in the {cur.remaining()} bytes of the file "
-                           "(file is truncated or corrupt)")
+                           "(file is truncated or incomplete)")
 
         metadata: dict[str, Any] = {}
         self.value_types: dict[str, tuple[int, int | None]] = {}
