@@ -1,0 +1,100 @@
+"""The ``edgellama`` command: run | info | bench.
+
+User errors (bad paths, malformed files, out-of-range options) print one line to stderr and exit
+with status 1; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .gguf import GGUFFile, ModelFormatError
+
+
+def _add_model_options(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+    p.add_argument("-m", "--model", required=True, help="path of a GGUF model file")
+    if runtime:
+        p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+        p.add_argument("-c", "--ctx", type=int, default=None,
+                       help="context size in tokens (default: min(model context, 4096))")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgellama", description="Run LLaMA-family GGUF models on the CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate text from a prompt (streams to stdout)")
+    _add_model_options(run)
+    run.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    run.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (-1: until the end)")
+    run.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
+    run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    run.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    run.add_argument("--special", action="store_true", help="parse special-token text in the prompt")
+
+    info = sub.add_parser("info", help="describe a GGUF model file")
+    _add_model_options(info)
+
+    bench = sub.add_parser("bench", help="llama-bench style speed test")
+    _add_model_options(bench)
+    bench.add_argument("-p", "--n-prompt", type=int, default=256, help="prompt tokens (pp)")
+    bench.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg)")
+    bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (median reported)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def cmd_run(args) -> int:
+    import edgellama
+
+    t0 = time.perf_counter()
+    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads)
+    load_s = time.perf_counter() - t0
+    ids = model.tokenize(args.prompt, special=args.special)
+    max_tokens = None if args.n_predict < 0 else args.n_predict
+    last = None
+    for chunk in model.generate(ids, max_tokens=max_tokens, temperature=args.temp, seed=args.seed,
+                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+        last = chunk
+    sys.stdout.write("\n")
+    u = last.usage
+    print(f"\nload {load_s:.2f} s | prompt {u.prompt_tokens} tokens, {u.prompt_tokens_per_second:.1f} tok/s | "
+          f"generated {u.completion_tokens} tokens, {u.generation_tokens_per_second:.1f} tok/s | "
+          f"finish: {last.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import describe
+
+    print(describe(GGUFFile(args.model), n_ctx=args.ctx))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "info": cmd_info, "bench": cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except (ModelFormatError, ValueError, OSError) as e:
+        print(f"edgellama {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

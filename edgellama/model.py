@@ -1,0 +1,436 @@
+"""The LLaMA decoder: ModelArgs from GGUF metadata, weights as zero-copy views, forward -> logits.
+
+Weights keep their GGUF names (``token_embd``, ``blk.{i}.attn_q`` ... ``output``); a missing
+``output.weight`` means the output projection is tied to ``token_embd.weight``.  Every matrix stays a
+read-only view into the memory map and is dequantized inside the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import typed
+
+from . import kernels as K
+from .gguf import GGUFFile, ModelFormatError
+from .quants import RUNTIME_TYPES, GGMLType, type_name
+
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+DEFAULT_MAX_CTX = 4096
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    n_vocab: int
+    max_ctx: int                       # the model's training context
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_dim: int | None = None        # rotated dims per head (default: head_dim)
+    rope_scale: float = 1.0            # linear position scaling (positions are divided by it)
+    head_dim: int = field(init=False)
+    kv_dim: int = field(init=False)
+
+    def __post_init__(self):
+        self.head_dim = self.dim // self.n_heads
+        self.kv_dim = self.n_kv_heads * self.head_dim
+        if self.rope_dim is None:
+            self.rope_dim = self.head_dim
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
+        arch = f.get("general.architecture")
+        if arch != "llama":
+            raise ModelFormatError(f"{f.path}: general.architecture is {arch!r}; only 'llama' is supported")
+
+        def get(key, kind, default=None, required=True):
+            full = f"llama.{key}"
+            value = f.get(full, default)
+            if value is None:
+                if required:
+                    raise ModelFormatError(f"{f.path}: missing metadata {full!r}")
+                return None
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ModelFormatError(f"{f.path}: {full} must be an integer, got {value!r}")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ModelFormatError(f"{f.path}: {full} must be a number, got {value!r}")
+            return kind(value)
+
+        dim = get("embedding_length", int)
+        n_heads = get("attention.head_count", int)
+        n_kv_heads = get("attention.head_count_kv", int, default=n_heads)
+        embd = f.tensor("token_embd.weight")
+        n_vocab = get("vocab_size", int, default=embd.shape[0])
+        args = cls(
+            dim=dim,
+            n_layers=get("block_count", int),
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            ffn_dim=get("feed_forward_length", int),
+            n_vocab=n_vocab,
+            max_ctx=get("context_length", int, default=DEFAULT_MAX_CTX),
+            norm_eps=get("attention.layer_norm_rms_epsilon", float, default=1e-5),
+            rope_theta=get("rope.freq_base", float, default=10000.0),
+            rope_dim=get("rope.dimension_count", int, required=False),
+            rope_scale=_rope_scale(f),
+        )
+        args.validate(f.path)
+        return args
+
+    def validate(self, path: str) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_vocab", "max_ctx"):
+            if getattr(self, name) <= 0:
+                raise ModelFormatError(f"{path}: {name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ModelFormatError(f"{path}: head count {self.n_heads} does not divide the width {self.dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ModelFormatError(f"{path}: KV head count {self.n_kv_heads} does not divide the head "
+                                   f"count {self.n_heads}")
+        if self.rope_dim > self.head_dim or self.rope_dim % 2:
+            raise ModelFormatError(f"{path}: rope.dimension_count {self.rope_dim} must be even and at most "
+                                   f"the head size {self.head_dim}")
+        if self.dim % K.QK or self.ffn_dim % K.QK:
+            raise ModelFormatError(f"{path}: width {self.dim} and feed-forward size {self.ffn_dim} must be "
+                                   f"multiples of {K.QK}")
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ModelFormatError(f"{path}: attention.layer_norm_rms_epsilon {self.norm_eps} must be positive")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ModelFormatError(f"{path}: rope.freq_base {self.rope_theta} must be positive")
+
+
+def _rope_scale(f: GGUFFile) -> float:
+    kind = f.get("llama.rope.scaling.type", "none")
+    factor = f.get("llama.rope.scaling.factor", 1.0)
+    if kind in ("none", "linear") or factor in (0, 1.0):
+        if not isinstance(factor, (int, float)) or factor < 0:
+            raise ModelFormatError(f"{f.path}: llama.rope.scaling.factor {factor!r} is not a positive number")
+        return float(factor) if kind == "linear" and factor > 0 else 1.0
+    raise ModelFormatError(f"{f.path}: rope scaling type {kind!r} is not supported (only linear; Llama 3.1 "
+                           "scaling arrives as the rope_freqs.weight tensor)")
+
+
+def rope_tables(args: ModelArgs, n_ctx: int, freq_factors: np.ndarray | None):
+    """cos/sin tables (n_ctx, rope_dim/2) for the adjacent-pair rotation.
+
+    theta(p, i) = p / rope_scale * rope_theta^(-2i / rope_dim) / freq_factor[i]; Llama 3.1's
+    frequency-dependent scaling is exactly the ``rope_freqs.weight`` factors.
+    """
+    half = args.rope_dim // 2
+    inv_freq = args.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / args.rope_dim)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.astype(np.float64)
+    angles = np.outer(np.arange(n_ctx, dtype=np.float64) / args.rope_scale, inv_freq)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class Weight:
+    """One weight matrix: its (n_out, row_bytes) uint8 view and ggml type id."""
+
+    __slots__ = ("name", "rows", "qtype", "n_out", "n_in")
+
+    def __init__(self, f: GGUFFile, name: str, shape: tuple[int, int]):
+        info = f.tensor(name)
+        if info.shape != shape:
+            raise ModelFormatError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected {shape}")
+        if info.qtype not in RUNTIME_TYPES:
+            raise ModelFormatError(f"{f.path}: tensor {name!r} has type {type_name(info.qtype)}, which "
+                                   f"edgellama cannot compute with (supported: "
+                                   f"{', '.join(sorted(GGMLType(t).name for t in RUNTIME_TYPES))})")
+        self.name = name
+        self.rows = f.rows(name)
+        self.qtype = int(info.qtype)
+        self.n_out, self.n_in = shape
+
+
+def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
+    """A 1-D float tensor (norm weights, rope factors) as float32."""
+    info = f.tensor(name)
+    if info.shape != (n,):
+        raise ModelFormatError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected ({n},)")
+    if info.qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+        raise ModelFormatError(f"{f.path}: tensor {name!r} must be F32/F16/BF16, got {type_name(info.qtype)}")
+    out = np.empty(n, dtype=np.float32)
+    K.dequantize_row(f.raw(name), int(info.qtype), out, K.F16_TABLE, K.BF16_TABLE)
+    return out
+
+
+class Weights:
+    """All tensors of a llama GGUF file, named as in the file."""
+
+    def __init__(self, f: GGUFFile, args: ModelArgs):
+        a = args
+        self.token_embd = Weight(f, "token_embd.weight", (a.n_vocab, a.dim))
+        tied = "output.weight" not in f.tensors
+        self.output = self.token_embd if tied else Weight(f, "output.weight", (a.n_vocab, a.dim))
+        self.output_norm = _vector(f, "output_norm.weight", a.dim)
+        shapes = {"attn_q": (a.dim, a.dim), "attn_k": (a.kv_dim, a.dim), "attn_v": (a.kv_dim, a.dim),
+                  "attn_output": (a.dim, a.dim), "ffn_gate": (a.ffn_dim, a.dim),
+                  "ffn_up": (a.ffn_dim, a.dim), "ffn_down": (a.dim, a.ffn_dim)}
+        self.layers = [{m: Weight(f, f"blk.{i}.{m}.weight", shapes[m]) for m in LAYER_MATRICES}
+                       for i in range(a.n_layers)]
+        # norms: (n_layers, 2, dim) = (attn_norm, ffn_norm) per layer
+        self.norms = np.stack([np.stack([_vector(f, f"blk.{i}.attn_norm.weight", a.dim),
+                                         _vector(f, f"blk.{i}.ffn_norm.weight", a.dim)])
+                               for i in range(a.n_layers)])
+        self.rope_freqs = (_vector(f, "rope_freqs.weight", a.rope_dim // 2)
+                           if "rope_freqs.weight" in f.tensors else None)
+        # flat views for the decode kernel: mats[7*l + j] is layer l's j-th LAYER_MATRICES entry
+        self.mats = typed.List([layer[m].rows for layer in self.layers for m in LAYER_MATRICES])
+        self.mat_types = np.array([layer[m].qtype for layer in self.layers for m in LAYER_MATRICES],
+                                  dtype=np.int64)
+
+    def types(self) -> dict[str, int]:
+        """Tensor count per type name (for info and logs)."""
+        counts: dict[str, int] = {}
+        for w in [self.token_embd] + [layer[m] for layer in self.layers for m in LAYER_MATRICES]:
+            counts[type_name(w.qtype)] = counts.get(type_name(w.qtype), 0) + 1
+        return counts
+
+
+class State:
+    """Every buffer a forward pass needs, allocated once; nothing is allocated per token."""
+
+    def __init__(self, args: ModelArgs, n_ctx: int, n_threads: int):
+        a = args
+        f32 = np.float32
+        # KV cache: (n_layers, n_kv_heads, n_ctx, head_dim); zero pages cost no memory until written
+        self.k_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=f32)
+        self.v_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=f32)
+        self.x = np.zeros(a.dim, f32)                  # residual stream (dim,)
+        self.xb = np.zeros(a.dim, f32)                 # normed / projected activation (dim,)
+        self.xq = np.zeros(a.dim, np.int8)             # xb quantized to int8 blocks (dim,)
+        self.xd = np.zeros(a.dim // K.QK, f32)         # its block scales (dim/32,)
+        self.xs = np.zeros(a.dim // K.QK, f32)         # scale * block sum (dim/32,)
+        self.q = np.zeros(a.dim, f32)                  # query (n_heads*head_dim,)
+        self.k = np.zeros(a.kv_dim, f32)               # key (n_kv_heads*head_dim,)
+        self.v = np.zeros(a.kv_dim, f32)               # value (n_kv_heads*head_dim,)
+        self.att = np.zeros(a.dim, f32)                # attention output (dim,)
+        self.hb = np.zeros(a.ffn_dim, f32)             # gate, then silu(gate)*up (ffn,)
+        self.hb2 = np.zeros(a.ffn_dim, f32)            # up (ffn,)
+        self.hq = np.zeros(a.ffn_dim, np.int8)         # hb quantized (ffn,)
+        self.hd = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
+        self.hs = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
+        self.scores = np.zeros((max(n_threads, 1), n_ctx), f32)  # attention scratch per worker
+        self.logits = np.zeros(a.n_vocab, f32)         # (n_vocab,)
+        self.n_past = 0                                # positions 0..n_past-1 hold valid K/V
+        self.tokens: list[int] = []                    # the tokens behind those positions
+
+
+def physical_cores() -> int:
+    """Physical core count (Linux), else the logical count."""
+    try:
+        cores = set()
+        with open("/proc/cpuinfo") as f:
+            phys = core = None
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    cores.add((phys, core))
+        if cores:
+            return min(len(cores), os.cpu_count() or 1)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+class Model:
+    """A loaded model: weights, tokenizer, one evaluation state (KV cache + buffers).
+
+    ``logits(ids)`` evaluates from an empty cache; ``generate``/``chat`` reuse the cached prefix.
+    """
+
+    def __init__(self, f: GGUFFile, n_ctx: int | None = None, threads: int | None = None, n_batch: int = 256):
+        from .tokenizer import Tokenizer  # the tokenizer is independent of Numba
+
+        self.file = f
+        self.path = f.path
+        self.args = ModelArgs.from_gguf(f)
+        self.n_ctx = int(n_ctx or min(self.args.max_ctx, DEFAULT_MAX_CTX))
+        if self.n_ctx <= 0:
+            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+        if n_batch <= 0:
+            raise ValueError(f"n_batch must be positive, got {n_batch}")
+        self.n_batch = int(n_batch)
+        self.threads = int(threads or physical_cores())
+        if self.threads <= 0:
+            raise ValueError(f"threads must be positive, got {threads}")
+        self.weights = Weights(f, self.args)
+        self.tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
+        self.cos, self.sin = rope_tables(self.args, self.n_ctx, self.weights.rope_freqs)
+        self.state = State(self.args, self.n_ctx, self.threads)
+        self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
+
+    @classmethod
+    def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
+        return cls(GGUFFile(path), n_ctx=n_ctx, threads=threads, **kwargs)
+
+    # ----- text <-> ids ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids, special: bool = False) -> str:
+        return self.tokenizer.decode(ids, special=special)
+
+    # ----- evaluation -----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the cached context (the KV cache contents become unused)."""
+        self.state.n_past = 0
+        self.state.tokens = []
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits for every position of ``ids``, evaluated from an empty cache: (len(ids), n_vocab)."""
+        ids = self._check_ids(ids)
+        self.reset()
+        out = np.empty((len(ids), self.args.n_vocab), dtype=np.float32)
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            out[start:start + len(chunk)] = self.eval(chunk, all_logits=True)
+        return out
+
+    def eval(self, ids, all_logits: bool = False) -> np.ndarray:
+        """Append ``ids`` to the cached context; logits of the last token (or of all, (T, n_vocab))."""
+        ids = self._check_ids(ids)
+        s = self.state
+        if s.n_past + len(ids) > self.n_ctx:
+            raise ContextOverflowError(f"{s.n_past} cached + {len(ids)} new tokens exceed the context of "
+                                       f"{self.n_ctx} tokens")
+        self._set_threads()
+        if len(ids) == 1 and not all_logits:
+            logits = self._decode(int(ids[0]))
+        else:
+            logits = None
+            for start in range(0, len(ids), self.n_batch):
+                logits = self._prefill(ids[start:start + self.n_batch], all_logits)
+                if all_logits and len(ids) > self.n_batch:
+                    raise ValueError("all_logits over more than n_batch tokens: use Model.logits")
+        return logits
+
+    def eval_prompt(self, ids) -> tuple[np.ndarray, int]:
+        """Evaluate a prompt, reusing the longest cached prefix; (last logits, reused token count)."""
+        ids = [int(t) for t in self._check_ids(ids)]
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the context holds {self.n_ctx} "
+                                       "(load the model with a larger n_ctx, or shorten the prompt)")
+        s = self.state
+        common = 0
+        for a, b in zip(s.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # the last prompt token is always evaluated: we need its logits
+        s.n_past = common
+        del s.tokens[common:]
+        return self.eval(ids[common:]), common
+
+    def generate(self, prompt: str | list[int], max_tokens: int | None = 64, temperature: float = 0.0,
+                 seed: int | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 add_bos: bool | None = None, sampler=None, stop_ids=()):
+        """Stream generated text: yields ``Chunk`` strings (the last one carries finish_reason)."""
+        from .generate import generate_tokens
+        from .sampling import Sampler
+
+        ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        if sampler is None:
+            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        return generate_tokens(self, ids, max_tokens, sampler, stop_ids)
+
+    def _check_ids(self, ids) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if arr.size == 0:
+            raise ValueError("no tokens to evaluate")
+        bad = (arr < 0) | (arr >= self.args.n_vocab)
+        if bad.any():
+            raise ValueError(f"token id {int(arr[bad][0])} is outside the vocabulary [0, {self.args.n_vocab})")
+        return arr
+
+    def _set_threads(self) -> None:
+        import numba
+
+        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+
+    def _decode(self, token: int) -> np.ndarray:
+        """One token at position n_past through the fused decode kernel -> (n_vocab,) logits."""
+        a, w, s = self.args, self.weights, self.state
+        K.decode_token(token, s.n_past, w.token_embd.rows, w.token_embd.qtype, w.mats, w.mat_types,
+                       w.norms, w.output_norm, w.output.rows, w.output.qtype, np.float32(a.norm_eps),
+                       a.n_heads, a.n_kv_heads, a.head_dim, self.cos, self.sin, s.k_cache, s.v_cache,
+                       s.x, s.xb, s.xq, s.xd, s.xs, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.hq, s.hd, s.hs,
+                       s.scores, s.logits, K.F16_TABLE, K.BF16_TABLE)
+        s.n_past += 1
+        s.tokens.append(token)
+        self.n_evaluated += 1
+        return s.logits
+
+    def _linear(self, x: np.ndarray, w: Weight) -> np.ndarray:
+        """x: (T, n_in) -> (T, n_out) = x @ W.T, dequantizing W in tiles for a BLAS product.
+
+        x is first rounded to the Q8 activation grid, as the decode kernels see it.
+        """
+        xq = np.array(x, dtype=np.float32, order="C")
+        if w.qtype not in (K.T_F32, K.T_F16, K.T_BF16):
+            K.fake_quantize_q8_rows(xq)
+        out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
+        tile_rows = max(1, min(w.n_out, TILE_ELEMENTS // w.n_in))
+        tile = np.empty((tile_rows, w.n_in), dtype=np.float32)
+        for r0 in range(0, w.n_out, tile_rows):
+            r1 = min(r0 + tile_rows, w.n_out)
+            K.dequantize_rows(w.rows[r0:r1], w.qtype, tile[:r1 - r0], K.F16_TABLE, K.BF16_TABLE)
+            np.matmul(xq, tile[:r1 - r0].T, out=out[:, r0:r1])
+        return out
+
+    def _prefill(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Evaluate T tokens at positions n_past.. with matrix kernels; logits (T, V) or (V,)."""
+        a, w, s = self.args, self.weights, self.state
+        n_tok, start = len(ids), s.n_past
+        positions = np.arange(start, start + n_tok, dtype=np.int64)
+        x = np.empty((n_tok, a.dim), np.float32)              # residual stream (T, dim)
+        xb = np.empty_like(x)                                 # normed activations (T, dim)
+        att = np.empty((n_tok, a.n_heads, a.head_dim), np.float32)
+        K.embed_rows(ids, w.token_embd.rows, w.token_embd.qtype, x, K.F16_TABLE, K.BF16_TABLE)
+        for l, layer in enumerate(w.layers):
+            # attention block: q/k/v for all tokens, rotate, append to the cache, causal attention
+            K.rmsnorm_rows(x, w.norms[l, 0], a.norm_eps, xb)
+            q = self._linear(xb, layer["attn_q"])
+            k = self._linear(xb, layer["attn_k"])
+            v = self._linear(xb, layer["attn_v"])
+            K.rope_rows(q, positions, a.n_heads, a.head_dim, self.cos, self.sin)
+            K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.cos, self.sin)
+            s.k_cache[l, :, start:start + n_tok] = k.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
+            s.v_cache[l, :, start:start + n_tok] = v.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
+            K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start,
+                        s.scores, att)
+            x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])
+            # feed-forward block
+            K.rmsnorm_rows(x, w.norms[l, 1], a.norm_eps, xb)
+            gate = self._linear(xb, layer["ffn_gate"])
+            K.swiglu(gate, self._linear(xb, layer["ffn_up"]), gate)
+            x += self._linear(gate, layer["ffn_down"])
+        s.n_past += n_tok
+        s.tokens.extend(int(t) for t in ids)
+        self.n_evaluated += n_tok
+        if not all_logits:
+            # only the last position's logits are needed: one row through the decode matvec
+            K.rmsnorm(x[-1], w.output_norm, a.norm_eps, s.xb)
+            K.quantize_q8(s.xb, s.xq, s.xd, s.xs)
+            K.matvec(w.output.rows, w.output.qtype, s.xb, s.xq, s.xd, s.xs, s.logits, K.F16_TABLE, K.BF16_TABLE)
+            return s.logits
+        K.rmsnorm_rows(x, w.output_norm, a.norm_eps, xb)
+        return self._linear(xb, w.output)
+
+
+TILE_ELEMENTS = 1 << 20  # dequantized weight tile for prefill: 4 MB of float32
+
+
+class ContextOverflowError(ValueError):
+    """More tokens than the context (n_ctx) holds."""

@@ -1,0 +1,280 @@
+"""Plan and run a conversion: checkpoint in, GGUF v3 out (atomically), with a per-tensor report.
+
+``convert_file(source, target, "q8_0")`` is the whole job for any supported input (a GGUF file, a
+Hugging Face folder, a Meta ``consolidated.*.pth`` folder).  The steps:
+  1. open the checkpoint (metadata + lazily read tensors, already in GGUF naming and layout);
+  2. ``make_plan``: the type of every tensor (``policy.choose``) and the output size;
+  3. ``write_plan``: stream tensors one at a time through the Numba quantizers into
+     ``edgellama.gguf.write_gguf`` (temp file + rename: an error or Ctrl-C leaves nothing behind).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from edgellama.gguf import TensorSpec, ValueType, write_gguf
+from edgellama.quants import GGMLType, tensor_nbytes, type_name
+
+from . import blocks
+from .policy import FILE_TYPES, QUANTIZED, Choice, choose, parse_type
+from .source import Checkpoint, QuantizeError, SourceTensor
+
+GGML_QUANTIZATION_VERSION = 2
+CHUNK_ELEMENTS = 1 << 24  # rows are converted in chunks of about this many floats (64 MB)
+
+
+class RequantizeWarning(UserWarning):
+    """The source is already quantized: requantizing it loses more quality than quantizing once."""
+
+
+@dataclass
+class PlannedTensor:
+    tensor: SourceTensor
+    choice: Choice
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.choice.qtype, self.tensor.shape)
+
+
+@dataclass
+class Plan:
+    checkpoint: Checkpoint
+    target: GGMLType
+    metadata: dict
+    tensors: list[PlannedTensor]
+    requantized: list[str] = field(default_factory=list)  # names of already-quantized sources
+
+    @property
+    def n_elements(self) -> int:
+        return sum(p.tensor.n_elements for p in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(p.nbytes for p in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.output_bytes / max(1, self.n_elements)
+
+
+@dataclass
+class TensorResult:
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    nbytes: int
+    copied: bool
+    rmse: float | None = None       # of the written tensor vs its source values (None: not measured)
+    max_abs_error: float | None = None
+    source_rms: float | None = None  # root mean square of the source values, to make rmse relative
+    seconds: float = 0.0
+    note: str = ""
+
+    @property
+    def relative_rmse(self) -> float | None:
+        if self.rmse is None or not self.source_rms:
+            return None
+        return self.rmse / self.source_rms
+
+
+# ----- opening inputs ---------------------------------------------------------------------------
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a GGUF file, a Hugging Face model folder or a Meta checkpoint folder."""
+    p = Path(path)
+    if not p.exists():
+        raise QuantizeError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "params.json").exists() and any(p.glob("consolidated.*.pth")):
+            from .meta import open_meta
+            return open_meta(p)
+        if (p / "config.json").exists():
+            from .hf import open_hf
+            return open_hf(p)
+        raise QuantizeError(f"{p}: a model folder needs config.json (Hugging Face) or params.json + "
+                            "consolidated.*.pth (Meta)")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from .gguf_source import open_gguf
+        return open_gguf(str(p))
+    if p.suffix == ".safetensors":
+        raise QuantizeError(f"{p}: give the model folder (with config.json and the tokenizer), not "
+                            "the .safetensors file alone")
+    raise QuantizeError(f"{p}: not a GGUF file (magic {magic!r}) and not a model folder")
+
+
+# ----- planning ---------------------------------------------------------------------------------
+
+def make_plan(checkpoint: Checkpoint, target: GGMLType, *, output_type: GGMLType | None = None,
+              embedding_type: GGMLType | None = None) -> Plan:
+    names = {t.name for t in checkpoint.tensors}
+    tied = "output.weight" not in names
+    planned = []
+    for tensor in _llama_order(checkpoint.tensors):
+        choice = choose(tensor, target, tied_embeddings=tied, output_type=output_type,
+                        embedding_type=embedding_type)
+        planned.append(PlannedTensor(tensor, choice))
+    requantized = [p.tensor.name for p in planned
+                   if not p.choice.copy and p.tensor.source_type in QUANTIZED]
+    return Plan(checkpoint, target, _output_metadata(checkpoint, target), planned, requantized)
+
+
+def _llama_order(tensors: list[SourceTensor]) -> list[SourceTensor]:
+    """llama-quantize's order (non-layer tensors by name, then layer by layer, each by name), so
+    requantized files match llama.cpp's byte for byte."""
+    def key(t: SourceTensor):
+        parts = t.name.split(".")
+        layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else -1
+        return layer, t.name.encode()
+    return sorted(tensors, key=key)
+
+
+def _output_metadata(checkpoint: Checkpoint, target: GGMLType) -> dict:
+    """The checkpoint's metadata; quantization_version and file_type moved to the end, as
+    llama.cpp's gguf_set_val does."""
+    metadata = {k: v for k, v in checkpoint.metadata.items()
+                if k not in ("general.quantization_version", "general.file_type")}
+    metadata["general.quantization_version"] = (ValueType.UINT32, GGML_QUANTIZATION_VERSION)
+    metadata["general.file_type"] = (ValueType.UINT32, FILE_TYPES[target])
+    return metadata
+
+
+# ----- writing ----------------------------------------------------------------------------------
+
+def _row_chunks(tensor: SourceTensor) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(1, tensor.n_cols))
+    for start in range(0, tensor.n_rows, step):
+        yield start, min(tensor.n_rows, start + step)
+
+
+def check_finite(values: np.ndarray, tensor: SourceTensor, row_offset: int) -> None:
+    """Refuse NaN / Inf, naming the tensor and the first bad position."""
+    counts = blocks.count_nonfinite(values)
+    if counts.any():
+        row = int(np.argmax(counts > 0))
+        col = int(np.argmax(~np.isfinite(values[row])))
+        raise QuantizeError(f"{tensor.origin or tensor.name}: {int(counts.sum())} NaN/Inf value(s), first at "
+                            f"row {row + row_offset} column {col} ({values[row, col]}); refusing to quantize them")
+
+
+def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -> tuple[np.ndarray, TensorResult]:
+    """One tensor's output bytes (n_rows, row_bytes) and its error statistics."""
+    start_time = time.perf_counter()
+    result = TensorResult(tensor.name, type_name(choice.qtype), tensor.shape,
+                          tensor_nbytes(choice.qtype, tensor.shape), choice.copy, note=choice.note)
+    if choice.copy:
+        data = np.asarray(tensor.raw())
+        if measure:
+            result.rmse = result.max_abs_error = 0.0  # the stored values, unchanged
+        result.seconds = time.perf_counter() - start_time
+        return data, result
+    out_row_bytes = result.nbytes // tensor.n_rows
+    out = np.empty((tensor.n_rows, out_row_bytes), dtype=np.uint8)  # (n_rows, row_bytes) output
+    sq_err, sq_src, max_err = 0.0, 0.0, 0.0
+    for start, stop in _row_chunks(tensor):
+        values = np.ascontiguousarray(tensor.read_rows(start, stop), dtype=np.float32)  # (rows, n_cols)
+        check_finite(values, tensor, start)
+        blocks.quantize_rows(values, choice.qtype, out=out[start:stop])
+        if measure:
+            chunk_err, chunk_src, chunk_max = blocks.error_stats(values, out[start:stop], choice.qtype)
+            sq_err, sq_src, max_err = sq_err + chunk_err, sq_src + chunk_src, max(max_err, chunk_max)
+    if measure:
+        n = max(1, tensor.n_elements)
+        result.rmse, result.source_rms = math.sqrt(sq_err / n), math.sqrt(sq_src / n)
+        result.max_abs_error = max_err
+    result.seconds = time.perf_counter() - start_time
+    return out, result
+
+
+def write_plan(plan: Plan, target_path: str | os.PathLike, *, measure: bool = True,
+               on_tensor: Callable[[TensorResult], None] | None = None) -> list[TensorResult]:
+    """Write the planned file atomically; returns one result per tensor, in file order."""
+    specs = [TensorSpec(p.tensor.name, p.choice.qtype, p.tensor.shape) for p in plan.tensors]
+    results: list[TensorResult] = []
+
+    def data() -> Iterator[np.ndarray]:
+        for p in plan.tensors:
+            out, result = convert_tensor(p.tensor, p.choice, measure)
+            results.append(result)
+            if on_tensor is not None:
+                on_tensor(result)
+            yield out
+
+    write_gguf(target_path, plan.metadata, specs, data())
+    _default_permissions(Path(target_path))
+    return results
+
+
+def _default_permissions(path: Path) -> None:
+    """write_gguf's temp file is created 0600 (mkstemp); give the output the usual 0666 & ~umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def check_paths(source: str | os.PathLike, target: str | os.PathLike, force: bool) -> None:
+    """Never overwrite the input (not even a file inside an input folder); overwrite an existing
+    output only with ``force``."""
+    src, dst = Path(source), Path(target)
+    if dst.is_dir():
+        raise QuantizeError(f"{dst}: output is a folder; give a file name ending in .gguf")
+    if dst.exists():
+        if src.exists() and os.path.samefile(src, dst):
+            raise QuantizeError(f"{dst}: output is the input file; refusing to overwrite it")
+        if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):
+            raise QuantizeError(f"{dst}: output is a file of the input folder {src}; refusing to "
+                                "overwrite it")
+        if not force:
+            raise QuantizeError(f"{dst}: output exists; use --force to overwrite it")
+    if not dst.resolve().parent.is_dir():
+        raise QuantizeError(f"{dst}: folder {dst.resolve().parent} does not exist")
+
+
+def convert_file(source: str | os.PathLike, target: str | os.PathLike, qtype: str | GGMLType, *,
+                 allow_requantize: bool = False, quiet: bool = False, force: bool = False,
+                 output_type: str | GGMLType | None = None, embedding_type: str | GGMLType | None = None,
+                 threads: int | None = None) -> list[TensorResult]:
+    """Convert ``source`` (GGUF file or model folder) to a GGUF file of type ``qtype`` at ``target``."""
+    target_type = _as_type(qtype)
+    check_paths(source, target, force)
+    blocks.set_threads(threads)
+    checkpoint = open_checkpoint(source)
+    try:
+        plan = make_plan(checkpoint, target_type, output_type=_as_type(output_type),
+                         embedding_type=_as_type(embedding_type))
+        check_requantize(plan, allow_requantize, quiet)
+        return write_plan(plan, target, measure=not quiet)
+    finally:
+        checkpoint.close()
+
+
+def check_requantize(plan: Plan, allow_requantize: bool, quiet: bool) -> None:
+    if not plan.requantized:
+        return
+    kinds = sorted({type_name(p.tensor.source_type) for p in plan.tensors if p.tensor.name in plan.requantized})
+    if not allow_requantize:
+        raise QuantizeError(f"{plan.checkpoint.path}: {len(plan.requantized)} tensors are already quantized "
+                            f"({', '.join(kinds)}); requantizing loses quality, pass --allow-requantize "
+                            "to do it anyway")
+    if not quiet:
+        warnings.warn(f"{plan.checkpoint.path}: requantizing {len(plan.requantized)} tensors from "
+                      f"{', '.join(kinds)}: quality drops compared with quantizing the original F16/F32 "
+                      "weights", RequantizeWarning, stacklevel=3)
+
+
+def _as_type(value: str | GGMLType | None) -> GGMLType | None:
+    if value is None or isinstance(value, GGMLType):
+        return value
+    return parse_type(value)
+
+

@@ -1,0 +1,690 @@
+"""Every Numba kernel of edgellama.kernels against an independent numpy twin written here.
+
+The twins share no code with the kernels: weight bytes are made and decoded by gguf-py
+(``gguf.quants``), the Q8 activation grid, RoPE, attention, RMSNorm and SwiGLU are re-derived in
+numpy (mostly float64).  Shapes include row counts that are not multiples of the thread count,
+single blocks, read-only weight views and a real read-only ``np.memmap``; every kernel that runs
+``prange`` is run with 1 and 2 threads.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from numba import typed
+
+from edgellama import kernels as K
+
+F16, BF16 = K.F16_TABLE, K.BF16_TABLE
+GGUF_TYPES = {0: QT.F32, 1: QT.F16, 2: QT.Q4_0, 3: QT.Q4_1, 8: QT.Q8_0, 30: QT.BF16}
+TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+ALL_TYPES = list(GGUF_TYPES)
+QUANT_TYPES = (2, 3, 8)
+ODD_ROWS = [1, 3, 7, 33, 257]
+
+
+# ----- fixtures and builders --------------------------------------------------------------------
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
+def threads(request):
+    if request.param > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"Numba has only {numba.config.NUMBA_NUM_THREADS} thread(s)")
+    old = numba.get_num_threads()
+    numba.set_num_threads(request.param)
+    yield request.param
+    numba.set_num_threads(old)
+
+
+def random_matrix(rng, rows, cols, zero_row=True, zero_block=True):
+    """float32 (rows, cols) with per-row scales spanning decades, one all-zero row and block."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    w *= np.float32(10.0) ** rng.uniform(-2, 1, size=(rows, 1)).astype(np.float32)
+    if zero_row and rows > 2:
+        w[rows // 2] = 0.0
+    if zero_block and cols >= 64:
+        w[0, 32:64] = 0.0
+    return w
+
+
+def weight_bytes(w: np.ndarray, wtype: int) -> np.ndarray:
+    """(rows, cols) float32 -> (rows, row_bytes) uint8 in ggml type ``wtype`` (writable)."""
+    if wtype == 0:
+        raw = np.ascontiguousarray(w, dtype=np.float32).view(np.uint8)
+    elif wtype == 1:
+        raw = np.ascontiguousarray(w.astype(np.float16)).view(np.uint8)
+    else:
+        raw = gguf_quantize(np.ascontiguousarray(w, dtype=np.float32), GGUF_TYPES[wtype])
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(w.shape[0], -1)
+    return raw
+
+
+def reference_weights(raw: np.ndarray, wtype: int) -> np.ndarray:
+    return gguf_dequantize(np.array(raw), GGUF_TYPES[wtype]).astype(np.float32).reshape(raw.shape[0], -1)
+
+
+def place(raw: np.ndarray, how: str, tmp_path) -> np.ndarray:
+    """The bytes as the kernels get them: a writable copy, a read-only array, or a read-only
+    slice of an ``np.memmap`` over a file where the tensor sits at an aligned offset."""
+    if how == "writable":
+        return raw.copy()
+    if how == "readonly":
+        ro = raw.copy()
+        ro.setflags(write=False)
+        return ro
+    assert how == "memmap"
+    offset = 96  # GGUF data is 32-byte aligned; the tensor is not at the start of the file
+    path = tmp_path / "weights.bin"
+    with open(path, "wb") as f:
+        f.write(b"\xab" * offset + raw.tobytes() + b"\xcd" * 40)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    view = mm[offset:offset + raw.size].reshape(raw.shape)
+    assert not view.flags.writeable and isinstance(view, np.memmap)
+    return view
+
+
+def half_round(v):
+    """float32 -> nearest IEEE half (ties to even) -> float32, numpy's own conversion."""
+    return np.asarray(v, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def q8_twin(x: np.ndarray):
+    """ggml's x86 activation quantization of a (n,) float32 vector, per 32-block:
+    amax = max|x|, d = amax/127, q = rint(x * (127/amax)) (ties to even, float32 product),
+    stored d = half(d), s = half(d * sum(q)).  Returns (q int8, d_half, s_half, d_unrounded)."""
+    blocks = np.asarray(x, dtype=np.float32).reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1)
+    d = amax / np.float32(127.0)
+    inv = np.zeros_like(amax)
+    np.divide(np.float32(127.0), amax, out=inv, where=amax != 0)
+    q = np.rint(blocks * inv[:, None])
+    assert q.dtype == np.float32 and np.abs(q).max(initial=0) <= 127
+    s = half_round(d * q.sum(axis=1).astype(np.float32))
+    return q.astype(np.int8).reshape(-1), half_round(d), s, d
+
+
+def q8_grid(x: np.ndarray) -> np.ndarray:
+    """x as the int8 activation blocks represent it: half(d) * q, float32."""
+    q, d, _, _ = q8_twin(x)
+    return (q.reshape(-1, 32).astype(np.float32) * d[:, None]).reshape(-1)
+
+
+def q4_1_scales(raw: np.ndarray):
+    """(rows, nb*20) Q4_1 bytes -> d, m: (rows, nb) float32, read straight from the block headers."""
+    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, 20)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    return d, m
+
+
+def matvec_twin(raw: np.ndarray, wtype: int, x: np.ndarray) -> np.ndarray:
+    """ggml's W @ x in float64: float weights see x itself; quantized weights see x on the Q8
+    grid; Q4_1 (ggml's vec_dot_q4_1_q8_1) uses the stored block term s = half(d*sum q) for m."""
+    w = reference_weights(raw, wtype).astype(np.float64)
+    if wtype in (0, 1, 30):
+        return w @ x.astype(np.float64)
+    grid = q8_grid(x).astype(np.float64)
+    if wtype != 3:
+        return w @ grid
+    _, _, s, _ = q8_twin(x)
+    d, m = q4_1_scales(raw)
+    nb = x.shape[0] // 32
+    w_dn = w - np.repeat(m.astype(np.float64), 32, axis=1)  # d * nibble, exactly
+    return w_dn @ grid + m.astype(np.float64) @ s.astype(np.float64)[:nb]
+
+
+def error_scale(raw, wtype, x) -> float:
+    """|W| @ |x| (max over rows): the size float32 summation errors are measured against."""
+    w = np.abs(reference_weights(raw, wtype).astype(np.float64))
+    xx = np.abs(x if wtype in (0, 1, 30) else q8_grid(x)).astype(np.float64)
+    return float((w @ xx).max(initial=0.0)) + 1e-30
+
+
+def random_activation(rng, n, zero_block=True):
+    x = rng.standard_normal(n).astype(np.float32)
+    x *= np.repeat(np.float32(10.0) ** rng.uniform(-3, 2, size=n // 32).astype(np.float32), 32)
+    if zero_block and n >= 96:
+        x[64:96] = 0.0
+    return x
+
+
+# ----- round_to_f16 ------------------------------------------------------------------------------
+
+@numba.njit
+def _round_all(v, out):  # not cached: a cached wrapper would not notice edits to kernels.py
+    for i in range(v.shape[0]):
+        out[i] = K.round_to_f16(v[i])
+
+
+def _round_to_f16_cases() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    halves = np.arange(0x7C00, dtype=np.uint16).view(np.float16).astype(np.float32)  # +0 .. 65504
+    nxt = np.append(halves[1:], np.float32(65536.0))                                 # the next half up
+    mid = ((halves.astype(np.float64) + nxt) / 2).astype(np.float32)                  # exact ties
+    pos = np.concatenate([
+        halves, mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf)),
+        rng.uniform(0, 2.0 ** -14, 20000).astype(np.float32),                         # subnormal range
+        (np.float32(2.0) ** rng.uniform(-40, 17, 200000)).astype(np.float32),          # all exponents
+        np.float32([2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -24, 2.0 ** -14, 65504, 65519.996, 65520,
+                    65536, 1e5, 3e38, np.inf, np.finfo(np.float32).tiny, 1e-45]),
+        np.nextafter(np.float32([2.0 ** -14, 65520.0]), np.float32(0)),
+    ])
+    bits = rng.integers(0, 2 ** 32, 300000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    bits = bits[np.isfinite(bits)]                                                    # random patterns
+    return np.concatenate([pos, -pos, bits]).astype(np.float32)
+
+
+def test_round_to_f16_matches_numpy_half_conversion():
+    v = _round_to_f16_cases()
+    got = np.empty_like(v)
+    _round_all(v, got)
+    with np.errstate(over="ignore"):
+        want = v.astype(np.float16).astype(np.float32)
+    bad = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))
+    assert bad.size == 0, [(float(v[i]), float(want[i]), float(got[i])) for i in bad[:10]]
+
+
+@pytest.mark.parametrize("v, want", [(65519.0, 65504.0), (65520.0, np.inf), (-65520.0, -np.inf),
+                                     (2.0 ** -25, 0.0), (3 * 2.0 ** -25, 2.0 ** -23),
+                                     (1.0 + 2.0 ** -11, 1.0), (1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -9)])
+def test_round_to_f16_named_values(v, want):
+    assert K.round_to_f16(np.float32(v)) == np.float32(want)
+
+
+# ----- activation quantization ------------------------------------------------------------------
+
+def _activation_cases():
+    rng = np.random.default_rng(1)
+    cases = {}
+    cases["one_block"] = random_activation(rng, 32)
+    cases["zeros"] = np.zeros(64, np.float32)
+    cases["random_256"] = random_activation(rng, 256)
+    # amax = 127 -> 127/amax == 1 exactly, so half-integers are exact ties (ties go to even)
+    t1 = np.float32(rng.integers(-126, 126, 32)) + np.float32(0.5)
+    t1[0] = 127.0
+    # amax = 63.5 -> 127/amax == 2 exactly, so quarter values tie
+    t2 = np.float32(rng.integers(-250, 250, 32)) / np.float32(4.0) + np.float32(0.25)
+    t2[5] = -63.5
+    t3 = np.float32([-0.5, 0.5, 1.5, 2.5, -1.5, -2.5, 3.5, -3.5] * 4)
+    t3[0] = 127.0
+    cases["ties"] = np.concatenate([t1, t2, t3, np.zeros(32, np.float32)])
+    cases["tiny_and_huge"] = np.concatenate([random_activation(rng, 32, False) * np.float32(1e-9),
+                                             random_activation(rng, 32, False) * np.float32(1e4)])
+    cases["subnormal_d"] = random_activation(rng, 64, False) * np.float32(1e-4)
+    return cases
+
+
+ACTIVATIONS = _activation_cases()
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_quantize_q8(name):
+    x = ACTIVATIONS[name]
+    nb = x.shape[0] // 32
+    xq = np.full(x.shape[0], 99, np.int8)
+    xd = np.full(nb, np.nan, np.float32)
+    xs = np.full(nb, np.nan, np.float32)
+    K.quantize_q8(x, xq, xd, xs)
+    q, d, s, _ = q8_twin(x)
+    np.testing.assert_array_equal(xq, q)
+    np.testing.assert_array_equal(xd.view(np.uint32), d.view(np.uint32))
+    np.testing.assert_array_equal(xs, s)  # == so that half(0 * -x) = -0 equals 0
+
+
+def test_quantize_q8_ties_round_to_even():
+    x = ACTIVATIONS["ties"]
+    xq = np.empty(x.shape[0], np.int8)
+    K.quantize_q8(x, xq, np.empty(4, np.float32), np.empty(4, np.float32))
+    np.testing.assert_array_equal(xq[64:72], [127, 0, 2, 2, -2, -2, 4, -4])  # -0.5 0.5 1.5 2.5 ...
+    assert not xq[96:].any()
+
+
+def test_quantize_q8_read_only_input():
+    x = ACTIVATIONS["random_256"].copy()
+    x.setflags(write=False)
+    xq, xd, xs = np.empty(256, np.int8), np.empty(8, np.float32), np.empty(8, np.float32)
+    K.quantize_q8(x, xq, xd, xs)
+    q, d, s, _ = q8_twin(x)
+    np.testing.assert_array_equal(xq, q)
+    np.testing.assert_array_equal(xd, d)
+    np.testing.assert_array_equal(xs, s)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 33])
+@pytest.mark.parametrize("n", [32, 96, 256])
+def test_fake_quantize_q8_rows(rows, n, threads):
+    rng = np.random.default_rng(rows * 1000 + n)
+    x = np.stack([random_activation(rng, n, zero_block=(r % 2 == 0)) for r in range(rows)])
+    x[0, :32] = ACTIVATIONS["ties"][:32]
+    want = np.stack([q8_grid(row) for row in x])
+    K.fake_quantize_q8_rows(x)
+    np.testing.assert_array_equal(x, want)
+
+
+# ----- matrix-vector products -------------------------------------------------------------------
+
+MATVEC_SHAPES = [(1, 32), (3, 64), (7, 160), (33, 256), (257, 96), (64, 1024)]
+
+
+def _specific_matvec(w, wtype, x, xq, xd, xs, out):
+    if wtype == 8:
+        K.matvec_q8_0(w, xq, xd, out, F16)
+    elif wtype == 2:
+        K.matvec_q4_0(w, xq, xd, xs, out, F16)
+    elif wtype == 3:
+        K.matvec_q4_1(w, xq, xd, xs, out, F16)
+    elif wtype == 0:
+        K.matvec_f32(w, x, out)
+    else:
+        K.matvec_half(w, x, out, F16 if wtype == 1 else BF16)
+
+
+def _run_matvec(w, wtype, x, via):
+    n = x.shape[0]
+    xq, xd, xs = np.empty(n, np.int8), np.empty(n // 32, np.float32), np.empty(n // 32, np.float32)
+    K.quantize_q8(x, xq, xd, xs)
+    out = np.full(w.shape[0], np.nan, np.float32)
+    if via == "matvec":
+        K.matvec(w, wtype, x, xq, xd, xs, out, F16, BF16)
+    else:
+        _specific_matvec(w, wtype, x, xq, xd, xs, out)
+    return out
+
+
+@pytest.mark.parametrize("via", ["matvec", "specific"])
+@pytest.mark.parametrize("shape", MATVEC_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
+def test_matvec(wtype, shape, via, threads):
+    rows, n = shape
+    rng = np.random.default_rng(rows * 7 + n + wtype)
+    raw = weight_bytes(random_matrix(rng, rows, n), wtype)
+    raw.setflags(write=False)
+    x = random_activation(rng, n)
+    got = _run_matvec(raw, wtype, x, via)
+    want = matvec_twin(raw, wtype, x)
+    err = np.abs(got - want).max()
+    scale = error_scale(raw, wtype, x)
+    assert err <= 1e-5 * scale, (f"{TYPE_NAMES[wtype]} {rows}x{n}: max|got-want| = {err:.3g} "
+                                 f"= {err / scale:.3g} x |W||x|; row {np.argmax(np.abs(got - want))}")
+
+
+@pytest.mark.parametrize("how", ["writable", "readonly", "memmap"])
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
+def test_matvec_weight_storage(wtype, how, tmp_path, threads):
+    rng = np.random.default_rng(wtype)
+    raw = weight_bytes(random_matrix(rng, 33, 128), wtype)
+    w = place(raw, how, tmp_path)
+    x = random_activation(rng, 128)
+    got = _run_matvec(w, wtype, x, "matvec")
+    want = matvec_twin(raw, wtype, x)
+    err, scale = np.abs(got - want).max(), error_scale(raw, wtype, x)
+    assert err <= 1e-5 * scale, f"{TYPE_NAMES[wtype]} {how}: max|got-want| = {err / scale:.3g} x |W||x|"
+    # the storage does not change the result beyond float32 summation noise.  (Not bit-for-bit:
+    # fastmath lets LLVM contract Q4_1's `d*xd*s + m*xs` differently in a fresh compile and in a
+    # cache-loaded one, so bits depend on Numba's cache state, not on the storage.)
+    same = _run_matvec(raw.copy(), wtype, x, "matvec")
+    assert np.abs(got - same).max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("shape", MATVEC_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matvec_q8_0_integer_identity(shape, threads):
+    """With xq/xd known, out[r] = sum_b d_w[r,b] * xd[b] * (int dot of block b), up to float32
+    rounding of each term and of the running sum."""
+    rows, n = shape
+    rng = np.random.default_rng(n + 3 * rows)
+    raw = weight_bytes(random_matrix(rng, rows, n), 8)
+    raw.setflags(write=False)
+    x = random_activation(rng, n)
+    xq, xd, _, _ = q8_twin(x)
+    out = np.full(rows, np.nan, np.float32)
+    K.matvec_q8_0(raw, xq, xd, out, F16)
+    blocks = raw.reshape(rows, -1, 34)
+    d_w = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)       # (rows, nb)
+    q_w = blocks[..., 2:].copy().view(np.int8).astype(np.int64)                     # (rows, nb, 32)
+    int_dot = (q_w * xq.reshape(-1, 32).astype(np.int64)).sum(axis=2)                # (rows, nb)
+    terms = d_w * xd.astype(np.float64) * int_dot
+    want = terms.sum(axis=1)
+    bound = (terms.shape[1] + 3) * 2.0 ** -23 * np.abs(terms).sum(axis=1)
+    assert np.all(np.abs(out - want) <= bound + 1e-38)
+
+
+def test_matvec_q4_0_offset_is_exact_integer_math():
+    """ggml's vec_dot_q4_0_q8_0 subtracts the 8 in integers: d_w * xd * sum((nibble - 8) * q).
+    Using the half-rounded s = half(d * sum q) for the -8 term instead is off by ~1e-3 here."""
+    w = np.linspace(-1, 1.2, 32, dtype=np.float32)[None]
+    x = np.arange(32, dtype=np.float32) * np.float32(0.37) + np.float32(1.0)
+    raw = weight_bytes(w, 2)
+    raw.setflags(write=False)
+    q, xd, _, _ = q8_twin(x)
+    d_w = float(raw[0, :2].copy().view(np.float16)[0])
+    nibbles = np.concatenate([raw[0, 2:] & 15, raw[0, 2:] >> 4]).astype(np.int64)
+    want = d_w * float(xd[0]) * int(((nibbles - 8) * q.astype(np.int64)).sum())  # 94.5578865...
+    got = float(_run_matvec(raw, 2, x, "matvec")[0])
+    assert abs(got - want) <= 1e-6 * abs(want), f"got {got!r}, want {want!r}"
+
+
+# ----- dequantization ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [32, 96, 256])
+@pytest.mark.parametrize("how", ["writable", "readonly", "memmap"])
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
+def test_dequantize_row(wtype, how, n, tmp_path):
+    rng = np.random.default_rng(n + wtype)
+    raw = weight_bytes(random_matrix(rng, 3, n), wtype)
+    w = place(raw, how, tmp_path)
+    want = reference_weights(raw, wtype)
+    for r in range(3):
+        out = np.full(n, np.nan, np.float32)
+        K.dequantize_row(w[r], wtype, out, F16, BF16)
+        np.testing.assert_array_equal(out, want[r])
+
+
+@pytest.mark.parametrize("rows", ODD_ROWS)
+@pytest.mark.parametrize("how", ["readonly", "memmap"])
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
+def test_dequantize_rows(wtype, how, rows, tmp_path, threads):
+    rng = np.random.default_rng(rows + wtype)
+    raw = weight_bytes(random_matrix(rng, rows, 96), wtype)
+    w = place(raw, how, tmp_path)
+    out = np.full((rows, 96), np.nan, np.float32)
+    K.dequantize_rows(w, wtype, out, F16, BF16)
+    np.testing.assert_array_equal(out, reference_weights(raw, wtype))
+    # a row range of a larger tensor into a slice of a larger tile (how prefill uses it)
+    if rows > 2:
+        tile = np.full((rows, 96), np.nan, np.float32)
+        K.dequantize_rows(w[1:rows - 1], wtype, tile[:rows - 2], F16, BF16)
+        np.testing.assert_array_equal(tile[:rows - 2], reference_weights(raw, wtype)[1:rows - 1])
+        assert np.isnan(tile[rows - 2:]).all()
+
+
+@pytest.mark.parametrize("how", ["readonly", "memmap"])
+@pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
+def test_embed_rows(wtype, how, tmp_path):
+    rng = np.random.default_rng(40 + wtype)
+    vocab, dim = 37, 64
+    raw = weight_bytes(random_matrix(rng, vocab, dim), wtype)
+    w = place(raw, how, tmp_path)
+    want = reference_weights(raw, wtype)
+    for tokens in ([0], [vocab - 1], [5, 5, 0, 36, 18, 1, 2]):
+        ids = np.array(tokens, dtype=np.int64)
+        out = np.full((len(ids), dim), np.nan, np.float32)
+        K.embed_rows(ids, w, wtype, out, F16, BF16)
+        np.testing.assert_array_equal(out, want[ids])
+
+
+# ----- normalization ----------------------------------------------------------------------------
+
+def rmsnorm_twin(x, weight, eps):
+    x64 = x.astype(np.float64)
+    return x64 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 32, 64, 1000])
+def test_rmsnorm(n, readonly):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal(n) * 30).astype(np.float32)
+    weight = rng.uniform(-2, 2, n).astype(np.float32)
+    if readonly:
+        x.setflags(write=False)
+        weight.setflags(write=False)
+    for eps in (np.float32(1e-5), np.float32(1e-6)):
+        out = np.full(n, np.nan, np.float32)
+        K.rmsnorm(x, weight, eps, out)
+        np.testing.assert_allclose(out, rmsnorm_twin(x, weight, float(eps)), rtol=2e-6, atol=1e-30)
+    # tiny inputs: eps dominates
+    small = np.full(n, 1e-6, np.float32)
+    out = np.empty(n, np.float32)
+    K.rmsnorm(small, weight, np.float32(1e-5), out)
+    np.testing.assert_allclose(out, rmsnorm_twin(small, weight, float(np.float32(1e-5))), rtol=2e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 33])
+def test_rmsnorm_rows(rows, threads):
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 96)) * rng.uniform(0.01, 100, (rows, 1))).astype(np.float32)
+    weight = rng.uniform(-2, 2, 96).astype(np.float32)
+    weight.setflags(write=False)
+    out = np.full_like(x, np.nan)
+    K.rmsnorm_rows(x, weight, np.float32(1e-5), out)
+    np.testing.assert_allclose(out, rmsnorm_twin(x, weight, float(np.float32(1e-5))), rtol=2e-6)
+
+
+# ----- rotary embedding -------------------------------------------------------------------------
+
+def rope_tables(n_ctx, n_half, theta=10000.0):
+    """cos/sin (n_ctx, n_half) float32 for rotary dims 2*n_half."""
+    inv_freq = theta ** (-np.arange(n_half) * 2.0 / (2 * n_half))
+    ang = np.outer(np.arange(n_ctx, dtype=np.float64), inv_freq)
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rope_twin(v, n_heads, head_dim, cos, sin):
+    """Rotate pairs (2i, 2i+1) of the first 2*len(cos) dims of each head; the rest pass through."""
+    out = v.astype(np.float64).reshape(n_heads, head_dim).copy()
+    n = cos.shape[0]
+    a, b = out[:, 0:2 * n:2].copy(), out[:, 1:2 * n:2].copy()
+    c, s = cos.astype(np.float64), sin.astype(np.float64)
+    out[:, 0:2 * n:2] = a * c - b * s
+    out[:, 1:2 * n:2] = a * s + b * c
+    return out.reshape(-1)
+
+
+ROPE_SHAPES = [(1, 2, 1), (3, 8, 4), (4, 64, 32), (4, 64, 16), (7, 64, 8), (2, 128, 64), (5, 6, 2)]
+
+
+@pytest.mark.parametrize("n_heads, head_dim, n_half", ROPE_SHAPES)
+@pytest.mark.parametrize("pos", [0, 1, 37, 511])
+def test_rope(n_heads, head_dim, n_half, pos):
+    rng = np.random.default_rng(pos + head_dim)
+    cos_t, sin_t = rope_tables(512, n_half)
+    v = (rng.standard_normal(n_heads * head_dim) * 5).astype(np.float32)
+    want = rope_twin(v, n_heads, head_dim, cos_t[pos], sin_t[pos])
+    got = v.copy()
+    K.rope(got, n_heads, head_dim, cos_t[pos], sin_t[pos])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(v).max())
+    # dims past the rotary part are untouched, bit for bit
+    tail = got.reshape(n_heads, head_dim)[:, 2 * n_half:]
+    np.testing.assert_array_equal(tail, v.reshape(n_heads, head_dim)[:, 2 * n_half:])
+    if pos == 0:
+        np.testing.assert_array_equal(got, v)
+
+
+@pytest.mark.parametrize("n_heads, head_dim, n_half", ROPE_SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 7, 33])
+def test_rope_rows(n_heads, head_dim, n_half, rows, threads):
+    rng = np.random.default_rng(rows * head_dim)
+    cos_t, sin_t = rope_tables(100, n_half)
+    cos_t.setflags(write=False)
+    sin_t.setflags(write=False)
+    positions = rng.integers(0, 100, rows).astype(np.int64)
+    x = (rng.standard_normal((rows, n_heads * head_dim)) * 5).astype(np.float32)
+    want = np.stack([rope_twin(x[t], n_heads, head_dim, cos_t[p], sin_t[p]) for t, p in enumerate(positions)])
+    got = x.copy()
+    K.rope_rows(got, positions, n_heads, head_dim, cos_t, sin_t)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(x).max())
+
+
+def test_rope_is_a_rotation_of_adjacent_pairs():
+    """Pair (0,1) by 90 degrees: (a, b) -> (-b, a); pair (2,3) untouched with a zero angle."""
+    v = np.float32([1.0, 2.0, 3.0, 4.0])
+    K.rope(v, 1, 4, np.float32([0.0, 1.0]), np.float32([1.0, 0.0]))
+    np.testing.assert_array_equal(v, [-2.0, 1.0, 3.0, 4.0])
+
+
+# ----- attention --------------------------------------------------------------------------------
+
+def attention_twin(q, k_cache, v_cache, first_pos):
+    n_tokens, n_heads, head_dim = q.shape
+    group = n_heads // k_cache.shape[0]
+    out = np.zeros(q.shape, np.float64)
+    for t in range(n_tokens):
+        n_pos = first_pos + t + 1  # causal: token t sees positions 0 .. first_pos + t
+        for h in range(n_heads):
+            kv = h // group
+            s = k_cache[kv, :n_pos].astype(np.float64) @ q[t, h].astype(np.float64) / np.sqrt(head_dim)
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v_cache[kv, :n_pos].astype(np.float64)
+    return out
+
+
+ATTN_CASES = [  # (n_kv_heads, group, head_dim, n_tokens, first_pos)
+    (1, 1, 8, 1, 0), (2, 1, 16, 3, 5), (1, 3, 8, 7, 0), (2, 3, 16, 1, 40), (2, 4, 64, 3, 12),
+    (1, 4, 32, 7, 3), (3, 1, 8, 33, 0), (2, 4, 16, 33, 9), (4, 3, 8, 2, 100),
+]
+
+
+@pytest.mark.parametrize("score_rows", [1, 2, 64])
+@pytest.mark.parametrize("n_kv, group, head_dim, n_tokens, first_pos", ATTN_CASES)
+def test_attention(n_kv, group, head_dim, n_tokens, first_pos, score_rows, threads):
+    rng = np.random.default_rng(n_kv * 100 + group * 10 + n_tokens + first_pos)
+    n_heads = n_kv * group
+    n_valid = first_pos + n_tokens
+    n_ctx = n_valid + 5
+    q = (rng.standard_normal((n_tokens, n_heads, head_dim)) * 2).astype(np.float32)
+    k_cache = np.full((n_kv, n_ctx, head_dim), np.nan, np.float32)  # unwritten slots: NaN
+    v_cache = np.full((n_kv, n_ctx, head_dim), np.nan, np.float32)
+    k_cache[:, :n_valid] = rng.standard_normal((n_kv, n_valid, head_dim)) * 2
+    v_cache[:, :n_valid] = rng.standard_normal((n_kv, n_valid, head_dim))
+    scores = np.full((score_rows, n_ctx), np.nan, np.float32)
+    out = np.full_like(q, np.nan)
+    K.attention(q, k_cache, v_cache, first_pos, scores, out)
+    want = attention_twin(q, k_cache, v_cache, first_pos)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_causal_mask_and_sharp_softmax():
+    """Token 0 at position 0 sees only itself; scores of 1e4 spread do not overflow exp."""
+    q = np.zeros((2, 2, 4), np.float32)
+    q[:, :, 0] = 1000.0
+    k = np.zeros((1, 3, 4), np.float32)
+    k[0, :2, 0] = [0.0, 20.0]
+    k[0, 2] = np.inf  # a future slot: must never be read
+    v = np.zeros((1, 3, 4), np.float32)
+    v[0, 0] = 1.0
+    v[0, 1] = 2.0
+    v[0, 2] = np.nan
+    out = np.empty_like(q)
+    K.attention(q, k, v, 0, np.zeros((2, 3), np.float32), out)
+    np.testing.assert_array_equal(out[0], np.ones((2, 4)))
+    np.testing.assert_array_equal(out[1], np.full((2, 4), 2.0))
+
+
+# ----- feed-forward -----------------------------------------------------------------------------
+
+def swiglu_twin(gate, up):
+    g = gate.astype(np.float64)
+    with np.errstate(over="ignore"):
+        return g / (1.0 + np.exp(-g)) * up
+
+
+@pytest.mark.parametrize("shape", [(1,), (96,), (3, 64), (7, 33)])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_swiglu(shape, inplace):
+    rng = np.random.default_rng(sum(shape))
+    gate = (rng.standard_normal(shape) * 4).astype(np.float32)
+    flat = gate.reshape(-1)
+    flat[: min(4, flat.size)] = np.float32([-200.0, 200.0, 0.0, -90.0])[: min(4, flat.size)]
+    up = rng.standard_normal(shape).astype(np.float32)
+    want = swiglu_twin(gate, up)
+    out = gate if inplace else np.full(shape, np.nan, np.float32)
+    K.swiglu(gate, up, out)
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-30)
+
+
+# ----- one decode step of a tiny random model ---------------------------------------------------
+
+DIM, N_HEADS, N_KV, FFN, VOCAB, N_LAYERS, N_CTX = 64, 4, 2, 96, 50, 2, 8
+HEAD_DIM = DIM // N_HEADS
+MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+MAT_SHAPES = {"attn_q": (DIM, DIM), "attn_k": (N_KV * HEAD_DIM, DIM), "attn_v": (N_KV * HEAD_DIM, DIM),
+              "attn_output": (DIM, DIM), "ffn_gate": (FFN, DIM), "ffn_up": (FFN, DIM), "ffn_down": (DIM, FFN)}
+DECODE_VARIANTS = {
+    # name: (embedding type, 2 layers x 7 matrix types, output type, rotary pairs per head)
+    "q8_q41_f32": (8, [8, 3, 0, 8, 3, 8, 3, 3, 8, 3, 0, 8, 3, 8], 0, HEAD_DIM // 2),
+    "q41_embd_q8_out_partial_rope": (3, [3, 8, 8, 0, 8, 3, 0, 8, 0, 3, 3, 3, 8, 0], 8, HEAD_DIM // 4),
+    "f16_bf16": (1, [30, 1, 1, 30, 1, 30, 30, 1, 30, 30, 1, 1, 30, 1], 30, HEAD_DIM // 2),
+}
+
+
+def _tiny_model(variant, seed):
+    embd_type, mat_types, out_type, n_half = DECODE_VARIANTS[variant]
+    rng = np.random.default_rng(seed)
+    raws = {"token_embd": weight_bytes(rng.standard_normal((VOCAB, DIM)).astype(np.float32), embd_type),
+            "output": weight_bytes((rng.standard_normal((VOCAB, DIM)) * 0.3).astype(np.float32), out_type)}
+    for l in range(N_LAYERS):
+        for j, name in enumerate(MATS):
+            rows, cols = MAT_SHAPES[name]
+            w = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+            raws[f"blk.{l}.{name}"] = weight_bytes(w, mat_types[7 * l + j])
+    types = {"token_embd": embd_type, "output": out_type}
+    types.update({f"blk.{l}.{m}": mat_types[7 * l + j] for l in range(N_LAYERS) for j, m in enumerate(MATS)})
+    norms = rng.uniform(0.5, 1.5, (N_LAYERS, 2, DIM)).astype(np.float32)
+    output_norm = rng.uniform(0.5, 1.5, DIM).astype(np.float32)
+    cos_t, sin_t = rope_tables(N_CTX, n_half, theta=500.0)
+    return raws, types, norms, output_norm, cos_t, sin_t
+
+
+def _decode_twin(tokens, raws, types, norms, output_norm, cos_t, sin_t, eps):
+    """numpy, one token at a time: logits per position and the final K/V caches."""
+    lin = lambda x, name: matvec_twin(raws[name], types[name], np.asarray(x, np.float32))
+    k_cache = np.zeros((N_LAYERS, N_KV, N_CTX, HEAD_DIM))
+    v_cache = np.zeros((N_LAYERS, N_KV, N_CTX, HEAD_DIM))
+    embd = reference_weights(raws["token_embd"], types["token_embd"])
+    all_logits = []
+    for pos, token in enumerate(tokens):
+        x = embd[token].astype(np.float64)
+        for l in range(N_LAYERS):
+            b = f"blk.{l}."
+            xb = rmsnorm_twin(x, norms[l, 0], eps)
+            q = rope_twin(lin(xb, b + "attn_q"), N_HEADS, HEAD_DIM, cos_t[pos], sin_t[pos])
+            k = rope_twin(lin(xb, b + "attn_k"), N_KV, HEAD_DIM, cos_t[pos], sin_t[pos])
+            k_cache[l, :, pos] = k.reshape(N_KV, HEAD_DIM)
+            v_cache[l, :, pos] = lin(xb, b + "attn_v").reshape(N_KV, HEAD_DIM)
+            att = attention_twin(q.reshape(1, N_HEADS, HEAD_DIM), k_cache[l], v_cache[l], pos)
+            x = x + lin(att.reshape(-1), b + "attn_output")
+            xb = rmsnorm_twin(x, norms[l, 1], eps)
+            h = swiglu_twin(lin(xb, b + "ffn_gate"), lin(xb, b + "ffn_up"))
+            x = x + lin(h, b + "ffn_down")
+        all_logits.append(lin(rmsnorm_twin(x, output_norm, eps), "output"))
+    return np.array(all_logits), k_cache, v_cache
+
+
+@pytest.mark.parametrize("how", ["readonly", "memmap"])
+@pytest.mark.parametrize("variant", list(DECODE_VARIANTS))
+def test_decode_token(variant, how, tmp_path, threads):
+    raws, types, norms, output_norm, cos_t, sin_t = _tiny_model(variant, seed=7)
+    eps = np.float32(1e-5)
+    tokens = [3, 49, 0, 17, 17, 8]
+    placed = {}
+    for i, (name, raw) in enumerate(raws.items()):
+        sub = tmp_path / str(i)
+        sub.mkdir()
+        placed[name] = place(raw, how, sub)
+    mats = typed.List([placed[f"blk.{l}.{m}"] for l in range(N_LAYERS) for m in MATS])
+    mat_types = np.array([types[f"blk.{l}.{m}"] for l in range(N_LAYERS) for m in MATS], np.int64)
+    f32 = np.float32
+    k_cache = np.zeros((N_LAYERS, N_KV, N_CTX, HEAD_DIM), f32)
+    v_cache = np.zeros_like(k_cache)
+    x, xb, att = np.zeros(DIM, f32), np.zeros(DIM, f32), np.zeros(DIM, f32)
+    xq, xd, xs = np.zeros(DIM, np.int8), np.zeros(DIM // 32, f32), np.zeros(DIM // 32, f32)
+    q, k, v = np.zeros(DIM, f32), np.zeros(N_KV * HEAD_DIM, f32), np.zeros(N_KV * HEAD_DIM, f32)
+    hb, hb2 = np.zeros(FFN, f32), np.zeros(FFN, f32)
+    hq, hd, hs = np.zeros(FFN, np.int8), np.zeros(FFN // 32, f32), np.zeros(FFN // 32, f32)
+    scores = np.zeros((max(threads, 1), N_CTX), f32)
+    logits = np.zeros(VOCAB, f32)
+
+    want, want_k, want_v = _decode_twin(tokens, raws, types, norms, output_norm, cos_t, sin_t, float(eps))
+    for pos, token in enumerate(tokens):
+        K.decode_token(token, pos, placed["token_embd"], types["token_embd"], mats, mat_types, norms,
+                       output_norm, placed["output"], types["output"], eps, N_HEADS, N_KV, HEAD_DIM,
+                       cos_t, sin_t, k_cache, v_cache, x, xb, xq, xd, xs, q, k, v, att, hb, hb2,
+                       hq, hd, hs, scores, logits, F16, BF16)
+        scale = np.abs(want[pos]).max()
+        err = np.abs(logits - want[pos]).max()
+        assert err <= 1e-4 * scale, f"pos {pos}: max|logits - twin| = {err:.3g} (scale {scale:.3g})"
+    np.testing.assert_allclose(k_cache, want_k, rtol=0, atol=1e-4 * np.abs(want_k).max())
+    np.testing.assert_allclose(v_cache, want_v, rtol=0, atol=1e-4 * np.abs(want_v).max())
