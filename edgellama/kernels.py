@@ -19,6 +19,7 @@ from numba import njit, prange
 
 T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0, T_BF16 = 0, 1, 2, 3, 8, 30
 QK = 32  # elements per quantized block
+I32 = np.int32
 
 F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 BF16_TABLE = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
@@ -70,20 +71,65 @@ def quantize_q8(x, xq, xd, xs):
 
 # ----- fused dequantize x matrix-vector products (decode) ----------------------------------------
 
+# Each kernel computes four rows per step so that every activation load serves four weight rows,
+# and a tail loop finishes the last n_out % 4 rows.  Integer sums are exact per block; the scale
+# is applied once per block and row.  Every integer expression is wrapped in int32: Numba widens
+# integer arithmetic to int64, which halves the SIMD width and hides the int16 multiply-add
+# (vpmaddwd / sdot) pattern from LLVM, costing about 2x.
+
+@njit(**_fast)
+def _half(w, r, o, half_table):
+    """The 16-bit float at bytes o, o+1 of row r."""
+    return half_table[I32(w[r, o]) | (I32(w[r, o + 1]) << 8)]
+
+
+@njit(**_fast)
+def _int8_dot(wq, r, o, xq, b):
+    """sum_i wq[r, o + i] * xq[32 b + i] over one block, exactly, in int32."""
+    s = I32(0)
+    for i in range(QK):
+        s = I32(s + I32(I32(wq[r, o + i]) * I32(xq[b * QK + i])))
+    return s
+
+
+@njit(**_fast)
+def _nibble_dot(w, r, o, xq, b, offset):
+    """sum_j (lo_j - offset) * xq[b, j] + (hi_j - offset) * xq[b, 16 + j] over the 16 bytes at o."""
+    s = I32(0)
+    for j in range(16):
+        q = I32(w[r, o + j])
+        s = I32(s + I32(I32((q & 15) - offset) * I32(xq[b * QK + j])))
+        s = I32(s + I32(I32((q >> 4) - offset) * I32(xq[b * QK + 16 + j])))
+    return s
+
+
 @njit(parallel=True, **_fast)
 def matvec_q8_0(w, xq, xd, out, half_table):
     """out[r] = sum_b d_w[r,b] * xd[b] * sum_i q_w[r,b,i] * xq[b,i];  w: (n_out, nb*34) Q8_0."""
     nb = xq.shape[0] // QK
     wq = w.view(np.int8)
-    for r in prange(w.shape[0]):
+    n4 = w.shape[0] // 4 * 4
+    for g in prange(n4 // 4):
+        r = 4 * g
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for b in range(nb):
+            o = b * 34 + 2
+            s0 = s1 = s2 = s3 = I32(0)
+            for i in range(QK):
+                x = I32(xq[b * QK + i])
+                s0 = I32(s0 + I32(I32(wq[r, o + i]) * x))
+                s1 = I32(s1 + I32(I32(wq[r + 1, o + i]) * x))
+                s2 = I32(s2 + I32(I32(wq[r + 2, o + i]) * x))
+                s3 = I32(s3 + I32(I32(wq[r + 3, o + i]) * x))
+            a0 += _half(w, r, o - 2, half_table) * xd[b] * np.float32(s0)
+            a1 += _half(w, r + 1, o - 2, half_table) * xd[b] * np.float32(s1)
+            a2 += _half(w, r + 2, o - 2, half_table) * xd[b] * np.float32(s2)
+            a3 += _half(w, r + 3, o - 2, half_table) * xd[b] * np.float32(s3)
+        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+    for r in range(n4, w.shape[0]):
         acc = np.float32(0.0)
         for b in range(nb):
-            o = b * 34
-            d = half_table[np.int32(w[r, o]) | (np.int32(w[r, o + 1]) << 8)]
-            s = np.int32(0)
-            for i in range(QK):
-                s += np.int32(wq[r, o + 2 + i]) * np.int32(xq[b * QK + i])
-            acc += d * xd[b] * np.float32(s)
+            acc += _half(w, r, b * 34, half_table) * xd[b] * np.float32(_int8_dot(wq, r, b * 34 + 2, xq, b))
         out[r] = acc
 
 
@@ -92,34 +138,79 @@ def matvec_q4_0(w, xq, xd, xs, out, half_table):
     """Q4_0 rows (18-byte blocks): x = d * (nibble - 8); the offset stays in the integer sum, as
     ggml's vec_dot_q4_0_q8_0 keeps it (xs is unused, kept for a uniform signature)."""
     nb = xq.shape[0] // QK
-    for r in prange(w.shape[0]):
+    n4 = w.shape[0] // 4 * 4
+    for g in prange(n4 // 4):
+        r = 4 * g
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for b in range(nb):
+            o = b * 18 + 2
+            s0 = s1 = s2 = s3 = xsum = I32(0)
+            for j in range(16):
+                xl = I32(xq[b * QK + j])
+                xh = I32(xq[b * QK + 16 + j])
+                xsum = I32(xsum + xl + xh)
+                q = I32(w[r, o + j])
+                s0 = I32(s0 + I32(I32(q & 15) * xl))
+                s0 = I32(s0 + I32(I32(q >> 4) * xh))
+                q = I32(w[r + 1, o + j])
+                s1 = I32(s1 + I32(I32(q & 15) * xl))
+                s1 = I32(s1 + I32(I32(q >> 4) * xh))
+                q = I32(w[r + 2, o + j])
+                s2 = I32(s2 + I32(I32(q & 15) * xl))
+                s2 = I32(s2 + I32(I32(q >> 4) * xh))
+                q = I32(w[r + 3, o + j])
+                s3 = I32(s3 + I32(I32(q & 15) * xl))
+                s3 = I32(s3 + I32(I32(q >> 4) * xh))
+            # the -8 offset of every nibble, still in exact integers
+            s0, s1, s2, s3 = s0 - 8 * xsum, s1 - 8 * xsum, s2 - 8 * xsum, s3 - 8 * xsum
+            a0 += _half(w, r, o - 2, half_table) * xd[b] * np.float32(s0)
+            a1 += _half(w, r + 1, o - 2, half_table) * xd[b] * np.float32(s1)
+            a2 += _half(w, r + 2, o - 2, half_table) * xd[b] * np.float32(s2)
+            a3 += _half(w, r + 3, o - 2, half_table) * xd[b] * np.float32(s3)
+        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+    for r in range(n4, w.shape[0]):
         acc = np.float32(0.0)
         for b in range(nb):
-            o = b * 18
-            d = half_table[np.int32(w[r, o]) | (np.int32(w[r, o + 1]) << 8)]
-            s = np.int32(0)
-            for j in range(16):
-                byte = np.int32(w[r, o + 2 + j])
-                s += ((byte & 15) - 8) * np.int32(xq[b * QK + j]) + ((byte >> 4) - 8) * np.int32(xq[b * QK + 16 + j])
-            acc += d * xd[b] * np.float32(s)
+            acc += _half(w, r, b * 18, half_table) * xd[b] * np.float32(_nibble_dot(w, r, b * 18 + 2, xq, b, 8))
         out[r] = acc
 
 
 @njit(parallel=True, **_fast)
 def matvec_q4_1(w, xq, xd, xs, out, half_table):
-    """Q4_1 rows (20-byte blocks): x = d * nibble + m.  xs: xd * block sum of xq."""
+    """Q4_1 rows (20-byte blocks): x = d * nibble + m.  xs: xd * block sum of xq (ggml's Q8_1 s)."""
     nb = xq.shape[0] // QK
-    for r in prange(w.shape[0]):
+    n4 = w.shape[0] // 4 * 4
+    for g in prange(n4 // 4):
+        r = 4 * g
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for b in range(nb):
+            o = b * 20 + 4
+            s0 = s1 = s2 = s3 = I32(0)
+            for j in range(16):
+                xl = I32(xq[b * QK + j])
+                xh = I32(xq[b * QK + 16 + j])
+                q = I32(w[r, o + j])
+                s0 = I32(s0 + I32(I32(q & 15) * xl))
+                s0 = I32(s0 + I32(I32(q >> 4) * xh))
+                q = I32(w[r + 1, o + j])
+                s1 = I32(s1 + I32(I32(q & 15) * xl))
+                s1 = I32(s1 + I32(I32(q >> 4) * xh))
+                q = I32(w[r + 2, o + j])
+                s2 = I32(s2 + I32(I32(q & 15) * xl))
+                s2 = I32(s2 + I32(I32(q >> 4) * xh))
+                q = I32(w[r + 3, o + j])
+                s3 = I32(s3 + I32(I32(q & 15) * xl))
+                s3 = I32(s3 + I32(I32(q >> 4) * xh))
+            a0 += _half(w, r, o - 4, half_table) * xd[b] * np.float32(s0) + _half(w, r, o - 2, half_table) * xs[b]
+            a1 += _half(w, r + 1, o - 4, half_table) * xd[b] * np.float32(s1) + _half(w, r + 1, o - 2, half_table) * xs[b]
+            a2 += _half(w, r + 2, o - 4, half_table) * xd[b] * np.float32(s2) + _half(w, r + 2, o - 2, half_table) * xs[b]
+            a3 += _half(w, r + 3, o - 4, half_table) * xd[b] * np.float32(s3) + _half(w, r + 3, o - 2, half_table) * xs[b]
+        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+    for r in range(n4, w.shape[0]):
         acc = np.float32(0.0)
         for b in range(nb):
-            o = b * 20
-            d = half_table[np.int32(w[r, o]) | (np.int32(w[r, o + 1]) << 8)]
-            m = half_table[np.int32(w[r, o + 2]) | (np.int32(w[r, o + 3]) << 8)]
-            s = np.int32(0)
-            for j in range(16):
-                byte = np.int32(w[r, o + 4 + j])
-                s += (byte & 15) * np.int32(xq[b * QK + j]) + (byte >> 4) * np.int32(xq[b * QK + 16 + j])
-            acc += d * xd[b] * np.float32(s) + m * xs[b]
+            acc += (_half(w, r, b * 20, half_table) * xd[b] * np.float32(_nibble_dot(w, r, b * 20 + 4, xq, b, 0))
+                    + _half(w, r, b * 20 + 2, half_table) * xs[b])
         out[r] = acc
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -268,6 +269,8 @@ class Model:
         self.cos, self.sin = rope_tables(self.args, self.n_ctx, self.weights.rope_freqs)
         self.state = State(self.args, self.n_ctx, self.threads)
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
+        self._gemm_pool: ThreadPoolExecutor | None = None
+        self._blas = None
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
@@ -309,11 +312,11 @@ class Model:
         if len(ids) == 1 and not all_logits:
             logits = self._decode(int(ids[0]))
         else:
-            logits = None
-            for start in range(0, len(ids), self.n_batch):
-                logits = self._prefill(ids[start:start + self.n_batch], all_logits)
-                if all_logits and len(ids) > self.n_batch:
-                    raise ValueError("all_logits over more than n_batch tokens: use Model.logits")
+            if all_logits and len(ids) > self.n_batch:
+                raise ValueError("all_logits over more than n_batch tokens: use Model.logits")
+            with self._single_threaded_blas():
+                for start in range(0, len(ids), self.n_batch):
+                    logits = self._prefill(ids[start:start + self.n_batch], all_logits)
         return logits
 
     def eval_prompt(self, ids) -> tuple[np.ndarray, int]:
@@ -372,6 +375,28 @@ class Model:
         self.n_evaluated += 1
         return s.logits
 
+    def _single_threaded_blas(self):
+        """BLAS runs one thread per call while we split the products ourselves (``_gemm``):
+        OpenBLAS's own threads spin between calls and starve the Numba kernels in between."""
+        if self._blas is None:
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController()
+        return self._blas.limit(limits=1, user_api="blas")
+
+    def _gemm(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        """out = x @ w.T, the rows of x split across ``threads`` BLAS calls (numpy drops the GIL)."""
+        n_tok = x.shape[0]
+        if self.threads == 1 or n_tok < 2 * self.threads:
+            np.matmul(x, w.T, out=out)
+            return
+        if self._gemm_pool is None:
+            self._gemm_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="edgellama-gemm")
+        bounds = np.linspace(0, n_tok, self.threads + 1).astype(int)
+        jobs = [self._gemm_pool.submit(np.matmul, x[a:b], w.T, out=out[a:b]) for a, b in zip(bounds, bounds[1:])]
+        for job in jobs:
+            job.result()
+
     def _linear(self, x: np.ndarray, w: Weight) -> np.ndarray:
         """x: (T, n_in) -> (T, n_out) = x @ W.T, dequantizing W in tiles for a BLAS product.
 
@@ -386,7 +411,12 @@ class Model:
         for r0 in range(0, w.n_out, tile_rows):
             r1 = min(r0 + tile_rows, w.n_out)
             K.dequantize_rows(w.rows[r0:r1], w.qtype, tile[:r1 - r0], K.F16_TABLE, K.BF16_TABLE)
-            np.matmul(xq, tile[:r1 - r0].T, out=out[:, r0:r1])
+            if r1 - r0 == w.n_out:
+                self._gemm(xq, tile, out)
+            else:
+                part = np.empty((x.shape[0], r1 - r0), dtype=np.float32)
+                self._gemm(xq, tile[:r1 - r0], part)
+                out[:, r0:r1] = part
         return out
 
     def _prefill(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
