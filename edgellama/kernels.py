@@ -260,36 +260,33 @@ def dequantize_row(row, wtype, out, f16_table, bf16_table):
     """One weight row (bytes) -> out (n,) float32."""
     n = out.shape[0]
     if wtype == T_F32:
-        rf = row.view(np.float32)
-        for i in range(n):
-            out[i] = rf[i]
+        out[:] = row.view(np.float32)[:n]
     elif wtype == T_F16 or wtype == T_BF16:
         table = f16_table if wtype == T_F16 else bf16_table
         rh = row.view(np.uint16)
         for i in range(n):
             out[i] = table[rh[i]]
     elif wtype == T_Q8_0:
+        rq = row.view(np.int8)
         for b in range(n // QK):
-            o = b * 34
-            d = f16_table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)]
+            d = f16_table[I32(row[b * 34]) | (I32(row[b * 34 + 1]) << 8)]
             for i in range(QK):
-                q = np.int32(row[o + 2 + i])
-                out[b * QK + i] = d * np.float32(q - 256 if q > 127 else q)
+                out[b * QK + i] = d * np.float32(rq[b * 34 + 2 + i])
     else:
         bs = 18 if wtype == T_Q4_0 else 20
         for b in range(n // QK):
             o = b * bs
-            d = f16_table[np.int32(row[o]) | (np.int32(row[o + 1]) << 8)]
+            d = f16_table[I32(row[o]) | (I32(row[o + 1]) << 8)]
             if wtype == T_Q4_0:
-                m = -8.0 * d
+                m = np.float32(-8.0) * d
                 qo = o + 2
             else:
-                m = f16_table[np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8)]
+                m = f16_table[I32(row[o + 2]) | (I32(row[o + 3]) << 8)]
                 qo = o + 4
             for j in range(16):
-                byte = np.int32(row[qo + j])
-                out[b * QK + j] = d * np.float32(byte & 15) + m
-                out[b * QK + 16 + j] = d * np.float32(byte >> 4) + m
+                byte = I32(row[qo + j])
+                out[b * QK + j] = d * np.float32(I32(byte & 15)) + m
+                out[b * QK + 16 + j] = d * np.float32(I32(byte >> 4)) + m
 
 
 @njit(parallel=True, **_exact)
@@ -313,13 +310,17 @@ def fake_quantize_q8_rows(x):
     A float GEMM on such rows equals the int8 block dot products of the decode kernels up to
     float summation order, so prefill and decode see the same numbers.
     """
-    for t in prange(x.shape[0]):
-        q = np.empty(x.shape[1], np.int8)
-        row = x[t]
-        for b in range(x.shape[1] // QK):
-            d, _ = _quantize_block_q8(row, b * QK, q)
-            for i in range(b * QK, (b + 1) * QK):
-                row[i] = d * np.float32(q[i])
+    n_blocks = x.shape[1] // QK
+    for job in prange(x.shape[0] * n_blocks):
+        row = x[job // n_blocks]
+        o = (job % n_blocks) * QK
+        amax = np.float32(0.0)
+        for i in range(o, o + QK):
+            amax = max(amax, abs(row[i]))
+        inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+        d = round_to_f16(amax / np.float32(127.0))
+        for i in range(o, o + QK):
+            row[i] = d * np.rint(row[i] * inv)
 
 
 # ----- normalization, rotary embedding, attention, feed-forward ---------------------------------

@@ -419,6 +419,32 @@ class Model:
                 out[:, r0:r1] = part
         return out
 
+    def _causal_attention(self, q: np.ndarray, layer: int, start: int, out: np.ndarray) -> None:
+        """Grouped-query attention of T new tokens over the cache, as matrix products.
+
+        q: (T, n_heads * head_dim) at positions start..start+T-1, whose keys and values are already
+        cached; out: (T, n_heads, head_dim).  Token t sees positions 0..start+t.  The query heads
+        that share a KV head are stacked so each KV head costs two products.
+        """
+        a, s = self.args, self.state
+        n_tok, n_pos = q.shape[0], start + q.shape[0]
+        group = a.n_heads // a.n_kv_heads
+        masked = np.triu(np.ones((n_tok, n_pos), dtype=bool), k=start + 1)        # (T, n_pos)
+        heads = q.reshape(n_tok, a.n_kv_heads, group, a.head_dim)
+        scores = np.empty((group * n_tok, n_pos), dtype=np.float32)               # (group*T, n_pos)
+        mixed = np.empty((group * n_tok, a.head_dim), dtype=np.float32)           # (group*T, head_dim)
+        for kv in range(a.n_kv_heads):
+            queries = np.ascontiguousarray(heads[:, kv].transpose(1, 0, 2)).reshape(group * n_tok, a.head_dim)
+            self._gemm(queries, s.k_cache[layer, kv, :n_pos], scores)
+            probs = scores.reshape(group, n_tok, n_pos)
+            probs *= np.float32(1.0 / math.sqrt(a.head_dim))
+            probs[:, masked] = -np.inf
+            probs -= probs.max(axis=-1, keepdims=True)
+            np.exp(probs, out=probs)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            self._gemm(scores, s.v_cache[layer, kv, :n_pos].T, mixed)
+            out[:, kv * group:(kv + 1) * group] = mixed.reshape(group, n_tok, a.head_dim).transpose(1, 0, 2)
+
     def _prefill(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """Evaluate T tokens at positions n_past.. with matrix kernels; logits (T, V) or (V,)."""
         a, w, s = self.args, self.weights, self.state
@@ -438,8 +464,7 @@ class Model:
             K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.cos, self.sin)
             s.k_cache[l, :, start:start + n_tok] = k.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
             s.v_cache[l, :, start:start + n_tok] = v.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
-            K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start,
-                        s.scores, att)
+            self._causal_attention(q, l, start, att)
             x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])
             # feed-forward block
             K.rmsnorm_rows(x, w.norms[l, 1], a.norm_eps, xb)

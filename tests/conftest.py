@@ -14,6 +14,17 @@ sys.path.insert(0, str(ROOT))           # `tools` is importable from the tests
 sys.path.insert(0, str(ROOT / "tests"))  # `reference`, `tiny_model`
 
 
+def pytest_configure(config):
+    """Fetch the real test assets once, before collection (test modules check for them at import)."""
+    from tools.fetch_models import llama3_tokenizer, smollm2_q4_1
+
+    for fetch in (smollm2_q4_1, llama3_tokenizer):
+        try:
+            fetch()
+        except Exception as e:  # offline: the tests that need the asset skip and say why
+            print(f"warning: {fetch.__name__}() failed: {e}", file=sys.stderr)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     from tools.fetch_models import smollm2_q4_1

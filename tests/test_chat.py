@@ -125,14 +125,11 @@ def test_fallback_choice():
 
 def test_llama3_prompt_ids_equal_meta_vectors():
     """The dialog vector of llama-models' test_tokenizer.py (system + user + generation prompt)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llama_models")
-    llama3_model = None
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
-        llama3_model = path if path.exists() else None
-    if llama3_model is None:
-        pytest.skip("llama-models is not installed (pip install --no-deps llama-models)")
+    from tools.fetch_models import llama3_tokenizer
+    try:
+        llama3_model = llama3_tokenizer()
+    except Exception as e:
+        pytest.skip(f"Llama 3's tokenizer.model could not be fetched from PyPI (llama-models): {e}")
     from edgellama.tokenizer import Tokenizer
     tok = Tokenizer.from_file(llama3_model)
     assert template_for(tok, None) == BUILTIN_TEMPLATES["llama3"]

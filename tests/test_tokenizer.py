@@ -493,18 +493,20 @@ def test_stream_decoder_utf8_holdback_unit():
 # ----- Llama 3: Meta's tiktoken tokenizer.model from the llama-models package -----------------------
 
 def _llama3_model_path() -> Path | None:
-    """tokenizer.model inside an installed llama-models package (found without importing it)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llama_models")
-    if spec is None or not spec.submodule_search_locations:
+    """Llama 3's tokenizer.model, fetched once by tools/fetch_models.py from the PyPI package
+    llama-models (None when PyPI cannot be reached: those tests are then skipped, saying why)."""
+    from tools.fetch_models import llama3_tokenizer
+    try:
+        return llama3_tokenizer()
+    except Exception as e:  # no network: skip, with the reason
+        global LLAMA3_UNAVAILABLE
+        LLAMA3_UNAVAILABLE = f"could not fetch llama-models: {e}"
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
-    return path if path.exists() else None
 
 
+LLAMA3_UNAVAILABLE = "llama-models could not be fetched"
 LLAMA3_MODEL = _llama3_model_path()
-needs_llama3 = pytest.mark.skipif(LLAMA3_MODEL is None, reason="Llama 3's tokenizer.model comes with "
-                                  "the llama-models package: pip install --no-deps llama-models")
+needs_llama3 = pytest.mark.skipif(LLAMA3_MODEL is None, reason=LLAMA3_UNAVAILABLE)
 # the split pattern of Meta's llama3/tokenizer.py, written as Meta writes it
 META_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -513,7 +515,7 @@ META_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\
 @pytest.fixture(scope="module")
 def llama3() -> Tokenizer:
     if LLAMA3_MODEL is None:
-        pytest.skip("llama-models is not installed")
+        pytest.skip(LLAMA3_UNAVAILABLE)
     return Tokenizer.from_file(LLAMA3_MODEL)
 
 

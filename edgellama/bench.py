@@ -1,0 +1,239 @@
+"""``edgellama bench``: llama-bench style speed test on random token ids.
+
+One process measures, in order:
+
+- ``load_s``: from the start of ``run_bench`` (before Numba and the model code are imported) until
+  the model is loaded (file mapped, weights viewed, KV cache allocated);
+- ``compile_s``: a warm-up of a 2-token prompt plus one decoded token.  It is the Numba compile time
+  when the on-disk cache is cold and the cache-load time when it is warm; ``numba_cache`` says which
+  (from Numba's own per-dispatcher cache hit/miss counters, which cover the load and the warm-up);
+- ``first_token_s``: from the start of ``run_bench`` until the warm-up prompt's logits give the first
+  generated token (load + compile/cache load + a 2-token prefill); ``process_first_token_s`` is the
+  same moment measured from the start of the process (interpreter start-up and imports included;
+  Linux only, 10 ms resolution);
+- ``pp_tok_s``: ``n_prompt`` tokens evaluated from an empty cache, median over the repetitions;
+- ``tg_tok_s``: ``n_gen`` single-token evaluations after a 1-token prompt, median;
+- ``peak_rss_mb``: the process's peak resident set size (``ru_maxrss``).
+
+The token ids are random (fixed seed) in [0, n_vocab): speed does not depend on what they say.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .gguf import GGUFFile
+from .quants import type_name
+
+SEED = 1234
+WARMUP_PROMPT = 2  # tokens in the warm-up prompt (then one decoded token)
+
+
+def default_n_ctx(n_prompt: int, n_gen: int) -> int:
+    """n_prompt + n_gen + 16, rounded up to a multiple of 256."""
+    need = n_prompt + n_gen + 16
+    return -(-need // 256) * 256
+
+
+def check_args(n_prompt: int, n_gen: int, repetitions: int, threads: int | None,
+               n_ctx: int | None) -> int:
+    """Validate the bench options; the context size to use.  Raises ValueError naming the option."""
+    for name, flag, value in (("n_prompt", "-p", n_prompt), ("n_gen", "-n", n_gen),
+                              ("repetitions", "-r", repetitions)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} ({flag}) must be a positive integer, got {value!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+        raise ValueError(f"threads (-t) must be a positive integer, got {threads!r}")
+    if n_ctx is None:
+        return default_n_ctx(n_prompt, n_gen)
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0:
+        raise ValueError(f"ctx (-c) must be a positive integer, got {n_ctx!r}")
+    if n_prompt + n_gen + 1 > n_ctx:
+        raise ValueError(f"ctx (-c) {n_ctx} is too small for n_prompt {n_prompt} + n_gen {n_gen} + 1 = "
+                         f"{n_prompt + n_gen + 1} tokens")
+    return n_ctx
+
+
+def random_ids(n_vocab: int, n: int, seed: int = SEED) -> np.ndarray:
+    """n token ids drawn uniformly from [0, n_vocab); tools/bench_vs_llamacpp.py draws the same ones."""
+    return np.random.default_rng(seed).integers(0, n_vocab, size=n, dtype=np.int64)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc, 1/CLK_TCK resolution); None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        # the command name (field 2) may hold spaces: fields after the closing parenthesis
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def numba_cache_counts() -> tuple[int, int]:
+    """(cache hits, cache misses) summed over every kernel dispatcher used so far in this process."""
+    from numba.core.registry import CPUDispatcher
+
+    from . import kernels
+
+    hits = misses = 0
+    for obj in vars(kernels).values():
+        if isinstance(obj, CPUDispatcher):
+            stats = obj.stats
+            hits += sum(stats.cache_hits.values())
+            misses += sum(stats.cache_misses.values())
+    return hits, misses
+
+
+def _cache_state(hits: int, misses: int) -> str:
+    if misses and hits:
+        return "partly cold"
+    if misses:
+        return "cold"
+    return "warm" if hits else "unknown"
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _stdev(values: list[float]) -> float:
+    return float(statistics.stdev(values)) if len(values) > 1 else 0.0
+
+
+def model_summary(f: GGUFFile) -> dict:
+    """File name, size, parameter count and tensor types (count per ggml type) of a GGUF file."""
+    types: dict[str, int] = {}
+    bytes_by_type: dict[str, int] = {}
+    for info in f.tensors.values():
+        name = type_name(info.qtype)
+        types[name] = types.get(name, 0) + 1
+        bytes_by_type[name] = bytes_by_type.get(name, 0) + info.nbytes
+    return {
+        "model": os.path.basename(f.path),
+        "model_name": f.get("general.name", "?"),
+        "model_type": max(bytes_by_type, key=bytes_by_type.get) if bytes_by_type else "?",
+        "size_mib": sum(info.nbytes for info in f.tensors.values()) / 2**20,
+        "n_params": int(sum(info.n_elements for info in f.tensors.values())),
+        "tensor_types": dict(sorted(types.items(), key=lambda kv: -bytes_by_type[kv[0]])),
+    }
+
+
+def run_bench(args) -> int:
+    """Run the benchmark described by the parsed ``edgellama bench`` options; print; return 0."""
+    t_start = time.perf_counter()
+    n_prompt, n_gen = args.n_prompt, args.n_gen
+    repetitions = getattr(args, "repetitions", 3)
+    n_ctx = check_args(n_prompt, n_gen, repetitions, args.threads, args.ctx)
+
+    import edgellama  # the model code and Numba are imported inside the timed load
+
+    model = edgellama.load(args.model, n_ctx=n_ctx, threads=args.threads)
+    load_s = time.perf_counter() - t_start
+    n_vocab = model.args.n_vocab
+
+    # warm-up: a 2-token prompt then one decoded token compiles (or loads from the cache) every kernel
+    warm = random_ids(n_vocab, WARMUP_PROMPT + 1, seed=SEED + 1)
+    t0 = time.perf_counter()
+    model.reset()
+    first = int(np.argmax(model.eval(warm[:WARMUP_PROMPT])))
+    first_token_s = time.perf_counter() - t_start
+    process_first = process_age_s()
+    model.eval([first])
+    compile_s = time.perf_counter() - t0
+    hits, misses = numba_cache_counts()
+
+    # pp: the whole prompt from an empty cache
+    prompt = random_ids(n_vocab, n_prompt)
+    pp_rates = []
+    for _ in range(repetitions):
+        model.reset()
+        t0 = time.perf_counter()
+        model.eval(prompt)
+        pp_rates.append(n_prompt / (time.perf_counter() - t0))
+
+    # tg: one token at a time after a 1-token prompt
+    gen = random_ids(n_vocab, n_gen + 1, seed=SEED + 2)
+    tg_rates = []
+    for _ in range(repetitions):
+        model.reset()
+        model.eval(gen[:1])
+        t0 = time.perf_counter()
+        for token in gen[1:]:
+            model.eval(token[None])
+        tg_rates.append(n_gen / (time.perf_counter() - t0))
+
+    import numba
+
+    result = {
+        **model_summary(model.file),
+        "threads": model.threads,
+        "numba_threads": min(model.threads, numba.config.NUMBA_NUM_THREADS),
+        "n_ctx": model.n_ctx,
+        "n_prompt": n_prompt,
+        "n_gen": n_gen,
+        "repetitions": repetitions,
+        "pp_tok_s": _median(pp_rates),
+        "tg_tok_s": _median(tg_rates),
+        "pp_tok_s_all": pp_rates,
+        "tg_tok_s_all": tg_rates,
+        "load_s": load_s,
+        "compile_s": compile_s,
+        "numba_cache": _cache_state(hits, misses),
+        "numba_cache_hits": hits,
+        "numba_cache_misses": misses,
+        "first_token_s": first_token_s,
+        "process_first_token_s": process_first,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if getattr(args, "json", False):
+        print(json.dumps(result))
+    else:
+        print(format_report(result))
+    return 0
+
+
+def format_report(r: dict) -> str:
+    """A llama-bench-like markdown table, then the start-up and memory figures."""
+    model = f"{r['model_name']} {r['model_type']}"
+    size = f"{r['size_mib']:.2f} MiB"
+    params = f"{r['n_params'] / 1e6:.2f} M"
+    rows = [("model", "size", "params", "threads", "test", "t/s")]
+    for test, rates in ((f"pp{r['n_prompt']}", r["pp_tok_s_all"]), (f"tg{r['n_gen']}", r["tg_tok_s_all"])):
+        rows.append((model, size, params, str(r["threads"]), test, f"{_median(rates):.2f} ± {_stdev(rates):.2f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = {1, 2, 3, 4, 5}
+
+    def line(row):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths))) + " |"
+
+    sep = "| " + " | ".join(("-" * (w - 1) + ":") if i in right else "-" * w for i, w in enumerate(widths)) + " |"
+    out = [line(rows[0]), sep] + [line(row) for row in rows[1:]]
+    proc = r["process_first_token_s"]
+    types = ", ".join(f"{k} x{v}" for k, v in r["tensor_types"].items())
+    out += [
+        "",
+        f"file {r['model']} ({types}); n_ctx {r['n_ctx']}; median of {r['repetitions']} runs",
+        f"load {r['load_s']:.2f} s | warm-up (Numba cache {r['numba_cache']}) {r['compile_s']:.2f} s | "
+        f"first token {r['first_token_s']:.2f} s"
+        + (f" ({proc:.2f} s from process start)" if proc is not None else "")
+        + f" | peak RSS {r['peak_rss_mb']:.1f} MiB",
+    ]
+    return "\n".join(out)

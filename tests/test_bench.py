@@ -1,0 +1,72 @@
+"""``edgellama bench``: the JSON report's keys and types, and the option checks.  No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgellama.bench import check_args, default_n_ctx
+from edgellama.cli import build_parser, main
+from edgellama.quants import GGMLType
+from tiny_model import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("bench") / "tiny-q8_0.gguf", GGMLType.Q8_0)
+
+
+def test_bench_json_report(tiny_q8, capsys):
+    rc = main(["bench", "-m", str(tiny_q8), "-t", "1", "-p", "8", "-n", "4", "-r", "1", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1  # exactly one JSON object on stdout
+    r = json.loads(lines[0])
+    for key in ("pp_tok_s", "tg_tok_s", "load_s", "first_token_s", "peak_rss_mb", "compile_s"):
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["threads"] == 1 and r["n_prompt"] == 8 and r["n_gen"] == 4 and r["repetitions"] == 1
+    assert r["model"] == "tiny-q8_0.gguf"
+    assert r["n_ctx"] == default_n_ctx(8, 4) >= 8 + 4 + 1
+    assert r["tensor_types"] == {"Q8_0": 15, "F32": 5}  # embeddings + 7 matrices x 2 layers; 5 norms
+    assert r["numba_cache"] in ("warm", "cold", "partly cold", "unknown")
+    assert len(r["pp_tok_s_all"]) == len(r["tg_tok_s_all"]) == 1
+    assert r["load_s"] < r["first_token_s"]  # first token comes after loading, from the same start
+
+
+def test_bench_table(tiny_q8, capsys):
+    rc = main(["bench", "-m", str(tiny_q8), "-t", "1", "-p", "4", "-n", "2", "-r", "2", "-c", "16"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.startswith("| model") and "pp4" in out
+    assert "tg2" in out and "peak RSS" in out and "n_ctx 16" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-p", "0"], "n_prompt (-p) must be a positive integer"),
+    (["-n", "-3"], "n_gen (-n) must be a positive integer"),
+    (["-r", "0"], "repetitions (-r) must be a positive integer"),
+    (["-t", "0"], "threads (-t) must be a positive integer"),
+    (["-c", "0"], "ctx (-c) must be a positive integer"),
+    (["-p", "8", "-n", "8", "-c", "16"], "ctx (-c) 16 is too small for n_prompt 8 + n_gen 8 + 1 = 17"),
+])
+def test_bench_rejects_bad_options(tiny_q8, capsys, argv, message):
+    rc = main(["bench", "-m", str(tiny_q8)] + argv)
+    out, err = capsys.readouterr()
+    assert rc == 1 and out == ""
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
+    assert message in err
+
+
+def test_bench_missing_file(tmp_path, capsys):
+    assert main(["bench", "-m", str(tmp_path / "absent.gguf"), "-p", "4", "-n", "2"]) == 1
+    assert "absent.gguf" in capsys.readouterr().err
+
+
+def test_check_args_defaults_and_exact_fit():
+    assert default_n_ctx(256, 128) == 512  # 256 + 128 + 16 = 400, rounded up to 512
+    assert default_n_ctx(239, 1) == 256 and default_n_ctx(240, 1) == 512  # 256 fits, 257 does not
+    assert check_args(8, 8, 1, None, 17) == 17  # n_prompt + n_gen + 1 fits exactly
+    args = build_parser().parse_args(["bench", "-m", "x.gguf"])
+    assert (args.n_prompt, args.n_gen, args.repetitions, args.ctx) == (256, 128, 3, None)
