@@ -155,14 +155,45 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
                 raise cur.fail(f"key {key!r}: bool value {values.max()} at index "
                                f"{int(np.argmax(values > 1))} is neither 0 nor 1")
             return values.view(np.bool_)
-        if item_type in (ValueType.STRING, ValueType.ARRAY):
-            min_item = 8 if item_type == ValueType.STRING else 12
+        if item_type == ValueType.STRING:
+            return _read_string_array(cur, count, key)
+        if item_type == ValueType.ARRAY:
+            min_item = 12
             if count * min_item > cur.remaining():
                 raise cur.fail(f"key {key!r}: array of {count} items cannot fit in the "
                                f"{cur.remaining()} bytes that remain (file is truncated or incomplete)")
             return [_read_value(cur, item_type, key, depth + 1) for _ in range(count)]
         raise cur.fail(f"key {key!r}: unknown array item type {item_type}")
     raise cur.fail(f"key {key!r}: unknown value type {vtype}")
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _read_string_array(cur: _Cursor, count: int, key: str) -> list[str]:
+    """count length-prefixed UTF-8 strings; one tight loop (vocabularies hold ~100k of them)."""
+    if count * 8 > cur.remaining():
+        raise cur.fail(f"key {key!r}: array of {count} items (strings) cannot fit in the {cur.remaining()} bytes "
+                       "that remain (file is truncated or incomplete)")
+    view, pos, end = cur.view, cur.pos, len(cur.buf)
+    unpack = _U64.unpack_from
+    out = []
+    append = out.append
+    try:
+        for _ in range(count):
+            (n,) = unpack(view, pos)
+            pos += 8
+            if n > end - pos:
+                raise cur.fail(f"file is truncated or incomplete: string #{len(out)} of {key!r} needs {n} "
+                               f"bytes at offset {pos}, only {end - pos} remain")
+            append(str(view[pos:pos + n], "utf-8"))
+            pos += n
+    except struct.error:
+        raise cur.fail(f"file is truncated or incomplete: string #{len(out)} of {key!r} at offset {pos}") from None
+    except UnicodeDecodeError as e:
+        raise cur.fail(f"string #{len(out)} of {key!r} is not valid UTF-8 ({e.reason})") from None
+    cur.pos = pos
+    return out
 
 
 class GGUFFile:
