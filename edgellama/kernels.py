@@ -428,14 +428,23 @@ def swiglu(gate, up, out):
 # ----- one token through the whole decoder (decode step) ----------------------------------------
 
 @njit(**_exact)
-def decode_token(token, pos, embd, embd_type, mats, mat_types, norms, output_norm, output, output_type,
+def _layer_matvec(blob, mat_table, i, x, xq, xd, xs, out, f16_table, bf16_table):
+    """matvec with matrix i of mat_table, viewed in place inside blob."""
+    offset, n_rows, row_bytes, wtype = mat_table[i, 0], mat_table[i, 1], mat_table[i, 2], mat_table[i, 3]
+    w = blob[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
+    matvec(w, wtype, x, xq, xd, xs, out, f16_table, bf16_table)
+
+
+@njit(**_exact)
+def decode_token(token, pos, embd, embd_type, blob, mat_table, norms, output_norm, output, output_type,
                  eps, n_heads, n_kv_heads, head_dim, cos_table, sin_table, k_cache, v_cache,
                  x, xb, xq, xd, xs, q, k, v, att, hb, hb2, hq, hd, hs, scores, logits,
                  f16_table, bf16_table):
     """Run one token at position ``pos`` through every layer; write its logits.
 
-    mats[7*l + j]: layer l's (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down)
-    as (n_out, row_bytes) uint8; mat_types: their type ids; norms: (n_layers, 2, dim) =
+    blob: the bytes holding every layer matrix (the mapped file); mat_table[7*l + j] = (offset,
+    n_rows, row_bytes, type id) of layer l's j-th matrix of (attn_q, attn_k, attn_v, attn_output,
+    ffn_gate, ffn_up, ffn_down); norms: (n_layers, 2, dim) =
     (attn_norm, ffn_norm); k_cache, v_cache: (n_layers, n_kv_heads, n_ctx, head_dim).
     Buffers: x, xb, att: (dim,); xq (dim,) int8, xd, xs (dim/32,); q (n_heads*head_dim,);
     k, v (n_kv_heads*head_dim,); hb, hb2: (ffn,); hq (ffn,) int8, hd, hs (ffn/32,);
@@ -450,9 +459,9 @@ def decode_token(token, pos, embd, embd_type, mats, mat_types, norms, output_nor
         # attention block: pre-norm, one quantized activation shared by q, k and v
         rmsnorm(x, norms[l, 0], eps, xb)
         quantize_q8(xb, xq, xd, xs)
-        matvec(mats[m], mat_types[m], xb, xq, xd, xs, q, f16_table, bf16_table)
-        matvec(mats[m + 1], mat_types[m + 1], xb, xq, xd, xs, k, f16_table, bf16_table)
-        matvec(mats[m + 2], mat_types[m + 2], xb, xq, xd, xs, v, f16_table, bf16_table)
+        _layer_matvec(blob, mat_table, m, xb, xq, xd, xs, q, f16_table, bf16_table)
+        _layer_matvec(blob, mat_table, m + 1, xb, xq, xd, xs, k, f16_table, bf16_table)
+        _layer_matvec(blob, mat_table, m + 2, xb, xq, xd, xs, v, f16_table, bf16_table)
         rope(q, n_heads, head_dim, cos, sin)
         rope(k, n_kv_heads, head_dim, cos, sin)
         # the new key/value enter the cache at slot pos, then the query attends over 0..pos
@@ -464,17 +473,17 @@ def decode_token(token, pos, embd, embd_type, mats, mat_types, norms, output_nor
                   att.reshape(1, n_heads, head_dim))
         # output projection and residual
         quantize_q8(att, xq, xd, xs)
-        matvec(mats[m + 3], mat_types[m + 3], att, xq, xd, xs, xb, f16_table, bf16_table)
+        _layer_matvec(blob, mat_table, m + 3, att, xq, xd, xs, xb, f16_table, bf16_table)
         for i in range(x.shape[0]):
             x[i] += xb[i]
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         rmsnorm(x, norms[l, 1], eps, xb)
         quantize_q8(xb, xq, xd, xs)
-        matvec(mats[m + 4], mat_types[m + 4], xb, xq, xd, xs, hb, f16_table, bf16_table)
-        matvec(mats[m + 5], mat_types[m + 5], xb, xq, xd, xs, hb2, f16_table, bf16_table)
+        _layer_matvec(blob, mat_table, m + 4, xb, xq, xd, xs, hb, f16_table, bf16_table)
+        _layer_matvec(blob, mat_table, m + 5, xb, xq, xd, xs, hb2, f16_table, bf16_table)
         swiglu(hb, hb2, hb)
         quantize_q8(hb, hq, hd, hs)
-        matvec(mats[m + 6], mat_types[m + 6], hb, hq, hd, hs, xb, f16_table, bf16_table)
+        _layer_matvec(blob, mat_table, m + 6, hb, hq, hd, hs, xb, f16_table, bf16_table)
         for i in range(x.shape[0]):
             x[i] += xb[i]
     # final norm and the vocabulary projection

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import typed
 
 from . import kernels as K
 from .gguf import GGUFFile, ModelFormatError
@@ -182,9 +181,11 @@ class Weights:
                                for i in range(a.n_layers)])
         self.rope_freqs = (_vector(f, "rope_freqs.weight", a.rope_dim // 2)
                            if "rope_freqs.weight" in f.tensors else None)
-        # flat views for the decode kernel: mats[7*l + j] is layer l's j-th LAYER_MATRICES entry
-        self.mats = typed.List([layer[m].rows for layer in self.layers for m in LAYER_MATRICES])
-        self.mat_types = np.array([layer[m].qtype for layer in self.layers for m in LAYER_MATRICES],
+        # for the decode kernel: the mapped file and, per layer matrix (7*l + j is layer l's j-th
+        # LAYER_MATRICES entry), its (offset, n_rows, row_bytes, type id) inside it
+        self.blob = np.asarray(f.buf)
+        self.mat_table = np.array([(f.tensors[layer[m].name].offset, layer[m].n_out, layer[m].rows.shape[1],
+                                    layer[m].qtype) for layer in self.layers for m in LAYER_MATRICES],
                                   dtype=np.int64)
 
     def types(self) -> dict[str, int]:
@@ -365,7 +366,7 @@ class Model:
     def _decode(self, token: int) -> np.ndarray:
         """One token at position n_past through the fused decode kernel -> (n_vocab,) logits."""
         a, w, s = self.args, self.weights, self.state
-        K.decode_token(token, s.n_past, w.token_embd.rows, w.token_embd.qtype, w.mats, w.mat_types,
+        K.decode_token(token, s.n_past, w.token_embd.rows, w.token_embd.qtype, w.blob, w.mat_table,
                        w.norms, w.output_norm, w.output.rows, w.output.qtype, np.float32(a.norm_eps),
                        a.n_heads, a.n_kv_heads, a.head_dim, self.cos, self.sin, s.k_cache, s.v_cache,
                        s.x, s.xb, s.xq, s.xd, s.xs, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.hq, s.hd, s.hs,

@@ -15,7 +15,6 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
-from numba import typed
 
 from edgellama import kernels as K
 
@@ -664,8 +663,14 @@ def test_decode_token(variant, how, tmp_path, threads):
         sub = tmp_path / str(i)
         sub.mkdir()
         placed[name] = place(raw, how, sub)
-    mats = typed.List([placed[f"blk.{l}.{m}"] for l in range(N_LAYERS) for m in MATS])
-    mat_types = np.array([types[f"blk.{l}.{m}"] for l in range(N_LAYERS) for m in MATS], np.int64)
+    # every layer matrix in one byte blob, as in the mapped file, located by (offset, rows, row bytes, type)
+    names = [f"blk.{l}.{m}" for l in range(N_LAYERS) for m in MATS]
+    offsets = np.cumsum([0] + [raws[n].nbytes for n in names])
+    blob_dir = tmp_path / "blob"
+    blob_dir.mkdir()
+    blob = place(np.concatenate([raws[n].reshape(-1) for n in names]), how, blob_dir).reshape(-1)
+    mat_table = np.array([(offsets[i], raws[n].shape[0], raws[n].shape[1], types[n]) for i, n in enumerate(names)],
+                         np.int64)
     f32 = np.float32
     k_cache = np.zeros((N_LAYERS, N_KV, N_CTX, HEAD_DIM), f32)
     v_cache = np.zeros_like(k_cache)
@@ -679,7 +684,7 @@ def test_decode_token(variant, how, tmp_path, threads):
 
     want, want_k, want_v = _decode_twin(tokens, raws, types, norms, output_norm, cos_t, sin_t, float(eps))
     for pos, token in enumerate(tokens):
-        K.decode_token(token, pos, placed["token_embd"], types["token_embd"], mats, mat_types, norms,
+        K.decode_token(token, pos, placed["token_embd"], types["token_embd"], blob, mat_table, norms,
                        output_norm, placed["output"], types["output"], eps, N_HEADS, N_KV, HEAD_DIM,
                        cos_t, sin_t, k_cache, v_cache, x, xb, xq, xd, xs, q, k, v, att, hb, hb2,
                        hq, hd, hs, scores, logits, F16, BF16)
