@@ -16,7 +16,7 @@ import numpy as np
 
 from . import kernels as K
 from .gguf import GGUFFile, ModelFormatError
-from .quants import RUNTIME_TYPES, GGMLType, type_name
+from .quants import RUNTIME_TYPES, GGMLType, dequantize, type_name
 
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 DEFAULT_MAX_CTX = 4096
@@ -156,9 +156,7 @@ def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
         raise ModelFormatError(f"{f.path}: tensor {name!r} has shape {info.shape}, expected ({n},)")
     if info.qtype not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         raise ModelFormatError(f"{f.path}: tensor {name!r} must be F32/F16/BF16, got {type_name(info.qtype)}")
-    out = np.empty(n, dtype=np.float32)
-    K.dequantize_row(f.raw(name), int(info.qtype), out, K.F16_TABLE, K.BF16_TABLE)
-    return out
+    return dequantize(f.raw(name), info.qtype, (n,))  # numpy: loading a Numba kernel costs more here
 
 
 class Weights:
@@ -310,8 +308,11 @@ class Model:
             raise ContextOverflowError(f"{s.n_past} cached + {len(ids)} new tokens exceed the context of "
                                        f"{self.n_ctx} tokens")
         self._set_threads()
-        if len(ids) == 1 and not all_logits:
-            logits = self._decode(int(ids[0]))
+        if len(ids) <= DECODE_MAX_PROMPT and not all_logits:
+            # a few tokens: the decode kernel alone (this also spares a fresh process from loading
+            # the prefill kernels before its first token)
+            for token in ids:
+                logits = self._decode(int(token))
         else:
             if all_logits and len(ids) > self.n_batch:
                 raise ValueError("all_logits over more than n_batch tokens: use Model.logits")
@@ -485,6 +486,7 @@ class Model:
         return self._linear(xb, w.output)
 
 
+DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
 TILE_ELEMENTS = 1 << 20  # dequantized weight tile for prefill: 4 MB of float32
 
 
