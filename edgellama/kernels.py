@@ -366,6 +366,17 @@ def rope_rows(x, positions, n_heads, head_dim, cos_table, sin_table):
         rope(x[t], n_heads, head_dim, cos_table[p], sin_table[p])
 
 
+@njit(parallel=True, **_exact)
+def rerotate_keys(k_cache, start, end, cos, sin):
+    """Rotate cached keys at slots start..end-1 of every layer and head by the angles (cos, sin),
+    in place: moving a key from position p to p - delta is a rotation by -delta's angles."""
+    n_layers, n_kv_heads = k_cache.shape[0], k_cache.shape[1]
+    for job in prange(n_layers * n_kv_heads):
+        layer, head = job // n_kv_heads, job % n_kv_heads
+        for p in range(start, end):
+            rope(k_cache[layer, head, p], 1, k_cache.shape[3], cos, sin)
+
+
 @njit(**_exact)
 def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
     """One head: softmax(q . K[:n_pos] * scale) @ V[:n_pos].  k/v_cache: (n_ctx, head_dim)."""

@@ -268,6 +268,7 @@ class Model:
         self.cos, self.sin = rope_tables(self.args, self.n_ctx, self.weights.rope_freqs)
         self.state = State(self.args, self.n_ctx, self.threads)
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
+        self.n_shifted = 0    # tokens dropped from the cache by context shifts
         self._gemm_pool: ThreadPoolExecutor | None = None
         self._blas = None
 
@@ -284,6 +285,25 @@ class Model:
         return self.tokenizer.decode(ids, special=special)
 
     # ----- evaluation -----------------------------------------------------------------------------
+
+    def shift_context(self, n_keep: int, n_discard: int) -> None:
+        """Make room in a full cache without re-evaluating anything.
+
+        Positions n_keep .. n_keep+n_discard-1 are dropped; the later entries move down by
+        n_discard slots, and their keys are rotated back by n_discard positions (RoPE makes the
+        attention score depend only on the distance between positions, so the moved keys are what
+        they would have been, had those tokens been evaluated at their new positions).
+        """
+        s = self.state
+        if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= s.n_past):
+            raise ValueError(f"cannot discard {n_discard} tokens after keeping {n_keep} of {s.n_past}")
+        src, dst = slice(n_keep + n_discard, s.n_past), slice(n_keep, s.n_past - n_discard)
+        s.k_cache[:, :, dst] = s.k_cache[:, :, src]
+        s.v_cache[:, :, dst] = s.v_cache[:, :, src]
+        K.rerotate_keys(s.k_cache, n_keep, s.n_past - n_discard, self.cos[n_discard], -self.sin[n_discard])
+        s.n_past -= n_discard
+        del s.tokens[n_keep:n_keep + n_discard]
+        self.n_shifted += n_discard
 
     def reset(self) -> None:
         """Forget the cached context (the KV cache contents become unused)."""
