@@ -2,11 +2,11 @@
 
 Every run is a fresh process, so load time, time to first token and peak RSS are what a user sees.
 Our side is ``python -m edgellama.cli bench --json``; llama.cpp's is a small inline script doing the
-same steps through llama-cpp-python: load, a 2-token prompt + 1 decoded token (warm-up; its logits
-give the first token), then pp (the same random ids from an empty cache) and tg (single-token evals
-after a 1-token prompt), each repeated ``-r`` times inside the process (median).  The two sides
-alternate (ours first on even runs, llama.cpp first on odd ones) and each figure is the median over
-``--runs`` processes.
+same steps through llama-cpp-python: load; warm-up: a 2-token prompt (its logits give the first token)
++ 1 decoded token, then a 32-token prompt; pp (the same random ids from an empty cache) and tg
+(single-token evals after a 1-token prompt), each repeated ``-r`` times inside the process (median).
+The two sides alternate (ours first on even runs, llama.cpp first on odd ones) and each figure is the
+median over ``--runs`` processes.
 
 Usage:  python tools/bench_vs_llamacpp.py [--models F.gguf ...] [-t 2] [-p 256] [-n 128] [--runs 3]
                                           [--markdown BENCHMARKS.md]
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edgellama.bench import SEED, check_args  # noqa: E402  (light: imports numpy and the GGUF reader only)
+from edgellama.bench import SEED, WARMUP_PP, check_args  # noqa: E402  (light: imports numpy and the GGUF reader only)
 
 # The llama.cpp side, run as ``python -c LLAMA_SCRIPT CONFIG_JSON``; prints one JSON object.
 # It mirrors edgellama/bench.py step by step (same ids: same seed, same generator, same n_vocab).
@@ -70,9 +70,11 @@ first = int(np.argmax(logits))
 first_token_s = time.perf_counter() - t_start
 process_first = process_age_s()
 llm.eval([first])
+prompt = ids(n_vocab, cfg["n_prompt"], seed)
+llm.reset()
+llm.eval(prompt[:min(len(prompt), cfg["warmup_pp"])])
 warmup_s = time.perf_counter() - t0
 
-prompt = ids(n_vocab, cfg["n_prompt"], seed)
 pp = []
 for _ in range(cfg["repetitions"]):
     llm.reset()
@@ -106,7 +108,7 @@ FIGURES = [
     ("pp_tok_s", "pp{p}", "tok/s", True),
     ("tg_tok_s", "tg{n}", "tok/s", True),
     ("load_s", "load", "s", False),
-    ("compile_s", "warm-up: 2-token prompt + 1 token (ours: Numba cache load)", "s", False),
+    ("compile_s", "warm-up: 2-token prompt + 1 token + 32-token prompt (ours: Numba cache load)", "s", False),
     ("first_token_s", "first token, from the start of loading", "s", False),
     ("process_first_token_s", "first token, from process start", "s", False),
     ("peak_rss_mb", "peak RSS", "MiB", False),
@@ -140,7 +142,7 @@ def run_ours(model: Path, threads: int, n_prompt: int, n_gen: int, n_ctx: int, r
 def run_llamacpp(model: Path, threads: int, n_prompt: int, n_gen: int, n_ctx: int, reps: int,
                  timeout: float) -> dict:
     cfg = {"model": str(model), "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "n_ctx": n_ctx,
-           "repetitions": reps, "seed": SEED}
+           "repetitions": reps, "seed": SEED, "warmup_pp": WARMUP_PP}
     return _run_json([sys.executable, "-c", LLAMA_SCRIPT, json.dumps(cfg)], f"llama.cpp on {model.name}", timeout)
 
 
@@ -212,6 +214,16 @@ def git_state() -> str:
         return "unknown"
 
 
+def source_fingerprint() -> str:
+    """A hash of the runtime's sources: tells whether the code changed while the benchmark ran."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "edgellama").glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", type=Path, default=None,
@@ -243,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.datetime.now()
     load_start = load_average()
+    git_start, sources_start = git_state(), source_fingerprint()
     print(f"{started:%Y-%m-%d %H:%M}  {cpu_model()}  threads {args.threads}  n_ctx {n_ctx}  "
           f"load average {load_start}", file=sys.stderr)
     sections = []
@@ -282,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
 
     load_end = load_average()
     print(f"load average at the end: {load_end}", file=sys.stderr)
+    changed = ""
+    if source_fingerprint() != sources_start:
+        changed = (f"- **warning: edgellama's sources changed during this run** (git at the end: "
+                   f"{git_state()}); figures may mix two versions of the code\n")
+        print(f"bench_vs_llamacpp: {changed[2:].strip()}", file=sys.stderr)
     if args.markdown:
         header = (
             f"## {started:%Y-%m-%d %H:%M}: {args.threads} threads, pp{args.n_prompt} / tg{args.n_gen}, "
@@ -289,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}\n"
             f"- Python {platform.python_version()}, numpy {_version('numpy')}, numba {_version('numba')}, "
             f"llama-cpp-python {_version('llama_cpp_python')}, edgellama {_version('edgellama')} "
-            f"(git {git_state()})\n"
+            f"(git {git_start})\n"
             f"- load average (1/5/15 min) at the start: {load_start}; at the end: {load_end}\n"
+            + changed +
             f"- command: `python tools/bench_vs_llamacpp.py "
             f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
         )
