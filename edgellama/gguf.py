@@ -469,6 +469,9 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], specs: list[Te
                 written += pad
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:

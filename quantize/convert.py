@@ -211,15 +211,7 @@ def write_plan(plan: Plan, target_path: str | os.PathLike, *, measure: bool = Tr
             yield out
 
     write_gguf(target_path, plan.metadata, specs, data())
-    _default_permissions(Path(target_path))
     return results
-
-
-def _default_permissions(path: Path) -> None:
-    """write_gguf's temp file is created 0600 (mkstemp); give the output the usual 0666 & ~umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def check_paths(source: str | os.PathLike, target: str | os.PathLike, force: bool) -> None:

