@@ -83,6 +83,33 @@ def test_hf_to_f32_gives_the_dequantized_source_tensors(smollm2_from_hf):
 
 
 @needs_smollm2
+def test_hf_to_gguf_runs_in_edgellama(smollm2_from_hf, tmp_path):
+    """HF -> F32 gives the source model's logits (the source dequantized to F32 by edgellama-quantize);
+    HF -> Q8_0 / Q4_1 / Q4_0 run, and their top-1 agreement with the F32 model is reported."""
+    import edgellama
+
+    text = ("The old lighthouse keeper climbed the spiral stairs once more, counting each step as he "
+            "had done every evening for forty years. def fib(n): return n if n < 2 else fib(n-1) + fib(n-2)")
+    source_f32 = tmp_path / "source.f32.gguf"
+    convert_file(SMOLLM2, source_f32, "f32", allow_requantize=True, quiet=True)
+    reference = edgellama.load(source_f32, n_ctx=256, threads=2)
+    ids = reference.tokenize(text)
+    want = reference.logits(ids)
+    f32 = edgellama.load(smollm2_from_hf["f32"], n_ctx=256, threads=2)
+    assert f32.tokenize(text) == ids
+    np.testing.assert_array_equal(f32.logits(ids), want)
+    agreement = {}
+    for qtype in ("q8_0", "q4_1", "q4_0"):
+        got = edgellama.load(smollm2_from_hf[qtype], n_ctx=256, threads=2).logits(ids)
+        assert np.isfinite(got).all()
+        agreement[qtype] = float(np.mean(got.argmax(1) == want.argmax(1)))
+    print(f"top-1 agreement with the F32 model over {len(ids)} positions: {agreement}")
+    # Q8_0 is close to lossless; Q4_1 of weights that already were Q4_1 keeps their grid;
+    # Q4_0 re-rounds 4-bit weights onto another 4-bit grid and loses most
+    assert agreement["q8_0"] >= 0.85 and agreement["q4_1"] >= 0.85 and agreement["q4_0"] >= 0.4
+
+
+@needs_smollm2
 def test_hf_to_gguf_metadata_equals_the_source_model(smollm2_from_hf):
     source = GGUFFile(SMOLLM2).typed_metadata()
     ours = GGUFFile(smollm2_from_hf["f32"]).typed_metadata()
