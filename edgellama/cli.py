@@ -1,4 +1,4 @@
-"""The ``edgellama`` command: run | info | bench.
+"""The ``edgellama`` command: run | chat | info | bench.
 
 User errors (bad paths, malformed files, out-of-range options) print one line to stderr and exit
 with status 1; only bugs show a traceback.
@@ -36,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     run.add_argument("--special", action="store_true", help="parse special-token text in the prompt")
 
+    chat = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit, Ctrl-C stops a reply)")
+    _add_model_options(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("-n", "--n-predict", type=int, default=-1,
+                      help="most tokens per reply (-1: until the end of the turn)")
+    chat.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
+    chat.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    chat.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    chat.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
     info = sub.add_parser("info", help="describe a GGUF model file")
     _add_model_options(info)
 
@@ -70,6 +81,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    import edgellama
+    from .chat_repl import run_chat
+
+    if args.n_predict < -1:
+        raise ValueError(f"-n must be -1 or a non-negative number of tokens, got {args.n_predict}")
+    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads)
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    return run_chat(model, system=args.system, max_tokens=None if args.n_predict < 0 else args.n_predict,
+                    temperature=args.temp, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                    min_p=args.min_p)
+
+
 def cmd_info(args) -> int:
     from .info import describe
 
@@ -85,7 +113,7 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "info": cmd_info, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ModelFormatError, ValueError, OSError) as e:

@@ -427,13 +427,20 @@ def attention(q, k_cache, v_cache, first_pos, scores, out):
 
 
 @njit(**_exact)
+def _swiglu_span(g, u, o, start, end):
+    for i in range(start, end):
+        o[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+
+
+@njit(parallel=True, **_exact)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, elementwise over any matching flat shapes."""
     g = gate.reshape(-1)
     u = up.reshape(-1)
     o = out.reshape(-1)
-    for i in range(g.shape[0]):
-        o[i] = g[i] / (np.float32(1.0) + np.exp(-g[i])) * u[i]
+    n_spans = (g.shape[0] + 4095) // 4096
+    for span in prange(n_spans):
+        _swiglu_span(g, u, o, span * 4096, min(g.shape[0], (span + 1) * 4096))
 
 
 # ----- one token through the whole decoder (decode step) ----------------------------------------
@@ -492,7 +499,7 @@ def decode_token(token, pos, embd, embd_type, blob, mat_table, norms, output_nor
         quantize_q8(xb, xq, xd, xs)
         _layer_matvec(blob, mat_table, m + 4, xb, xq, xd, xs, hb, f16_table, bf16_table)
         _layer_matvec(blob, mat_table, m + 5, xb, xq, xd, xs, hb2, f16_table, bf16_table)
-        swiglu(hb, hb2, hb)
+        _swiglu_span(hb, hb2, hb, 0, hb.shape[0])
         quantize_q8(hb, hq, hd, hs)
         _layer_matvec(blob, mat_table, m + 6, hb, hq, hd, hs, xb, f16_table, bf16_table)
         for i in range(x.shape[0]):

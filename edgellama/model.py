@@ -419,27 +419,41 @@ class Model:
         for job in jobs:
             job.result()
 
-    def _linear(self, x: np.ndarray, w: Weight) -> np.ndarray:
-        """x: (T, n_in) -> (T, n_out) = x @ W.T, dequantizing W in tiles for a BLAS product.
+    def _linear(self, x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
+        """x: (T, n_in) -> [x @ W.T for each W], all W reading the same input.
 
-        x is first rounded to the Q8 activation grid, as the decode kernels see it.
+        The weights are dequantized in tiles of stacked rows (q, k and v share one tile; so do
+        gate and up), so each tile costs one BLAS product.  x is first rounded to the Q8 activation
+        grid, as the decode kernels see it.
         """
+        n_in = weights[0].n_in
         xq = np.array(x, dtype=np.float32, order="C")
-        if w.qtype not in (K.T_F32, K.T_F16, K.T_BF16):
+        if any(w.qtype not in (K.T_F32, K.T_F16, K.T_BF16) for w in weights):
             K.fake_quantize_q8_rows(xq)
-        out = np.empty((x.shape[0], w.n_out), dtype=np.float32)
-        tile_rows = max(1, min(w.n_out, TILE_ELEMENTS // w.n_in))
-        tile = np.empty((tile_rows, w.n_in), dtype=np.float32)
-        for r0 in range(0, w.n_out, tile_rows):
-            r1 = min(r0 + tile_rows, w.n_out)
-            K.dequantize_rows(w.rows[r0:r1], w.qtype, tile[:r1 - r0], K.F16_TABLE, K.BF16_TABLE)
-            if r1 - r0 == w.n_out:
-                self._gemm(xq, tile, out)
-            else:
-                part = np.empty((x.shape[0], r1 - r0), dtype=np.float32)
-                self._gemm(xq, tile[:r1 - r0], part)
-                out[:, r0:r1] = part
-        return out
+        total = sum(w.n_out for w in weights)
+        out = np.empty((x.shape[0], total), dtype=np.float32)              # (T, sum n_out)
+        tile = np.empty((max(1, min(total, TILE_ELEMENTS // n_in)), n_in), dtype=np.float32)
+        # the stacked rows of all weights, as (weight, first row, last row) runs
+        runs = [(w, r0, min(r0 + len(tile), w.n_out)) for w in weights for r0 in range(0, w.n_out, len(tile))]
+        filled, tile_col = 0, 0
+        for i, (w, r0, r1) in enumerate(runs):
+            K.dequantize_rows(w.rows[r0:r1], w.qtype, tile[filled:filled + r1 - r0], K.F16_TABLE, K.BF16_TABLE)
+            filled += r1 - r0
+            last = i == len(runs) - 1
+            if last or filled + (runs[i + 1][2] - runs[i + 1][1]) > len(tile):
+                if tile_col == 0 and filled == total:
+                    self._gemm(xq, tile, out)
+                else:
+                    part = np.empty((x.shape[0], filled), dtype=np.float32)
+                    self._gemm(xq, tile[:filled], part)
+                    out[:, tile_col:tile_col + filled] = part
+                tile_col += filled
+                filled = 0
+        outputs, col = [], 0
+        for w in weights:
+            outputs.append(out[:, col:col + w.n_out] if len(weights) > 1 else out)
+            col += w.n_out
+        return outputs
 
     def _causal_attention(self, q: np.ndarray, layer: int, start: int, out: np.ndarray) -> None:
         """Grouped-query attention of T new tokens over the cache, as matrix products.
@@ -479,20 +493,19 @@ class Model:
         for l, layer in enumerate(w.layers):
             # attention block: q/k/v for all tokens, rotate, append to the cache, causal attention
             K.rmsnorm_rows(x, w.norms[l, 0], a.norm_eps, xb)
-            q = self._linear(xb, layer["attn_q"])
-            k = self._linear(xb, layer["attn_k"])
-            v = self._linear(xb, layer["attn_v"])
+            q, k, v = (np.ascontiguousarray(m) for m in
+                       self._linear(xb, layer["attn_q"], layer["attn_k"], layer["attn_v"]))
             K.rope_rows(q, positions, a.n_heads, a.head_dim, self.cos, self.sin)
             K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.cos, self.sin)
             s.k_cache[l, :, start:start + n_tok] = k.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
             s.v_cache[l, :, start:start + n_tok] = v.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
             self._causal_attention(q, l, start, att)
-            x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])
+            x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])[0]
             # feed-forward block
             K.rmsnorm_rows(x, w.norms[l, 1], a.norm_eps, xb)
-            gate = self._linear(xb, layer["ffn_gate"])
-            K.swiglu(gate, self._linear(xb, layer["ffn_up"]), gate)
-            x += self._linear(gate, layer["ffn_down"])
+            gate, up = (np.ascontiguousarray(m) for m in self._linear(xb, layer["ffn_gate"], layer["ffn_up"]))
+            K.swiglu(gate, up, gate)
+            x += self._linear(gate, layer["ffn_down"])[0]
         s.n_past += n_tok
         s.tokens.extend(int(t) for t in ids)
         self.n_evaluated += n_tok
@@ -503,11 +516,51 @@ class Model:
             K.matvec(w.output.rows, w.output.qtype, s.xb, s.xq, s.xd, s.xs, s.logits, K.F16_TABLE, K.BF16_TABLE)
             return s.logits
         K.rmsnorm_rows(x, w.output_norm, a.norm_eps, xb)
-        return self._linear(xb, w.output)
+        return self._linear(xb, w.output)[0]
+
+    def chat(self, messages, max_tokens: int | None = None, temperature: float = 0.0, seed: int | None = None,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, sampler=None, template: str | None = None):
+        """Stream the assistant's reply to ``messages`` (``[{"role": ..., "content": ...}, ...]``).
+
+        The conversation is rendered with the file's ``tokenizer.chat_template`` (or ``template``:
+        a template text or a built-in name, ``chatml``/``llama2``/``llama3``; without either, the
+        built-in the vocabulary suggests).  The reply ends at the template's end-of-turn token.  The
+        cached prefix is reused, so a follow-up turn evaluates only what is new.
+        """
+        from .chat import BUILTIN_TEMPLATES, chat_prompt_ids, render_chat, template_for
+
+        tok = self.tokenizer
+        if template is None:
+            template = self.file.get("tokenizer.chat_template")
+        if isinstance(template, str) and template in BUILTIN_TEMPLATES:
+            template = BUILTIN_TEMPLATES[template]
+        template = template_for(tok, template)
+        ids = chat_prompt_ids(tok, messages, template)
+        # the token the template closes an assistant message with (<|im_end|>, <|eot_id|>, </s>,
+        # <end_of_turn>, ...) stops the reply even where the vocabulary does not mark it as an
+        # end of generation: render a probe turn and take the special token after its text
+        end_of_turn = set()
+        marker = "edgellama-end-of-turn-probe"
+        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+        try:
+            probe = render_chat(template, [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": marker}],
+                                add_generation_prompt=False, bos_token=bos, eos_token=eos)
+            tail = probe.partition(marker)[2].lstrip()
+            first = tok.encode(tail, add_bos=False, add_eos=False, special=True)[:1] if tail else []
+            for t in first:
+                text = tok.token_text(t)
+                if tok.is_control(t) or (len(text) > 2 and text[0] == "<" and text[-1] == ">"):
+                    end_of_turn.add(t)
+        except ValueError:  # a template that rejects the probe: the vocabulary's EOG tokens still stop
+            pass
+        return self.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k,
+                             top_p=top_p, min_p=min_p, sampler=sampler, stop_ids=end_of_turn)
 
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
-TILE_ELEMENTS = 1 << 20  # dequantized weight tile for prefill: 4 MB of float32
+TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
 
 
 class ContextOverflowError(ValueError):

@@ -61,6 +61,17 @@ def test_prefill_in_chunks_equals_one_chunk(tmp_path, qtype, rel):
     _close(chunked, whole, rel)
 
 
+def test_prefill_with_small_weight_tiles_equals_one_tile(tmp_path, monkeypatch):
+    """Weights dequantized in many tiles (rows of several matrices sharing a tile) give the same
+    products as whole matrices."""
+    import edgellama.model as model_module
+
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.F32)
+    whole = edgellama.load(path, n_ctx=32).logits(IDS)
+    monkeypatch.setattr(model_module, "TILE_ELEMENTS", 64 * 5)  # 5 rows of 64
+    _close(edgellama.load(path, n_ctx=32).logits(IDS), whole, rel=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_results_do_not_depend_on_thread_count(tmp_path, threads):
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
