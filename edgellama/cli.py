@@ -33,7 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
     run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     run.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    run.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    run.add_argument("--seed", type=int, default=None, help="random seed for sampling (-1: random)")
+    run.add_argument("--typical", type=float, default=1.0, help="locally typical sampling threshold")
+    run.add_argument("--repeat-penalty", type=float, default=1.0, help="penalize repeated tokens (1 = off)")
+    run.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalties look back over")
+    run.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty")
+    run.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty")
+    run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    run.add_argument("--context-shift", action="store_true",
+                     help="when the context is full, drop old tokens and go on instead of stopping")
+    run.add_argument("--keep", type=int, default=4, help="tokens kept at the start by a context shift")
     run.add_argument("--special", action="store_true", help="parse special-token text in the prompt")
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit, Ctrl-C stops a reply)")
@@ -68,8 +77,13 @@ def cmd_run(args) -> int:
     ids = model.tokenize(args.prompt, special=args.special)
     max_tokens = None if args.n_predict < 0 else args.n_predict
     last = None
-    for chunk in model.generate(ids, max_tokens=max_tokens, temperature=args.temp, seed=args.seed,
-                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p):
+    seed = None if args.seed is not None and args.seed < 0 else args.seed
+    for chunk in model.generate(ids, max_tokens=max_tokens, temperature=args.temp, seed=seed,
+                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop=args.stop,
+                                typical_p=args.typical, repeat_penalty=args.repeat_penalty,
+                                penalty_last_n=args.repeat_last_n, presence_penalty=args.presence_penalty,
+                                frequency_penalty=args.frequency_penalty, context_shift=args.context_shift,
+                                n_keep=args.keep):
         sys.stdout.write(chunk)
         sys.stdout.flush()
         last = chunk

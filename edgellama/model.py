@@ -360,15 +360,30 @@ class Model:
 
     def generate(self, prompt: str | list[int], max_tokens: int | None = 64, temperature: float = 0.0,
                  seed: int | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 add_bos: bool | None = None, sampler=None, stop_ids=()):
-        """Stream generated text: yields ``Chunk`` strings (the last one carries finish_reason)."""
+                 add_bos: bool | None = None, sampler=None, stop_ids=(), stop=(), *,
+                 typical_p: float = 1.0, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, penalty_last_n: int = 64, logit_bias=None,
+                 logprobs: int | None = None, context_shift: bool = False, n_keep: int = 4):
+        """Stream generated text: yields ``Chunk`` strings (the last one carries finish_reason).
+
+        With ``context_shift`` a full cache drops the oldest half of its tokens after the first
+        ``n_keep`` (see ``shift_context``) and generation goes on; without it, generation ends
+        with finish_reason "length" at the end of the context.
+        """
         from .generate import generate_tokens
         from .sampling import Sampler
 
+        if sampler is None:  # built before tokenizing so that bad options fail at once
+            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                              typical_p=typical_p, repeat_penalty=repeat_penalty,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              penalty_last_n=penalty_last_n, logit_bias=logit_bias, logprobs=logprobs,
+                              n_vocab=self.args.n_vocab)
+        if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 0 <= n_keep < self.n_ctx // 2:
+            raise ValueError(f"n_keep must be an integer in [0, n_ctx/2 = {self.n_ctx // 2}), got {n_keep!r}")
         ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
-        if sampler is None:
-            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
-        return generate_tokens(self, ids, max_tokens, sampler, stop_ids)
+        return generate_tokens(self, ids, max_tokens, sampler, stop_ids, stop=stop,
+                               n_keep=n_keep if context_shift else None)
 
     def _check_ids(self, ids) -> np.ndarray:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -525,7 +540,8 @@ class Model:
         The conversation is rendered with the file's ``tokenizer.chat_template`` (or ``template``:
         a template text or a built-in name, ``chatml``/``llama2``/``llama3``; without either, the
         built-in the vocabulary suggests).  The reply ends at the template's end-of-turn token.  The
-        cached prefix is reused, so a follow-up turn evaluates only what is new.
+        cached prefix is reused, so a follow-up turn evaluates only what is new.  A reply that fills
+        the context shifts it (keeping the system prompt) instead of stopping.
         """
         from .chat import BUILTIN_TEMPLATES, chat_prompt_ids, render_chat, template_for
 
@@ -555,8 +571,13 @@ class Model:
                     end_of_turn.add(t)
         except ValueError:  # a template that rejects the probe: the vocabulary's EOG tokens still stop
             pass
+        # a long conversation shifts the context instead of ending; the system prompt stays
+        n_keep = 4
+        if messages and messages[0].get("role") == "system":
+            n_keep = max(n_keep, len(chat_prompt_ids(tok, messages[:1], template)))
         return self.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k,
-                             top_p=top_p, min_p=min_p, sampler=sampler, stop_ids=end_of_turn)
+                             top_p=top_p, min_p=min_p, sampler=sampler, stop_ids=end_of_turn,
+                             context_shift=True, n_keep=min(n_keep, self.n_ctx // 2 - 1))
 
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel

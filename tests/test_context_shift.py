@@ -47,3 +47,51 @@ def test_shift_with_nothing_kept_and_bad_arguments(path):
     for n_keep, n_discard in [(0, 0), (2, 10), (-1, 1)]:
         with pytest.raises(ValueError):
             model.shift_context(n_keep, n_discard)
+
+
+def _statm_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_generation_runs_for_many_contexts_at_flat_memory(smollm2_path):
+    """4.7 x n_ctx tokens of sampled text on the real model: the cache never grows, logits stay
+    finite, and the text stays as predictable to the model after shifts as before the first one."""
+    n_ctx = 64
+    model = edgellama.load(smollm2_path, n_ctx=n_ctx, threads=2)
+    cache = model.state.k_cache
+    nll = []  # negative log-likelihood of each sampled token under the model that sampled it
+
+    from edgellama.sampling import Sampler
+
+    inner = Sampler(temperature=0.8, seed=0)
+
+    def sampler(logits):
+        assert np.isfinite(logits).all()
+        token = inner(logits)
+        z = logits.astype(np.float64) - logits.max()
+        nll.append(float(np.log(np.exp(z).sum()) - z[token]))
+        return token
+
+    prompt = "Once upon a time, in a small village by the sea, there lived"
+    chunks = model.generate(prompt, max_tokens=300, sampler=sampler, stop_ids=(), context_shift=True)
+    first = next(chunks)
+    rss_before = _statm_rss_mb()
+    rest = list(chunks)
+    rss_after = _statm_rss_mb()
+    tokens = [c.token for c in [first] + rest if c.token is not None]
+    if rest[-1].finish_reason == "stop":
+        pytest.skip("the model ended its text before filling the context several times")
+    assert len(tokens) == 300 and model.n_shifted >= 3 * n_ctx
+    assert model.state.k_cache is cache and cache.shape[2] == n_ctx      # preallocated, never grown
+    assert rss_after - rss_before < 8                                    # MiB: flat memory
+    assert model.state.n_past <= n_ctx
+    # Before the first shift the model sees the whole text; after, a window of it.  A broken cache
+    # (wrong rotation, misplaced values) makes the model's own samples look like noise to it: their
+    # negative log-likelihood would rise towards log(vocab) ~ 10.8.  A sound shift keeps it near the
+    # unshifted level; the bound allows for the lost context.
+    before = np.mean(nll[:n_ctx - 20])
+    after = np.mean(nll[n_ctx:])
+    assert after < 1.5 * before + 1.0, (before, after)
+    assert after < 5.0
+    print(f"mean NLL before the first shift {before:.2f}, after {after:.2f}")

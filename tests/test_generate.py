@@ -1,0 +1,344 @@
+"""The generation loop: stop strings never leak, logprobs on chunks, max_tokens, usage.
+
+Most tests drive ``generate_tokens`` with a scripted model (the real byte-level tokenizer of the tiny
+GGUF model, and logits that make greedy sampling follow a script), so the token boundaries are
+chosen by the test.  A few run the real tiny model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import edgellama
+from edgellama.generate import StopStrings, generate_tokens
+from edgellama.gguf import GGUFFile
+from edgellama.quants import GGMLType
+from edgellama.sampling import Sampler, SamplingError
+from edgellama.tokenizer import Tokenizer
+from tiny_model import write_tiny_model
+
+EOS = 1          # "<|im_end|>" in the tiny vocabulary (an end-of-generation token)
+BYTE0 = 2        # the tiny vocabulary's byte tokens: id = 2 + byte value
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("gen") / "tiny.gguf", GGMLType.Q8_0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_path):
+    tok = Tokenizer.from_gguf_metadata(GGUFFile(tiny_path).metadata, source=str(tiny_path))
+    assert tok.token_bytes(BYTE0 + ord("A")) == b"A" and EOS in tok.eog_ids
+    return tok
+
+
+def byte_tokens(data: bytes) -> list[int]:
+    return [BYTE0 + b for b in data]
+
+
+class ScriptedModel:
+    """What generate_tokens uses of a model: greedy sampling of its logits yields ``script``, then
+    end-of-sequence.  Counts evaluations; ``n_ctx`` bounds ``state.n_past`` like the real cache."""
+
+    def __init__(self, tokenizer, script, n_ctx=512, fixed_logits=None):
+        self.tokenizer = tokenizer
+        self.script = list(script)
+        self.n_ctx = n_ctx
+        self.n_vocab = tokenizer.n_vocab
+        self.fixed_logits = fixed_logits
+        self.state = SimpleNamespace(n_past=0)
+        self.n_prompt = 0
+        self.evaluated: list[int] = []
+
+    def logits_for(self, step):
+        if self.fixed_logits is not None:
+            return self.fixed_logits.copy()
+        target = self.script[step] if step < len(self.script) else EOS
+        logits = np.full(self.n_vocab, -5.0, dtype=np.float32)
+        logits[target] = 5.0
+        return logits
+
+    def eval_prompt(self, ids):
+        self.evaluated = list(ids)
+        self.n_prompt = len(ids)
+        self.state.n_past = len(ids)
+        return self.logits_for(0), 0
+
+    def eval(self, ids):
+        assert self.state.n_past + len(ids) <= self.n_ctx
+        self.evaluated += list(ids)
+        self.state.n_past += len(ids)
+        return self.logits_for(self.state.n_past - self.n_prompt)
+
+
+def run(tokenizer, script, stop=(), max_tokens=None, sampler=None, **model_kw):
+    model = ScriptedModel(tokenizer, script, **model_kw)
+    chunks = list(generate_tokens(model, [BYTE0 + 32], max_tokens, sampler or Sampler(), stop=stop))
+    return chunks, model
+
+
+def reference_stop(text: str, stops) -> tuple[str, bool]:
+    """The text as it should come out: cut at the first point where it contains a stop string."""
+    for end in range(1, len(text) + 1):
+        hits = [s for s in stops if text[:end].endswith(s)]
+        if hits:
+            return text[:end - max(map(len, hits))], True
+    return text, False
+
+
+def assert_never_leaks(chunks, final_text):
+    emitted = ""
+    for c in chunks:
+        emitted += c
+        assert final_text.startswith(emitted), f"{emitted!r} leaked past {final_text!r}"
+    assert emitted == final_text
+
+
+# ----- stop strings ---------------------------------------------------------------------------------
+
+def test_stop_string_split_across_tokens_never_leaks(tokenizer):
+    text = b"Hello there\n\nUser: hi"
+    chunks, model = run(tokenizer, byte_tokens(text), stop=["\n\n", "User:"])
+    assert_never_leaks(chunks, "Hello there")
+    last = chunks[-1]
+    assert last.finish_reason == "stop" and last.token is None
+    # generation stopped at the token that completed the stop string
+    assert last.usage.completion_tokens == len(b"Hello there\n\n")
+    assert [c.token for c in chunks[:-1]] == byte_tokens(b"Hello there\n\n")
+    # the first "\n" was held back, not streamed
+    assert [str(c) for c in chunks[-3:-1]] == ["", ""]
+
+
+def test_held_back_text_is_released_when_the_match_fails(tokenizer):
+    chunks, _ = run(tokenizer, byte_tokens(b"Use it"), stop=["User:"])
+    pieces = [str(c) for c in chunks]
+    # "U", "s", "e" are held while they could start "User:"; the space ends the match
+    assert pieces[:4] == ["", "", "", "Use "]
+    assert "".join(pieces) == "Use it" and chunks[-1].finish_reason == "stop"  # ended by EOS
+
+
+def test_partial_match_at_max_tokens_is_emitted_as_text(tokenizer):
+    chunks, _ = run(tokenizer, byte_tokens(b"abc Us"), stop=["User:"], max_tokens=6)
+    assert "".join(chunks) == "abc Us" and chunks[-1].finish_reason == "length"
+    assert chunks[-1] == "Us"  # released by the last chunk
+
+
+def test_multibyte_stop_string_split_inside_a_character(tokenizer):
+    # "é" is two byte tokens: the decoder holds the first byte, the matcher holds "é"
+    text = "café! more".encode()
+    chunks, _ = run(tokenizer, byte_tokens(text), stop=["é!"])
+    assert_never_leaks(chunks, "caf")
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_stop_string_made_of_special_looking_text_and_merged_tokens(tokenizer):
+    ids = tokenizer.encode("the other weather")  # uses the "th", "er", " t" merges
+    assert any(len(tokenizer.token_bytes(i)) == 2 for i in ids)
+    chunks, _ = run(tokenizer, ids, stop=["r w", "xyz"])
+    assert_never_leaks(chunks, "the othe")
+
+
+def test_earliest_completed_stop_wins(tokenizer):
+    # "bc" completes before "abcd" does, whatever the token boundaries
+    chunks, _ = run(tokenizer, byte_tokens(b"xabcd"), stop=["abcd", "bc"])
+    assert "".join(chunks) == "xa"
+    assert StopStrings(["abcd", "bc"]).push("xabcd") == ("xa", True)
+    # two stops ending at the same place: the text is cut before the longer one
+    assert StopStrings(["bc", "abc"]).push("xabc") == ("x", True)
+
+
+def test_stop_string_completed_by_the_final_flush(tokenizer):
+    """An unfinished UTF-8 character at the end becomes U+FFFD; a stop string can match it."""
+    chunks, _ = run(tokenizer, byte_tokens(b"ok\xc3"), stop=["\ufffd"], max_tokens=3)
+    assert "".join(chunks) == "ok" and chunks[-1].finish_reason == "stop"
+    chunks, _ = run(tokenizer, byte_tokens(b"ok\xc3"), max_tokens=3)
+    assert "".join(chunks) == "ok\ufffd" and chunks[-1].finish_reason == "length"
+
+
+ALPHABET = ["a", "b", "U", ":", "\n", "é", "€", " ", "th", "😀"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_texts_and_stops_never_leak(tokenizer, seed):
+    """Random texts over a small alphabet (multi-byte characters, merges), random stop strings:
+    the stream equals the reference cut, and no prefix of the stream ever goes past it."""
+    rng = random.Random(seed)
+    text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(5, 40)))
+    stops = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
+    if rng.random() < 0.5:  # make a match likely: a piece of the text itself
+        i = rng.randrange(len(text))
+        stops.append(text[i:i + rng.randint(1, 4)])
+    if rng.random() < 0.5:
+        ids = byte_tokens(text.encode())
+    else:
+        ids = tokenizer.encode(text)
+    want, matched = reference_stop(text, stops)
+    chunks, _ = run(tokenizer, ids, stop=stops)
+    assert_never_leaks(chunks, want)
+    assert chunks[-1].finish_reason == "stop"  # a stop string or the scripted EOS
+    if not matched:
+        assert chunks[-1].usage.completion_tokens == len(ids)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_matcher_does_not_depend_on_how_text_is_split(seed):
+    rng = random.Random(1000 + seed)
+    text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 30)))
+    stops = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
+    want, matched = reference_stop(text, stops)
+    m = StopStrings(stops)
+    out, hit, i = "", False, 0
+    while i < len(text) and not hit:
+        j = min(len(text), i + rng.randint(1, 5))
+        piece, hit = m.push(text[i:j])
+        out += piece
+        assert want.startswith(out)
+        i = j
+    if not hit:
+        out += m.flush()
+    assert (out, hit) == (want, matched)
+
+
+def test_stop_ids_end_without_emitting(tokenizer):
+    model = ScriptedModel(tokenizer, byte_tokens(b"ab") + [BYTE0 + ord("!")] + byte_tokens(b"cd"))
+    chunks = list(generate_tokens(model, [BYTE0], None, Sampler(), stop_ids=[BYTE0 + ord("!")]))
+    assert "".join(chunks) == "ab" and chunks[-1].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == 2
+
+
+# ----- max_tokens, context end, usage ----------------------------------------------------------------
+
+def test_max_tokens_none_runs_to_the_end_of_the_context(tokenizer):
+    chunks, model = run(tokenizer, byte_tokens(b"x" * 100), n_ctx=10)
+    assert chunks[-1].finish_reason == "length" and model.state.n_past == 10
+    # the prompt (1) + 9 evaluated tokens fill the cache; the 10th sampled token needs no evaluation
+    assert chunks[-1].usage.completion_tokens == 10 and "".join(chunks) == "x" * 10
+
+
+def test_max_tokens_counts_and_zero(tokenizer):
+    chunks, model = run(tokenizer, byte_tokens(b"abcdef"), max_tokens=4)
+    assert "".join(chunks) == "abcd" and chunks[-1].finish_reason == "length"
+    u = chunks[-1].usage
+    assert (u.prompt_tokens, u.cached_tokens, u.completion_tokens) == (1, 0, 4)
+    assert u.prompt_seconds >= 0 and u.generation_seconds >= 0
+    chunks, _ = run(tokenizer, byte_tokens(b"abc"), max_tokens=0)
+    assert len(chunks) == 1 and chunks[0] == "" and chunks[0].usage.completion_tokens == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, "5", True])
+def test_bad_max_tokens_is_an_error_before_any_evaluation(tokenizer, bad):
+    model = ScriptedModel(tokenizer, [])
+    with pytest.raises(SamplingError, match="max_tokens"):
+        generate_tokens(model, [BYTE0], bad, Sampler())
+    assert model.evaluated == []
+
+
+@pytest.mark.parametrize("bad", ["", [""], ["ok", 3], 5])
+def test_bad_stop_strings_are_an_error(tokenizer, bad):
+    with pytest.raises(SamplingError, match="stop"):
+        generate_tokens(ScriptedModel(tokenizer, []), [BYTE0], 4, Sampler(), stop=bad)
+
+
+def test_a_sampler_returning_a_bad_id_is_an_error(tokenizer):
+    with pytest.raises(SamplingError, match="not a token id"):
+        list(generate_tokens(ScriptedModel(tokenizer, []), [BYTE0], 4, lambda logits: 10**6))
+
+
+# ----- the sampler inside the loop ------------------------------------------------------------------
+
+def test_plain_callable_sampler_still_works(tokenizer):
+    model = ScriptedModel(tokenizer, byte_tokens(b"hey"))
+    chunks = list(generate_tokens(model, [BYTE0], None, lambda logits: int(np.argmax(logits))))
+    assert "".join(chunks) == "hey" and all(c.logprob is None for c in chunks)
+
+
+def test_chunks_carry_logprobs(tokenizer):
+    chunks, _ = run(tokenizer, byte_tokens(b"hi"), sampler=Sampler(logprobs=3))
+    logits = ScriptedModel(tokenizer, byte_tokens(b"hi")).logits_for(0).astype(np.float64)
+    log_softmax = logits - np.log(np.exp(logits).sum())
+    first = chunks[0]
+    assert first.token == BYTE0 + ord("h")
+    assert first.logprob == pytest.approx(log_softmax[first.token], abs=1e-9)
+    assert first.top_logprobs[0].token == first.token and len(first.top_logprobs) == 3
+    assert chunks[-1].logprob is None  # the final bookkeeping chunk has no token
+
+
+def test_penalty_window_starts_with_the_prompt(tokenizer):
+    """The prompt's tokens are penalized from the first draw, generated ones after they are accepted."""
+    a, b, c = BYTE0 + ord("a"), BYTE0 + ord("b"), BYTE0 + ord("c")
+    logits = np.full(tokenizer.n_vocab, -10.0, dtype=np.float32)
+    logits[[a, b, c]] = [5.0, 4.0, 1.0]
+    model = ScriptedModel(tokenizer, [], fixed_logits=logits)
+    sampler = Sampler(repeat_penalty=2.0, penalty_last_n=8)
+    chunks = list(generate_tokens(model, [a], 3, sampler))
+    # step 1: a 2.5 (in the prompt), b 4.0 -> b; step 2: a 2.5, b 2.0 -> a; step 3: a 2.5, b 2.0 -> a
+    assert "".join(chunks) == "baa"
+    model = ScriptedModel(tokenizer, [], fixed_logits=logits)
+    assert "".join(generate_tokens(model, [c], 3, Sampler(repeat_penalty=2.0))) == "aba"
+
+
+def test_logit_bias_ban_inside_generation(tokenizer):
+    script = byte_tokens(b"aaaa")
+    sampler = Sampler(logit_bias={BYTE0 + ord("a"): float("-inf")}, n_vocab=tokenizer.n_vocab)
+    chunks, _ = run(tokenizer, script, max_tokens=3, sampler=sampler)
+    assert "a" not in "".join(chunks)
+
+
+# ----- the real tiny model ---------------------------------------------------------------------------
+
+def test_real_model_seeded_generation_reproduces_and_logprobs_match(tiny_path):
+    model = edgellama.load(tiny_path, n_ctx=48)
+    ids = model.tokenize("the water")
+    kw = dict(temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, typical_p=0.99, repeat_penalty=1.2,
+              presence_penalty=0.1, frequency_penalty=0.1, seed=11, logprobs=2, n_vocab=model.args.n_vocab)
+    runs = [list(generate_tokens(model, ids, 12, Sampler(**kw), stop_ids=())) for _ in range(2)]
+    assert [(c.token, str(c)) for c in runs[0]] == [(c.token, str(c)) for c in runs[1]]
+    tokens = [c.token for c in runs[0] if c.token is not None]
+    assert runs[0][-1].usage.completion_tokens == len(tokens)
+    # each chunk's logprob is log_softmax of a fresh full-sequence evaluation at its position
+    if tokens:
+        fresh = edgellama.load(tiny_path, n_ctx=48).logits(ids + tokens)[len(ids) - 1:].astype(np.float64)
+        top = fresh.max(1, keepdims=True)
+        ref = fresh - top - np.log(np.exp(fresh - top).sum(1, keepdims=True))
+        got = [c.logprob for c in runs[0] if c.token is not None]
+        np.testing.assert_allclose(got, [ref[i, t] for i, t in enumerate(tokens)], atol=0.05)
+        for i, c in enumerate(c for c in runs[0] if c.token is not None):
+            alt = c.top_logprobs
+            assert len(alt) == 2 and alt[0].logprob >= alt[1].logprob
+            np.testing.assert_allclose([a.logprob for a in alt], ref[i, [a.token for a in alt]], atol=0.05)
+
+
+def test_real_model_stop_string_cuts_the_greedy_text(tiny_path):
+    model = edgellama.load(tiny_path, n_ctx=48)
+    ids = model.tokenize("the water")
+    free = "".join(generate_tokens(model, ids, 20, Sampler(), stop_ids=()))
+    if len(free) < 4:
+        pytest.skip("the tiny model's greedy text is too short to pick a stop string from")
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    want, _ = reference_stop(free, [stop])
+    chunks = list(generate_tokens(model, ids, 20, Sampler(), stop_ids=(), stop=[stop]))
+    assert_never_leaks(chunks, want)
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_model_generate_passes_sampler_options(tiny_path):
+    """Active once Model.generate forwards the new options to Sampler / generate_tokens."""
+    from edgellama.model import Model
+
+    params = inspect.signature(Model.generate).parameters
+    if "stop" not in params or "logprobs" not in params:
+        pytest.skip("Model.generate does not forward stop= / logprobs= yet")
+    model = edgellama.load(tiny_path, n_ctx=48)
+    chunks = list(model.generate("the water", max_tokens=6, temperature=0.7, seed=3, repeat_penalty=1.1,
+                                 logprobs=1, stop=["\n\n"]))
+    assert all(c.logprob is not None for c in chunks if c.token is not None)
+    with pytest.raises(SamplingError):
+        model.generate("x", logit_bias={10**6: 1.0})
+    with pytest.raises(SamplingError):
+        model.generate("x", max_tokens=-2)
