@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -269,7 +269,6 @@ class Model:
         self.state = State(self.args, self.n_ctx, self.threads)
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
         self.n_shifted = 0    # tokens dropped from the cache by context shifts
-        self._gemm_pool: ThreadPoolExecutor | None = None
         self._blas = None
 
     @classmethod
@@ -336,7 +335,7 @@ class Model:
         else:
             if all_logits and len(ids) > self.n_batch:
                 raise ValueError("all_logits over more than n_batch tokens: use Model.logits")
-            with self._single_threaded_blas():
+            with self._prefill_threads():
                 for start in range(0, len(ids), self.n_batch):
                     logits = self._prefill(ids[start:start + self.n_batch], all_logits)
         return logits
@@ -412,27 +411,28 @@ class Model:
         self.n_evaluated += 1
         return s.logits
 
-    def _single_threaded_blas(self):
-        """BLAS runs one thread per call while we split the products ourselves (``_gemm``):
-        OpenBLAS's own threads spin between calls and starve the Numba kernels in between."""
+    @contextmanager
+    def _prefill_threads(self):
+        """Prefill time is in BLAS products: BLAS gets the threads, the Numba kernels between
+        the products run on the calling thread.  (Both pools busy-wait between jobs; running
+        both on the same cores makes each starve the other.)"""
+        import numba
+
         if self._blas is None:
             from threadpoolctl import ThreadpoolController
 
             self._blas = ThreadpoolController()
-        return self._blas.limit(limits=1, user_api="blas")
+        numba.set_num_threads(1)
+        try:
+            with self._blas.limit(limits=self.threads, user_api="blas"):
+                yield
+        finally:
+            self._set_threads()
 
-    def _gemm(self, x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-        """out = x @ w.T, the rows of x split across ``threads`` BLAS calls (numpy drops the GIL)."""
-        n_tok = x.shape[0]
-        if self.threads == 1 or n_tok < 2 * self.threads:
-            np.matmul(x, w.T, out=out)
-            return
-        if self._gemm_pool is None:
-            self._gemm_pool = ThreadPoolExecutor(self.threads, thread_name_prefix="edgellama-gemm")
-        bounds = np.linspace(0, n_tok, self.threads + 1).astype(int)
-        jobs = [self._gemm_pool.submit(np.matmul, x[a:b], w.T, out=out[a:b]) for a, b in zip(bounds, bounds[1:])]
-        for job in jobs:
-            job.result()
+    @staticmethod
+    def _gemm(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+        """out = x @ w.T"""
+        np.matmul(x, w.T, out=out)
 
     def _linear(self, x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
         """x: (T, n_in) -> [x @ W.T for each W], all W reading the same input.
