@@ -378,7 +378,8 @@ class Model:
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               penalty_last_n=penalty_last_n, logit_bias=logit_bias, logprobs=logprobs,
                               n_vocab=self.args.n_vocab)
-        if isinstance(n_keep, bool) or not isinstance(n_keep, int) or not 0 <= n_keep < self.n_ctx // 2:
+        if context_shift and (isinstance(n_keep, bool) or not isinstance(n_keep, int)
+                              or not 0 <= n_keep < self.n_ctx // 2):
             raise ValueError(f"n_keep must be an integer in [0, n_ctx/2 = {self.n_ctx // 2}), got {n_keep!r}")
         ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
         return generate_tokens(self, ids, max_tokens, sampler, stop_ids, stop=stop,
