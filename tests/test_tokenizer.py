@@ -605,34 +605,21 @@ def test_llama3_equals_tiktoken_on_the_file(llama3, llama3_tiktoken):
             llama3_tiktoken.decode(ids).replace(" ", "")  # we also clean spaces, as llama.cpp
 
 
-def llama3_gguf_metadata(path: Path) -> dict:
-    """GGUF tokenizer metadata for Llama 3, as HF's tiktoken conversion and llama.cpp's converter
-    make it: tokens in the GPT-2 alphabet, and as merges every split of every token into two
-    tokens, ordered by the rank of the token they make."""
-    import base64
-    b2u = _bytes_to_unicode()
-    ranks = {}
-    for line in path.read_bytes().splitlines():
-        if line.strip():
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-    by_rank = sorted(ranks, key=ranks.get)
-    text = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
-    merges = []
-    for tok in by_rank:
-        splits = sorted((ranks[tok[:i]], ranks[tok[i:]], i) for i in range(1, len(tok))
-                        if tok[:i] in ranks and tok[i:] in ranks)
-        merges += [text(tok[:i]) + " " + text(tok[i:]) for _, _, i in splits]
-    specials = tokmod.llama3_special_tokens(len(ranks))
-    return {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "llama-bpe",
-        "tokenizer.ggml.tokens": [text(t) for t in by_rank] + specials,
-        "tokenizer.ggml.token_type": np.array([1] * len(by_rank) + [3] * len(specials), np.int32),
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.bos_token_id": 128000,
-        "tokenizer.ggml.eos_token_id": 128009,
-    }
+from tools.make_llama3_tokenizer_fixture import llama3_gguf_metadata  # noqa: E402
+
+
+@needs_llama3
+def test_llama3_gguf_vocabulary_equals_llama_cpp():
+    """Llama 3's vocabulary as a GGUF: ids and text equal llama.cpp's on the golden corpus
+    (tests/golden/tokenizer_llama3.json, made by tools/make_llama3_tokenizer_fixture.py)."""
+    golden = json.loads((ROOT / "tests" / "golden" / "tokenizer_llama3.json").read_text(encoding="utf-8"))
+    tok = Tokenizer.from_gguf_metadata(llama3_gguf_metadata(LLAMA3_MODEL), source="llama3")
+    for case in golden["cases"]:
+        for enc in case["encodings"]:
+            ids = tok.encode(case["text"], add_bos=True, special=enc["special"])
+            assert ids == enc["ids"], (case["text"][:60], enc["special"])
+            if not enc["special"]:
+                assert tok.decode(ids) == case["text"]
 
 
 @needs_llama3
