@@ -45,7 +45,8 @@ class SafeTensor:
     nbytes: int
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json object_pairs_hook that refuses a key given twice."""
     out = {}
     for key, value in pairs:
         if key in out:
@@ -87,7 +88,7 @@ class SafetensorsFile:
         if not text.startswith("{"):
             raise self.fail("header is not a JSON object")
         try:
-            header = json.loads(text, object_pairs_hook=_no_duplicates)
+            header = json.loads(text, object_pairs_hook=no_duplicate_keys)
         except (ValueError, RecursionError) as e:  # JSONDecodeError and duplicate keys are ValueErrors
             raise self.fail(f"header is not valid JSON: {e}") from None
         if not isinstance(header, dict):

@@ -21,6 +21,7 @@ import numpy as np
 
 from edgellama.gguf import ModelFormatError, ValueType
 
+from .safetensors import no_duplicate_keys
 from .source import QuantizeError
 
 # llama.cpp token types
@@ -40,22 +41,13 @@ def read_json(path: Path, what: str = "") -> Any:
         if size > MAX_JSON_BYTES:
             raise ModelFormatError(f"{path}: {size} bytes is too large for a {what or 'JSON'} file")
         text = path.read_bytes().decode("utf-8")
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as e:
         raise ModelFormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except (ValueError, RecursionError) as e:
         if isinstance(e, ModelFormatError):
             raise
         raise ModelFormatError(f"{path}: not valid JSON: {e}") from None
-
-
-def _no_duplicate_keys(pairs):
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 # ----- byte-level BPE from tokenizer.json --------------------------------------------------------
