@@ -3,7 +3,6 @@ templates fail with ChatTemplateError, quickly, without allocating much."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import pytest
 
 from edgellama.chat import (BUILTIN_TEMPLATES, ChatTemplateError, chat_prompt_ids, fallback_template,
                             render_chat, template_for)
+from tools.fetch_models import SMOLLM2_FILE, cache_dir
 
-MODELS = Path(os.environ.get("EDGELLAMA_MODELS") or Path.home() / ".cache" / "edgellama")
-SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = cache_dir() / SMOLLM2_FILE  # fetched before collection by conftest.py
 
 # tokenizer.chat_template of SmolLM2-135M-Instruct.Q4_1.gguf, verbatim
 SMOLLM2_TEMPLATE = (

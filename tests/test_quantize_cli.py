@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from tools.make_hf_checkpoint import make_tiny_hf_checkpoint  # noqa: E402
+from tools.fetch_models import SMOLLM2_FILE, cache_dir  # noqa: E402
 
-MODELS = Path(os.environ.get("EDGELLAMA_MODELS") or Path.home() / ".cache" / "edgellama")
-SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = cache_dir() / SMOLLM2_FILE  # fetched before collection by conftest.py
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

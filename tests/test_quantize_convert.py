@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,11 @@ from edgellama.gguf import GGUFFile, TensorSpec, ValueType, write_gguf
 from edgellama.quants import GGMLType, dequantize
 from quantize.convert import RequantizeWarning, convert_file, make_plan, open_checkpoint
 from quantize.source import QuantizeError
-from tools.fetch_models import sha256_file
+from tools.fetch_models import SMOLLM2_FILE, cache_dir, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 HASHES = ROOT / "tests" / "golden" / "smollm2_llamacpp_quant_hashes.json"
-MODELS = Path(os.environ.get("EDGELLAMA_MODELS") or Path.home() / ".cache" / "edgellama")
-SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = cache_dir() / SMOLLM2_FILE  # fetched before collection by conftest.py
 
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(),
                                    reason=f"{SMOLLM2} missing: run python tools/fetch_models.py")

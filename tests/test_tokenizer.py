@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -23,11 +22,11 @@ import regex
 
 from edgellama import tokenizer as tokmod
 from edgellama.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from tools.fetch_models import SMOLLM2_FILE, cache_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden" / "tokenizer_smollm2.json"
-MODELS = Path(os.environ.get("EDGELLAMA_MODELS") or Path.home() / ".cache" / "edgellama")
-SMOLLM2 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = cache_dir() / SMOLLM2_FILE  # fetched before collection by conftest.py
 
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2.exists(),
                                    reason=f"{SMOLLM2} missing: run python tools/fetch_models.py")
