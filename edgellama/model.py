@@ -335,9 +335,8 @@ class Model:
         else:
             if all_logits and len(ids) > self.n_batch:
                 raise ValueError("all_logits over more than n_batch tokens: use Model.logits")
-            with self._prefill_threads():
-                for start in range(0, len(ids), self.n_batch):
-                    logits = self._prefill(ids[start:start + self.n_batch], all_logits)
+            for start in range(0, len(ids), self.n_batch):
+                logits = self._prefill(ids[start:start + self.n_batch], all_logits)
         return logits
 
     def eval_prompt(self, ids) -> tuple[np.ndarray, int]:
@@ -413,89 +412,48 @@ class Model:
         return s.logits
 
     @contextmanager
-    def _prefill_threads(self):
-        """Prefill time is in BLAS products: BLAS gets the threads, the Numba kernels between
-        the products run on the calling thread.  (Both pools busy-wait between jobs; running
-        both on the same cores makes each starve the other.)"""
-        import numba
-
+    def _blas_threads(self):
+        """BLAS (float weights in prefill only) uses the model's thread count."""
         if self._blas is None:
             from threadpoolctl import ThreadpoolController
 
             self._blas = ThreadpoolController()
-        numba.set_num_threads(1)
-        try:
-            with self._blas.limit(limits=self.threads, user_api="blas"):
-                yield
-        finally:
-            self._set_threads()
-
-    @staticmethod
-    def _gemm(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-        """out = x @ w.T"""
-        np.matmul(x, w.T, out=out)
+        with self._blas.limit(limits=self.threads, user_api="blas"):
+            yield
 
     def _linear(self, x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
         """x: (T, n_in) -> [x @ W.T for each W], all W reading the same input.
 
-        The weights are dequantized in tiles of stacked rows (q, k and v share one tile; so do
-        gate and up), so each tile costs one BLAS product.  x is first rounded to the Q8 activation
-        grid, as the decode kernels see it.
+        For quantized weights x is quantized to Q8 blocks once, shared by all of them, and each
+        product runs through the int8 tile kernels (the same numbers as decoding token by token).
         """
-        n_in = weights[0].n_in
-        xq = np.array(x, dtype=np.float32, order="C")
-        if any(w.qtype not in (K.T_F32, K.T_F16, K.T_BF16) for w in weights):
-            K.fake_quantize_q8_rows(xq)
-        total = sum(w.n_out for w in weights)
-        out = np.empty((x.shape[0], total), dtype=np.float32)              # (T, sum n_out)
-        tile = np.empty((max(1, min(total, TILE_ELEMENTS // n_in)), n_in), dtype=np.float32)
-        # the stacked rows of all weights, as (weight, first row, last row) runs
-        runs = [(w, r0, min(r0 + len(tile), w.n_out)) for w in weights for r0 in range(0, w.n_out, len(tile))]
-        filled, tile_col = 0, 0
-        for i, (w, r0, r1) in enumerate(runs):
-            K.dequantize_rows(w.rows[r0:r1], w.qtype, tile[filled:filled + r1 - r0], K.F16_TABLE, K.BF16_TABLE)
-            filled += r1 - r0
-            last = i == len(runs) - 1
-            if last or filled + (runs[i + 1][2] - runs[i + 1][1]) > len(tile):
-                if tile_col == 0 and filled == total:
-                    self._gemm(xq, tile, out)
-                else:
-                    part = np.empty((x.shape[0], filled), dtype=np.float32)
-                    self._gemm(xq, tile[:filled], part)
-                    out[:, tile_col:tile_col + filled] = part
-                tile_col += filled
-                filled = 0
-        outputs, col = [], 0
-        for w in weights:
-            outputs.append(out[:, col:col + w.n_out] if len(weights) > 1 else out)
-            col += w.n_out
+        n_tok, n_in = x.shape
+        outputs = [np.empty((n_tok, w.n_out), np.float32) for w in weights]   # (T, n_out) each
+        if any(w.qtype in QUANTIZED_TYPES for w in weights):
+            xq = np.empty((n_tok, n_in), np.int8)                              # (T, n_in)
+            xd = np.empty((n_tok, n_in // K.QK), np.float32)                   # (T, n_in/32)
+            xs = np.empty_like(xd)                                             # (T, n_in/32)
+            K.quantize_q8_rows(x, xq, xd, xs)
+        for w, out in zip(weights, outputs):
+            if w.qtype in QUANTIZED_TYPES:
+                K.matmul_quantized(w.rows, w.qtype, xq, xd, xs, out)
+            else:
+                self._float_linear(x, w, out)
         return outputs
 
-    def _causal_attention(self, q: np.ndarray, layer: int, start: int, out: np.ndarray) -> None:
-        """Grouped-query attention of T new tokens over the cache, as matrix products.
-
-        q: (T, n_heads * head_dim) at positions start..start+T-1, whose keys and values are already
-        cached; out: (T, n_heads, head_dim).  Token t sees positions 0..start+t.  The query heads
-        that share a KV head are stacked so each KV head costs two products.
-        """
-        a, s = self.args, self.state
-        n_tok, n_pos = q.shape[0], start + q.shape[0]
-        group = a.n_heads // a.n_kv_heads
-        masked = np.triu(np.ones((n_tok, n_pos), dtype=bool), k=start + 1)        # (T, n_pos)
-        heads = q.reshape(n_tok, a.n_kv_heads, group, a.head_dim)
-        scores = np.empty((group * n_tok, n_pos), dtype=np.float32)               # (group*T, n_pos)
-        mixed = np.empty((group * n_tok, a.head_dim), dtype=np.float32)           # (group*T, head_dim)
-        for kv in range(a.n_kv_heads):
-            queries = np.ascontiguousarray(heads[:, kv].transpose(1, 0, 2)).reshape(group * n_tok, a.head_dim)
-            self._gemm(queries, s.k_cache[layer, kv, :n_pos], scores)
-            probs = scores.reshape(group, n_tok, n_pos)
-            probs *= np.float32(1.0 / math.sqrt(a.head_dim))
-            probs[:, masked] = -np.inf
-            probs -= probs.max(axis=-1, keepdims=True)
-            np.exp(probs, out=probs)
-            probs /= probs.sum(axis=-1, keepdims=True)
-            self._gemm(scores, s.v_cache[layer, kv, :n_pos].T, mixed)
-            out[:, kv * group:(kv + 1) * group] = mixed.reshape(group, n_tok, a.head_dim).transpose(1, 0, 2)
+    def _float_linear(self, x: np.ndarray, w: Weight, out: np.ndarray) -> None:
+        """out = x @ W.T for an F32 / F16 / BF16 weight through BLAS; 16-bit rows are widened to
+        float32 in tiles of TILE_ELEMENTS."""
+        with self._blas_threads():
+            if w.qtype == K.T_F32:
+                np.matmul(x, w.rows.view(np.float32).T, out=out)
+                return
+            tile_rows = max(1, min(w.n_out, TILE_ELEMENTS // w.n_in))
+            tile = np.empty((tile_rows, w.n_in), np.float32)                   # (tile rows, n_in)
+            for r0 in range(0, w.n_out, tile_rows):
+                r1 = min(r0 + tile_rows, w.n_out)
+                K.dequantize_rows(w.rows[r0:r1], w.qtype, tile[:r1 - r0], K.F16_TABLE, K.BF16_TABLE)
+                out[:, r0:r1] = x @ tile[:r1 - r0].T
 
     def _prefill(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """Evaluate T tokens at positions n_past.. with matrix kernels; logits (T, V) or (V,)."""
@@ -509,17 +467,16 @@ class Model:
         for l, layer in enumerate(w.layers):
             # attention block: q/k/v for all tokens, rotate, append to the cache, causal attention
             K.rmsnorm_rows(x, w.norms[l, 0], a.norm_eps, xb)
-            q, k, v = (np.ascontiguousarray(m) for m in
-                       self._linear(xb, layer["attn_q"], layer["attn_k"], layer["attn_v"]))
+            q, k, v = self._linear(xb, layer["attn_q"], layer["attn_k"], layer["attn_v"])
             K.rope_rows(q, positions, a.n_heads, a.head_dim, self.cos, self.sin)
             K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.cos, self.sin)
             s.k_cache[l, :, start:start + n_tok] = k.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
             s.v_cache[l, :, start:start + n_tok] = v.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
-            self._causal_attention(q, l, start, att)
+            K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.scores, att)
             x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])[0]
             # feed-forward block
             K.rmsnorm_rows(x, w.norms[l, 1], a.norm_eps, xb)
-            gate, up = (np.ascontiguousarray(m) for m in self._linear(xb, layer["ffn_gate"], layer["ffn_up"]))
+            gate, up = self._linear(xb, layer["ffn_gate"], layer["ffn_up"])
             K.swiglu(gate, up, gate)
             x += self._linear(gate, layer["ffn_down"])[0]
         s.n_past += n_tok
@@ -582,6 +539,7 @@ class Model:
 
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
+QUANTIZED_TYPES = frozenset({K.T_Q8_0, K.T_Q4_0, K.T_Q4_1})
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
 
 

@@ -254,13 +254,18 @@ def test_quantize_q8_read_only_input():
 
 @pytest.mark.parametrize("rows", [1, 3, 7, 33])
 @pytest.mark.parametrize("n", [32, 96, 256])
-def test_fake_quantize_q8_rows(rows, n, threads):
+def test_quantize_q8_rows(rows, n, threads):
     rng = np.random.default_rng(rows * 1000 + n)
     x = np.stack([random_activation(rng, n, zero_block=(r % 2 == 0)) for r in range(rows)])
     x[0, :32] = ACTIVATIONS["ties"][:32]
-    want = np.stack([q8_grid(row) for row in x])
-    K.fake_quantize_q8_rows(x)
-    np.testing.assert_array_equal(x, want)
+    xq = np.full((rows, n), 99, np.int8)
+    xd, xs = np.full((rows, n // 32), np.nan, np.float32), np.full((rows, n // 32), np.nan, np.float32)
+    K.quantize_q8_rows(x, xq, xd, xs)
+    for r in range(rows):
+        q, d, s, _ = q8_twin(x[r])
+        np.testing.assert_array_equal(xq[r], q)
+        np.testing.assert_array_equal(xd[r].view(np.uint32), d.view(np.uint32))
+        np.testing.assert_array_equal(xs[r], s)
 
 
 # ----- matrix-vector products -------------------------------------------------------------------
@@ -269,12 +274,9 @@ MATVEC_SHAPES = [(1, 32), (3, 64), (7, 160), (33, 256), (257, 96), (64, 1024)]
 
 
 def _specific_matvec(w, wtype, x, xq, xd, xs, out):
-    if wtype == 8:
-        K.matvec_q8_0(w, xq, xd, out, F16)
-    elif wtype == 2:
-        K.matvec_q4_0(w, xq, xd, xs, out, F16)
-    elif wtype == 3:
-        K.matvec_q4_1(w, xq, xd, xs, out, F16)
+    if wtype in QUANT_TYPES:
+        nb = xd.shape[0]
+        K.matmul_quantized(w, wtype, xq.reshape(1, -1), xd.reshape(1, nb), xs.reshape(1, nb), out.reshape(1, -1))
     elif wtype == 0:
         K.matvec_f32(w, x, out)
     else:
@@ -331,22 +333,25 @@ def test_matvec_weight_storage(wtype, how, tmp_path, threads):
 @pytest.mark.parametrize("shape", MATVEC_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_matvec_q8_0_integer_identity(shape, threads):
     """With xq/xd known, out[r] = sum_b d_w[r,b] * xd[b] * (int dot of block b), up to float32
-    rounding of each term and of the running sum."""
+    rounding.  As in ggml's AVX kernels, each block's int dot arrives as 8 exact partial sums of 4
+    adjacent products that are scaled and summed in float lanes, so the rounding bound is taken over
+    those partial terms (they can cancel within a block)."""
     rows, n = shape
     rng = np.random.default_rng(n + 3 * rows)
     raw = weight_bytes(random_matrix(rng, rows, n), 8)
     raw.setflags(write=False)
     x = random_activation(rng, n)
     xq, xd, _, _ = q8_twin(x)
-    out = np.full(rows, np.nan, np.float32)
-    K.matvec_q8_0(raw, xq, xd, out, F16)
+    out = np.full((1, rows), np.nan, np.float32)
+    K.matmul_quantized(raw, 8, xq[None], xd[None], np.zeros_like(xd)[None], out)
+    out = out[0]
     blocks = raw.reshape(rows, -1, 34)
     d_w = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)       # (rows, nb)
     q_w = blocks[..., 2:].copy().view(np.int8).astype(np.int64)                     # (rows, nb, 32)
-    int_dot = (q_w * xq.reshape(-1, 32).astype(np.int64)).sum(axis=2)                # (rows, nb)
-    terms = d_w * xd.astype(np.float64) * int_dot
-    want = terms.sum(axis=1)
-    bound = (terms.shape[1] + 3) * 2.0 ** -23 * np.abs(terms).sum(axis=1)
+    lane_dots = (q_w * xq.reshape(-1, 32).astype(np.int64)).reshape(rows, -1, 8, 4).sum(axis=3)  # (rows, nb, 8)
+    lane_terms = (d_w * xd.astype(np.float64))[..., None] * lane_dots
+    want = lane_terms.sum(axis=(1, 2))
+    bound = (lane_terms.shape[1] + 8) * 2.0 ** -23 * np.abs(lane_terms).sum(axis=(1, 2))
     assert np.all(np.abs(out - want) <= bound + 1e-38)
 
 
