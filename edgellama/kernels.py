@@ -38,40 +38,37 @@ _exact = {"cache": True, "error_model": "numpy"}
 @njit(**_exact)
 def round_to_f16(v):
     """The float32 value nearest to v that IEEE half can hold (ties to even), as ggml's FP32_TO_FP16."""
-    a = abs(v)
-    if a >= 65520.0:
-        return np.float32(np.inf) if v > 0 else np.float32(-np.inf)
-    if a < 6.103515625e-05:  # subnormal halves: a fixed quantum of 2^-24
-        return np.float32(np.rint(v * 16777216.0) / 16777216.0)
-    m, e = math.frexp(v)
-    return np.float32(math.ldexp(np.rint(m * 2048.0) / 2048.0, e))
+    return _round_half(np.float32(v))
 
 
-@njit(**_exact)
-def _quantize_block_q8(x, o, q):
-    """Quantize x[o:o+32] into q[o:o+32] the way ggml's x86 quantize_row_q8_1 does.
-
-    d = max|x| / 127 (stored as half), q = round-to-nearest-even(x * 127 / max|x|).
-    Returns (half-rounded d, half-rounded d * sum(q)).
-    """
+@njit(**_fast)
+def _abs_max(x, o):
+    """max |x[o:o+32]| (a max is exact in any order, so fastmath may vectorize it)."""
     amax = np.float32(0.0)
-    for i in range(o, o + QK):
-        amax = max(amax, abs(x[i]))
-    d = amax / np.float32(127.0)
-    inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
-    total = 0
-    for i in range(o, o + QK):
-        qi = int(np.rint(x[i] * inv))
-        q[i] = qi
-        total += qi
-    return round_to_f16(d), round_to_f16(d * np.float32(total))
+    for i in range(QK):
+        amax = max(amax, abs(x[o + i]))
+    return amax
 
 
 @njit(**_exact)
 def quantize_q8(x, xq, xd, xs):
-    """x: (n,) f32 -> xq: (n,) int8, xd: (n/32,) block scales, xs: (n/32,) scale * block sum of xq."""
+    """x: (n,) f32 -> xq: (n,) int8, xd: (n/32,) block scales, xs: (n/32,) scale * block sum of xq.
+
+    Per 32-block, as ggml's x86 quantize_row_q8_1: d = max|x| / 127 (stored as half),
+    q = round-to-nearest-even(x * 127 / max|x|), s = half(d * sum(q)).
+    """
     for b in range(x.shape[0] // QK):
-        xd[b], xs[b] = _quantize_block_q8(x, b * QK, xq)
+        o = b * QK
+        amax = _abs_max(x, o)
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+        total = I32(0)
+        for i in range(QK):
+            q = I32(np.rint(x[o + i] * inv))
+            xq[o + i] = q
+            total += q
+        xd[b] = round_to_f16(d)
+        xs[b] = round_to_f16(d * np.float32(total))
 
 
 @njit(parallel=True, **_exact)
@@ -436,6 +433,19 @@ def _expf(typingctx, x):
 
 
 @intrinsic
+def _round_half(typingctx, v):
+    """float32 -> the nearest value an IEEE half holds (ties to even; overflow to infinity)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        native = _native_half(_target_features())
+        return _half_to_f32(builder, _f32_to_half(builder, args[0], native), native)
+
+    return types.float32(v), codegen
+
+
+@intrinsic
 def _kv_f32(typingctx, v):
     """A KV cache element as float32: float32 passes through, uint16 holds an IEEE half."""
     if v == types.float32:
@@ -657,20 +667,22 @@ def attention(q, k_cache, v_cache, first_pos, scores, out):
 
 
 @njit(**_exact)
-def _swiglu_span(g, u, o, start, end):
-    for i in range(start, end):
-        o[i] = g[i] / (np.float32(1.0) + _expf(-g[i])) * u[i]
+def _swiglu_inplace(g, u):
+    # g in place and a loop from 0: with a third output array, or start/end bounds, LLVM cannot
+    # prove the store never meets a later load and does not vectorize the loop
+    for i in range(g.shape[0]):
+        g[i] = g[i] / (np.float32(1.0) + _expf(-g[i])) * u[i]
 
 
 @njit(parallel=True, **_exact)
-def swiglu(gate, up, out):
-    """out = silu(gate) * up, elementwise over any matching flat shapes."""
+def swiglu(gate, up):
+    """gate = silu(gate) * up, in place, elementwise over any matching C-contiguous shapes."""
     g = gate.reshape(-1)
     u = up.reshape(-1)
-    o = out.reshape(-1)
     n_spans = (g.shape[0] + 4095) // 4096
     for span in prange(n_spans):
-        _swiglu_span(g, u, o, span * 4096, min(g.shape[0], (span + 1) * 4096))
+        start, end = span * 4096, min(g.shape[0], (span + 1) * 4096)
+        _swiglu_inplace(g[start:end], u[start:end])
 
 
 # ----- one token through the whole decoder (decode step) ----------------------------------------
@@ -729,7 +741,7 @@ def decode_token(token, pos, embd, embd_type, blob, mat_table, norms, output_nor
         quantize_q8(xb, xq, xd, xs)
         _layer_matvec(blob, mat_table, m + 4, xb, xq, xd, xs, hb, f16_table, bf16_table)
         _layer_matvec(blob, mat_table, m + 5, xb, xq, xd, xs, hb2, f16_table, bf16_table)
-        _swiglu_span(hb, hb2, hb, 0, hb.shape[0])
+        _swiglu_inplace(hb, hb2)
         quantize_q8(hb, hq, hd, hs)
         _layer_matvec(blob, mat_table, m + 6, hb, hq, hd, hs, xb, f16_table, bf16_table)
         for i in range(x.shape[0]):

@@ -477,7 +477,7 @@ class Model:
             # feed-forward block
             K.rmsnorm_rows(x, w.norms[l, 1], a.norm_eps, xb)
             gate, up = self._linear(xb, layer["ffn_gate"], layer["ffn_up"])
-            K.swiglu(gate, up, gate)
+            K.swiglu(gate, up)
             x += self._linear(gate, layer["ffn_down"])[0]
         s.n_past += n_tok
         s.tokens.extend(int(t) for t in ids)

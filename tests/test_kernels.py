@@ -585,18 +585,16 @@ def swiglu_twin(gate, up):
         return g / (1.0 + np.exp(-g)) * up
 
 
-@pytest.mark.parametrize("shape", [(1,), (96,), (3, 64), (7, 33)])
-@pytest.mark.parametrize("inplace", [False, True])
-def test_swiglu(shape, inplace):
+@pytest.mark.parametrize("shape", [(1,), (96,), (3, 64), (7, 33), (5, 4099)])
+def test_swiglu(shape):
     rng = np.random.default_rng(sum(shape))
     gate = (rng.standard_normal(shape) * 4).astype(np.float32)
     flat = gate.reshape(-1)
     flat[: min(4, flat.size)] = np.float32([-200.0, 200.0, 0.0, -90.0])[: min(4, flat.size)]
     up = rng.standard_normal(shape).astype(np.float32)
     want = swiglu_twin(gate, up)
-    out = gate if inplace else np.full(shape, np.nan, np.float32)
-    K.swiglu(gate, up, out)
-    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-30)
+    K.swiglu(gate, up)
+    np.testing.assert_allclose(gate, want, rtol=2e-6, atol=1e-30)
 
 
 # ----- one decode step of a tiny random model ---------------------------------------------------
