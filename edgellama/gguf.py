@@ -15,6 +15,7 @@ File layout (little-endian, version 2 and 3):
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
@@ -330,6 +331,16 @@ class GGUFFile:
         info = self.tensor(name)
         n_rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
         return np.asarray(self.raw(name)).reshape(n_rows, info.nbytes // n_rows)
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages of the map from this process's memory (it was copied elsewhere);
+        reading it again brings them back from the page cache.  A no-op where madvise is missing."""
+        mapping = getattr(self.buf, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensor(name)
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

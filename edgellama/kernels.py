@@ -51,8 +51,9 @@ def _abs_max(x, o):
 
 
 @njit(**_exact)
-def quantize_q8(x, xq, xd, xs):
-    """x: (n,) f32 -> xq: (n,) int8, xd: (n/32,) block scales, xs: (n/32,) scale * block sum of xq.
+def quantize_q8(x, xq, xd, xs, xsum):
+    """x: (n,) f32 -> xq: (n,) int8, xd: (n/32,) block scales, xs: (n/32,) scale * block sum of xq,
+    xsum: (n/32,) int32 block sums of xq.
 
     Per 32-block, as ggml's x86 quantize_row_q8_1: d = max|x| / 127 (stored as half),
     q = round-to-nearest-even(x * 127 / max|x|), s = half(d * sum(q)).
@@ -69,41 +70,89 @@ def quantize_q8(x, xq, xd, xs):
             total += q
         xd[b] = round_to_f16(d)
         xs[b] = round_to_f16(d * np.float32(total))
+        xsum[b] = total
 
 
 @njit(parallel=True, **_exact)
-def quantize_q8_rows(x, xq, xd, xs):
-    """quantize_q8 of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32)."""
+def quantize_q8_rows(x, xq, xd, xs, xsum):
+    """quantize_q8 of every row: x (T, n) -> xq (T, n), xd, xs and xsum (T, n/32)."""
     for t in prange(x.shape[0]):
-        quantize_q8(x[t], xq[t], xd[t], xs[t])
+        quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
 
 
-# ----- quantized products: tiles of block dot products, written in LLVM vector IR ---------------
+# ----- quantized products over row-interleaved ("packed") weights --------------------------------
 
-# Numba has no vector types, and LLVM does not find the int8 dot-product instructions in scalar
-# loops over 32-element blocks.  So the inner work of every quantized product is one intrinsic,
-# generated below as LLVM IR: a *tile* of up to TILE_ROWS weight rows times up to n_tok activation
-# rows, looping over the 32-element blocks with one float vector accumulator per (row, token),
-# exactly like ggml's AVX2 vec_dot kernels:
+# The file stores a quantized matrix row after row, block after block.  At load every quantized
+# matrix is repacked once into groups of LANES rows (LANES = the int32 lanes of one vector: 16 with
+# AVX-512, 8 with AVX2, 4 elsewhere), so that one vector load brings 4 consecutive bytes of each of
+# LANES rows.  Per group, per 32-element block b (the same bytes as the file, reordered):
 #
-#   per block:  p = 8 lanes of 4-byte int8 dot products      (vpdpbusd with AVX-VNNI / AVX-512 VNNI;
-#                                                              portable IR elsewhere: sdot on arm64)
-#               acc += float(p) * (d_w * d_x)                 (one fused multiply-add)
-#   per tile:   out = hsum(acc)  [+ sum_b m_w * s_x for Q4_1]  (ggml's hsum_float_8 order)
+#   Q4_0  LANES x f16 d          | 4 steps s x LANES rows x 4 bytes: nibble bytes 4s..4s+3 of the row
+#   Q4_1  LANES x f16 d, LANES x f16 m | the same nibble steps
+#   Q8_0  LANES x f16 d          | 8 steps s x LANES rows x 4 bytes: quants 4s..4s+3 of the row
+#                                  (stored as q + 128, unsigned, on CPUs with VNNI: see below)
 #
-# vpdpbusd multiplies unsigned by signed bytes.  Q4 nibbles are unsigned already; the Q4_0 offset of
-# 8 is subtracted in integers through the accumulator's start value, -8 * (per-lane sums of x), as
-# ggml keeps it in its integer sum.  Q8_0 weights are signed: they are flipped to w + 128 (w xor
-# 0x80) and 128 * (lane sums of x) is subtracted the same way.  With AVX-512 VNNI two blocks go
-# through one 16-lane instruction.  Rows and tokens past the ends of the arrays are clamped (computed
-# again, never stored), so any n_out and any token count need no separate tail code.
+# A product then needs no horizontal sums: lane l accumulates row l.  For each block and token, one
+# 4-byte group of the activation is broadcast to all lanes and one int8 dot-product instruction
+# (vpdpbusd on AVX-VNNI / AVX-512 VNNI: unsigned x signed bytes, 4 products per int32 lane; portable
+# IR elsewhere) adds 4 products to every row's integer sum; a nibble byte holds elements 4s+i (low
+# half) and 16+4s+i (high half), so Q4 takes two such steps per byte vector.  The exact block sum is
+# then scaled once: acc += float(isum) * d_w * d_x (one fused multiply-add per block, lanes = rows),
+# plus m_w * s_x for Q4_1.  Offsets stay in integers as in ggml: Q4_0's nibble - 8 and the q + 128 of
+# unsigned Q8_0 enter as the integer sum's start value -8 * sum(x) (-128 * sum(x)).
+#
+# The inner work is LLVM IR emitted by the intrinsics below (Numba has no vector types, and LLVM
+# finds neither the dot-product instructions nor this data layout in scalar loops).  One call
+# computes a tile: one row group x n_tok tokens, the group's weights staying in L1 while tokens
+# stream past.
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F16, _F32 = ir.HalfType(), ir.FloatType()
 _BLOCK_BYTES = {T_Q8_0: 34, T_Q4_0: 18, T_Q4_1: 20}
-_NIBBLES_AT = {T_Q4_0: 2, T_Q4_1: 4}      # byte offset of a Q4 block's 16 nibble bytes
-TILE_ROWS = 4                             # weight rows per tile
-TILE_TOKENS = 4                           # activation rows per tile in prompt products
+
+
+def packing() -> tuple[int, bool]:
+    """(LANES, whether Q8_0 quants are stored unsigned): the packed layout the compiled kernels of
+    this CPU target expect.  Plain Python: choosing it compiles nothing."""
+    feats = _target_features()
+    vnni = "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats
+    if {"avx512f", "avx512bw"} <= feats:
+        lanes = 16
+    elif "avx2" in feats:
+        lanes = 8
+    else:
+        lanes = 4
+    return lanes, vnni and lanes in (8, 16)
+
+
+def tile_tokens() -> int:
+    """Tokens per prompt tile: 8 where 32 vector registers hold the accumulators, else 4."""
+    return 8 if packing()[0] == 16 else 4
+
+
+@njit(parallel=True, **_exact)
+def pack_rows(w, wtype, lanes, unsigned_q8, out):
+    """w: (n_out, row_bytes) file rows of type Q8_0 / Q4_0 / Q4_1 -> out: (n_groups, lanes * row_bytes),
+    the layout above.  out must arrive zeroed: the last group's padding rows are left as they are."""
+    bb = 34 if wtype == T_Q8_0 else (18 if wtype == T_Q4_0 else 20)
+    head = 4 if wtype == T_Q4_1 else 2             # scale (and minimum) bytes per row and block
+    n_steps = (bb - head) // 4
+    flip = 0x80 if unsigned_q8 and wtype == T_Q8_0 else 0
+    for g in prange(out.shape[0]):
+        for b in range(w.shape[1] // bb):
+            rec = b * lanes * bb                       # this block's record in the group
+            quants = rec + head * lanes
+            for lane in range(lanes):
+                r = g * lanes + lane
+                if r >= w.shape[0]:
+                    continue
+                src = b * bb
+                for i in range(head):                  # d (and m): lanes consecutive halves
+                    out[g, rec + (i // 2) * 2 * lanes + 2 * lane + i % 2] = w[r, src + i]
+                for s in range(n_steps):
+                    for i in range(4):
+                        v = w[r, src + head + 4 * s + i]
+                        out[g, quants + (s * lanes + lane) * 4 + i] = v ^ flip
 
 
 def _target_features() -> set[str]:
@@ -119,10 +168,14 @@ def _target_features() -> set[str]:
     return {f[1:] for f in flat.split(",") if f.startswith("+")}
 
 
-def _x86() -> bool:
+def _arch() -> str:
     import llvmlite.binding as llvm
 
-    return llvm.get_process_triple().split("-")[0] in ("x86_64", "i386", "i686")
+    return llvm.get_process_triple().split("-")[0]
+
+
+def _x86() -> bool:
+    return _arch() in ("x86_64", "i386", "i686")
 
 
 def _native_half(feats) -> bool:
@@ -131,19 +184,40 @@ def _native_half(feats) -> bool:
     return "f16c" in feats or not _x86()
 
 
+def _vec(ty, n):
+    return ir.VectorType(ty, n)
+
+
+def _const_vec(ty, values):
+    return ir.Constant(_vec(ty, len(values)), list(values))
+
+
+def _like(value, ty, c):
+    """The constant c of scalar type ty, splatted if value is a vector."""
+    if isinstance(value.type, ir.VectorType):
+        return ir.Constant(_vec(ty, value.type.count), [c] * value.type.count)
+    return ir.Constant(ty, c)
+
+
+def _with_elem(value, ty):
+    """The type ty, or a vector of ty as wide as value."""
+    return _vec(ty, value.type.count) if isinstance(value.type, ir.VectorType) else ty
+
+
 def _half_to_f32(b, h, native):
-    """IR: the i16 half-precision bit pattern h -> float32 (exact)."""
+    """IR: i16 half-precision bit patterns (scalar or vector) -> float32, exactly."""
     if native:
-        return b.fpext(b.bitcast(h, _F16), _F32)
+        return b.fpext(b.bitcast(h, _with_elem(h, _F16)), _with_elem(h, _F32))
     # exponent and mantissa shifted into float32 position, rescaled by 2^112 (exact, subnormals
     # included); infinities and NaNs get the all-ones exponent; then the sign
-    h32 = b.zext(h, _I32)
-    c = lambda v: ir.Constant(_I32, v)
-    magnitude = b.fmul(b.bitcast(b.shl(b.and_(h32, c(0x7FFF)), c(13)), _F32), ir.Constant(_F32, 2.0 ** 112))
-    bits = b.bitcast(magnitude, _I32)
+    h32 = b.zext(h, _with_elem(h, _I32))
+    c = lambda v: _like(h, _I32, v)
+    f32 = _with_elem(h, _F32)
+    magnitude = b.fmul(b.bitcast(b.shl(b.and_(h32, c(0x7FFF)), c(13)), f32), _like(h, _F32, 2.0 ** 112))
+    bits = b.bitcast(magnitude, _with_elem(h, _I32))
     special = b.icmp_unsigned("==", b.and_(h32, c(0x7C00)), c(0x7C00))
     bits = b.select(special, b.or_(bits, c(0x7F800000)), bits)
-    return b.bitcast(b.or_(bits, b.shl(b.and_(h32, c(0x8000)), c(16))), _F32)
+    return b.bitcast(b.or_(bits, b.shl(b.and_(h32, c(0x8000)), c(16))), f32)
 
 
 def _f32_to_half(b, f, native):
@@ -167,42 +241,36 @@ def _f32_to_half(b, f, native):
     return b.trunc(b.or_(out, b.lshr(sign, c(16))), _I16)
 
 
-def _vec(ty, n):
-    return ir.VectorType(ty, n)
-
-
-def _const_vec(ty, values):
-    return ir.Constant(_vec(ty, len(values)), list(values))
-
-
 class _TileIR:
-    """Emits one tile (see above) into a Numba intrinsic's builder.  Compile-time code only."""
+    """Emits one packed tile into a Numba intrinsic's builder.  Compile-time code only.
 
-    def __init__(self, context, builder, sig, args, qtype, n_rows, n_tok):
+    Arguments (as the intrinsic receives them): wp (n_groups, group_bytes) uint8 packed weights,
+    g the row group, n_out, xq (T, n_in) int8, xd / xs (T, n_in/32) float32, xsum (T, n_in/32)
+    int32, t0 the first token, out (T, n_out) float32.  Tokens past T are clamped (computed again,
+    never stored); rows past n_out are never stored.
+    """
+
+    def __init__(self, context, builder, sig, args, qtype, n_tok):
         feats = _target_features()
-        self.b = builder
-        self.qtype, self.n_rows, self.n_tok = qtype, n_rows, n_tok
+        self.b, self.qtype, self.n_tok = builder, qtype, n_tok
+        self.lanes, self.unsigned_q8 = packing()
         self.vnni = "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats
+        self.arm_dot = _arch() == "aarch64" and "dotprod" in feats   # sdot: signed x signed bytes
         self.native_half = _native_half(feats)
-        self.blocks_per_step = 2 if self.vnni and {"avx512vnni", "avx512bw", "avx512f"} <= feats else 1
-        w, xq, xd, xs, out = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 2, 3, 4, 6))
-        self.w, self.xq, self.xd, self.xs, self.out = w, xq, xd, xs, out
-        self.r0 = context.cast(builder, args[1], sig.args[1], types.intp)
-        self.t0 = context.cast(builder, args[5], sig.args[5], types.intp)
-        self.n_out = cgutils.unpack_tuple(builder, w.shape)[0]
-        self.n_total, n_in = cgutils.unpack_tuple(builder, xq.shape)
+        arrays = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3, 4, 5, 6, 8))
+        self.wp, self.xq, self.xd, self.xs, self.xsum, self.out = arrays
+        index = lambda i: context.cast(builder, args[i], sig.args[i], types.intp)
+        self.g, self.n_out, self.t0 = index(1), index(2), index(7)
+        self.n_total, n_in = cgutils.unpack_tuple(builder, self.xq.shape)
         self.nb = builder.ashr(n_in, self.i64(5))
         stride = lambda a: cgutils.unpack_tuple(builder, a.strides)[0]
-        # byte offsets of the (clamped) rows and tokens this tile reads
-        self.w_rows = [builder.mul(self.clamp(builder.add(self.r0, self.i64(k)), self.n_out), stride(w))
-                       for k in range(n_rows)]
+        self.group_at = builder.mul(self.g, stride(self.wp))
         toks = [self.clamp(builder.add(self.t0, self.i64(j)), self.n_total) for j in range(n_tok)]
-        self.xq_rows = [builder.mul(t, stride(xq)) for t in toks]
-        self.xd_rows = [builder.mul(t, stride(xd)) for t in toks]
-        self.xs_rows = [builder.mul(t, stride(xs)) for t in toks]
-        self.out_stride = stride(out)
+        self.rows_of = {name: [builder.mul(t, stride(getattr(self, name))) for t in toks]
+                        for name in ("xq", "xd", "xs", "xsum")}
+        self.out_stride = stride(self.out)
 
-    # small helpers
+    # ----- small helpers
     def i64(self, v):
         return ir.Constant(_I64, v)
 
@@ -210,189 +278,148 @@ class _TileIR:
         last = self.b.sub(n, self.i64(1))
         return self.b.select(self.b.icmp_signed("<", v, last), v, last)
 
+    def ptr(self, arr, byte_offset, ty):
+        return self.b.bitcast(self.b.gep(self.b.bitcast(arr.data, _I8.as_pointer()), [byte_offset]), ty.as_pointer())
+
     def load(self, arr, byte_offset, ty, align=1):
-        ptr = self.b.gep(self.b.bitcast(arr.data, _I8.as_pointer()), [byte_offset])
-        return self.b.load(self.b.bitcast(ptr, ty.as_pointer()), align=align)
+        return self.b.load(self.ptr(arr, byte_offset, ty), align=align)
 
-    def load_half(self, arr, byte_offset):
-        """The IEEE half at byte_offset of arr, as float32."""
-        return _half_to_f32(self.b, self.load(arr, byte_offset, _I16), self.native_half)
+    def token_value(self, name, j, blk, ty):
+        """Block blk's entry of per-block activation array `name` for token j (4-byte elements)."""
+        return self.load(getattr(self, name), self.b.add(self.rows_of[name][j], self.b.shl(blk, self.i64(2))), ty, 4)
 
-    def intrinsic(self, name, ret, arg_types):
-        return cgutils.get_or_insert_function(self.b.module, ir.FunctionType(ret, arg_types), name)
-
-    def spread(self, scalars):
-        """S scalars -> 8*S lanes, scalar i in lanes 8i..8i+7."""
-        v = ir.Constant(_vec(scalars[0].type, len(scalars)), ir.Undefined)
-        for i, s in enumerate(scalars):
-            v = self.b.insert_element(v, s, ir.Constant(_I32, i))
-        return self.b.shuffle_vector(v, v, _const_vec(_I32, [i // 8 for i in range(8 * len(scalars))]))
-
-    def concat(self, a, b):
-        n = a.type.count
-        return self.b.shuffle_vector(a, b, _const_vec(_I32, range(2 * n)))
+    def splat(self, s):
+        n = self.lanes
+        v = self.b.insert_element(ir.Constant(_vec(s.type, n), ir.Undefined), s, ir.Constant(_I32, 0))
+        return self.b.shuffle_vector(v, v, _const_vec(_I32, [0] * n))
 
     def dot(self, acc, u, s):
-        """acc + lane-wise sums of 4 adjacent products u*s (u unsigned bytes, s signed bytes)."""
-        lanes = acc.type.count
-        if self.vnni:
-            fn = self.intrinsic(f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", _vec(_I32, lanes), [_vec(_I32, lanes)] * 3)
-            return self.b.call(fn, [acc, self.b.bitcast(u, _vec(_I32, lanes)), self.b.bitcast(s, _vec(_I32, lanes))])
-        wide = _vec(_I32, 4 * lanes)
-        extend = self.b.sext if self.qtype == T_Q8_0 else self.b.zext  # no flip without VNNI
-        prod = self.b.mul(extend(u, wide), self.b.sext(s, wide))
-        for g in range(4):
-            acc = self.b.add(acc, self.b.shuffle_vector(prod, prod, _const_vec(_I32, [4 * i + g for i in range(lanes)])))
+        """acc + per-lane sums of 4 adjacent byte products u * s (s signed; u unsigned with VNNI)."""
+        n, b = self.lanes, self.b
+        if self.vnni and n in (8, 16):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(_I32, n), [_vec(_I32, n)] * 3),
+                                                f"llvm.x86.avx512.vpdpbusd.{32 * n}")
+            return b.call(fn, [acc, b.bitcast(u, _vec(_I32, n)), b.bitcast(s, _vec(_I32, n))])
+        if self.arm_dot and n == 4:
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(_I32, 4), [_vec(_I32, 4)] + [_vec(_I8, 16)] * 2),
+                                                "llvm.aarch64.neon.sdot.v4i32.v16i8")
+            return b.call(fn, [acc, u, s])
+        # without VNNI the weights are signed bytes too (nibbles 0..15, Q8_0 kept signed), so the
+        # products are signed x signed: the pattern of arm64's sdot
+        wide = _vec(_I32, 4 * n)
+        prod = b.mul(b.sext(u, wide), b.sext(s, wide))
+        for k in range(4):
+            acc = b.add(acc, b.shuffle_vector(prod, prod, _const_vec(_I32, [4 * i + k for i in range(n)])))
         return acc
 
-    # the tile
+    # ----- the tile
     def emit(self):
-        b = self.b
-        acc_types = {8 * s for s in (1, self.blocks_per_step)}
-        self.acc = {n: [[cgutils.alloca_once_value(b, ir.Constant(_vec(_F32, n), [0.0] * n))
-                         for _ in range(self.n_tok)] for _ in range(self.n_rows)] for n in acc_types}
-        self.acc_m = [[cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in range(self.n_tok)]
-                      for _ in range(self.n_rows)]
-        step = self.blocks_per_step
-        n_steps = b.udiv(self.nb, self.i64(step))
-        with cgutils.for_range(b, n_steps) as loop:
-            self.step(b.mul(loop.index, self.i64(step)), step)
-        if step > 1:  # an odd block count: the last block alone
-            with b.if_then(b.icmp_signed("!=", b.mul(n_steps, self.i64(step)), self.nb)):
-                self.step(b.sub(self.nb, self.i64(1)), 1)
-        self.store()
-
-    def step(self, blk, n_blocks):
-        """Blocks blk .. blk + n_blocks - 1 of every (row, token) pair of the tile."""
-        b, qt, lanes = self.b, self.qtype, 8 * n_blocks
-        blocks = [b.add(blk, self.i64(i)) for i in range(n_blocks)]
-        fma = self.intrinsic(f"llvm.fmuladd.v{lanes}f32", _vec(_F32, lanes), [_vec(_F32, lanes)] * 3)
-        # activations: int8 values, block scales, and the integer offset term as the start value
-        x, dx, start, sx = [], [], [], []
-        offset = {T_Q4_0: 8, T_Q8_0: 128 if self.vnni else 0}.get(qt, 0)
-        zero = ir.Constant(_vec(_I32, lanes), [0] * lanes)
-        for j in range(self.n_tok):
-            x.append(self.load(self.xq, b.add(self.xq_rows[j], b.shl(blk, self.i64(5))), _vec(_I8, 32 * n_blocks)))
-            dx.append(self.spread([self.load(self.xd, b.add(self.xd_rows[j], b.shl(i, self.i64(2))), _F32, 4)
-                                   for i in blocks]))
+        b, n, qt = self.b, self.lanes, self.qtype
+        vf, vi, vb = _vec(_F32, n), _vec(_I32, n), _vec(_I8, 4 * n)
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fmuladd.v{n}f32")
+        acc = [cgutils.alloca_once_value(b, ir.Constant(vf, [0.0] * n)) for _ in range(self.n_tok)]
+        offset = {T_Q4_0: 8, T_Q8_0: 128 if self.unsigned_q8 else 0}.get(qt, 0)
+        with cgutils.for_range(b, self.nb) as loop:
+            blk = loop.index
+            rec = b.add(self.group_at, b.mul(blk, self.i64(n * _BLOCK_BYTES[qt])))
+            d_w = _half_to_f32(b, self.load(self.wp, rec, _vec(_I16, n)), self.native_half)
             if qt == T_Q4_1:
-                sx.append([self.load(self.xs, b.add(self.xs_rows[j], b.shl(i, self.i64(2))), _F32, 4) for i in blocks])
-            if offset:
-                lane_sums = self.dot(zero, _const_vec(_I8, [offset if offset < 128 else offset - 256] * (4 * lanes)), x[j])
-                start.append(b.sub(zero, lane_sums))
-            else:
-                start.append(zero)
-        for k in range(self.n_rows):
-            # one weight row's blocks: int8 values (nibbles unpacked), scales (and Q4_1 minimums)
-            qs, dw, mw = [], [], []
-            for i in blocks:
-                at = b.add(self.w_rows[k], b.mul(i, self.i64(_BLOCK_BYTES[qt])))
-                dw.append(self.load_half(self.w, at))
+                m_w = _half_to_f32(b, self.load(self.wp, b.add(rec, self.i64(2 * n)), _vec(_I16, n)), self.native_half)
+            quants = b.add(rec, self.i64((4 if qt == T_Q4_1 else 2) * n))
+            # integer block sums, starting from the offset term
+            isum = []
+            for j in range(self.n_tok):
+                start = ir.Constant(vi, [0] * n)
+                if offset:
+                    start = self.splat(b.mul(self.token_value("xsum", j, blk, _I32), ir.Constant(_I32, -offset)))
+                isum.append(start)
+            x_at = [b.add(self.rows_of["xq"][j], b.shl(blk, self.i64(5))) for j in range(self.n_tok)]
+            for s in range(8 if qt == T_Q8_0 else 4):
+                v = self.load(self.wp, b.add(quants, self.i64(4 * n * s)), vb)
                 if qt == T_Q8_0:
-                    q = self.load(self.w, b.add(at, self.i64(2)), _vec(_I8, 32))
-                    qs.append(b.xor(q, _const_vec(_I8, [-128] * 32)) if self.vnni else q)
-                else:
-                    raw = self.load(self.w, b.add(at, self.i64(_NIBBLES_AT[qt])), _vec(_I8, 16))
-                    qs.append(self.concat(b.and_(raw, _const_vec(_I8, [15] * 16)), b.lshr(raw, _const_vec(_I8, [4] * 16))))
-                if qt == T_Q4_1:
-                    mw.append(self.load_half(self.w, b.add(at, self.i64(2))))
-            q = qs[0] if n_blocks == 1 else self.concat(qs[0], qs[1])
-            scale_w = self.spread(dw)
+                    steps = [(v, 4 * s)]
+                else:  # low nibbles: elements 4s.., high nibbles: elements 16+4s..
+                    steps = [(b.and_(v, _const_vec(_I8, [15] * (4 * n))), 4 * s),
+                             (b.lshr(v, _const_vec(_I8, [4] * (4 * n))), 16 + 4 * s)]
+                for weights, element in steps:
+                    for j in range(self.n_tok):
+                        x4 = self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)
+                        isum[j] = self.dot(isum[j], weights, b.bitcast(self.splat(x4), vb))
+            # one scaling per block: acc += isum * d_w * d_x (+ m_w * s_x)
             for j in range(self.n_tok):
-                acc = self.acc[lanes][k][j]
-                p = b.sitofp(self.dot(start[j], q, x[j]), _vec(_F32, lanes))
-                b.store(b.call(fma, [p, b.fmul(scale_w, dx[j]), b.load(acc)]), acc)
+                scale = b.fmul(d_w, self.splat(self.token_value("xd", j, blk, _F32)))
+                total = b.call(fma, [b.sitofp(isum[j], vf), scale, b.load(acc[j])])
                 if qt == T_Q4_1:
-                    m = b.load(self.acc_m[k][j])
-                    for i in range(n_blocks):
-                        m = b.fadd(m, b.fmul(mw[i], sx[j][i]))
-                    b.store(m, self.acc_m[k][j])
+                    total = b.call(fma, [m_w, self.splat(self.token_value("xs", j, blk, _F32)), total])
+                b.store(total, acc[j])
+        self.store(acc, vf)
 
-    def hsum8(self, v):
-        """ggml's hsum_float_8: (lanes 0-3 + lanes 4-7), then pairs, then the last two."""
-        b = self.b
-        half = lambda v, lo: b.shuffle_vector(v, v, _const_vec(_I32, range(lo, lo + v.type.count // 2)))
-        v = b.fadd(half(v, 0), half(v, 4))
-        v = b.fadd(half(v, 0), half(v, 2))
-        return b.fadd(b.extract_element(v, ir.Constant(_I32, 0)), b.extract_element(v, ir.Constant(_I32, 1)))
-
-    def store(self):
-        b = self.b
-        for k in range(self.n_rows):
-            row = b.add(self.r0, self.i64(k))
-            for j in range(self.n_tok):
-                tok = b.add(self.t0, self.i64(j))
-                inside = b.and_(b.icmp_signed("<", row, self.n_out), b.icmp_signed("<", tok, self.n_total))
-                with b.if_then(inside):
-                    v = b.load(self.acc[8][k][j])
-                    if 16 in self.acc:  # two-block lanes fold onto the one-block ones first
-                        v16 = b.load(self.acc[16][k][j])
-                        lo = b.shuffle_vector(v16, v16, _const_vec(_I32, range(8)))
-                        hi = b.shuffle_vector(v16, v16, _const_vec(_I32, range(8, 16)))
-                        v = b.fadd(b.fadd(lo, hi), v)
-                    total = self.hsum8(v)
-                    if self.qtype == T_Q4_1:
-                        total = b.fadd(total, b.load(self.acc_m[k][j]))
-                    at = b.add(b.mul(tok, self.out_stride), b.shl(row, self.i64(2)))
-                    b.store(total, b.bitcast(b.gep(b.bitcast(self.out.data, _I8.as_pointer()), [at]),
-                                             _F32.as_pointer()))
+    def store(self, acc, vf):
+        """out[token, group rows] = acc: one vector store, or lane by lane past n_out."""
+        b, n = self.b, self.lanes
+        row0 = b.mul(self.g, self.i64(n))
+        whole = b.icmp_signed("<=", b.add(row0, self.i64(n)), self.n_out)
+        for j in range(self.n_tok):
+            tok = b.add(self.t0, self.i64(j))
+            with b.if_then(b.icmp_signed("<", tok, self.n_total)):
+                at = b.add(b.mul(tok, self.out_stride), b.shl(row0, self.i64(2)))
+                v = b.load(acc[j])
+                with b.if_else(whole) as (full, partial):
+                    with full:
+                        b.store(v, self.ptr(self.out, at, vf), align=4)
+                    with partial:
+                        for lane in range(n):
+                            with b.if_then(b.icmp_signed("<", b.add(row0, self.i64(lane)), self.n_out)):
+                                b.store(b.extract_element(v, ir.Constant(_I32, lane)),
+                                        self.ptr(self.out, b.add(at, self.i64(4 * lane)), _F32), align=4)
 
 
-def _tile(qtype: int, n_rows: int, n_tok: int):
-    """tile(w, r0, xq, xd, xs, t0, out): out[t0 + j, r0 + k] = row r0 + k of w . activation t0 + j.
-
-    w: (n_out, row_bytes) uint8 rows of type qtype; xq: (T, n_in) int8 and xd, xs: (T, n_in/32)
-    float32, as quantize_q8 writes them; out: (T, n_out) float32.  Every array C-contiguous.
-    """
+def _tile(qtype: int, n_tok: int):
+    """tile(wp, g, n_out, xq, xd, xs, xsum, t0, out): out[t0 + j, LANES*g + lane] = row LANES*g + lane
+    of the packed matrix wp . activation t0 + j, for j < n_tok and lane < LANES."""
 
     @intrinsic
-    def tile(typingctx, w, r0, xq, xd, xs, t0, out):
-        want = ((w, types.uint8, 2), (xq, types.int8, 2), (xd, types.float32, 2), (xs, types.float32, 2),
-                (out, types.float32, 2))
-        for arr, dtype, ndim in want:
-            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == ndim and arr.layout == "C"):
+    def tile(typingctx, wp, g, n_out, xq, xd, xs, xsum, t0, out):
+        want = ((wp, types.uint8), (xq, types.int8), (xd, types.float32), (xs, types.float32),
+                (xsum, types.int32), (out, types.float32))
+        for arr, dtype in want:
+            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == 2 and arr.layout == "C"):
                 return None
-        return types.void(w, r0, xq, xd, xs, t0, out), (
-            lambda context, builder, sig, args: _TileIR(context, builder, sig, args, qtype, n_rows, n_tok).emit()
+        return types.void(wp, g, n_out, xq, xd, xs, xsum, t0, out), (
+            lambda context, builder, sig, args: _TileIR(context, builder, sig, args, qtype, n_tok).emit()
             or context.get_dummy_value())
 
     return tile
 
 
-_q8_0_row_tile, _q8_0_tile = _tile(T_Q8_0, TILE_ROWS, 1), _tile(T_Q8_0, TILE_ROWS, TILE_TOKENS)
-_q4_0_row_tile, _q4_0_tile = _tile(T_Q4_0, TILE_ROWS, 1), _tile(T_Q4_0, TILE_ROWS, TILE_TOKENS)
-_q4_1_row_tile, _q4_1_tile = _tile(T_Q4_1, TILE_ROWS, 1), _tile(T_Q4_1, TILE_ROWS, TILE_TOKENS)
+_q8_0_tile1, _q4_0_tile1, _q4_1_tile1 = _tile(T_Q8_0, 1), _tile(T_Q4_0, 1), _tile(T_Q4_1, 1)
+_q8_0_tiles, _q4_0_tiles, _q4_1_tiles = (_tile(T_Q8_0, tile_tokens()), _tile(T_Q4_0, tile_tokens()),
+                                         _tile(T_Q4_1, tile_tokens()))
+_TILE_TOKENS = tile_tokens()
 
 
 @njit(parallel=True, **_fast)
-def matmul_quantized(w, wtype, xq, xd, xs, out):
-    """out (T, n_out) = x @ W.T for Q8_0, Q4_0 or Q4_1 rows w, x given as its Q8 blocks (xq, xd, xs).
-
-    One token: tiles of TILE_ROWS rows x 1 token.  More: TILE_ROWS x TILE_TOKENS tiles, each tile's
-    weight rows staying in L1 while the tokens stream past.
-    """
-    n_groups = (w.shape[0] + TILE_ROWS - 1) // TILE_ROWS
+def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
+    """out (T, n_out) = x @ W.T for a packed Q8_0 / Q4_0 / Q4_1 matrix wp; x given as its Q8 blocks
+    (quantize_q8_rows).  Each thread takes whole row groups; within a group, tiles of tokens."""
     n_tok = xq.shape[0]
     if n_tok == 1:
-        for g in prange(n_groups):
-            r = g * TILE_ROWS
+        for g in prange(wp.shape[0]):
             if wtype == T_Q8_0:
-                _q8_0_row_tile(w, r, xq, xd, xs, 0, out)
+                _q8_0_tile1(wp, g, n_out, xq, xd, xs, xsum, 0, out)
             elif wtype == T_Q4_0:
-                _q4_0_row_tile(w, r, xq, xd, xs, 0, out)
+                _q4_0_tile1(wp, g, n_out, xq, xd, xs, xsum, 0, out)
             else:
-                _q4_1_row_tile(w, r, xq, xd, xs, 0, out)
+                _q4_1_tile1(wp, g, n_out, xq, xd, xs, xsum, 0, out)
     else:
-        for g in prange(n_groups):
-            r = g * TILE_ROWS
-            for t in range(0, n_tok, TILE_TOKENS):
+        for g in prange(wp.shape[0]):
+            for t in range(0, n_tok, _TILE_TOKENS):
                 if wtype == T_Q8_0:
-                    _q8_0_tile(w, r, xq, xd, xs, t, out)
+                    _q8_0_tiles(wp, g, n_out, xq, xd, xs, xsum, t, out)
                 elif wtype == T_Q4_0:
-                    _q4_0_tile(w, r, xq, xd, xs, t, out)
+                    _q4_0_tiles(wp, g, n_out, xq, xd, xs, xsum, t, out)
                 else:
-                    _q4_1_tile(w, r, xq, xd, xs, t, out)
-
+                    _q4_1_tiles(wp, g, n_out, xq, xd, xs, xsum, t, out)
 
 
 # ----- scalar helpers in LLVM IR: exp, and the KV cache's storage type --------------------------
@@ -494,12 +521,15 @@ def matvec_half(w, x, out, half_table):
 
 
 @njit(**_exact)
-def matvec(w, wtype, x, xq, xd, xs, out, f16_table, bf16_table):
-    """out = W @ x for a weight of any runtime type; xq/xd/xs must hold quantize_q8(x)."""
+def matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table):
+    """out (n_out,) = W @ x for a weight of any runtime type: packed groups (n_groups, group_bytes)
+    for Q8_0 / Q4_0 / Q4_1, file rows (n_out, row_bytes) for F32 / F16 / BF16.  qx = (xq, xd, xs,
+    xsum) must hold quantize_q8(x)."""
     if wtype == T_Q8_0 or wtype == T_Q4_0 or wtype == T_Q4_1:
+        xq, xd, xs, xsum = qx
         nb = xd.shape[0]
-        matmul_quantized(w, wtype, xq.reshape(1, xq.shape[0]), xd.reshape(1, nb), xs.reshape(1, nb),
-                         out.reshape(1, out.shape[0]))
+        matmul_packed(w, wtype, n_out, xq.reshape(1, xq.shape[0]), xd.reshape(1, nb), xs.reshape(1, nb),
+                      xsum.reshape(1, nb), out.reshape(1, n_out))
     elif wtype == T_F32:
         matvec_f32(w, x, out)
     elif wtype == T_F16:
@@ -688,65 +718,69 @@ def swiglu(gate, up):
 # ----- one token through the whole decoder (decode step) ----------------------------------------
 
 @njit(**_exact)
-def _layer_matvec(blob, mat_table, i, x, xq, xd, xs, out, f16_table, bf16_table):
-    """matvec with matrix i of mat_table, viewed in place inside blob."""
-    offset, n_rows, row_bytes, wtype = mat_table[i, 0], mat_table[i, 1], mat_table[i, 2], mat_table[i, 3]
-    w = blob[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
-    matvec(w, wtype, x, xq, xd, xs, out, f16_table, bf16_table)
+def _layer_matvec(blob, packed, mat_table, i, x, qx, out, f16_table, bf16_table):
+    """matvec with layer matrix i of mat_table: (offset, rows, row bytes, type id, n_out) of a view
+    into packed (quantized types) or into blob, the mapped file (float types)."""
+    offset, n_rows, row_bytes, wtype, n_out = (mat_table[i, 0], mat_table[i, 1], mat_table[i, 2],
+                                              mat_table[i, 3], mat_table[i, 4])
+    source = packed if wtype == T_Q8_0 or wtype == T_Q4_0 or wtype == T_Q4_1 else blob
+    w = source[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
+    matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table)
 
 
 @njit(**_exact)
-def decode_token(token, pos, embd, embd_type, blob, mat_table, norms, output_norm, output, output_type,
-                 eps, n_heads, n_kv_heads, head_dim, cos_table, sin_table, k_cache, v_cache,
-                 x, xb, xq, xd, xs, q, k, v, att, hb, hb2, hq, hd, hs, scores, logits,
-                 f16_table, bf16_table):
+def decode_token(token, pos, embd, embd_type, blob, packed, mat_table, norms, output_norm, output,
+                 output_type, eps, n_heads, n_kv_heads, head_dim, cos_table, sin_table, k_cache, v_cache,
+                 x, xb, qx, q, k, v, att, hb, hb2, qh, scores, logits, f16_table, bf16_table):
     """Run one token at position ``pos`` through every layer; write its logits.
 
-    blob: the bytes holding every layer matrix (the mapped file); mat_table[7*l + j] = (offset,
-    n_rows, row_bytes, type id) of layer l's j-th matrix of (attn_q, attn_k, attn_v, attn_output,
-    ffn_gate, ffn_up, ffn_down); norms: (n_layers, 2, dim) =
-    (attn_norm, ffn_norm); k_cache, v_cache: (n_layers, n_kv_heads, n_ctx, head_dim).
-    Buffers: x, xb, att: (dim,); xq (dim,) int8, xd, xs (dim/32,); q (n_heads*head_dim,);
-    k, v (n_kv_heads*head_dim,); hb, hb2: (ffn,); hq (ffn,) int8, hd, hs (ffn/32,);
-    scores: (n_threads, n_ctx); logits: (n_vocab,).
+    blob: the mapped file; packed: every quantized layer matrix, packed; mat_table[7*l + j]: layer
+    l's j-th matrix of (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down), see
+    _layer_matvec; output: the vocabulary projection, packed or file rows; norms: (n_layers, 2, dim)
+    = (attn_norm, ffn_norm); k_cache, v_cache: (n_layers, n_kv_heads, n_ctx, head_dim), float32 or
+    half bits (uint16).  Buffers: x, xb, att: (dim,); qx = (xq (dim,) int8, xd, xs (dim/32,) f32,
+    xsum (dim/32,) int32); q (n_heads*head_dim,); k, v (n_kv_heads*head_dim,); hb, hb2: (ffn,);
+    qh: like qx for (ffn,); scores: (n_threads, n_ctx); logits: (n_vocab,).
     """
     n_layers = norms.shape[0]
     dequantize_row(embd[token], embd_type, x, f16_table, bf16_table)
     cos = cos_table[pos]
     sin = sin_table[pos]
+    xq, xd, xs, xsum = qx
+    hq, hd, hs, hsum = qh
     for l in range(n_layers):
         m = 7 * l
         # attention block: pre-norm, one quantized activation shared by q, k and v
         rmsnorm(x, norms[l, 0], eps, xb)
-        quantize_q8(xb, xq, xd, xs)
-        _layer_matvec(blob, mat_table, m, xb, xq, xd, xs, q, f16_table, bf16_table)
-        _layer_matvec(blob, mat_table, m + 1, xb, xq, xd, xs, k, f16_table, bf16_table)
-        _layer_matvec(blob, mat_table, m + 2, xb, xq, xd, xs, v, f16_table, bf16_table)
+        quantize_q8(xb, xq, xd, xs, xsum)
+        _layer_matvec(blob, packed, mat_table, m, xb, qx, q, f16_table, bf16_table)
+        _layer_matvec(blob, packed, mat_table, m + 1, xb, qx, k, f16_table, bf16_table)
+        _layer_matvec(blob, packed, mat_table, m + 2, xb, qx, v, f16_table, bf16_table)
         rope(q, n_heads, head_dim, cos, sin)
         rope(k, n_kv_heads, head_dim, cos, sin)
         # the new key/value enter the cache at slot pos, then the query attends over 0..pos
         for h in range(n_kv_heads):
             for i in range(head_dim):
-                k_cache[l, h, pos, i] = k[h * head_dim + i]
-                v_cache[l, h, pos, i] = v[h * head_dim + i]
+                k_cache[l, h, pos, i] = _to_kv(k[h * head_dim + i], k_cache)
+                v_cache[l, h, pos, i] = _to_kv(v[h * head_dim + i], v_cache)
         attention(q.reshape(1, n_heads, head_dim), k_cache[l], v_cache[l], pos, scores,
                   att.reshape(1, n_heads, head_dim))
         # output projection and residual
-        quantize_q8(att, xq, xd, xs)
-        _layer_matvec(blob, mat_table, m + 3, att, xq, xd, xs, xb, f16_table, bf16_table)
+        quantize_q8(att, xq, xd, xs, xsum)
+        _layer_matvec(blob, packed, mat_table, m + 3, att, qx, xb, f16_table, bf16_table)
         for i in range(x.shape[0]):
             x[i] += xb[i]
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         rmsnorm(x, norms[l, 1], eps, xb)
-        quantize_q8(xb, xq, xd, xs)
-        _layer_matvec(blob, mat_table, m + 4, xb, xq, xd, xs, hb, f16_table, bf16_table)
-        _layer_matvec(blob, mat_table, m + 5, xb, xq, xd, xs, hb2, f16_table, bf16_table)
+        quantize_q8(xb, xq, xd, xs, xsum)
+        _layer_matvec(blob, packed, mat_table, m + 4, xb, qx, hb, f16_table, bf16_table)
+        _layer_matvec(blob, packed, mat_table, m + 5, xb, qx, hb2, f16_table, bf16_table)
         _swiglu_inplace(hb, hb2)
-        quantize_q8(hb, hq, hd, hs)
-        _layer_matvec(blob, mat_table, m + 6, hb, hq, hd, hs, xb, f16_table, bf16_table)
+        quantize_q8(hb, hq, hd, hs, hsum)
+        _layer_matvec(blob, packed, mat_table, m + 6, hb, qh, xb, f16_table, bf16_table)
         for i in range(x.shape[0]):
             x[i] += xb[i]
     # final norm and the vocabulary projection
     rmsnorm(x, output_norm, eps, xb)
-    quantize_q8(xb, xq, xd, xs)
-    matvec(output, output_type, xb, xq, xd, xs, logits, f16_table, bf16_table)
+    quantize_q8(xb, xq, xd, xs, xsum)
+    matvec(output, output_type, logits.shape[0], xb, qx, logits, f16_table, bf16_table)

@@ -131,9 +131,10 @@ def rope_tables(args: ModelArgs, n_ctx: int, freq_factors: np.ndarray | None):
 
 
 class Weight:
-    """One weight matrix: its (n_out, row_bytes) uint8 view and ggml type id."""
+    """One weight matrix: its (n_out, row_bytes) uint8 view into the file, its ggml type id and,
+    for quantized types, the packed copy the kernels read (see kernels.pack_rows)."""
 
-    __slots__ = ("name", "rows", "qtype", "n_out", "n_in")
+    __slots__ = ("name", "rows", "qtype", "n_out", "n_in", "packed")
 
     def __init__(self, f: GGUFFile, name: str, shape: tuple[int, int]):
         info = f.tensor(name)
@@ -147,6 +148,32 @@ class Weight:
         self.rows = f.rows(name)
         self.qtype = int(info.qtype)
         self.n_out, self.n_in = shape
+        self.packed = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.qtype in QUANTIZED_TYPES
+
+    def kernel_view(self) -> np.ndarray:
+        """What the kernels read: the packed groups of a quantized weight, the file rows of a float one."""
+        return self.packed if self.quantized else self.rows
+
+
+def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
+    """Pack quantized weights into one new read-only buffer (each weight's ``packed`` becomes a view
+    of it) and drop their pages of the mapped file from this process, so that the weights are
+    resident once.  The file stays untouched and remains the source of every float tensor."""
+    lanes, unsigned_q8 = K.packing()
+    shapes = [(-(-w.n_out // lanes), lanes * w.rows.shape[1]) for w in weights]  # (groups, group bytes)
+    buf = np.zeros(sum(groups * size for groups, size in shapes), np.uint8)
+    offset = 0
+    for w, (groups, size) in zip(weights, shapes):
+        w.packed = buf[offset:offset + groups * size].reshape(groups, size)
+        K.pack_rows(w.rows, w.qtype, lanes, unsigned_q8, w.packed)
+        f.release(w.name)
+        offset += groups * size
+    buf.setflags(write=False)
+    return buf
 
 
 def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
@@ -159,14 +186,21 @@ def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
     return dequantize(f.raw(name), info.qtype, (n,))  # numpy: loading a Numba kernel costs more here
 
 
+def _offset_in(view: np.ndarray, base: np.ndarray) -> int:
+    """Byte offset of a view inside the buffer it views."""
+    return view.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+
+
 class Weights:
     """All tensors of a llama GGUF file, named as in the file."""
 
     def __init__(self, f: GGUFFile, args: ModelArgs):
         a = args
         self.token_embd = Weight(f, "token_embd.weight", (a.n_vocab, a.dim))
+        # a missing output.weight means the projection is tied to the embedding table; it gets its
+        # own Weight (its own packed copy), the file rows staying the embedding lookups' source
         tied = "output.weight" not in f.tensors
-        self.output = self.token_embd if tied else Weight(f, "output.weight", (a.n_vocab, a.dim))
+        self.output = Weight(f, "token_embd.weight" if tied else "output.weight", (a.n_vocab, a.dim))
         self.output_norm = _vector(f, "output_norm.weight", a.dim)
         shapes = {"attn_q": (a.dim, a.dim), "attn_k": (a.kv_dim, a.dim), "attn_v": (a.kv_dim, a.dim),
                   "attn_output": (a.dim, a.dim), "ffn_gate": (a.ffn_dim, a.dim),
@@ -179,12 +213,16 @@ class Weights:
                                for i in range(a.n_layers)])
         self.rope_freqs = (_vector(f, "rope_freqs.weight", a.rope_dim // 2)
                            if "rope_freqs.weight" in f.tensors else None)
-        # for the decode kernel: the mapped file and, per layer matrix (7*l + j is layer l's j-th
-        # LAYER_MATRICES entry), its (offset, n_rows, row_bytes, type id) inside it
+        # quantized matrices are packed once (kernels.pack_rows); for the decode kernel each layer
+        # matrix is then one row of mat_table: (offset, rows, row bytes, type id, n_out) of its view
+        # into the packed buffer (quantized types) or into the mapped file (float types)
+        matrices = [layer[m] for layer in self.layers for m in LAYER_MATRICES]
         self.blob = np.asarray(f.buf)
-        self.mat_table = np.array([(f.tensors[layer[m].name].offset, layer[m].n_out, layer[m].rows.shape[1],
-                                    layer[m].qtype) for layer in self.layers for m in LAYER_MATRICES],
-                                  dtype=np.int64)
+        self.packed = _pack(f, [w for w in matrices if w.quantized])
+        self.mat_table = np.array([(_offset_in(w.kernel_view(), self.packed if w.quantized else self.blob),
+                                    *w.kernel_view().shape, w.qtype, w.n_out) for w in matrices], dtype=np.int64)
+        if self.output.quantized:
+            self.packed_output = _pack(f, [self.output])
 
     def types(self) -> dict[str, int]:
         """Tensor count per type name (for info and logs)."""
@@ -208,6 +246,8 @@ class State:
         self.xq = np.zeros(a.dim, np.int8)             # xb quantized to int8 blocks (dim,)
         self.xd = np.zeros(a.dim // K.QK, f32)         # its block scales (dim/32,)
         self.xs = np.zeros(a.dim // K.QK, f32)         # scale * block sum (dim/32,)
+        self.xsum = np.zeros(a.dim // K.QK, np.int32)  # block sums of xq (dim/32,)
+        self.qx = (self.xq, self.xd, self.xs, self.xsum)
         self.q = np.zeros(a.dim, f32)                  # query (n_heads*head_dim,)
         self.k = np.zeros(a.kv_dim, f32)               # key (n_kv_heads*head_dim,)
         self.v = np.zeros(a.kv_dim, f32)               # value (n_kv_heads*head_dim,)
@@ -217,6 +257,8 @@ class State:
         self.hq = np.zeros(a.ffn_dim, np.int8)         # hb quantized (ffn,)
         self.hd = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
         self.hs = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
+        self.hsum = np.zeros(a.ffn_dim // K.QK, np.int32)  # (ffn/32,)
+        self.qh = (self.hq, self.hd, self.hs, self.hsum)
         self.scores = np.zeros((max(n_threads, 1), n_ctx), f32)  # attention scratch per worker
         self.logits = np.zeros(a.n_vocab, f32)         # (n_vocab,)
         self.n_past = 0                                # positions 0..n_past-1 hold valid K/V
@@ -401,11 +443,11 @@ class Model:
     def _decode(self, token: int) -> np.ndarray:
         """One token at position n_past through the fused decode kernel -> (n_vocab,) logits."""
         a, w, s = self.args, self.weights, self.state
-        K.decode_token(token, s.n_past, w.token_embd.rows, w.token_embd.qtype, w.blob, w.mat_table,
-                       w.norms, w.output_norm, w.output.rows, w.output.qtype, np.float32(a.norm_eps),
+        K.decode_token(token, s.n_past, w.token_embd.rows, w.token_embd.qtype, w.blob, w.packed, w.mat_table,
+                       w.norms, w.output_norm, w.output.kernel_view(), w.output.qtype, np.float32(a.norm_eps),
                        a.n_heads, a.n_kv_heads, a.head_dim, self.cos, self.sin, s.k_cache, s.v_cache,
-                       s.x, s.xb, s.xq, s.xd, s.xs, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.hq, s.hd, s.hs,
-                       s.scores, s.logits, K.F16_TABLE, K.BF16_TABLE)
+                       s.x, s.xb, s.qx, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.qh, s.scores, s.logits,
+                       K.F16_TABLE, K.BF16_TABLE)
         s.n_past += 1
         s.tokens.append(token)
         self.n_evaluated += 1
@@ -429,14 +471,15 @@ class Model:
         """
         n_tok, n_in = x.shape
         outputs = [np.empty((n_tok, w.n_out), np.float32) for w in weights]   # (T, n_out) each
-        if any(w.qtype in QUANTIZED_TYPES for w in weights):
+        if any(w.quantized for w in weights):
             xq = np.empty((n_tok, n_in), np.int8)                              # (T, n_in)
             xd = np.empty((n_tok, n_in // K.QK), np.float32)                   # (T, n_in/32)
             xs = np.empty_like(xd)                                             # (T, n_in/32)
-            K.quantize_q8_rows(x, xq, xd, xs)
+            xsum = np.empty((n_tok, n_in // K.QK), np.int32)                   # (T, n_in/32)
+            K.quantize_q8_rows(x, xq, xd, xs, xsum)
         for w, out in zip(weights, outputs):
-            if w.qtype in QUANTIZED_TYPES:
-                K.matmul_quantized(w.rows, w.qtype, xq, xd, xs, out)
+            if w.quantized:
+                K.matmul_packed(w.packed, w.qtype, w.n_out, xq, xd, xs, xsum, out)
             else:
                 self._float_linear(x, w, out)
         return outputs
@@ -485,8 +528,9 @@ class Model:
         if not all_logits:
             # only the last position's logits are needed: one row through the decode matvec
             K.rmsnorm(x[-1], w.output_norm, a.norm_eps, s.xb)
-            K.quantize_q8(s.xb, s.xq, s.xd, s.xs)
-            K.matvec(w.output.rows, w.output.qtype, s.xb, s.xq, s.xd, s.xs, s.logits, K.F16_TABLE, K.BF16_TABLE)
+            K.quantize_q8(s.xb, *s.qx)
+            K.matvec(w.output.kernel_view(), w.output.qtype, a.n_vocab, s.xb, s.qx, s.logits,
+                     K.F16_TABLE, K.BF16_TABLE)
             return s.logits
         K.rmsnorm_rows(x, w.output_norm, a.norm_eps, xb)
         return self._linear(xb, w.output)[0]
