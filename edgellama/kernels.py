@@ -137,22 +137,25 @@ def pack_rows(w, wtype, lanes, unsigned_q8, out):
     bb = 34 if wtype == T_Q8_0 else (18 if wtype == T_Q4_0 else 20)
     head = 4 if wtype == T_Q4_1 else 2             # scale (and minimum) bytes per row and block
     n_steps = (bb - head) // 4
-    flip = 0x80 if unsigned_q8 and wtype == T_Q8_0 else 0
+    flip = np.uint8(0x80 if unsigned_q8 and wtype == T_Q8_0 else 0)
+    n_blocks = w.shape[1] // bb
     for g in prange(out.shape[0]):
-        for b in range(w.shape[1] // bb):
-            rec = b * lanes * bb                       # this block's record in the group
-            quants = rec + head * lanes
-            for lane in range(lanes):
-                r = g * lanes + lane
-                if r >= w.shape[0]:
-                    continue
-                src = b * bb
-                for i in range(head):                  # d (and m): lanes consecutive halves
-                    out[g, rec + (i // 2) * 2 * lanes + 2 * lane + i % 2] = w[r, src + i]
-                for s in range(n_steps):
-                    for i in range(4):
-                        v = w[r, src + head + 4 * s + i]
-                        out[g, quants + (s * lanes + lane) * 4 + i] = v ^ flip
+        group = out[g]
+        for lane in range(min(lanes, w.shape[0] - g * lanes)):
+            row = w[g * lanes + lane]
+            for b in range(n_blocks):
+                src, rec = b * bb, b * lanes * bb    # the block in the row, its record in the group
+                group[rec + 2 * lane] = row[src]     # d: lanes consecutive halves (then m for Q4_1)
+                group[rec + 2 * lane + 1] = row[src + 1]
+                if head == 4:
+                    group[rec + 2 * lanes + 2 * lane] = row[src + 2]
+                    group[rec + 2 * lanes + 2 * lane + 1] = row[src + 3]
+                for s in range(n_steps):             # 4-byte slices, one per lane per step
+                    at, q = rec + (head + 4 * s) * lanes + 4 * lane, src + head + 4 * s
+                    group[at] = row[q] ^ flip
+                    group[at + 1] = row[q + 1] ^ flip
+                    group[at + 2] = row[q + 2] ^ flip
+                    group[at + 3] = row[q + 3] ^ flip
 
 
 def _target_features() -> set[str]:
@@ -634,12 +637,30 @@ def rope_rows(x, positions, n_heads, head_dim, cos_table, sin_table):
 @njit(parallel=True, **_exact)
 def rerotate_keys(k_cache, start, end, cos, sin):
     """Rotate cached keys at slots start..end-1 of every layer and head by the angles (cos, sin),
-    in place: moving a key from position p to p - delta is a rotation by -delta's angles."""
-    n_layers, n_kv_heads = k_cache.shape[0], k_cache.shape[1]
+    in place: moving a key from position p to p - delta is a rotation by -delta's angles.
+    k_cache: (n_layers, n_kv_heads, n_ctx, head_dim), float32 or half bits (uint16)."""
+    n_layers, n_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]
     for job in prange(n_layers * n_kv_heads):
         layer, head = job // n_kv_heads, job % n_kv_heads
+        key = np.empty(head_dim, np.float32)
         for p in range(start, end):
-            rope(k_cache[layer, head, p], 1, k_cache.shape[3], cos, sin)
+            row = k_cache[layer, head, p]
+            for i in range(head_dim):
+                key[i] = _kv_f32(row[i])
+            rope(key, 1, head_dim, cos, sin)
+            for i in range(head_dim):
+                row[i] = _to_kv(key[i], k_cache)
+
+
+@njit(parallel=True, **_exact)
+def store_kv(cache, start, values):
+    """cache[h, start + t, :] = values[t, h * head_dim:(h + 1) * head_dim] for T new tokens, in the
+    cache's element type.  cache: (n_kv_heads, n_ctx, head_dim) of one layer; values: (T, n_kv*hd)."""
+    n_kv_heads, head_dim = cache.shape[0], cache.shape[2]
+    for h in prange(n_kv_heads):
+        for t in range(values.shape[0]):
+            for i in range(head_dim):
+                cache[h, start + t, i] = _to_kv(values[t, h * head_dim + i], cache)
 
 
 @njit(**_fast)

@@ -235,12 +235,14 @@ class Weights:
 class State:
     """Every buffer a forward pass needs, allocated once; nothing is allocated per token."""
 
-    def __init__(self, args: ModelArgs, n_ctx: int, n_threads: int):
+    def __init__(self, args: ModelArgs, n_ctx: int, n_threads: int, cache_type: str = "f16"):
         a = args
         f32 = np.float32
-        # KV cache: (n_layers, n_kv_heads, n_ctx, head_dim); zero pages cost no memory until written
-        self.k_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=f32)
-        self.v_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=f32)
+        # KV cache: (n_layers, n_kv_heads, n_ctx, head_dim) of float32, or of IEEE half bit patterns
+        # (uint16: Numba has no float16); zero pages cost no memory until written
+        kv_dtype = KV_CACHE_TYPES[cache_type]
+        self.k_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=kv_dtype)
+        self.v_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=kv_dtype)
         self.x = np.zeros(a.dim, f32)                  # residual stream (dim,)
         self.xb = np.zeros(a.dim, f32)                 # normed / projected activation (dim,)
         self.xq = np.zeros(a.dim, np.int8)             # xb quantized to int8 blocks (dim,)
@@ -290,7 +292,8 @@ class Model:
     ``logits(ids)`` evaluates from an empty cache; ``generate``/``chat`` reuse the cached prefix.
     """
 
-    def __init__(self, f: GGUFFile, n_ctx: int | None = None, threads: int | None = None, n_batch: int = 256):
+    def __init__(self, f: GGUFFile, n_ctx: int | None = None, threads: int | None = None, n_batch: int = 256,
+                 cache_type: str = "f16"):
         from .tokenizer import Tokenizer  # the tokenizer is independent of Numba
 
         self.file = f
@@ -305,10 +308,13 @@ class Model:
         self.threads = int(threads or physical_cores())
         if self.threads <= 0:
             raise ValueError(f"threads must be positive, got {threads}")
+        if cache_type not in KV_CACHE_TYPES:
+            raise ValueError(f"cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cache_type!r}")
+        self.cache_type = cache_type
         self.weights = Weights(f, self.args)
         self.tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
         self.cos, self.sin = rope_tables(self.args, self.n_ctx, self.weights.rope_freqs)
-        self.state = State(self.args, self.n_ctx, self.threads)
+        self.state = State(self.args, self.n_ctx, self.threads, cache_type)
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
         self.n_shifted = 0    # tokens dropped from the cache by context shifts
         self._blas = None
@@ -513,8 +519,8 @@ class Model:
             q, k, v = self._linear(xb, layer["attn_q"], layer["attn_k"], layer["attn_v"])
             K.rope_rows(q, positions, a.n_heads, a.head_dim, self.cos, self.sin)
             K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.cos, self.sin)
-            s.k_cache[l, :, start:start + n_tok] = k.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
-            s.v_cache[l, :, start:start + n_tok] = v.reshape(n_tok, a.n_kv_heads, a.head_dim).transpose(1, 0, 2)
+            K.store_kv(s.k_cache[l], start, k)
+            K.store_kv(s.v_cache[l], start, v)
             K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.scores, att)
             x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])[0]
             # feed-forward block
@@ -584,6 +590,8 @@ class Model:
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
 QUANTIZED_TYPES = frozenset({K.T_Q8_0, K.T_Q4_0, K.T_Q4_1})
+# KV cache element types: float32, or IEEE half stored as its bits (llama.cpp's default f16)
+KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
 
 

@@ -43,8 +43,11 @@ class ReferenceModel:
         self.hd = self.dim // self.n_heads
         self.n_rot = g("rope.dimension_count", self.hd)
 
-    def forward(self, ids, quantize_activations: bool = True) -> np.ndarray:
+    def forward(self, ids, quantize_activations: bool = True, half_kv: bool = True) -> np.ndarray:
+        """Logits (T, n_vocab).  half_kv: keys and values rounded to IEEE half, as an f16 KV cache
+        (the runtime's default, and llama.cpp's) stores them."""
         qa = q8_activation_grid if quantize_activations else (lambda v: v)
+        cached = (lambda a: a.astype(np.float16).astype(np.float32)) if half_kv else (lambda a: a)
         lin = lambda v, name: qa(v) @ self.w[name].T
         T = len(ids)
         x = self.w["token_embd.weight"][np.asarray(ids)].astype(np.float32)
@@ -70,8 +73,8 @@ class ReferenceModel:
             p = f"blk.{l}."
             h = norm(x, self.w[p + "attn_norm.weight"])
             q = rope(lin(h, p + "attn_q.weight"), self.n_heads)
-            k = rope(lin(h, p + "attn_k.weight"), self.n_kv)
-            v = lin(h, p + "attn_v.weight").reshape(T, self.n_kv, self.hd)
+            k = cached(rope(lin(h, p + "attn_k.weight"), self.n_kv))
+            v = cached(lin(h, p + "attn_v.weight").reshape(T, self.n_kv, self.hd))
             out = np.empty((T, self.n_heads, self.hd), np.float32)
             for hh in range(self.n_heads):
                 kv = hh // group

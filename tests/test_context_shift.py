@@ -17,8 +17,16 @@ def path(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("shift") / "m.gguf", GGMLType.F32, rope_freqs=True)
 
 
-def test_shifted_cache_equals_evaluating_the_kept_tokens_at_their_new_positions(path):
-    model = edgellama.load(path, n_ctx=16)
+def _values(cache: np.ndarray) -> np.ndarray:
+    """Cache entries as float32 (an f16 cache holds half bit patterns)."""
+    return cache.view(np.float16).astype(np.float32) if cache.dtype == np.uint16 else cache
+
+
+@pytest.mark.parametrize("cache_type, rel", [("f32", 1e-5), ("f16", 1.5 * 2.0 ** -10)])
+def test_shifted_cache_equals_evaluating_the_kept_tokens_at_their_new_positions(path, cache_type, rel):
+    """rel (of the largest key entry): a rotated pair (a, b) mixes both rounded entries, then is
+    rounded to the cache's precision again: f16 errors up to (|a| + |b|) / 2^11 + |result| / 2^11."""
+    model = edgellama.load(path, n_ctx=16, cache_type=cache_type)
     model.eval(TOKENS)
     old_v = model.state.v_cache.copy()
     n_keep, n_discard = 2, 5
@@ -29,11 +37,11 @@ def test_shifted_cache_equals_evaluating_the_kept_tokens_at_their_new_positions(
     np.testing.assert_array_equal(model.state.v_cache[:, :, n_keep:len(kept)], old_v[:, :, n_keep + n_discard:len(TOKENS)])
     # layer 0's keys depend only on each token and its position: the re-rotated keys must equal
     # a fresh evaluation of the kept tokens at their new positions
-    fresh = edgellama.load(path, n_ctx=16)
+    fresh = edgellama.load(path, n_ctx=16, cache_type=cache_type)
     fresh.eval(kept)
-    got = model.state.k_cache[0, :, :len(kept)]
-    want = fresh.state.k_cache[0, :, :len(kept)]
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    got = _values(model.state.k_cache[0, :, :len(kept)])
+    want = _values(fresh.state.k_cache[0, :, :len(kept)])
+    np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max())
     # deeper layers differ (they saw the dropped tokens), but stay finite and usable
     logits = model.eval([9])
     assert np.isfinite(logits).all() and model.state.n_past == len(kept) + 1

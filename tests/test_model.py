@@ -101,7 +101,29 @@ def test_untied_output_and_rope_freqs(tmp_path):
     model = edgellama.load(path, n_ctx=32)
     assert model.weights.output is not model.weights.token_embd
     assert model.weights.rope_freqs is not None
-    _close(model.logits(IDS), want)
+    _close(model.logits(IDS), want, _tolerance(GGMLType.Q8_0))
+
+
+@pytest.mark.parametrize("cache_type", ["f32", "f16"])
+def test_kv_cache_type_matches_the_reference_rounding(tmp_path, cache_type):
+    """An f32 cache equals the float reference; an f16 cache equals the reference whose keys and
+    values are rounded to half (and differs from the f32 one by more than the tolerance)."""
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.F32)
+    ref = ReferenceModel(str(path))
+    half, full = ref.forward(IDS, quantize_activations=False), ref.forward(IDS, False, half_kv=False)
+    model = edgellama.load(path, n_ctx=32, cache_type=cache_type)
+    assert model.state.k_cache.dtype == (np.uint16 if cache_type == "f16" else np.float32)
+    got = model.logits(IDS)
+    _close(got, half if cache_type == "f16" else full, 1e-4)
+    assert np.abs(half - full).max() > 1e-4 * np.abs(full).max()
+    model.reset()
+    for t, token in enumerate(IDS):  # decode writes and reads the cache the same way as prefill
+        _close(model.eval([token]), got[t], 1e-4)
+
+
+def test_bad_kv_cache_type(tmp_path):
+    with pytest.raises(ValueError, match="cache_type"):
+        edgellama.load(write_tiny_model(tmp_path / "m.gguf"), n_ctx=8, cache_type="q3")
 
 
 def test_mixed_types_dispatch_per_tensor(tmp_path):
@@ -109,7 +131,7 @@ def test_mixed_types_dispatch_per_tensor(tmp_path):
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0, embd_type=GGMLType.Q8_0)
     model = edgellama.load(path, n_ctx=32)
     assert model.weights.types() == {"Q8_0": 1, "Q4_0": 14}
-    _close(model.logits(IDS), ReferenceModel(str(path)).forward(IDS))
+    _close(model.logits(IDS), ReferenceModel(str(path)).forward(IDS), _tolerance(GGMLType.Q4_0))
 
 
 def test_prompt_cache_evaluates_only_the_new_suffix(tmp_path):
