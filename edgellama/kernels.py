@@ -805,3 +805,41 @@ def decode_token(token, pos, embd, embd_type, blob, packed, mat_table, norms, ou
     rmsnorm(x, output_norm, eps, xb)
     quantize_q8(xb, xq, xd, xs, xsum)
     matvec(output, output_type, logits.shape[0], xb, qx, logits, f16_table, bf16_table)
+
+
+# ----- loading compiled kernels from Numba's cache without the compiler's registries -------------
+
+def _lean_cache_loading() -> None:
+    """Load cached kernels without importing Numba's lowering registries.
+
+    Before loading a cached function Numba refreshes its target context, which imports every
+    lowering implementation it has (numpy, typed containers, random, ...): about 40 MB of Python
+    objects that only compiling needs.  Rebuilding a cached function needs the NRT runtime alone,
+    so these dispatchers initialize just that; a cache miss compiles through Numba's usual path
+    (which refreshes by itself).  Where Numba's internals differ from the ones this was written
+    for, the dispatchers keep their default cache.
+    """
+    import os
+
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import CPUDispatcher
+
+    if os.environ.get("EDGELLAMA_NUMBA_FULL_REFRESH"):
+        return
+    if not all(hasattr(FunctionCache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")):
+        return
+
+    class LeanCache(FunctionCache):
+        def load_overload(self, sig, target_context):
+            from numba.core.runtime import rtsys
+
+            rtsys.initialize(target_context)
+            with self._guard_against_spurious_io_errors():
+                return self._load_overload(sig, target_context)
+
+    for value in list(globals().values()):
+        if isinstance(value, CPUDispatcher) and type(getattr(value, "_cache", None)) is FunctionCache:
+            value._cache = LeanCache(value.py_func)
+
+
+_lean_cache_loading()
