@@ -147,7 +147,8 @@ def run_bench(args) -> int:
 
     import edgellama  # the model code and Numba are imported inside the timed load
 
-    model = edgellama.load(args.model, n_ctx=n_ctx, threads=args.threads)
+    model = edgellama.load(args.model, n_ctx=n_ctx, threads=args.threads,
+                           cache_type=getattr(args, "cache_type", "f16"))
     load_s = time.perf_counter() - t_start
     n_vocab = model.args.n_vocab
 
@@ -187,10 +188,14 @@ def run_bench(args) -> int:
 
     import numba
 
+    from . import kernels
+
     result = {
         **model_summary(model.file),
         "threads": model.threads,
         "numba_threads": min(model.threads, numba.config.NUMBA_NUM_THREADS),
+        "kernels": kernels.target_summary(),
+        "cache_type": model.cache_type,
         "n_ctx": model.n_ctx,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
@@ -236,7 +241,8 @@ def format_report(r: dict) -> str:
     types = ", ".join(f"{k} x{v}" for k, v in r["tensor_types"].items())
     out += [
         "",
-        f"file {r['model']} ({types}); n_ctx {r['n_ctx']}; median of {r['repetitions']} runs",
+        f"file {r['model']} ({types}); n_ctx {r['n_ctx']}, KV cache {r['cache_type']}; median of "
+        f"{r['repetitions']} runs; kernels: {r['kernels']}",
         f"load {r['load_s']:.2f} s | warm-up (Numba cache {r['numba_cache']}) {r['compile_s']:.2f} s | "
         f"first token {r['first_token_s']:.2f} s"
         + (f" ({proc:.2f} s from process start)" if proc is not None else "")

@@ -19,6 +19,8 @@ def _add_model_options(p: argparse.ArgumentParser, runtime: bool = True) -> None
         p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
         p.add_argument("-c", "--ctx", type=int, default=None,
                        help="context size in tokens (default: min(model context, 4096))")
+        p.add_argument("--cache-type", choices=("f16", "f32"), default="f16",
+                       help="KV cache precision (default f16, as llama.cpp)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     run.add_argument("--context-shift", action="store_true",
                      help="when the context is full, drop old tokens and go on instead of stopping")
-    run.add_argument("--keep", type=int, default=4, help="tokens kept at the start by a context shift")
+    run.add_argument("--keep", type=int, default=4,
+                     help="tokens kept at the start by a context shift or --truncate")
+    run.add_argument("--truncate", action="store_true",
+                     help="a prompt longer than the context loses its middle instead of being an error")
     run.add_argument("--special", action="store_true", help="parse special-token text in the prompt")
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit, Ctrl-C stops a reply)")
@@ -72,7 +77,7 @@ def cmd_run(args) -> int:
     import edgellama
 
     t0 = time.perf_counter()
-    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads)
+    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
     load_s = time.perf_counter() - t0
     ids = model.tokenize(args.prompt, special=args.special)
     max_tokens = None if args.n_predict < 0 else args.n_predict
@@ -83,7 +88,7 @@ def cmd_run(args) -> int:
                                 typical_p=args.typical, repeat_penalty=args.repeat_penalty,
                                 penalty_last_n=args.repeat_last_n, presence_penalty=args.presence_penalty,
                                 frequency_penalty=args.frequency_penalty, context_shift=args.context_shift,
-                                n_keep=args.keep):
+                                n_keep=args.keep, truncate=args.truncate):
         sys.stdout.write(chunk)
         sys.stdout.flush()
         last = chunk
@@ -101,7 +106,7 @@ def cmd_chat(args) -> int:
 
     if args.n_predict < -1:
         raise ValueError(f"-n must be -1 or a non-negative number of tokens, got {args.n_predict}")
-    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads)
+    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
@@ -115,7 +120,7 @@ def cmd_chat(args) -> int:
 def cmd_info(args) -> int:
     from .info import describe
 
-    print(describe(GGUFFile(args.model), n_ctx=args.ctx))
+    print(describe(GGUFFile(args.model), n_ctx=args.ctx, cache_type=args.cache_type))
     return 0
 
 

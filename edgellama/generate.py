@@ -130,6 +130,17 @@ def check_stop(stop) -> tuple[str, ...]:
     return stops
 
 
+def truncate_prompt(ids: list[int], n_ctx: int, n_keep: int, room: int) -> list[int]:
+    """A prompt cut to fit the context with ``room`` positions left for the reply: its first
+    ``n_keep`` tokens (a BOS, a system prompt) and its end, the middle dropped.  A prompt that fits
+    comes back unchanged."""
+    limit = n_ctx - room
+    if len(ids) <= limit:
+        return list(ids)
+    n_keep = max(0, min(n_keep, limit // 2))
+    return list(ids[:n_keep]) + list(ids[len(ids) - (limit - n_keep):])
+
+
 def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None,
                     sampler: Callable[[np.ndarray], int], stop_ids=frozenset(), *,
                     stop: str | Iterable[str] | None = (), n_keep: int | None = None) -> Iterator[Chunk]:

@@ -22,7 +22,7 @@ def kv_cache_bytes(args: ModelArgs, n_ctx: int, bytes_per_value: int = 4) -> int
     return 2 * args.n_layers * n_ctx * args.kv_dim * bytes_per_value
 
 
-def describe(f: GGUFFile, n_ctx: int | None = None) -> str:
+def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> str:
     a = ModelArgs.from_gguf(f)
     n_ctx = n_ctx or min(a.max_ctx, DEFAULT_MAX_CTX)
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # tensors, elements, bytes
@@ -54,6 +54,7 @@ def describe(f: GGUFFile, n_ctx: int | None = None) -> str:
     ]
     for name, (count, elements, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][2]):
         lines.append(f"  {name:6s} {count:4d} tensors  {elements / 1e6:8.1f} M weights  {_size(nbytes):>10s}")
-    lines.append(f"KV cache:      {_size(kv_cache_bytes(a, n_ctx))} at n_ctx={n_ctx} (float32)")
+    width = {"f16": 2, "f32": 4}[cache_type]
+    lines.append(f"KV cache:      {_size(kv_cache_bytes(a, n_ctx, width))} at n_ctx={n_ctx} ({cache_type})")
     lines.append(f"chat template: {'yes' if f.get('tokenizer.chat_template') else 'none'}")
     return "\n".join(lines)

@@ -125,6 +125,19 @@ def packing() -> tuple[int, bool]:
     return lanes, vnni and lanes in (8, 16)
 
 
+def target_summary() -> str:
+    """What the quantized kernels compile to here, e.g. 'x86_64, 16 lanes, vpdpbusd (VNNI)'."""
+    feats = _target_features()
+    lanes, _ = packing()
+    if "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats:
+        dot = "vpdpbusd (VNNI)"
+    elif _arch() == "aarch64" and "dotprod" in feats:
+        dot = "sdot (dotprod)"
+    else:
+        dot = "portable int8 IR"
+    return f"{_arch()}, {lanes} lanes, {dot}"
+
+
 def tile_tokens() -> int:
     """Tokens per prompt tile: 8 where 32 vector registers hold the accumulators, else 4."""
     return 8 if packing()[0] == 16 else 4

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import heapq
+from array import array
 import operator
 import os
 import re
@@ -336,6 +337,38 @@ class _Meta:
 
 # ----- the tokenizer ------------------------------------------------------------------------------
 
+class _ByteTable:
+    """Byte strings 0..n-1 in one bytes object and an offset array: a vocabulary's 50k separate
+    bytes objects cost about 5 MB, this a tenth of it."""
+
+    __slots__ = ("_blob", "_ends")
+
+    def __init__(self, items: Sequence[bytes]):
+        self._blob = b"".join(items)
+        self._ends = array("q", [0])
+        total = 0
+        for item in items:
+            total += len(item)
+            self._ends.append(total)
+
+    def __len__(self) -> int:
+        return len(self._ends) - 1
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._blob[self._ends[i]:self._ends[i + 1]]
+
+
+def _core_bpe(name: str, pattern: str, ranks: dict[bytes, int]):
+    """tiktoken's BPE engine for these ranks.  The Rust core alone: tiktoken.Encoding would also
+    keep the Python dict of ranks (several MB for a 50k vocabulary), which encoding never reads."""
+    try:
+        from tiktoken import _tiktoken
+
+        return _tiktoken.CoreBPE(ranks, {}, pattern)
+    except (ImportError, AttributeError, TypeError):  # another tiktoken layout: the public class
+        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+
+
 class Tokenizer:
     """Text <-> token ids.  Build with ``from_gguf_metadata`` or ``from_file``.
 
@@ -364,12 +397,12 @@ class Tokenizer:
         self.clean_spaces = False
         self._texts: list[str] = []
         self._attrs = np.zeros(0, np.uint32)
-        self._pieces: list[bytes] = []
+        self._pieces: _ByteTable = _ByteTable([])
         self._hidden = np.zeros(0, bool)
         self._special_all: list[tuple[str, int]] = []
         self._special_user: list[tuple[str, int]] = []
         # byte-level BPE
-        self._enc: tiktoken.Encoding | None = None
+        self._enc = None  # tiktoken's BPE core (encode_ordinary)
         self._rank_to_id: np.ndarray | None = None
         self._rank_gaps = False
         self._chain: list[regex.Pattern] | None = None
@@ -612,7 +645,7 @@ class Tokenizer:
                 pieces[i] = bytes([int(m.group(1), 16)])
             else:
                 pieces[i] = b""
-        self._pieces = pieces
+        self._pieces = _ByteTable(pieces)
 
     # ----- byte-level BPE -------------------------------------------------------------------------
 
@@ -679,8 +712,7 @@ class Tokenizer:
             pattern = r"[\s\S]+"  # the chain of regexes splits; tiktoken only does the BPE
             self._chain = [regex.compile(p) for p in pre.split]
         try:
-            self._enc = tiktoken.Encoding(f"edgellama-{self.pre}", pat_str=pattern,
-                                          mergeable_ranks=ranks, special_tokens={})
+            self._enc = _core_bpe(f"edgellama-{self.pre}", pattern, ranks)
         except Exception as e:  # tiktoken rejects the table: say which file
             raise meta.fail("tokenizer.ggml.merges", f"cannot build the BPE table: {e}") from None
 
@@ -824,10 +856,9 @@ class Tokenizer:
         self.eos_id = self._token_to_id["<|end_of_text|>"]
         self.add_bos, self.add_eos, self.clean_spaces = True, False, True
         self._finish_specials(attrs, {k: None for k in ("pre", "suf", "mid", "pad", "rep", "sep")})
-        self._pieces = by_rank + [s.encode("utf-8") for s in specials]
+        self._pieces = _ByteTable(by_rank + [s.encode("utf-8") for s in specials])
         self._rank_to_id = np.arange(n_base, dtype=np.int64)
-        self._enc = tiktoken.Encoding("edgellama-llama3", pat_str=_RE_LLAMA3, mergeable_ranks=ranks,
-                                      special_tokens={})
+        self._enc = _core_bpe("edgellama-llama3", _RE_LLAMA3, ranks)
         return self
 
     # ----- encode / decode ------------------------------------------------------------------------

@@ -7,7 +7,6 @@ chosen by the test.  A few run the real tiny model.
 
 from __future__ import annotations
 
-import inspect
 import random
 from types import SimpleNamespace
 
@@ -328,12 +327,7 @@ def test_real_model_stop_string_cuts_the_greedy_text(tiny_path):
 
 
 def test_model_generate_passes_sampler_options(tiny_path):
-    """Active once Model.generate forwards the new options to Sampler / generate_tokens."""
-    from edgellama.model import Model
-
-    params = inspect.signature(Model.generate).parameters
-    if "stop" not in params or "logprobs" not in params:
-        pytest.skip("Model.generate does not forward stop= / logprobs= yet")
+    """Model.generate forwards the sampler options to Sampler / generate_tokens."""
     model = edgellama.load(tiny_path, n_ctx=48)
     chunks = list(model.generate("the water", max_tokens=6, temperature=0.7, seed=3, repeat_penalty=1.1,
                                  logprobs=1, stop=["\n\n"]))
@@ -342,3 +336,34 @@ def test_model_generate_passes_sampler_options(tiny_path):
         model.generate("x", logit_bias={10**6: 1.0})
     with pytest.raises(SamplingError):
         model.generate("x", max_tokens=-2)
+
+
+@pytest.mark.parametrize("n, n_keep, room, want_len", [(10, 2, 4, 10), (30, 2, 4, 28), (30, 0, 8, 24), (30, 20, 4, 28)])
+def test_truncate_prompt_keeps_the_start_and_the_end(n, n_keep, room, want_len):
+    from edgellama.generate import truncate_prompt
+
+    ids = list(range(100, 100 + n))
+    got = truncate_prompt(ids, n_ctx=32, n_keep=n_keep, room=room)
+    assert len(got) == want_len
+    if n <= 32 - room:
+        assert got == ids                                        # a prompt that fits stays whole
+        return
+    kept = min(n_keep, (32 - room) // 2)
+    assert got[:kept] == ids[:kept]                              # the first tokens (BOS, system prompt)
+    assert got[kept:] == ids[len(ids) - (len(got) - kept):]      # and the end, in order
+
+
+def test_model_generate_truncates_an_overlong_prompt_only_when_asked(tiny_path):
+    from edgellama.model import ContextOverflowError
+
+    model = edgellama.load(tiny_path, n_ctx=32)
+    prompt = byte_tokens(b"the water is cold and the sea is deep and wide")  # 46 tokens
+    with pytest.raises(ContextOverflowError):
+        list(model.generate(prompt, max_tokens=4))
+    chunks = list(model.generate(prompt, max_tokens=4, truncate=True, n_keep=3))
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == 32 - 4 and usage.completion_tokens == 4
+    assert model.state.tokens[:3] == prompt[:3] and model.state.tokens[3:28] == prompt[-25:]
+    # the same truncated prompt, given directly, yields the same text
+    again = list(edgellama.load(tiny_path, n_ctx=32).generate(prompt[:3] + prompt[-25:], max_tokens=4))
+    assert "".join(chunks) == "".join(again)

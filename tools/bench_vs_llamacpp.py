@@ -100,6 +100,7 @@ print(json.dumps({
     "load_s": load_s, "compile_s": warmup_s, "first_token_s": first_token_s,
     "process_first_token_s": process_first,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
 }))
 '''
 
@@ -126,7 +127,11 @@ def _run_json(cmd: list[str], what: str, timeout: float) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
+        hint = ""
+        if proc.returncode < 0 and "llama.cpp" in what:
+            hint = ("\n(llama.cpp died of signal %d.  llama-cpp-python builds with AMX kernels segfault on some "
+                    "AMX CPUs, ggml-org/llama.cpp#20824: rebuild it without AMX, see BENCHMARKS.md)" % -proc.returncode)
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}{hint}")
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if not lines:
         raise RuntimeError(f"{what} printed nothing; stderr:\n{proc.stderr.strip()[-2000:]}")
@@ -290,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"pp {_spread(theirs, 'pp_tok_s')}, tg {_spread(theirs, 'tg_tok_s')} tok/s. "
                 f"Our Numba cache per run: {caches}.")
         table = compare_table(ours, theirs, args.n_prompt, args.n_gen)
+        note += (f" Ours: kernels {ours[0].get('kernels', '?')}, KV cache {ours[0].get('cache_type', '?')}; "
+                 f"llama.cpp: {theirs[0].get('system_info', '?')}.")
         sections.append(f"{title}\n\n{table}\n\n{note}\n")
         print(f"\n{title}\n\n{table}\n\n{note}\n", flush=True)
 
