@@ -1,0 +1,98 @@
+"""What an f16 KV cache costs in quality, measured against the f32 cache on the real SmolLM2 files.
+
+For each file both caches evaluate the same token sequences (the golden fixture prompts, and a
+~500-token passage of public-domain prose), from an empty cache, one prompt-sized chunk at a time
+(n_batch tokens through the prompt kernels, as a long prompt is evaluated).  Reported per file:
+top-1 agreement of the two caches, mean and max |logit difference|, mean KL(p_f32 || p_f16) in
+nats, and the passage's perplexity under each cache.
+
+Usage:  python tools/kv_cache_quality.py [--models F.gguf ...] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.make_perplexity_fixture import PASSAGE  # noqa: E402  (public-domain prose, ~480 tokens)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def compare(path: Path, n_ctx: int = 1024) -> dict:
+    """f16 vs f32 cache figures for one GGUF file (see the module docstring)."""
+    import edgellama
+
+    caches = {t: edgellama.load(path, n_ctx=n_ctx, threads=2, cache_type=t) for t in ("f32", "f16")}
+    tok = caches["f32"].tokenizer
+    sequences = [tok.encode(PASSAGE)]
+    golden = ROOT / "tests" / "golden" / "smollm2_q8_0.json"
+    if golden.exists():
+        sequences += [p["ids"] for p in json.loads(golden.read_text())["prompts"]]
+    agree = total = 0
+    diffs, kls = [], []
+    nll = {}
+    for i, ids in enumerate(sequences):
+        logp = {t: _log_softmax(m.logits(ids)) for t, m in caches.items()}
+        a, b = logp["f32"], logp["f16"]
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+        raw32, raw16 = caches["f32"].logits(ids), caches["f16"].logits(ids)
+        diffs.append(np.abs(raw32 - raw16).reshape(-1))
+        kls.append((np.exp(a) * (a - b)).sum(-1))
+        if i == 0:  # the passage: NLL of each next token
+            nxt = np.asarray(ids[1:])
+            for t in logp:
+                nll[t] = float(-logp[t][np.arange(len(nxt)), nxt].mean())
+    d = np.concatenate(diffs)
+    return {
+        "file": path.name,
+        "tokens": total,
+        "passage_tokens": len(sequences[0]),
+        "top1_agreement": agree / total,
+        "mean_abs_logit_diff": float(d.mean()),
+        "max_abs_logit_diff": float(d.max()),
+        "mean_kl_nats": float(np.concatenate(kls).mean()),
+        "ppl_f32": float(np.exp(nll["f32"])),
+        "ppl_f16": float(np.exp(nll["f16"])),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", type=Path, default=None)
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    args = parser.parse_args(argv)
+    if args.models is None:
+        from tools.fetch_models import smollm2_q4_1, smollm2_requantized
+
+        args.models = [smollm2_q4_1(), smollm2_requantized("q8_0"), smollm2_requantized("q4_0")]
+    rows = [compare(Path(m)) for m in args.models]
+    if args.markdown:
+        print("| file | tokens | top-1 agreement | mean / max abs logit diff | mean KL (nats) | "
+              "passage perplexity f32 / f16 |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            print(f"| {r['file']} | {r['tokens']} | {100 * r['top1_agreement']:.1f}% | "
+                  f"{r['mean_abs_logit_diff']:.3f} / {r['max_abs_logit_diff']:.2f} | {r['mean_kl_nats']:.5f} | "
+                  f"{r['ppl_f32']:.3f} / {r['ppl_f16']:.3f} |")
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
