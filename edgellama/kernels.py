@@ -443,7 +443,8 @@ def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
 @intrinsic
 def _expf(typingctx, x):
     """exp(x) for float32 x, within about 2 ulp, in plain arithmetic so that loops over it vectorize
-    (a libm call does not).  x = n ln2 + r with |r| <= ln2/2 (n rounded to nearest by adding
+    (a libm call does not).  Never in functions compiled with fastmath (nor in anything they call):
+    Numba's fastmath pass would let LLVM reassociate its rounding step 1.5 * 2^23 away.  x = n ln2 + r with |r| <= ln2/2 (n rounded to nearest by adding
     1.5 * 2^23; ln2 split in two for exactness); e^r by its Taylor series to r^7; 2^n applied as two
     factors so that n = 128 (results near FLT_MAX) and gradual underflow come out right."""
     if x != types.float32:
@@ -730,6 +731,95 @@ def attention(q, k_cache, v_cache, first_pos, scores, out):
             _attend(q[t, h], k_cache[kv], v_cache[kv], first_pos + t + 1, scale, scores[c], out[t, h])
 
 
+ATTN_SPAN = 64  # cached positions per job of one-token attention
+
+
+@njit(**_fast)
+def _dot_rows(a, i, b):
+    """a[i] . b without slicing a (a slice per call costs reference-count updates in hot loops)."""
+    s = np.float32(0.0)
+    for j in range(b.shape[0]):
+        s += a[i, j] * b[j]
+    return s
+
+
+@njit(**_exact)
+def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
+    """The query heads of KV head kv over cached positions start..end-1, not normalized:
+    partial[h] = (sum_t e_t * v_t (head_dim), max score, sum_t e_t) with e_t = exp(score_t - max).
+
+    q: (n_heads, head_dim); scratch: (head_dim + group * ATTN_SPAN,): one widened key or value row,
+    then the group's scores.  Each cached row is read and widened once for the whole group.
+    """
+    head_dim = q.shape[1]
+    group = q.shape[0] // k_cache.shape[0]
+    first = kv * group
+    n = end - start
+    row = scratch[:head_dim]
+    scores = scratch[head_dim:head_dim + group * ATTN_SPAN].reshape(group, ATTN_SPAN)
+    keys, values = k_cache[kv], v_cache[kv]
+    for t in range(n):
+        for i in range(head_dim):
+            row[i] = _kv_f32(keys[start + t, i])
+        for g in range(group):
+            scores[g, t] = _dot_rows(q, first + g, row) * scale
+    for g in range(group):
+        best = np.float32(-np.inf)
+        for t in range(n):
+            best = max(best, scores[g, t])
+        for t in range(n):
+            scores[g, t] = _expf(scores[g, t] - best)
+        total = 0.0
+        for t in range(n):
+            total += scores[g, t]
+        partial[first + g, head_dim] = best
+        partial[first + g, head_dim + 1] = total
+        for i in range(head_dim):
+            partial[first + g, i] = 0.0
+    for t in range(n):
+        for i in range(head_dim):
+            row[i] = _kv_f32(values[start + t, i])
+        for g in range(group):
+            p = scores[g, t]
+            for i in range(head_dim):
+                partial[first + g, i] += p * row[i]
+
+
+@njit(parallel=True, **_exact)
+def attention_one(q, k_cache, v_cache, n_pos, scratch, partial, out):
+    """One token's grouped-query attention over cached positions 0..n_pos-1 (its own included).
+
+    q, out: (n_heads, head_dim); k_cache, v_cache: (n_kv_heads, n_ctx, head_dim);
+    scratch: (n_ctx/ATTN_SPAN rounded up * n_kv_heads, head_dim + group * ATTN_SPAN);
+    partial: (n_ctx/ATTN_SPAN rounded up, n_heads, head_dim + 2).
+    The positions are cut into spans of ATTN_SPAN, one job per (span, KV head) whatever the thread
+    count (so the result does not depend on it), and the spans' softmax sums are merged at the end
+    with their maxima (the flash-decoding split): long contexts use every thread.
+    """
+    n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[0]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_spans = (n_pos + ATTN_SPAN - 1) // ATTN_SPAN
+    for job in prange(n_spans * n_kv):
+        span, kv = job // n_kv, job % n_kv
+        _attend_span(q, k_cache, v_cache, kv, span * ATTN_SPAN, min(n_pos, (span + 1) * ATTN_SPAN), scale,
+                     scratch[job], partial[span])
+    for h in range(n_heads):
+        best = np.float32(-np.inf)
+        for s in range(n_spans):
+            best = max(best, partial[s, h, head_dim])
+        total = 0.0
+        out[h, :] = 0.0
+        for s in range(n_spans):
+            w = _expf(partial[s, h, head_dim] - best)
+            total += partial[s, h, head_dim + 1] * w
+            for i in range(head_dim):
+                out[h, i] += w * partial[s, h, i]
+        inv = np.float32(1.0 / total)
+        for i in range(head_dim):
+            out[h, i] *= inv
+
+
 @njit(**_exact)
 def _swiglu_inplace(g, u):
     # g in place and a loop from 0: with a third output array, or start/end bounds, LLVM cannot
@@ -765,7 +855,8 @@ def _layer_matvec(blob, packed, mat_table, i, x, qx, out, f16_table, bf16_table)
 @njit(**_exact)
 def decode_token(token, pos, embd, embd_type, blob, packed, mat_table, norms, output_norm, output,
                  output_type, eps, n_heads, n_kv_heads, head_dim, cos_table, sin_table, k_cache, v_cache,
-                 x, xb, qx, q, k, v, att, hb, hb2, qh, scores, logits, f16_table, bf16_table):
+                 x, xb, qx, q, k, v, att, hb, hb2, qh, attn_scratch, attn_partial, logits, f16_table,
+                 bf16_table):
     """Run one token at position ``pos`` through every layer; write its logits.
 
     blob: the mapped file; packed: every quantized layer matrix, packed; mat_table[7*l + j]: layer
@@ -774,7 +865,7 @@ def decode_token(token, pos, embd, embd_type, blob, packed, mat_table, norms, ou
     = (attn_norm, ffn_norm); k_cache, v_cache: (n_layers, n_kv_heads, n_ctx, head_dim), float32 or
     half bits (uint16).  Buffers: x, xb, att: (dim,); qx = (xq (dim,) int8, xd, xs (dim/32,) f32,
     xsum (dim/32,) int32); q (n_heads*head_dim,); k, v (n_kv_heads*head_dim,); hb, hb2: (ffn,);
-    qh: like qx for (ffn,); scores: (n_threads, n_ctx); logits: (n_vocab,).
+    qh: like qx for (ffn,); attn_scratch, attn_partial: see attention_one; logits: (n_vocab,).
     """
     n_layers = norms.shape[0]
     dequantize_row(embd[token], embd_type, x, f16_table, bf16_table)
@@ -797,8 +888,8 @@ def decode_token(token, pos, embd, embd_type, blob, packed, mat_table, norms, ou
             for i in range(head_dim):
                 k_cache[l, h, pos, i] = _to_kv(k[h * head_dim + i], k_cache)
                 v_cache[l, h, pos, i] = _to_kv(v[h * head_dim + i], v_cache)
-        attention(q.reshape(1, n_heads, head_dim), k_cache[l], v_cache[l], pos, scores,
-                  att.reshape(1, n_heads, head_dim))
+        attention_one(q.reshape(n_heads, head_dim), k_cache[l], v_cache[l], pos + 1, attn_scratch,
+                      attn_partial, att.reshape(n_heads, head_dim))
         # output projection and residual
         quantize_q8(att, xq, xd, xs, xsum)
         _layer_matvec(blob, packed, mat_table, m + 3, att, qx, xb, f16_table, bf16_table)

@@ -261,7 +261,12 @@ class State:
         self.hs = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
         self.hsum = np.zeros(a.ffn_dim // K.QK, np.int32)  # (ffn/32,)
         self.qh = (self.hq, self.hd, self.hs, self.hsum)
-        self.scores = np.zeros((max(n_threads, 1), n_ctx), f32)  # attention scratch per worker
+        self.scores = np.zeros((max(n_threads, 1), n_ctx), f32)  # prompt attention scratch per worker
+        # one-token attention: per (span, KV head) job a row and the group's scores; per span partials
+        n_spans = -(-n_ctx // K.ATTN_SPAN)
+        group = a.n_heads // a.n_kv_heads
+        self.attn_scratch = np.zeros((n_spans * a.n_kv_heads, a.head_dim + group * K.ATTN_SPAN), f32)
+        self.attn_partial = np.zeros((n_spans, a.n_heads, a.head_dim + 2), f32)
         self.logits = np.zeros(a.n_vocab, f32)         # (n_vocab,)
         self.n_past = 0                                # positions 0..n_past-1 hold valid K/V
         self.tokens: list[int] = []                    # the tokens behind those positions
@@ -461,7 +466,8 @@ class Model:
         K.decode_token(token, s.n_past, w.token_embd.rows, w.token_embd.qtype, w.blob, w.packed, w.mat_table,
                        w.norms, w.output_norm, w.output.kernel_view(), w.output.qtype, np.float32(a.norm_eps),
                        a.n_heads, a.n_kv_heads, a.head_dim, self.cos, self.sin, s.k_cache, s.v_cache,
-                       s.x, s.xb, s.qx, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.qh, s.scores, s.logits,
+                       s.x, s.xb, s.qx, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.qh, s.attn_scratch, s.attn_partial,
+                       s.logits,
                        K.F16_TABLE, K.BF16_TABLE)
         s.n_past += 1
         s.tokens.append(token)

@@ -622,6 +622,33 @@ def test_attention(n_kv, group, head_dim, n_tokens, first_pos, score_rows, threa
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("half", [False, True], ids=["f32", "f16"])
+@pytest.mark.parametrize("n_kv, group, head_dim, n_pos", [
+    (1, 1, 8, 1), (3, 3, 64, 63), (3, 3, 64, 64), (3, 3, 64, 65), (2, 4, 32, 300), (4, 2, 16, 1000)])
+def test_attention_one(n_kv, group, head_dim, n_pos, half, threads):
+    """One-token attention split in spans of ATTN_SPAN positions and merged (also across span
+    boundaries and with half-precision caches) equals the plain softmax; unwritten slots are NaN."""
+    rng = np.random.default_rng(n_kv * 1000 + n_pos + head_dim)
+    n_heads, n_ctx = n_kv * group, n_pos + 7
+    q = (rng.standard_normal((n_heads, head_dim)) * 2).astype(np.float32)
+    k = np.full((n_kv, n_ctx, head_dim), np.nan, np.float32)
+    v = np.full((n_kv, n_ctx, head_dim), np.nan, np.float32)
+    k[:, :n_pos] = rng.standard_normal((n_kv, n_pos, head_dim)) * 2
+    v[:, :n_pos] = rng.standard_normal((n_kv, n_pos, head_dim))
+    if half:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+        want = attention_twin(q[None], k.astype(np.float32), v.astype(np.float32), n_pos - 1)[0]
+        k, v = k.view(np.uint16), v.view(np.uint16)
+    else:
+        want = attention_twin(q[None], k, v, n_pos - 1)[0]
+    n_spans = -(-n_ctx // K.ATTN_SPAN)
+    scratch = np.full((n_spans * n_kv, head_dim + group * K.ATTN_SPAN), np.nan, np.float32)
+    partial = np.full((n_spans, n_heads, head_dim + 2), np.nan, np.float32)
+    out = np.full_like(q, np.nan)
+    K.attention_one(q, k, v, n_pos, scratch, partial, out)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_causal_mask_and_sharp_softmax():
     """Token 0 at position 0 sees only itself; scores of 1e4 spread do not overflow exp."""
     q = np.zeros((2, 2, 4), np.float32)
@@ -757,7 +784,9 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
     q, k, v = np.zeros(DIM, f32), np.zeros(N_KV * HEAD_DIM, f32), np.zeros(N_KV * HEAD_DIM, f32)
     hb, hb2 = np.zeros(FFN, f32), np.zeros(FFN, f32)
     qh = (np.zeros(FFN, np.int8), np.zeros(FFN // 32, f32), np.zeros(FFN // 32, f32), np.zeros(FFN // 32, np.int32))
-    scores = np.zeros((max(threads, 1), N_CTX), f32)
+    n_spans = -(-N_CTX // K.ATTN_SPAN)
+    attn_scratch = np.zeros((n_spans * N_KV, HEAD_DIM + N_HEADS // N_KV * K.ATTN_SPAN), f32)
+    attn_partial = np.zeros((n_spans, N_HEADS, HEAD_DIM + 2), f32)
     logits = np.zeros(VOCAB, f32)
 
     want, want_k, want_v = _decode_twin(tokens, raws, types, norms, output_norm, cos_t, sin_t, float(eps),
@@ -765,8 +794,8 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
     for pos, token in enumerate(tokens):
         K.decode_token(token, pos, placed["token_embd"], types["token_embd"], blob, packed_blob, mat_table, norms,
                        output_norm, output, types["output"], eps, N_HEADS, N_KV, HEAD_DIM,
-                       cos_t, sin_t, k_cache, v_cache, x, xb, qx, q, k, v, att, hb, hb2, qh, scores, logits,
-                       F16, BF16)
+                       cos_t, sin_t, k_cache, v_cache, x, xb, qx, q, k, v, att, hb, hb2, qh, attn_scratch,
+                       attn_partial, logits, F16, BF16)
         scale = np.abs(want[pos]).max()
         err = np.abs(logits - want[pos]).max()
         assert err <= 1e-4 * scale, f"pos {pos}: max|logits - twin| = {err:.3g} (scale {scale:.3g})"
