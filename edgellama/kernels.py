@@ -115,21 +115,20 @@ def packing() -> tuple[int, bool]:
     """(LANES, whether Q8_0 quants are stored unsigned): the packed layout the compiled kernels of
     this CPU target expect.  Plain Python: choosing it compiles nothing."""
     feats = _target_features()
-    vnni = "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats
     if {"avx512f", "avx512bw"} <= feats:
         lanes = 16
     elif "avx2" in feats:
         lanes = 8
     else:
         lanes = 4
-    return lanes, vnni and lanes in (8, 16)
+    return lanes, _has_vnni(feats) and lanes in (8, 16)
 
 
 def target_summary() -> str:
     """What the quantized kernels compile to here, e.g. 'x86_64, 16 lanes, vpdpbusd (VNNI)'."""
     feats = _target_features()
     lanes, _ = packing()
-    if "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats:
+    if _has_vnni(feats):
         dot = "vpdpbusd (VNNI)"
     elif _arch() == "aarch64" and "dotprod" in feats:
         dot = "sdot (dotprod)"
@@ -172,16 +171,22 @@ def pack_rows(w, wtype, lanes, unsigned_q8, out):
 
 
 def _target_features() -> set[str]:
-    """The CPU features Numba compiles for (NUMBA_CPU_NAME/NUMBA_CPU_FEATURES, else the host's)."""
+    """The CPU features Numba compiles for, by Numba's own rule: NUMBA_CPU_FEATURES when set
+    (NUMBA_CPU_NAME=generic sets it empty), else the host's."""
     from numba.core import config
 
-    if config.CPU_NAME:
-        flat = config.CPU_FEATURES or ""
+    if config.CPU_FEATURES is not None:
+        flat = config.CPU_FEATURES
     else:
         import llvmlite.binding as llvm
 
         flat = llvm.get_host_cpu_features().flatten()
     return {f[1:] for f in flat.split(",") if f.startswith("+")}
+
+
+def _has_vnni(feats) -> bool:
+    """x86 vpdpbusd on 256-bit vectors: AVX-VNNI, or AVX-512 VNNI with VL."""
+    return "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats
 
 
 def _arch() -> str:
@@ -237,7 +242,8 @@ def _half_to_f32(b, h, native):
 
 
 def _f32_to_half(b, f, native):
-    """IR: float32 f -> its nearest half (ties to even) as an i16 bit pattern, as F16C's vcvtps2ph."""
+    """IR: float32 f -> its nearest half (ties to even) as an i16 bit pattern, as F16C's vcvtps2ph.
+    Without F16C the subnormal rounding is a float addition: exact-only code, like _expf."""
     if native:
         return b.bitcast(b.fptrunc(f, _F16), _I16)
     c = lambda v: ir.Constant(_I32, v)
@@ -270,7 +276,7 @@ class _TileIR:
         feats = _target_features()
         self.b, self.qtype, self.n_tok = builder, qtype, n_tok
         self.lanes, self.unsigned_q8 = packing()
-        self.vnni = "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats
+        self.vnni = _has_vnni(feats)
         self.arm_dot = _arch() == "aarch64" and "dotprod" in feats   # sdot: signed x signed bytes
         self.native_half = _native_half(feats)
         arrays = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3, 4, 5, 6, 8))
