@@ -1,9 +1,11 @@
 """Every Numba kernel of the runtime.  Each has a numpy twin in the tests.
 
-Weights arrive as read-only ``(n_out, row_bytes)`` uint8 views of the memory-mapped GGUF file plus
-their ggml type id; they are dequantized inside the kernels, never copied out as floats.  Decoding
-one token quantizes each activation vector once to int8 blocks of 32 (ggml's Q8_0 / Q8_1 activation
-format) and reuses it for every matrix that reads it; a block's int32 dot product is scaled once.
+Quantized weights (Q8_0, Q4_0, Q4_1) arrive as the row-interleaved copy ``pack_rows`` makes once at
+load (the file's bytes, reordered: still quantized, never expanded to floats); float weights as
+read-only ``(n_out, row_bytes)`` uint8 views of the memory-mapped GGUF file; both with their ggml
+type id.  Each activation row is quantized once to int8 blocks of 32 (ggml's Q8_0 / Q8_1 activation
+format) and reused by every matrix that reads it; a block's exact integer dot product is scaled once.
+One token and a whole prompt go through the same product kernels.
 
 Type ids (ggml): F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, BF16 = 30.
 ``half_table`` arguments are 65536-entry float32 tables mapping a 16-bit pattern to its value
@@ -414,10 +416,10 @@ def _tile(qtype: int, n_tok: int):
     return tile
 
 
-_q8_0_tile1, _q4_0_tile1, _q4_1_tile1 = _tile(T_Q8_0, 1), _tile(T_Q4_0, 1), _tile(T_Q4_1, 1)
-_q8_0_tiles, _q4_0_tiles, _q4_1_tiles = (_tile(T_Q8_0, tile_tokens()), _tile(T_Q4_0, tile_tokens()),
-                                         _tile(T_Q4_1, tile_tokens()))
 _TILE_TOKENS = tile_tokens()
+_q8_0_tile1, _q4_0_tile1, _q4_1_tile1 = _tile(T_Q8_0, 1), _tile(T_Q4_0, 1), _tile(T_Q4_1, 1)
+_q8_0_tiles, _q4_0_tiles, _q4_1_tiles = (_tile(T_Q8_0, _TILE_TOKENS), _tile(T_Q4_0, _TILE_TOKENS),
+                                         _tile(T_Q4_1, _TILE_TOKENS))
 
 
 @njit(parallel=True, **_fast)

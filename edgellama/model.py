@@ -222,7 +222,7 @@ class Weights:
         self.mat_table = np.array([(_offset_in(w.kernel_view(), self.packed if w.quantized else self.blob),
                                     *w.kernel_view().shape, w.qtype, w.n_out) for w in matrices], dtype=np.int64)
         if self.output.quantized:
-            self.packed_output = _pack(f, [self.output])
+            _pack(f, [self.output])  # its own buffer, kept alive by output.packed
 
     def types(self) -> dict[str, int]:
         """Tensor count per type name (for info and logs)."""
@@ -467,8 +467,7 @@ class Model:
                        w.norms, w.output_norm, w.output.kernel_view(), w.output.qtype, np.float32(a.norm_eps),
                        a.n_heads, a.n_kv_heads, a.head_dim, self.cos, self.sin, s.k_cache, s.v_cache,
                        s.x, s.xb, s.qx, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.qh, s.attn_scratch, s.attn_partial,
-                       s.logits,
-                       K.F16_TABLE, K.BF16_TABLE)
+                       s.logits, K.F16_TABLE, K.BF16_TABLE)
         s.n_past += 1
         s.tokens.append(token)
         self.n_evaluated += 1

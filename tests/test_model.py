@@ -77,11 +77,11 @@ def test_prefill_in_chunks_equals_one_chunk(tmp_path, qtype, rel):
 
 
 def test_prefill_with_small_weight_tiles_equals_one_tile(tmp_path, monkeypatch):
-    """Weights dequantized in many tiles (rows of several matrices sharing a tile) give the same
-    products as whole matrices."""
+    """16-bit float weights are widened in tiles of rows for BLAS: many small tiles give the same
+    products as one tile per matrix."""
     import edgellama.model as model_module
 
-    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.F32)
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.F16)
     whole = edgellama.load(path, n_ctx=32).logits(IDS)
     monkeypatch.setattr(model_module, "TILE_ELEMENTS", 64 * 5)  # 5 rows of 64
     _close(edgellama.load(path, n_ctx=32).logits(IDS), whole, rel=1e-5)
