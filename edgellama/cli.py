@@ -97,6 +97,11 @@ def cmd_run(args) -> int:
     print(f"\nload {load_s:.2f} s | prompt {u.prompt_tokens} tokens, {u.prompt_tokens_per_second:.1f} tok/s | "
           f"generated {u.completion_tokens} tokens, {u.generation_tokens_per_second:.1f} tok/s | "
           f"finish: {last.finish_reason}", file=sys.stderr)
+    from .bench import numba_cache_counts
+
+    if numba_cache_counts()[1]:
+        print("(first run on this machine: the timings include compiling the kernels, which are cached "
+              "for the next runs)", file=sys.stderr)
     return 0
 
 
