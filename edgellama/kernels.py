@@ -26,7 +26,8 @@ T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0, T_BF16 = 0, 1, 2, 3, 8, 30
 QK = 32  # elements per quantized block
 I32 = np.int32
 
-F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # arm64 numpy flags the signalling-NaN patterns while widening
+    F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 BF16_TABLE = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
 
 # error_model="numpy": a division is a plain instruction (no ZeroDivisionError check), so loops with
