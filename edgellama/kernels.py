@@ -7,7 +7,8 @@ type id.  Each activation row is quantized once to int8 blocks of 32 (ggml's Q8_
 format) and reused by every matrix that reads it; a block's exact integer dot product is scaled once.
 One token and a whole prompt go through the same product kernels.
 
-Type ids (ggml): F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, BF16 = 30.
+Type ids (ggml): F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12,
+Q5_K = 13, Q6_K = 14, BF16 = 30.
 ``half_table`` arguments are 65536-entry float32 tables mapping a 16-bit pattern to its value
 (``F16_TABLE`` for IEEE half, ``BF16_TABLE`` for bfloat16).
 """
@@ -22,7 +23,8 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q8_0, T_BF16 = 0, 1, 2, 3, 8, 30
+T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_BF16 = 0, 1, 2, 3, 6, 7, 8, 30
+T_Q4_K, T_Q5_K, T_Q6_K = 12, 13, 14
 QK = 32  # elements per quantized block
 I32 = np.int32
 
@@ -56,7 +58,7 @@ def _abs_max(x, o):
 @njit(**_exact)
 def quantize_q8(x, xq, xd, xs, xsum):
     """x: (n,) f32 -> xq: (n,) int8, xd: (n/32,) block scales, xs: (n/32,) scale * block sum of xq,
-    xsum: (n/32,) int32 block sums of xq.
+    xsum: (n/16,) int32 sums of xq over each half block (16 elements; Q6_K scales halves).
 
     Per 32-block, as ggml's x86 quantize_row_q8_1: d = max|x| / 127 (stored as half),
     q = round-to-nearest-even(x * 127 / max|x|), s = half(d * sum(q)).
@@ -66,43 +68,49 @@ def quantize_q8(x, xq, xd, xs, xsum):
         amax = _abs_max(x, o)
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
-        total = I32(0)
-        for i in range(QK):
-            q = I32(np.rint(x[o + i] * inv))
-            xq[o + i] = q
-            total += q
+        for h in range(2):
+            total = I32(0)
+            for i in range(16 * h, 16 * h + 16):
+                q = I32(np.rint(x[o + i] * inv))
+                xq[o + i] = q
+                total += q
+            xsum[2 * b + h] = total
         xd[b] = round_to_f16(d)
-        xs[b] = round_to_f16(d * np.float32(total))
-        xsum[b] = total
+        xs[b] = round_to_f16(d * np.float32(xsum[2 * b] + xsum[2 * b + 1]))
 
 
 @njit(parallel=True, **_exact)
 def quantize_q8_rows(x, xq, xd, xs, xsum):
-    """quantize_q8 of every row: x (T, n) -> xq (T, n), xd, xs and xsum (T, n/32)."""
+    """quantize_q8 of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32), xsum (T, n/16)."""
     for t in prange(x.shape[0]):
         quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
 
 
 # ----- quantized products over row-interleaved ("packed") weights --------------------------------
 
-# The file stores a quantized matrix row after row, block after block.  At load every quantized
-# matrix is repacked once into groups of LANES rows (LANES = the int32 lanes of one vector: 16 with
-# AVX-512, 8 with AVX2, 4 elsewhere), so that one vector load brings 4 consecutive bytes of each of
-# LANES rows.  Per group, per 32-element block b (the same bytes as the file, reordered):
+# The file stores a quantized matrix row after row, block after block, each type in its own layout.
+# At load every quantized matrix is repacked once into groups of LANES rows (LANES = the int32 lanes
+# of one vector: 16 with AVX-512, 8 with AVX2, 4 elsewhere) and into one of a few internal block
+# forms, so that one vector load brings 4 consecutive weight bytes of each of LANES rows.  Per group,
+# per 32-element block (PACKED_FORMATS below says which pieces a type has):
 #
-#   Q4_0  LANES x f16 d          | 4 steps s x LANES rows x 4 bytes: nibble bytes 4s..4s+3 of the row
-#   Q4_1  LANES x f16 d, LANES x f16 m | the same nibble steps
-#   Q8_0  LANES x f16 d          | 8 steps s x LANES rows x 4 bytes: quants 4s..4s+3 of the row
-#                                  (stored as q + 128, unsigned, on CPUs with VNNI: see below)
+#   scales   n_scales x LANES  (f16 or f32; 2 for Q6_K: one per 16 elements)
+#   minimums LANES             (f16 or f32; Q4_1, Q5_1, Q4_K, Q5_K)
+#   quants   steps x LANES x 4 bytes: 4 nibble steps (byte i of step s holds elements 4s+i in its
+#            low and 16+4s+i in its high half) or 8 byte steps (element 4s+i), unsigned integers
+#            whose value is scale * (q - offset) + minimum
+#
+# Q4_0 / Q4_1 / Q8_0 keep their file bytes (Q8_0 stored as q + 128 on CPUs with VNNI: see below);
+# Q5_x and Q6_K are widened to a byte per value; K-quant scales and minimums (6-bit sub-block
+# factors of a super-block scale) become float32.  Every value stays exactly what ggml dequantizes.
 #
 # A product then needs no horizontal sums: lane l accumulates row l.  For each block and token, one
 # 4-byte group of the activation is broadcast to all lanes and one int8 dot-product instruction
-# (vpdpbusd on AVX-VNNI / AVX-512 VNNI: unsigned x signed bytes, 4 products per int32 lane; portable
-# IR elsewhere) adds 4 products to every row's integer sum; a nibble byte holds elements 4s+i (low
-# half) and 16+4s+i (high half), so Q4 takes two such steps per byte vector.  The exact block sum is
-# then scaled once: acc += float(isum) * d_w * d_x (one fused multiply-add per block, lanes = rows),
-# plus m_w * s_x for Q4_1.  Offsets stay in integers as in ggml: Q4_0's nibble - 8 and the q + 128 of
-# unsigned Q8_0 enter as the integer sum's start value -8 * sum(x) (-128 * sum(x)).
+# (vpdpbusd on AVX-VNNI / AVX-512 VNNI: unsigned x signed bytes, 4 products per int32 lane; sdot on
+# arm64 with dotprod; portable IR elsewhere) adds 4 products to every row's integer sum.  Offsets
+# stay in integers as in ggml: the sum starts at -offset * (sum of the activation's integers).  The
+# exact block sum is then scaled once per block (per half for Q6_K): acc += isum * d_w * d_x, one
+# fused multiply-add, plus m_w * (sum of the activation block) for the formats with a minimum.
 #
 # The inner work is LLVM IR emitted by the intrinsics below (Numba has no vector types, and LLVM
 # finds neither the dot-product instructions nor this data layout in scalar loops).  One call
@@ -111,7 +119,28 @@ def quantize_q8_rows(x, xq, xd, xs, xsum):
 
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F16, _F32 = ir.HalfType(), ir.FloatType()
-_BLOCK_BYTES = {T_Q8_0: 34, T_Q4_0: 18, T_Q4_1: 20}
+
+# qtype: (quant bytes per 32 elements: 16 nibbles or 32 bytes, bytes per scale, scales per block,
+#         bytes per minimum (0: none), offset); Q8_0's offset becomes 128 when stored unsigned
+PACKED_FORMATS = {
+    T_Q4_0: (16, 2, 1, 0, 8),
+    T_Q4_1: (16, 2, 1, 2, 0),
+    T_Q5_0: (32, 2, 1, 0, 16),
+    T_Q5_1: (32, 2, 1, 2, 0),
+    T_Q8_0: (32, 2, 1, 0, 0),
+    T_Q4_K: (16, 4, 1, 4, 0),
+    T_Q5_K: (32, 4, 1, 4, 0),
+    T_Q6_K: (32, 4, 2, 0, 32),
+}
+# bytes of one block (32 elements, or a 256-element K-quant super-block) in the file
+FILE_BLOCK = {T_Q4_0: (32, 18), T_Q4_1: (32, 20), T_Q5_0: (32, 22), T_Q5_1: (32, 24), T_Q8_0: (32, 34),
+              T_Q4_K: (256, 144), T_Q5_K: (256, 176), T_Q6_K: (256, 210)}
+
+
+def record_bytes(qtype: int) -> int:
+    """Packed bytes of one row's 32-element block."""
+    quant, scale, n_scales, minimum, _ = PACKED_FORMATS[qtype]
+    return scale * n_scales + minimum + quant
 
 
 def packing() -> tuple[int, bool]:
@@ -145,32 +174,150 @@ def tile_tokens() -> int:
     return 8 if packing()[0] == 16 else 4
 
 
+@njit(**_exact)
+def _f16_at(row, o):
+    """The IEEE half stored at bytes o, o+1 of a byte row, as float32."""
+    return _half_value(np.uint16(I32(row[o]) | (I32(row[o + 1]) << 8)))
+
+
+@njit(**_exact)
+def _k_scale_min(q, o, j):
+    """K-quant sub-block j's 6-bit (scale, minimum) factors from the 12 packed bytes at q[o:]."""
+    if j < 4:
+        return I32(q[o + j]) & 63, I32(q[o + j + 4]) & 63
+    sc = (I32(q[o + j + 4]) & 15) | ((I32(q[o + j - 4]) >> 6) << 4)
+    m = (I32(q[o + j + 4]) >> 4) | ((I32(q[o + j]) >> 6) << 4)
+    return sc, m
+
+
+@njit(**_exact)
+def unpack_block(row, wtype, b, vals, scales):
+    """Block b (elements 32b .. 32b+31) of a quantized file row: vals[0:32] its integers (int32),
+    scales[0:2] the scales of its two halves (the same value except for Q6_K); returns its minimum
+    (0 where the type has none), so that element i = scales[i // 16] * (vals[i] - offset) + minimum
+    with the type's offset from PACKED_FORMATS (Q8_0: signed values, offset 0).  This is ggml's
+    dequantization, per type."""
+    minimum = np.float32(0.0)
+    if wtype == T_Q8_0:
+        o = 34 * b
+        d = _f16_at(row, o)
+        for i in range(QK):
+            vals[i] = I32(np.int8(row[o + 2 + i]))
+    elif wtype == T_Q4_0 or wtype == T_Q4_1:
+        o = (18 if wtype == T_Q4_0 else 20) * b
+        d = _f16_at(row, o)
+        q = o + 2
+        if wtype == T_Q4_1:
+            minimum = _f16_at(row, o + 2)
+            q = o + 4
+        for j in range(16):
+            vals[j] = I32(row[q + j]) & 15
+            vals[j + 16] = I32(row[q + j]) >> 4
+    elif wtype == T_Q5_0 or wtype == T_Q5_1:
+        o = (22 if wtype == T_Q5_0 else 24) * b
+        d = _f16_at(row, o)
+        h = o + 2
+        if wtype == T_Q5_1:
+            minimum = _f16_at(row, o + 2)
+            h = o + 4
+        high = I32(row[h]) | (I32(row[h + 1]) << 8) | (I32(row[h + 2]) << 16) | (I32(row[h + 3]) << 24)
+        for j in range(16):
+            byte = I32(row[h + 4 + j])
+            vals[j] = (byte & 15) | (((high >> j) & 1) << 4)
+            vals[j + 16] = (byte >> 4) | (((high >> (j + 16)) & 1) << 4)
+    elif wtype == T_Q4_K or wtype == T_Q5_K:
+        o = (144 if wtype == T_Q4_K else 176) * (b // 8)
+        j = b % 8
+        sc, m = _k_scale_min(row, o + 4, j)
+        d = _f16_at(row, o) * np.float32(sc)
+        minimum = -(_f16_at(row, o + 2) * np.float32(m))
+        quants = o + (16 if wtype == T_Q4_K else 48) + 32 * (j // 2)  # 32 bytes: 64 elements
+        shift = 4 * (j % 2)                                              # low or high nibbles
+        for i in range(QK):
+            vals[i] = (I32(row[quants + i]) >> shift) & 15
+            if wtype == T_Q5_K:
+                vals[i] |= ((I32(row[o + 16 + i]) >> j) & 1) << 4
+    else:  # Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, f16 d
+        o = 210 * (b // 8)
+        half, quarter = (b % 8) // 4, (b % 8) % 4   # which 128 elements, which 32 of them
+        d = _f16_at(row, o + 208)
+        low = o + 64 * half + (32 if quarter % 2 else 0)
+        shift = 4 if quarter >= 2 else 0
+        high = o + 128 + 32 * half
+        for i in range(QK):
+            vals[i] = ((I32(row[low + i]) >> shift) & 15) | (((I32(row[high + i]) >> (2 * quarter)) & 3) << 4)
+        s = o + 192 + 8 * half + 2 * quarter
+        scales[0] = d * np.float32(np.int8(row[s]))
+        scales[1] = d * np.float32(np.int8(row[s + 1]))
+        return minimum
+    scales[0] = d
+    scales[1] = d
+    return minimum
+
+
+@njit(**_exact)
+def is_quantized(wtype):
+    """Whether the kernels read this ggml type packed (the quantized types) rather than as file rows."""
+    return wtype != T_F32 and wtype != T_F16 and wtype != T_BF16
+
+
+@njit(**_exact)
+def _packed_format(wtype):
+    """PACKED_FORMATS[wtype] for the kernels (Numba reads no dicts of globals)."""
+    if wtype == T_Q4_0:
+        return 16, 2, 1, 0, 8
+    if wtype == T_Q4_1:
+        return 16, 2, 1, 2, 0
+    if wtype == T_Q5_0:
+        return 32, 2, 1, 0, 16
+    if wtype == T_Q5_1:
+        return 32, 2, 1, 2, 0
+    if wtype == T_Q8_0:
+        return 32, 2, 1, 0, 0
+    if wtype == T_Q4_K:
+        return 16, 4, 1, 4, 0
+    if wtype == T_Q5_K:
+        return 32, 4, 1, 4, 0
+    return 32, 4, 2, 0, 32
+
+
+@njit(**_exact)
+def _put(group, at, value, nbytes):
+    """A scale or minimum into a packed record: its half bits (nbytes 2) or float32 bytes (4)."""
+    bits = I32(_half_bits(value)) if nbytes == 2 else _f32_bits(value)
+    for i in range(nbytes):
+        group[at + i] = (bits >> (8 * i)) & 255
+
+
 @njit(parallel=True, **_exact)
 def pack_rows(w, wtype, lanes, unsigned_q8, out):
-    """w: (n_out, row_bytes) file rows of type Q8_0 / Q4_0 / Q4_1 -> out: (n_groups, lanes * row_bytes),
-    the layout above.  out must arrive zeroed: the last group's padding rows are left as they are."""
-    bb = 34 if wtype == T_Q8_0 else (18 if wtype == T_Q4_0 else 20)
-    head = 4 if wtype == T_Q4_1 else 2             # scale (and minimum) bytes per row and block
-    n_steps = (bb - head) // 4
-    flip = np.uint8(0x80 if unsigned_q8 and wtype == T_Q8_0 else 0)
-    n_blocks = w.shape[1] // bb
+    """w: (n_out, row_bytes) file rows of a quantized type -> out: (n_groups, n_in/32 * lanes *
+    record_bytes), the layout above.  out must arrive zeroed: the last group's padding rows stay so."""
+    quant, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
+    record = lanes * (scale_bytes * n_scales + min_bytes + quant)
+    flip = 128 if unsigned_q8 and wtype == T_Q8_0 else 0
+    n_blocks = out.shape[1] // record
     for g in prange(out.shape[0]):
         group = out[g]
+        vals = np.empty(QK, np.int32)
+        scales = np.empty(2, np.float32)
         for lane in range(min(lanes, w.shape[0] - g * lanes)):
             row = w[g * lanes + lane]
             for b in range(n_blocks):
-                src, rec = b * bb, b * lanes * bb    # the block in the row, its record in the group
-                group[rec + 2 * lane] = row[src]     # d: lanes consecutive halves (then m for Q4_1)
-                group[rec + 2 * lane + 1] = row[src + 1]
-                if head == 4:
-                    group[rec + 2 * lanes + 2 * lane] = row[src + 2]
-                    group[rec + 2 * lanes + 2 * lane + 1] = row[src + 3]
-                for s in range(n_steps):             # 4-byte slices, one per lane per step
-                    at, q = rec + (head + 4 * s) * lanes + 4 * lane, src + head + 4 * s
-                    group[at] = row[q] ^ flip
-                    group[at + 1] = row[q + 1] ^ flip
-                    group[at + 2] = row[q + 2] ^ flip
-                    group[at + 3] = row[q + 3] ^ flip
+                minimum = unpack_block(row, wtype, b, vals, scales)
+                rec = b * record
+                for s in range(n_scales):
+                    _put(group, rec + (s * lanes + lane) * scale_bytes, scales[s], scale_bytes)
+                if min_bytes:
+                    _put(group, rec + n_scales * lanes * scale_bytes + lane * min_bytes, minimum, min_bytes)
+                quants = rec + lanes * (n_scales * scale_bytes + min_bytes)
+                for s in range(quant // 4):          # 4-byte slices, one per lane per step
+                    at = quants + (s * lanes + lane) * 4
+                    for i in range(4):
+                        if quant == 16:
+                            group[at + i] = vals[4 * s + i] | (vals[16 + 4 * s + i] << 4)
+                        else:
+                            group[at + i] = (vals[4 * s + i] + flip) & 255
 
 
 def _target_features() -> set[str]:
@@ -269,8 +416,8 @@ def _f32_to_half(b, f, native):
 class _TileIR:
     """Emits one packed tile into a Numba intrinsic's builder.  Compile-time code only.
 
-    Arguments (as the intrinsic receives them): wp (n_groups, group_bytes) uint8 packed weights,
-    g the row group, n_out, xq (T, n_in) int8, xd / xs (T, n_in/32) float32, xsum (T, n_in/32)
+    Arguments (as the intrinsic receives them): wtype, wp (n_groups, group_bytes) uint8 packed weights,
+    g the row group, n_out, xq (T, n_in) int8, xd / xs (T, n_in/32) float32, xsum (T, n_in/16)
     int32, t0 the first token, out (T, n_out) float32.  Tokens past T are clamped (computed again,
     never stored); rows past n_out are never stored.
     """
@@ -282,10 +429,10 @@ class _TileIR:
         self.vnni = _has_vnni(feats)
         self.arm_dot = _arch() == "aarch64" and "dotprod" in feats   # sdot: signed x signed bytes
         self.native_half = _native_half(feats)
-        arrays = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 3, 4, 5, 6, 8))
+        arrays = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 4, 5, 6, 7, 9))
         self.wp, self.xq, self.xd, self.xs, self.xsum, self.out = arrays
         index = lambda i: context.cast(builder, args[i], sig.args[i], types.intp)
-        self.g, self.n_out, self.t0 = index(1), index(2), index(7)
+        self.g, self.n_out, self.t0 = index(2), index(3), index(8)
         self.n_total, n_in = cgutils.unpack_tuple(builder, self.xq.shape)
         self.nb = builder.ashr(n_in, self.i64(5))
         stride = lambda a: cgutils.unpack_tuple(builder, a.strides)[0]
@@ -310,7 +457,8 @@ class _TileIR:
         return self.b.load(self.ptr(arr, byte_offset, ty), align=align)
 
     def token_value(self, name, j, blk, ty):
-        """Block blk's entry of per-block activation array `name` for token j (4-byte elements)."""
+        """Entry blk of per-block activation array `name` for token j (4-byte elements; xsum has
+        one entry per half block)."""
         return self.load(getattr(self, name), self.b.add(self.rows_of[name][j], self.b.shl(blk, self.i64(2))), ty, 4)
 
     def splat(self, s):
@@ -343,39 +491,56 @@ class _TileIR:
         vf, vi, vb = _vec(_F32, n), _vec(_I32, n), _vec(_I8, 4 * n)
         fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fmuladd.v{n}f32")
         acc = [cgutils.alloca_once_value(b, ir.Constant(vf, [0.0] * n)) for _ in range(self.n_tok)]
-        offset = {T_Q4_0: 8, T_Q8_0: 128 if self.unsigned_q8 else 0}.get(qt, 0)
+        quant, scale_bytes, n_scales, min_bytes, offset = PACKED_FORMATS[qt]
+        if qt == T_Q8_0 and self.unsigned_q8:
+            offset = 128
+        record = n * record_bytes(qt)
+
+        def lane_values(at, nbytes):  # n scales or minimums -> float32 vector
+            if nbytes == 2:
+                return _half_to_f32(b, self.load(self.wp, at, _vec(_I16, n)), self.native_half)
+            return self.load(self.wp, at, vf)
+
         with cgutils.for_range(b, self.nb) as loop:
             blk = loop.index
-            rec = b.add(self.group_at, b.mul(blk, self.i64(n * _BLOCK_BYTES[qt])))
-            d_w = _half_to_f32(b, self.load(self.wp, rec, _vec(_I16, n)), self.native_half)
-            if qt == T_Q4_1:
-                m_w = _half_to_f32(b, self.load(self.wp, b.add(rec, self.i64(2 * n)), _vec(_I16, n)), self.native_half)
-            quants = b.add(rec, self.i64((4 if qt == T_Q4_1 else 2) * n))
-            # integer block sums, starting from the offset term
+            rec = b.add(self.group_at, b.mul(blk, self.i64(record)))
+            d_w = [lane_values(b.add(rec, self.i64(s * n * scale_bytes)), scale_bytes) for s in range(n_scales)]
+            if min_bytes:
+                m_w = lane_values(b.add(rec, self.i64(n_scales * n * scale_bytes)), min_bytes)
+            quants = b.add(rec, self.i64(n * (n_scales * scale_bytes + min_bytes)))
+            # integer sums (one per scale: per half block for Q6_K), starting from the offset term
             isum = []
             for j in range(self.n_tok):
-                start = ir.Constant(vi, [0] * n)
-                if offset:
-                    start = self.splat(b.mul(self.token_value("xsum", j, blk, _I32), ir.Constant(_I32, -offset)))
-                isum.append(start)
+                halves = [self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
+                          for h in range(2)]
+                sums = [b.add(halves[0], halves[1])] if n_scales == 1 else halves
+                isum.append([self.splat(b.mul(s, ir.Constant(_I32, -offset))) if offset else
+                             ir.Constant(vi, [0] * n) for s in sums])
             x_at = [b.add(self.rows_of["xq"][j], b.shl(blk, self.i64(5))) for j in range(self.n_tok)]
-            for s in range(8 if qt == T_Q8_0 else 4):
+            for s in range(quant // 4):
                 v = self.load(self.wp, b.add(quants, self.i64(4 * n * s)), vb)
-                if qt == T_Q8_0:
+                if quant == 32:
                     steps = [(v, 4 * s)]
                 else:  # low nibbles: elements 4s.., high nibbles: elements 16+4s..
                     steps = [(b.and_(v, _const_vec(_I8, [15] * (4 * n))), 4 * s),
                              (b.lshr(v, _const_vec(_I8, [4] * (4 * n))), 16 + 4 * s)]
                 for weights, element in steps:
+                    half = element // 16 if n_scales == 2 else 0
                     for j in range(self.n_tok):
                         x4 = self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)
-                        isum[j] = self.dot(isum[j], weights, b.bitcast(self.splat(x4), vb))
-            # one scaling per block: acc += isum * d_w * d_x (+ m_w * s_x)
+                        isum[j][half] = self.dot(isum[j][half], weights, b.bitcast(self.splat(x4), vb))
+            # one scaling per block (per half): acc += isum * d_w * d_x (+ m_w * sum of x)
             for j in range(self.n_tok):
-                scale = b.fmul(d_w, self.splat(self.token_value("xd", j, blk, _F32)))
-                total = b.call(fma, [b.sitofp(isum[j], vf), scale, b.load(acc[j])])
-                if qt == T_Q4_1:
+                d_x = self.splat(self.token_value("xd", j, blk, _F32))
+                total = b.load(acc[j])
+                for h in range(n_scales):
+                    total = b.call(fma, [b.sitofp(isum[j][h], vf), b.fmul(d_w[h], d_x), total])
+                if min_bytes == 2:    # Q4_1, Q5_1: ggml's half-rounded s = d * sum(q) of Q8_1
                     total = b.call(fma, [m_w, self.splat(self.token_value("xs", j, blk, _F32)), total])
+                elif min_bytes == 4:  # K-quants: the exact block sum, as ggml's Q8_K sums
+                    x_sum = b.add(*[self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
+                                    for h in range(2)])
+                    total = b.call(fma, [m_w, b.fmul(d_x, self.splat(b.sitofp(x_sum, _F32))), total])
                 b.store(total, acc[j])
         self.store(acc, vf)
 
@@ -399,52 +564,58 @@ class _TileIR:
                                         self.ptr(self.out, b.add(at, self.i64(4 * lane)), _F32), align=4)
 
 
-def _tile(qtype: int, n_tok: int):
-    """tile(wp, g, n_out, xq, xd, xs, xsum, t0, out): out[t0 + j, LANES*g + lane] = row LANES*g + lane
-    of the packed matrix wp . activation t0 + j, for j < n_tok and lane < LANES."""
+def _tile(n_tok: int):
+    """tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out): out[t0 + j, LANES*g + lane] = row
+    LANES*g + lane of the packed matrix wp (of ggml type wtype) . activation t0 + j, for j < n_tok
+    and lane < LANES.  One switch over the packed formats, each case its own tile."""
 
     @intrinsic
-    def tile(typingctx, wp, g, n_out, xq, xd, xs, xsum, t0, out):
+    def tile(typingctx, wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out):
         want = ((wp, types.uint8), (xq, types.int8), (xd, types.float32), (xs, types.float32),
                 (xsum, types.int32), (out, types.float32))
         for arr, dtype in want:
             if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == 2 and arr.layout == "C"):
                 return None
-        return types.void(wp, g, n_out, xq, xd, xs, xsum, t0, out), (
-            lambda context, builder, sig, args: _TileIR(context, builder, sig, args, qtype, n_tok).emit()
-            or context.get_dummy_value())
+        if not isinstance(wtype, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            which = context.cast(builder, args[0], sig.args[0], types.int64)
+            done = builder.append_basic_block("tile.done")
+            switch = builder.switch(which, done)
+            for qtype in PACKED_FORMATS:
+                case = builder.append_basic_block(f"tile.type{qtype}")
+                switch.add_case(ir.Constant(_I64, qtype), case)
+                builder.position_at_end(case)
+                _TileIR(context, builder, sig, args, qtype, n_tok).emit()
+                builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return types.void(wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out), codegen
 
     return tile
 
 
 _TILE_TOKENS = tile_tokens()
-_q8_0_tile1, _q4_0_tile1, _q4_1_tile1 = _tile(T_Q8_0, 1), _tile(T_Q4_0, 1), _tile(T_Q4_1, 1)
-_q8_0_tiles, _q4_0_tiles, _q4_1_tiles = (_tile(T_Q8_0, _TILE_TOKENS), _tile(T_Q4_0, _TILE_TOKENS),
-                                         _tile(T_Q4_1, _TILE_TOKENS))
+_row_tile, _token_tile = _tile(1), _tile(_TILE_TOKENS)
 
 
 @njit(parallel=True, **_fast)
 def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
-    """out (T, n_out) = x @ W.T for a packed Q8_0 / Q4_0 / Q4_1 matrix wp; x given as its Q8 blocks
-    (quantize_q8_rows).  Each thread takes whole row groups; within a group, tiles of tokens."""
+    """out (T, n_out) = x @ W.T for a packed quantized matrix wp of ggml type wtype; x given as its
+    Q8 blocks (quantize_q8_rows).  Each thread takes whole row groups; within a group, tiles of
+    tokens (one token: the single-token tile)."""
     n_tok = xq.shape[0]
+    if xd.shape[1] * QK != xq.shape[1] or xsum.shape[1] != 2 * xd.shape[1] or xs.shape[1] != xd.shape[1]:
+        raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16 per row)")
     if n_tok == 1:
         for g in prange(wp.shape[0]):
-            if wtype == T_Q8_0:
-                _q8_0_tile1(wp, g, n_out, xq, xd, xs, xsum, 0, out)
-            elif wtype == T_Q4_0:
-                _q4_0_tile1(wp, g, n_out, xq, xd, xs, xsum, 0, out)
-            else:
-                _q4_1_tile1(wp, g, n_out, xq, xd, xs, xsum, 0, out)
+            _row_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, 0, out)
     else:
         for g in prange(wp.shape[0]):
             for t in range(0, n_tok, _TILE_TOKENS):
-                if wtype == T_Q8_0:
-                    _q8_0_tiles(wp, g, n_out, xq, xd, xs, xsum, t, out)
-                elif wtype == T_Q4_0:
-                    _q4_0_tiles(wp, g, n_out, xq, xd, xs, xsum, t, out)
-                else:
-                    _q4_1_tiles(wp, g, n_out, xq, xd, xs, xsum, t, out)
+                _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
 
 
 # ----- scalar helpers in LLVM IR: exp, and the KV cache's storage type --------------------------
@@ -499,6 +670,32 @@ def _round_half(typingctx, v):
 
 
 @intrinsic
+def _half_value(typingctx, bits):
+    """uint16 half-precision bits -> their float32 value (exact)."""
+    if bits != types.uint16:
+        return None
+    return types.float32(bits), (lambda context, builder, sig, args:
+                                 _half_to_f32(builder, args[0], _native_half(_target_features())))
+
+
+@intrinsic
+def _half_bits(typingctx, value):
+    """float32 -> the bits (uint16) of its nearest half (ties to even)."""
+    if value != types.float32:
+        return None
+    return types.uint16(value), (lambda context, builder, sig, args:
+                                 _f32_to_half(builder, args[0], _native_half(_target_features())))
+
+
+@intrinsic
+def _f32_bits(typingctx, value):
+    """float32 -> its bit pattern as int32."""
+    if value != types.float32:
+        return None
+    return types.int32(value), lambda context, builder, sig, args: builder.bitcast(args[0], _I32)
+
+
+@intrinsic
 def _kv_f32(typingctx, v):
     """A KV cache element as float32: float32 passes through, uint16 holds an IEEE half."""
     if v == types.float32:
@@ -549,13 +746,13 @@ def matvec_half(w, x, out, half_table):
 @njit(**_exact)
 def matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table):
     """out (n_out,) = W @ x for a weight of any runtime type: packed groups (n_groups, group_bytes)
-    for Q8_0 / Q4_0 / Q4_1, file rows (n_out, row_bytes) for F32 / F16 / BF16.  qx = (xq, xd, xs,
+    for the quantized types, file rows (n_out, row_bytes) for F32 / F16 / BF16.  qx = (xq, xd, xs,
     xsum) must hold quantize_q8(x)."""
-    if wtype == T_Q8_0 or wtype == T_Q4_0 or wtype == T_Q4_1:
+    if is_quantized(wtype):
         xq, xd, xs, xsum = qx
         nb = xd.shape[0]
         matmul_packed(w, wtype, n_out, xq.reshape(1, xq.shape[0]), xd.reshape(1, nb), xs.reshape(1, nb),
-                      xsum.reshape(1, nb), out.reshape(1, n_out))
+                      xsum.reshape(1, 2 * nb), out.reshape(1, n_out))
     elif wtype == T_F32:
         matvec_f32(w, x, out)
     elif wtype == T_F16:
@@ -577,27 +774,14 @@ def dequantize_row(row, wtype, out, f16_table, bf16_table):
         rh = row.view(np.uint16)
         for i in range(n):
             out[i] = table[rh[i]]
-    elif wtype == T_Q8_0:
-        rq = row.view(np.int8)
-        for b in range(n // QK):
-            d = f16_table[I32(row[b * 34]) | (I32(row[b * 34 + 1]) << 8)]
-            for i in range(QK):
-                out[b * QK + i] = d * np.float32(rq[b * 34 + 2 + i])
     else:
-        bs = 18 if wtype == T_Q4_0 else 20
+        offset = _packed_format(wtype)[4]
+        vals = np.empty(QK, np.int32)
+        scales = np.empty(2, np.float32)
         for b in range(n // QK):
-            o = b * bs
-            d = f16_table[I32(row[o]) | (I32(row[o + 1]) << 8)]
-            if wtype == T_Q4_0:
-                m = np.float32(-8.0) * d
-                qo = o + 2
-            else:
-                m = f16_table[I32(row[o + 2]) | (I32(row[o + 3]) << 8)]
-                qo = o + 4
-            for j in range(16):
-                byte = I32(row[qo + j])
-                out[b * QK + j] = d * np.float32(I32(byte & 15)) + m
-                out[b * QK + 16 + j] = d * np.float32(I32(byte >> 4)) + m
+            minimum = unpack_block(row, wtype, b, vals, scales)
+            for i in range(QK):
+                out[b * QK + i] = scales[i // 16] * np.float32(vals[i] - offset) + minimum
 
 
 @njit(parallel=True, **_exact)
@@ -856,7 +1040,7 @@ def _layer_matvec(blob, packed, mat_table, i, x, qx, out, f16_table, bf16_table)
     into packed (quantized types) or into blob, the mapped file (float types)."""
     offset, n_rows, row_bytes, wtype, n_out = (mat_table[i, 0], mat_table[i, 1], mat_table[i, 2],
                                               mat_table[i, 3], mat_table[i, 4])
-    source = packed if wtype == T_Q8_0 or wtype == T_Q4_0 or wtype == T_Q4_1 else blob
+    source = packed if is_quantized(wtype) else blob
     w = source[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
     matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table)
 

@@ -164,7 +164,8 @@ def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
     of it) and drop their pages of the mapped file from this process, so that the weights are
     resident once.  The file stays untouched and remains the source of every float tensor."""
     lanes, unsigned_q8 = K.packing()
-    shapes = [(-(-w.n_out // lanes), lanes * w.rows.shape[1]) for w in weights]  # (groups, group bytes)
+    shapes = [(-(-w.n_out // lanes), lanes * (w.n_in // K.QK) * K.record_bytes(w.qtype))  # (groups, group bytes)
+              for w in weights]
     buf = np.zeros(sum(groups * size for groups, size in shapes), np.uint8)
     offset = 0
     for w, (groups, size) in zip(weights, shapes):
@@ -248,7 +249,7 @@ class State:
         self.xq = np.zeros(a.dim, np.int8)             # xb quantized to int8 blocks (dim,)
         self.xd = np.zeros(a.dim // K.QK, f32)         # its block scales (dim/32,)
         self.xs = np.zeros(a.dim // K.QK, f32)         # scale * block sum (dim/32,)
-        self.xsum = np.zeros(a.dim // K.QK, np.int32)  # block sums of xq (dim/32,)
+        self.xsum = np.zeros(a.dim // 16, np.int32)    # half-block sums of xq (dim/16,)
         self.qx = (self.xq, self.xd, self.xs, self.xsum)
         self.q = np.zeros(a.dim, f32)                  # query (n_heads*head_dim,)
         self.k = np.zeros(a.kv_dim, f32)               # key (n_kv_heads*head_dim,)
@@ -259,7 +260,7 @@ class State:
         self.hq = np.zeros(a.ffn_dim, np.int8)         # hb quantized (ffn,)
         self.hd = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
         self.hs = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
-        self.hsum = np.zeros(a.ffn_dim // K.QK, np.int32)  # (ffn/32,)
+        self.hsum = np.zeros(a.ffn_dim // 16, np.int32)  # (ffn/16,)
         self.qh = (self.hq, self.hd, self.hs, self.hsum)
         self.scores = np.zeros((max(n_threads, 1), n_ctx), f32)  # prompt attention scratch per worker
         # one-token attention: per (span, KV head) job a row and the group's scores; per span partials
@@ -495,7 +496,7 @@ class Model:
             xq = np.empty((n_tok, n_in), np.int8)                              # (T, n_in)
             xd = np.empty((n_tok, n_in // K.QK), np.float32)                   # (T, n_in/32)
             xs = np.empty_like(xd)                                             # (T, n_in/32)
-            xsum = np.empty((n_tok, n_in // K.QK), np.int32)                   # (T, n_in/32)
+            xsum = np.empty((n_tok, 2 * (n_in // K.QK)), np.int32)             # (T, n_in/16)
             K.quantize_q8_rows(x, xq, xd, xs, xsum)
         for w, out in zip(weights, outputs):
             if w.quantized:
@@ -603,7 +604,7 @@ class Model:
 
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
-QUANTIZED_TYPES = frozenset({K.T_Q8_0, K.T_Q4_0, K.T_Q4_1})
+QUANTIZED_TYPES = frozenset(K.PACKED_FORMATS)
 # KV cache element types: float32, or IEEE half stored as its bits (llama.cpp's default f16)
 KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32

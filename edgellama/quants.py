@@ -89,8 +89,9 @@ BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
 }
 
 # Types the runtime's kernels compute with.
-RUNTIME_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16,
-                           GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1})
+RUNTIME_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
+                           GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K,
+                           GGMLType.Q6_K})
 
 
 def type_name(type_id: int) -> str:

@@ -19,10 +19,12 @@ from gguf.quants import quantize as gguf_quantize
 from edgellama import kernels as K
 
 F16, BF16 = K.F16_TABLE, K.BF16_TABLE
-GGUF_TYPES = {0: QT.F32, 1: QT.F16, 2: QT.Q4_0, 3: QT.Q4_1, 8: QT.Q8_0, 30: QT.BF16}
-TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 30: "BF16"}
+GGUF_TYPES = {0: QT.F32, 1: QT.F16, 2: QT.Q4_0, 3: QT.Q4_1, 6: QT.Q5_0, 7: QT.Q5_1, 8: QT.Q8_0,
+              12: QT.Q4_K, 13: QT.Q5_K, 14: QT.Q6_K, 30: QT.BF16}
+TYPE_NAMES = {t: q.name for t, q in GGUF_TYPES.items()}
 ALL_TYPES = list(GGUF_TYPES)
-QUANT_TYPES = (2, 3, 8)
+QUANT_TYPES = (2, 3, 6, 7, 8, 12, 13, 14)
+K_TYPES = (12, 13, 14)   # 256-element super-blocks
 ODD_ROWS = [1, 3, 7, 33, 257]
 
 
@@ -49,8 +51,34 @@ def random_matrix(rng, rows, cols, zero_row=True, zero_block=True):
     return w
 
 
+def fit(wtype: int, n: int) -> int:
+    """A row length near n that type wtype can hold (K-quants: multiples of 256)."""
+    return -(-n // 256) * 256 if wtype in K_TYPES else n
+
+
+def kquant_bytes(w: np.ndarray, wtype: int) -> np.ndarray:
+    """K-quant rows shaped like w (gguf-py has no K-quant quantizer): random quants and 6-bit
+    factors, which are all valid, under finite f16 super-block scales that follow w's magnitudes;
+    w's all-zero rows get zero scales."""
+    rows, cols = w.shape
+    block = {12: 144, 13: 176, 14: 210}[wtype]
+    rng = np.random.default_rng(rows * 1000 + cols + wtype)
+    raw = rng.integers(0, 256, (rows, cols // 256, block), dtype=np.uint8)
+    size = np.abs(w).reshape(rows, -1, 256).mean(axis=-1)                       # (rows, super-blocks)
+    d = (size * rng.uniform(0.02, 0.06, size.shape)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+    if wtype == 14:
+        raw[..., 208:210] = d
+    else:
+        raw[..., 0:2] = d
+        dmin = (size * rng.uniform(0.01, 0.04, size.shape)).astype(np.float16)
+        raw[..., 2:4] = dmin.view(np.uint8).reshape(rows, -1, 2)
+    return raw.reshape(rows, -1)
+
+
 def weight_bytes(w: np.ndarray, wtype: int) -> np.ndarray:
     """(rows, cols) float32 -> (rows, row_bytes) uint8 in ggml type ``wtype`` (writable)."""
+    if wtype in K_TYPES:
+        return kquant_bytes(w, wtype)
     if wtype == 0:
         raw = np.ascontiguousarray(w, dtype=np.float32).view(np.uint8)
     elif wtype == 1:
@@ -111,9 +139,9 @@ def q8_grid(x: np.ndarray) -> np.ndarray:
     return (q.reshape(-1, 32).astype(np.float32) * d[:, None]).reshape(-1)
 
 
-def q4_1_scales(raw: np.ndarray):
-    """(rows, nb*20) Q4_1 bytes -> d, m: (rows, nb) float32, read straight from the block headers."""
-    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, 20)
+def q4_1_scales(raw: np.ndarray, block_bytes: int = 20):
+    """(rows, nb*20) Q4_1 (or nb*24 Q5_1) bytes -> d, m: (rows, nb) float32, from the block headers."""
+    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, block_bytes)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
     m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
     return d, m
@@ -121,15 +149,16 @@ def q4_1_scales(raw: np.ndarray):
 
 def matvec_twin(raw: np.ndarray, wtype: int, x: np.ndarray) -> np.ndarray:
     """ggml's W @ x in float64: float weights see x itself; quantized weights see x on the Q8
-    grid; Q4_1 (ggml's vec_dot_q4_1_q8_1) uses the stored block term s = half(d*sum q) for m."""
+    grid; Q4_1 and Q5_1 (ggml's vec_dot_q4_1_q8_1, _q5_1_q8_1) use the stored block term
+    s = half(d*sum q) for m (K-quant minimums use the exact sum, as ggml's Q8_K does)."""
     w = reference_weights(raw, wtype).astype(np.float64)
     if wtype in (0, 1, 30):
         return w @ x.astype(np.float64)
     grid = q8_grid(x).astype(np.float64)
-    if wtype != 3:
+    if wtype not in (3, 7):
         return w @ grid
     _, _, s, _ = q8_twin(x)
-    d, m = q4_1_scales(raw)
+    d, m = q4_1_scales(raw, 20 if wtype == 3 else 24)
     nb = x.shape[0] // 32
     w_dn = w - np.repeat(m.astype(np.float64), 32, axis=1)  # d * nibble, exactly
     return w_dn @ grid + m.astype(np.float64) @ s.astype(np.float64)[:nb]
@@ -226,19 +255,19 @@ def test_quantize_q8(name):
     xq = np.full(x.shape[0], 99, np.int8)
     xd = np.full(nb, np.nan, np.float32)
     xs = np.full(nb, np.nan, np.float32)
-    xsum = np.full(nb, 12345, np.int32)
+    xsum = np.full(2 * nb, 12345, np.int32)
     K.quantize_q8(x, xq, xd, xs, xsum)
     q, d, s, _ = q8_twin(x)
     np.testing.assert_array_equal(xq, q)
     np.testing.assert_array_equal(xd.view(np.uint32), d.view(np.uint32))
     np.testing.assert_array_equal(xs, s)  # == so that half(0 * -x) = -0 equals 0
-    np.testing.assert_array_equal(xsum, q.reshape(-1, 32).astype(np.int64).sum(axis=1))
+    np.testing.assert_array_equal(xsum, q.reshape(-1, 16).astype(np.int64).sum(axis=1))
 
 
 def test_quantize_q8_ties_round_to_even():
     x = ACTIVATIONS["ties"]
     xq = np.empty(x.shape[0], np.int8)
-    K.quantize_q8(x, xq, np.empty(4, np.float32), np.empty(4, np.float32), np.empty(4, np.int32))
+    K.quantize_q8(x, xq, np.empty(4, np.float32), np.empty(4, np.float32), np.empty(8, np.int32))
     np.testing.assert_array_equal(xq[64:72], [127, 0, 2, 2, -2, -2, 4, -4])  # -0.5 0.5 1.5 2.5 ...
     assert not xq[96:].any()
 
@@ -247,7 +276,7 @@ def test_quantize_q8_read_only_input():
     x = ACTIVATIONS["random_256"].copy()
     x.setflags(write=False)
     xq, xd, xs = np.empty(256, np.int8), np.empty(8, np.float32), np.empty(8, np.float32)
-    K.quantize_q8(x, xq, xd, xs, np.empty(8, np.int32))
+    K.quantize_q8(x, xq, xd, xs, np.empty(16, np.int32))
     q, d, s, _ = q8_twin(x)
     np.testing.assert_array_equal(xq, q)
     np.testing.assert_array_equal(xd, d)
@@ -262,14 +291,14 @@ def test_quantize_q8_rows(rows, n, threads):
     x[0, :32] = ACTIVATIONS["ties"][:32]
     xq = np.full((rows, n), 99, np.int8)
     xd, xs = np.full((rows, n // 32), np.nan, np.float32), np.full((rows, n // 32), np.nan, np.float32)
-    xsum = np.full((rows, n // 32), 12345, np.int32)
+    xsum = np.full((rows, n // 16), 12345, np.int32)
     K.quantize_q8_rows(x, xq, xd, xs, xsum)
     for r in range(rows):
         q, d, s, _ = q8_twin(x[r])
         np.testing.assert_array_equal(xq[r], q)
         np.testing.assert_array_equal(xd[r].view(np.uint32), d.view(np.uint32))
         np.testing.assert_array_equal(xs[r], s)
-        np.testing.assert_array_equal(xsum[r], q.reshape(-1, 32).astype(np.int64).sum(axis=1))
+        np.testing.assert_array_equal(xsum[r], q.reshape(-1, 16).astype(np.int64).sum(axis=1))
 
 
 # ----- matrix-vector products -------------------------------------------------------------------
@@ -280,7 +309,8 @@ MATVEC_SHAPES = [(1, 32), (3, 64), (7, 160), (33, 256), (257, 96), (64, 1024)]
 def packed(raw: np.ndarray, wtype: int) -> np.ndarray:
     """The packed copy of quantized rows that the model makes at load."""
     lanes, unsigned_q8 = K.packing()
-    out = np.zeros((-(-raw.shape[0] // lanes), lanes * raw.shape[1]), np.uint8)
+    n_in = raw.shape[1] // K.FILE_BLOCK[wtype][1] * K.FILE_BLOCK[wtype][0]
+    out = np.zeros((-(-raw.shape[0] // lanes), lanes * n_in // 32 * K.record_bytes(wtype)), np.uint8)
     K.pack_rows(raw, wtype, lanes, unsigned_q8, out)
     return out
 
@@ -290,7 +320,7 @@ def quantized_activation(x: np.ndarray):
     x = np.atleast_2d(x)
     t, n = x.shape
     qx = (np.empty((t, n), np.int8), np.empty((t, n // 32), np.float32), np.empty((t, n // 32), np.float32),
-          np.empty((t, n // 32), np.int32))
+          np.empty((t, n // 16), np.int32))
     K.quantize_q8_rows(x, *qx)
     return qx
 
@@ -312,38 +342,53 @@ def _run_matvec(w, wtype, x, via):
     return out
 
 
-def unpack_twin(packed_rows: np.ndarray, wtype: int, n_out: int, lanes: int, unsigned_q8: bool) -> np.ndarray:
-    """The file rows back from a packed copy, following the layout described in kernels.py."""
-    bb = {8: 34, 2: 18, 3: 20}[wtype]
-    head = 4 if wtype == 3 else 2
-    n_groups, group_bytes = packed_rows.shape
-    nb = group_bytes // (lanes * bb)
-    rows = np.zeros((n_groups * lanes, nb * bb), np.uint8)
+def packed_values_twin(packed_rows: np.ndarray, wtype: int, n_out: int, lanes: int, unsigned_q8: bool):
+    """The weights (n_out, n_in) read back from a packed copy by the layout described in kernels.py:
+    per group and 32-block, n_scales x lanes scales, lanes minimums, then the quant steps."""
+    quant, scale_bytes, n_scales, min_bytes, offset = K.PACKED_FORMATS[wtype]
+    offset = 128 if (wtype == 8 and unsigned_q8) else offset
+    dtype = {2: np.float16, 4: np.float32}
+    record = lanes * (scale_bytes * n_scales + min_bytes + quant)
+    n_groups, nb = packed_rows.shape[0], packed_rows.shape[1] // record
+    out = np.zeros((n_groups * lanes, nb * 32))
     for g in range(n_groups):
         for b in range(nb):
-            rec = packed_rows[g, b * lanes * bb:(b + 1) * lanes * bb]
-            scales = rec[:head * lanes].reshape(head // 2, lanes, 2)          # (d [, m]) x lanes x 2 bytes
-            quants = rec[head * lanes:].reshape(-1, lanes, 4)                 # steps x lanes x 4 bytes
+            rec = packed_rows[g, b * record:(b + 1) * record]
+            at = n_scales * lanes * scale_bytes
+            scales = rec[:at].copy().view(dtype[scale_bytes]).reshape(n_scales, lanes).astype(np.float64)
+            mins = (rec[at:at + lanes * min_bytes].copy().view(dtype[min_bytes]).astype(np.float64)
+                    if min_bytes else np.zeros(lanes))
+            steps = rec[at + lanes * min_bytes:].reshape(quant // 4, lanes, 4)
             for lane in range(lanes):
-                row = rows[g * lanes + lane, b * bb:(b + 1) * bb]
-                row[:head] = scales[:, lane].reshape(-1)
-                q = quants[:, lane].reshape(-1)
-                row[head:] = q
-    assert not rows[n_out:].any(), "padding rows must stay zero"
-    if wtype == 8 and unsigned_q8:  # stored as q + 128 = q xor 0x80
-        rows.reshape(len(rows), -1, 34)[..., 2:] ^= 0x80
-    return rows[:n_out]
+                q = steps[:, lane].reshape(-1).astype(np.int64)
+                if quant == 16:
+                    vals = np.zeros(32, np.int64)
+                    for s in range(4):
+                        vals[4 * s:4 * s + 4] = q[4 * s:4 * s + 4] & 15
+                        vals[16 + 4 * s:20 + 4 * s] = q[4 * s:4 * s + 4] >> 4
+                elif wtype == 8 and not unsigned_q8:
+                    vals = q.astype(np.uint8).view(np.int8).astype(np.int64)
+                else:
+                    vals = q
+                scale = np.repeat(scales[:, lane], 32 // n_scales)
+                out[g * lanes + lane, 32 * b:32 * b + 32] = scale * (vals - offset) + mins[lane]
+    assert not out[n_out:].any(), "padding rows must stay zero"
+    return out[:n_out]
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
 @pytest.mark.parametrize("wtype", QUANT_TYPES, ids=TYPE_NAMES.get)
 def test_pack_rows_layout(wtype, rows, threads):
+    """Packing keeps every weight exactly what gguf-py dequantizes from the file."""
     rng = np.random.default_rng(rows + wtype)
-    raw = weight_bytes(random_matrix(rng, rows, 96), wtype)
+    n = fit(wtype, 96)
+    raw = weight_bytes(random_matrix(rng, rows, n), wtype)
     lanes, unsigned_q8 = K.packing()
     got = packed(raw, wtype)
-    assert got.shape == (-(-rows // lanes), lanes * raw.shape[1])
-    np.testing.assert_array_equal(unpack_twin(got, wtype, rows, lanes, unsigned_q8), raw)
+    assert got.shape == (-(-rows // lanes), lanes * n // 32 * K.record_bytes(wtype))
+    want = reference_weights(raw, wtype).astype(np.float64)
+    np.testing.assert_allclose(packed_values_twin(got, wtype, rows, lanes, unsigned_q8), want,
+                               rtol=1e-6, atol=1e-30)
 
 
 @pytest.mark.parametrize("n_tok", [1, 2, 5, 8, 9, 17])
@@ -352,8 +397,9 @@ def test_pack_rows_layout(wtype, rows, threads):
 def test_matmul_packed_many_tokens(wtype, rows, n_tok, threads):
     """Prompt products: tiles of tokens, including a partial last tile and a partial last row group."""
     rng = np.random.default_rng(rows * 31 + n_tok + wtype)
-    raw = weight_bytes(random_matrix(rng, rows, 160), wtype)
-    x = np.stack([random_activation(rng, 160, zero_block=(t % 3 == 0)) for t in range(n_tok)])
+    n = fit(wtype, 160)
+    raw = weight_bytes(random_matrix(rng, rows, n), wtype)
+    x = np.stack([random_activation(rng, n, zero_block=(t % 3 == 0)) for t in range(n_tok)])
     out = np.full((n_tok, rows), np.nan, np.float32)
     K.matmul_packed(packed(raw, wtype), wtype, rows, *quantized_activation(x), out)
     for t in range(n_tok):
@@ -365,7 +411,7 @@ def test_matmul_packed_many_tokens(wtype, rows, n_tok, threads):
 @pytest.mark.parametrize("shape", MATVEC_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
 def test_matvec(wtype, shape, via, threads):
-    rows, n = shape
+    rows, n = shape[0], fit(wtype, shape[1])
     rng = np.random.default_rng(rows * 7 + n + wtype)
     raw = weight_bytes(random_matrix(rng, rows, n), wtype)
     raw.setflags(write=False)
@@ -382,9 +428,10 @@ def test_matvec(wtype, shape, via, threads):
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
 def test_matvec_weight_storage(wtype, how, tmp_path, threads):
     rng = np.random.default_rng(wtype)
-    raw = weight_bytes(random_matrix(rng, 33, 128), wtype)
+    n = fit(wtype, 128)
+    raw = weight_bytes(random_matrix(rng, 33, n), wtype)
     w = place(raw, how, tmp_path)
-    x = random_activation(rng, 128)
+    x = random_activation(rng, n)
     got = _run_matvec(w, wtype, x, "matvec")
     want = matvec_twin(raw, wtype, x)
     err, scale = np.abs(got - want).max(), error_scale(raw, wtype, x)
@@ -438,6 +485,7 @@ def test_matvec_q4_0_offset_is_exact_integer_math():
 @pytest.mark.parametrize("how", ["writable", "readonly", "memmap"])
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
 def test_dequantize_row(wtype, how, n, tmp_path):
+    n = fit(wtype, n)
     rng = np.random.default_rng(n + wtype)
     raw = weight_bytes(random_matrix(rng, 3, n), wtype)
     w = place(raw, how, tmp_path)
@@ -453,14 +501,15 @@ def test_dequantize_row(wtype, how, n, tmp_path):
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
 def test_dequantize_rows(wtype, how, rows, tmp_path, threads):
     rng = np.random.default_rng(rows + wtype)
-    raw = weight_bytes(random_matrix(rng, rows, 96), wtype)
+    n = fit(wtype, 96)
+    raw = weight_bytes(random_matrix(rng, rows, n), wtype)
     w = place(raw, how, tmp_path)
-    out = np.full((rows, 96), np.nan, np.float32)
+    out = np.full((rows, n), np.nan, np.float32)
     K.dequantize_rows(w, wtype, out, F16, BF16)
     np.testing.assert_array_equal(out, reference_weights(raw, wtype))
     # a row range of a larger tensor into a slice of a larger tile (how prefill uses it)
     if rows > 2:
-        tile = np.full((rows, 96), np.nan, np.float32)
+        tile = np.full((rows, n), np.nan, np.float32)
         K.dequantize_rows(w[1:rows - 1], wtype, tile[:rows - 2], F16, BF16)
         np.testing.assert_array_equal(tile[:rows - 2], reference_weights(raw, wtype)[1:rows - 1])
         assert np.isnan(tile[rows - 2:]).all()
@@ -470,7 +519,7 @@ def test_dequantize_rows(wtype, how, rows, tmp_path, threads):
 @pytest.mark.parametrize("wtype", ALL_TYPES, ids=TYPE_NAMES.get)
 def test_embed_rows(wtype, how, tmp_path):
     rng = np.random.default_rng(40 + wtype)
-    vocab, dim = 37, 64
+    vocab, dim = 37, fit(wtype, 64)
     raw = weight_bytes(random_matrix(rng, vocab, dim), wtype)
     w = place(raw, how, tmp_path)
     want = reference_weights(raw, wtype)
@@ -698,6 +747,7 @@ DECODE_VARIANTS = {
     "q8_q41_f32": (8, [8, 3, 0, 8, 3, 8, 3, 3, 8, 3, 0, 8, 3, 8], 0, HEAD_DIM // 2),
     "q41_embd_q8_out_partial_rope": (3, [3, 8, 8, 0, 8, 3, 0, 8, 0, 3, 3, 3, 8, 0], 8, HEAD_DIM // 4),
     "f16_bf16": (1, [30, 1, 1, 30, 1, 30, 30, 1, 30, 30, 1, 1, 30, 1], 30, HEAD_DIM // 2),
+    "q5_0_q5_1_q4_0": (6, [6, 7, 2, 7, 6, 6, 7, 2, 7, 6, 6, 7, 2, 6], 7, HEAD_DIM // 2),
 }
 
 
@@ -780,10 +830,10 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
     k_cache = np.zeros((N_LAYERS, N_KV, N_CTX, HEAD_DIM), cache_type)
     v_cache = np.zeros_like(k_cache)
     x, xb, att = np.zeros(DIM, f32), np.zeros(DIM, f32), np.zeros(DIM, f32)
-    qx = (np.zeros(DIM, np.int8), np.zeros(DIM // 32, f32), np.zeros(DIM // 32, f32), np.zeros(DIM // 32, np.int32))
+    qx = (np.zeros(DIM, np.int8), np.zeros(DIM // 32, f32), np.zeros(DIM // 32, f32), np.zeros(DIM // 16, np.int32))
     q, k, v = np.zeros(DIM, f32), np.zeros(N_KV * HEAD_DIM, f32), np.zeros(N_KV * HEAD_DIM, f32)
     hb, hb2 = np.zeros(FFN, f32), np.zeros(FFN, f32)
-    qh = (np.zeros(FFN, np.int8), np.zeros(FFN // 32, f32), np.zeros(FFN // 32, f32), np.zeros(FFN // 32, np.int32))
+    qh = (np.zeros(FFN, np.int8), np.zeros(FFN // 32, f32), np.zeros(FFN // 32, f32), np.zeros(FFN // 16, np.int32))
     n_spans = -(-N_CTX // K.ATTN_SPAN)
     attn_scratch = np.zeros((n_spans * N_KV, HEAD_DIM + N_HEADS // N_KV * K.ATTN_SPAN), f32)
     attn_partial = np.zeros((n_spans, N_HEADS, HEAD_DIM + 2), f32)

@@ -12,8 +12,10 @@ from edgellama.quants import GGMLType
 from reference import ReferenceModel
 from tiny_model import write_tiny_model
 
-QUANTIZED = {GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1}
-ALL_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1]
+K_QUANTS = {GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
+QUANTIZED = {GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1} | K_QUANTS
+ALL_TYPES = [GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1,
+             GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 IDS = [5, 17, 200, 3, 99, 42, 42, 7, 130, 250, 11, 64, 2]
 
 
@@ -24,7 +26,10 @@ def _close(got, want, rel=2e-3):
 
 @pytest.fixture(scope="module", params=ALL_TYPES, ids=lambda t: t.name)
 def tiny(request, tmp_path_factory):
-    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / f"tiny-{request.param.name}.gguf", request.param)
+    # K-quant rows are 256-element super-blocks: a wider model for them
+    size = dict(dim=256, ffn=512) if request.param in K_QUANTS else {}
+    path = write_tiny_model(tmp_path_factory.mktemp("tiny") / f"tiny-{request.param.name}.gguf", request.param,
+                            **size)
     return request.param, path
 
 
@@ -208,8 +213,8 @@ def test_inconsistent_hyperparameters_are_rejected(tmp_path, kwargs, message):
 
 
 def test_unsupported_tensor_type_names_the_tensor(tmp_path):
-    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q5_0)
-    with pytest.raises(ModelFormatError, match=r"'token_embd.weight' has type Q5_0"):
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0, dim=256, ffn=512, embd_type=GGMLType.Q2_K)
+    with pytest.raises(ModelFormatError, match=r"'token_embd.weight' has type Q2_K.*supported: .*Q6_K"):
         edgellama.load(path)
 
 

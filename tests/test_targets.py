@@ -24,25 +24,33 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 from edgellama import kernels as K
 
+import sys
+sys.path.insert(0, "tests")
+from tiny_model import encode_kquant
+from edgellama.quants import GGMLType
+
 lanes, unsigned_q8 = K.packing()
 rng = np.random.default_rng(0)
-for qtype, name in ((K.T_Q8_0, "Q8_0"), (K.T_Q4_0, "Q4_0"), (K.T_Q4_1, "Q4_1")):
-    w = rng.standard_normal((37, 96)).astype(np.float32)
-    raw = np.ascontiguousarray(quantize(w, QT[name])).reshape(37, -1)
-    packed = np.zeros((-(-37 // lanes), lanes * raw.shape[1]), np.uint8)
+n_in = 256
+for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"):
+    qtype = int(GGMLType[name])
+    w = rng.standard_normal((37, n_in)).astype(np.float32)
+    raw = (encode_kquant(w, GGMLType[name]) if name.endswith("_K")
+           else np.ascontiguousarray(quantize(w, QT[name])).reshape(37, -1))
+    packed = np.zeros((-(-37 // lanes), lanes * n_in // 32 * K.record_bytes(qtype)), np.uint8)
     K.pack_rows(raw, qtype, lanes, unsigned_q8, packed)
-    x = rng.standard_normal((9, 96)).astype(np.float32)
-    qx = (np.empty((9, 96), np.int8), np.empty((9, 3), np.float32), np.empty((9, 3), np.float32),
-          np.empty((9, 3), np.int32))
+    x = rng.standard_normal((9, n_in)).astype(np.float32)
+    qx = (np.empty((9, n_in), np.int8), np.empty((9, n_in // 32), np.float32), np.empty((9, n_in // 32), np.float32),
+          np.empty((9, n_in // 16), np.int32))
     K.quantize_q8_rows(x, *qx)
-    grid = (qx[0].reshape(9, 3, 32).astype(np.float64) * qx[1][..., None]).reshape(9, 96)
-    want = grid @ dequantize(raw, QT[name]).reshape(37, 96).astype(np.float64).T
+    grid = (qx[0].reshape(9, -1, 32).astype(np.float64) * qx[1][..., None]).reshape(9, n_in)
+    want = grid @ dequantize(raw, QT[name]).reshape(37, n_in).astype(np.float64).T
     for n_tok in (1, 9):
         out = np.zeros((n_tok, 37), np.float32)
         K.matmul_packed(packed, qtype, 37, *(a[:n_tok] for a in qx), out)
         err = np.abs(out - want[:n_tok]).max() / np.abs(want).max()
-        # Q4_1 uses ggml's half-rounded s = d * sum(q) for its minimum term
-        assert err < (2e-3 if name == "Q4_1" else 1e-5), (name, n_tok, err)
+        # Q4_1 / Q5_1 use ggml's half-rounded s = d * sum(q) for their minimum term
+        assert err < (2e-3 if name in ("Q4_1", "Q5_1") else 1e-5), (name, n_tok, err)
 # half conversions both ways (subnormals, infinities), exp
 bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
 values = bits.view(np.float16).astype(np.float32)

@@ -37,11 +37,76 @@ def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
+def _half_bytes(v: np.ndarray) -> np.ndarray:
+    return np.asarray(v, np.float16).view(np.uint8).reshape(*np.shape(v), 2)
+
+
+def encode_kquant(w: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """A simple (not llama.cpp's) K-quant encoder, for test models: valid Q4_K / Q5_K / Q6_K
+    blocks close to w, in ggml's bit layout (gguf-py has only K-quant decoders).  Rows of w must
+    be multiples of 256; returns (rows, bytes per row) uint8."""
+    rows, cols = w.shape
+    x = w.astype(np.float64).reshape(rows, cols // 256, 256)
+    if qtype == GGMLType.Q6_K:
+        sub = x.reshape(*x.shape[:2], 16, 16)
+        s = np.abs(sub).max(-1) / 31.0 + 1e-30                              # per-16 scales
+        d = (s.max(-1) / 127.0).astype(np.float16).astype(np.float64)       # super-block scale
+        sc = np.clip(np.rint(s / np.where(d > 0, d, 1)[..., None]), -128, 127)
+        step = (d[..., None] * sc)[..., None]
+        q = (np.clip(np.rint(sub / np.where(step != 0, step, 1)), -32, 31) + 32).astype(np.int64)
+        q = q.reshape(*x.shape[:2], 2, 4, 32)                               # (half, quarter, 32)
+        ql = np.zeros((*x.shape[:2], 2, 64), np.int64)
+        qh = np.zeros((*x.shape[:2], 2, 32), np.int64)
+        for quarter in range(4):
+            part = (slice(None), slice(None), slice(None), slice(32 * (quarter % 2), 32 * (quarter % 2) + 32))
+            ql[part] |= (q[:, :, :, quarter] & 15) << (4 * (quarter // 2))
+            qh |= (q[:, :, :, quarter] >> 4) << (2 * quarter)
+        out = np.concatenate([ql.reshape(rows, -1, 128), qh.reshape(rows, -1, 64),
+                              sc.astype(np.int8).view(np.uint8).reshape(rows, -1, 16),
+                              _half_bytes(d)], axis=-1)
+        return out.astype(np.uint8).reshape(rows, -1)
+    bits = 4 if qtype == GGMLType.Q4_K else 5
+    top = (1 << bits) - 1
+    sub = x.reshape(*x.shape[:2], 8, 32)
+    lo = np.minimum(sub.min(-1), 0.0)                                       # x = scale * q - minimum
+    scale = (sub.max(-1) - lo) / top + 1e-30
+    d = (scale.max(-1) / 63.0).astype(np.float16).astype(np.float64)
+    dmin = (-lo.min(-1) / 63.0).astype(np.float16).astype(np.float64)
+    sc = np.clip(np.rint(scale / np.where(d > 0, d, 1)[..., None]), 1, 63).astype(np.int64)
+    mn = np.clip(np.rint(-lo / np.where(dmin > 0, dmin, 1)[..., None]), 0, 63).astype(np.int64)
+    step = (d[..., None] * sc)[..., None]
+    q = np.clip(np.rint((sub + (dmin[..., None] * mn)[..., None]) / step), 0, top).astype(np.int64)
+    packed_scales = np.zeros((*x.shape[:2], 12), np.int64)                  # 6-bit factors, ggml order
+    for j in range(8):
+        if j < 4:
+            packed_scales[..., j] |= sc[..., j]
+            packed_scales[..., j + 4] |= mn[..., j]
+        else:
+            packed_scales[..., j + 4] |= (sc[..., j] & 15) | ((mn[..., j] & 15) << 4)
+            packed_scales[..., j - 4] |= (sc[..., j] >> 4) << 6
+            packed_scales[..., j] |= (mn[..., j] >> 4) << 6
+    nibbles = np.zeros((*x.shape[:2], 4, 32), np.int64)
+    for j in range(8):
+        nibbles[:, :, j // 2] |= (q[:, :, j] & 15) << (4 * (j % 2))
+    parts = [_half_bytes(d), _half_bytes(dmin), packed_scales]
+    if bits == 5:
+        high = np.zeros((*x.shape[:2], 32), np.int64)
+        for j in range(8):
+            high |= (q[:, :, j] >> 4) << j
+        parts.append(high)
+    parts.append(nibbles.reshape(rows, -1, 128))
+    return np.concatenate(parts, axis=-1).astype(np.uint8).reshape(rows, -1)
+
+
 def _encode(w: np.ndarray, qtype: GGMLType) -> np.ndarray:
     if qtype == GGMLType.F32:
         return w.astype(np.float32)
     if qtype == GGMLType.F16:
         return w.astype(np.float16)
+    if qtype in (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
+        return encode_kquant(w, qtype)
+    if qtype == GGMLType.Q2_K:  # a type the runtime refuses: zero bytes, only loading is tried
+        return np.zeros((w.shape[0], w.shape[1] // 256 * 84), np.uint8)
     return gguf_quantize(w.astype(np.float32), GGMLQuantizationType(int(qtype)))
 
 
