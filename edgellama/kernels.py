@@ -602,20 +602,31 @@ _row_tile, _token_tile = _tile(1), _tile(_TILE_TOKENS)
 
 
 @njit(parallel=True, **_fast)
+def matvec_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
+    """out (n_out,) = W @ x for one token: a packed quantized matrix wp of ggml type wtype, x given
+    as its Q8 blocks (quantize_q8): xq (n,), xd, xs (n/32,), xsum (n/16,).  Each thread takes whole
+    row groups.  (Its own kernel, apart from matmul_packed, so that the decode step carries only the
+    one-token tiles.)"""
+    if xd.shape[0] * QK != xq.shape[0] or xsum.shape[0] != 2 * xd.shape[0] or xs.shape[0] != xd.shape[0]:
+        raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16)")
+    nb = xd.shape[0]
+    xq2, xd2, xs2, xsum2 = xq.reshape(1, QK * nb), xd.reshape(1, nb), xs.reshape(1, nb), xsum.reshape(1, 2 * nb)
+    out2 = out.reshape(1, n_out)
+    for g in prange(wp.shape[0]):
+        _row_tile(wtype, wp, g, n_out, xq2, xd2, xs2, xsum2, 0, out2)
+
+
+@njit(parallel=True, **_fast)
 def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
     """out (T, n_out) = x @ W.T for a packed quantized matrix wp of ggml type wtype; x given as its
-    Q8 blocks (quantize_q8_rows).  Each thread takes whole row groups; within a group, tiles of
-    tokens (one token: the single-token tile)."""
-    n_tok = xq.shape[0]
+    Q8 blocks (quantize_q8_rows): xq (T, n), xd, xs (T, n/32), xsum (T, n/16).  Each thread takes
+    whole row groups; within a group, tiles of _TILE_TOKENS tokens (a short last tile computes its
+    last token again, stores it once)."""
     if xd.shape[1] * QK != xq.shape[1] or xsum.shape[1] != 2 * xd.shape[1] or xs.shape[1] != xd.shape[1]:
         raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16 per row)")
-    if n_tok == 1:
-        for g in prange(wp.shape[0]):
-            _row_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, 0, out)
-    else:
-        for g in prange(wp.shape[0]):
-            for t in range(0, n_tok, _TILE_TOKENS):
-                _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+    for g in prange(wp.shape[0]):
+        for t in range(0, xq.shape[0], _TILE_TOKENS):
+            _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
 
 
 # ----- scalar helpers in LLVM IR: exp, and the KV cache's storage type --------------------------
@@ -750,9 +761,7 @@ def matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table):
     xsum) must hold quantize_q8(x)."""
     if is_quantized(wtype):
         xq, xd, xs, xsum = qx
-        nb = xd.shape[0]
-        matmul_packed(w, wtype, n_out, xq.reshape(1, xq.shape[0]), xd.reshape(1, nb), xs.reshape(1, nb),
-                      xsum.reshape(1, 2 * nb), out.reshape(1, n_out))
+        matvec_packed(w, wtype, n_out, xq, xd, xs, xsum, out)
     elif wtype == T_F32:
         matvec_f32(w, x, out)
     elif wtype == T_F16:

@@ -334,7 +334,7 @@ def _run_matvec(w, wtype, x, via):
     if via == "matvec":
         K.matvec(weights, wtype, n_out, x, tuple(a[0] for a in qx), out, F16, BF16)
     elif wtype in QUANT_TYPES:
-        K.matmul_packed(weights, wtype, n_out, *qx, out.reshape(1, -1))
+        K.matvec_packed(weights, wtype, n_out, *(a[0] for a in qx), out)
     elif wtype == 0:
         K.matvec_f32(w, x, out)
     else:
