@@ -296,9 +296,11 @@ QUANTIZERS = {
     GGMLType.Q4_0: (quantize_rows_q4_0, 18),
     GGMLType.Q4_1: (quantize_rows_q4_1, 20),
 }
-# Types ``quantize_rows`` can produce and ``dequantize_rows`` can read.
+# Types ``quantize_rows`` can produce and ``dequantize_rows`` can read (the other types llama.cpp
+# writes are read through gguf-py's reference dequantizers, which ggml's formats are defined by).
 WRITABLE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, *QUANTIZERS})
-READABLE_TYPES = WRITABLE_TYPES
+GGUF_PY_READABLE = frozenset({GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+READABLE_TYPES = WRITABLE_TYPES | GGUF_PY_READABLE
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -391,6 +393,11 @@ def dequantize_rows(raw: np.ndarray, qtype: GGMLType, n_cols: int) -> np.ndarray
         dequantize_rows_q4_0(raw, out, F16_TABLE)
     elif qtype == GGMLType.Q4_1:
         dequantize_rows_q4_1(raw, out, F16_TABLE)
+    elif qtype in GGUF_PY_READABLE:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+
+        out[:] = gguf_dequantize(np.array(raw), GGMLQuantizationType(int(qtype))).reshape(n_rows, n_cols)
     else:
         raise NotImplementedError(f"no dequantizer for {qtype.name}")
     return out

@@ -110,6 +110,26 @@ def test_same_type_is_copied_and_f32_is_the_exact_dequantization(tmp_path):
         np.testing.assert_array_equal(f32.raw(name).view(np.float32).reshape(info.shape), expected)
 
 
+@pytest.mark.parametrize("source_type", ["Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
+def test_llama_cpp_only_types_are_read_through_gguf_py(tmp_path, source_type):
+    """A llama-quantize file whose tensors we cannot write (K-quants, Q5_x) converts: its F32
+    output is exactly gguf-py's dequantization of every tensor."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from tiny_model import write_tiny_model
+
+    qtype = GGMLType[source_type]
+    k_quant = source_type.endswith("_K")
+    path = write_tiny_model(tmp_path / "in.gguf", qtype, dim=256 if k_quant else 64, ffn=512 if k_quant else 96)
+    convert_file(path, tmp_path / "f32.gguf", "f32", allow_requantize=True, quiet=True)
+    source, f32 = GGUFFile(path), GGUFFile(tmp_path / "f32.gguf")
+    for name, info in source.tensors.items():
+        want = (gguf_dequantize(np.array(source.raw(name)), GGMLQuantizationType(int(info.qtype)))
+                .reshape(info.shape).astype(np.float32))
+        np.testing.assert_array_equal(f32.raw(name).view(np.float32).reshape(info.shape), want)
+
+
 # ----- policy on small synthetic GGUF files ------------------------------------------------------
 
 def write_small_gguf(path: Path, tensors: dict[str, np.ndarray], tied: bool = True) -> Path:
