@@ -177,7 +177,7 @@ def tile_tokens() -> int:
 @njit(**_exact)
 def _f16_at(row, o):
     """The IEEE half stored at bytes o, o+1 of a byte row, as float32."""
-    return _half_value(np.uint16(I32(row[o]) | (I32(row[o + 1]) << 8)))
+    return _as_f32(np.uint16(I32(row[o]) | (I32(row[o + 1]) << 8)))
 
 
 @njit(**_exact)
@@ -261,24 +261,18 @@ def is_quantized(wtype):
     return wtype != T_F32 and wtype != T_F16 and wtype != T_BF16
 
 
+# PACKED_FORMATS as an array the kernels can index (Numba freezes global arrays into the code)
+_FORMAT_TABLE = np.zeros((T_BF16 + 1, 5), np.int64)
+for _qtype, _format in PACKED_FORMATS.items():
+    _FORMAT_TABLE[_qtype] = _format
+
+
 @njit(**_exact)
 def _packed_format(wtype):
-    """PACKED_FORMATS[wtype] for the kernels (Numba reads no dicts of globals)."""
-    if wtype == T_Q4_0:
-        return 16, 2, 1, 0, 8
-    if wtype == T_Q4_1:
-        return 16, 2, 1, 2, 0
-    if wtype == T_Q5_0:
-        return 32, 2, 1, 0, 16
-    if wtype == T_Q5_1:
-        return 32, 2, 1, 2, 0
-    if wtype == T_Q8_0:
-        return 32, 2, 1, 0, 0
-    if wtype == T_Q4_K:
-        return 16, 4, 1, 4, 0
-    if wtype == T_Q5_K:
-        return 32, 4, 1, 4, 0
-    return 32, 4, 2, 0, 32
+    """PACKED_FORMATS[wtype] inside the kernels: (quant bytes, scale bytes, scales, minimum bytes,
+    offset)."""
+    f = _FORMAT_TABLE[wtype]
+    return f[0], f[1], f[2], f[3], f[4]
 
 
 @njit(**_exact)
@@ -681,15 +675,6 @@ def _round_half(typingctx, v):
 
 
 @intrinsic
-def _half_value(typingctx, bits):
-    """uint16 half-precision bits -> their float32 value (exact)."""
-    if bits != types.uint16:
-        return None
-    return types.float32(bits), (lambda context, builder, sig, args:
-                                 _half_to_f32(builder, args[0], _native_half(_target_features())))
-
-
-@intrinsic
 def _half_bits(typingctx, value):
     """float32 -> the bits (uint16) of its nearest half (ties to even)."""
     if value != types.float32:
@@ -707,8 +692,9 @@ def _f32_bits(typingctx, value):
 
 
 @intrinsic
-def _kv_f32(typingctx, v):
-    """A KV cache element as float32: float32 passes through, uint16 holds an IEEE half."""
+def _as_f32(typingctx, v):
+    """float32 passes through; uint16 holds IEEE half bits (an f16 KV cache, a block scale): their
+    value, exactly."""
     if v == types.float32:
         return types.float32(v), lambda context, builder, sig, args: args[0]
     if v == types.uint16:
@@ -862,7 +848,7 @@ def rerotate_keys(k_cache, start, end, cos, sin):
         for p in range(start, end):
             row = k_cache[layer, head, p]
             for i in range(head_dim):
-                key[i] = _kv_f32(row[i])
+                key[i] = _as_f32(row[i])
             rope(key, 1, head_dim, cos, sin)
             for i in range(head_dim):
                 row[i] = _to_kv(key[i], k_cache)
@@ -884,7 +870,7 @@ def _dot_kv(q, k_row):
     """q . k_row for a cached key row of float32 or of half bit patterns (uint16)."""
     s = np.float32(0.0)
     for i in range(q.shape[0]):
-        s += q[i] * _kv_f32(k_row[i])
+        s += q[i] * _as_f32(k_row[i])
     return s
 
 
@@ -907,7 +893,7 @@ def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
     for t in range(n_pos):
         p = scores[t] * inv
         for i in range(out.shape[0]):
-            out[i] += p * _kv_f32(v_cache[t, i])
+            out[i] += p * _as_f32(v_cache[t, i])
 
 
 @njit(parallel=True, **_exact)
@@ -962,7 +948,7 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
     keys, values = k_cache[kv], v_cache[kv]
     for t in range(n):
         for i in range(head_dim):
-            row[i] = _kv_f32(keys[start + t, i])
+            row[i] = _as_f32(keys[start + t, i])
         for g in range(group):
             scores[g, t] = _dot_rows(q, first + g, row) * scale
     for g in range(group):
@@ -980,7 +966,7 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
             partial[first + g, i] = 0.0
     for t in range(n):
         for i in range(head_dim):
-            row[i] = _kv_f32(values[start + t, i])
+            row[i] = _as_f32(values[start + t, i])
         for g in range(group):
             p = scores[g, t]
             for i in range(head_dim):
