@@ -132,10 +132,6 @@ PACKED_FORMATS = {
     T_Q5_K: (32, 4, 1, 4, 0),
     T_Q6_K: (32, 4, 2, 0, 32),
 }
-# bytes of one block (32 elements, or a 256-element K-quant super-block) in the file
-FILE_BLOCK = {T_Q4_0: (32, 18), T_Q4_1: (32, 20), T_Q5_0: (32, 22), T_Q5_1: (32, 24), T_Q8_0: (32, 34),
-              T_Q4_K: (256, 144), T_Q5_K: (256, 176), T_Q6_K: (256, 210)}
-
 
 def record_bytes(qtype: int) -> int:
     """Packed bytes of one row's 32-element block."""

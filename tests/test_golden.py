@@ -9,6 +9,7 @@ import pytest
 
 import edgellama
 from tools.golden import NEAR_TIE, compare_prompt, load_fixture
+from tools.make_perplexity_fixture import next_token_nll
 
 QTYPES = ["q4_1", "q8_0", "q4_0"]
 
@@ -44,14 +45,6 @@ def _passage():
     return json.loads((Path(__file__).parent / "golden" / "smollm2_passage.json").read_text())
 
 
-def _next_token_nll(logits, ids):
-    import numpy as np
-
-    z = logits[:-1].astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(ids) - 1), np.asarray(ids[1:])]
-
-
 def test_passage_perplexity_matches_llama_cpp(loaded):
     """~480 tokens (two prompt chunks of n_batch=256) through the whole cache: the text's
     perplexity equals llama.cpp's within 1%, and per token the log-likelihoods differ on average by
@@ -65,7 +58,7 @@ def test_passage_perplexity_matches_llama_cpp(loaded):
     ids = fixture["ids"]
     assert model.tokenize(fixture["text"]) == ids
     want = np.array(fixture["files"][qtype]["nll"])
-    got = _next_token_nll(model.logits(ids), ids)
+    got = next_token_nll(model.logits(ids), ids)
     ppl, ref_ppl = float(np.exp(got.mean())), float(np.exp(want.mean()))
     assert abs(ppl / ref_ppl - 1) < 0.01, (qtype, ppl, ref_ppl)
     assert np.abs(got - want).mean() < 0.10, (qtype, np.abs(got - want).mean())
@@ -79,6 +72,6 @@ def test_f16_kv_cache_costs_little_quality(smollm2_files):
     ids = _passage()["ids"]
     logits = {t: edgellama.load(smollm2_files["q8_0"], n_ctx=512, threads=2, cache_type=t).logits(ids)
               for t in ("f32", "f16")}
-    nll = {t: _next_token_nll(v, ids) for t, v in logits.items()}
+    nll = {t: next_token_nll(v, ids) for t, v in logits.items()}
     assert abs(np.exp(nll["f16"].mean()) / np.exp(nll["f32"].mean()) - 1) < 0.01
     assert (logits["f16"].argmax(-1) == logits["f32"].argmax(-1)).mean() > 0.95

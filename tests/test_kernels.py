@@ -17,6 +17,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from edgellama import kernels as K
+from edgellama.quants import BLOCK_LAYOUT, GGMLType
 
 F16, BF16 = K.F16_TABLE, K.BF16_TABLE
 GGUF_TYPES = {0: QT.F32, 1: QT.F16, 2: QT.Q4_0, 3: QT.Q4_1, 6: QT.Q5_0, 7: QT.Q5_1, 8: QT.Q8_0,
@@ -309,7 +310,8 @@ MATVEC_SHAPES = [(1, 32), (3, 64), (7, 160), (33, 256), (257, 96), (64, 1024)]
 def packed(raw: np.ndarray, wtype: int) -> np.ndarray:
     """The packed copy of quantized rows that the model makes at load."""
     lanes, unsigned_q8 = K.packing()
-    n_in = raw.shape[1] // K.FILE_BLOCK[wtype][1] * K.FILE_BLOCK[wtype][0]
+    elements, block_bytes = BLOCK_LAYOUT[GGMLType(wtype)]
+    n_in = raw.shape[1] // block_bytes * elements
     out = np.zeros((-(-raw.shape[0] // lanes), lanes * n_in // 32 * K.record_bytes(wtype)), np.uint8)
     K.pack_rows(raw, wtype, lanes, unsigned_q8, out)
     return out

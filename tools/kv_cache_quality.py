@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.make_perplexity_fixture import PASSAGE  # noqa: E402  (public-domain prose, ~480 tokens)
+from tools.make_perplexity_fixture import PASSAGE, next_token_nll  # noqa: E402  (public-domain prose, ~480 tokens)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -43,19 +43,15 @@ def compare(path: Path, n_ctx: int = 1024) -> dict:
         sequences += [p["ids"] for p in json.loads(golden.read_text())["prompts"]]
     agree = total = 0
     diffs, kls = [], []
-    nll = {}
     for i, ids in enumerate(sequences):
-        logp = {t: _log_softmax(m.logits(ids)) for t, m in caches.items()}
-        a, b = logp["f32"], logp["f16"]
+        raw = {t: m.logits(ids) for t, m in caches.items()}                 # each evaluated once
+        a, b = _log_softmax(raw["f32"]), _log_softmax(raw["f16"])
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += len(ids)
-        raw32, raw16 = caches["f32"].logits(ids), caches["f16"].logits(ids)
-        diffs.append(np.abs(raw32 - raw16).reshape(-1))
+        diffs.append(np.abs(raw["f32"] - raw["f16"]).reshape(-1))
         kls.append((np.exp(a) * (a - b)).sum(-1))
         if i == 0:  # the passage: NLL of each next token
-            nxt = np.asarray(ids[1:])
-            for t in logp:
-                nll[t] = float(-logp[t][np.arange(len(nxt)), nxt].mean())
+            nll = {t: float(next_token_nll(v, ids).mean()) for t, v in raw.items()}
     d = np.concatenate(diffs)
     return {
         "file": path.name,
