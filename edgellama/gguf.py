@@ -332,15 +332,22 @@ class GGUFFile:
         n_rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
         return np.asarray(self.raw(name)).reshape(n_rows, info.nbytes // n_rows)
 
-    def release(self, name: str) -> None:
-        """Drop a tensor's pages of the map from this process's memory (it was copied elsewhere);
-        reading it again brings them back from the page cache.  A no-op where madvise is missing."""
+    def release(self, name: str, start_row: int = 0, stop_row: int | None = None) -> None:
+        """Drop a tensor's pages (or those of its rows start_row..stop_row-1) of the map from this
+        process's memory (they were copied elsewhere); reading them again brings them back from
+        the page cache.  A no-op where madvise is missing."""
         mapping = getattr(self.buf, "_mmap", None)
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensor(name)
-        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        n_rows = int(np.prod(info.shape[:-1], dtype=np.int64)) if len(info.shape) > 1 else 1
+        row_bytes = info.nbytes // n_rows
+        stop_row = n_rows if stop_row is None else min(stop_row, n_rows)
+        if not 0 <= start_row < stop_row:
+            return
+        begin = info.offset + start_row * row_bytes
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + stop_row * row_bytes - start)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)

@@ -23,6 +23,8 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from .memory import release_compiler_pages
+
 T_F32, T_F16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_BF16 = 0, 1, 2, 3, 6, 7, 8, 30
 T_Q4_K, T_Q5_K, T_Q6_K = 12, 13, 14
 QK = 32  # elements per quantized block
@@ -1123,7 +1125,9 @@ def _lean_cache_loading() -> None:
 
             rtsys.initialize(target_context)
             with self._guard_against_spurious_io_errors():
-                return self._load_overload(sig, target_context)
+                loaded = self._load_overload(sig, target_context)
+            release_compiler_pages()  # the kernel is linked: LLVM's code is not needed until the next one
+            return loaded
 
     for value in list(globals().values()):
         if isinstance(value, CPUDispatcher) and type(getattr(value, "_cache", None)) is FunctionCache:
@@ -1131,3 +1135,4 @@ def _lean_cache_loading() -> None:
 
 
 _lean_cache_loading()
+release_compiler_pages()  # what importing Numba touched of LLVM (its static initializers)

@@ -16,6 +16,7 @@ import numpy as np
 
 from . import kernels as K
 from .gguf import GGUFFile, ModelFormatError
+from .memory import trim_heap
 from .quants import RUNTIME_TYPES, GGMLType, dequantize, type_name
 
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -159,10 +160,14 @@ class Weight:
         return self.packed if self.quantized else self.rows
 
 
+PACK_CHUNK_BYTES = 4 << 20  # file bytes packed between two releases of their pages
+
+
 def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
     """Pack quantized weights into one new read-only buffer (each weight's ``packed`` becomes a view
-    of it) and drop their pages of the mapped file from this process, so that the weights are
-    resident once.  The file stays untouched and remains the source of every float tensor."""
+    of it) and drop their pages of the mapped file from this process as they are packed, a few MB
+    at a time, so that the weights are resident once, even while loading.  The file stays
+    untouched and remains the source of every float tensor."""
     lanes, unsigned_q8 = K.packing()
     shapes = [(-(-w.n_out // lanes), lanes * (w.n_in // K.QK) * K.record_bytes(w.qtype))  # (groups, group bytes)
               for w in weights]
@@ -170,8 +175,11 @@ def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
     offset = 0
     for w, (groups, size) in zip(weights, shapes):
         w.packed = buf[offset:offset + groups * size].reshape(groups, size)
-        K.pack_rows(w.rows, w.qtype, lanes, unsigned_q8, w.packed)
-        f.release(w.name)
+        step = max(1, PACK_CHUNK_BYTES // (lanes * w.rows.shape[1]))  # groups per chunk
+        for g in range(0, groups, step):
+            rows = slice(g * lanes, (g + step) * lanes)
+            K.pack_rows(w.rows[rows], w.qtype, lanes, unsigned_q8, w.packed[g:g + step])
+            f.release(w.name, rows.start, rows.stop)
         offset += groups * size
     buf.setflags(write=False)
     return buf
@@ -317,8 +325,11 @@ class Model:
         if cache_type not in KV_CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cache_type!r}")
         self.cache_type = cache_type
-        self.weights = Weights(f, self.args)
+        # the tokenizer first: what building it frees goes back to the system before the weights
+        # are packed on top of it
         self.tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
+        trim_heap()
+        self.weights = Weights(f, self.args)
         self.cos, self.sin = rope_tables(self.args, self.n_ctx, self.weights.rope_freqs)
         self.state = State(self.args, self.n_ctx, self.threads, cache_type)
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
