@@ -1,4 +1,4 @@
-"""The ``edgellama`` command: run | chat | info | bench.
+"""The ``edgellama`` command: run | chat | serve | info | bench.
 
 User errors (bad paths, malformed files, out-of-range options) print one line to stderr and exit
 with status 1; only bugs show a traceback.
@@ -7,6 +7,7 @@ with status 1; only bugs show a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -60,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     chat.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
     chat.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    serve.add_argument("--api-key", default=os.environ.get("EDGELLAMA_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' (default: $EDGELLAMA_API_KEY)")
+    serve.add_argument("--model-name", default="", help="the model id clients use (default: the file name)")
+    serve.add_argument("--max-queue", type=int, default=8, help="requests that may wait for the model (then 503)")
+    serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (then 413)")
+    serve.add_argument("--allowed-host", action="append", default=[],
+                       help="a further Host name clients may use (repeatable; '*': any)")
+    serve.add_argument("--cors-origin", action="append", default=[],
+                       help="an origin whose web pages may call the API (repeatable; '*': any)")
 
     info = sub.add_parser("info", help="describe a GGUF model file")
     _add_model_options(info)
@@ -122,6 +137,22 @@ def cmd_chat(args) -> int:
                     min_p=args.min_p)
 
 
+def cmd_serve(args) -> int:
+    import edgellama
+    from .server import ServerConfig, serve
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_queue < 0 or args.max_body <= 0:
+        raise ValueError("--max-queue must be >= 0 and --max-body > 0")
+    config = ServerConfig(host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key or None,
+                          max_queue=args.max_queue, max_body_bytes=args.max_body,
+                          allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin))
+    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
+    model.warm_up()  # the first request must not wait for the kernels to load (or compile)
+    return serve(model, config)
+
+
 def cmd_info(args) -> int:
     from .info import describe
 
@@ -137,7 +168,7 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except (ModelFormatError, ValueError, OSError) as e:

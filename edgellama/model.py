@@ -369,6 +369,16 @@ class Model:
         del s.tokens[n_keep:n_keep + n_discard]
         self.n_shifted += n_discard
 
+    def warm_up(self) -> None:
+        """Load (or, the first time on a machine, compile) the kernels of both paths, one token and
+        prompt, so that the first real request does not wait for them; the cache is left empty."""
+        token = self.tokenizer.bos_id or 0
+        self.reset()
+        self.eval([token])
+        self.reset()
+        self.eval([token] * min(DECODE_MAX_PROMPT + 1, self.n_ctx))
+        self.reset()
+
     def reset(self) -> None:
         """Forget the cached context (the KV cache contents become unused)."""
         self.state.n_past = 0
@@ -568,14 +578,16 @@ class Model:
         return self._linear(xb, w.output)[0]
 
     def chat(self, messages, max_tokens: int | None = None, temperature: float = 0.0, seed: int | None = None,
-             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, sampler=None, template: str | None = None):
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, sampler=None, template: str | None = None,
+             stop=()):
         """Stream the assistant's reply to ``messages`` (``[{"role": ..., "content": ...}, ...]``).
 
         The conversation is rendered with the file's ``tokenizer.chat_template`` (or ``template``:
         a template text or a built-in name, ``chatml``/``llama2``/``llama3``; without either, the
         built-in the vocabulary suggests).  The reply ends at the template's end-of-turn token.  The
         cached prefix is reused, so a follow-up turn evaluates only what is new.  A reply that fills
-        the context shifts it (keeping the system prompt) instead of stopping.
+        the context shifts it (keeping the system prompt) instead of stopping.  ``stop``: strings
+        that end the reply (the text before one is kept).
         """
         from .chat import BUILTIN_TEMPLATES, chat_prompt_ids, render_chat, template_for
 
@@ -610,7 +622,7 @@ class Model:
         if messages and messages[0].get("role") == "system":
             n_keep = max(n_keep, len(chat_prompt_ids(tok, messages[:1], template)))
         return self.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k,
-                             top_p=top_p, min_p=min_p, sampler=sampler, stop_ids=end_of_turn,
+                             top_p=top_p, min_p=min_p, sampler=sampler, stop_ids=end_of_turn, stop=stop,
                              context_shift=True, n_keep=min(n_keep, self.n_ctx // 2 - 1))
 
 

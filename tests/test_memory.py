@@ -1,0 +1,112 @@
+"""What edgellama/memory.py and GGUFFile.release give back, read from /proc/self/smaps (Linux)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgellama.gguf import GGUFFile
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+
+
+def resident_kib(name_part: str) -> int:
+    """Resident KiB of this process's mappings of files whose path contains name_part."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):
+                current = len(head) > 5 and name_part in head[5]
+            elif head[0] == "Rss:" and current:
+                total += int(head[1])
+    return total
+
+
+def test_released_rows_leave_memory_and_read_back_the_same(smollm2_path):
+    f = GGUFFile(smollm2_path)
+    try:
+        name = Path(smollm2_path).name
+        f.release("token_embd.weight")  # whatever parsing the header brought in of it
+        metadata = resident_kib(name)
+        rows = f.rows("token_embd.weight")  # Q8_0, 28 MiB
+        n = rows.shape[0]
+        checksum = int(rows.sum(dtype=np.uint64))
+        before = resident_kib(name)
+        assert before - metadata > 0.95 * rows.nbytes / 1024
+        f.release("token_embd.weight", 0, n // 2)
+        after_half = resident_kib(name)
+        half_kib = rows[:n // 2].nbytes // 1024
+        assert before - after_half > 0.95 * half_kib, (before, after_half, half_kib)
+        f.release("token_embd.weight")
+        assert resident_kib(name) <= metadata + 64  # + the fault-around window of neighbouring pages
+        assert int(rows.sum(dtype=np.uint64)) == checksum  # back from the page cache, unchanged
+        f.release("token_embd.weight", n, n + 5)  # an empty range is a no-op
+    finally:
+        f.close()
+
+
+def test_compiler_pages_are_released_and_compiling_still_works():
+    from numba import njit
+
+    from edgellama import kernels  # noqa: F401  (imports Numba, which touches LLVM)
+    from edgellama.memory import release_compiler_pages, trim_heap
+
+    @njit(cache=False)
+    def add(a, b):
+        return a + b
+
+    assert add(2, 3) == 5  # a compilation: LLVM's pages come back
+    touched = resident_kib("libllvmlite")
+    assert release_compiler_pages() > 0
+    assert resident_kib("libllvmlite") < min(touched, 4096), touched
+
+    @njit(cache=False)
+    def mul(a, b):
+        return a * b
+
+    assert mul(6, 7) == 42  # compiling after the release: the pages fault back in from the page cache
+    trim_heap()
+    assert add(1, 1) == 2
+
+
+CHILD = r"""
+import json, sys
+import numpy as np
+import edgellama
+
+def rss(name):
+    total, cur = 0, False
+    for line in open("/proc/self/smaps"):
+        h = line.split()
+        if "-" in h[0] and not h[0].endswith(":"):
+            cur = len(h) > 5 and name in h[5]
+        elif h[0] == "Rss:" and cur:
+            total += int(h[1])
+    return total // 1024
+
+model = edgellama.load(sys.argv[1], n_ctx=256, threads=2)
+model.eval(np.arange(20) + 100)  # the prompt kernels
+model.eval(np.array([5]))        # the one-token kernels
+print(json.dumps({"llvm_mib": rss("libllvmlite"), "file_mib": rss(sys.argv[1].rsplit("/", 1)[-1]),
+                  "packed_mib": model.weights.packed.nbytes >> 20}))
+"""
+
+
+def test_a_loaded_model_keeps_neither_the_compiler_nor_the_file_resident(smollm2_path):
+    """After loading and running both paths the weights are resident once (the packed copy; of the
+    mapped file only the embedding rows looked up and the metadata remain) and LLVM's code is not
+    resident at all."""
+    out = subprocess.run([sys.executable, "-c", CHILD, str(smollm2_path)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["packed_mib"] > 50
+    assert r["file_mib"] < 8, r
+    assert r["llvm_mib"] < 4, r

@@ -1,0 +1,445 @@
+"""The OpenAI-compatible HTTP server (edgellama/server.py), over real sockets.
+
+Replies are checked against the Python API on the same model (the server adds only the protocol)
+and, on the real SmolLM2 model, against llama.cpp's greedy reply from the golden fixture.  Every
+hostile request of ../shared/BAD-INPUTS.md gets a JSON 4xx and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import edgellama
+from edgellama.quants import GGMLType
+from edgellama.server import ServerConfig, make_server
+from tiny_model import write_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = write_tiny_model(tmp_path_factory.mktemp("serve") / "tiny.gguf", GGMLType.Q8_0, ctx=64)
+    return edgellama.load(path, n_ctx=64, threads=1)
+
+
+class Running:
+    """A server on a free port in a background thread."""
+
+    def __init__(self, model, **config):
+        self.httpd = make_server(model, ServerConfig(port=0, **config))
+        self.port = self.httpd.server_address[1]
+        self.engine = self.httpd.RequestHandlerClass.engine
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def request(self, method, path, body=None, headers=None):
+        """(status, headers, parsed JSON or text)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        raw = r.read().decode()
+        conn.close()
+        try:
+            return r.status, r.headers, json.loads(raw)
+        except ValueError:
+            return r.status, r.headers, raw
+
+    def post(self, path, body, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def raw(self, data: bytes) -> bytes:
+        """Send bytes as they are; the server's whole answer."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+        return out
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    s = Running(tiny)
+    yield s
+    s.close()
+
+
+def events(text: str) -> list:
+    """The data lines of a server-sent event stream, JSON-decoded ("[DONE]" kept as is)."""
+    out = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def api_text(chunks) -> tuple[str, str, int]:
+    chunks = list(chunks)
+    return "".join(chunks), chunks[-1].finish_reason, chunks[-1].usage.completion_tokens
+
+
+# ----- replies ------------------------------------------------------------------------------------
+
+def test_health_and_models(server):
+    assert server.request("GET", "/health")[:3:2] == (200, {"status": "ok"})
+    status, _, body = server.request("GET", "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["tiny"]
+    status, _, card = server.request("GET", "/v1/models/tiny")
+    assert status == 200 and card["meta"]["n_ctx"] == 64
+
+
+def test_chat_reply_is_the_python_apis(server, tiny):
+    want, finish, n = api_text(tiny.chat(CHAT, max_tokens=10, temperature=0.0))
+    status, _, body = server.post("/v1/chat/completions", {"model": "tiny", "messages": CHAT, "max_tokens": 10,
+                                                          "temperature": 0})
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert choice["message"] == {"role": "assistant", "content": want}
+    assert choice["finish_reason"] == finish
+    assert body["usage"]["completion_tokens"] == n
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + n
+
+
+def test_stream_carries_the_same_reply(server):
+    req = {"messages": CHAT, "max_tokens": 10, "temperature": 0}
+    whole = server.post("/v1/chat/completions", req)[2]["choices"][0]
+    status, headers, text = server.post("/v1/chat/completions", {**req, "stream": True,
+                                                                "stream_options": {"include_usage": True}})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    evs = events(text)
+    assert evs[-1] == "[DONE]"
+    chunks = evs[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == whole["message"]["content"]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == whole["finish_reason"] and not any(finishes[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+
+
+def test_completions_of_text_and_of_token_ids(server, tiny):
+    prompt = "hello hello world"
+    want, finish, _ = api_text(tiny.generate(prompt, max_tokens=6, temperature=0.0))
+    status, _, body = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0})
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == want and body["choices"][0]["finish_reason"] == finish
+    ids = tiny.tokenize(prompt)
+    status, _, by_ids = server.post("/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0})
+    assert status == 200 and by_ids["choices"][0]["text"] == want
+    # OpenAI's default for /v1/completions is 16 tokens
+    body = server.post("/v1/completions", {"prompt": [ids], "temperature": 0})[2]
+    assert body["usage"]["completion_tokens"] <= 16
+
+
+def test_stop_string_and_max_tokens(server, tiny):
+    text = api_text(tiny.generate("hello world", max_tokens=12, temperature=0.0))[0]
+    stop = text[3:6]
+    assert stop and stop in text
+    body = server.post("/v1/completions", {"prompt": "hello world", "max_tokens": 12, "temperature": 0,
+                                           "stop": [stop]})[2]
+    assert body["choices"][0]["text"] == text[:text.index(stop)]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    body = server.post("/v1/completions", {"prompt": "hello world", "max_tokens": 2, "temperature": 0})[2]
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 2
+
+
+def test_logprobs(server, tiny):
+    body = server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 3, "temperature": 0,
+                                                "logprobs": True, "top_logprobs": 2})[2]
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    for entry in content:
+        assert len(entry["top_logprobs"]) == 2
+        assert entry["logprob"] == pytest.approx(entry["top_logprobs"][0]["logprob"])  # greedy: the best
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+    body = server.post("/v1/completions", {"prompt": "hello", "max_tokens": 3, "temperature": 0, "logprobs": 1})[2]
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 3
+    assert lp["text_offset"][0] == 0
+
+
+def test_seeded_sampling_is_reproducible(server):
+    req = {"prompt": "hello", "max_tokens": 8, "temperature": 1.5, "seed": 7}
+    assert server.post("/v1/completions", req)[2]["choices"][0]["text"] == \
+        server.post("/v1/completions", req)[2]["choices"][0]["text"]
+
+
+# ----- hostile requests ------------------------------------------------------------------------------
+
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [
+    # (path, body, status, param)
+    ("/v1/chat/completions", b"{bad json", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None),
+    ("/v1/chat/completions", b"\xff\xfe{}", 400, None),
+    ("/v1/chat/completions", b"[" * 100000 + b"]" * 100000, 400, None),
+    ("/v1/chat/completions", {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": MSG, "model": "gpt-4o"}, 404, "model"),
+    ("/v1/chat/completions", {"messages": MSG, "model": 3}, 400, "model"),
+    ("/v1/chat/completions", {"messages": MSG, "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": MSG, "top_p": 1.5}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": MSG, "top_k": -1}, 400, "top_k"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 2.5}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": MSG, "stop": [""]}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"1": 500}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MSG, "seed": -4}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, -2]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 10 ** 9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, True]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
+    ("/v1/nothing", {"prompt": "hi"}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD,
+                         ids=[f"{i}-{p.rsplit('/', 1)[-1]}-{s}" for i, (p, _, s, _) in enumerate(BAD)])
+def test_bad_request_gets_a_json_error_and_the_server_keeps_serving(server, path, body, status, param):
+    got, headers, reply = server.post(path, body)
+    assert got == status, reply
+    assert headers["Content-Type"] == "application/json"
+    assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+    assert reply["error"]["param"] == param
+    assert server.request("GET", "/health")[0] == 200
+
+
+def test_prompt_longer_than_the_context(server, tiny):
+    status, _, body = server.post("/v1/completions", {"prompt": [1] * 100})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    long_chat = [{"role": "user", "content": "hello " * 200}]
+    status, _, body = server.post("/v1/chat/completions", {"messages": long_chat})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+
+def test_wrong_methods_and_paths(server):
+    assert server.request("GET", "/v1/chat/completions")[0] == 405
+    assert server.request("DELETE", "/v1/models")[0] == 405
+    assert server.request("GET", "/etc/passwd")[0] == 404
+    assert server.request("GET", "/v1/models/../../etc/passwd")[0] == 404
+
+
+def test_body_size_and_framing(server):
+    port = server.port
+    # a declared size beyond the limit is refused before any of it is read
+    answer = server.raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413")
+    answer = server.raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 411")
+    answer = server.raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"5\r\nhello\r\n0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 411")
+    answer = server.raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    # a body cut short, then garbage that is not HTTP at all
+    server.raw(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"pro")
+    assert server.raw(b"\x00\xff\x16\x03garbage\r\n\r\n").startswith(b"HTTP/1.")
+    assert server.request("GET", "/health")[0] == 200 and server.port == port
+
+
+def test_a_small_body_limit(tiny):
+    s = Running(tiny, max_body_bytes=64)
+    try:
+        status, _, body = s.post("/v1/completions", {"prompt": "x" * 100})
+        assert status == 413 and body["error"]["code"] == "request_too_large"
+        assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
+    finally:
+        s.close()
+
+
+def test_api_key(tiny):
+    s = Running(tiny, api_key="s3cret-key")
+    try:
+        req = {"prompt": "hi", "max_tokens": 1}
+        status, headers, body = s.post("/v1/completions", req)
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        assert body["error"]["code"] == "invalid_api_key"
+        assert s.post("/v1/completions", req, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert s.post("/v1/completions", req, headers={"Authorization": "Basic s3cret-key"})[0] == 401
+        assert s.request("GET", "/v1/models")[0] == 401
+        assert s.post("/v1/completions", req, headers={"Authorization": "Bearer s3cret-key"})[0] == 200
+        assert s.request("GET", "/health")[0] == 200  # liveness needs no key
+    finally:
+        s.close()
+
+
+def test_host_header_against_dns_rebinding(server, tiny):
+    assert server.request("GET", "/v1/models", headers={"Host": "evil.example"})[0] == 403
+    assert server.request("GET", "/v1/models", headers={"Host": "evil.example:8080"})[0] == 403
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", "[::1]:8080", "LOCALHOST"):
+        assert server.request("GET", "/v1/models", headers={"Host": host})[0] == 200, host
+    s = Running(tiny, allowed_hosts=("pi.lan",))
+    try:
+        assert s.request("GET", "/v1/models", headers={"Host": "pi.lan:8080"})[0] == 200
+        assert s.request("GET", "/v1/models", headers={"Host": "other.lan"})[0] == 403
+    finally:
+        s.close()
+
+
+def test_cors(server, tiny):
+    # by default a web page of another origin gets no permission to read replies
+    _, headers, _ = server.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in headers
+    s = Running(tiny, cors_origins=("http://app.example",))
+    try:
+        _, headers, _ = s.request("GET", "/v1/models", headers={"Origin": "http://app.example"})
+        assert headers["Access-Control-Allow-Origin"] == "http://app.example"
+        assert "Access-Control-Allow-Credentials" not in headers
+        _, headers, _ = s.request("GET", "/v1/models", headers={"Origin": "http://evil.example"})
+        assert "Access-Control-Allow-Origin" not in headers
+        status, headers, _ = s.request("OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        assert status == 204 and "POST" in headers["Access-Control-Allow-Methods"]
+        assert "Authorization" in headers["Access-Control-Allow-Headers"]
+    finally:
+        s.close()
+
+
+def test_full_line_gets_503(tiny):
+    s = Running(tiny, max_queue=0)
+    try:
+        s.engine.admit()  # someone else holds the only place
+        status, headers, body = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})
+        assert status == 503 and headers["Retry-After"] == "1" and body["error"]["code"] == "server_busy"
+        s.engine.leave()
+        assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
+    finally:
+        s.close()
+
+
+def test_requests_wait_their_turn(server):
+    """Concurrent requests are served one at a time, each with its own correct reply."""
+    req = {"prompt": "hello world", "max_tokens": 8, "temperature": 0}
+    want = server.post("/v1/completions", req)[2]["choices"][0]["text"]
+    results = []
+
+    def client():
+        results.append(server.post("/v1/completions", req))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [(r[0], r[2]["choices"][0]["text"]) for r in results] == [(200, want)] * 4
+
+
+def test_client_gone_mid_stream_stops_decoding_and_frees_the_model(tiny, monkeypatch):
+    evaluated = []
+    real_eval = tiny.eval
+
+    def slow_eval(ids, *a, **kw):  # 60 tokens would take 3 s
+        evaluated.append(len(ids))
+        time.sleep(0.05)
+        return real_eval(ids, *a, **kw)
+
+    monkeypatch.setattr(tiny, "eval", slow_eval)
+    s = Running(tiny)
+    try:
+        body = json.dumps({"prompt": "hello", "max_tokens": 60, "temperature": 1.0, "seed": 1, "stream": True,
+                           "logit_bias": {str(i): -100 for i in tiny.tokenizer.eog_ids}}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += sock.recv(4096)
+        sock.close()
+        deadline = time.monotonic() + 30
+        while s.engine.lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not s.engine.lock.locked()
+        assert len(evaluated) < 20, f"{len(evaluated)} tokens decoded for a client that left after 3"
+        monkeypatch.setattr(tiny, "eval", real_eval)
+        assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
+    finally:
+        s.close()
+
+
+# ----- the real model and the command ----------------------------------------------------------------
+
+def test_real_model_reply_is_llama_cpps(smollm2_path):
+    """llama.cpp's greedy reply to a chat-formatted prompt (tests/golden/smollm2_q4_1.json), through
+    /v1/completions as token ids, and the same question through /v1/chat/completions."""
+    golden = json.loads((ROOT / "tests" / "golden" / "smollm2_q4_1.json").read_text())
+    case = next(p for p in golden["prompts"] if p["name"] == "chatml")
+    model = edgellama.load(smollm2_path, n_ctx=512, threads=2)
+    s = Running(model)
+    try:
+        status, _, body = s.post("/v1/completions", {"prompt": case["ids"], "max_tokens": 32, "temperature": 0})
+        assert status == 200
+        assert body["choices"][0]["text"] == case["greedy_text"] == "The capital of France is Paris."
+        assert body["choices"][0]["finish_reason"] == "stop"  # llama.cpp stopped at <|im_end|> too
+        assert body["usage"]["completion_tokens"] == len(case["greedy_ids"]) - 1
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+        status, _, body = s.post("/v1/chat/completions", {"model": "SmolLM2-135M-Instruct.Q4_1",
+                                                          "messages": messages, "temperature": 0})
+        assert status == 200 and "Paris" in body["choices"][0]["message"]["content"]
+        assert body["choices"][0]["finish_reason"] == "stop"
+    finally:
+        s.close()
+
+
+def test_serve_command(tiny):
+    proc = subprocess.Popen([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), "--port", "0",
+                             "-t", "1", "--model-name", "mini"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stderr.readline()
+        assert "on http://127.0.0.1:" in line, line
+        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "mini", "prompt": "hi", "max_tokens": 2}),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] <= 2
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_serve_command_rejects_bad_options(tiny):
+    r = subprocess.run([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), "--port", "70000"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "--port" in r.stderr
