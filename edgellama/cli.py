@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default="", help="the model id clients use (default: the file name)")
     serve.add_argument("--max-queue", type=int, default=8, help="requests that may wait for the model (then 503)")
     serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (then 413)")
+    serve.add_argument("--max-connections", type=int, default=64, help="open connections at most (then 503)")
     serve.add_argument("--allowed-host", action="append", default=[],
                        help="a further Host name clients may use (repeatable; '*': any)")
     serve.add_argument("--cors-origin", action="append", default=[],
@@ -143,10 +144,11 @@ def cmd_serve(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue < 0 or args.max_body <= 0:
-        raise ValueError("--max-queue must be >= 0 and --max-body > 0")
+    if args.max_queue < 0 or args.max_body <= 0 or args.max_connections <= 0:
+        raise ValueError("--max-queue must be >= 0, --max-body and --max-connections > 0")
     config = ServerConfig(host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key or None,
                           max_queue=args.max_queue, max_body_bytes=args.max_body,
+                          max_connections=args.max_connections,
                           allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin))
     model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
     model.warm_up()  # the first request must not wait for the kernels to load (or compile)

@@ -57,7 +57,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     allowed_hosts: tuple[str, ...] = ()   # extra Host names accepted ("*": any)
     cors_origins: tuple[str, ...] = ()    # origins whose browsers may read responses ("*": any)
-    request_timeout: float = 60.0      # seconds a client may take to send its request
+    request_timeout: float = 60.0      # seconds a client may stay silent (or not read) mid-request
+    max_connections: int = 64          # open connections, idle ones included (then 503 at once)
 
 
 class APIError(Exception):
@@ -641,9 +642,42 @@ def _new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
+_BUSY = json.dumps(APIError(503, "too many open connections; retry later", kind="server_error",
+                            code="server_busy").body()).encode()
+
+
 class _Server(ThreadingHTTPServer):
+    """A thread per connection, at most max_connections of them: a flood of idle sockets gets 503s
+    instead of exhausting the machine's threads."""
+
     daemon_threads = True
     allow_reuse_address = True
+
+    def __init__(self, address, handler, max_connections: int):
+        self._connections = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._connections.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                                % (len(_BUSY), _BUSY))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     def server_bind(self) -> None:
         if ":" in self.server_address[0]:
@@ -658,12 +692,13 @@ class _Server(ThreadingHTTPServer):
 
 def make_server(model, config: ServerConfig) -> ThreadingHTTPServer:
     """A server bound to config.host:config.port (port 0: any free one); call serve_forever()."""
-    if config.max_body_bytes <= 0:
-        raise ValueError(f"max_body_bytes must be positive, got {config.max_body_bytes}")
+    if config.max_body_bytes <= 0 or config.max_connections <= 0:
+        raise ValueError(f"max_body_bytes and max_connections must be positive, got {config.max_body_bytes} "
+                         f"and {config.max_connections}")
     name = config.model_name or os.path.basename(str(model.path)).removesuffix(".gguf")
     handler = type("EdgellamaHandler", (Handler,), {"engine": Engine(model, name, config.max_queue),
                                                    "config": config, "timeout": config.request_timeout})
-    return _Server((config.host, config.port), handler)
+    return _Server((config.host, config.port), handler, config.max_connections)
 
 
 def serve(model, config: ServerConfig) -> int:

@@ -349,6 +349,22 @@ def test_full_line_gets_503(tiny):
         s.close()
 
 
+def test_too_many_open_connections_get_503(tiny):
+    s = Running(tiny, max_connections=1)
+    try:
+        idle = socket.create_connection(("127.0.0.1", s.port), timeout=30)  # holds the only connection
+        time.sleep(0.2)
+        status, headers, body = s.request("GET", "/health")
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        idle.close()
+        deadline = time.monotonic() + 30
+        while s.request("GET", "/health")[0] != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        s.close()
+
+
 def test_requests_wait_their_turn(server):
     """Concurrent requests are served one at a time, each with its own correct reply."""
     req = {"prompt": "hello world", "max_tokens": 8, "temperature": 0}
