@@ -1,7 +1,8 @@
 """Every Numba kernel of the runtime.  Each has a numpy twin in the tests.
 
-Quantized weights (Q8_0, Q4_0, Q4_1) arrive as the row-interleaved copy ``pack_rows`` makes once at
-load (the file's bytes, reordered: still quantized, never expanded to floats); float weights as
+Quantized weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) arrive as the row-interleaved copy
+``pack_rows`` makes once at load (the file's bytes, reordered: still quantized, never expanded to
+floats, about the file's size); float weights as
 read-only ``(n_out, row_bytes)`` uint8 views of the memory-mapped GGUF file; both with their ggml
 type id.  Each activation row is quantized once to int8 blocks of 32 (ggml's Q8_0 / Q8_1 activation
 format) and reused by every matrix that reads it; a block's exact integer dot product is scaled once.
@@ -96,15 +97,25 @@ def quantize_q8_rows(x, xq, xd, xs, xsum):
 # forms, so that one vector load brings 4 consecutive weight bytes of each of LANES rows.  Per group,
 # per 32-element block (PACKED_FORMATS below says which pieces a type has):
 #
-#   scales   n_scales x LANES  (f16 or f32; 2 for Q6_K: one per 16 elements)
-#   minimums LANES             (f16 or f32; Q4_1, Q5_1, Q4_K, Q5_K)
+#   scales   n_scales x LANES  f16, or for K-quants the block's own factor byte (6-bit unsigned,
+#                              Q6_K: int8; 2 for Q6_K, one per 16 elements)
+#   minimums LANES             f16 (Q4_1, Q5_1), or the 6-bit minimum factor byte (Q4_K, Q5_K)
+#   high     high x LANES      the 5th (Q5_x: 4 bytes) or 5th+6th bits (Q6_K: 8 bytes) of the values,
+#                              placed so that a shift and a mask line them up with the nibbles (below)
 #   quants   steps x LANES x 4 bytes: 4 nibble steps (byte i of step s holds elements 4s+i in its
 #            low and 16+4s+i in its high half) or 8 byte steps (element 4s+i), unsigned integers
 #            whose value is scale * (q - offset) + minimum
 #
-# Q4_0 / Q4_1 / Q8_0 keep their file bytes (Q8_0 stored as q + 128 on CPUs with VNNI: see below);
-# Q5_x and Q6_K are widened to a byte per value; K-quant scales and minimums (6-bit sub-block
-# factors of a super-block scale) become float32.  Every value stays exactly what ggml dequantizes.
+# and, after the last block, for K-quants per 256-element super-block LANES f16 factors d (and
+# LANES dmin): a block's scale is d * its factor, its minimum -dmin * its factor, products taken in
+# float32 inside the kernel exactly as ggml dequantizes.  So a packed matrix takes the bytes of the
+# file (+2-3% for Q4_K / Q5_K, whose 6-bit factors get a byte each); Q8_0 is stored as q + 128 on
+# CPUs with VNNI (see below).  Every value stays exactly what ggml dequantizes.
+#
+# The high bits: for Q5_x, byte i of a lane's 4-byte word holds in bit s the 5th bit of element
+# 4s+i and in bit 4+s that of element 16+4s+i, so nibble step s takes (word << (4-s)) & 16 and
+# (word >> s) & 16.  For Q6_K two such words hold the bit pairs (bits 2s, 2s+1 of byte i: element
+# 4s+i in the first, 16+4s+i in the second), lined up by a shift of 4-2s and the mask 48.
 #
 # A product then needs no horizontal sums: lane l accumulates row l.  For each block and token, one
 # 4-byte group of the activation is broadcast to all lanes and one int8 dot-product instruction
@@ -122,23 +133,38 @@ def quantize_q8_rows(x, xq, xd, xs, xsum):
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _F16, _F32 = ir.HalfType(), ir.FloatType()
 
-# qtype: (quant bytes per 32 elements: 16 nibbles or 32 bytes, bytes per scale, scales per block,
-#         bytes per minimum (0: none), offset); Q8_0's offset becomes 128 when stored unsigned
+# qtype: (quant bytes per 32 elements: 16 nibbles or 32 bytes, high-bit bytes, bytes per scale
+#         (1: a K-quant factor byte), scales per block, bytes per minimum (0: none, 1: a K-quant
+#         factor byte), offset); Q8_0's offset becomes 128 when stored unsigned
 PACKED_FORMATS = {
-    T_Q4_0: (16, 2, 1, 0, 8),
-    T_Q4_1: (16, 2, 1, 2, 0),
-    T_Q5_0: (32, 2, 1, 0, 16),
-    T_Q5_1: (32, 2, 1, 2, 0),
-    T_Q8_0: (32, 2, 1, 0, 0),
-    T_Q4_K: (16, 4, 1, 4, 0),
-    T_Q5_K: (32, 4, 1, 4, 0),
-    T_Q6_K: (32, 4, 2, 0, 32),
+    T_Q4_0: (16, 0, 2, 1, 0, 8),
+    T_Q4_1: (16, 0, 2, 1, 2, 0),
+    T_Q5_0: (16, 4, 2, 1, 0, 16),
+    T_Q5_1: (16, 4, 2, 1, 2, 0),
+    T_Q8_0: (32, 0, 2, 1, 0, 0),
+    T_Q4_K: (16, 0, 1, 1, 1, 0),
+    T_Q5_K: (16, 4, 1, 1, 1, 0),
+    T_Q6_K: (16, 8, 1, 2, 0, 32),
 }
+SUPER_BLOCK = 8  # 32-element blocks per K-quant super-block
+
 
 def record_bytes(qtype: int) -> int:
     """Packed bytes of one row's 32-element block."""
-    quant, scale, n_scales, minimum, _ = PACKED_FORMATS[qtype]
-    return scale * n_scales + minimum + quant
+    quant, high, scale, n_scales, minimum, _ = PACKED_FORMATS[qtype]
+    return scale * n_scales + minimum + high + quant
+
+
+def super_block_bytes(qtype: int) -> int:
+    """Packed bytes of one row's super-block factors (d, and dmin with minimums): K-quants only."""
+    _, _, scale, _, minimum, _ = PACKED_FORMATS[qtype]
+    return 0 if scale != 1 else 2 * (1 + (minimum == 1))
+
+
+def group_bytes(qtype: int, n_in: int, lanes: int) -> int:
+    """Bytes of one packed group of LANES rows of n_in elements."""
+    nb = n_in // QK
+    return lanes * (nb * record_bytes(qtype) + nb // SUPER_BLOCK * super_block_bytes(qtype))
 
 
 def packing() -> tuple[int, bool]:
@@ -260,35 +286,44 @@ def is_quantized(wtype):
 
 
 # PACKED_FORMATS as an array the kernels can index (Numba freezes global arrays into the code)
-_FORMAT_TABLE = np.zeros((T_BF16 + 1, 5), np.int64)
+_FORMAT_TABLE = np.zeros((T_BF16 + 1, 6), np.int64)
 for _qtype, _format in PACKED_FORMATS.items():
     _FORMAT_TABLE[_qtype] = _format
 
 
 @njit(**_exact)
 def _packed_format(wtype):
-    """PACKED_FORMATS[wtype] inside the kernels: (quant bytes, scale bytes, scales, minimum bytes,
-    offset)."""
+    """PACKED_FORMATS[wtype] inside the kernels: (quant bytes, high-bit bytes, scale bytes, scales,
+    minimum bytes, offset)."""
     f = _FORMAT_TABLE[wtype]
-    return f[0], f[1], f[2], f[3], f[4]
+    return f[0], f[1], f[2], f[3], f[4], f[5]
 
 
 @njit(**_exact)
-def _put(group, at, value, nbytes):
-    """A scale or minimum into a packed record: its half bits (nbytes 2) or float32 bytes (4)."""
-    bits = I32(_half_bits(value)) if nbytes == 2 else _f32_bits(value)
-    for i in range(nbytes):
-        group[at + i] = (bits >> (8 * i)) & 255
+def _k_factors(row, wtype, b):
+    """K-quant block b's factor bytes and where its super-block's f16 d sits in the file row:
+    (scale factor, minimum factor, offset of d) for Q4_K / Q5_K (dmin follows d), (int8 scale of
+    the first half, of the second half, offset of d) for Q6_K."""
+    if wtype == T_Q6_K:
+        o = 210 * (b // SUPER_BLOCK)
+        at = o + 192 + 8 * ((b % 8) // 4) + 2 * (b % 4)
+        return I32(row[at]), I32(row[at + 1]), o + 208
+    o = (144 if wtype == T_Q4_K else 176) * (b // SUPER_BLOCK)
+    sc, m = _k_scale_min(row, o + 4, b % SUPER_BLOCK)
+    return sc, m, o
 
 
 @njit(parallel=True, **_exact)
 def pack_rows(w, wtype, lanes, unsigned_q8, out):
-    """w: (n_out, row_bytes) file rows of a quantized type -> out: (n_groups, n_in/32 * lanes *
-    record_bytes), the layout above.  out must arrive zeroed: the last group's padding rows stay so."""
-    quant, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
-    record = lanes * (scale_bytes * n_scales + min_bytes + quant)
+    """w: (n_out, row_bytes) file rows of a quantized type -> out: (n_groups, group_bytes), the
+    layout above.  out must arrive zeroed: the last group's padding rows stay so."""
+    quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
+    record = lanes * (scale_bytes * n_scales + min_bytes + high + quant)
+    factors = scale_bytes == 1                                  # K-quants
+    sb_bytes = lanes * 2 * (1 + (min_bytes == 1)) if factors else 0
+    n_blocks = SUPER_BLOCK * out.shape[1] // (SUPER_BLOCK * record + sb_bytes)
+    table = n_blocks * record                                   # the super-block factors
     flip = 128 if unsigned_q8 and wtype == T_Q8_0 else 0
-    n_blocks = out.shape[1] // record
     for g in prange(out.shape[0]):
         group = out[g]
         vals = np.empty(QK, np.int32)
@@ -298,18 +333,43 @@ def pack_rows(w, wtype, lanes, unsigned_q8, out):
             for b in range(n_blocks):
                 minimum = unpack_block(row, wtype, b, vals, scales)
                 rec = b * record
-                for s in range(n_scales):
-                    _put(group, rec + (s * lanes + lane) * scale_bytes, scales[s], scale_bytes)
-                if min_bytes:
-                    _put(group, rec + n_scales * lanes * scale_bytes + lane * min_bytes, minimum, min_bytes)
-                quants = rec + lanes * (n_scales * scale_bytes + min_bytes)
+                mins = rec + n_scales * lanes * scale_bytes
+                if factors:  # the factor bytes, and d (dmin) as the file has them, once per super-block
+                    f0, f1, d_at = _k_factors(row, wtype, b)
+                    group[rec + lane] = f0
+                    group[(rec + lanes + lane) if n_scales == 2 else (mins + lane)] = f1
+                    if b % SUPER_BLOCK == 0:
+                        at = table + (b // SUPER_BLOCK) * sb_bytes + 2 * lane
+                        for i in range(sb_bytes // lanes):  # d, then dmin lanes * 2 bytes later
+                            group[at + (i // 2) * 2 * lanes + i % 2] = row[d_at + i]
+                else:
+                    _put_half(group, rec + lane * 2, scales[0])
+                    if min_bytes:
+                        _put_half(group, mins + lane * 2, minimum)
+                highs = mins + lanes * min_bytes
+                quants = highs + lanes * high
                 for s in range(quant // 4):          # 4-byte slices, one per lane per step
                     at = quants + (s * lanes + lane) * 4
                     for i in range(4):
-                        if quant == 16:
-                            group[at + i] = vals[4 * s + i] | (vals[16 + 4 * s + i] << 4)
-                        else:
-                            group[at + i] = (vals[4 * s + i] + flip) & 255
+                        lo = vals[4 * s + i]
+                        if quant == 32:
+                            group[at + i] = (lo + flip) & 255
+                            continue
+                        hi = vals[16 + 4 * s + i]
+                        group[at + i] = (lo & 15) | ((hi & 15) << 4)
+                        if high == 4:    # bit s: element 4s+i, bit 4+s: element 16+4s+i
+                            group[highs + lane * 4 + i] |= (((lo >> 4) & 1) << s) | (((hi >> 4) & 1) << (4 + s))
+                        elif high == 8:  # bits 2s, 2s+1 of the first word, of the second
+                            group[highs + lane * 4 + i] |= ((lo >> 4) & 3) << (2 * s)
+                            group[highs + 4 * lanes + lane * 4 + i] |= ((hi >> 4) & 3) << (2 * s)
+
+
+@njit(**_exact)
+def _put_half(group, at, value):
+    """A scale or minimum into a packed record as IEEE half bits."""
+    bits = I32(_half_bits(value))
+    group[at] = bits & 255
+    group[at + 1] = bits >> 8
 
 
 def _target_features() -> set[str]:
@@ -483,23 +543,44 @@ class _TileIR:
         vf, vi, vb = _vec(_F32, n), _vec(_I32, n), _vec(_I8, 4 * n)
         fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fmuladd.v{n}f32")
         acc = [cgutils.alloca_once_value(b, ir.Constant(vf, [0.0] * n)) for _ in range(self.n_tok)]
-        quant, scale_bytes, n_scales, min_bytes, offset = PACKED_FORMATS[qt]
+        quant, high, scale_bytes, n_scales, min_bytes, offset = PACKED_FORMATS[qt]
         if qt == T_Q8_0 and self.unsigned_q8:
             offset = 128
         record = n * record_bytes(qt)
+        table_at = b.add(self.group_at, b.mul(self.nb, self.i64(record)))  # K-quants' super-block factors
+        sb_bytes = n * super_block_bytes(qt)
 
-        def lane_values(at, nbytes):  # n scales or minimums -> float32 vector
-            if nbytes == 2:
-                return _half_to_f32(b, self.load(self.wp, at, _vec(_I16, n)), self.native_half)
-            return self.load(self.wp, at, vf)
+        def lane_values(at):  # n half scales or minimums -> float32 vector
+            return _half_to_f32(b, self.load(self.wp, at, _vec(_I16, n)), self.native_half)
+
+        def factors(at, base):  # n factor bytes (6-bit, or Q6_K's int8) x the super-block's f16 -> float32
+            return b.fmul(b.sitofp(self.load(self.wp, at, _vec(_I8, n)), vf), base)
+
+        def masked(v, shift, mask):  # (v << shift) & mask on every byte; a negative shift goes right
+            if shift > 0:
+                v = b.shl(v, _const_vec(_I8, [shift] * (4 * n)))
+            elif shift < 0:
+                v = b.lshr(v, _const_vec(_I8, [-shift] * (4 * n)))
+            return b.and_(v, _const_vec(_I8, [mask] * (4 * n)))
 
         with cgutils.for_range(b, self.nb) as loop:
             blk = loop.index
             rec = b.add(self.group_at, b.mul(blk, self.i64(record)))
-            d_w = [lane_values(b.add(rec, self.i64(s * n * scale_bytes)), scale_bytes) for s in range(n_scales)]
-            if min_bytes:
-                m_w = lane_values(b.add(rec, self.i64(n_scales * n * scale_bytes)), min_bytes)
-            quants = b.add(rec, self.i64(n * (n_scales * scale_bytes + min_bytes)))
+            mins_at = b.add(rec, self.i64(n * n_scales * scale_bytes))
+            if scale_bytes == 1:  # K-quants: block factor x super-block d (dmin), ggml's float32 products
+                sb_at = b.add(table_at, b.mul(b.lshr(blk, self.i64(3)), self.i64(sb_bytes)))
+                d_sb = lane_values(sb_at)
+                d_w = [factors(b.add(rec, self.i64(s * n)), d_sb) for s in range(n_scales)]
+                if min_bytes:
+                    m_w = b.fmul(factors(mins_at, lane_values(b.add(sb_at, self.i64(2 * n)))),
+                                 ir.Constant(vf, [-1.0] * n))
+            else:
+                d_w = [lane_values(rec)]
+                if min_bytes:
+                    m_w = lane_values(mins_at)
+            highs_at = b.add(mins_at, self.i64(n * min_bytes))
+            quants = b.add(highs_at, self.i64(n * high))
+            high_words = [self.load(self.wp, b.add(highs_at, self.i64(4 * n * k)), vb) for k in range(high // 4)]
             # integer sums (one per scale: per half block for Q6_K), starting from the offset term
             isum = []
             for j in range(self.n_tok):
@@ -513,9 +594,16 @@ class _TileIR:
                 v = self.load(self.wp, b.add(quants, self.i64(4 * n * s)), vb)
                 if quant == 32:
                     steps = [(v, 4 * s)]
-                else:  # low nibbles: elements 4s.., high nibbles: elements 16+4s..
-                    steps = [(b.and_(v, _const_vec(_I8, [15] * (4 * n))), 4 * s),
-                             (b.lshr(v, _const_vec(_I8, [4] * (4 * n))), 16 + 4 * s)]
+                else:  # low nibbles: elements 4s.., high nibbles: elements 16+4s..; then their high bits
+                    lo = b.and_(v, _const_vec(_I8, [15] * (4 * n)))
+                    hi = b.lshr(v, _const_vec(_I8, [4] * (4 * n)))
+                    if high == 4:
+                        lo = b.or_(lo, masked(high_words[0], 4 - s, 16))
+                        hi = b.or_(hi, masked(high_words[0], -s, 16))
+                    elif high == 8:
+                        lo = b.or_(lo, masked(high_words[0], 4 - 2 * s, 48))
+                        hi = b.or_(hi, masked(high_words[1], 4 - 2 * s, 48))
+                    steps = [(lo, 4 * s), (hi, 16 + 4 * s)]
                 for weights, element in steps:
                     half = element // 16 if n_scales == 2 else 0
                     for j in range(self.n_tok):
@@ -529,7 +617,7 @@ class _TileIR:
                     total = b.call(fma, [b.sitofp(isum[j][h], vf), b.fmul(d_w[h], d_x), total])
                 if min_bytes == 2:    # Q4_1, Q5_1: ggml's half-rounded s = d * sum(q) of Q8_1
                     total = b.call(fma, [m_w, self.splat(self.token_value("xs", j, blk, _F32)), total])
-                elif min_bytes == 4:  # K-quants: the exact block sum, as ggml's Q8_K sums
+                elif min_bytes == 1:  # K-quants: the exact block sum, as ggml's Q8_K sums
                     x_sum = b.add(*[self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
                                     for h in range(2)])
                     total = b.call(fma, [m_w, b.fmul(d_x, self.splat(b.sitofp(x_sum, _F32))), total])
@@ -682,14 +770,6 @@ def _half_bits(typingctx, value):
 
 
 @intrinsic
-def _f32_bits(typingctx, value):
-    """float32 -> its bit pattern as int32."""
-    if value != types.float32:
-        return None
-    return types.int32(value), lambda context, builder, sig, args: builder.bitcast(args[0], _I32)
-
-
-@intrinsic
 def _as_f32(typingctx, v):
     """float32 passes through; uint16 holds IEEE half bits (an f16 KV cache, a block scale): their
     value, exactly."""
@@ -768,7 +848,7 @@ def dequantize_row(row, wtype, out, f16_table, bf16_table):
         for i in range(n):
             out[i] = table[rh[i]]
     else:
-        offset = _packed_format(wtype)[4]
+        offset = _packed_format(wtype)[5]
         vals = np.empty(QK, np.int32)
         scales = np.empty(2, np.float32)
         for b in range(n // QK):

@@ -169,8 +169,7 @@ def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
     at a time, so that the weights are resident once, even while loading.  The file stays
     untouched and remains the source of every float tensor."""
     lanes, unsigned_q8 = K.packing()
-    shapes = [(-(-w.n_out // lanes), lanes * (w.n_in // K.QK) * K.record_bytes(w.qtype))  # (groups, group bytes)
-              for w in weights]
+    shapes = [(-(-w.n_out // lanes), K.group_bytes(w.qtype, w.n_in, lanes)) for w in weights]  # (groups, group bytes)
     buf = np.zeros(sum(groups * size for groups, size in shapes), np.uint8)
     offset = 0
     for w, (groups, size) in zip(weights, shapes):

@@ -312,7 +312,7 @@ def packed(raw: np.ndarray, wtype: int) -> np.ndarray:
     lanes, unsigned_q8 = K.packing()
     elements, block_bytes = BLOCK_LAYOUT[GGMLType(wtype)]
     n_in = raw.shape[1] // block_bytes * elements
-    out = np.zeros((-(-raw.shape[0] // lanes), lanes * n_in // 32 * K.record_bytes(wtype)), np.uint8)
+    out = np.zeros((-(-raw.shape[0] // lanes), K.group_bytes(wtype, n_in, lanes)), np.uint8)
     K.pack_rows(raw, wtype, lanes, unsigned_q8, out)
     return out
 
@@ -346,21 +346,32 @@ def _run_matvec(w, wtype, x, via):
 
 def packed_values_twin(packed_rows: np.ndarray, wtype: int, n_out: int, lanes: int, unsigned_q8: bool):
     """The weights (n_out, n_in) read back from a packed copy by the layout described in kernels.py:
-    per group and 32-block, n_scales x lanes scales, lanes minimums, then the quant steps."""
-    quant, scale_bytes, n_scales, min_bytes, offset = K.PACKED_FORMATS[wtype]
+    per group and 32-block, n_scales x lanes scales, lanes minimums, the high-bit words, the quant
+    steps; after the blocks, K-quants' per-super-block d (and dmin) of each lane."""
+    quant, high, scale_bytes, n_scales, min_bytes, offset = K.PACKED_FORMATS[wtype]
     offset = 128 if (wtype == 8 and unsigned_q8) else offset
-    dtype = {2: np.float16, 4: np.float32}
-    record = lanes * (scale_bytes * n_scales + min_bytes + quant)
-    n_groups, nb = packed_rows.shape[0], packed_rows.shape[1] // record
+    record = lanes * K.record_bytes(wtype)
+    sb = lanes * K.super_block_bytes(wtype)
+    n_groups = packed_rows.shape[0]
+    nb = 8 * packed_rows.shape[1] // (8 * record + sb)
     out = np.zeros((n_groups * lanes, nb * 32))
     for g in range(n_groups):
+        table = packed_rows[g, nb * record:]
         for b in range(nb):
             rec = packed_rows[g, b * record:(b + 1) * record]
             at = n_scales * lanes * scale_bytes
-            scales = rec[:at].copy().view(dtype[scale_bytes]).reshape(n_scales, lanes).astype(np.float64)
-            mins = (rec[at:at + lanes * min_bytes].copy().view(dtype[min_bytes]).astype(np.float64)
-                    if min_bytes else np.zeros(lanes))
-            steps = rec[at + lanes * min_bytes:].reshape(quant // 4, lanes, 4)
+            if scale_bytes == 1:  # factor bytes x the super-block's f16 d (dmin)
+                d = table[(b // 8) * sb:(b // 8 + 1) * sb].copy().view(np.float16).astype(np.float64)
+                factor = rec[:at].view(np.int8).astype(np.float64).reshape(n_scales, lanes)
+                scales = factor * d[:lanes]
+                mins = -rec[at:at + lanes].astype(np.float64) * d[lanes:] if min_bytes else np.zeros(lanes)
+            else:
+                scales = rec[:at].copy().view(np.float16).reshape(n_scales, lanes).astype(np.float64)
+                mins = (rec[at:at + lanes * min_bytes].copy().view(np.float16).astype(np.float64)
+                        if min_bytes else np.zeros(lanes))
+            at += lanes * min_bytes
+            words = rec[at:at + lanes * high].reshape(max(high // 4, 1), lanes, 4).astype(np.int64) if high else None
+            steps = rec[at + lanes * high:].reshape(quant // 4, lanes, 4)
             for lane in range(lanes):
                 q = steps[:, lane].reshape(-1).astype(np.int64)
                 if quant == 16:
@@ -368,6 +379,12 @@ def packed_values_twin(packed_rows: np.ndarray, wtype: int, n_out: int, lanes: i
                     for s in range(4):
                         vals[4 * s:4 * s + 4] = q[4 * s:4 * s + 4] & 15
                         vals[16 + 4 * s:20 + 4 * s] = q[4 * s:4 * s + 4] >> 4
+                        if high == 4:
+                            vals[4 * s:4 * s + 4] |= ((words[0, lane] >> s) & 1) << 4
+                            vals[16 + 4 * s:20 + 4 * s] |= ((words[0, lane] >> (4 + s)) & 1) << 4
+                        elif high == 8:
+                            vals[4 * s:4 * s + 4] |= ((words[0, lane] >> (2 * s)) & 3) << 4
+                            vals[16 + 4 * s:20 + 4 * s] |= ((words[1, lane] >> (2 * s)) & 3) << 4
                 elif wtype == 8 and not unsigned_q8:
                     vals = q.astype(np.uint8).view(np.int8).astype(np.int64)
                 else:
@@ -376,6 +393,18 @@ def packed_values_twin(packed_rows: np.ndarray, wtype: int, n_out: int, lanes: i
                 out[g * lanes + lane, 32 * b:32 * b + 32] = scale * (vals - offset) + mins[lane]
     assert not out[n_out:].any(), "padding rows must stay zero"
     return out[:n_out]
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+@pytest.mark.parametrize("wtype", QUANT_TYPES, ids=TYPE_NAMES.get)
+def test_packed_rows_take_the_files_bytes(wtype, lanes):
+    """A packed row is as long as the file's row, but for Q4_K / Q5_K, whose sixteen 6-bit factors
+    per 256 elements (12 bytes) get a byte each: +4 bytes (2-3%)."""
+    elements, block_bytes = BLOCK_LAYOUT[GGMLType(wtype)]
+    n_in = 4096
+    file_row = n_in // elements * block_bytes
+    packed_row = K.group_bytes(wtype, n_in, lanes) / lanes
+    assert packed_row == file_row + (n_in // 256 * 4 if wtype in (12, 13) else 0), (file_row, packed_row)
 
 
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 40])
@@ -387,7 +416,7 @@ def test_pack_rows_layout(wtype, rows, threads):
     raw = weight_bytes(random_matrix(rng, rows, n), wtype)
     lanes, unsigned_q8 = K.packing()
     got = packed(raw, wtype)
-    assert got.shape == (-(-rows // lanes), lanes * n // 32 * K.record_bytes(wtype))
+    assert got.shape == (-(-rows // lanes), K.group_bytes(wtype, n, lanes))
     want = reference_weights(raw, wtype).astype(np.float64)
     np.testing.assert_allclose(packed_values_twin(got, wtype, rows, lanes, unsigned_q8), want,
                                rtol=1e-6, atol=1e-30)
