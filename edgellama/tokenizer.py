@@ -526,6 +526,7 @@ class Tokenizer:
         if kind == "bpe":
             merges = meta.str_list("tokenizer.ggml.merges", required=True)
             self._build_bpe(meta, merges, pre)
+            self._token_to_id = {}  # only building (and SentencePiece encoding) looks tokens up by text
         else:
             self._build_spm(meta)
         return self
@@ -859,6 +860,7 @@ class Tokenizer:
         self._pieces = _ByteTable(by_rank + [s.encode("utf-8") for s in specials])
         self._rank_to_id = np.arange(n_base, dtype=np.int64)
         self._enc = _core_bpe("edgellama-llama3", _RE_LLAMA3, ranks)
+        self._token_to_id = {}  # not needed to encode byte-level BPE
         return self
 
     # ----- encode / decode ------------------------------------------------------------------------
