@@ -20,7 +20,7 @@ def _add_model_options(p: argparse.ArgumentParser, runtime: bool = True) -> None
         p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
         p.add_argument("-c", "--ctx", type=int, default=None,
                        help="context size in tokens (default: min(model context, 4096))")
-        p.add_argument("--cache-type", choices=("f16", "f32"), default="f16",
+        p.add_argument("--cache-type", choices=("f16", "f32", "q8_0"), default="f16",
                        help="KV cache precision (default f16, as llama.cpp)")
 
 

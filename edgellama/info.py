@@ -18,8 +18,8 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def kv_cache_bytes(args: ModelArgs, n_ctx: int, bytes_per_value: int = 4) -> int:
-    return 2 * args.n_layers * n_ctx * args.kv_dim * bytes_per_value
+def kv_cache_bytes(args: ModelArgs, n_ctx: int, bytes_per_value: float = 4) -> int:
+    return int(2 * args.n_layers * n_ctx * args.kv_dim * bytes_per_value)
 
 
 def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> str:
@@ -54,7 +54,7 @@ def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> 
     ]
     for name, (count, elements, nbytes) in sorted(by_type.items(), key=lambda kv: -kv[1][2]):
         lines.append(f"  {name:6s} {count:4d} tensors  {elements / 1e6:8.1f} M weights  {_size(nbytes):>10s}")
-    width = {"f16": 2, "f32": 4}[cache_type]
+    width = {"f16": 2, "f32": 4, "q8_0": 34 / 32}[cache_type]
     lines.append(f"KV cache:      {_size(kv_cache_bytes(a, n_ctx, width))} at n_ctx={n_ctx} ({cache_type})")
     lines.append(f"chat template: {'yes' if f.get('tokenizer.chat_template') else 'none'}")
     return "\n".join(lines)

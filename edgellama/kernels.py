@@ -22,7 +22,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import cgutils, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from .memory import release_compiler_pages
 
@@ -864,11 +864,74 @@ def dequantize_rows(w, wtype, out, f16_table, bf16_table):
         dequantize_row(w[r], wtype, out[r], f16_table, bf16_table)
 
 
+_PACKED_LANES, _UNSIGNED_Q8 = packing()  # the layout pack_rows writes on this target
+
+
 @njit(**_exact)
-def embed_rows(tokens, w, wtype, out, f16_table, bf16_table):
-    """out[t] = dequantized row ``tokens[t]`` of the embedding table."""
+def dequantize_packed_row(wp, wtype, r, out):
+    """Row r of a packed quantized matrix wp (pack_rows, this target's layout) -> out (n,)
+    float32: the same values as dequantize_row of the file row."""
+    quant, high, scale_bytes, n_scales, min_bytes, offset = _packed_format(wtype)
+    lanes = _PACKED_LANES
+    if wtype == T_Q8_0 and _UNSIGNED_Q8:
+        offset = 128
+    record = lanes * (scale_bytes * n_scales + min_bytes + high + quant)
+    sb_bytes = lanes * 2 * (1 + (min_bytes == 1)) if scale_bytes == 1 else 0
+    nb = out.shape[0] // QK
+    group, lane = wp[r // lanes], r % lanes
+    for b in range(nb):
+        rec = b * record
+        mins = rec + n_scales * lanes * scale_bytes
+        minimum = np.float32(0.0)
+        if scale_bytes == 1:  # K-quants: factor bytes x the super-block's d (dmin)
+            sb = nb * record + (b // SUPER_BLOCK) * sb_bytes + 2 * lane
+            d = _f16_at(group, sb)
+            s0 = d * np.float32(np.int8(group[rec + lane]))
+            s1 = d * np.float32(np.int8(group[rec + lanes + lane])) if n_scales == 2 else s0
+            if min_bytes:
+                minimum = -(_f16_at(group, sb + 2 * lanes) * np.float32(group[mins + lane]))
+        else:
+            s0 = _f16_at(group, rec + 2 * lane)
+            s1 = s0
+            if min_bytes:
+                minimum = _f16_at(group, mins + 2 * lane)
+        highs = mins + lanes * min_bytes
+        quants = highs + lanes * high
+        for s in range(quant // 4):
+            at = quants + (s * lanes + lane) * 4
+            for i in range(4):
+                byte = I32(group[at + i])
+                if quant == 32:
+                    v = byte if _UNSIGNED_Q8 else I32(np.int8(group[at + i]))
+                    out[QK * b + 4 * s + i] = s0 * np.float32(v - offset) + minimum
+                    continue
+                lo, hi = byte & 15, byte >> 4
+                if high == 4:
+                    w = I32(group[highs + lane * 4 + i])
+                    lo |= ((w >> s) & 1) << 4
+                    hi |= ((w >> (4 + s)) & 1) << 4
+                elif high == 8:
+                    lo |= ((I32(group[highs + lane * 4 + i]) >> (2 * s)) & 3) << 4
+                    hi |= ((I32(group[highs + 4 * lanes + lane * 4 + i]) >> (2 * s)) & 3) << 4
+                out[QK * b + 4 * s + i] = s0 * np.float32(lo - offset) + minimum
+                out[QK * b + 16 + 4 * s + i] = s1 * np.float32(hi - offset) + minimum
+
+
+@njit(**_exact)
+def embed_row(embd, embd_type, embd_packed, token, out, f16_table, bf16_table):
+    """out = the embedding of ``token``: a row of the file's table, or of its packed copy (tied
+    embeddings, whose packed output matrix holds the same rows: the file's pages stay unused)."""
+    if embd_packed:
+        dequantize_packed_row(embd, embd_type, token, out)
+    else:
+        dequantize_row(embd[token], embd_type, out, f16_table, bf16_table)
+
+
+@njit(**_exact)
+def embed_rows(tokens, embd, embd_type, embd_packed, out, f16_table, bf16_table):
+    """out[t] = the embedding of ``tokens[t]`` (see embed_row)."""
     for t in range(tokens.shape[0]):
-        dequantize_row(w[tokens[t]], wtype, out[t], f16_table, bf16_table)
+        embed_row(embd, embd_type, embd_packed, tokens[t], out[t], f16_table, bf16_table)
 
 
 # ----- normalization, rotary embedding, attention, feed-forward ---------------------------------
@@ -914,42 +977,199 @@ def rope_rows(x, positions, n_heads, head_dim, cos_table, sin_table):
         rope(x[t], n_heads, head_dim, cos_table[p], sin_table[p])
 
 
+# ----- KV cache rows ------------------------------------------------------------------------------
+
+# A cached key or value row of head_dim elements is float32, IEEE half bits (uint16), or Q8_0
+# blocks (uint8, KV_Q8_BLOCK bytes per 32 elements: the f16 scale d, then 32 int8 q; value d * q,
+# quantized as ggml's reference quantize_row_q8_0 does).  These four helpers are the only code that
+# knows the element format; each is specialized per cache dtype when a kernel is compiled.
+
+KV_Q8_BLOCK = 34
+
+
+def kv_row_length(head_dim: int, dtype) -> int:
+    """Elements of the cache array per row of head_dim values."""
+    return head_dim // QK * KV_Q8_BLOCK if np.dtype(dtype) == np.uint8 else head_dim
+
+
+def _kv_dot(q, row):
+    """q . the cached row."""
+
+
+def _kv_axpy(p, row, out):
+    """out += p * the cached row."""
+
+
+def _kv_load(row, out):
+    """out (head_dim,) float32 = the cached row."""
+
+
+def _kv_store(values, row):
+    """The cached row = values (head_dim,) float32, in the cache's element type."""
+
+
+def _block_vector(context, builder, arr_type, arr, at, elem):
+    """IR: pointer to the QK elements of 1-D C-contiguous array arr from index at, as a vector."""
+    data = builder.bitcast(context.make_array(arr_type)(context, builder, arr).data, elem.as_pointer())
+    return builder.bitcast(builder.gep(data, [at]), _vec(elem, QK).as_pointer())
+
+
+def _c_array(a, dtype):
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype
+
+
+@intrinsic
+def _q8_block_dot(typingctx, x, x_at, row, row_at):
+    """sum over i < 32 of x[x_at + i] * int8(row[row_at + i]): float32 x, uint8 row holding int8s;
+    one vector product summed in a fixed tree order.  (Numba's loops over a 32-element block get
+    unrolled before LLVM can vectorize them, and run scalar.)"""
+    if not (_c_array(x, types.float32) and _c_array(row, types.uint8)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = lambda i: context.cast(builder, args[i], sig.args[i], types.intp)
+        xv = builder.load(_block_vector(context, builder, sig.args[0], args[0], at(1), _F32), align=4)
+        qv = builder.load(_block_vector(context, builder, sig.args[2], args[2], at(3), _I8), align=1)
+        v = builder.fmul(xv, builder.sitofp(qv, _vec(_F32, QK)))
+        n = QK
+        while n > 1:
+            n //= 2
+            v = builder.fadd(builder.shuffle_vector(v, v, _const_vec(_I32, range(n))),
+                             builder.shuffle_vector(v, v, _const_vec(_I32, range(n, 2 * n))))
+        return builder.extract_element(v, ir.Constant(_I32, 0))
+
+    return types.float32(x, x_at, row, row_at), codegen
+
+
+@intrinsic
+def _q8_block_axpy(typingctx, p, row, row_at, out, out_at, accumulate):
+    """out[out_at + i] += p * int8(row[row_at + i]) for i < 32, or = with accumulate False."""
+    if not (p == types.float32 and _c_array(row, types.uint8) and _c_array(out, types.float32)
+            and accumulate == types.boolean):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = lambda i: context.cast(builder, args[i], sig.args[i], types.intp)
+        qv = builder.load(_block_vector(context, builder, sig.args[1], args[1], at(2), _I8), align=1)
+        splat = builder.insert_element(ir.Constant(_vec(_F32, QK), ir.Undefined), args[0], ir.Constant(_I32, 0))
+        splat = builder.shuffle_vector(splat, splat, _const_vec(_I32, [0] * QK))
+        v = builder.fmul(splat, builder.sitofp(qv, _vec(_F32, QK)))
+        ptr = _block_vector(context, builder, sig.args[3], args[3], at(4), _F32)
+        old = builder.load(ptr, align=4)
+        builder.store(builder.select(args[5], builder.fadd(old, v), v), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(p, row, row_at, out, out_at, accumulate), codegen
+
+
+@njit(**_exact)
+def _q8_scale(row, b):
+    """The f16 scale of Q8_0 block b of a cached row, as float32."""
+    o = KV_Q8_BLOCK * b
+    return _as_f32(np.uint16(I32(row[o]) | (I32(row[o + 1]) << 8)))
+
+
+@njit(**_exact)
+def _roundf(v):
+    """Round half away from zero (C's roundf), as ggml's reference quantizers and gguf-py do."""
+    a = abs(v)
+    r = np.floor(a)
+    r += np.floor(np.float32(2.0) * (a - r))
+    return r if v >= 0 else -r
+
+
+@overload(_kv_dot, jit_options={"fastmath": True, "error_model": "numpy"})
+def _kv_dot_impl(q, row):
+    if row.dtype == types.uint8:
+        def dot_q8(q, row):
+            s = np.float32(0.0)
+            for b in range(q.shape[0] // QK):
+                s += _q8_scale(row, b) * _q8_block_dot(q, QK * b, row, KV_Q8_BLOCK * b + 2)
+            return s
+        return dot_q8
+
+    def dot(q, row):
+        s = np.float32(0.0)
+        for i in range(q.shape[0]):
+            s += q[i] * _as_f32(row[i])
+        return s
+    return dot
+
+
+@overload(_kv_axpy, jit_options={"error_model": "numpy"})
+def _kv_axpy_impl(p, row, out):
+    if row.dtype == types.uint8:
+        def axpy_q8(p, row, out):
+            for b in range(out.shape[0] // QK):
+                _q8_block_axpy(p * _q8_scale(row, b), row, KV_Q8_BLOCK * b + 2, out, QK * b, True)
+        return axpy_q8
+
+    def axpy(p, row, out):
+        for i in range(out.shape[0]):
+            out[i] += p * _as_f32(row[i])
+    return axpy
+
+
+@overload(_kv_load, jit_options={"error_model": "numpy"})
+def _kv_load_impl(row, out):
+    if row.dtype == types.uint8:
+        def load_q8(row, out):
+            for b in range(out.shape[0] // QK):
+                _q8_block_axpy(_q8_scale(row, b), row, KV_Q8_BLOCK * b + 2, out, QK * b, False)
+        return load_q8
+
+    def load(row, out):
+        for i in range(out.shape[0]):
+            out[i] = _as_f32(row[i])
+    return load
+
+
+@overload(_kv_store, jit_options={"error_model": "numpy"})
+def _kv_store_impl(values, row):
+    if row.dtype == types.uint8:
+        def store_q8(values, row):
+            for b in range(values.shape[0] // QK):
+                o = KV_Q8_BLOCK * b
+                d = _abs_max(values, QK * b) / np.float32(127.0)
+                inv = np.float32(1.0) / d if d != 0.0 else np.float32(0.0)
+                bits = I32(_half_bits(d))
+                row[o] = bits & 255
+                row[o + 1] = bits >> 8
+                for i in range(QK):
+                    row[o + 2 + i] = I32(_roundf(values[QK * b + i] * inv)) & 255
+        return store_q8
+
+    def store(values, row):
+        for i in range(values.shape[0]):
+            row[i] = _to_kv(values[i], row)
+    return store
+
+
 @njit(parallel=True, **_exact)
-def rerotate_keys(k_cache, start, end, cos, sin):
+def rerotate_keys(k_cache, start, end, cos, sin, head_dim):
     """Rotate cached keys at slots start..end-1 of every layer and head by the angles (cos, sin),
     in place: moving a key from position p to p - delta is a rotation by -delta's angles.
-    k_cache: (n_layers, n_kv_heads, n_ctx, head_dim), float32 or half bits (uint16)."""
-    n_layers, n_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[1], k_cache.shape[3]
+    k_cache: (n_layers, n_kv_heads, n_ctx, row length), any KV element type (see _kv_load)."""
+    n_layers, n_kv_heads = k_cache.shape[0], k_cache.shape[1]
     for job in prange(n_layers * n_kv_heads):
         layer, head = job // n_kv_heads, job % n_kv_heads
         key = np.empty(head_dim, np.float32)
         for p in range(start, end):
             row = k_cache[layer, head, p]
-            for i in range(head_dim):
-                key[i] = _as_f32(row[i])
+            _kv_load(row, key)
             rope(key, 1, head_dim, cos, sin)
-            for i in range(head_dim):
-                row[i] = _to_kv(key[i], k_cache)
+            _kv_store(key, row)
 
 
 @njit(parallel=True, **_exact)
 def store_kv(cache, start, values):
-    """cache[h, start + t, :] = values[t, h * head_dim:(h + 1) * head_dim] for T new tokens, in the
-    cache's element type.  cache: (n_kv_heads, n_ctx, head_dim) of one layer; values: (T, n_kv*hd)."""
-    n_kv_heads, head_dim = cache.shape[0], cache.shape[2]
+    """cache[h, start + t] = values[t, h * head_dim:(h + 1) * head_dim] for T new tokens, in the
+    cache's element type.  cache: (n_kv_heads, n_ctx, row length) of one layer; values: (T, n_kv*hd)."""
+    n_kv_heads = cache.shape[0]
+    head_dim = values.shape[1] // n_kv_heads
     for h in prange(n_kv_heads):
         for t in range(values.shape[0]):
-            for i in range(head_dim):
-                cache[h, start + t, i] = _to_kv(values[t, h * head_dim + i], cache)
-
-
-@njit(**_fast)
-def _dot_kv(q, k_row):
-    """q . k_row for a cached key row of float32 or of half bit patterns (uint16)."""
-    s = np.float32(0.0)
-    for i in range(q.shape[0]):
-        s += q[i] * _as_f32(k_row[i])
-    return s
+            _kv_store(values[t, h * head_dim:(h + 1) * head_dim], cache[h, start + t])
 
 
 @njit(**_exact)
@@ -957,7 +1177,7 @@ def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
     """One head: softmax(q . K[:n_pos] * scale) @ V[:n_pos].  k/v_cache: (n_ctx, head_dim)."""
     best = np.float32(-np.inf)
     for t in range(n_pos):
-        s = _dot_kv(q, k_cache[t]) * scale
+        s = _kv_dot(q, k_cache[t]) * scale
         scores[t] = s
         best = max(best, s)
     # exponentials in their own loop so that it vectorizes; the sum in plain order
@@ -969,9 +1189,7 @@ def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
     inv = np.float32(1.0 / total)
     out[:] = 0.0
     for t in range(n_pos):
-        p = scores[t] * inv
-        for i in range(out.shape[0]):
-            out[i] += p * _as_f32(v_cache[t, i])
+        _kv_axpy(scores[t] * inv, v_cache[t], out)
 
 
 @njit(parallel=True, **_exact)
@@ -1025,8 +1243,7 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
     scores = scratch[head_dim:head_dim + group * ATTN_SPAN].reshape(group, ATTN_SPAN)
     keys, values = k_cache[kv], v_cache[kv]
     for t in range(n):
-        for i in range(head_dim):
-            row[i] = _as_f32(keys[start + t, i])
+        _kv_load(keys[start + t], row)
         for g in range(group):
             scores[g, t] = _dot_rows(q, first + g, row) * scale
     for g in range(group):
@@ -1043,8 +1260,7 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
         for i in range(head_dim):
             partial[first + g, i] = 0.0
     for t in range(n):
-        for i in range(head_dim):
-            row[i] = _as_f32(values[start + t, i])
+        _kv_load(values[start + t], row)
         for g in range(group):
             p = scores[g, t]
             for i in range(head_dim):
@@ -1119,22 +1335,23 @@ def _layer_matvec(blob, packed, mat_table, i, x, qx, out, f16_table, bf16_table)
 
 
 @njit(**_exact)
-def decode_token(token, pos, embd, embd_type, blob, packed, mat_table, norms, output_norm, output,
+def decode_token(token, pos, embd, embd_type, embd_packed, blob, packed, mat_table, norms, output_norm, output,
                  output_type, eps, n_heads, n_kv_heads, head_dim, cos_table, sin_table, k_cache, v_cache,
                  x, xb, qx, q, k, v, att, hb, hb2, qh, attn_scratch, attn_partial, logits, f16_table,
                  bf16_table):
     """Run one token at position ``pos`` through every layer; write its logits.
 
+    embd, embd_type, embd_packed: where token embeddings come from (see embed_row);
     blob: the mapped file; packed: every quantized layer matrix, packed; mat_table[7*l + j]: layer
     l's j-th matrix of (attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down), see
     _layer_matvec; output: the vocabulary projection, packed or file rows; norms: (n_layers, 2, dim)
-    = (attn_norm, ffn_norm); k_cache, v_cache: (n_layers, n_kv_heads, n_ctx, head_dim), float32 or
-    half bits (uint16).  Buffers: x, xb, att: (dim,); qx = (xq (dim,) int8, xd, xs (dim/32,) f32,
+    = (attn_norm, ffn_norm); k_cache, v_cache: (n_layers, n_kv_heads, n_ctx, row length) of any KV
+    element type (see _kv_load).  Buffers: x, xb, att: (dim,); qx = (xq (dim,) int8, xd, xs (dim/32,) f32,
     xsum (dim/32,) int32); q (n_heads*head_dim,); k, v (n_kv_heads*head_dim,); hb, hb2: (ffn,);
     qh: like qx for (ffn,); attn_scratch, attn_partial: see attention_one; logits: (n_vocab,).
     """
     n_layers = norms.shape[0]
-    dequantize_row(embd[token], embd_type, x, f16_table, bf16_table)
+    embed_row(embd, embd_type, embd_packed, token, x, f16_table, bf16_table)
     cos = cos_table[pos]
     sin = sin_table[pos]
     xq, xd, xs, xsum = qx
@@ -1151,9 +1368,8 @@ def decode_token(token, pos, embd, embd_type, blob, packed, mat_table, norms, ou
         rope(k, n_kv_heads, head_dim, cos, sin)
         # the new key/value enter the cache at slot pos, then the query attends over 0..pos
         for h in range(n_kv_heads):
-            for i in range(head_dim):
-                k_cache[l, h, pos, i] = _to_kv(k[h * head_dim + i], k_cache)
-                v_cache[l, h, pos, i] = _to_kv(v[h * head_dim + i], v_cache)
+            _kv_store(k[h * head_dim:(h + 1) * head_dim], k_cache[l, h, pos])
+            _kv_store(v[h * head_dim:(h + 1) * head_dim], v_cache[l, h, pos])
         attention_one(q.reshape(n_heads, head_dim), k_cache[l], v_cache[l], pos + 1, attn_scratch,
                       attn_partial, att.reshape(n_heads, head_dim))
         # output projection and residual
@@ -1208,6 +1424,10 @@ def _lean_cache_loading() -> None:
                 loaded = self._load_overload(sig, target_context)
             release_compiler_pages()  # the kernel is linked: LLVM's code is not needed until the next one
             return loaded
+
+        def save_overload(self, sig, data):  # after a compilation (a cache miss), likewise
+            super().save_overload(sig, data)
+            release_compiler_pages()
 
     for value in list(globals().values()):
         if isinstance(value, CPUDispatcher) and type(getattr(value, "_cache", None)) is FunctionCache:

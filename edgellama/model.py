@@ -85,6 +85,11 @@ class ModelArgs:
         args.validate(f.path)
         return args
 
+    def check_cache_type(self, cache_type: str, path: str) -> None:
+        if cache_type == "q8_0" and self.head_dim % K.QK:
+            raise ValueError(f"{path}: a q8_0 KV cache needs a head size that is a multiple of {K.QK}, "
+                             f"not {self.head_dim}")
+
     def validate(self, path: str) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_vocab", "max_ctx"):
             if getattr(self, name) <= 0:
@@ -180,6 +185,8 @@ def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
             K.pack_rows(w.rows[rows], w.qtype, lanes, unsigned_q8, w.packed[g:g + step])
             f.release(w.name, rows.start, rows.stop)
         offset += groups * size
+    for w in weights:  # what the kernel's fault-around brought in of a tensor while packing its neighbour
+        f.release(w.name)
     buf.setflags(write=False)
     return buf
 
@@ -206,7 +213,7 @@ class Weights:
         a = args
         self.token_embd = Weight(f, "token_embd.weight", (a.n_vocab, a.dim))
         # a missing output.weight means the projection is tied to the embedding table; it gets its
-        # own Weight (its own packed copy), the file rows staying the embedding lookups' source
+        # own Weight (its own packed copy), which then serves the embedding lookups too
         tied = "output.weight" not in f.tensors
         self.output = Weight(f, "token_embd.weight" if tied else "output.weight", (a.n_vocab, a.dim))
         self.output_norm = _vector(f, "output_norm.weight", a.dim)
@@ -231,6 +238,12 @@ class Weights:
                                     *w.kernel_view().shape, w.qtype, w.n_out) for w in matrices], dtype=np.int64)
         if self.output.quantized:
             _pack(f, [self.output])  # its own buffer, kept alive by output.packed
+        # embeddings: (table, type, packed?); a tied packed table serves them, so that none of the
+        # file's table pages come back into memory as tokens are looked up
+        if tied and self.output.quantized:
+            self.embedding = (self.output.packed, self.output.qtype, True)
+        else:
+            self.embedding = (self.token_embd.rows, self.token_embd.qtype, False)
 
     def types(self) -> dict[str, int]:
         """Tensor count per type name (for info and logs)."""
@@ -246,11 +259,13 @@ class State:
     def __init__(self, args: ModelArgs, n_ctx: int, n_threads: int, cache_type: str = "f16"):
         a = args
         f32 = np.float32
-        # KV cache: (n_layers, n_kv_heads, n_ctx, head_dim) of float32, or of IEEE half bit patterns
-        # (uint16: Numba has no float16); zero pages cost no memory until written
+        # KV cache: (n_layers, n_kv_heads, n_ctx, row) of float32, IEEE half bit patterns (uint16:
+        # Numba has no float16) or Q8_0 blocks (uint8, see kernels.kv_row_length); zero pages cost
+        # no memory until written
         kv_dtype = KV_CACHE_TYPES[cache_type]
-        self.k_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=kv_dtype)
-        self.v_cache = np.zeros((a.n_layers, a.n_kv_heads, n_ctx, a.head_dim), dtype=kv_dtype)
+        shape = (a.n_layers, a.n_kv_heads, n_ctx, K.kv_row_length(a.head_dim, kv_dtype))
+        self.k_cache = np.zeros(shape, dtype=kv_dtype)
+        self.v_cache = np.zeros(shape, dtype=kv_dtype)
         self.x = np.zeros(a.dim, f32)                  # residual stream (dim,)
         self.xb = np.zeros(a.dim, f32)                 # normed / projected activation (dim,)
         self.xq = np.zeros(a.dim, np.int8)             # xb quantized to int8 blocks (dim,)
@@ -324,6 +339,7 @@ class Model:
         if cache_type not in KV_CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cache_type!r}")
         self.cache_type = cache_type
+        self.args.check_cache_type(cache_type, f.path)
         # the tokenizer first: what building it frees goes back to the system before the weights
         # are packed on top of it
         self.tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
@@ -363,7 +379,8 @@ class Model:
         src, dst = slice(n_keep + n_discard, s.n_past), slice(n_keep, s.n_past - n_discard)
         s.k_cache[:, :, dst] = s.k_cache[:, :, src]
         s.v_cache[:, :, dst] = s.v_cache[:, :, src]
-        K.rerotate_keys(s.k_cache, n_keep, s.n_past - n_discard, self.cos[n_discard], -self.sin[n_discard])
+        K.rerotate_keys(s.k_cache, n_keep, s.n_past - n_discard, self.cos[n_discard], -self.sin[n_discard],
+                        self.args.head_dim)
         s.n_past -= n_discard
         del s.tokens[n_keep:n_keep + n_discard]
         self.n_shifted += n_discard
@@ -484,7 +501,7 @@ class Model:
     def _decode(self, token: int) -> np.ndarray:
         """One token at position n_past through the fused decode kernel -> (n_vocab,) logits."""
         a, w, s = self.args, self.weights, self.state
-        K.decode_token(token, s.n_past, w.token_embd.rows, w.token_embd.qtype, w.blob, w.packed, w.mat_table,
+        K.decode_token(token, s.n_past, *w.embedding, w.blob, w.packed, w.mat_table,
                        w.norms, w.output_norm, w.output.kernel_view(), w.output.qtype, np.float32(a.norm_eps),
                        a.n_heads, a.n_kv_heads, a.head_dim, self.cos, self.sin, s.k_cache, s.v_cache,
                        s.x, s.xb, s.qx, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.qh, s.attn_scratch, s.attn_partial,
@@ -547,7 +564,7 @@ class Model:
         x = np.empty((n_tok, a.dim), np.float32)              # residual stream (T, dim)
         xb = np.empty_like(x)                                 # normed activations (T, dim)
         att = np.empty((n_tok, a.n_heads, a.head_dim), np.float32)
-        K.embed_rows(ids, w.token_embd.rows, w.token_embd.qtype, x, K.F16_TABLE, K.BF16_TABLE)
+        K.embed_rows(ids, *w.embedding, x, K.F16_TABLE, K.BF16_TABLE)
         for l, layer in enumerate(w.layers):
             # attention block: q/k/v for all tokens, rotate, append to the cache, causal attention
             K.rmsnorm_rows(x, w.norms[l, 0], a.norm_eps, xb)
@@ -627,8 +644,9 @@ class Model:
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
 QUANTIZED_TYPES = frozenset(K.PACKED_FORMATS)
-# KV cache element types: float32, or IEEE half stored as its bits (llama.cpp's default f16)
-KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
+# KV cache element types: float32, IEEE half stored as its bits (llama.cpp's default f16), or Q8_0
+# blocks of 32 (about half of f16's memory and reading, as llama.cpp's -ctk/-ctv q8_0)
+KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32, "q8_0": np.uint8}
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
 
 

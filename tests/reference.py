@@ -9,8 +9,9 @@ llama.cpp and our decode kernels do, so results agree to float-summation error.
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
 
 
 def q8_activation_grid(x: np.ndarray) -> np.ndarray:
@@ -43,11 +44,18 @@ class ReferenceModel:
         self.hd = self.dim // self.n_heads
         self.n_rot = g("rope.dimension_count", self.hd)
 
-    def forward(self, ids, quantize_activations: bool = True, half_kv: bool = True) -> np.ndarray:
+    def forward(self, ids, quantize_activations: bool = True, half_kv: bool | str = True) -> np.ndarray:
         """Logits (T, n_vocab).  half_kv: keys and values rounded to IEEE half, as an f16 KV cache
-        (the runtime's default, and llama.cpp's) stores them."""
+        (the runtime's default, and llama.cpp's) stores them; "q8_0": to Q8_0 blocks of 32, as
+        gguf-py (ggml's reference quantize_row_q8_0) makes them; False: kept exact."""
         qa = q8_activation_grid if quantize_activations else (lambda v: v)
-        cached = (lambda a: a.astype(np.float16).astype(np.float32)) if half_kv else (lambda a: a)
+        if half_kv == "q8_0":
+            cached = lambda a: gguf_dequantize(gguf_quantize(np.ascontiguousarray(a, np.float32), GGMLQuantizationType.Q8_0),
+                                               GGMLQuantizationType.Q8_0).reshape(a.shape)
+        elif half_kv:
+            cached = lambda a: a.astype(np.float16).astype(np.float32)
+        else:
+            cached = lambda a: a
         lin = lambda v, name: qa(v) @ self.w[name].T
         T = len(ids)
         x = self.w["token_embd.weight"][np.asarray(ids)].astype(np.float32)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
 
 import edgellama
 from edgellama.quants import GGMLType
@@ -17,15 +19,25 @@ def path(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("shift") / "m.gguf", GGMLType.F32, rope_freqs=True)
 
 
+@pytest.fixture(scope="module")
+def q8_path(tmp_path_factory):  # head size 32: whole Q8_0 blocks
+    return write_tiny_model(tmp_path_factory.mktemp("shift") / "m32.gguf", GGMLType.F32, rope_freqs=True,
+                            n_heads=2, n_kv_heads=1)
+
+
 def _values(cache: np.ndarray) -> np.ndarray:
-    """Cache entries as float32 (an f16 cache holds half bit patterns)."""
+    """Cache entries as float32 (an f16 cache holds half bit patterns, a q8_0 one Q8_0 blocks)."""
+    if cache.dtype == np.uint8:
+        return gguf_dequantize(np.ascontiguousarray(cache), QT.Q8_0).reshape(*cache.shape[:-1], -1)
     return cache.view(np.float16).astype(np.float32) if cache.dtype == np.uint16 else cache
 
 
-@pytest.mark.parametrize("cache_type, rel", [("f32", 1e-5), ("f16", 1.5 * 2.0 ** -10)])
-def test_shifted_cache_equals_evaluating_the_kept_tokens_at_their_new_positions(path, cache_type, rel):
+@pytest.mark.parametrize("cache_type, rel", [("f32", 1e-5), ("f16", 1.5 * 2.0 ** -10), ("q8_0", 2 / 127)])
+def test_shifted_cache_equals_evaluating_the_kept_tokens_at_their_new_positions(path, q8_path, cache_type, rel):
     """rel (of the largest key entry): a rotated pair (a, b) mixes both rounded entries, then is
-    rounded to the cache's precision again: f16 errors up to (|a| + |b|) / 2^11 + |result| / 2^11."""
+    rounded to the cache's precision again: f16 errors up to (|a| + |b|) / 2^11 + |result| / 2^11;
+    q8_0 (steps of a block's max / 127) up to sqrt(2) / 2 + 1/2 steps, and the fresh keys 1/2."""
+    path = q8_path if cache_type == "q8_0" else path
     model = edgellama.load(path, n_ctx=16, cache_type=cache_type)
     model.eval(TOKENS)
     old_v = model.state.v_cache.copy()

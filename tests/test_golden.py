@@ -64,14 +64,17 @@ def test_passage_perplexity_matches_llama_cpp(loaded):
     assert np.abs(got - want).mean() < 0.10, (qtype, np.abs(got - want).mean())
 
 
-def test_f16_kv_cache_costs_little_quality(smollm2_files):
-    """The default f16 cache against an f32 one on the passage (tools/kv_cache_quality.py
-    reports the same figures): perplexity within 1%, the same top-1 token almost everywhere."""
+@pytest.mark.parametrize("cache_type, agreement", [("f16", 0.95), ("q8_0", 0.93)])
+def test_kv_cache_types_cost_little_quality(smollm2_files, cache_type, agreement):
+    """The default f16 cache and the q8_0 one against an f32 cache on the passage
+    (tools/kv_cache_quality.py reports the same figures): perplexity within 1%, the same top-1
+    token almost everywhere (measured: f16 96.7%, q8_0 94.4%; llama.cpp's f16 and f32 caches agree
+    on 94-99% of such positions)."""
     import numpy as np
 
     ids = _passage()["ids"]
     logits = {t: edgellama.load(smollm2_files["q8_0"], n_ctx=512, threads=2, cache_type=t).logits(ids)
-              for t in ("f32", "f16")}
+              for t in ("f32", cache_type)}
     nll = {t: next_token_nll(v, ids) for t, v in logits.items()}
-    assert abs(np.exp(nll["f16"].mean()) / np.exp(nll["f32"].mean()) - 1) < 0.01
-    assert (logits["f16"].argmax(-1) == logits["f32"].argmax(-1)).mean() > 0.95
+    assert abs(np.exp(nll[cache_type].mean()) / np.exp(nll["f32"].mean()) - 1) < 0.01
+    assert (logits[cache_type].argmax(-1) == logits["f32"].argmax(-1)).mean() > agreement

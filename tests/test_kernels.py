@@ -557,7 +557,12 @@ def test_embed_rows(wtype, how, tmp_path):
     for tokens in ([0], [vocab - 1], [5, 5, 0, 36, 18, 1, 2]):
         ids = np.array(tokens, dtype=np.int64)
         out = np.full((len(ids), dim), np.nan, np.float32)
-        K.embed_rows(ids, w, wtype, out, F16, BF16)
+        K.embed_rows(ids, w, wtype, False, out, F16, BF16)
+        np.testing.assert_array_equal(out, want[ids])
+    if wtype in QUANT_TYPES:  # a tied table's packed copy gives the same embeddings, bit for bit
+        ids = np.arange(vocab, dtype=np.int64)[::-1].copy()
+        out = np.full((vocab, dim), np.nan, np.float32)
+        K.embed_rows(ids, packed(raw, wtype), wtype, True, out, F16, BF16)
         np.testing.assert_array_equal(out, want[ids])
 
 
@@ -702,9 +707,60 @@ def test_attention(n_kv, group, head_dim, n_tokens, first_pos, score_rows, threa
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("half", [False, True], ids=["f32", "f16"])
-@pytest.mark.parametrize("n_kv, group, head_dim, n_pos", [
-    (1, 1, 8, 1), (3, 3, 64, 63), (3, 3, 64, 64), (3, 3, 64, 65), (2, 4, 32, 300), (4, 2, 16, 1000)])
+def q8_cache(values: np.ndarray, n_ctx: int) -> np.ndarray:
+    """A Q8_0 KV cache (n_kv, n_ctx, head_dim/32*34) whose first positions hold values (n_kv, n, hd)
+    as gguf-py quantizes them; the other slots are garbage bytes that must never be read."""
+    n_kv, n, hd = values.shape
+    cache = np.full((n_kv, n_ctx, K.kv_row_length(hd, np.uint8)), 0x7F, np.uint8)
+    cache[:, :n] = gguf_quantize(np.ascontiguousarray(values, np.float32), QT.Q8_0).reshape(n_kv, n, -1)
+    return cache
+
+
+def q8_values(cache: np.ndarray) -> np.ndarray:
+    """The values a Q8_0 KV cache holds, as gguf-py dequantizes them (float32)."""
+    return gguf_dequantize(np.ascontiguousarray(cache), QT.Q8_0).reshape(*cache.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("n_rows, head_dim", [(1, 32), (7, 64), (40, 128)])
+def test_store_kv_q8_0_is_ggml_q8_0(n_rows, head_dim, threads):
+    """Rows stored into a Q8_0 KV cache are byte for byte what gguf-py (ggml's reference
+    quantize_row_q8_0) makes of them: zero blocks, ties at .5, tiny and huge magnitudes included."""
+    rng = np.random.default_rng(n_rows + head_dim)
+    n_kv = 2
+    values = (rng.standard_normal((n_rows, n_kv * head_dim)) * rng.choice([1e-3, 1.0, 300.0], (n_rows, 1)))
+    values = values.astype(np.float32)
+    values[0, :32] = 0.0                                      # a zero block
+    tie = values[-1, head_dim:head_dim + 32]                  # a block of maximum 127: d = 1, exact
+    tie[:] = rng.integers(-100, 100, 32) + 0.5                 # ties at .5 everywhere
+    tie[0] = 127.0
+    cache = np.full((n_kv, n_rows + 3, K.kv_row_length(head_dim, np.uint8)), 0xAB, np.uint8)
+    K.store_kv(cache, 2, values)
+    want = gguf_quantize(values.reshape(n_rows, n_kv, head_dim).transpose(1, 0, 2).copy(), QT.Q8_0)
+    np.testing.assert_array_equal(cache[:, 2:2 + n_rows], want.reshape(n_kv, n_rows, -1))
+    assert (cache[:, :2] == 0xAB).all() and (cache[:, 2 + n_rows:] == 0xAB).all()
+
+
+@pytest.mark.parametrize("n_kv, group, head_dim, n_tokens, first_pos", [(1, 1, 32, 1, 0), (2, 3, 64, 7, 5),
+                                                                        (2, 4, 64, 33, 9)])
+def test_attention_q8_0_cache(n_kv, group, head_dim, n_tokens, first_pos, threads):
+    """Prompt attention over a Q8_0 cache equals the plain softmax over its dequantized values."""
+    rng = np.random.default_rng(n_kv + group + n_tokens)
+    n_heads, n_valid = n_kv * group, first_pos + n_tokens
+    q = (rng.standard_normal((n_tokens, n_heads, head_dim)) * 2).astype(np.float32)
+    k = q8_cache(rng.standard_normal((n_kv, n_valid, head_dim)) * 2, n_valid + 5)
+    v = q8_cache(rng.standard_normal((n_kv, n_valid, head_dim)), n_valid + 5)
+    scores = np.full((2, n_valid + 5), np.nan, np.float32)
+    out = np.full_like(q, np.nan)
+    K.attention(q, k, v, first_pos, scores, out)
+    want = attention_twin(q, q8_values(k[:, :n_valid]), q8_values(v[:, :n_valid]), first_pos)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+ONE_CASES = [(1, 1, 8, 1), (3, 3, 64, 63), (3, 3, 64, 64), (3, 3, 64, 65), (2, 4, 32, 300), (4, 2, 16, 1000)]
+
+
+@pytest.mark.parametrize("n_kv, group, head_dim, n_pos, half", [
+    (*case, kind) for case in ONE_CASES for kind in (False, True, "q8_0") if kind != "q8_0" or case[2] % 32 == 0])
 def test_attention_one(n_kv, group, head_dim, n_pos, half, threads):
     """One-token attention split in spans of ATTN_SPAN positions and merged (also across span
     boundaries and with half-precision caches) equals the plain softmax; unwritten slots are NaN."""
@@ -715,7 +771,10 @@ def test_attention_one(n_kv, group, head_dim, n_pos, half, threads):
     v = np.full((n_kv, n_ctx, head_dim), np.nan, np.float32)
     k[:, :n_pos] = rng.standard_normal((n_kv, n_pos, head_dim)) * 2
     v[:, :n_pos] = rng.standard_normal((n_kv, n_pos, head_dim))
-    if half:
+    if half == "q8_0":
+        k, v = q8_cache(k[:, :n_pos], n_ctx), q8_cache(v[:, :n_pos], n_ctx)
+        want = attention_twin(q[None], q8_values(k[:, :n_pos]), q8_values(v[:, :n_pos]), n_pos - 1)[0]
+    elif half:
         k, v = k.astype(np.float16), v.astype(np.float16)
         want = attention_twin(q[None], k.astype(np.float32), v.astype(np.float32), n_pos - 1)[0]
         k, v = k.view(np.uint16), v.view(np.uint16)
@@ -873,7 +932,7 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
     want, want_k, want_v = _decode_twin(tokens, raws, types, norms, output_norm, cos_t, sin_t, float(eps),
                                         half_cache=kv == "f16")
     for pos, token in enumerate(tokens):
-        K.decode_token(token, pos, placed["token_embd"], types["token_embd"], blob, packed_blob, mat_table, norms,
+        K.decode_token(token, pos, placed["token_embd"], types["token_embd"], False, blob, packed_blob, mat_table, norms,
                        output_norm, output, types["output"], eps, N_HEADS, N_KV, HEAD_DIM,
                        cos_t, sin_t, k_cache, v_cache, x, xb, qx, q, k, v, att, hb, hb2, qh, attn_scratch,
                        attn_partial, logits, F16, BF16)

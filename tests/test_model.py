@@ -126,6 +126,28 @@ def test_kv_cache_type_matches_the_reference_rounding(tmp_path, cache_type):
         _close(model.eval([token]), got[t], 1e-4)
 
 
+def test_q8_0_kv_cache_matches_the_reference_rounding(tmp_path):
+    """A q8_0 cache (head size 32) equals the reference whose keys and values are rounded to Q8_0
+    blocks as gguf-py makes them (up to a value that lands on the other side of a rounding
+    boundary), is nearer to it than to the exact reference, and costs 34/32 bytes per value."""
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.F32, n_heads=2, n_kv_heads=1)
+    ref = ReferenceModel(str(path))
+    q8, full = ref.forward(IDS, False, half_kv="q8_0"), ref.forward(IDS, False, half_kv=False)
+    model = edgellama.load(path, n_ctx=32, cache_type="q8_0")
+    assert model.state.k_cache.dtype == np.uint8 and model.state.k_cache.shape[-1] == 34
+    got = model.logits(IDS)
+    _close(got, q8, 2e-3)
+    assert np.abs(got - q8).max() < 0.5 * np.abs(got - full).max()
+    model.reset()
+    for t, token in enumerate(IDS):  # decode writes and reads the cache the same way as prefill
+        _close(model.eval([token]), got[t], 1e-4)
+
+
+def test_q8_0_kv_cache_needs_a_head_size_of_whole_blocks(tmp_path):
+    with pytest.raises(ValueError, match="q8_0 KV cache needs a head size that is a multiple of 32"):
+        edgellama.load(write_tiny_model(tmp_path / "m.gguf"), n_ctx=8, cache_type="q8_0")  # head size 16
+
+
 def test_bad_kv_cache_type(tmp_path):
     with pytest.raises(ValueError, match="cache_type"):
         edgellama.load(write_tiny_model(tmp_path / "m.gguf"), n_ctx=8, cache_type="q3")

@@ -1,10 +1,11 @@
-"""What an f16 KV cache costs in quality, measured against the f32 cache on the real SmolLM2 files.
+"""What the f16 and q8_0 KV caches cost in quality, measured against the f32 cache on the real
+SmolLM2 files.
 
-For each file both caches evaluate the same token sequences (the golden fixture prompts, and a
+For each file every cache evaluates the same token sequences (the golden fixture prompts, and a
 ~500-token passage of public-domain prose), from an empty cache, one prompt-sized chunk at a time
-(n_batch tokens through the prompt kernels, as a long prompt is evaluated).  Reported per file:
-top-1 agreement of the two caches, mean and max |logit difference|, mean KL(p_f32 || p_f16) in
-nats, and the passage's perplexity under each cache.
+(n_batch tokens through the prompt kernels, as a long prompt is evaluated).  Reported per file and
+cache type: top-1 agreement with the f32 cache, mean and max |logit difference|, mean
+KL(p_f32 || p_type) in nats, and the passage's perplexity under f32 and under the type.
 
 Usage:  python tools/kv_cache_quality.py [--models F.gguf ...] [--markdown]
 """
@@ -31,39 +32,46 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def compare(path: Path, n_ctx: int = 1024) -> dict:
-    """f16 vs f32 cache figures for one GGUF file (see the module docstring)."""
+def compare(path: Path, n_ctx: int = 1024, types: tuple[str, ...] = ("f16", "q8_0")) -> list[dict]:
+    """Each cache type against the f32 cache for one GGUF file (see the module docstring)."""
     import edgellama
 
-    caches = {t: edgellama.load(path, n_ctx=n_ctx, threads=2, cache_type=t) for t in ("f32", "f16")}
+    caches = {t: edgellama.load(path, n_ctx=n_ctx, threads=2, cache_type=t) for t in ("f32",) + types}
     tok = caches["f32"].tokenizer
     sequences = [tok.encode(PASSAGE)]
     golden = ROOT / "tests" / "golden" / "smollm2_q8_0.json"
     if golden.exists():
         sequences += [p["ids"] for p in json.loads(golden.read_text())["prompts"]]
-    agree = total = 0
-    diffs, kls = [], []
+    agree = {t: 0 for t in types}
+    diffs, kls = {t: [] for t in types}, {t: [] for t in types}
+    total = 0
     for i, ids in enumerate(sequences):
         raw = {t: m.logits(ids) for t, m in caches.items()}                 # each evaluated once
-        a, b = _log_softmax(raw["f32"]), _log_softmax(raw["f16"])
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        a = _log_softmax(raw["f32"])
         total += len(ids)
-        diffs.append(np.abs(raw["f32"] - raw["f16"]).reshape(-1))
-        kls.append((np.exp(a) * (a - b)).sum(-1))
+        for t in types:
+            b = _log_softmax(raw[t])
+            agree[t] += int((a.argmax(-1) == b.argmax(-1)).sum())
+            diffs[t].append(np.abs(raw["f32"] - raw[t]).reshape(-1))
+            kls[t].append((np.exp(a) * (a - b)).sum(-1))
         if i == 0:  # the passage: NLL of each next token
             nll = {t: float(next_token_nll(v, ids).mean()) for t, v in raw.items()}
-    d = np.concatenate(diffs)
-    return {
-        "file": path.name,
-        "tokens": total,
-        "passage_tokens": len(sequences[0]),
-        "top1_agreement": agree / total,
-        "mean_abs_logit_diff": float(d.mean()),
-        "max_abs_logit_diff": float(d.max()),
-        "mean_kl_nats": float(np.concatenate(kls).mean()),
-        "ppl_f32": float(np.exp(nll["f32"])),
-        "ppl_f16": float(np.exp(nll["f16"])),
-    }
+    rows = []
+    for t in types:
+        d = np.concatenate(diffs[t])
+        rows.append({
+            "file": path.name,
+            "cache_type": t,
+            "tokens": total,
+            "passage_tokens": len(sequences[0]),
+            "top1_agreement": agree[t] / total,
+            "mean_abs_logit_diff": float(d.mean()),
+            "max_abs_logit_diff": float(d.max()),
+            "mean_kl_nats": float(np.concatenate(kls[t]).mean()),
+            "ppl_f32": float(np.exp(nll["f32"])),
+            "ppl": float(np.exp(nll[t])),
+        })
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         from tools.fetch_models import smollm2_q4_1, smollm2_requantized
 
         args.models = [smollm2_q4_1(), smollm2_requantized("q8_0"), smollm2_requantized("q4_0")]
-    rows = [compare(Path(m)) for m in args.models]
+    rows = [r for m in args.models for r in compare(Path(m))]
     if args.markdown:
-        print("| file | tokens | top-1 agreement | mean / max abs logit diff | mean KL (nats) | "
-              "passage perplexity f32 / f16 |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| file | cache | tokens | top-1 agreement with f32 | mean / max abs logit diff | mean KL (nats) | "
+              "passage perplexity f32 / this cache |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
-            print(f"| {r['file']} | {r['tokens']} | {100 * r['top1_agreement']:.1f}% | "
+            print(f"| {r['file']} | {r['cache_type']} | {r['tokens']} | {100 * r['top1_agreement']:.1f}% | "
                   f"{r['mean_abs_logit_diff']:.3f} / {r['max_abs_logit_diff']:.2f} | {r['mean_kl_nats']:.5f} | "
-                  f"{r['ppl_f32']:.3f} / {r['ppl_f16']:.3f} |")
+                  f"{r['ppl_f32']:.2f} / {r['ppl']:.2f} |")
     else:
         for r in rows:
             print(json.dumps(r))
