@@ -1,4 +1,4 @@
-"""The ``edgellama`` command: run | chat | serve | info | bench.
+"""The ``edgellama`` command: run | chat | serve | info | bench | perplexity.
 
 User errors (bad paths, malformed files, out-of-range options) print one line to stderr and exit
 with status 1; only bugs show a traceback.
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg)")
     bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (median reported)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ppl = sub.add_parser("perplexity", help="perplexity on a text file, as llama-perplexity measures it")
+    _add_model_options(ppl)
+    ppl.set_defaults(ctx=512)
+    ppl.add_argument("-f", "--file", required=True, help="UTF-8 text file")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -155,6 +161,43 @@ def cmd_serve(args) -> int:
     return serve(model, config)
 
 
+def cmd_perplexity(args) -> int:
+    import json
+    from pathlib import Path
+
+    import edgellama
+    from .perplexity import perplexity
+    from .tokenizer import MAX_INPUT_CHARS
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.stat().st_size > 4 * MAX_INPUT_CHARS:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is more text than one run takes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
+    ids = model.tokenize(text)
+    t0 = time.perf_counter()
+
+    def progress(chunk, n_chunks, running):
+        print(f"[{chunk}]{running:.4f}", end="," if chunk < n_chunks else "\n", file=sys.stderr, flush=True)
+
+    r = perplexity(model, ids, args.ctx, progress=None if args.json else progress)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"model": args.model, "file": str(path), "n_ctx": r.n_ctx, "tokens": len(ids),
+                          "chunks": r.n_chunks, "scored": r.n_scored, "ppl": r.ppl, "ppl_stderr": r.ppl_stderr,
+                          "cache_type": model.cache_type, "seconds": seconds}))
+    else:
+        print(f"{len(ids)} tokens, {r.n_chunks} chunks of {r.n_ctx}, {r.n_scored} scored "
+              f"({r.n_chunks * r.n_ctx / seconds:.0f} tok/s)", file=sys.stderr)
+        print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_stderr:.5f}")
+    return 0
+
+
 def cmd_info(args) -> int:
     from .info import describe
 
@@ -170,7 +213,8 @@ def cmd_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "bench": cmd_bench,
+                "perplexity": cmd_perplexity}
     try:
         return handlers[args.command](args)
     except (ModelFormatError, ValueError, OSError) as e:
