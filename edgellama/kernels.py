@@ -1062,6 +1062,30 @@ def _q8_block_axpy(typingctx, p, row, row_at, out, out_at, accumulate):
     return types.void(p, row, row_at, out, out_at, accumulate), codegen
 
 
+F16_LOAD_WIDTH = 8  # halves widened per vector step of an f16 cache row (head sizes are multiples of 8)
+
+
+@intrinsic
+def _f16_widen(typingctx, row, at, out):
+    """out[at + i] = the half row[at + i] (uint16 bits) for i < F16_LOAD_WIDTH: one vector step."""
+    if not (_c_array(row, types.uint16) and _c_array(out, types.float32)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        n = F16_LOAD_WIDTH
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+
+        def ptr(k, elem):
+            data = builder.bitcast(context.make_array(sig.args[k])(context, builder, args[k]).data, elem.as_pointer())
+            return builder.bitcast(builder.gep(data, [i]), _vec(elem, n).as_pointer())
+
+        h = builder.load(ptr(0, _I16), align=2)
+        builder.store(_half_to_f32(builder, h, _native_half(_target_features())), ptr(2, _F32), align=4)
+        return context.get_dummy_value()
+
+    return types.void(row, at, out), codegen
+
+
 @njit(**_exact)
 def _q8_scale(row, b):
     """The f16 scale of Q8_0 block b of a cached row, as float32."""
@@ -1117,6 +1141,12 @@ def _kv_load_impl(row, out):
             for b in range(out.shape[0] // QK):
                 _q8_block_axpy(_q8_scale(row, b), row, KV_Q8_BLOCK * b + 2, out, QK * b, False)
         return load_q8
+
+    if row.dtype == types.uint16:
+        def load_f16(row, out):  # head_dim % F16_LOAD_WIDTH == 0 (Model checks); no scalar tail:
+            for i in range(0, out.shape[0], F16_LOAD_WIDTH):  # it would keep this from being inlined
+                _f16_widen(row, i, out)
+        return load_f16
 
     def load(row, out):
         for i in range(out.shape[0]):

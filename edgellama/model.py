@@ -89,6 +89,9 @@ class ModelArgs:
         if cache_type == "q8_0" and self.head_dim % K.QK:
             raise ValueError(f"{path}: a q8_0 KV cache needs a head size that is a multiple of {K.QK}, "
                              f"not {self.head_dim}")
+        if cache_type == "f16" and self.head_dim % K.F16_LOAD_WIDTH:  # (no real model has one)
+            raise ValueError(f"{path}: an f16 KV cache needs a head size that is a multiple of "
+                             f"{K.F16_LOAD_WIDTH}, not {self.head_dim}: use cache_type='f32'")
 
     def validate(self, path: str) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_vocab", "max_ctx"):

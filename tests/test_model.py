@@ -148,6 +148,14 @@ def test_q8_0_kv_cache_needs_a_head_size_of_whole_blocks(tmp_path):
         edgellama.load(write_tiny_model(tmp_path / "m.gguf"), n_ctx=8, cache_type="q8_0")  # head size 16
 
 
+def test_f16_kv_cache_needs_a_head_size_of_whole_vector_steps(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.F32, dim=96, n_heads=8, n_kv_heads=2)  # head size 12
+    with pytest.raises(ValueError, match="f16 KV cache needs a head size that is a multiple of 8.*f32"):
+        edgellama.load(path, n_ctx=8)
+    ref = ReferenceModel(str(path)).forward(IDS, quantize_activations=False, half_kv=False)
+    _close(edgellama.load(path, n_ctx=32, cache_type="f32").logits(IDS), ref, 1e-4)  # f32 works
+
+
 def test_bad_kv_cache_type(tmp_path):
     with pytest.raises(ValueError, match="cache_type"):
         edgellama.load(write_tiny_model(tmp_path / "m.gguf"), n_ctx=8, cache_type="q3")
