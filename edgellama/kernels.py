@@ -313,14 +313,22 @@ def _k_factors(row, wtype, b):
     return sc, m, o
 
 
+@njit(**_exact)
+def _group_layout(wtype, lanes):
+    """(bytes of one block record, bytes of one super-block's factors) of a packed group: the
+    kernels' record_bytes and super_block_bytes, times lanes."""
+    quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
+    record = lanes * (scale_bytes * n_scales + min_bytes + high + quant)
+    return record, (lanes * 2 * (1 + (min_bytes == 1)) if scale_bytes == 1 else 0)
+
+
 @njit(parallel=True, **_exact)
 def pack_rows(w, wtype, lanes, unsigned_q8, out):
     """w: (n_out, row_bytes) file rows of a quantized type -> out: (n_groups, group_bytes), the
     layout above.  out must arrive zeroed: the last group's padding rows stay so."""
     quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
-    record = lanes * (scale_bytes * n_scales + min_bytes + high + quant)
+    record, sb_bytes = _group_layout(wtype, lanes)
     factors = scale_bytes == 1                                  # K-quants
-    sb_bytes = lanes * 2 * (1 + (min_bytes == 1)) if factors else 0
     n_blocks = SUPER_BLOCK * out.shape[1] // (SUPER_BLOCK * record + sb_bytes)
     table = n_blocks * record                                   # the super-block factors
     flip = 128 if unsigned_q8 and wtype == T_Q8_0 else 0
@@ -875,8 +883,7 @@ def dequantize_packed_row(wp, wtype, r, out):
     lanes = _PACKED_LANES
     if wtype == T_Q8_0 and _UNSIGNED_Q8:
         offset = 128
-    record = lanes * (scale_bytes * n_scales + min_bytes + high + quant)
-    sb_bytes = lanes * 2 * (1 + (min_bytes == 1)) if scale_bytes == 1 else 0
+    record, sb_bytes = _group_layout(wtype, lanes)
     nb = out.shape[0] // QK
     group, lane = wp[r // lanes], r % lanes
     for b in range(nb):
@@ -1008,10 +1015,10 @@ def _kv_store(values, row):
     """The cached row = values (head_dim,) float32, in the cache's element type."""
 
 
-def _block_vector(context, builder, arr_type, arr, at, elem):
-    """IR: pointer to the QK elements of 1-D C-contiguous array arr from index at, as a vector."""
+def _block_vector(context, builder, arr_type, arr, at, elem, n=QK):
+    """IR: pointer to the n elements of 1-D C-contiguous array arr from index at, as a vector."""
     data = builder.bitcast(context.make_array(arr_type)(context, builder, arr).data, elem.as_pointer())
-    return builder.bitcast(builder.gep(data, [at]), _vec(elem, QK).as_pointer())
+    return builder.bitcast(builder.gep(data, [at]), _vec(elem, n).as_pointer())
 
 
 def _c_array(a, dtype):
@@ -1072,15 +1079,10 @@ def _f16_widen(typingctx, row, at, out):
         return None
 
     def codegen(context, builder, sig, args):
-        n = F16_LOAD_WIDTH
-        i = context.cast(builder, args[1], sig.args[1], types.intp)
-
-        def ptr(k, elem):
-            data = builder.bitcast(context.make_array(sig.args[k])(context, builder, args[k]).data, elem.as_pointer())
-            return builder.bitcast(builder.gep(data, [i]), _vec(elem, n).as_pointer())
-
-        h = builder.load(ptr(0, _I16), align=2)
-        builder.store(_half_to_f32(builder, h, _native_half(_target_features())), ptr(2, _F32), align=4)
+        n, at = F16_LOAD_WIDTH, context.cast(builder, args[1], sig.args[1], types.intp)
+        h = builder.load(_block_vector(context, builder, sig.args[0], args[0], at, _I16, n), align=2)
+        out = _block_vector(context, builder, sig.args[2], args[2], at, _F32, n)
+        builder.store(_half_to_f32(builder, h, _native_half(_target_features())), out, align=4)
         return context.get_dummy_value()
 
     return types.void(row, at, out), codegen
@@ -1089,8 +1091,7 @@ def _f16_widen(typingctx, row, at, out):
 @njit(**_exact)
 def _q8_scale(row, b):
     """The f16 scale of Q8_0 block b of a cached row, as float32."""
-    o = KV_Q8_BLOCK * b
-    return _as_f32(np.uint16(I32(row[o]) | (I32(row[o + 1]) << 8)))
+    return _f16_at(row, KV_Q8_BLOCK * b)
 
 
 @njit(**_exact)
@@ -1162,9 +1163,7 @@ def _kv_store_impl(values, row):
                 o = KV_Q8_BLOCK * b
                 d = _abs_max(values, QK * b) / np.float32(127.0)
                 inv = np.float32(1.0) / d if d != 0.0 else np.float32(0.0)
-                bits = I32(_half_bits(d))
-                row[o] = bits & 255
-                row[o + 1] = bits >> 8
+                _put_half(row, o, d)
                 for i in range(QK):
                     row[o + 2 + i] = I32(_roundf(values[QK * b + i] * inv)) & 255
         return store_q8

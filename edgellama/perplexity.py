@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["PerplexityResult", "perplexity"]
+__all__ = ["PerplexityResult", "perplexity", "next_token_nll"]
 
 
 @dataclass
@@ -29,7 +29,8 @@ class PerplexityResult:
     nll: np.ndarray | None = None                          # (n_scored,) per-token NLL, in order
 
 
-def _next_token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def next_token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits[t])[targets[t]] for each row t, in float64."""
     z = logits.astype(np.float64)
     z -= z.max(axis=1, keepdims=True)
     return np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(targets)), targets]
@@ -56,7 +57,7 @@ def perplexity(model, ids, n_ctx: int | None = None,
             chunk[0] = bos
         logits = model.logits(chunk)                      # (n_ctx, n_vocab), from an empty cache
         # position j predicts token j + 1; the first half only serves as context
-        nll = _next_token_nll(logits[first:n_ctx - 1], ids[c * n_ctx + first + 1:(c + 1) * n_ctx])
+        nll = next_token_nll(logits[first:n_ctx - 1], ids[c * n_ctx + first + 1:(c + 1) * n_ctx])
         parts.append(nll)
         total += float(nll.sum())
         count = sum(len(p) for p in parts)

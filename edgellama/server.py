@@ -237,12 +237,12 @@ def _token_entry(tokenizer, token: int, logprob: float) -> dict:
     return {"token": data.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(data)}
 
 
-def _chat_logprobs(tokenizer, chunk: Chunk) -> dict | None:
-    if chunk.token is None or chunk.logprob is None:
-        return None
-    entry = _token_entry(tokenizer, chunk.token, chunk.logprob)
-    entry["top_logprobs"] = [_token_entry(tokenizer, t.token, t.logprob) for t in chunk.top_logprobs or []]
-    return {"content": [entry]}
+def _chat_logprobs(tokenizer, chunks: list[Chunk]) -> dict | None:
+    """The chat logprobs object of the chunks that carry a token's log-probability (None if none do)."""
+    content = [{**_token_entry(tokenizer, c.token, c.logprob),
+                "top_logprobs": [_token_entry(tokenizer, t.token, t.logprob) for t in c.top_logprobs or []]}
+               for c in chunks if c.token is not None and c.logprob is not None]
+    return {"content": content} if content else None
 
 
 def _usage(chunk: Chunk) -> dict:
@@ -552,8 +552,8 @@ class Handler(BaseHTTPRequestHandler):
             last = chunk
         tok = self.engine.model.tokenizer
         if chat:
-            lp = {"content": [_chat_logprobs(tok, c)["content"][0] for c in logprobs]} if logprobs else None
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": lp,
+            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                      "logprobs": _chat_logprobs(tok, logprobs),
                       "finish_reason": last.finish_reason}
         else:
             choice = {"index": 0, "text": "".join(text), "logprobs": _completion_logprobs(tok, logprobs),
@@ -612,7 +612,7 @@ class Handler(BaseHTTPRequestHandler):
     @staticmethod
     def _stream_choice(chat: bool, tok, chunk: Chunk, text: str) -> dict:
         if chat:
-            return {"index": 0, "delta": {"content": text}, "logprobs": _chat_logprobs(tok, chunk),
+            return {"index": 0, "delta": {"content": text}, "logprobs": _chat_logprobs(tok, [chunk]),
                     "finish_reason": None}
         return {"index": 0, "text": text,
                 "logprobs": _completion_logprobs(tok, [chunk] if chunk.logprob is not None else []),

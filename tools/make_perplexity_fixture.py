@@ -58,10 +58,9 @@ successfully for the reigning family of Holland."""
 
 def next_token_nll(scores: np.ndarray, ids: list[int]) -> np.ndarray:
     """-log p(ids[t+1] | ids[:t+1]) for t = 0 .. len(ids) - 2, from the logits rows."""
-    z = scores[:-1].astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return log_norm - z[np.arange(len(ids) - 1), np.asarray(ids[1:])]
+    from edgellama.perplexity import next_token_nll as nll
+
+    return nll(scores[:-1], np.asarray(ids[1:]))
 
 
 def main() -> int:
