@@ -456,7 +456,7 @@ class Model:
                  typical_p: float = 1.0, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, penalty_last_n: int = 64, logit_bias=None,
                  logprobs: int | None = None, context_shift: bool = False, n_keep: int = 4,
-                 truncate: bool = False):
+                 truncate: bool = False, special: bool = False):
         """Stream generated text: yields ``Chunk`` strings (the last one carries finish_reason).
 
         With ``context_shift`` a full cache drops the oldest half of its tokens after the first
@@ -464,7 +464,9 @@ class Model:
         with finish_reason "length" at the end of the context.  A prompt longer than the context
         is an error (ContextOverflowError), or with ``truncate`` loses its middle: its first
         ``n_keep`` tokens and its end are kept, leaving min(max_tokens, n_ctx/4) (at most n_ctx/2,
-        at least 1) positions for the reply.
+        at least 1) positions for the reply.  A text prompt is tokenized with special-token text
+        left as text unless ``special=True`` (then ``<|im_start|>`` and the like written in it
+        become control tokens: only for prompts you wrote yourself).
         """
         from .generate import generate_tokens, truncate_prompt
         from .sampling import Sampler
@@ -480,7 +482,7 @@ class Model:
             raise ValueError(f"n_keep must be an integer in [0, n_ctx/2 = {self.n_ctx // 2}), got {n_keep!r}")
         if truncate and (isinstance(n_keep, bool) or not isinstance(n_keep, int) or n_keep < 0):
             raise ValueError(f"n_keep must be a non-negative integer, got {n_keep!r}")
-        ids = self.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) else list(prompt)
         if truncate:
             want = self.n_ctx // 4 if max_tokens is None else max_tokens
             ids = truncate_prompt(ids, self.n_ctx, n_keep, room=max(1, min(want, self.n_ctx // 2)))

@@ -26,6 +26,7 @@ Every problem with the metadata raises ``TokenizerError`` naming the source and 
 from __future__ import annotations
 
 import base64
+import bisect
 import heapq
 from array import array
 import operator
@@ -46,8 +47,19 @@ __all__ = ["Tokenizer", "TokenizerError", "StreamDecoder", "spm_model_to_metadat
 # characters, wikitext-2's test set 1.3M.  Beyond this is a mistake or an attack, and the SentencePiece
 # path would need gigabytes.
 MAX_INPUT_CHARS = 4 * 1024 * 1024
-# The largest vocabulary we accept (the biggest real ones have ~260k tokens).
-MAX_VOCAB = 4 * 1024 * 1024
+# The largest vocabulary we accept: 4x the biggest real ones (Gemma 3: 262,144 tokens).
+MAX_VOCAB = 1024 * 1024
+# The most BPE merges we accept, and at most MAX_MERGES_PER_TOKEN per token of the vocabulary: real
+# files have about one per token (Qwen2: 151k for 151k) and at most ~2.2 (Llama 3: 280k for 128k).
+MAX_MERGES = 2 * 1024 * 1024
+MAX_MERGES_PER_TOKEN = 8
+# Merges are turned into ranks this many at a time, so that building costs memory in proportion to
+# the merges' own bytes (the whole list at once took 9x a hostile file's size).
+MERGE_CHUNK = 1 << 16
+# A run of this many whitespace characters is split by the pre-tokenizer here rather than inside
+# tiktoken, whose regex engine overflows its stack on the lookahead in "\s+(?!\S)" somewhere between
+# 300k and 1M characters (a Rust panic, a BaseException).  The pieces are the same either way.
+LONG_SPACE_RUN = 4096
 
 
 class TokenizerError(ValueError):
@@ -154,6 +166,7 @@ def _pre_table() -> dict[str, _Pre]:
 
 
 _PRE_TYPES = _pre_table()
+_LONG_SPACE = regex.compile(r"\s{%d}" % LONG_SPACE_RUN)
 
 
 # ----- GPT-2 byte <-> unicode table -----------------------------------------------------------------
@@ -358,6 +371,32 @@ class _ByteTable:
         return self._blob[self._ends[i]:self._ends[i + 1]]
 
 
+def _merge_results(meta: _Meta, merges: list[str], start: int, stop: int,
+                   t2i: dict[str, int]) -> list[str]:
+    """The texts merges[start:stop] make ("a b" -> "ab"), each side checked to be a token."""
+    chunk = merges[start:stop]
+    n = len(chunk)
+    joined = "\n".join(chunk)
+    if joined.count(" ") == n and joined.count("\n") == n - 1 and " \n" not in joined \
+            and not joined.startswith(" ") and "\n " not in joined and not joined.endswith(" "):
+        # the usual case, done in bulk: every merge is "a b" with one space and no newline
+        parts = joined.replace(" ", "\n").split("\n")
+        results = joined.replace(" ", "").split("\n")
+    else:
+        pairs = [_split_merge(m) for m in chunk]
+        for k, p in enumerate(pairs):
+            if len(p) != 2:
+                raise meta.fail("tokenizer.ggml.merges", f"merge {start + k} {chunk[k][:60]!r} is not two "
+                                                         "tokens separated by a space")
+        parts = [x for p in pairs for x in p]
+        results = [a + b for a, b in pairs]
+    if not all(map(t2i.__contains__, parts)):
+        k = next(k for k in range(n) if parts[2 * k] not in t2i or parts[2 * k + 1] not in t2i)
+        raise meta.fail("tokenizer.ggml.merges", f"merge {start + k} {chunk[k][:60]!r} refers to a token "
+                                                 "that is not in tokenizer.ggml.tokens")
+    return results
+
+
 def _core_bpe(name: str, pattern: str, ranks: dict[bytes, int]):
     """tiktoken's BPE engine for these ranks.  The Rust core alone: tiktoken.Encoding would also
     keep the Python dict of ranks (several MB for a 50k vocabulary), which encoding never reads."""
@@ -406,6 +445,8 @@ class Tokenizer:
         self._rank_to_id: np.ndarray | None = None
         self._rank_gaps = False
         self._chain: list[regex.Pattern] | None = None
+        self._pattern = ""  # the regex tiktoken splits with
+        self._split_re: regex.Pattern | None = None
         # SentencePiece
         self._token_to_id: dict[str, int] = {}
         self._scores = np.zeros(0, np.float32)
@@ -652,28 +693,20 @@ class Tokenizer:
 
     def _build_bpe(self, meta: _Meta, merges: list[str], pre: _Pre) -> None:
         texts, t2i = self._texts, self._token_to_id
+        n_merges = len(merges)
+        limit = min(MAX_MERGES, MAX_MERGES_PER_TOKEN * len(texts))
+        if n_merges > limit:
+            raise meta.fail("tokenizer.ggml.merges", f"{n_merges} merges for {len(texts)} tokens is more "
+                                                     f"than the {limit} we accept (at most {MAX_MERGES}, "
+                                                     f"and {MAX_MERGES_PER_TOKEN} per token)")
         tok_bytes = _gpt2_bytes_bulk(texts)
         self._render_pieces(meta, tok_bytes)
-        n_merges = len(merges)
-        joined = "\n".join(merges)
-        if joined.count(" ") == n_merges and joined.count("\n") == n_merges - 1 and " \n" not in joined \
-                and not joined.startswith(" ") and "\n " not in joined and not joined.endswith(" "):
-            # the usual case, done in bulk: every merge is "a b" with one space and no newline
-            parts = joined.replace(" ", "\n").split("\n")
-            results = joined.replace(" ", "").split("\n")
-        else:
-            pairs = [_split_merge(m) for m in merges]
-            for k, p in enumerate(pairs):
-                if len(p) != 2:
-                    raise meta.fail("tokenizer.ggml.merges", f"merge {k} {merges[k][:60]!r} is not two "
-                                                             "tokens separated by a space")
-            parts = [x for p in pairs for x in p]
-            results = [a + b for a, b in pairs]
-        if not all(map(t2i.__contains__, parts)):
-            k = next(k for k in range(n_merges)
-                     if parts[2 * k] not in t2i or parts[2 * k + 1] not in t2i)
-            raise meta.fail("tokenizer.ggml.merges", f"merge {k} {merges[k][:60]!r} refers to a token "
-                                                     "that is not in tokenizer.ggml.tokens")
+        # res[k]: the token merge k makes (-1: none); the merges are read a chunk at a time
+        res = np.empty(n_merges, np.int64)
+        for c0 in range(0, n_merges, MERGE_CHUNK):
+            results = _merge_results(meta, merges, c0, min(c0 + MERGE_CHUNK, n_merges), t2i)
+            res[c0:c0 + len(results)] = np.fromiter(map(t2i.get, results, repeat(-1)), dtype=np.int64,
+                                                    count=len(results))
         # Ranks: each single byte b has rank b (single bytes are never compared with merges, only
         # looked up), the token made by merge k has rank 256 + k (the first merge making it wins).
         # A merge whose result is no token, or is not written in the byte alphabet, is left out:
@@ -684,7 +717,6 @@ class Tokenizer:
             i = t2i.get(_BYTE_CHARS[b])
             if i is not None:
                 rank_arr[b] = i
-        res = np.fromiter(map(t2i.get, results, repeat(-1)), dtype=np.int64, count=n_merges)
         has_bytes = np.fromiter(map(operator.is_not, tok_bytes, repeat(None)), dtype=bool,
                                 count=len(tok_bytes))
         ok = np.flatnonzero((res >= 0) & has_bytes[np.maximum(res, 0)])
@@ -692,7 +724,7 @@ class Tokenizer:
         first_k = ok[first]  # merge index that first makes each token
         ranks.update(zip([tok_bytes[t] for t in tids.tolist()], (first_k + 256).tolist()))
         rank_arr[first_k + 256] = tids
-        rank_to_id = rank_arr.tolist()
+        unreached: list[int] = []
         if pre.ignore_merges:
             # llama.cpp looks a whole pre-token up in the vocabulary first, as tiktoken does; make
             # the tokens no merge reaches findable too (ranked after every merge).
@@ -702,9 +734,9 @@ class Tokenizer:
             for tid in np.flatnonzero(has_bytes & ~reached).tolist():
                 key = tok_bytes[tid]
                 if key not in ranks:
-                    ranks[key] = len(rank_to_id)
-                    rank_to_id.append(tid)
-        self._rank_to_id = np.array(rank_to_id, dtype=np.int64)
+                    ranks[key] = len(rank_arr) + len(unreached)
+                    unreached.append(tid)
+        self._rank_to_id = np.concatenate([rank_arr, np.array(unreached, dtype=np.int64)])
         self._rank_gaps = bool((self._rank_to_id[:256] < 0).any())
         if isinstance(pre.split, str):
             pattern = pre.split
@@ -712,14 +744,30 @@ class Tokenizer:
         else:
             pattern = r"[\s\S]+"  # the chain of regexes splits; tiktoken only does the BPE
             self._chain = [regex.compile(p) for p in pre.split]
+        self._pattern = pattern
         try:
             self._enc = _core_bpe(f"edgellama-{self.pre}", pattern, ranks)
         except Exception as e:  # tiktoken rejects the table: say which file
             raise meta.fail("tokenizer.ggml.merges", f"cannot build the BPE table: {e}") from None
 
     def _bpe_encode(self, text: str) -> list[int]:
+        try:
+            return self._bpe_encode_unchecked(text)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+            raise
+        except BaseException as e:  # tiktoken's Rust panics are BaseExceptions (pyo3 PanicException)
+            raise TokenizerError(f"{self.source}: the BPE tokenizer failed on a text of {len(text)} "
+                                 f"characters ({type(e).__name__}: {str(e)[:100]})") from None
+
+    def _bpe_encode_unchecked(self, text: str) -> list[int]:
         enc = self._enc
-        if self._chain is None:
+        if self._chain is None and len(text) >= LONG_SPACE_RUN and _LONG_SPACE.search(text):
+            # tiktoken's regex engine would overflow on this run: split here (the same regex, the
+            # same pieces), and let tiktoken do only the BPE of each piece
+            ranks = []
+            for m in self._split_regex().finditer(text):
+                ranks.extend(enc.encode_single_piece(m.group().encode("utf-8")))
+        elif self._chain is None:
             ranks = enc.encode_ordinary(text)
         else:
             ranks = []
@@ -729,6 +777,12 @@ class Tokenizer:
         if self._rank_gaps:
             ids = ids[ids >= 0]  # bytes that have no token are dropped, as llama.cpp does
         return ids.tolist()
+
+    def _split_regex(self) -> regex.Pattern:
+        """The pre-tokenizer regex, compiled by the regex module (only for texts with long runs)."""
+        if self._split_re is None:
+            self._split_re = regex.compile(self._pattern)
+        return self._split_re
 
     def _split_chain(self, text: str) -> list[str]:
         """Apply llama.cpp's regexes one after another; text between matches is kept as pieces."""
@@ -859,6 +913,7 @@ class Tokenizer:
         self._finish_specials(attrs, {k: None for k in ("pre", "suf", "mid", "pad", "rep", "sep")})
         self._pieces = _ByteTable(by_rank + [s.encode("utf-8") for s in specials])
         self._rank_to_id = np.arange(n_base, dtype=np.int64)
+        self._pattern = _RE_LLAMA3
         self._enc = _core_bpe("edgellama-llama3", _RE_LLAMA3, ranks)
         self._token_to_id = {}  # not needed to encode byte-level BPE
         return self
@@ -866,12 +921,16 @@ class Tokenizer:
     # ----- encode / decode ------------------------------------------------------------------------
 
     def encode(self, text: str, add_bos: bool | None = None, special: bool = False,
-               add_eos: bool | None = None) -> list[int]:
+               add_eos: bool | None = None, *, plain_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
         """Token ids of ``text``.
 
         ``add_bos``/``add_eos``: None means the model's default (``self.add_bos``/``self.add_eos``).
         ``special``: match control tokens written in the text (never do this for user input);
         user-defined tokens are always matched, as in llama.cpp.
+        ``plain_spans``: with ``special``, sorted, disjoint (start, end) character ranges of
+        ``text`` that are plain text (a chat message's content inside a rendered template): a
+        control token is matched only where it lies wholly outside them; inside one, text is
+        tokenized as with ``special=False``.
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
@@ -884,7 +943,10 @@ class Tokenizer:
             if self.bos_id is None:
                 raise TokenizerError(f"{self.source}: this vocabulary has no BOS token")
             out.append(self.bos_id)
-        fragments = self._partition(text, special) if text else []
+        if special and plain_spans:
+            fragments = self._partition_guarded(text, plain_spans) if text else []
+        else:
+            fragments = self._partition(text, special) if text else []
         if self.kind == "spm":
             prev_special = True
             for frag in fragments:
@@ -926,6 +988,50 @@ class Tokenizer:
                         new.append(part)
             fragments = new
         return fragments
+
+    def _partition_guarded(self, text: str, plain_spans: Sequence[tuple[int, int]]) -> list[str | int]:
+        """``_partition(text, special=True)``, except that an occurrence of a control token that
+        touches a plain span stays text (user-defined tokens wholly inside one are still matched,
+        as ``special=False`` would)."""
+        spans = sorted((int(a), int(b)) for a, b in plain_spans if b > a)
+        for (a0, b0), (a1, _) in zip(spans, spans[1:]):
+            if a1 < b0:
+                raise TokenizerError(f"plain_spans overlap: ({a0}, {b0}) and ({a1}, ...)")
+        if spans and (spans[0][0] < 0 or spans[-1][1] > len(text)):
+            raise TokenizerError(f"plain_spans reach outside the text of {len(text)} characters")
+        starts = [a for a, _ in spans]
+        user_defined = {tid for _, tid in self._special_user}
+
+        def allowed(p: int, q: int, tid: int) -> bool:
+            k = bisect.bisect_right(starts, q - 1) - 1  # the last span starting before q
+            if k < 0 or spans[k][1] <= p:
+                return True  # wholly in the template's markup
+            return tid in user_defined and spans[k][0] <= p and q <= spans[k][1]
+
+        fragments: list[tuple[int, int] | int] = [(0, len(text))]
+        for tok_text, tid in self._special_all:
+            if tok_text not in text:
+                continue
+            n = len(tok_text)
+            new: list[tuple[int, int] | int] = []
+            for frag in fragments:
+                if isinstance(frag, int):
+                    new.append(frag)
+                    continue
+                start, end = frag
+                at = pos = start
+                while (p := text.find(tok_text, pos, end)) >= 0:
+                    if not allowed(p, p + n, tid):
+                        pos = p + 1
+                        continue
+                    if p > at:
+                        new.append((at, p))
+                    new.append(tid)
+                    at = pos = p + n
+                if at < end:
+                    new.append((at, end))
+            fragments = new
+        return [f if isinstance(f, int) else text[f[0]:f[1]] for f in fragments]
 
     def _check_ids(self, ids) -> list[int]:
         if isinstance(ids, np.ndarray):
