@@ -324,15 +324,26 @@ class Model:
     """
 
     def __init__(self, f: GGUFFile, n_ctx: int | None = None, threads: int | None = None, n_batch: int = 256,
-                 cache_type: str = "f16"):
+                 cache_type: str = "f16", check_memory: bool = True):
+        """``n_ctx``: None = min(the trained context, 4096), 0 = the trained context (llama.cpp's
+        meaning); beyond the trained context a ContextLengthWarning is issued.  Before anything is
+        allocated, the weights + KV cache + buffers are compared with the available memory
+        (``check_memory``): MemoryLimitError names the figures and the largest context that fits."""
+        import warnings
+
+        from .info import ContextLengthWarning
+        from .info import check_memory as memory_check
         from .tokenizer import Tokenizer  # the tokenizer is independent of Numba
 
         self.file = f
         self.path = f.path
         self.args = ModelArgs.from_gguf(f)
-        self.n_ctx = int(n_ctx or min(self.args.max_ctx, DEFAULT_MAX_CTX))
-        if self.n_ctx <= 0:
-            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 0):
+            raise ValueError(f"n_ctx must be a non-negative integer (0: the model's trained context), got {n_ctx!r}")
+        self.n_ctx = min(self.args.max_ctx, DEFAULT_MAX_CTX) if n_ctx is None else int(n_ctx or self.args.max_ctx)
+        if self.n_ctx > self.args.max_ctx:
+            warnings.warn(f"n_ctx={self.n_ctx} is beyond the {self.args.max_ctx} tokens this model was trained "
+                          f"on: expect worse output past {self.args.max_ctx}", ContextLengthWarning, stacklevel=3)
         if n_batch <= 0:
             raise ValueError(f"n_batch must be positive, got {n_batch}")
         self.n_batch = int(n_batch)
@@ -343,6 +354,8 @@ class Model:
             raise ValueError(f"cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cache_type!r}")
         self.cache_type = cache_type
         self.args.check_cache_type(cache_type, f.path)
+        if check_memory:  # before any allocation: a context that cannot fit fails now, in one line
+            memory_check(f, self.args, self.n_ctx, cache_type, self.threads, self.n_batch)
         # the tokenizer first: what building it frees goes back to the system before the weights
         # are packed on top of it
         self.tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
@@ -356,6 +369,10 @@ class Model:
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
+        if not os.path.exists(path):
+            from . import ModelFileNotFoundError  # a FileNotFoundError that is also a ModelFormatError
+
+            raise ModelFileNotFoundError(path)
         return cls(GGUFFile(path), n_ctx=n_ctx, threads=threads, **kwargs)
 
     # ----- text <-> ids ---------------------------------------------------------------------------
