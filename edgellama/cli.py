@@ -68,10 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
     serve.add_argument("--api-key", default=os.environ.get("EDGELLAMA_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $EDGELLAMA_API_KEY)")
-    serve.add_argument("--model-name", default="", help="the model id clients use (default: the file name)")
-    serve.add_argument("--max-queue", type=int, default=8, help="requests that may wait for the model (then 503)")
-    serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (then 413)")
-    serve.add_argument("--max-connections", type=int, default=64, help="open connections at most (then 503)")
+    serve.add_argument("--model-name", "--alias", dest="model_name", default="",
+                       help="the model id /v1/models lists (default: the file name); requests may name any model")
+    serve.add_argument("--max-queue", type=int, default=8,
+                       help="requests that may wait for the model (then 503; default 8)")
+    serve.add_argument("--max-body", type=int, default=1 << 20,
+                       help="largest request body in bytes (then 413; default 1048576)")
+    serve.add_argument("--max-connections", type=int, default=1024,
+                       help="open connections at most (default 1024; when full, the oldest connection without a "
+                            "complete request is closed, and only if every one has a request in progress: 503)")
+    serve.add_argument("--max-connections-per-client", type=int, default=256,
+                       help="open connections from one client address (an IPv6 /64; default 256)")
+    serve.add_argument("--request-timeout", type=float, default=60.0,
+                       help="seconds from a request's first byte to the end of its body (then 408; default 60)")
+    serve.add_argument("--idle-timeout", type=float, default=60.0,
+                       help="seconds a connection may wait without a request (default 60)")
+    serve.add_argument("--send-timeout", type=float, default=30.0,
+                       help="seconds a client may take no bytes of its reply before it is dropped (default 30)")
+    serve.add_argument("--max-output-buffer", type=int, default=4 << 20,
+                       help="bytes of a stream generated but not yet taken by the client; beyond them the client "
+                            "is dropped and the generation stopped (default 4194304)")
     serve.add_argument("--allowed-host", action="append", default=[],
                        help="a further Host name clients may use (repeatable; '*': any)")
     serve.add_argument("--cors-origin", action="append", default=[],
@@ -150,12 +166,23 @@ def cmd_serve(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue < 0 or args.max_body <= 0 or args.max_connections <= 0:
-        raise ValueError("--max-queue must be >= 0, --max-body and --max-connections > 0")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    for flag in ("max_body", "max_connections", "max_connections_per_client", "max_output_buffer"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    for flag in ("request_timeout", "idle_timeout", "send_timeout"):
+        if not 0 < getattr(args, flag) < float("inf"):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of seconds, "
+                             f"got {getattr(args, flag)}")
     config = ServerConfig(host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key or None,
                           max_queue=args.max_queue, max_body_bytes=args.max_body,
                           max_connections=args.max_connections,
+                          max_connections_per_client=args.max_connections_per_client,
+                          request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
+                          send_timeout=args.send_timeout, max_output_buffer=args.max_output_buffer,
                           allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin))
+    print(f"edgellama serve: loading {args.model} ...", file=sys.stderr, flush=True)
     model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
     model.warm_up()  # the first request must not wait for the kernels to load (or compile)
     return serve(model, config)

@@ -6,59 +6,111 @@ Endpoints (JSON in, JSON out; ``"stream": true`` answers with server-sent events
 * ``POST /v1/completions``: a raw prompt (text or token ids);
 * ``GET /v1/models``, ``GET /health``.
 
-One model holds one KV cache, so requests are served one at a time, in arrival order; up to
-``max_queue`` more wait, and beyond that a request gets 503 at once.  The cached prefix of the
-previous request is reused (a chat's next turn evaluates only what is new).
+Shape: an asyncio front end and one model worker.
 
-Hostile clients are expected: the server binds 127.0.0.1 unless told otherwise; an API key
-(``--api-key`` or ``EDGELLAMA_API_KEY``) is compared in constant time; on a loopback address the
-``Host`` header must name this machine (DNS rebinding); cross-origin browsers get no CORS headers
-unless their origin is listed, and credentials are never allowed; bodies must declare their length,
-which is capped (413); malformed JSON or fields get a 400 naming the field; a client that goes away
-mid-reply stops the decoding and frees the model.  Every error is an OpenAI-style JSON object and
-the server keeps serving.  No endpoint touches files.
+* **The model worker** (``Engine``) is one thread that owns the model and takes jobs from a line:
+  one generation at a time, in arrival order, up to ``max_queue`` more waiting (beyond them: 503
+  with Retry-After).  The cached prefix of the previous request is reused (a chat's next turn
+  evaluates only what is new).  A job formats its reply as it goes (a whole JSON reply, or SSE
+  events) into its own bounded output buffer (``Job``): the model runs at full speed whatever the
+  client's reading pace, and is free for the next job as soon as the generation ends, while the
+  bytes drain to the client.  A later change can run several jobs in parallel slots without
+  touching the front end: each job already streams back through its own buffer.
+* **The front end** is one asyncio event loop (``Server``, asyncio streams: no dependencies).  A
+  waiting socket costs a coroutine and a transport, not a thread: measured on the 2-core test
+  machine with the tiny test model, 1000 idle connections cost ~10 KiB of RSS each and no thread
+  (the server runs 3 threads of its own whatever the number of connections), where the previous
+  thread-per-connection server cost a thread and ~17 KiB each and had to cap connections at 64;
+  with 80 sockets trickling header bytes, 40/40 normal requests succeeded (0/40 before: every
+  one got 503 or timed out).  An ASGI stack (uvicorn) would add a dependency for the same event
+  loop and still need the per-connection rules below, which are the server's own policy.
+
+Slow or hostile clients (all limits are ``ServerConfig`` fields, ``edgellama serve`` flags):
+
+* a whole request, head and body, must arrive within ``request_timeout`` of its first byte (408
+  otherwise: trickling one byte at a time does not extend it), and a connection with no request
+  under way is closed after ``idle_timeout``;
+* at most ``max_connections`` are open, at most ``max_connections_per_client`` from one client
+  address (an IPv6 /64 counts as one address); when a new connection finds no room, the oldest
+  connection that has not yet delivered a complete request (a trickler, an idle keep-alive) is
+  closed to make room: sockets that never finish a request cannot keep others out, and the
+  per-address share keeps the rest of the slots for other clients when one address holds many
+  requests in progress; only when every slot carries a request in progress is a new connection
+  answered 503;
+* a reply is written at the client's pace from the job's buffer: a client that takes no bytes
+  for ``send_timeout`` seconds is dropped, and a stream whose unsent output outgrows
+  ``max_output_buffer`` is dropped at once and its generation stopped.  A client that half-closes
+  after its request (``shutdown(SHUT_WR)``) still gets its answer; a client that disconnects
+  mid-stream stops the decoding (its next write fails and the job is cancelled).
+
+Everything else a hostile client may try is answered too: the server binds 127.0.0.1 unless told
+otherwise; an API key (``--api-key`` or ``EDGELLAMA_API_KEY``) is compared in constant time; on a
+loopback address the ``Host`` header must name this machine (DNS rebinding); cross-origin browsers
+get no CORS headers unless their origin is listed, and credentials are never allowed; bodies must
+declare their length, which is capped (413); every field is checked against its range before it
+reaches the model (a 400 naming the field); a failure while tokenizing or generating is a JSON
+error too (400 when the request caused it, else 500), even an exception that is not an
+``Exception`` (tiktoken's PanicException), and the worker goes on.  Every error is an
+OpenAI-style JSON object and the server keeps serving.  No endpoint touches files.
+
+A one-model server answers whatever ``model`` a request names (as llama.cpp's server does: apps
+with a hard-coded model name work unchanged); replies name the served model.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hmac
+import ipaddress
 import json
 import math
 import os
-import select
+import re
 import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .chat import ChatTemplateError
 from .generate import Chunk
 from .sampling import MAX_LOGPROBS, Sampler, SamplingError
 
-__all__ = ["ServerConfig", "Engine", "make_server", "serve"]
+__all__ = ["ServerConfig", "Engine", "Job", "Server", "make_server", "serve"]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-MAX_STOP_STRINGS = 4          # as OpenAI
+MAX_STOP_STRINGS = 4             # as OpenAI
+MAX_STOP_CHARS = 1000            # one stop string (the matcher's work per token grows with it)
 COMPLETIONS_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_HEAD_BYTES = 32 * 1024       # request line + headers (431 beyond)
+MAX_HEADERS = 100
+WRITE_HIGH_WATER = 64 * 1024     # bytes handed to a connection's transport before waiting for the client
+MAX_INT = 2 ** 63 - 1            # integer fields beyond int64 are refused (400), never overflow later
 
 
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    model_name: str = ""               # the id clients name; default: the file name without .gguf
+    model_name: str = ""               # the id /v1/models lists; default: the file name without .gguf
     api_key: str | None = None
     max_queue: int = 8                 # requests waiting for the model beyond the one running
     max_body_bytes: int = 1 << 20
     allowed_hosts: tuple[str, ...] = ()   # extra Host names accepted ("*": any)
     cors_origins: tuple[str, ...] = ()    # origins whose browsers may read responses ("*": any)
-    request_timeout: float = 60.0      # seconds a client may stay silent (or not read) mid-request
-    max_connections: int = 64          # open connections, idle ones included (then 503 at once)
+    request_timeout: float = 60.0      # seconds from a request's first byte to the end of its body
+    idle_timeout: float = 60.0         # seconds a connection may wait with no request under way
+    send_timeout: float = 30.0         # seconds a client may take no bytes of its reply before it is dropped
+    max_output_buffer: int = 4 << 20   # bytes of a stream generated but not yet sent (then dropped)
+    max_connections: int = 1024        # open connections (a new one closes the oldest unfinished request)
+    max_connections_per_client: int = 256  # open connections from one client address (IPv6: one /64)
+    socket_send_buffer: int = 0        # SO_SNDBUF of client sockets (0: the kernel's own sizing)
 
 
 class APIError(Exception):
@@ -74,57 +126,85 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def _busy(message: str) -> APIError:
+    return APIError(503, message, kind="server_error", code="server_busy", headers={"Retry-After": "1"})
+
+
 # ----- request fields -------------------------------------------------------------------------------
 
 _MISSING = object()
+_KIND_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object"}
 
 
 def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, *,
-           nullable: bool = True) -> Any:
-    """body[name] if it has one of ``kinds`` (JSON true/false are not numbers), else a 400."""
+           nullable: bool = True, param: str | None = None) -> Any:
+    """body[name] if it has one of ``kinds`` (JSON true/false are not numbers), else a 400.
+    Numbers must be finite and integers within int64."""
+    param = param or name
     value = body.get(name, _MISSING)
     if value is _MISSING or (value is None and nullable):
         return default
     if isinstance(value, bool) and bool not in kinds:
         value = _MISSING  # a bool where a number is wanted
     elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        value = float(value) if abs(value) <= 2 ** 1000 else math.inf
     if value is _MISSING or not isinstance(value, kinds):
-        names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-                 dict: "an object"}
-        want = " or ".join(names[k] for k in kinds)
-        raise APIError(400, f"'{name}' must be {want}", param=name)
+        want = " or ".join(_KIND_NAMES[k] for k in kinds)
+        raise APIError(400, f"'{param}' must be {want}", param=param)
     if isinstance(value, float) and not math.isfinite(value):
-        raise APIError(400, f"'{name}' must be a finite number", param=name)
+        raise APIError(400, f"'{param}' must be a finite number", param=param)
+    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT - 1 <= value <= MAX_INT:
+        raise APIError(400, f"'{param}' is out of range (a 64-bit integer)", param=param)
+    return value
+
+
+def _int_field(body: dict, name: str, default: Any, lo: int, hi: int = MAX_INT) -> Any:
+    value = _field(body, name, (int,), default)
+    if value is not default and not lo <= value <= hi:
+        where = f"at least {lo}" if hi == MAX_INT else f"in [{lo}, {hi}]"
+        raise APIError(400, f"'{name}' must be an integer {where}, got {value}", param=name)
     return value
 
 
 def _stop_strings(body: dict) -> tuple[str, ...]:
     stop = _field(body, "stop", (str, list), ())
     stop = (stop,) if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
         raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} "
-                            "non-empty strings", param="stop")
+                            f"non-empty strings of at most {MAX_STOP_CHARS} characters", param="stop")
     return tuple(stop)
 
 
-def _logit_bias(body: dict) -> dict[int, float] | None:
+_TOKEN_ID = re.compile(r"-?[0-9]{1,20}")
+
+
+def _logit_bias(body: dict, n_vocab: int) -> dict[int, float] | None:
     bias = _field(body, "logit_bias", (dict,))
     if not bias:
         return None
     out = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except ValueError:
-            raise APIError(400, f"'logit_bias' keys must be token ids, got {key[:40]!r}", param="logit_bias") from None
+        if not _TOKEN_ID.fullmatch(key):
+            raise APIError(400, f"'logit_bias' keys must be token ids, got {key[:40]!r}", param="logit_bias")
+        token = int(key)
+        if not 0 <= token < n_vocab:
+            raise APIError(400, f"'logit_bias' token id {token} is outside the vocabulary [0, {n_vocab})",
+                           param="logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             raise APIError(400, "'logit_bias' values must be numbers in [-100, 100]", param="logit_bias")
         out[token] = float(value)
     return out
 
 
-def _common_options(body: dict, n_vocab: int, top_logprobs: int | None) -> Sampler:
+# the request's name for each Sampler argument (their errors begin with the argument's name)
+_SAMPLER_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "typical_p": "typical_p", "seed": "seed", "repeat_penalty": "repeat_penalty",
+                   "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                   "penalty_last_n": "repeat_last_n", "logit_bias": "logit_bias"}
+
+
+def _sampler(body: dict, n_vocab: int, top_logprobs: int | None, logprobs_param: str) -> Sampler:
     """The sampler a request asks for (OpenAI's fields plus llama.cpp's top_k, min_p, ...)."""
     n = _field(body, "n", (int,), 1)
     if n != 1:
@@ -132,22 +212,23 @@ def _common_options(body: dict, n_vocab: int, top_logprobs: int | None) -> Sampl
     options = dict(
         temperature=_field(body, "temperature", (float,), 1.0),
         top_p=_field(body, "top_p", (float,), 1.0),
-        top_k=_field(body, "top_k", (int,), 0),
+        top_k=_int_field(body, "top_k", 0, 0),
         min_p=_field(body, "min_p", (float,), 0.0),
         typical_p=_field(body, "typical_p", (float,), 1.0),
-        seed=_field(body, "seed", (int,)),
+        seed=_int_field(body, "seed", None, 0),
         repeat_penalty=_field(body, "repeat_penalty", (float,), 1.0),
         presence_penalty=_field(body, "presence_penalty", (float,), 0.0),
         frequency_penalty=_field(body, "frequency_penalty", (float,), 0.0),
-        penalty_last_n=_field(body, "repeat_last_n", (int,), 64),
-        logit_bias=_logit_bias(body),
+        penalty_last_n=_int_field(body, "repeat_last_n", 64, 0, 1 << 30),
+        logit_bias=_logit_bias(body, n_vocab),
         logprobs=top_logprobs,
     )
     try:
         return Sampler(**options, n_vocab=n_vocab)
-    except (SamplingError, ValueError) as e:
+    except (SamplingError, ValueError, OverflowError) as e:
         message = str(e)
-        param = next((name for name in options if message.startswith(name)), None)
+        name = next((k for k in options if message.startswith(k)), None)
+        param = logprobs_param if name == "logprobs" else _SAMPLER_FIELDS.get(name)
         raise APIError(400, message, param=param) from None
 
 
@@ -193,6 +274,25 @@ def _messages(body: dict) -> list[dict]:
     return out
 
 
+def _prompt(body: dict, n_vocab: int) -> str | list[int]:
+    prompt = body.get("prompt", _MISSING)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(400, "'prompt' is empty", param="prompt")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = next((t for t in prompt if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            shown = str(bad) if abs(bad) < 10 ** 30 else f"{str(bad)[:20]}..."
+            raise APIError(400, f"token id {shown} is outside the vocabulary [0, {n_vocab})", param="prompt")
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise APIError(400, "one prompt per request is supported", param="prompt")
+    raise APIError(400, "'prompt' must be a non-empty string or array of token ids", param="prompt")
+
+
 def _unsupported(body: dict) -> None:
     """Fields whose meaning we cannot honour: refused rather than silently ignored."""
     if body.get("tools") or body.get("functions"):
@@ -208,28 +308,291 @@ def _unsupported(body: dict) -> None:
         raise APIError(400, "only best_of=1 is supported", param="best_of")
 
 
-# ----- the model, one request at a time -----------------------------------------------------------------
+@dataclass
+class Completion:
+    """A checked /v1/chat/completions or /v1/completions request, ready for the model."""
+
+    chat: bool
+    messages: list[dict] | None
+    prompt: str | list[int] | None
+    max_tokens: int
+    sampler: Sampler
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+    @property
+    def param(self) -> str:
+        """The field a failure of tokenization or evaluation is blamed on."""
+        return "messages" if self.chat else "prompt"
+
+
+def parse_completion(body: dict, chat: bool, n_vocab: int, n_ctx: int) -> Completion:
+    """Every field of a completion request checked (a 400 naming the field otherwise)."""
+    model = _field(body, "model", (str,))  # any name: a one-model server serves it (as llama.cpp's)
+    del model
+    _unsupported(body)
+    stream = _field(body, "stream", (bool,), False)
+    options = _field(body, "stream_options", (dict,), {})
+    include_usage = bool(_field(options, "include_usage", (bool,), False, param="stream_options.include_usage"))
+    messages = prompt = None
+    if chat:
+        messages = _messages(body)
+        top = _int_field(body, "top_logprobs", 0, 0, MAX_LOGPROBS) if _field(body, "logprobs", (bool,), False) \
+            else None
+        max_tokens = _max_tokens(body, None, "max_completion_tokens", "max_tokens")
+    else:
+        prompt = _prompt(body, n_vocab)
+        top = _int_field(body, "logprobs", None, 0, MAX_LOGPROBS)
+        max_tokens = _max_tokens(body, COMPLETIONS_DEFAULT_TOKENS, "max_tokens")
+    sampler = _sampler(body, n_vocab, top, "top_logprobs" if chat else "logprobs")
+    stop = _stop_strings(body)
+    # one reply is at most one context of tokens (a chat's reply may shift the context, so an
+    # unbounded one could run on forever)
+    max_tokens = n_ctx if max_tokens is None else min(max_tokens, n_ctx)
+    return Completion(chat, messages, prompt, max_tokens, sampler, stop, stream, include_usage)
+
+
+# ----- the model worker -------------------------------------------------------------------------------
+
+class JobStopped(Exception):
+    """Raised on the worker when its job was cancelled (client gone) or its buffer overflowed."""
+
+
+class Job:
+    """One request's work for the model's worker, and its way back to the connection.
+
+    The worker runs ``work(job)``, which answers through the job: ``respond`` once (status,
+    headers and, for a whole reply, the body), then for a stream ``put`` pieces of the body.  The
+    pieces wait in a buffer of at most ``max_buffer`` bytes until the connection's coroutine takes
+    them (``take``) at the client's pace.  ``check``/``put`` raise JobStopped once the job is
+    cancelled (``cancel``: the client is gone) or its buffer overflowed, so the generation ends at
+    once.  The worker wakes the coroutine through the event loop (``call_soon_threadsafe``).
+    """
+
+    def __init__(self, work: Callable[["Job"], None], loop: asyncio.AbstractEventLoop, max_buffer: int,
+                 param: str | None = None):
+        self.work = work
+        self.param = param               # the request field failures are blamed on
+        self.max_buffer = max_buffer
+        self.status: int | None = None   # set by respond
+        self.headers: dict[str, str] = {}
+        self.body: bytes | None = None   # a whole reply; None for a stream
+        self.done = False                # the worker has finished with this job
+        self.cancelled = False
+        self.overflowed = False
+        self.on_overflow: Callable[[], None] | None = None  # called on the loop when the buffer overflows
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self._lock = threading.Lock()
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._wake_pending = False
+
+    # --- the worker's side ---
+
+    def check(self) -> None:
+        if self.cancelled or self.overflowed:
+            raise JobStopped()
+
+    def respond(self, status: int, headers: dict[str, str], body: bytes | None = None) -> None:
+        self.check()
+        self.status, self.headers, self.body = status, headers, body
+        self._notify()
+
+    def put(self, data: bytes) -> None:
+        self.check()
+        with self._lock:
+            self._pieces.append(data)
+            self.buffered += len(data)
+            if self.buffered > self.max_buffer:
+                self.overflowed = True
+        self._notify()
+        self.check()
+
+    def fail(self, error: APIError) -> None:
+        """Answer with an error: a JSON reply, or an error event if the stream has begun."""
+        if self.cancelled or self.overflowed:
+            return
+        body = json.dumps(error.body()).encode()
+        if self.status is None:
+            self.status, self.headers, self.body = error.status, {"Content-Type": "application/json",
+                                                                  **error.headers}, body
+        elif self.body is None:
+            with self._lock:
+                self._pieces.append(b"data: " + body + b"\n\n")
+        self._notify()
+
+    def finish(self) -> None:
+        self.done = True
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._loop.call_soon_threadsafe(self._woken)
+        except RuntimeError:  # the event loop is closed: the server is shutting down
+            pass
+
+    # --- the connection's side (on the event loop) ---
+
+    def _woken(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        if self.overflowed and self.on_overflow is not None:
+            self.on_overflow()
+        self._wake.set()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._wake.set()
+
+    def take(self) -> bytes | None:
+        """The next piece of the body, if one is ready."""
+        with self._lock:
+            if not self._pieces:
+                return None
+            data = self._pieces.popleft()
+            self.buffered -= len(data)
+            return data
+
+    async def news(self) -> None:
+        """Wait until the worker has done something since the last call (or the job was cancelled)."""
+        await self._wake.wait()
+        self._wake.clear()
+
 
 class Engine:
-    """A model shared by the server's threads: one generation at a time, a bounded waiting line."""
+    """The model and its worker thread: one generation at a time, in arrival order, at most
+    ``max_queue`` jobs waiting behind the running one."""
 
-    def __init__(self, model, name: str, max_queue: int = 8):
+    def __init__(self, model, name: str, max_queue: int = 8,
+                 on_fatal: Callable[[BaseException], None] | None = None):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.model = model
         self.name = name
         self.created = int(time.time())
-        self.lock = threading.Lock()                       # held while the model generates
-        self._places = threading.BoundedSemaphore(max_queue + 1)  # running + waiting requests
+        self.max_queue = max_queue
+        self.running: Job | None = None
+        self.finished = 0                       # jobs the worker is done with (served, failed or skipped)
+        self.fatal: BaseException | None = None  # what stopped the worker (KeyboardInterrupt, SystemExit)
+        self._on_fatal = on_fatal
+        self._line: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="edgellama-model", daemon=True)
+        self._thread.start()
 
-    def admit(self) -> None:
-        """Take a place in line or fail with 503 (the line is full)."""
-        if not self._places.acquire(blocking=False):
-            raise APIError(503, "the server is busy: too many requests are waiting; retry later",
-                           kind="server_error", code="server_busy", headers={"Retry-After": "1"})
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
 
-    def leave(self) -> None:
-        self._places.release()
+    def idle(self) -> bool:
+        with self._cond:
+            return self.running is None and not self._line
+
+    def submit(self, job: Job) -> None:
+        """Put a job in line, or fail with 503 (the line is full)."""
+        with self._cond:
+            if self._closed or self.fatal is not None:
+                raise _busy("the server is shutting down")
+            if len(self._line) + (self.running is not None) > self.max_queue:
+                raise _busy("the server is busy: too many requests are waiting; retry later")
+            self._line.append(job)
+            self._cond.notify()
+
+    def discard(self, job: Job) -> None:
+        """Take a cancelled job out of the line (if the worker has not begun it)."""
+        with self._cond:
+            try:
+                self._line.remove(job)
+            except ValueError:
+                return
+            self.finished += 1
+            self._cond.notify_all()
+        job.finish()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel every job and stop the worker."""
+        with self._cond:
+            self._closed = True
+            for job in [*self._line, *([self.running] if self.running else [])]:
+                job.cancelled = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._line and not self._closed:
+                    self._cond.wait()
+                if not self._line:
+                    return
+                job = self._line.popleft()
+                self.running = job
+            try:
+                if not job.cancelled:
+                    self._run(job)
+            except BaseException as e:  # KeyboardInterrupt, SystemExit, GeneratorExit: the worker stops
+                self.fatal = e
+                if self._on_fatal is not None:
+                    self._on_fatal(e)
+                return
+            finally:
+                with self._cond:
+                    self.running = None
+                    self.finished += 1
+                    self._cond.notify_all()
+                job.finish()
+
+    def _run(self, job: Job) -> None:
+        try:
+            job.work(job)
+        except JobStopped:
+            pass
+        except BaseException as e:  # noqa: B036 (PanicException and its kind are BaseExceptions)
+            error = _generation_error(e, job.param)
+            if error.status >= 500:
+                print(f"edgellama serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+                self.model.reset()  # a failure mid-evaluation may leave the cache half-written
+            job.fail(error)
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+
+
+def _generation_error(e: BaseException, param: str | None) -> APIError:
+    """The JSON error for a failure of tokenization or generation: 400 when the request caused it
+    (a bad template input, a prompt beyond the context, a tokenizer refusal), else 500."""
+    from .model import ContextOverflowError
+
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ChatTemplateError):
+        return APIError(400, f"the chat template failed: {e}", param="messages")
+    if isinstance(e, ContextOverflowError):
+        return APIError(400, str(e), param=param, code="context_length_exceeded")
+    if isinstance(e, SamplingError):
+        name = next((k for k in _SAMPLER_FIELDS if str(e).startswith(k)), None)
+        return APIError(400, str(e), param=_SAMPLER_FIELDS.get(name, param))
+    if isinstance(e, ValueError):  # TokenizerError, UnicodeError, token ids
+        return APIError(400, str(e)[:1000], param=param)
+    return APIError(500, f"internal error: {type(e).__name__}", kind="server_error")
+
+
+# ----- replies (made on the worker) ---------------------------------------------------------------------
+
+_FINGERPRINT = "edgellama"
+_JSON = {"Content-Type": "application/json"}
+
+
+def _new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
 def _token_entry(tokenizer, token: int, logprob: float) -> dict:
@@ -243,380 +606,6 @@ def _chat_logprobs(tokenizer, chunks: list[Chunk]) -> dict | None:
                 "top_logprobs": [_token_entry(tokenizer, t.token, t.logprob) for t in c.top_logprobs or []]}
                for c in chunks if c.token is not None and c.logprob is not None]
     return {"content": content} if content else None
-
-
-def _usage(chunk: Chunk) -> dict:
-    u = chunk.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-
-
-# ----- HTTP -------------------------------------------------------------------------------------------------
-
-class _ClientGone(Exception):
-    """The client closed its connection: stop generating."""
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "edgellama"
-    sys_version = ""
-    # set by make_server on a subclass
-    engine: Engine
-    config: ServerConfig
-
-    # --- plumbing ---
-
-    default_request_version = "HTTP/1.0"  # even an unparsable request line gets a status line back
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too long, unknown method) as JSON."""
-        self.close_connection = True
-        self._body_read = False
-        try:
-            self._send(code, APIError(code, message or HTTPStatus(code).phrase).body(), {"Connection": "close"})
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
-        sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
-    def _cors_headers(self) -> dict[str, str]:
-        origin = self.headers.get("Origin") if getattr(self, "headers", None) is not None else None
-        allowed = self.config.cors_origins
-        if not origin or not allowed:
-            return {}
-        if "*" in allowed:
-            return {"Access-Control-Allow-Origin": "*"}
-        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in allowed else {}
-
-    def _send(self, status: int, body: dict | None, headers: dict[str, str] | None = None) -> None:
-        data = b"" if body is None else json.dumps(body).encode("utf-8")
-        self.send_response(status)
-        if body is not None:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in {**self._cors_headers(), **(headers or {})}.items():
-            self.send_header(k, v)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _send_error(self, e: APIError) -> None:
-        headers = dict(e.headers)
-        if e.status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        if self.command not in ("GET", "HEAD", "OPTIONS") and not self._body_read:
-            self.close_connection = True  # an unread body would be taken for the next request
-            headers["Connection"] = "close"
-        self._send(e.status, e.body(), headers)
-
-    def _handle(self, route) -> None:
-        self._body_read = False
-        self._streaming = False  # once the event stream has begun, errors can only end it
-        try:
-            self._check_host()
-            if self.command != "OPTIONS" and self.path.split("?", 1)[0] != "/health":
-                self._check_key()
-            route()
-        except APIError as e:
-            self._send_error(e)
-        except _ClientGone:
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True
-        except Exception as e:  # a bug: answer 500 and keep serving
-            self.log_error("internal error: %s: %s", type(e).__name__, e)
-            self.close_connection = True
-            if not self._streaming:
-                try:
-                    self._send_error(APIError(500, f"internal error: {type(e).__name__}", kind="server_error"))
-                except OSError:
-                    pass
-
-    def _check_host(self) -> None:
-        """On a loopback address (or when names are configured) the Host header must name us: a
-        web page whose DNS name was rebound to 127.0.0.1 cannot reach the model."""
-        allowed = self.config.allowed_hosts
-        if "*" in allowed:
-            return
-        if not allowed and self.config.host not in LOOPBACK_NAMES and not self.config.host.startswith("127."):
-            return
-        host = (self.headers.get("Host") or "").strip().lower()
-        if host.startswith("["):
-            name = host[1:].split("]", 1)[0]
-        else:
-            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-        if name not in LOOPBACK_NAMES | {self.config.host.lower()} | {h.lower() for h in allowed}:
-            raise APIError(403, f"Host {host[:80]!r} is not allowed (use --allowed-host)", code="host_not_allowed",
-                           kind="permission_error")
-
-    def _check_key(self) -> None:
-        key = self.config.api_key
-        if not key:
-            return
-        given = self.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
-                           kind="authentication_error")
-
-    def _read_json(self) -> dict:
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            raise APIError(411, "chunked request bodies are not accepted: send Content-Length")
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise APIError(411, "a request body with Content-Length is required")
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise APIError(400, f"bad Content-Length {length[:40]!r}") from None
-        if n > self.config.max_body_bytes:
-            raise APIError(413, f"the request body of {n} bytes is larger than the {self.config.max_body_bytes} "
-                                "accepted", code="request_too_large")
-        data = self.rfile.read(n)
-        self._body_read = True
-        if len(data) != n:
-            raise _ClientGone()
-
-        def no_constants(name: str):
-            raise ValueError(f"{name} is not JSON")
-
-        try:
-            body = json.loads(data.decode("utf-8"), parse_constant=no_constants)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise APIError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object")
-        return body
-
-    def _check_model(self, body: dict) -> None:
-        name = _field(body, "model", (str,))
-        if name is not None and name != self.engine.name:
-            raise APIError(404, f"model {name[:80]!r} does not exist; this server has {self.engine.name!r}",
-                           param="model", code="model_not_found")
-
-    def _client_gone(self) -> bool:
-        """True once the client has closed its side (checked between tokens, without blocking)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    # --- verbs ---
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's names)
-        self._handle(self._route_get)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._handle(self._route_get)
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle(self._route_post)
-
-    def do_OPTIONS(self) -> None:  # noqa: N802
-        def preflight():
-            headers = self._cors_headers()
-            if headers:
-                headers.update({"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                                "Access-Control-Allow-Headers": "Authorization, Content-Type",
-                                "Access-Control-Max-Age": "600"})
-            self._send(204, None, headers)
-        self._handle(preflight)
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._handle(self._not_allowed)
-
-    do_DELETE = do_PATCH = do_PUT
-
-    def _not_allowed(self) -> None:
-        raise APIError(405, f"{self.command} is not allowed here", headers={"Allow": "GET, POST, OPTIONS"})
-
-    def _route_get(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/health":
-            self._send(200, {"status": "ok"})
-        elif path == "/v1/models":
-            self._send(200, {"object": "list", "data": [self._model_card()]})
-        elif path == f"/v1/models/{self.engine.name}":
-            self._send(200, self._model_card())
-        elif path in ("/v1/chat/completions", "/v1/completions"):
-            raise APIError(405, f"use POST for {path}", headers={"Allow": "POST"})
-        else:
-            raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
-
-    def _route_post(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/v1/chat/completions":
-            self._completion(chat=True)
-        elif path == "/v1/completions":
-            self._completion(chat=False)
-        else:
-            raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
-
-    def _model_card(self) -> dict:
-        m = self.engine.model
-        return {"id": self.engine.name, "object": "model", "created": self.engine.created, "owned_by": "edgellama",
-                "meta": {"n_ctx": m.n_ctx, "n_vocab": m.args.n_vocab}}
-
-    # --- completions ---
-
-    def _completion(self, chat: bool) -> None:
-        body = self._read_json()
-        self._check_model(body)
-        _unsupported(body)
-        model = self.engine.model
-        stream = _field(body, "stream", (bool,), False)
-        include_usage = bool(_field(_field(body, "stream_options", (dict,), {}), "include_usage", (bool,), False))
-        if chat:
-            messages = _messages(body)
-            top = _field(body, "top_logprobs", (int,), 0) if _field(body, "logprobs", (bool,), False) else None
-            max_tokens = _max_tokens(body, None, "max_completion_tokens", "max_tokens")
-        else:
-            prompt = self._prompt(body)
-            top = _field(body, "logprobs", (int,))
-            max_tokens = _max_tokens(body, COMPLETIONS_DEFAULT_TOKENS, "max_tokens")
-        if top is not None and not 0 <= top <= MAX_LOGPROBS:
-            raise APIError(400, f"logprobs must be in [0, {MAX_LOGPROBS}]", param="top_logprobs" if chat else "logprobs")
-        sampler = _common_options(body, model.args.n_vocab, top)
-        stop = _stop_strings(body)
-        # one reply is at most one context of tokens (a chat's reply may shift the context, so an
-        # unbounded one could run on forever)
-        max_tokens = model.n_ctx if max_tokens is None else min(max_tokens, model.n_ctx)
-
-        self.engine.admit()
-        try:
-            with self.engine.lock:
-                if self._client_gone():
-                    raise _ClientGone()
-                try:
-                    if chat:
-                        chunks = model.chat(messages, max_tokens=max_tokens, sampler=sampler, stop=stop)
-                    else:
-                        chunks = model.generate(prompt, max_tokens=max_tokens, sampler=sampler, stop=stop,
-                                                add_bos=None if isinstance(prompt, str) else False)
-                    chunks = iter(chunks)
-                    first = next(chunks)  # the prompt is evaluated here: its errors are still a 400
-                except ChatTemplateError as e:
-                    raise APIError(400, f"the chat template failed: {e}", param="messages") from None
-                except ValueError as e:  # ContextOverflowError, bad token ids
-                    code = "context_length_exceeded" if "context" in str(e) else None
-                    raise APIError(400, str(e), param="messages" if chat else "prompt", code=code) from None
-                try:
-                    if stream:
-                        self._stream(chat, first, chunks, include_usage)
-                    else:
-                        self._whole(chat, first, chunks)
-                finally:
-                    if hasattr(chunks, "close"):
-                        chunks.close()
-        finally:
-            self.engine.leave()
-
-    def _prompt(self, body: dict) -> str | list[int]:
-        prompt = body.get("prompt", _MISSING)
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "'prompt' is empty", param="prompt")
-            return prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            n_vocab = self.engine.model.args.n_vocab
-            bad = next((t for t in prompt if not 0 <= t < n_vocab), None)
-            if bad is not None:
-                raise APIError(400, f"token id {bad} is outside the vocabulary [0, {n_vocab})", param="prompt")
-            return prompt
-        if isinstance(prompt, list) and len(prompt) > 1:
-            raise APIError(400, "one prompt per request is supported", param="prompt")
-        raise APIError(400, "'prompt' must be a non-empty string or array of token ids", param="prompt")
-
-    def _chunks(self, first: Chunk, chunks: Iterator[Chunk], check_every: int) -> Iterator[Chunk]:
-        """first, then the rest; between tokens, stop if the client went away."""
-        yield first
-        for i, chunk in enumerate(chunks, 1):
-            if i % check_every == 0 and self._client_gone():
-                raise _ClientGone()
-            yield chunk
-
-    def _whole(self, chat: bool, first: Chunk, chunks: Iterator[Chunk]) -> None:
-        text, logprobs, last = [], [], first
-        for chunk in self._chunks(first, chunks, check_every=8):
-            text.append(str(chunk))
-            if chunk.logprob is not None:
-                logprobs.append(chunk)
-            last = chunk
-        tok = self.engine.model.tokenizer
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                      "logprobs": _chat_logprobs(tok, logprobs),
-                      "finish_reason": last.finish_reason}
-        else:
-            choice = {"index": 0, "text": "".join(text), "logprobs": _completion_logprobs(tok, logprobs),
-                      "finish_reason": last.finish_reason}
-        self._send(200, {"id": _new_id(chat), "object": "chat.completion" if chat else "text_completion",
-                         "created": int(time.time()), "model": self.engine.name, "choices": [choice],
-                         "usage": _usage(last), "system_fingerprint": _FINGERPRINT})
-
-    def _stream(self, chat: bool, first: Chunk, chunks: Iterator[Chunk], include_usage: bool) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")  # the end of the stream is the end of the connection
-        for k, v in self._cors_headers().items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.close_connection = True
-        self._streaming = True
-        ident, created, tok = _new_id(chat), int(time.time()), self.engine.model.tokenizer
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choices: list, usage: dict | None = None) -> None:
-            payload = {"id": ident, "object": kind, "created": created, "model": self.engine.name,
-                       "system_fingerprint": _FINGERPRINT, "choices": choices}
-            if include_usage:
-                payload["usage"] = usage
-            try:
-                self.wfile.write(b"data: " + json.dumps(payload).encode("utf-8") + b"\n\n")
-                self.wfile.flush()
-            except OSError:
-                raise _ClientGone() from None
-
-        if chat:
-            event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                    "finish_reason": None}])
-        last = first
-        for chunk in self._chunks(first, chunks, check_every=1):
-            last = chunk
-            if chunk.token is None:
-                if str(chunk):  # the held-back end of the text
-                    event([self._stream_choice(chat, tok, chunk, str(chunk))])
-                break
-            if str(chunk) or chunk.logprob is not None:
-                event([self._stream_choice(chat, tok, chunk, str(chunk))])
-        end = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
-        end.update({"delta": {}} if chat else {"text": ""})
-        event([end])
-        if include_usage:
-            event([], _usage(last))
-        try:
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except OSError:
-            raise _ClientGone() from None
-
-    @staticmethod
-    def _stream_choice(chat: bool, tok, chunk: Chunk, text: str) -> dict:
-        if chat:
-            return {"index": 0, "delta": {"content": text}, "logprobs": _chat_logprobs(tok, [chunk]),
-                    "finish_reason": None}
-        return {"index": 0, "text": text,
-                "logprobs": _completion_logprobs(tok, [chunk] if chunk.logprob is not None else []),
-                "finish_reason": None}
 
 
 def _completion_logprobs(tokenizer, chunks: list[Chunk]) -> dict | None:
@@ -635,84 +624,687 @@ def _completion_logprobs(tokenizer, chunks: list[Chunk]) -> dict | None:
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-_FINGERPRINT = "edgellama"
+def _usage(chunk: Chunk) -> dict:
+    u = chunk.usage
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
-def _new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+def run_completion(engine: Engine, request: Completion, job: Job) -> None:
+    """A completion on the worker: tokenize, evaluate the prompt, generate into the job."""
+    model = engine.model
+    if request.chat:
+        chunks = model.chat(request.messages, max_tokens=request.max_tokens, sampler=request.sampler,
+                            stop=request.stop)
+    else:
+        chunks = model.generate(request.prompt, max_tokens=request.max_tokens, sampler=request.sampler,
+                                stop=request.stop, add_bos=None if isinstance(request.prompt, str) else False)
+    chunks = iter(chunks)
+    try:
+        first = next(chunks)  # the prompt is evaluated here: its errors are still a JSON status
+        (_stream_reply if request.stream else _whole_reply)(engine, request, job, first, chunks)
+    finally:
+        if hasattr(chunks, "close"):
+            chunks.close()
 
 
-_BUSY = json.dumps(APIError(503, "too many open connections; retry later", kind="server_error",
-                            code="server_busy").body()).encode()
+def _all_chunks(job: Job, first: Chunk, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """first, then the rest; between tokens, stop if the job was cancelled."""
+    yield first
+    for chunk in chunks:
+        job.check()
+        yield chunk
 
 
-class _Server(ThreadingHTTPServer):
-    """A thread per connection, at most max_connections of them: a flood of idle sockets gets 503s
-    instead of exhausting the machine's threads."""
+def _whole_reply(engine: Engine, request: Completion, job: Job, first: Chunk, chunks: Iterator[Chunk]) -> None:
+    text, logprobs, last = [], [], first
+    for chunk in _all_chunks(job, first, chunks):
+        text.append(str(chunk))
+        if chunk.logprob is not None:
+            logprobs.append(chunk)
+        last = chunk
+    tok = engine.model.tokenizer
+    if request.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                  "logprobs": _chat_logprobs(tok, logprobs), "finish_reason": last.finish_reason}
+    else:
+        choice = {"index": 0, "text": "".join(text), "logprobs": _completion_logprobs(tok, logprobs),
+                  "finish_reason": last.finish_reason}
+    body = {"id": _new_id(request.chat), "object": "chat.completion" if request.chat else "text_completion",
+            "created": int(time.time()), "model": engine.name, "choices": [choice], "usage": _usage(last),
+            "system_fingerprint": _FINGERPRINT}
+    job.respond(200, dict(_JSON), json.dumps(body).encode())
 
-    daemon_threads = True
-    allow_reuse_address = True
 
-    def __init__(self, address, handler, max_connections: int):
-        self._connections = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, handler)
+def _stream_reply(engine: Engine, request: Completion, job: Job, first: Chunk, chunks: Iterator[Chunk]) -> None:
+    chat, tok = request.chat, engine.model.tokenizer
+    job.respond(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    ident, created = _new_id(chat), int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def process_request(self, request, client_address) -> None:
-        if not self._connections.acquire(blocking=False):
+    def event(choices: list, usage: dict | None = None) -> None:
+        payload = {"id": ident, "object": kind, "created": created, "model": engine.name,
+                   "system_fingerprint": _FINGERPRINT, "choices": choices}
+        if request.include_usage:
+            payload["usage"] = usage
+        job.put(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def choice(chunk: Chunk) -> dict:
+        if chat:
+            return {"index": 0, "delta": {"content": str(chunk)}, "logprobs": _chat_logprobs(tok, [chunk]),
+                    "finish_reason": None}
+        return {"index": 0, "text": str(chunk),
+                "logprobs": _completion_logprobs(tok, [chunk] if chunk.logprob is not None else []),
+                "finish_reason": None}
+
+    if chat:
+        event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+    last = first
+    for chunk in _all_chunks(job, first, chunks):
+        last = chunk
+        if chunk.token is None:
+            if str(chunk):  # the held-back end of the text
+                event([choice(chunk)])
+            break
+        if str(chunk) or chunk.logprob is not None:
+            event([choice(chunk)])
+    end = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
+    end.update({"delta": {}} if chat else {"text": ""})
+    event([end])
+    if request.include_usage:
+        event([], _usage(last))
+    job.put(b"data: [DONE]\n\n")
+
+
+# ----- HTTP on an event loop -------------------------------------------------------------------------------
+
+class _HTTPError(Exception):
+    """A request that cannot be parsed: answered with this status, then the connection closes."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _Stalled(Exception):
+    """The client took no bytes of its reply for send_timeout seconds."""
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: dict[str, str]
+    deadline: float            # loop time by which the body must have arrived
+    body: bytes | None = None
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def keep_alive(self) -> bool:
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        return self.version == "HTTP/1.1" and "close" not in tokens
+
+
+_TOKEN_CHARS = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _parse_head(data: bytes, deadline: float) -> Request:
+    """Request line and headers (``data`` ends with the blank line)."""
+    lines = data[:-4].split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or not _TOKEN_CHARS.fullmatch(parts[0]) or not parts[1]:
+        raise _HTTPError(400, "malformed request line")
+    method, target, version = (p.decode("latin-1") for p in parts)
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _HTTPError(505 if version.startswith("HTTP/") else 400, f"unsupported protocol {version[:20]!r}")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _HTTPError(431, f"more than {MAX_HEADERS} header lines")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN_CHARS.fullmatch(name):  # also folded lines and spaces before the colon
+            raise _HTTPError(400, "malformed header line")
+        key, text = name.decode("latin-1").lower(), value.strip(b" \t").decode("latin-1")
+        if key in headers:
+            if key in ("content-length", "host", "transfer-encoding"):
+                raise _HTTPError(400, f"more than one {name.decode('latin-1')} header")
+            text = headers[key] + ", " + text
+        headers[key] = text
+    return Request(method, target, version, headers, deadline)
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Status"
+    lines = [f"HTTP/1.1 {status} {phrase}", "Server: edgellama", f"Date: {formatdate(usegmt=True)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+
+
+def _client_key(peer) -> str:
+    """The address a connection counts against: the IP, or for IPv6 its /64 network."""
+    host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return str(host)
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+class _Connection:
+    __slots__ = ("reader", "writer", "peer", "client", "open")
+
+    def __init__(self, reader, writer, peer, client):
+        self.reader, self.writer, self.peer, self.client = reader, writer, peer, client
+        self.open = True
+
+    def abort(self) -> None:
+        self.writer.transport.abort()
+
+
+class Server:
+    """The HTTP front end: one asyncio event loop for every connection, the model on its own worker.
+
+    ``serve_forever()`` runs the loop in the calling thread until ``shutdown()`` (from another
+    thread); ``server_close()`` frees the socket and stops the worker.
+    """
+
+    def __init__(self, model, config: ServerConfig):
+        _check_config(config)
+        self.config = config
+        name = config.model_name or os.path.basename(str(model.path)).removesuffix(".gguf")
+        self.engine = Engine(model, name, config.max_queue, on_fatal=self._fatal)
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((config.host, config.port))
+            self.socket.listen(min(socket.SOMAXCONN, 4096))
+        except BaseException:
+            self.socket.close()
+            self.engine.close()
+            raise
+        self.server_address = self.socket.getsockname()
+        # connections by client address; the ones waiting for (or reading) a request, oldest first
+        self._connections: dict[_Connection, None] = {}
+        self._per_client: dict[str, int] = collections.Counter()
+        self._waiting: collections.OrderedDict[_Connection, None] = collections.OrderedDict()
+        self._waiting_of: dict[str, collections.OrderedDict[_Connection, None]] = {}
+        self.counts: collections.Counter[str] = collections.Counter()  # evicted, refused, timeouts, ...
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.ready = threading.Event()              # set once connections are accepted
+        self.on_ready: Callable[[], None] | None = None  # called (on the loop) at that moment
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    # --- running ---
+
+    def serve_forever(self) -> None:
+        self._stopped.clear()
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._stopped.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(self._serve_connection, sock=self.socket, limit=MAX_HEAD_BYTES,
+                                            backlog=min(socket.SOMAXCONN, 4096))
+        self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready()
+        try:
+            await self._stop.wait()
+        finally:
+            self.ready.clear()
+            server.close()
+            for conn in list(self._connections):
+                conn.abort()
+            self.engine.close(timeout=0)
+
+    def shutdown(self) -> None:
+        """Stop serve_forever (call from another thread) and wait until it has returned."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not self._stopped.is_set():
             try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                                % (len(_BUSY), _BUSY))
-            except OSError:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
                 pass
-            self.shutdown_request(request)
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self.engine.close()
+
+    def _fatal(self, error: BaseException) -> None:
+        print(f"edgellama serve: the model worker stopped: {type(error).__name__}", file=sys.stderr)
+        if self._loop is not None and self._stop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:
+                pass
+
+    # --- connection slots ---
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    def _admit(self, reader, writer) -> _Connection | None:
+        """Register a new connection, closing the oldest unfinished request if there is no room;
+        None when every slot (of this client, or of the server) carries a request in progress."""
+        peer = writer.get_extra_info("peername")
+        client = _client_key(peer)
+        if self._per_client[client] >= self.config.max_connections_per_client:
+            victim = next(iter(self._waiting_of.get(client) or ()), None)
+        elif len(self._connections) >= self.config.max_connections:
+            victim = next(iter(self._waiting), None)
+        else:
+            victim = _MISSING
+        if victim is None:
+            self.counts["refused"] += 1
+            return None
+        if victim is not _MISSING:
+            self.counts["evicted"] += 1
+            self._forget(victim)
+            victim.abort()
+        conn = _Connection(reader, writer, peer, client)
+        self._connections[conn] = None
+        self._per_client[client] += 1
+        sock = writer.get_extra_info("socket")
+        if self.config.socket_send_buffer and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.socket_send_buffer)
+        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=0)
+        return conn
+
+    def _set_waiting(self, conn: _Connection, waiting: bool) -> None:
+        """A connection waiting for (or reading) a request may be closed to make room."""
+        if not conn.open:
+            return
+        mine = self._waiting_of.setdefault(conn.client, collections.OrderedDict())
+        if waiting:
+            self._waiting[conn] = None
+            mine[conn] = None
+        else:
+            self._waiting.pop(conn, None)
+            mine.pop(conn, None)
+            if not mine:
+                del self._waiting_of[conn.client]
+
+    def _forget(self, conn: _Connection) -> None:
+        if not conn.open:
+            return
+        self._set_waiting(conn, False)
+        conn.open = False
+        del self._connections[conn]
+        self._per_client[conn.client] -= 1
+        if not self._per_client[conn.client]:
+            del self._per_client[conn.client]
+
+    # --- one connection ---
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = self._admit(reader, writer)
+        if conn is None:
+            error = APIError(503, "too many open connections; retry later", kind="server_error", code="server_busy")
+            data = json.dumps(error.body()).encode()
+            writer.write(_head(503, {**_JSON, "Content-Length": str(len(data)), "Retry-After": "1",
+                                     "Connection": "close"}) + data)
+            writer.close()  # a few hundred bytes: the kernel takes them at once
             return
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._connections.release()
+            while conn.open:
+                request = await self._read_request(conn)
+                if request is None or not await self._respond(conn, request):
+                    break
+            if conn.open:
+                await self._flush(conn, everything=True)
+                writer.close()
+        except (_Stalled, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            conn.abort()
+        except asyncio.CancelledError:
+            conn.abort()
             raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
+        except Exception as e:  # a bug in the front end: this connection only
+            print(f"edgellama serve: connection from {conn.client} failed: {e!r}", file=sys.stderr)
+            conn.abort()
         finally:
-            self._connections.release()
+            self._forget(conn)
 
-    def server_bind(self) -> None:
-        if ":" in self.server_address[0]:
-            self.address_family = socket.AF_INET6
-            self.socket = socket.socket(self.address_family, self.socket_type)
-        super().server_bind()
+    async def _read_request(self, conn: _Connection) -> Request | None:
+        """The next request, head and body within request_timeout of its first byte; None when the
+        client has closed or stayed idle for idle_timeout, or when the request was refused (answered)."""
+        reader = conn.reader
+        self._set_waiting(conn, True)
+        try:
+            try:
+                async with asyncio.timeout(self.config.idle_timeout):
+                    first = await reader.read(1)
+                    while first in (b"\r", b"\n"):  # blank lines before a request are allowed
+                        first = await reader.read(1)
+            except TimeoutError:
+                self.counts["idle_closed"] += 1
+                return None
+            if not first:
+                return None
+            deadline = asyncio.get_running_loop().time() + self.config.request_timeout
+            request = None
+            try:
+                async with asyncio.timeout_at(deadline):
+                    head = first + await reader.readuntil(b"\r\n\r\n")
+                    request = _parse_head(head, deadline)
+                    length = self._check_request(request)
+                    if length is not None:
+                        if "100-continue" in request.headers.get("expect", "").lower():
+                            conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        request.body = await reader.readexactly(length)
+            except TimeoutError:
+                self.counts["request_timeouts"] += 1
+                error = APIError(408, f"the request did not arrive within {self.config.request_timeout:g} s")
+            except asyncio.LimitOverrunError:
+                error = APIError(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+            except _HTTPError as e:
+                error = APIError(e.status, e.message)
+            except APIError as e:
+                error = e
+            else:
+                return request
+            await self._send_error(conn, request, error, close=True)  # the rest of the request is unread
+            return None
+        finally:
+            self._set_waiting(conn, False)
 
-    def handle_error(self, request, client_address) -> None:  # a connection's failure stays its own
-        print(f"edgellama serve: connection from {client_address[0]} failed: {sys.exc_info()[1]!r}",
-              file=sys.stderr)
+    def _check_request(self, request: Request) -> int | None:
+        """Host, key and framing, checked before the body is read; the body's length (None: none)."""
+        self._check_host(request)
+        if request.method != "OPTIONS" and request.path != "/health":
+            self._check_key(request)
+        if "transfer-encoding" in request.headers:
+            raise APIError(411, "chunked request bodies are not accepted: send Content-Length")
+        length = request.headers.get("content-length")
+        if length is None:
+            if request.method == "POST":
+                raise APIError(411, "a request body with Content-Length is required")
+            return None
+        if not (length.isascii() and length.isdigit()) or len(length) > 18:
+            raise APIError(400, f"bad Content-Length {length[:40]!r}")
+        n = int(length)
+        if n > self.config.max_body_bytes:
+            raise APIError(413, f"the request body of {n} bytes is larger than the {self.config.max_body_bytes} "
+                                "accepted", code="request_too_large")
+        return n
+
+    async def _respond(self, conn: _Connection, request: Request) -> bool:
+        """Answer one request; False when the connection must close afterwards."""
+        try:
+            keep = await self._route(conn, request)
+        except APIError as e:
+            return await self._send_error(conn, request, e)
+        return keep and request.keep_alive
+
+    async def _send_error(self, conn: _Connection, request: Request | None, e: APIError, close: bool = False) -> bool:
+        headers = dict(e.headers)
+        if e.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        keep = not close and request is not None and request.keep_alive
+        await self._send(conn, request, e.status, e.body(), headers, keep)
+        return keep
+
+    async def _send(self, conn: _Connection, request: Request | None, status: int, body: dict | bytes | None,
+                    headers: dict[str, str] | None = None, keep: bool = True) -> None:
+        """A whole reply; waits until the client has taken it (or send_timeout without progress)."""
+        data = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+        all_headers = dict(_JSON) if isinstance(body, dict) else {}
+        all_headers.update(headers or {})
+        all_headers["Content-Length"] = str(len(data))
+        all_headers.update(self._cors_headers(request))
+        if not keep:
+            all_headers["Connection"] = "close"
+        head_only = request is not None and request.method == "HEAD"
+        conn.writer.write(_head(status, all_headers) + (b"" if head_only else data))
+        if request is not None:
+            print(f"{conn.client} - \"{request.method} {request.path[:100]}\" {status}", file=sys.stderr)
+        await self._flush(conn, everything=True)
+
+    async def _flush(self, conn: _Connection, everything: bool = False) -> None:
+        """Wait until the transport holds at most WRITE_HIGH_WATER bytes (or none): the client takes
+        them at its pace, but one that takes nothing for send_timeout seconds is dropped."""
+        transport, writer = conn.writer.transport, conn.writer
+        if everything:
+            transport.set_write_buffer_limits(high=0, low=0)
+        try:
+            last, since = transport.get_write_buffer_size(), time.monotonic()
+            poll = min(1.0, self.config.send_timeout / 4)
+            while True:
+                try:
+                    async with asyncio.timeout(poll):
+                        await writer.drain()
+                    return
+                except TimeoutError:
+                    size, now = transport.get_write_buffer_size(), time.monotonic()
+                    if size < last:
+                        last, since = size, now
+                    elif now - since >= self.config.send_timeout:
+                        self.counts["send_stalls"] += 1
+                        raise _Stalled() from None
+        finally:
+            if everything and not transport.is_closing():
+                transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=0)
+
+    # --- checks ---
+
+    def _cors_headers(self, request: Request | None) -> dict[str, str]:
+        origin = request.headers.get("origin") if request is not None else None
+        allowed = self.config.cors_origins
+        if not origin or not allowed:
+            return {}
+        if "*" in allowed:
+            return {"Access-Control-Allow-Origin": "*"}
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in allowed else {}
+
+    def _check_host(self, request: Request) -> None:
+        """On a loopback address (or when names are configured) the Host header must name us: a
+        web page whose DNS name was rebound to 127.0.0.1 cannot reach the model."""
+        allowed = self.config.allowed_hosts
+        if "*" in allowed:
+            return
+        if not allowed and self.config.host not in LOOPBACK_NAMES and not self.config.host.startswith("127."):
+            return
+        host = request.headers.get("host", "").strip().lower()
+        if host.startswith("["):
+            name = host[1:].split("]", 1)[0]
+        else:
+            name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+        if name not in LOOPBACK_NAMES | {self.config.host.lower()} | {h.lower() for h in allowed}:
+            raise APIError(403, f"Host {host[:80]!r} is not allowed (use --allowed-host)", code="host_not_allowed",
+                           kind="permission_error")
+
+    def _check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if not key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
+                           kind="authentication_error")
+
+    # --- routes ---
+
+    async def _route(self, conn: _Connection, request: Request) -> bool:
+        method, path = request.method, request.path
+        if method == "OPTIONS":
+            headers = self._cors_headers(request)
+            if headers:
+                headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                           "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                           "Access-Control-Max-Age": "600"}
+            await self._send(conn, request, 204, None, headers, request.keep_alive)
+            return True
+        if method in ("PUT", "DELETE", "PATCH"):
+            raise APIError(405, f"{method} is not allowed here", headers={"Allow": "GET, POST, OPTIONS"})
+        if method in ("GET", "HEAD"):
+            if path == "/health":
+                body = {"status": "ok"}
+            elif path == "/v1/models":
+                body = {"object": "list", "data": [self._model_card()]}
+            elif path == f"/v1/models/{self.engine.name}":
+                body = self._model_card()
+            elif path in ("/v1/chat/completions", "/v1/completions"):
+                raise APIError(405, f"use POST for {path}", headers={"Allow": "POST"})
+            else:
+                raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
+            await self._send(conn, request, 200, body, None, request.keep_alive)
+            return True
+        if method != "POST":
+            raise APIError(501, f"method {method[:20]} is not supported")
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
+        model = self.engine.model
+        completion = parse_completion(_json_body(request.body or b""), path == "/v1/chat/completions",
+                                      model.args.n_vocab, model.n_ctx)
+        job = Job(lambda job: run_completion(self.engine, completion, job), asyncio.get_running_loop(),
+                  self.config.max_output_buffer, param=completion.param)
+        self.engine.submit(job)
+        return await self._deliver(conn, request, job)
+
+    def _model_card(self) -> dict:
+        m = self.engine.model
+        return {"id": self.engine.name, "object": "model", "created": self.engine.created, "owned_by": "edgellama",
+                "meta": {"n_ctx": m.n_ctx, "n_vocab": m.args.n_vocab}}
+
+    async def _deliver(self, conn: _Connection, request: Request, job: Job) -> bool:
+        """The job's reply, at the client's pace; a lost connection cancels the job."""
+        job.on_overflow = conn.abort  # an overflowing stream is dropped at once
+
+        def lost(closed: asyncio.Future) -> None:
+            if not closed.cancelled():
+                closed.exception()  # retrieved: a reset connection is no error of ours
+            job.cancel()
+            self.engine.discard(job)
+
+        watch = asyncio.ensure_future(conn.writer.wait_closed())
+        watch.add_done_callback(lost)
+        try:
+            while job.status is None and not job.done and not job.cancelled:
+                await job.news()
+            if job.status is None:  # cancelled, or the worker stopped
+                if job.cancelled:
+                    return False
+                raise _busy("the server is shutting down")
+            if job.body is not None:  # a whole reply (or an error)
+                await self._send(conn, request, job.status, job.body, job.headers, request.keep_alive)
+                return True
+            # a stream: the end of the stream is the end of the connection
+            headers = {**job.headers, **self._cors_headers(request), "Connection": "close"}
+            conn.writer.write(_head(job.status, headers))
+            print(f"{conn.client} - \"{request.method} {request.path[:100]}\" {job.status} (stream)",
+                  file=sys.stderr)
+            while True:
+                if conn.writer.transport.is_closing():
+                    raise ConnectionResetError("the connection is closed")
+                piece = job.take()
+                if piece is not None:
+                    conn.writer.write(piece)
+                    await self._flush(conn)
+                elif job.overflowed:
+                    self.counts["overflows"] += 1
+                    raise ConnectionResetError("the reply outgrew max_output_buffer")
+                elif job.cancelled:
+                    raise ConnectionResetError("the client is gone")
+                elif job.done:
+                    return False
+                else:
+                    await job.news()
+        finally:
+            watch.remove_done_callback(lost)
+            watch.cancel()
+            if not job.done:
+                job.cancel()
+                self.engine.discard(job)
 
 
-def make_server(model, config: ServerConfig) -> ThreadingHTTPServer:
+def _json_body(data: bytes) -> dict:
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        body = json.loads(data.decode("utf-8"), parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise APIError(400, f"the body is not valid JSON: {str(e)[:200]}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+def _check_config(config: ServerConfig) -> None:
+    if config.max_body_bytes <= 0 or config.max_connections <= 0 or config.max_connections_per_client <= 0:
+        raise ValueError(f"max_body_bytes, max_connections and max_connections_per_client must be positive, got "
+                         f"{config.max_body_bytes}, {config.max_connections} and {config.max_connections_per_client}")
+    for name in ("request_timeout", "idle_timeout", "send_timeout"):
+        value = getattr(config, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    if config.max_output_buffer <= 0 or config.socket_send_buffer < 0:
+        raise ValueError(f"max_output_buffer must be positive and socket_send_buffer >= 0, got "
+                         f"{config.max_output_buffer} and {config.socket_send_buffer}")
+
+
+def make_server(model, config: ServerConfig) -> Server:
     """A server bound to config.host:config.port (port 0: any free one); call serve_forever()."""
-    if config.max_body_bytes <= 0 or config.max_connections <= 0:
-        raise ValueError(f"max_body_bytes and max_connections must be positive, got {config.max_body_bytes} "
-                         f"and {config.max_connections}")
-    name = config.model_name or os.path.basename(str(model.path)).removesuffix(".gguf")
-    handler = type("EdgellamaHandler", (Handler,), {"engine": Engine(model, name, config.max_queue),
-                                                   "config": config, "timeout": config.request_timeout})
-    return _Server((config.host, config.port), handler, config.max_connections)
+    return Server(model, config)
+
+
+def _raise_file_limit(config: ServerConfig) -> None:
+    """Room for max_connections sockets: raise the soft limit on open files (up to the hard one)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    need = config.max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+        if soft < need:
+            config.max_connections = max(1, soft - 64)
+            print(f"edgellama serve: warning: the open-file limit ({soft}) allows {config.max_connections} "
+                  "connections", file=sys.stderr)
 
 
 def serve(model, config: ServerConfig) -> int:
+    _raise_file_limit(config)
     server = make_server(model, config)
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"edgellama serve: {server.RequestHandlerClass.engine.name} on http://{shown}:{port}/v1 "
-          f"(n_ctx {model.n_ctx}, {model.threads} threads)", file=sys.stderr)
     if not config.api_key and config.host not in LOOPBACK_NAMES and not config.host.startswith("127."):
         print("edgellama serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
+
+    server.on_ready = lambda: print(f"edgellama serve: {server.engine.name} (n_ctx {model.n_ctx}, "
+                                    f"{model.threads} threads) listening on http://{shown}:{port}/v1",
+                                    file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+    if server.engine.fatal is not None and not isinstance(server.engine.fatal, KeyboardInterrupt):
+        return 1
     return 0

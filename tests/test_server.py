@@ -7,6 +7,7 @@ hostile request of ../shared/BAD-INPUTS.md gets a JSON 4xx and the server keeps 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -20,7 +21,7 @@ import pytest
 
 import edgellama
 from edgellama.quants import GGMLType
-from edgellama.server import ServerConfig, make_server
+from edgellama.server import Job, ServerConfig, make_server
 from tiny_model import write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ class Running:
     def __init__(self, model, **config):
         self.httpd = make_server(model, ServerConfig(port=0, **config))
         self.port = self.httpd.server_address[1]
-        self.engine = self.httpd.RequestHandlerClass.engine
+        self.engine = self.httpd.engine
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -72,6 +73,31 @@ class Running:
             while chunk := s.recv(65536):
                 out += chunk
         return out
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    """Poll for an observable state; the timeout only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+class HeldModel:
+    """Keeps the model's worker busy with a job of its own until closed."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.release = threading.Event()
+        self.loop = asyncio.new_event_loop()  # never run: the job's notices just queue up
+        self.job = Job(lambda job: self.release.wait(120), self.loop, 1 << 20)
+        engine.submit(self.job)
+        wait_until(lambda: engine.running is self.job, "the held job runs")
+
+    def close(self):
+        self.release.set()
+        wait_until(lambda: self.engine.running is not self.job, "the held job ends")
+        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +230,6 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content"),
-    ("/v1/chat/completions", {"messages": MSG, "model": "gpt-4o"}, 404, "model"),
     ("/v1/chat/completions", {"messages": MSG, "model": 3}, 400, "model"),
     ("/v1/chat/completions", {"messages": MSG, "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
@@ -340,27 +365,34 @@ def test_cors(server, tiny):
 def test_full_line_gets_503(tiny):
     s = Running(tiny, max_queue=0)
     try:
-        s.engine.admit()  # someone else holds the only place
+        held = HeldModel(s.engine)  # someone else holds the only place
         status, headers, body = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})
         assert status == 503 and headers["Retry-After"] == "1" and body["error"]["code"] == "server_busy"
-        s.engine.leave()
+        assert s.request("GET", "/health")[0] == 200  # the front end answers while the model is busy
+        held.close()
         assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
     finally:
         s.close()
 
 
 def test_too_many_open_connections_get_503(tiny):
+    """An idle connection makes room for a new one; connections whose requests are in progress don't."""
     s = Running(tiny, max_connections=1)
     try:
         idle = socket.create_connection(("127.0.0.1", s.port), timeout=30)  # holds the only connection
-        time.sleep(0.2)
-        status, headers, body = s.request("GET", "/health")
-        assert status == 503 and body["error"]["code"] == "server_busy"
+        wait_until(lambda: s.httpd.open_connections == 1, "the idle connection is registered")
+        assert s.request("GET", "/health")[0] == 200
+        assert idle.recv(100) == b""  # it was closed to make room
         idle.close()
-        deadline = time.monotonic() + 30
-        while s.request("GET", "/health")[0] != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        held = HeldModel(s.engine)
+        busy = threading.Thread(target=s.post, args=("/v1/completions", {"prompt": "hi", "max_tokens": 1}))
+        busy.start()  # its request is complete and waits for the model: not evictable
+        wait_until(lambda: s.engine.waiting == 1, "the request waits for the model")
+        status, headers, body = s.request("GET", "/health")
+        assert status == 503 and body["error"]["code"] == "server_busy" and headers["Retry-After"] == "1"
+        held.close()
+        busy.join(60)
+        wait_until(lambda: s.request("GET", "/health")[0] == 200, "a connection is free again")
     finally:
         s.close()
 
@@ -403,10 +435,7 @@ def test_client_gone_mid_stream_stops_decoding_and_frees_the_model(tiny, monkeyp
         while got.count(b"data: ") < 3:
             got += sock.recv(4096)
         sock.close()
-        deadline = time.monotonic() + 30
-        while s.engine.lock.locked() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not s.engine.lock.locked()
+        wait_until(s.engine.idle, "the model is free")
         assert len(evaluated) < 20, f"{len(evaluated)} tokens decoded for a client that left after 3"
         monkeypatch.setattr(tiny, "eval", real_eval)
         assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
@@ -439,17 +468,30 @@ def test_real_model_reply_is_llama_cpps(smollm2_path):
 
 
 def test_serve_command(tiny):
+    """`serve` says at once that it is loading, then where it listens once it answers; --alias names
+    the model as llama-server's flag does, and any model name a client sends is served."""
     proc = subprocess.Popen([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), "--port", "0",
-                             "-t", "1", "--model-name", "mini"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                             "-t", "1", "--alias", "mini"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        line = proc.stderr.readline()
-        assert "on http://127.0.0.1:" in line, line
-        port = int(line.split("127.0.0.1:")[1].split("/")[0])
+        first = proc.stderr.readline()
+        assert "loading" in first and str(tiny.path) in first, first
+        lines = [first]
+        while "listening on http://" not in lines[-1]:
+            lines.append(proc.stderr.readline())
+            assert lines[-1], lines  # the process ended without listening
+        port = int(lines[-1].split("127.0.0.1:")[1].split("/")[0])
+        assert lines[-1].rstrip().endswith(f"http://127.0.0.1:{port}/v1")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", "/v1/completions", body=json.dumps({"model": "mini", "prompt": "hi", "max_tokens": 2}),
+        conn.request("GET", "/health")  # ready means ready: answered at once
+        assert conn.getresponse().read() and True
+        conn.request("GET", "/v1/models")
+        assert [m["id"] for m in json.loads(conn.getresponse().read())["data"]] == ["mini"]
+        conn.request("POST", "/v1/completions", body=json.dumps({"model": "gpt-4o-mini", "prompt": "hi",
+                                                                 "max_tokens": 2}),
                      headers={"Content-Type": "application/json"})
         r = conn.getresponse()
-        assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] <= 2
+        body = json.loads(r.read())
+        assert r.status == 200 and body["usage"]["completion_tokens"] <= 2 and body["model"] == "mini"
     finally:
         proc.terminate()
         proc.wait(30)
