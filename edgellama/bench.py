@@ -47,19 +47,19 @@ def default_n_ctx(n_prompt: int, n_gen: int) -> int:
 
 def check_args(n_prompt: int, n_gen: int, repetitions: int, threads: int | None,
                n_ctx: int | None) -> int:
-    """Validate the bench options; the context size to use.  Raises ValueError naming the option."""
-    for name, flag, value in (("n_prompt", "-p", n_prompt), ("n_gen", "-n", n_gen),
-                              ("repetitions", "-r", repetitions)):
+    """Validate the bench options; the context size to use.  Raises ValueError naming the option
+    by its flag (-p, -n, -r, -t, -c)."""
+    for flag, value in (("-p", n_prompt), ("-n", n_gen), ("-r", repetitions)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} ({flag}) must be a positive integer, got {value!r}")
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
-        raise ValueError(f"threads (-t) must be a positive integer, got {threads!r}")
+        raise ValueError(f"-t must be a positive integer, got {threads!r}")
     if n_ctx is None:
         return default_n_ctx(n_prompt, n_gen)
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0:
-        raise ValueError(f"ctx (-c) must be a positive integer, got {n_ctx!r}")
+        raise ValueError(f"-c must be a positive integer, got {n_ctx!r}")
     if n_prompt + n_gen + 1 > n_ctx:
-        raise ValueError(f"ctx (-c) {n_ctx} is too small for n_prompt {n_prompt} + n_gen {n_gen} + 1 = "
+        raise ValueError(f"-c {n_ctx} is too small for -p {n_prompt} + -n {n_gen} + 1 = "
                          f"{n_prompt + n_gen + 1} tokens")
     return n_ctx
 
@@ -145,26 +145,33 @@ def run_bench(args) -> int:
     repetitions = getattr(args, "repetitions", 3)
     n_ctx = check_args(n_prompt, n_gen, repetitions, args.threads, args.ctx)
 
-    import edgellama  # the model code and Numba are imported inside the timed load
+    # the model code and Numba are imported inside the timed load; a cold kernel cache is announced
+    # on stderr at once and its compilation shown (kernel_cache.CompileProgress)
+    from .cli import open_model_file
+    from .kernel_cache import CompileProgress, cache_status, expected_kernels, matrix_types
 
-    model = edgellama.load(args.model, n_ctx=n_ctx, threads=args.threads,
-                           cache_type=getattr(args, "cache_type", "f16"))
-    load_s = time.perf_counter() - t_start
-    n_vocab = model.args.n_vocab
+    f = open_model_file(args.model)
+    status = cache_status(expected_kernels(matrix_types(f)))
+    with CompileProgress(status):
+        from .model import Model
 
-    # warm-up: a 2-token prompt (its logits give the first token) and one decoded token, then a short
-    # prompt down the pp path: every kernel is compiled or loaded from the cache before timing
-    warm = random_ids(n_vocab, WARMUP_PROMPT + 1, seed=SEED + 1)
-    prompt = random_ids(n_vocab, n_prompt)
-    t0 = time.perf_counter()
-    model.reset()
-    first = int(np.argmax(model.eval(warm[:WARMUP_PROMPT])))
-    first_token_s = time.perf_counter() - t_start
-    process_first = process_age_s()
-    model.eval([first])
-    model.reset()
-    model.eval(prompt[:min(n_prompt, WARMUP_PP)])
-    compile_s = time.perf_counter() - t0
+        model = Model(f, n_ctx=n_ctx, threads=args.threads, cache_type=getattr(args, "cache_type", "f16"))
+        load_s = time.perf_counter() - t_start
+        n_vocab = model.args.n_vocab
+
+        # warm-up: a 2-token prompt (its logits give the first token) and one decoded token, then a
+        # short prompt down the pp path: every kernel is compiled or loaded from the cache before timing
+        warm = random_ids(n_vocab, WARMUP_PROMPT + 1, seed=SEED + 1)
+        prompt = random_ids(n_vocab, n_prompt)
+        t0 = time.perf_counter()
+        model.reset()
+        first = int(np.argmax(model.eval(warm[:WARMUP_PROMPT])))
+        first_token_s = time.perf_counter() - t_start
+        process_first = process_age_s()
+        model.eval([first])
+        model.reset()
+        model.eval(prompt[:min(n_prompt, WARMUP_PP)])
+        compile_s = time.perf_counter() - t0
     hits, misses = numba_cache_counts()
 
     # pp: the whole prompt from an empty cache

@@ -1,66 +1,245 @@
 """The ``edgellama`` command: run | chat | serve | info | bench | perplexity.
 
-User errors (bad paths, malformed files, out-of-range options) print one line to stderr and exit
-with status 1; only bugs show a traceback.
+Options have llama.cpp's names and meanings (-m, -p, -n, -c, -t, -s, --temp, --top-k, --top-p,
+--min-p, --repeat-penalty, --keep, ...).  A usage error (an unknown option, a malformed or
+out-of-range value) prints one line naming the option as it was typed, then "see 'edgellama CMD
+--help'", and exits with status 2; other user errors (a missing or malformed file, a prompt longer
+than the context, not enough memory) print one line and exit with status 1; only bugs show a
+traceback.
+
+Models are loaded by ``load_model``: where the kernel cache is cold for this CPU it says so on
+stderr at once, shows the compilation's progress and compiles every kernel before anything is timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import os
+import re
 import sys
 import time
+from typing import NamedTuple
 
 from .gguf import GGUFFile, ModelFormatError
 
 
-def _add_model_options(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+class UsageError(ValueError):
+    """A command-line option is wrong: one line, then a pointer to the command's --help (exit 2)."""
+
+
+class _ParseError(Exception):
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog, self.message = prog, message
+
+
+# ----- option values: each type names the rule it enforces ---------------------------------------
+
+def _integer(low: int, rule: str | None = None):
+    """argparse type: an integer >= low (``rule``: how errors state the accepted values)."""
+    def integer(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {rule or f'>= {low}'}, got {value}")
+        return value
+
+    return integer
+
+
+def _number(low: float = 0.0, high: float = math.inf, rule: str | None = None, open_low: bool = False):
+    """argparse type: a finite number in [low, high] ((low, high] with open_low)."""
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a number, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high and not (open_low and value == low)):
+            raise argparse.ArgumentTypeError(f"must be {rule or f'>= {low:g}'}, got {text}")
+        return value
+
+    return number
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it says it already or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None or action.default is False
+                or action.default == [] or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors become _ParseError (main prints them: one line naming the option as typed, then a
+    pointer to --help); an unknown option is reported before anything else, with the close one."""
+
+    argv: list[str] = []  # the command line being parsed (set by main)
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        # (the top-level parser leaves options to the commands)
+        unknown = None if hasattr(self, "commands") else _unknown_option(self, self.argv)
+        raise _ParseError(self.prog, unknown or _as_typed(message, self.argv))
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings]
+
+
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+(e[-+]?\d+)?$", re.I)
+
+
+def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """'unknown option X (did you mean Y?)' for the first option in argv this parser does not know
+    (by name, or as an unambiguous abbreviation); None if it knows them all."""
+    known = _option_strings(parser)
+    if not known:
+        return None
+    for arg in argv:
+        if arg == "--":
+            break
+        if not arg.startswith("-") or arg == "-" or _NUMBER.match(arg):
+            continue
+        name = arg.split("=", 1)[0]
+        if name in known or (name.startswith("--") and sum(k.startswith(name) for k in known) == 1):
+            continue
+        if len(name) > 2 and not name.startswith("--") and name[:2] in known:
+            continue  # -n5: a short option with its value attached
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        return f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else "")
+    return None
+
+
+def _typed(options: list[str], argv: list[str]) -> str:
+    """The spelling of an option the user typed (the last one in argv), else its longest name."""
+    for arg in reversed(argv):
+        name = arg.split("=", 1)[0]
+        if name in options or (name.startswith("--") and any(o.startswith(name) for o in options)):
+            return name
+    return max(options, key=len)
+
+
+def _as_typed(message: str, argv: list[str]) -> str:
+    """argparse's 'argument -n/--n-predict: must be ...' -> '-n must be ...' (as the user typed it)."""
+    m = re.match(r"argument (\S+): (.*)", message, re.S)
+    if not m:
+        return message
+    if m.group(1) == "command":
+        choice = re.match(r"invalid choice: '([^']*)' \(choose from (.*)\)", m.group(2))
+        if choice:
+            commands = re.findall(r"'([^']*)'", choice.group(2))
+            close = difflib.get_close_matches(choice.group(1), commands, n=1)
+            return f"unknown command {choice.group(1)!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        return m.group(2)
+    flag, rest = _typed(m.group(1).split("/"), argv), m.group(2)
+    return f"{flag} {rest}" if rest.startswith(("must", "expects")) else f"{flag}: {rest}"
+
+
+def _flag(args, dest: str) -> str:
+    """How the user wrote (or would write) the option behind ``args.<dest>``, for error messages."""
+    parser = getattr(args, "_parser", None)
+    for action in (parser._actions if parser else []):
+        if action.dest == dest and action.option_strings:
+            return _typed(action.option_strings, getattr(args, "_argv", []))
+    return "--" + dest.replace("_", "-")
+
+
+# ----- options ------------------------------------------------------------------------------------
+
+CTX_HELP = "context size in tokens (default: min(the model's trained context, 4096); 0: the trained context)"
+
+
+def _add_model_options(p: argparse.ArgumentParser, runtime: bool = True, threads: bool = True,
+                       ctx_help: str = CTX_HELP) -> None:
     p.add_argument("-m", "--model", required=True, help="path of a GGUF model file")
     if runtime:
-        p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
-        p.add_argument("-c", "--ctx", type=int, default=None,
-                       help="context size in tokens (default: min(model context, 4096))")
+        if threads:
+            p.add_argument("-t", "--threads", type=_integer(1), default=None,
+                           help="threads (default: the physical cores)")
+        p.add_argument("-c", "--ctx", "--ctx-size", type=_integer(0, ">= 0 (0: the model's trained context)"),
+                       default=None, help=ctx_help)
         p.add_argument("--cache-type", choices=("f16", "f32", "q8_0"), default="f16",
                        help="KV cache precision (default f16, as llama.cpp)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgellama", description="Run LLaMA-family GGUF models on the CPU.")
-    sub = parser.add_subparsers(dest="command", required=True)
+# sampler options: (flag, dest, type, run's default, the setting's name in chat_repl, help)
+_SAMPLING_OPTIONS = (
+    ("--temp", "temp", _number(rule=">= 0 (0: greedy)"), 0.0, "temperature", "temperature (0: greedy)"),
+    ("--top-k", "top_k", _integer(0), 0, "top_k", "keep the k most likely tokens (0: all)"),
+    ("--top-p", "top_p", _number(0.0, 1.0, "in [0, 1]"), 1.0, "top_p",
+     "nucleus sampling: keep the most likely tokens up to this total probability (1: off)"),
+    ("--min-p", "min_p", _number(0.0, 1.0, "in [0, 1]"), 0.0, "min_p",
+     "drop the tokens less likely than min-p x the most likely one (0: off)"),
+    ("--repeat-penalty", "repeat_penalty", _number(0.0, rule="> 0 (1: off)", open_low=True), 1.0, "repeat_penalty",
+     "penalize the tokens of the last --repeat-last-n (1: off)"),
+    ("--repeat-last-n", "repeat_last_n", _integer(-1, "-1 (the whole context) or >= 0"), 64, "penalty_last_n",
+     "tokens the penalties look back over (-1: the whole context)"),
+)
 
-    run = sub.add_parser("run", help="generate text from a prompt (streams to stdout)")
+
+def _add_sampling_options(p: argparse.ArgumentParser, chat: bool) -> None:
+    """The sampler's options.  run's defaults are greedy; chat's are None, resolved after loading
+    by chat_repl.chat_sampling: the model's general.sampling.* recommendation, else llama.cpp's."""
+    from .chat_repl import CHAT_DEFAULTS, SAMPLING_KEYS
+
+    for flag, dest, kind, run_default, setting, text in _SAMPLING_OPTIONS:
+        if chat:
+            text += f" (default: {CHAT_DEFAULTS[setting]}, or the model's {SAMPLING_KEYS[setting]})"
+        p.add_argument(flag, dest=dest, type=kind, default=None if chat else run_default, help=text)
+    p.add_argument("-s", "--seed", type=_integer(-1, "-1 (random) or >= 0"), default=-1,
+                   help="random seed for sampling (-1: random" + (", printed at the start" if chat else "") + ")")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop " + ("a reply" if chat else "generating") + " at this text (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="edgellama", description="Run LLaMA-family GGUF models on the CPU.")
+    parser.add_argument("--version", action="version", version=f"edgellama {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices  # command name -> its parser
+
+    run = sub.add_parser("run", help="generate text from a prompt (streams to stdout)",
+                         description="Generate text from a prompt: the text streams to stdout, speeds to stderr.")
     _add_model_options(run)
     run.add_argument("-p", "--prompt", required=True, help="the prompt text")
-    run.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (-1: until the end)")
-    run.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
-    run.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    run.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    run.add_argument("--seed", type=int, default=None, help="random seed for sampling (-1: random)")
-    run.add_argument("--typical", type=float, default=1.0, help="locally typical sampling threshold")
-    run.add_argument("--repeat-penalty", type=float, default=1.0, help="penalize repeated tokens (1 = off)")
-    run.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalties look back over")
-    run.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty")
-    run.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty")
-    run.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    run.add_argument("-n", "--n-predict", "--predict", dest="n_predict", default=64,
+                     type=_integer(-1, "-1 (until the end of the text or of the context) or a number of tokens >= 0"),
+                     help="tokens to generate (-1: until the end of the text or of the context)")
+    _add_sampling_options(run, chat=False)
+    run.add_argument("--typical", type=_number(0.0, 1.0, "in (0, 1]", open_low=True), default=1.0,
+                     help="locally typical sampling threshold (1: off)")
+    run.add_argument("--presence-penalty", type=_number(), default=0.0, help="presence penalty (0: off)")
+    run.add_argument("--frequency-penalty", type=_number(), default=0.0, help="frequency penalty (0: off)")
     run.add_argument("--context-shift", action="store_true",
                      help="when the context is full, drop old tokens and go on instead of stopping")
-    run.add_argument("--keep", type=int, default=4,
+    run.add_argument("--keep", type=_integer(0), default=4,
                      help="tokens kept at the start by a context shift or --truncate")
     run.add_argument("--truncate", action="store_true",
                      help="a prompt longer than the context loses its middle instead of being an error")
     run.add_argument("--special", action="store_true", help="parse special-token text in the prompt")
 
-    chat = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit, Ctrl-C stops a reply)")
+    chat = sub.add_parser("chat", help="interactive chat in the terminal (/reset, /exit, Ctrl-C stops a reply)",
+                          description="Chat in the terminal with the model's chat template: /reset starts over, "
+                                      "/exit or Ctrl-D quits, Ctrl-C stops a reply.  Samples as llama.cpp does by "
+                                      "default, or as the model file recommends.")
     _add_model_options(chat)
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("-n", "--n-predict", type=int, default=-1,
+    chat.add_argument("-n", "--n-predict", "--predict", dest="n_predict", default=-1,
+                      type=_integer(-1, "-1 (until the end of the turn) or a number of tokens >= 0"),
                       help="most tokens per reply (-1: until the end of the turn)")
-    chat.add_argument("--temp", type=float, default=0.0, help="temperature (0 = greedy)")
-    chat.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
-    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
-    chat.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    chat.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    _add_sampling_options(chat, chat=True)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     _add_model_options(serve)
@@ -93,71 +272,148 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", default=[],
                        help="an origin whose web pages may call the API (repeatable; '*': any)")
 
-    info = sub.add_parser("info", help="describe a GGUF model file")
-    _add_model_options(info)
+    info = sub.add_parser("info", help="describe a GGUF model file (no kernel is compiled)")
+    _add_model_options(info, threads=False)
 
     bench = sub.add_parser("bench", help="llama-bench style speed test")
-    _add_model_options(bench)
-    bench.add_argument("-p", "--n-prompt", type=int, default=256, help="prompt tokens (pp)")
-    bench.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (tg)")
-    bench.add_argument("-r", "--repetitions", type=int, default=3, help="runs per test (median reported)")
+    _add_model_options(bench, ctx_help="context size in tokens (default: -p + -n + 16, rounded up to 256)")
+    bench.add_argument("-p", "--n-prompt", type=_integer(1), default=256, help="prompt tokens (pp)")
+    bench.add_argument("-n", "--n-gen", type=_integer(1), default=128, help="generated tokens (tg)")
+    bench.add_argument("-r", "--repetitions", type=_integer(1), default=3, help="runs per test (median reported)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
     ppl = sub.add_parser("perplexity", help="perplexity on a text file, as llama-perplexity measures it")
-    _add_model_options(ppl)
+    _add_model_options(ppl, ctx_help="context size and chunk length in tokens (default: 512, as llama-perplexity; "
+                                     "0: the model's trained context)")
     ppl.set_defaults(ctx=512)
     ppl.add_argument("-f", "--file", required=True, help="UTF-8 text file")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    for name in ("run", "chat", "info", "bench", "perplexity"):  # llama.cpp's help style: -n N, --temp X
+        for action in parser.commands[name]._actions:
+            if action.metavar is None and getattr(action.type, "__name__", "") in ("integer", "number"):
+                action.metavar = "N" if action.type.__name__ == "integer" else "X"
     return parser
 
 
-def cmd_run(args) -> int:
-    import edgellama
+# ----- loading ------------------------------------------------------------------------------------
 
+class Loaded(NamedTuple):
+    model: object           # edgellama.model.Model
+    seconds: float          # loading, compilation excluded
+    compile_seconds: float  # compiling kernels (a cold cache; 0 otherwise)
+
+
+def open_model_file(path: str) -> GGUFFile:
+    if not os.path.exists(path):
+        from . import ModelFileNotFoundError
+
+        raise ModelFileNotFoundError(path)
+    return GGUFFile(path)
+
+
+def load_model(args, stream=None) -> Loaded:
+    """Load ``args.model`` with ``args.ctx``, ``args.threads``, ``args.cache_type`` for a command.
+
+    In order: the file is checked, a context beyond the trained one is warned about, the memory
+    needed is compared with the memory available (MemoryLimitError before anything is allocated);
+    then, if Numba's cache has no kernels for this CPU, a line on ``stream`` (stderr) says so at
+    once, and the loading and a warm-up of every kernel show the compilation's progress.  The
+    kernels are ready (compiled, or loaded from the cache) before the command times anything;
+    ``seconds`` counts their loading, not their compilation.
+    """
+    import warnings
+
+    stream = sys.stderr if stream is None else stream
     t0 = time.perf_counter()
-    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
-    load_s = time.perf_counter() - t0
+    f = open_model_file(args.model)
+    from .info import ContextLengthWarning, check_memory, resolve_n_ctx
+    from .kernel_cache import CompileProgress, cache_status, expected_kernels, matrix_types
+    from .model import DEFAULT_MAX_CTX, Model, ModelArgs, physical_cores
+
+    model_args = ModelArgs.from_gguf(f)
+    n_ctx = resolve_n_ctx(args.ctx, model_args.max_ctx, DEFAULT_MAX_CTX)
+    threads = getattr(args, "threads", None) or physical_cores()
+    if n_ctx > model_args.max_ctx:
+        print(f"edgellama {args.command}: warning: {_flag(args, 'ctx')} {n_ctx} is beyond the {model_args.max_ctx} "
+              f"tokens this model was trained on: expect worse output past them", file=stream, flush=True)
+    check_memory(f, model_args, n_ctx, args.cache_type, threads)
+    status = cache_status(expected_kernels(matrix_types(f)))
+    with CompileProgress(status, stream) as progress, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ContextLengthWarning)  # (said above, in the command's terms)
+        model = Model(f, n_ctx=n_ctx, threads=threads, cache_type=args.cache_type, check_memory=False)
+        # compiled, or loaded from the cache (a second or two), before the command times anything
+        model.warm_up()
+    return Loaded(model, time.perf_counter() - t0 - progress.seconds, progress.seconds)
+
+
+# ----- commands -----------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from .kernel_cache import CompileProgress
+
+    loaded = load_model(args)
+    model = loaded.model
     ids = model.tokenize(args.prompt, special=args.special)
-    max_tokens = None if args.n_predict < 0 else args.n_predict
-    last = None
-    seed = None if args.seed is not None and args.seed < 0 else args.seed
-    for chunk in model.generate(ids, max_tokens=max_tokens, temperature=args.temp, seed=seed,
-                                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop=args.stop,
-                                typical_p=args.typical, repeat_penalty=args.repeat_penalty,
-                                penalty_last_n=args.repeat_last_n, presence_penalty=args.presence_penalty,
-                                frequency_penalty=args.frequency_penalty, context_shift=args.context_shift,
-                                n_keep=args.keep, truncate=args.truncate):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-        last = chunk
+    if len(ids) > model.n_ctx and not args.truncate:
+        raise ValueError(f"the prompt is {len(ids)} tokens but the context holds {model.n_ctx}: use a larger "
+                         f"{_flag(args, 'ctx')} (the model was trained on {model.args.max_ctx}), --truncate, or a "
+                         "shorter prompt")
+    if args.context_shift and args.keep >= model.n_ctx // 2:
+        raise UsageError(f"{_flag(args, 'keep')} {args.keep} must be less than half the context "
+                         f"({_flag(args, 'ctx')} {model.n_ctx}) with --context-shift")
+    stream = model.generate(ids, max_tokens=None if args.n_predict == -1 else args.n_predict,
+                            temperature=args.temp, seed=None if args.seed == -1 else args.seed,
+                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop=args.stop,
+                            typical_p=args.typical, repeat_penalty=args.repeat_penalty,
+                            penalty_last_n=model.n_ctx if args.repeat_last_n == -1 else args.repeat_last_n,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            context_shift=args.context_shift, n_keep=args.keep, truncate=args.truncate)
+    last, prompt_compile = None, None
+    with CompileProgress(None, quiet=True) as late:  # a kernel first needed now (a context shift's)
+        for chunk in stream:
+            if prompt_compile is None:
+                prompt_compile = late.seconds  # the first chunk comes right after the prompt's evaluation
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+            last = chunk
     sys.stdout.write("\n")
     u = last.usage
-    print(f"\nload {load_s:.2f} s | prompt {u.prompt_tokens} tokens, {u.prompt_tokens_per_second:.1f} tok/s | "
-          f"generated {u.completion_tokens} tokens, {u.generation_tokens_per_second:.1f} tok/s | "
-          f"finish: {last.finish_reason}", file=sys.stderr)
-    from .bench import numba_cache_counts
-
-    if numba_cache_counts()[1]:
-        print("(first run on this machine: the timings include compiling the kernels, which are cached "
-              "for the next runs)", file=sys.stderr)
+    prompt_s = u.prompt_seconds - (prompt_compile or 0.0)
+    gen_s = u.generation_seconds - (late.seconds - (prompt_compile or 0.0))
+    evaluated = u.prompt_tokens - u.cached_tokens
+    compiled = f" (+ {loaded.compile_seconds:.1f} s compiling kernels)" if loaded.compile_seconds else ""
+    late_note = f" | {late.seconds:.1f} s of kernel compilation not counted" if late.seconds else ""
+    print(f"\nload {loaded.seconds:.2f} s{compiled} | prompt {u.prompt_tokens} tokens, "
+          f"{evaluated / prompt_s if prompt_s > 0 else 0.0:.1f} tok/s | generated {u.completion_tokens} tokens, "
+          f"{u.completion_tokens / gen_s if gen_s > 0 else 0.0:.1f} tok/s | finish: {last.finish_reason}{late_note}",
+          file=sys.stderr)
     return 0
 
 
 def cmd_chat(args) -> int:
-    import edgellama
-    from .chat_repl import run_chat
+    import secrets
 
-    if args.n_predict < -1:
-        raise ValueError(f"-n must be -1 or a non-negative number of tokens, got {args.n_predict}")
-    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
+    from .chat_repl import chat_sampling, run_chat
+
+    loaded = load_model(args)
+    model = loaded.model
+    settings, from_model = chat_sampling(model.file.metadata, temperature=args.temp, top_k=args.top_k,
+                                         top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                         penalty_last_n=args.repeat_last_n)
+    if settings["penalty_last_n"] == -1:
+        settings["penalty_last_n"] = model.n_ctx
+    seed = secrets.randbits(32) if args.seed == -1 else args.seed
+    s = settings
+    print(f"sampling: temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}, min-p "
+          f"{s['min_p']:g}, repeat penalty {s['repeat_penalty']:g} over {s['penalty_last_n']} tokens, seed {seed}"
+          + (f" ({', '.join(from_model)} as the model file recommends)" if from_model else ""), file=sys.stderr)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    return run_chat(model, system=args.system, max_tokens=None if args.n_predict < 0 else args.n_predict,
-                    temperature=args.temp, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
-                    min_p=args.min_p)
+    return run_chat(model, system=args.system, max_tokens=None if args.n_predict == -1 else args.n_predict,
+                    seed=seed, stop=args.stop, **settings)
 
 
 def cmd_serve(args) -> int:
@@ -192,10 +448,12 @@ def cmd_perplexity(args) -> int:
     import json
     from pathlib import Path
 
-    import edgellama
+    from .kernel_cache import CompileProgress
     from .perplexity import perplexity
     from .tokenizer import MAX_INPUT_CHARS
 
+    if 0 < args.ctx < 4:
+        raise UsageError(f"{_flag(args, 'ctx')} must be 0 (the model's trained context) or at least 4, got {args.ctx}")
     path = Path(args.file)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
@@ -205,22 +463,31 @@ def cmd_perplexity(args) -> int:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
+    loaded = load_model(args)
+    model = loaded.model
     ids = model.tokenize(text)
-    t0 = time.perf_counter()
+    if len(ids) < model.n_ctx:
+        raise ValueError(f"{path} is {len(ids)} tokens: perplexity needs at least one chunk of "
+                         f"{_flag(args, 'ctx')} {model.n_ctx} tokens (use a longer text or a smaller {_flag(args, 'ctx')})")
 
     def progress(chunk, n_chunks, running):
         print(f"[{chunk}]{running:.4f}", end="," if chunk < n_chunks else "\n", file=sys.stderr, flush=True)
 
-    r = perplexity(model, ids, args.ctx, progress=None if args.json else progress)
-    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with CompileProgress(None, quiet=True) as late:
+        r = perplexity(model, ids, model.n_ctx, progress=None if args.json else progress)
+    seconds = time.perf_counter() - t0 - late.seconds
+    compile_seconds = loaded.compile_seconds + late.seconds
     if args.json:
         print(json.dumps({"model": args.model, "file": str(path), "n_ctx": r.n_ctx, "tokens": len(ids),
                           "chunks": r.n_chunks, "scored": r.n_scored, "ppl": r.ppl, "ppl_stderr": r.ppl_stderr,
-                          "cache_type": model.cache_type, "seconds": seconds}))
+                          "cache_type": model.cache_type, "seconds": seconds, "load_seconds": loaded.seconds,
+                          "compile_seconds": compile_seconds}))
     else:
         print(f"{len(ids)} tokens, {r.n_chunks} chunks of {r.n_ctx}, {r.n_scored} scored "
-              f"({r.n_chunks * r.n_ctx / seconds:.0f} tok/s)", file=sys.stderr)
+              f"({r.n_chunks * r.n_ctx / seconds:.0f} tok/s"
+              + (f"; {compile_seconds:.1f} s compiling kernels not counted" if compile_seconds else "") + ")",
+              file=sys.stderr)
         print(f"Final estimate: PPL = {r.ppl:.4f} +/- {r.ppl_stderr:.5f}")
     return 0
 
@@ -228,22 +495,57 @@ def cmd_perplexity(args) -> int:
 def cmd_info(args) -> int:
     from .info import describe
 
-    print(describe(GGUFFile(args.model), n_ctx=args.ctx, cache_type=args.cache_type))
+    print(describe(open_model_file(args.model), n_ctx=args.ctx, cache_type=args.cache_type))
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .bench import check_args, run_bench
 
+    try:
+        check_args(args.n_prompt, args.n_gen, args.repetitions, args.threads, args.ctx)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return run_bench(args)
 
 
+def _memory_message(e, args) -> str:
+    from .info import size
+
+    ctx = _flag(args, "ctx")
+    what = f"{ctx} {e.n_ctx}" if getattr(args, "ctx", None) else f"this model (with a context of {e.n_ctx} tokens)"
+    fits = (f"the largest context that fits is {ctx} {e.max_n_ctx}" if e.max_n_ctx
+            else "it does not fit even with a small context")
+    return f"{what} needs {e.needed.describe()} but {size(e.available)} of memory is available: {fits}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .info import MemoryLimitError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    _Parser.argv = argv
+    try:
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            command = parser.commands[args.command]
+            raise _ParseError(command.prog, _unknown_option(command, extras)
+                              or f"unexpected argument {extras[0]!r}")
+    except _ParseError as e:
+        print(f"{e.prog}: error: {e.message}\nsee '{e.prog} --help'", file=sys.stderr)
+        return 2
+    args._argv = argv
+    args._parser = parser.commands[args.command]
     handlers = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "bench": cmd_bench,
                 "perplexity": cmd_perplexity}
     try:
         return handlers[args.command](args)
+    except UsageError as e:
+        print(f"edgellama {args.command}: error: {e}\nsee 'edgellama {args.command} --help'", file=sys.stderr)
+        return 2
+    except MemoryLimitError as e:
+        print(f"edgellama {args.command}: error: {_memory_message(e, args)}", file=sys.stderr)
+        return 1
     except (ModelFormatError, ValueError, OSError) as e:
         print(f"edgellama {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ model code.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -45,6 +46,14 @@ class MemoryLimitError(ValueError):
 
 class ContextLengthWarning(UserWarning):
     """A context longer than the one the model was trained on (quality degrades beyond it)."""
+
+
+def resolve_n_ctx(n_ctx, max_ctx: int, default_max: int) -> int:
+    """The context size a load uses: ``n_ctx`` None = min(the trained context ``max_ctx``,
+    ``default_max``), 0 = the trained context (llama.cpp's -c 0), else itself."""
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, numbers.Integral) or n_ctx < 0):
+        raise ValueError(f"n_ctx must be a non-negative integer (0: the model's trained context), got {n_ctx!r}")
+    return min(max_ctx, default_max) if n_ctx is None else int(n_ctx or max_ctx)
 
 
 def size(n: float) -> str:
@@ -214,7 +223,7 @@ def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> 
     from .model import DEFAULT_MAX_CTX, ModelArgs  # (no kernel is compiled: ModelArgs reads metadata)
 
     a = ModelArgs.from_gguf(f)
-    n_ctx = min(a.max_ctx, DEFAULT_MAX_CTX) if n_ctx is None else (n_ctx or a.max_ctx)
+    n_ctx = resolve_n_ctx(n_ctx, a.max_ctx, DEFAULT_MAX_CTX)
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # tensors, elements, bytes
     for info in f.tensors.values():
         entry = by_type[type_name(info.qtype)]

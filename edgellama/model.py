@@ -331,16 +331,14 @@ class Model:
         (``check_memory``): MemoryLimitError names the figures and the largest context that fits."""
         import warnings
 
-        from .info import ContextLengthWarning
+        from .info import ContextLengthWarning, resolve_n_ctx
         from .info import check_memory as memory_check
         from .tokenizer import Tokenizer  # the tokenizer is independent of Numba
 
         self.file = f
         self.path = f.path
         self.args = ModelArgs.from_gguf(f)
-        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 0):
-            raise ValueError(f"n_ctx must be a non-negative integer (0: the model's trained context), got {n_ctx!r}")
-        self.n_ctx = min(self.args.max_ctx, DEFAULT_MAX_CTX) if n_ctx is None else int(n_ctx or self.args.max_ctx)
+        self.n_ctx = resolve_n_ctx(n_ctx, self.args.max_ctx, DEFAULT_MAX_CTX)
         if self.n_ctx > self.args.max_ctx:
             warnings.warn(f"n_ctx={self.n_ctx} is beyond the {self.args.max_ctx} tokens this model was trained "
                           f"on: expect worse output past {self.args.max_ctx}", ContextLengthWarning, stacklevel=3)

@@ -42,7 +42,7 @@ def test_run_prompt_longer_than_the_context(tiny, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["run", "-m", "/nonexistent/model.gguf", "-p", "x"], "no such file"),
     (["run", "-p", "x", "--cache-type", "q3", "-m", "{tiny}"], "invalid choice"),
-    (["run", "-m", "{tiny}", "-p", "x", "--temp", "-1"], "temperature"),
+    (["run", "-m", "{tiny}", "-p", "x", "--temp", "-1"], "--temp must be >= 0"),
 ])
 def test_run_errors(tiny, capsys, argv, message):
     argv = [a.replace("{tiny}", str(tiny)) for a in argv]
