@@ -151,8 +151,8 @@ def template_for(tokenizer, chat_template: str | None) -> str:
 
 
 def _token_text_set(token_texts) -> set[str]:
-    if hasattr(token_texts, "_texts") and hasattr(token_texts, "n_vocab"):  # a Tokenizer
-        return set(token_texts._texts)
+    if hasattr(token_texts, "token_texts") and hasattr(token_texts, "n_vocab"):  # a Tokenizer
+        return set(token_texts.token_texts())
     return set(token_texts)
 
 

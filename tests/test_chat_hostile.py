@@ -110,20 +110,32 @@ def test_amplifying_templates_stay_far_below_100_mb():
     assert result["grown_kb"] < 100 * 1024, result
 
 
-def test_memory_held_by_a_render_is_measured(monkeypatch):
+def test_memory_held_by_a_render_is_measured():
     """Distinct strings kept alive add up even when each is small: the render stops once the
-    process has really grown by MAX_RENDER_BYTES (here lowered to 8 MB), not before."""
-    import edgellama.chat as chat
-
-    monkeypatch.setattr(chat, "MAX_RENDER_BYTES", 8 << 20)
-    keep = ("{% set ns = namespace(l=[]) %}{% for i in range(200) %}"
-            "{% set ns.l = ns.l + [big[:100000] ~ i] %}{% endfor %}{{ ns.l | length }}")
-    with pytest.raises(ChatTemplateError, match="grew memory"):
-        render_chat(keep, [], big=BIG)
-    # the same work, where each string is dropped at once: memory does not grow, the render ends
-    drop = ("{% set ns = namespace(s='') %}{% for i in range(200) %}"
-            "{% set ns.s = big[:100000] ~ i %}{% endfor %}{{ ns.s | length }}")
-    assert render_chat(drop, [], big=BIG) == "100003"
+    process has really grown by MAX_RENDER_BYTES (here lowered to 8 MB), and the same work that
+    drops each string at once renders.  In a fresh process, whose heap has no free memory from
+    earlier tests to hand out without growing."""
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, %r)
+        import edgellama.chat as chat
+        from tests.test_chat_hostile import BIG
+        chat.MAX_RENDER_BYTES = 8 << 20
+        keep = ("{%% set ns = namespace(l=[]) %%}{%% for i in range(200) %%}"
+                "{%% set ns.l = ns.l + [big[:100000] ~ i] %%}{%% endfor %%}{{ ns.l | length }}")
+        try:
+            chat.render_chat(keep, [], big=BIG)
+            print("kept: rendered")
+        except chat.ChatTemplateError as e:
+            print("kept:", e)
+        drop = ("{%% set ns = namespace(s='') %%}{%% for i in range(200) %%}"
+                "{%% set ns.s = big[:100000] ~ i %%}{%% endfor %%}{{ ns.s | length }}")
+        print("dropped:", chat.render_chat(drop, [], big=BIG))
+    """ % str(ROOT))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    kept, dropped = out.stdout.strip().splitlines()[-2:]
+    assert "grew memory" in kept and "limit of 8 MB" in kept, kept
+    assert dropped == "dropped: 100003"
 
 
 def test_limits_leave_real_work_alone():

@@ -213,7 +213,7 @@ def test_smollm2_equals_independent_twin(smollm2):
         " 's", "  ", "\n\n", "й", "ا", "ह", "\U0010ffff"]
     texts = CORPUS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
                       for _ in range(400)]
-    texts.append(Path(tokmod.__file__).read_text(encoding="utf-8")[:20000])
+    texts.append(Path(tokmod.tokenizer.__file__).read_text(encoding="utf-8")[:20000])
     for text in texts:
         assert smollm2.encode(text) == twin.encode(text), text[:80]
 
@@ -316,7 +316,7 @@ def test_token_bytes_and_ranges(smollm2):
 
 @needs_smollm2
 def test_input_cap(smollm2, monkeypatch):
-    monkeypatch.setattr(tokmod, "MAX_INPUT_CHARS", 1000)
+    monkeypatch.setattr(tokmod.tokenizer, "MAX_INPUT_CHARS", 1000)
     smollm2.encode("a" * 1000)
     with pytest.raises(TokenizerError, match="longer than"):
         smollm2.encode("a" * 1001)
@@ -462,7 +462,7 @@ def test_from_file_errors(tmp_path):
 
 def test_stream_decoder_utf8_holdback_unit():
     # _complete_utf8_prefix on its own: lead bytes wait for their continuation bytes
-    f = tokmod._complete_utf8_prefix
+    f = tokmod.stream.complete_utf8_prefix
     emoji = "😀".encode()
     assert [f(emoji[:k]) for k in range(5)] == [0, 0, 0, 0, 4]
     assert f(b"ab" + "é".encode()[:1]) == 2
@@ -520,7 +520,7 @@ def _llama3_texts() -> list[str]:
     alphabet = list("abcXYZ 019\t\n\r.,!?'\"-_()[]{}<>@#$%^&*~`|\\/:;") + [
         "é", "中", "日本", "😀", "👍🏽", "\u00a0", "\u3000", "²", "'S", "'Re", " 's", "'LL",
         "<|eot_id|>", "<|begin_of_text|>", "  ", "\n\n", "1234", "ह"]
-    return CORPUS + [Path(tokmod.__file__).read_text(encoding="utf-8")[:30000]] + [
+    return CORPUS + [Path(tokmod.tokenizer.__file__).read_text(encoding="utf-8")[:30000]] + [
         "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(500)]
 
 

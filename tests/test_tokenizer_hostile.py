@@ -41,7 +41,8 @@ needs_tokenizers = pytest.mark.skipif(not TOKENIZERS, reason="no real tokenizer 
 
 def _tiktoken_ids(tok: Tokenizer, text: str) -> list[int]:
     """tiktoken's own pre-token split and BPE on the whole text (works below ~300k spaces)."""
-    return tok._rank_to_id[np.asarray(tok._enc.encode_ordinary(text), np.int64)].tolist()
+    bpe = tok._encoder
+    return bpe.rank_to_id[np.asarray(bpe.enc.encode_ordinary(text), np.int64)].tolist()
 
 
 @needs_tokenizers
@@ -75,7 +76,7 @@ def test_any_bpe_failure_is_a_tokenizer_error():
             raise Panic("called `Result::unwrap()` on an `Err` value: StackOverflow")
 
     tok = Tokenizer.from_gguf_metadata(_tiny_meta())
-    tok._enc = Exploding()
+    tok._encoder.enc = Exploding()
     with pytest.raises(TokenizerError, match="StackOverflow"):
         tok.encode("hello")
 
@@ -103,7 +104,7 @@ def test_merges_beyond_the_cap_are_refused_before_building():
 
 
 def test_tokens_beyond_the_cap_are_refused(monkeypatch):
-    monkeypatch.setattr(tokmod, "MAX_VOCAB", 300)
+    monkeypatch.setattr(tokmod.tokenizer, "MAX_VOCAB", 300)
     with pytest.raises(TokenizerError, match="more than the 300"):
         Tokenizer.from_gguf_metadata(_tiny_meta(n_extra_tokens=100))
 
@@ -117,11 +118,11 @@ def test_merges_read_in_chunks_give_the_same_tokenizer(monkeypatch):
     gf = GGUFFile(SMOLLM2)
     meta = {k: v for k, v in gf.metadata.items() if k.startswith("tokenizer.")}
     whole = Tokenizer.from_gguf_metadata(meta)
-    monkeypatch.setattr(tokmod, "MERGE_CHUNK", 1000)
+    monkeypatch.setattr(tokmod.bpe, "MERGE_CHUNK", 1000)
     chunked = Tokenizer.from_gguf_metadata(meta)
     text = "The quick brown fox jumps over the lazy dog. Ünïcödé 1234567 \n\n  code(x) {}"
     assert chunked.encode(text) == whole.encode(text)
-    assert np.array_equal(chunked._rank_to_id, whole._rank_to_id)
+    assert np.array_equal(chunked._encoder.rank_to_id, whole._encoder.rank_to_id)
     bad = dict(meta)
     bad["tokenizer.ggml.merges"] = list(meta["tokenizer.ggml.merges"])
     bad["tokenizer.ggml.merges"][2500] = "nosuchtoken zzz"
