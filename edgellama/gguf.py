@@ -3,7 +3,14 @@
 Reading never trusts a declared size: every count, length and offset is checked against the bytes
 that remain in the file before anything is looped over or allocated, so a hostile 500-byte file
 fails at once with a ``ModelFormatError`` that names the file, the field and the value.  Tensors are
-zero-copy, read-only views into one ``np.memmap``.
+zero-copy, read-only views into one ``np.memmap``, and so are numeric metadata arrays.
+
+What the header costs in Python objects is bounded by its size: counts are capped (keys, tensors,
+array items), arrays of arrays are refused (llama.cpp's reader refuses them too), and the parser
+keeps an account of the memory its objects take (strings, keys, tensor records): a header whose
+objects would outgrow ``HEADER_MEMORY_FACTOR`` times its bytes plus ``HEADER_MEMORY_SLACK`` (many
+tiny items: millions of short strings, ...) is refused as soon as it gets there, so parsing takes
+time and memory in proportion to the file.
 
 File layout (little-endian, version 2 and 3):
     magic "GGUF", u32 version, u64 n_tensors, u64 n_kv,
@@ -18,6 +25,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 import tempfile
 from dataclasses import dataclass
 from enum import IntEnum
@@ -33,7 +41,26 @@ DEFAULT_ALIGNMENT = 32
 MAX_ALIGNMENT = 1 << 20
 MAX_NAME_BYTES = 63  # ggml's GGML_MAX_NAME is 64 including the terminating NUL
 MAX_DIMS = 4
-MAX_ARRAY_DEPTH = 4
+# Caps no real model comes near: ~50 keys, at most a few thousand tensors, vocabularies of up to
+# ~260k tokens and ~500k merges.
+MAX_METADATA_KEYS = 1 << 16   # 65,536
+MAX_TENSORS = 1 << 16         # 65,536
+MAX_ARRAY_ITEMS = 1 << 22     # 4,194,304 items in one array (16x the largest vocabulary)
+# The header's Python objects may take HEADER_MEMORY_FACTOR bytes per header byte read so far, plus
+# HEADER_MEMORY_SLACK (real models use a fraction of it: SmolLM2's 49k tokens and 49k merges ~11 MiB).
+HEADER_MEMORY_FACTOR = 4
+HEADER_MEMORY_SLACK = 64 << 20
+# What CPython keeps per item, rounded up (tests/test_gguf_bad_inputs.py checks these are upper
+# bounds): a key is its str, its entries in ``metadata`` and ``value_types`` and its value (an
+# array view is 112 bytes); a tensor is its TensorInfo, name, shape and the parser's bookkeeping.
+# Strings are charged what ``sys.getsizeof`` says, plus a list slot (9 bytes: lists grow by 1/8)
+# and the allocator's rounding (15).
+KEY_BYTES = 512
+TENSOR_BYTES = 768
+_SLOT = 9
+_ROUNDING = 15
+_SHARED_STR_BYTES = sys.getsizeof("")  # what getsizeof says of a shared one ('x' says one more: ignored)
+_STRING_CHUNK = 1 << 16  # strings decoded between two checks of the memory account
 
 
 class ModelFormatError(ValueError):
@@ -87,6 +114,7 @@ class _Cursor:
         self.view = memoryview(buf)
         self.pos = 0
         self.path = path
+        self.used = 0  # bytes of Python objects built from the header so far (an upper bound)
 
     def fail(self, what: str) -> ModelFormatError:
         return ModelFormatError(f"{self.path}: {what}")
@@ -98,6 +126,15 @@ class _Cursor:
         if n < 0 or n > self.remaining():
             raise self.fail(f"file is truncated or incomplete: {what} needs {n} bytes at offset "
                             f"{self.pos}, only {self.remaining()} remain")
+
+    def charge(self, nbytes: int, what: str) -> None:
+        """Account for ``nbytes`` of Python objects built from the header; refuse the file once they
+        outgrow HEADER_MEMORY_FACTOR x the header bytes read so far + HEADER_MEMORY_SLACK."""
+        self.used += nbytes
+        if self.used > HEADER_MEMORY_FACTOR * self.pos + HEADER_MEMORY_SLACK:
+            raise self.fail(f"{what} would take {self.used >> 20} MiB of memory after {self.pos} bytes of header, "
+                            f"more than the {HEADER_MEMORY_FACTOR} bytes per header byte + "
+                            f"{HEADER_MEMORY_SLACK >> 20} MiB edgellama allows (too many tiny items)")
 
     def scalar(self, fmt: str, size: int, what: str):
         self.need(size, what)
@@ -114,12 +151,12 @@ class _Cursor:
     def string(self, what: str) -> str:
         n = self.u64(f"length of {what}")
         self.need(n, what)
-        raw = bytes(self.view[self.pos:self.pos + n])
-        self.pos += n
         try:
-            return raw.decode("utf-8")
+            text = str(self.view[self.pos:self.pos + n], "utf-8")  # no intermediate bytes copy
         except UnicodeDecodeError as e:
             raise self.fail(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        self.pos += n
+        return text
 
     def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
         self.need(count * dtype.itemsize, what)
@@ -128,7 +165,7 @@ class _Cursor:
         return out
 
 
-def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
+def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
     if vtype in _SCALAR_DTYPES:
         dtype = _SCALAR_DTYPES[ValueType(vtype)]
         value = cur.array(dtype, 1, f"value of {key!r}")[0]
@@ -138,33 +175,32 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
             return bool(value)
         return value.item()
     if vtype == ValueType.STRING:
-        return cur.string(f"value of {key!r}")
+        text = cur.string(f"value of {key!r}")
+        cur.charge(sys.getsizeof(text), f"key {key!r}: a string of {len(text)} characters")
+        return text
     if vtype == ValueType.ARRAY:
-        if depth >= MAX_ARRAY_DEPTH:
-            raise cur.fail(f"key {key!r}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
         item_type = cur.u32(f"array type of {key!r}")
         count = cur.u64(f"array length of {key!r}")
-        if item_type in _SCALAR_DTYPES:
-            dtype = _SCALAR_DTYPES[ValueType(item_type)]
-            if count * dtype.itemsize > cur.remaining():
-                raise cur.fail(f"key {key!r}: array of {count} items needs {count * dtype.itemsize} "
-                               f"bytes, only {cur.remaining()} remain (file is truncated or incomplete)")
-            values = cur.array(dtype, count, f"array {key!r}")
-            if item_type != ValueType.BOOL:
-                return values
-            if count and values.max() > 1:
-                raise cur.fail(f"key {key!r}: bool value {values.max()} at index "
-                               f"{int(np.argmax(values > 1))} is neither 0 nor 1")
-            return values.view(np.bool_)
+        if item_type == ValueType.ARRAY:
+            raise cur.fail(f"key {key!r}: arrays of arrays are not supported (nor by llama.cpp)")
+        if item_type not in _SCALAR_DTYPES and item_type != ValueType.STRING:
+            raise cur.fail(f"key {key!r}: unknown array item type {item_type}")
+        min_bytes = _SCALAR_DTYPES[ValueType(item_type)].itemsize if item_type in _SCALAR_DTYPES else 8
+        if count * min_bytes > cur.remaining():
+            raise cur.fail(f"key {key!r}: array of {count} items needs at least {count * min_bytes} bytes, "
+                           f"only {cur.remaining()} remain (file is truncated or incomplete)")
+        if count > MAX_ARRAY_ITEMS:
+            raise cur.fail(f"key {key!r}: array of {count} items is longer than the {MAX_ARRAY_ITEMS} items "
+                           "edgellama accepts in one array")
         if item_type == ValueType.STRING:
             return _read_string_array(cur, count, key)
-        if item_type == ValueType.ARRAY:
-            min_item = 12
-            if count * min_item > cur.remaining():
-                raise cur.fail(f"key {key!r}: array of {count} items cannot fit in the "
-                               f"{cur.remaining()} bytes that remain (file is truncated or incomplete)")
-            return [_read_value(cur, item_type, key, depth + 1) for _ in range(count)]
-        raise cur.fail(f"key {key!r}: unknown array item type {item_type}")
+        values = cur.array(_SCALAR_DTYPES[ValueType(item_type)], count, f"array {key!r}")
+        if item_type != ValueType.BOOL:
+            return values
+        if count and values.max() > 1:
+            raise cur.fail(f"key {key!r}: bool value {values.max()} at index "
+                           f"{int(np.argmax(values > 1))} is neither 0 nor 1")
+        return values.view(np.bool_)
     raise cur.fail(f"key {key!r}: unknown value type {vtype}")
 
 
@@ -172,28 +208,34 @@ _U64 = struct.Struct("<Q")
 
 
 def _read_string_array(cur: _Cursor, count: int, key: str) -> list[str]:
-    """count length-prefixed UTF-8 strings; one tight loop (vocabularies hold ~100k of them)."""
-    if count * 8 > cur.remaining():
-        raise cur.fail(f"key {key!r}: array of {count} items (strings) cannot fit in the {cur.remaining()} bytes "
-                       "that remain (file is truncated or incomplete)")
+    """count length-prefixed UTF-8 strings; one tight loop (vocabularies hold ~100k of them), in
+    chunks between which the memory account is checked."""
     view, pos, end = cur.view, cur.pos, len(cur.buf)
     unpack = _U64.unpack_from
-    out = []
+    out: list[str] = []
     append = out.append
     try:
-        for _ in range(count):
-            (n,) = unpack(view, pos)
-            pos += 8
-            if n > end - pos:
-                raise cur.fail(f"file is truncated or incomplete: string #{len(out)} of {key!r} needs {n} "
-                               f"bytes at offset {pos}, only {end - pos} remain")
-            append(str(view[pos:pos + n], "utf-8"))
-            pos += n
+        for done in range(0, count, _STRING_CHUNK):
+            n_chunk = min(_STRING_CHUNK, count - done)
+            n_shared = 0  # empty and one-byte strings: CPython's singletons, a list slot each
+            for _ in range(n_chunk):
+                (n,) = unpack(view, pos)
+                pos += 8
+                if n > end - pos:
+                    raise cur.fail(f"file is truncated or incomplete: string #{len(out)} of {key!r} needs {n} "
+                                   f"bytes at offset {pos}, only {end - pos} remain")
+                if n < 2:
+                    n_shared += 1
+                append(str(view[pos:pos + n], "utf-8"))
+                pos += n
+            cur.pos = pos
+            objects = sum(map(sys.getsizeof, out[done:])) - _SHARED_STR_BYTES * n_shared
+            cur.charge(_SLOT * n_chunk + _ROUNDING * (n_chunk - n_shared) + objects,
+                       f"key {key!r}: {len(out)} of its {count} strings")
     except struct.error:
         raise cur.fail(f"file is truncated or incomplete: string #{len(out)} of {key!r} at offset {pos}") from None
     except UnicodeDecodeError as e:
         raise cur.fail(f"string #{len(out)} of {key!r} is not valid UTF-8 ({e.reason})") from None
-    cur.pos = pos
     return out
 
 
@@ -240,21 +282,27 @@ class GGUFFile:
         if n_tensors * 33 > cur.remaining():
             raise cur.fail(f"tensor count {n_tensors} cannot fit in the {cur.remaining()} bytes of the file "
                            "(file is truncated or incomplete)")
+        if n_kv > MAX_METADATA_KEYS:
+            raise cur.fail(f"metadata count {n_kv} is more than the {MAX_METADATA_KEYS} keys edgellama accepts")
+        if n_tensors > MAX_TENSORS:
+            raise cur.fail(f"tensor count {n_tensors} is more than the {MAX_TENSORS} tensors edgellama accepts")
 
         metadata: dict[str, Any] = {}
         self.value_types: dict[str, tuple[int, int | None]] = {}
+        type_pairs: dict[tuple[int, int | None], tuple[int, int | None]] = {}  # one tuple per distinct pair
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
             if not key:
                 raise cur.fail(f"metadata key #{i} is empty")
             if key in metadata:
                 raise cur.fail(f"duplicate metadata key {key!r}")
+            cur.charge(KEY_BYTES + len(key), f"metadata key #{i} {key[:80]!r}")
             vtype = cur.u32(f"value type of {key!r}")
             if vtype == ValueType.ARRAY and cur.remaining() >= 4:
-                item_type = struct.unpack_from("<I", cur.view, cur.pos)[0]
-                self.value_types[key] = (ValueType.ARRAY, item_type)
+                pair = (ValueType.ARRAY, struct.unpack_from("<I", cur.view, cur.pos)[0])
             else:
-                self.value_types[key] = (vtype, None)
+                pair = (vtype, None)
+            self.value_types[key] = type_pairs.setdefault(pair, pair)
             metadata[key] = _read_value(cur, vtype, key)
         self.metadata = metadata
 
@@ -274,6 +322,7 @@ class GGUFFile:
             if name in seen:
                 raise cur.fail(f"duplicate tensor name {name!r}")
             seen.add(name)
+            cur.charge(TENSOR_BYTES + len(name), f"tensor #{i} {name!r}")
             n_dims = cur.u32(f"n_dims of tensor {name!r}")
             if not 1 <= n_dims <= MAX_DIMS:
                 raise cur.fail(f"tensor {name!r}: n_dims {n_dims} not in [1, {MAX_DIMS}]")
@@ -296,6 +345,7 @@ class GGUFFile:
             shape = tuple(reversed(ne))
             infos.append((name, qtype, shape, offset, tensor_nbytes(qtype, shape)))
 
+        self.header_memory = cur.used  # the account: an upper bound of what the header's objects take
         self.data_offset = (cur.pos + alignment - 1) // alignment * alignment
         data_size = len(self.buf) - self.data_offset
         if data_size < 0:
