@@ -73,7 +73,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Callable, Iterator
@@ -737,7 +737,6 @@ class Request:
     target: str
     version: str
     headers: dict[str, str]
-    deadline: float            # loop time by which the body must have arrived
     body: bytes | None = None
 
     @property
@@ -753,15 +752,16 @@ class Request:
 _TOKEN_CHARS = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def _parse_head(data: bytes, deadline: float) -> Request:
+def _parse_head(data: bytes) -> Request:
     """Request line and headers (``data`` ends with the blank line)."""
     lines = data[:-4].split(b"\r\n")
     parts = lines[0].split(b" ")
     if len(parts) != 3 or not _TOKEN_CHARS.fullmatch(parts[0]) or not parts[1]:
         raise _HTTPError(400, "malformed request line")
     method, target, version = (p.decode("latin-1") for p in parts)
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise _HTTPError(505 if version.startswith("HTTP/") else 400, f"unsupported protocol {version[:20]!r}")
+    if not re.fullmatch(r"HTTP/1\.[0-9]", version):  # a later 1.x is read as 1.1 (RFC 9110)
+        raise _HTTPError(400, f"unsupported protocol {version[:20]!r} (HTTP/1.1 is spoken here)")
+    version = "HTTP/1.0" if version == "HTTP/1.0" else "HTTP/1.1"
     if len(lines) - 1 > MAX_HEADERS:
         raise _HTTPError(431, f"more than {MAX_HEADERS} header lines")
     headers: dict[str, str] = {}
@@ -775,7 +775,7 @@ def _parse_head(data: bytes, deadline: float) -> Request:
                 raise _HTTPError(400, f"more than one {name.decode('latin-1')} header")
             text = headers[key] + ", " + text
         headers[key] = text
-    return Request(method, target, version, headers, deadline)
+    return Request(method, target, version, headers)
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:
@@ -973,7 +973,7 @@ class Server:
             if conn.open:
                 await self._flush(conn, everything=True)
                 writer.close()
-        except (_Stalled, ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+        except (_Stalled, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
             conn.abort()
         except asyncio.CancelledError:
             conn.abort()
@@ -987,45 +987,54 @@ class Server:
     async def _read_request(self, conn: _Connection) -> Request | None:
         """The next request, head and body within request_timeout of its first byte; None when the
         client has closed or stayed idle for idle_timeout, or when the request was refused (answered)."""
-        reader = conn.reader
         self._set_waiting(conn, True)
         try:
             try:
-                async with asyncio.timeout(self.config.idle_timeout):
-                    first = await reader.read(1)
-                    while first in (b"\r", b"\n"):  # blank lines before a request are allowed
-                        first = await reader.read(1)
-            except TimeoutError:
+                first = await asyncio.wait_for(self._first_byte(conn.reader), self.config.idle_timeout)
+            except asyncio.TimeoutError:
                 self.counts["idle_closed"] += 1
                 return None
             if not first:
                 return None
-            deadline = asyncio.get_running_loop().time() + self.config.request_timeout
-            request = None
             try:
-                async with asyncio.timeout_at(deadline):
-                    head = first + await reader.readuntil(b"\r\n\r\n")
-                    request = _parse_head(head, deadline)
-                    length = self._check_request(request)
-                    if length is not None:
-                        if "100-continue" in request.headers.get("expect", "").lower():
-                            conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                        request.body = await reader.readexactly(length)
-            except TimeoutError:
+                request, error = await asyncio.wait_for(self._read_rest(conn, first), self.config.request_timeout)
+            except asyncio.TimeoutError:
                 self.counts["request_timeouts"] += 1
-                error = APIError(408, f"the request did not arrive within {self.config.request_timeout:g} s")
-            except asyncio.LimitOverrunError:
-                error = APIError(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
-            except _HTTPError as e:
-                error = APIError(e.status, e.message)
-            except APIError as e:
-                error = e
-            else:
+                request, error = None, APIError(408, "the request did not arrive within "
+                                                     f"{self.config.request_timeout:g} s")
+            if error is None:
                 return request
             await self._send_error(conn, request, error, close=True)  # the rest of the request is unread
             return None
         finally:
             self._set_waiting(conn, False)
+
+    @staticmethod
+    async def _first_byte(reader: asyncio.StreamReader) -> bytes:
+        first = await reader.read(1)
+        while first in (b"\r", b"\n"):  # blank lines before a request are allowed
+            first = await reader.read(1)
+        return first
+
+    async def _read_rest(self, conn: _Connection, first: bytes) -> tuple[Request | None, APIError | None]:
+        """Head and body after the first byte: (request, None), or what to refuse it with."""
+        try:
+            head = first + await conn.reader.readuntil(b"\r\n\r\n")
+        except asyncio.LimitOverrunError:
+            return None, APIError(431, f"the request head is larger than {MAX_HEAD_BYTES} bytes")
+        try:
+            request = _parse_head(head)
+        except _HTTPError as e:
+            return None, APIError(e.status, e.message)
+        try:
+            length = self._check_request(request)
+        except APIError as e:
+            return request, e
+        if length is not None:
+            if "100-continue" in request.headers.get("expect", "").lower():
+                conn.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.body = await conn.reader.readexactly(length)
+        return request, None
 
     def _check_request(self, request: Request) -> int | None:
         """Host, key and framing, checked before the body is read; the body's length (None: none)."""
@@ -1090,10 +1099,9 @@ class Server:
             poll = min(1.0, self.config.send_timeout / 4)
             while True:
                 try:
-                    async with asyncio.timeout(poll):
-                        await writer.drain()
+                    await asyncio.wait_for(writer.drain(), poll)
                     return
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     size, now = transport.get_write_buffer_size(), time.monotonic()
                     if size < last:
                         last, since = size, now
@@ -1153,8 +1161,8 @@ class Server:
                            "Access-Control-Max-Age": "600"}
             await self._send(conn, request, 204, None, headers, request.keep_alive)
             return True
-        if method in ("PUT", "DELETE", "PATCH"):
-            raise APIError(405, f"{method} is not allowed here", headers={"Allow": "GET, POST, OPTIONS"})
+        if method not in ("GET", "HEAD", "POST"):
+            raise APIError(405, f"{method[:20]} is not allowed here", headers={"Allow": "GET, HEAD, POST, OPTIONS"})
         if method in ("GET", "HEAD"):
             if path == "/health":
                 body = {"status": "ok"}
@@ -1168,8 +1176,6 @@ class Server:
                 raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
             await self._send(conn, request, 200, body, None, request.keep_alive)
             return True
-        if method != "POST":
-            raise APIError(501, f"method {method[:20]} is not supported")
         if path not in ("/v1/chat/completions", "/v1/completions"):
             raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
         model = self.engine.model
@@ -1187,7 +1193,12 @@ class Server:
 
     async def _deliver(self, conn: _Connection, request: Request, job: Job) -> bool:
         """The job's reply, at the client's pace; a lost connection cancels the job."""
-        job.on_overflow = conn.abort  # an overflowing stream is dropped at once
+
+        def overflowed() -> None:  # an overflowing stream is dropped at once
+            self.counts["overflows"] += 1
+            conn.abort()
+
+        job.on_overflow = overflowed
 
         def lost(closed: asyncio.Future) -> None:
             if not closed.cancelled():
@@ -1220,7 +1231,6 @@ class Server:
                     conn.writer.write(piece)
                     await self._flush(conn)
                 elif job.overflowed:
-                    self.counts["overflows"] += 1
                     raise ConnectionResetError("the reply outgrew max_output_buffer")
                 elif job.cancelled:
                     raise ConnectionResetError("the client is gone")
