@@ -17,15 +17,18 @@ Shape: an asyncio front end and one model worker.
   bytes drain to the client.  A later change can run several jobs in parallel slots without
   touching the front end: each job already streams back through its own buffer.
 * **The front end** is one asyncio event loop (``Server``, asyncio streams: no dependencies).  A
-  waiting socket costs a coroutine and a transport, not a thread: measured on the 2-core test
-  machine with the tiny test model, 1000 idle connections cost ~10 KiB of RSS each and no thread
-  (the server runs 3 threads of its own whatever the number of connections), where the previous
-  thread-per-connection server cost a thread and ~17 KiB each and had to cap connections at 64;
-  with 80 sockets trickling header bytes, 40/40 normal requests succeeded (0/40 before: every
-  one got 503 or timed out).  An ASGI stack (uvicorn) would add a dependency for the same event
-  loop and still need the per-connection rules below, which are the server's own policy.
+  waiting socket costs a coroutine and a transport, not a thread.  Measured on the 2-core test
+  machine (tiny test model, the server in its own process): 1000 or 5000 idle connections cost
+  ~6 KiB of RSS each and no thread (the process keeps its 4 threads whatever the number of
+  connections), where the previous thread-per-connection server cost a thread and ~24 KiB each
+  and had to cap connections at 64; with 80 sockets trickling header bytes, 40/40 normal requests
+  succeeded, with the default slots and with only 64 (0/40 before: 503s and resets); a 2-token
+  request behind a streaming client that reads 4 KB every 5 s was answered in 2 s, the rest of the
+  running generation (before: still waiting after 60 s).  An ASGI stack (uvicorn) would add a
+  dependency for the same event loop and still need the connection rules below, which are this
+  server's policy, not the HTTP library's.
 
-Slow or hostile clients (all limits are ``ServerConfig`` fields, ``edgellama serve`` flags):
+Slow or hostile clients (the limits are ``ServerConfig`` fields and ``edgellama serve`` flags):
 
 * a whole request, head and body, must arrive within ``request_timeout`` of its first byte (408
   otherwise: trickling one byte at a time does not extend it), and a connection with no request
@@ -39,7 +42,8 @@ Slow or hostile clients (all limits are ``ServerConfig`` fields, ``edgellama ser
   answered 503;
 * a reply is written at the client's pace from the job's buffer: a client that takes no bytes
   for ``send_timeout`` seconds is dropped, and a stream whose unsent output outgrows
-  ``max_output_buffer`` is dropped at once and its generation stopped.  A client that half-closes
+  ``max_output_buffer`` is dropped at once and its generation stopped (a whole, non-streamed reply
+  is at most one context of tokens, and waits whole).  A client that half-closes
   after its request (``shutdown(SHUT_WR)``) still gets its answer; a client that disconnects
   mid-stream stops the decoding (its next write fails and the job is cancelled).
 
@@ -788,6 +792,12 @@ def _head(status: int, headers: dict[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
 
 
+def _log(conn: "_Connection", request: Request, status: int, note: str = "") -> None:
+    """One access-log line on stderr (the path escaped: a client cannot write to the terminal)."""
+    path = request.path[:100].encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    print(f"{conn.client} - \"{request.method} {path}\" {status}{note}", file=sys.stderr)
+
+
 def _client_key(peer) -> str:
     """The address a connection counts against: the IP, or for IPv6 its /64 network."""
     host = peer[0] if isinstance(peer, tuple) and peer else str(peer)
@@ -1085,7 +1095,7 @@ class Server:
         head_only = request is not None and request.method == "HEAD"
         conn.writer.write(_head(status, all_headers) + (b"" if head_only else data))
         if request is not None:
-            print(f"{conn.client} - \"{request.method} {request.path[:100]}\" {status}", file=sys.stderr)
+            _log(conn, request, status)
         await self._flush(conn, everything=True)
 
     async def _flush(self, conn: _Connection, everything: bool = False) -> None:
@@ -1145,7 +1155,8 @@ class Server:
         if not key:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        # header bytes were read as latin-1: encoding them back gives the bytes the client sent
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), key.encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)", code="invalid_api_key",
                            kind="authentication_error")
 
@@ -1221,8 +1232,7 @@ class Server:
             # a stream: the end of the stream is the end of the connection
             headers = {**job.headers, **self._cors_headers(request), "Connection": "close"}
             conn.writer.write(_head(job.status, headers))
-            print(f"{conn.client} - \"{request.method} {request.path[:100]}\" {job.status} (stream)",
-                  file=sys.stderr)
+            _log(conn, request, job.status, " (stream)")
             while True:
                 if conn.writer.transport.is_closing():
                     raise ConnectionResetError("the connection is closed")
