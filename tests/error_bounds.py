@@ -278,6 +278,32 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, first_pos: int, scale
     return out
 
 
+def attention_bound(q, k, v, first_pos: int, scale: float) -> np.ndarray:
+    """Worst-case rounding of one attention call on exact inputs (q (T, n_heads, hd); k, v
+    (n_pos, n_kv, hd) as stored), by the steps of ``attention``: scores off by eps_j = gamma(hd + 2 nb
+    + 4) scale sum |q k_j|; each weight's exponent off by eps_j plus 2u |s_j - max| plus the
+    maximum's own error, its exponential (and the normalizer's) by 2 EXP_REL, the normalizer by
+    gamma(n) + 4u, so p'_j / p_j lies within exp(+-lam_j); then the output sum's gamma(n + n/64 + 8)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    T, n_heads, hd = q.shape
+    group = n_heads // k.shape[1]
+    nb = max(hd // QK, 1)
+    bound = np.zeros(q.shape)
+    for t in range(T):
+        n = first_pos + t + 1
+        for h in range(n_heads):
+            keys, values, qv = k[:n, h // group], v[:n, h // group], q[t, h]
+            s = (keys @ qv) * scale
+            eps = gamma(hd + 2 * nb + 4) * scale * (np.abs(keys) @ np.abs(qv))
+            rho = eps + 2 * U * (np.abs(s - s.max()) + 2 * eps.max())
+            lam = rho + rho.max() + 4 * EXP_REL + gamma(n) + 4 * U
+            w = np.exp(s - s.max())
+            p = w / w.sum()
+            dp = p * np.expm1(lam)
+            bound[t, h] = dp @ np.abs(values) + gamma(n + n // 64 + 8) * ((p + dp) @ np.abs(values))
+    return bound
+
+
 # ----- a whole LLaMA forward ------------------------------------------------------------------------
 
 class Spec(NamedTuple):
@@ -342,6 +368,8 @@ MARGIN = 2.0   # tolerance per implementation: MARGIN x the largest deviation of
 class Envelope(NamedTuple):
     value: np.ndarray        # (T, V) the exact model's logits
     deviation: float         # the largest |sample - value| over all samples and logits
+    caches: tuple            # (k, v): per layer (T, n_kv, hd), the exact model's cached values
+    cache_deviation: float   # the largest |sample - value| over all samples and cached values
 
 
 def envelope(spec: Spec, ids, cache_type: str = "f16", quantize_activations: bool = True,
@@ -351,19 +379,25 @@ def envelope(spec: Spec, ids, cache_type: str = "f16", quantize_activations: boo
 
     ids = list(ids)
     with threadpool_limits(1):  # small products: threads only cost here
-        value = forward(spec, ids, cache_type, EXACT, quantize_activations).logits
-        dev = 0.0
+        exact = forward(spec, ids, cache_type, EXACT, quantize_activations)
+        dev = cache_dev = 0.0
         for seed in range(samples):
-            got = forward(spec, ids, cache_type, Rounding(seed), quantize_activations).logits
-            dev = max(dev, float(np.abs(got - value).max()))
-    return Envelope(value, dev)
+            got = forward(spec, ids, cache_type, Rounding(seed), quantize_activations)
+            dev = max(dev, float(np.abs(got.logits - exact.logits).max()))
+            for a, b in zip(got.k_cache + got.v_cache, exact.k_cache + exact.v_cache):
+                cache_dev = max(cache_dev, float(np.abs(a - b).max()))
+    return Envelope(exact.logits, dev, (exact.k_cache, exact.v_cache), cache_dev)
 
 
-def tolerance(env: Envelope, n_impl: int) -> float:
-    """Allowed |a - b|: n_impl = 1 for an implementation against the model value, 2 for two
-    implementations (each within MARGIN x deviation of the model value).  One figure for all
-    positions: a position where no sample happened to flip a rounding may still flip in another
-    execution, by as much as a flip moves the others."""
+def tolerance(env: Envelope, n_impl: int, of: str = "logits") -> float:
+    """Allowed |a - b| of logits (or of="cache": cached keys and values): n_impl = 1 for an
+    implementation against the model value, 2 for two implementations (each within MARGIN x
+    deviation of the model value).  One figure for all positions: a position where no sample
+    happened to flip a rounding may still flip in another execution, by as much as a flip moves
+    the others."""
+    if of == "cache":
+        scale = max(float(np.abs(c).max()) for c in env.caches[0] + env.caches[1])
+        return n_impl * MARGIN * env.cache_deviation + 2.0 ** -40 * scale
     return n_impl * MARGIN * env.deviation + 2.0 ** -40 * float(np.abs(env.value).max())
 
 
