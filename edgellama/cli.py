@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 from .gguf import GGUFFile, ModelFormatError
@@ -113,11 +114,24 @@ def _unknown_option(parser: argparse.ArgumentParser, argv: list[str]) -> str | N
         name = arg.split("=", 1)[0]
         if name in known or (name.startswith("--") and sum(k.startswith(name) for k in known) == 1):
             continue
-        if len(name) > 2 and not name.startswith("--") and name[:2] in known:
-            continue  # -n5: a short option with its value attached
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        if len(name) > 2 and not name.startswith("--") and name[:2] in known and _takes(parser, name[:2], name[2:]):
+            continue  # -n5: a short option with its value attached (but -ngl is not -n "gl")
+        # (a short option is no suggestion for a long name: -ngl is not a misspelt -n)
+        close = difflib.get_close_matches(name, [k for k in known if len(k) > 2 or len(name) <= 2], n=1, cutoff=0.6)
         return f"unknown option {name}" + (f" (did you mean {close[0]}?)" if close else "")
     return None
+
+
+def _takes(parser: argparse.ArgumentParser, option: str, value: str) -> bool:
+    """Whether ``option`` accepts ``value`` (written attached to it, as in -n5)."""
+    action = parser._option_string_actions.get(option)
+    if action is None or action.nargs == 0:
+        return False
+    try:
+        (action.type or str)(value)
+        return True
+    except (argparse.ArgumentTypeError, TypeError, ValueError):
+        return False
 
 
 def _typed(options: list[str], argv: list[str]) -> str:
@@ -244,29 +258,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
     _add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8080, help="port (0: any free one)")
+    serve.add_argument("--port", type=_integer(0), default=8080, help="port (0: any free one)")
     serve.add_argument("--api-key", default=os.environ.get("EDGELLAMA_API_KEY"),
                        help="require 'Authorization: Bearer KEY' (default: $EDGELLAMA_API_KEY)")
     serve.add_argument("--model-name", "--alias", dest="model_name", default="",
                        help="the model id /v1/models lists (default: the file name); requests may name any model")
-    serve.add_argument("--max-queue", type=int, default=8,
-                       help="requests that may wait for the model (then 503; default 8)")
-    serve.add_argument("--max-body", type=int, default=1 << 20,
-                       help="largest request body in bytes (then 413; default 1048576)")
-    serve.add_argument("--max-connections", type=int, default=1024,
-                       help="open connections at most (default 1024; when full, the oldest connection without a "
-                            "complete request is closed, and only if every one has a request in progress: 503)")
-    serve.add_argument("--max-connections-per-client", type=int, default=256,
-                       help="open connections from one client address (an IPv6 /64; default 256)")
-    serve.add_argument("--request-timeout", type=float, default=60.0,
-                       help="seconds from a request's first byte to the end of its body (then 408; default 60)")
-    serve.add_argument("--idle-timeout", type=float, default=60.0,
-                       help="seconds a connection may wait without a request (default 60)")
-    serve.add_argument("--send-timeout", type=float, default=30.0,
-                       help="seconds a client may take no bytes of its reply before it is dropped (default 30)")
-    serve.add_argument("--max-output-buffer", type=int, default=4 << 20,
-                       help="bytes of a stream generated but not yet taken by the client; beyond them the client "
-                            "is dropped and the generation stopped (default 4194304)")
+    serve.add_argument("--max-queue", type=_integer(0), default=8, help="requests that may wait for the model "
+                                                                       "(then 503)")
+    serve.add_argument("--max-body", type=_integer(1), default=1 << 20,
+                       help="largest request body in bytes (then 413)")
+    serve.add_argument("--max-connections", type=_integer(1), default=1024,
+                       help="open connections at most; when full, the oldest connection without a complete "
+                            "request is closed, and only if every one has a request in progress: 503")
+    serve.add_argument("--max-connections-per-client", type=_integer(1), default=256,
+                       help="open connections from one client address (IPv6: one /64)")
+    serve.add_argument("--request-timeout", type=_number(0.0, rule="> 0 (seconds)", open_low=True), default=60.0,
+                       help="seconds from a request's first byte to the end of its body (then 408)")
+    serve.add_argument("--idle-timeout", type=_number(0.0, rule="> 0 (seconds)", open_low=True), default=60.0,
+                       help="seconds a connection may stay open without a request")
+    serve.add_argument("--send-timeout", type=_number(0.0, rule="> 0 (seconds)", open_low=True), default=30.0,
+                       help="seconds a client may take no bytes of its reply before it is dropped")
+    serve.add_argument("--max-output-buffer", type=_integer(1), default=4 << 20,
+                       help="bytes of a stream generated but not yet taken by its client; beyond them the client "
+                            "is dropped and the generation stopped")
     serve.add_argument("--allowed-host", action="append", default=[],
                        help="a further Host name clients may use (repeatable; '*': any)")
     serve.add_argument("--cors-origin", action="append", default=[],
@@ -321,7 +335,6 @@ def load_model(args, stream=None) -> Loaded:
     kernels are ready (compiled, or loaded from the cache) before the command times anything;
     ``seconds`` counts their loading, not their compilation.
     """
-    import warnings
 
     stream = sys.stderr if stream is None else stream
     t0 = time.perf_counter()
@@ -417,20 +430,11 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import edgellama
+    if args.port > 65535:
+        raise UsageError(f"{_flag(args, 'port')} must be in [0, 65535], got {args.port}")
+    print(f"edgellama serve: loading {args.model} ...", file=sys.stderr, flush=True)
     from .server import ServerConfig, serve
 
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
-    for flag in ("max_body", "max_connections", "max_connections_per_client", "max_output_buffer"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
-    for flag in ("request_timeout", "idle_timeout", "send_timeout"):
-        if not 0 < getattr(args, flag) < float("inf"):
-            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of seconds, "
-                             f"got {getattr(args, flag)}")
     config = ServerConfig(host=args.host, port=args.port, model_name=args.model_name, api_key=args.api_key or None,
                           max_queue=args.max_queue, max_body_bytes=args.max_body,
                           max_connections=args.max_connections,
@@ -438,11 +442,8 @@ def cmd_serve(args) -> int:
                           request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
                           send_timeout=args.send_timeout, max_output_buffer=args.max_output_buffer,
                           allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin))
-    print(f"edgellama serve: loading {args.model} ...", file=sys.stderr, flush=True)
-    model = edgellama.load(args.model, n_ctx=args.ctx, threads=args.threads, cache_type=args.cache_type)
-    model.warm_up()  # the first request must not wait for the kernels to load (or compile)
-    return serve(model, config)
-
+    # the kernels are ready (compiled or loaded, with progress on a first run) before it listens
+    return serve(load_model(args).model, config)
 
 def cmd_perplexity(args) -> int:
     import json
@@ -519,6 +520,13 @@ def _memory_message(e, args) -> str:
     return f"{what} needs {e.needed.describe()} but {size(e.available)} of memory is available: {fits}"
 
 
+def _warning_printer(command: str):
+    def show(message, category, filename, lineno, file=None, line=None):  # one line, no source line
+        print(f"edgellama {command}: warning: {message}", file=sys.stderr if file is None else file)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     from .info import MemoryLimitError
 
@@ -539,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info, "bench": cmd_bench,
                 "perplexity": cmd_perplexity}
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command)
+            return handlers[args.command](args)
     except UsageError as e:
         print(f"edgellama {args.command}: error: {e}\nsee 'edgellama {args.command} --help'", file=sys.stderr)
         return 2

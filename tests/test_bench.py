@@ -44,19 +44,20 @@ def test_bench_table(tiny_q8, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-p", "0"], "n_prompt (-p) must be a positive integer"),
-    (["-n", "-3"], "n_gen (-n) must be a positive integer"),
-    (["-r", "0"], "repetitions (-r) must be a positive integer"),
-    (["-t", "0"], "threads (-t) must be a positive integer"),
-    (["-c", "0"], "ctx (-c) must be a positive integer"),
-    (["-p", "8", "-n", "8", "-c", "16"], "ctx (-c) 16 is too small for n_prompt 8 + n_gen 8 + 1 = 17"),
+    (["-p", "0"], "-p must be >= 1, got 0"),
+    (["-n", "-3"], "-n must be >= 1, got -3"),
+    (["--n-gen", "-3"], "--n-gen must be >= 1, got -3"),
+    (["-r", "0"], "-r must be >= 1, got 0"),
+    (["-t", "0"], "-t must be >= 1, got 0"),
+    (["-c", "0"], "-c must be a positive integer, got 0"),
+    (["-p", "8", "-n", "8", "-c", "16"], "-c 16 is too small for -p 8 + -n 8 + 1 = 17 tokens"),
 ])
 def test_bench_rejects_bad_options(tiny_q8, capsys, argv, message):
     rc = main(["bench", "-m", str(tiny_q8)] + argv)
     out, err = capsys.readouterr()
-    assert rc == 1 and out == ""
-    assert len(err.strip().splitlines()) == 1  # one line, no traceback
-    assert message in err
+    assert rc == 2 and out == ""
+    # one line naming the option, then where to look: no traceback
+    assert err.splitlines() == [f"edgellama bench: error: {message}", "see 'edgellama bench --help'"]
 
 
 def test_bench_missing_file(tmp_path, capsys):

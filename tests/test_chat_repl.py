@@ -211,6 +211,39 @@ def test_run_chat_ctrl_c_keeps_the_partial_reply_and_the_session(model, monkeypa
     assert "Paris" in "".join(spy.calls[1]["chunks"])
 
 
+class _InterruptingOut(_Out):
+    """Output that delivers a real SIGINT to this process while one given text is written, i.e.
+    while the loop is between a prompt and a reply, where Ctrl-C used to escape from the loop."""
+
+    def __init__(self, when: str):
+        super().__init__()
+        self.when, self.sent = when, 0
+
+    def write(self, s):
+        super().write(s)
+        if self.when in s:
+            self.sent += 1
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, inside this method
+
+
+def test_run_chat_holds_a_ctrl_c_that_arrives_between_states(model):
+    model.reset()
+    out = _InterruptingOut("(conversation cleared)")
+    lines = []
+    status = run_chat(model, input_fn=_script(["/reset", "/help", "/reset", "/reset", "/exit"], lines), out=out)
+    assert status == 0 and out.sent == 3
+    # each Ctrl-C acted at the next prompt, as a Ctrl-C there (that prompt read no line)
+    assert out.text.count("(Ctrl-C again or /exit to quit)") == 3
+    assert lines == ["/reset", "/help", "/reset", "/reset", "/exit"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    # a Ctrl-C while the prompt's own message is written is the second one in a row: it quits
+    out = _InterruptingOut("(Ctrl-C again")
+    lines = []
+    assert run_chat(model, input_fn=_script([KeyboardInterrupt, "never read"], lines), out=out) == 0
+    assert out.sent == 1 and lines == []
+
+
 def test_run_chat_eof_and_context_overflow(model, monkeypatch):
     """Ctrl-D quits; a message that does not fit the context is one error line, not a crash."""
     model.reset()
@@ -321,7 +354,7 @@ def terminal():
 
 
 def test_terminal_two_turns_reset_and_exit(smollm2_path, terminal):
-    term = terminal("-m", str(smollm2_path), "-n", "24", "-t", "2", "-c", "1024", "--system", SYSTEM)
+    term = terminal("-m", str(smollm2_path), "-n", "24", "-t", "2", "-c", "1024", "--temp", "0", "--system", SYSTEM)
     term.expect(PROMPT_RX, timeout=120)  # loading (and compiling kernels, if not cached)
     term.send(QUESTION + "\r")
     answer = term.expect(PROMPT_RX, timeout=120)
@@ -334,9 +367,7 @@ def test_terminal_two_turns_reset_and_exit(smollm2_path, terminal):
 
     term.send("/reset\r")
     term.expect(r"\(conversation cleared\)\n> ", timeout=30)
-    # a person's Ctrl-C comes after input() has entered readline; one sent within microseconds of
-    # the prompt can be caught by CPython before readline's own handler is in place, and lost
-    time.sleep(0.5)
+    # sent the instant the prompt shows, before the program may be reading (see the next test)
     term.send("\x03")  # Ctrl-C at the prompt: a new prompt line, the program stays
     term.expect(r"Ctrl-C again or /exit to quit\)\n> ", timeout=30)
     assert term.alive()
@@ -344,8 +375,27 @@ def test_terminal_two_turns_reset_and_exit(smollm2_path, terminal):
     assert term.wait(timeout=30) == 0
 
 
+def test_terminal_ctrl_c_at_the_prompt_is_never_lost(smollm2_path, terminal):
+    """The race of issue 12 (item 2): a Ctrl-C that reaches the program just before input() starts
+    reading.  CPython sees signals only when its read is interrupted, so such a Ctrl-C used to wait
+    for the next key; the chat loop wakes its read periodically.  Each Ctrl-C here is sent the
+    instant the prompt appears, and each must be answered by the prompt's own message."""
+    term = terminal("-m", str(smollm2_path), "-t", "1", "-c", "256")
+    term.expect(PROMPT_RX, timeout=120)
+    for _ in range(5):
+        term.send("\x03")
+        term.expect(r"\(Ctrl-C again or /exit to quit\)\n> ", timeout=30)
+        term.send("/help\r")  # anything in between: the next Ctrl-C is a first one again
+        term.expect(r"/reset starts over.*\n> ", timeout=30)
+    assert term.alive()
+    term.send("\x03")
+    term.expect(r"\(Ctrl-C again or /exit to quit\)\n> ", timeout=30)
+    term.send("\x03")  # twice in a row: quit
+    assert term.wait(timeout=30) == 0
+
+
 def test_terminal_ctrl_c_stops_a_long_reply(smollm2_path, terminal):
-    term = terminal("-m", str(smollm2_path), "-n", "400", "-t", "2", "-c", "1024")
+    term = terminal("-m", str(smollm2_path), "-n", "400", "-t", "2", "-c", "1024", "--temp", "0")
     term.expect(PROMPT_RX, timeout=120)
     term.send("Count from 1 to 200.\r")
     term.expect(r"Count from 1 to 200\.\n", timeout=30)

@@ -1,0 +1,161 @@
+"""The first run on a machine says what it is doing (issue 12, item 6): with no compiled kernels for
+this CPU in Numba's cache, run, chat, bench and perplexity say so on stderr before anything else,
+show the compilation kernel by kernel, and report it apart from their own timings.
+
+The commands run in subprocesses with their own Numba cache (NUMBA_CACHE_DIR).  A cold cache that
+must be compiled in full would cost half a minute per test, so these copy the warm cache of this
+process and remove two small kernels from the copy: the commands then compile exactly those two.
+One test starts from an empty cache and stops the command after its first two lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import edgellama
+from edgellama import kernels as K
+from edgellama.kernel_cache import cache_status, expected_kernels, matrix_types
+from edgellama.quants import GGMLType
+from tiny_model import write_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+COLD = ["rope_rows", "swiglu"]  # removed from the copied cache: about a second to compile together
+ANNOUNCE = re.compile(r"edgellama: compiling the kernels for this CPU, first run only \(cpu (\S+)\); "
+                      r"they are cached in (.+)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    path = write_tiny_model(tmp_path_factory.mktemp("first_run") / "tiny.gguf", GGMLType.Q8_0, ctx=64)
+    edgellama.load(path, n_ctx=64, threads=1).warm_up()  # this process's cache now holds every kernel
+    return path
+
+
+def _kernels(path) -> list[str]:
+    return expected_kernels(matrix_types(edgellama.gguf.GGUFFile(path)))
+
+
+def _child_cache_dirs(numba_dir: Path, names: list[str]) -> dict[str, str]:
+    """Where a process with NUMBA_CACHE_DIR=numba_dir caches each kernel."""
+    code = ("import json, sys, edgellama.kernels as K; "
+            "print(json.dumps({n: str(getattr(K, n)._cache._cache_path) for n in sys.argv[1:]}))")
+    out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, NUMBA_CACHE_DIR=str(numba_dir)), timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def _cache_with_cold_kernels(tmp_path: Path, cold: list[str]) -> Path:
+    """A Numba cache directory holding every kernel this process has in its cache, but ``cold``."""
+    from numba.core.registry import CPUDispatcher
+
+    names = [name for name, value in vars(K).items() if isinstance(value, CPUDispatcher) and name not in cold]
+    numba_dir = tmp_path / "numba"
+    targets = _child_cache_dirs(numba_dir, names)
+    for name in names:
+        cache = getattr(K, name)._cache
+        index = cache._cache_file._load_index()
+        if not index:
+            continue
+        files = [cache._cache_file._index_name, *index.values()]
+        Path(targets[name]).mkdir(parents=True, exist_ok=True)
+        for file in files:
+            shutil.copy2(Path(cache._cache_path) / file, Path(targets[name]) / file)
+    return numba_dir
+
+
+def _command(argv: list[str], numba_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgellama.cli", *argv], capture_output=True, text=True, cwd=ROOT,
+                          input=stdin, env=dict(os.environ, NUMBA_CACHE_DIR=str(numba_dir)), timeout=600)
+
+
+def test_the_status_of_the_cache_is_known_before_loading(tiny, tmp_path):
+    names = _kernels(tiny)
+    assert names[:2] == ["pack_rows", "decode_token"] and "matmul_packed" in names
+    assert cache_status(names).cold == []  # the fixture warmed them all, for this CPU
+    # a model without quantized matrices needs neither the packer nor the int8 products
+    assert "pack_rows" not in expected_kernels({int(GGMLType.F32)})
+    assert "dequantize_rows" in expected_kernels({int(GGMLType.F16)})
+
+
+def test_run_announces_compilation_then_reports_it_apart(tiny, tmp_path):
+    numba_dir = _cache_with_cold_kernels(tmp_path, COLD)
+    argv = ["run", "-m", str(tiny), "-p", "the water", "-n", "3", "-t", "1"]
+    r = _command(argv, numba_dir)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    # first of all, what is happening and where the result goes
+    m = ANNOUNCE.fullmatch(lines[0])
+    assert m and Path(m.group(2)).is_relative_to(numba_dir), lines[0]
+    # then a line per kernel (stderr is not a terminal here), then the time it took
+    assert lines[1:3] == [f"edgellama: compiling kernel 1/2: {COLD[0]}", f"edgellama: compiling kernel 2/2: {COLD[1]}"]
+    assert re.fullmatch(r"edgellama: 2 kernels compiled in [\d.]+ s \(cached for the next runs\)", lines[3])
+    # the timings leave the compilation out and say how long it took
+    assert re.fullmatch(r"load [\d.]+ s \(\+ [\d.]+ s compiling kernels\) \| prompt \d+ tokens, [\d.]+ tok/s \| "
+                        r"generated 3 tokens, [\d.]+ tok/s \| finish: length", lines[-1]), lines[-1]
+
+    # the next run finds them in the cache: nothing to say
+    again = _command(argv, numba_dir)
+    assert again.returncode == 0 and again.stdout == r.stdout
+    assert "compil" not in again.stderr
+    assert re.fullmatch(r"\nload [\d.]+ s \| prompt .* \| finish: length\n", again.stderr)
+
+
+@pytest.mark.parametrize("command", ["chat", "bench", "perplexity"])
+def test_every_command_announces_a_cold_cache(tiny, tmp_path, command):
+    numba_dir = _cache_with_cold_kernels(tmp_path, COLD[1:])
+    stdin = None
+    if command == "chat":
+        argv, stdin = ["chat", "-m", str(tiny), "-t", "1"], "/exit\n"
+    elif command == "bench":
+        argv = ["bench", "-m", str(tiny), "-t", "1", "-p", "8", "-n", "2", "-r", "1", "--json"]
+    else:
+        text = tmp_path / "text.txt"
+        text.write_text("the water is cold and the sea is deep " * 8, encoding="utf-8")
+        argv = ["perplexity", "-m", str(tiny), "-f", str(text), "-c", "32", "-t", "1"]
+    r = _command(argv, numba_dir, stdin)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert ANNOUNCE.fullmatch(lines[0]), lines[0]
+    assert lines[1] == f"edgellama: compiling kernel 1/1: {COLD[1]}"
+    assert re.fullmatch(r"edgellama: 1 kernel compiled in [\d.]+ s \(cached for the next runs\)", lines[2])
+    if command == "bench":
+        report = json.loads(r.stdout)
+        assert report["numba_cache"] == "partly cold" and report["compile_s"] > 0
+    if command == "perplexity":
+        assert re.search(r"\d+ scored \(\d+ tok/s; [\d.]+ s compiling kernels not counted\)", r.stderr)
+
+
+def test_an_empty_cache_is_announced_before_anything_compiles(tiny, tmp_path):
+    """From an empty cache: the announcement is the first line, before the first kernel (which
+    starts compiling during the load); the command is stopped there."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "empty"))
+    proc = subprocess.Popen([sys.executable, "-m", "edgellama.cli", "run", "-m", str(tiny), "-p", "the", "-t", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if len(lines) == 2:
+                break
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        reader.join(timeout=300)
+        assert len(lines) == 2, lines
+        assert ANNOUNCE.fullmatch(lines[0]), lines
+        assert lines[1] == f"edgellama: compiling kernel 1/{len(_kernels(tiny))}: pack_rows"
+    finally:
+        proc.kill()
+        proc.wait()
