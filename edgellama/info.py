@@ -18,6 +18,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .config import DEFAULT_MAX_CTX, ModelArgs
 from .gguf import GGUFFile
 from .quants import type_name
 
@@ -220,8 +221,6 @@ def check_memory(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads
 
 def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> str:
     """``n_ctx``: None = min(trained context, 4096) as a load would use, 0 = the trained context."""
-    from .model import DEFAULT_MAX_CTX, ModelArgs  # (no kernel is compiled: ModelArgs reads metadata)
-
     a = ModelArgs.from_gguf(f)
     n_ctx = resolve_n_ctx(n_ctx, a.max_ctx, DEFAULT_MAX_CTX)
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # tensors, elements, bytes

@@ -7,122 +7,18 @@ read-only view into the memory map and is dequantized inside the kernels.
 
 from __future__ import annotations
 
-import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import kernels as K
+from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no Numba); re-exported here
 from .gguf import GGUFFile, ModelFormatError
 from .memory import trim_heap
 from .quants import RUNTIME_TYPES, GGMLType, dequantize, type_name
 
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-DEFAULT_MAX_CTX = 4096
-
-
-@dataclass
-class ModelArgs:
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    n_vocab: int
-    max_ctx: int                       # the model's training context
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_dim: int | None = None        # rotated dims per head (default: head_dim)
-    rope_scale: float = 1.0            # linear position scaling (positions are divided by it)
-    head_dim: int = field(init=False)
-    kv_dim: int = field(init=False)
-
-    def __post_init__(self):
-        self.head_dim = self.dim // self.n_heads
-        self.kv_dim = self.n_kv_heads * self.head_dim
-        if self.rope_dim is None:
-            self.rope_dim = self.head_dim
-
-    @classmethod
-    def from_gguf(cls, f: GGUFFile) -> "ModelArgs":
-        arch = f.get("general.architecture")
-        if arch != "llama":
-            raise ModelFormatError(f"{f.path}: general.architecture is {arch!r}; only 'llama' is supported")
-
-        def get(key, kind, default=None, required=True):
-            full = f"llama.{key}"
-            value = f.get(full, default)
-            if value is None:
-                if required:
-                    raise ModelFormatError(f"{f.path}: missing metadata {full!r}")
-                return None
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ModelFormatError(f"{f.path}: {full} must be an integer, got {value!r}")
-            if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ModelFormatError(f"{f.path}: {full} must be a number, got {value!r}")
-            return kind(value)
-
-        dim = get("embedding_length", int)
-        n_heads = get("attention.head_count", int)
-        n_kv_heads = get("attention.head_count_kv", int, default=n_heads)
-        embd = f.tensor("token_embd.weight")
-        n_vocab = get("vocab_size", int, default=embd.shape[0])
-        args = cls(
-            dim=dim,
-            n_layers=get("block_count", int),
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            ffn_dim=get("feed_forward_length", int),
-            n_vocab=n_vocab,
-            max_ctx=get("context_length", int, default=DEFAULT_MAX_CTX),
-            norm_eps=get("attention.layer_norm_rms_epsilon", float, default=1e-5),
-            rope_theta=get("rope.freq_base", float, default=10000.0),
-            rope_dim=get("rope.dimension_count", int, required=False),
-            rope_scale=_rope_scale(f),
-        )
-        args.validate(f.path)
-        return args
-
-    def check_cache_type(self, cache_type: str, path: str) -> None:
-        if cache_type == "q8_0" and self.head_dim % K.QK:
-            raise ValueError(f"{path}: a q8_0 KV cache needs a head size that is a multiple of {K.QK}, "
-                             f"not {self.head_dim}")
-        if cache_type == "f16" and self.head_dim % K.F16_LOAD_WIDTH:  # (no real model has one)
-            raise ValueError(f"{path}: an f16 KV cache needs a head size that is a multiple of "
-                             f"{K.F16_LOAD_WIDTH}, not {self.head_dim}: use cache_type='f32'")
-
-    def validate(self, path: str) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_vocab", "max_ctx"):
-            if getattr(self, name) <= 0:
-                raise ModelFormatError(f"{path}: {name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise ModelFormatError(f"{path}: head count {self.n_heads} does not divide the width {self.dim}")
-        if self.n_heads % self.n_kv_heads:
-            raise ModelFormatError(f"{path}: KV head count {self.n_kv_heads} does not divide the head "
-                                   f"count {self.n_heads}")
-        if self.rope_dim > self.head_dim or self.rope_dim % 2:
-            raise ModelFormatError(f"{path}: rope.dimension_count {self.rope_dim} must be even and at most "
-                                   f"the head size {self.head_dim}")
-        if self.dim % K.QK or self.ffn_dim % K.QK:
-            raise ModelFormatError(f"{path}: width {self.dim} and feed-forward size {self.ffn_dim} must be "
-                                   f"multiples of {K.QK}")
-        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
-            raise ModelFormatError(f"{path}: attention.layer_norm_rms_epsilon {self.norm_eps} must be positive")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ModelFormatError(f"{path}: rope.freq_base {self.rope_theta} must be positive")
-
-
-def _rope_scale(f: GGUFFile) -> float:
-    kind = f.get("llama.rope.scaling.type", "none")
-    factor = f.get("llama.rope.scaling.factor", 1.0)
-    if kind in ("none", "linear") or factor in (0, 1.0):
-        if not isinstance(factor, (int, float)) or factor < 0:
-            raise ModelFormatError(f"{f.path}: llama.rope.scaling.factor {factor!r} is not a positive number")
-        return float(factor) if kind == "linear" and factor > 0 else 1.0
-    raise ModelFormatError(f"{f.path}: rope scaling type {kind!r} is not supported (only linear; Llama 3.1 "
-                           "scaling arrives as the rope_freqs.weight tensor)")
 
 
 def rope_tables(args: ModelArgs, n_ctx: int, freq_factors: np.ndarray | None):

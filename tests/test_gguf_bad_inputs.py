@@ -263,7 +263,8 @@ BAD = [
     # arrays of arrays: llama.cpp's reader refuses them, and each item would be a Python object
     ("arrays-nested-2-deep", _nested(2), ["'deep'", "arrays of arrays are not supported"]),
     ("arrays-nested-64-deep", _nested(64), ["'deep'", "arrays of arrays are not supported"]),
-    ("array-of-5M-empty-arrays-declared", pad_to_size(gguf(kvs=(kv("a", ValueType.ARRAY, arr(ValueType.ARRAY, 5_000_000)),)), 500),
+    ("array-of-5M-empty-arrays-declared",
+     pad_to_size(gguf(kvs=(kv("a", ValueType.ARRAY, arr(ValueType.ARRAY, 5_000_000)),)), 500),
      ["'a'", "arrays of arrays are not supported"]),
     # --- dims ---
     ("n_dims-0", gguf(tensors=(tinfo("w", [], n_dims=0),)), ["'w'", "n_dims 0"]),
