@@ -445,6 +445,7 @@ def cmd_serve(args) -> int:
     # the kernels are ready (compiled or loaded, with progress on a first run) before it listens
     return serve(load_model(args).model, config)
 
+
 def cmd_perplexity(args) -> int:
     import json
     from pathlib import Path
