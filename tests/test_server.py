@@ -497,7 +497,11 @@ def test_serve_command(tiny):
         proc.wait(30)
 
 
-def test_serve_command_rejects_bad_options(tiny):
-    r = subprocess.run([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), "--port", "70000"],
+@pytest.mark.parametrize("option", [["--port", "70000"], ["--port", "-1"], ["--max-queue", "-1"],
+                                    ["--max-connections", "0"], ["--max-connections-per-client", "0"],
+                                    ["--request-timeout", "0"], ["--idle-timeout", "nan"], ["--send-timeout", "-5"],
+                                    ["--max-output-buffer", "0"], ["--max-body", "x"]])
+def test_serve_command_rejects_bad_options(tiny, option):
+    r = subprocess.run([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), *option],
                        capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1 and "--port" in r.stderr
+    assert r.returncode == 2 and option[0] in r.stderr and "loading" not in r.stderr, r.stderr
