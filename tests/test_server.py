@@ -207,6 +207,15 @@ def test_logprobs(server, tiny):
     assert lp["text_offset"][0] == 0
 
 
+def test_a_chats_next_turn_reuses_the_cached_prefix(server):
+    chat = [{"role": "user", "content": "hi"}]
+    first = server.post("/v1/chat/completions", {"messages": chat, "max_tokens": 2, "temperature": 0})[2]
+    turn = chat + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                   {"role": "user", "content": "ok"}]
+    second = server.post("/v1/chat/completions", {"messages": turn, "max_tokens": 2, "temperature": 0})[2]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"] - 1
+
+
 def test_seeded_sampling_is_reproducible(server):
     req = {"prompt": "hello", "max_tokens": 8, "temperature": 1.5, "seed": 7}
     assert server.post("/v1/completions", req)[2]["choices"][0]["text"] == \
