@@ -324,6 +324,7 @@ class Completion:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    special: bool = False              # /v1/completions: control-token text in the prompt is parsed
 
     @property
     def param(self) -> str:
@@ -340,6 +341,7 @@ def parse_completion(body: dict, chat: bool, n_vocab: int, n_ctx: int) -> Comple
     options = _field(body, "stream_options", (dict,), {})
     include_usage = bool(_field(options, "include_usage", (bool,), False, param="stream_options.include_usage"))
     messages = prompt = None
+    special = False
     if chat:
         messages = _messages(body)
         top = _int_field(body, "top_logprobs", 0, 0, MAX_LOGPROBS) if _field(body, "logprobs", (bool,), False) \
@@ -347,6 +349,7 @@ def parse_completion(body: dict, chat: bool, n_vocab: int, n_ctx: int) -> Comple
         max_tokens = _max_tokens(body, None, "max_completion_tokens", "max_tokens")
     else:
         prompt = _prompt(body, n_vocab)
+        special = _field(body, "special", (bool,), False)
         top = _int_field(body, "logprobs", None, 0, MAX_LOGPROBS)
         max_tokens = _max_tokens(body, COMPLETIONS_DEFAULT_TOKENS, "max_tokens")
     sampler = _sampler(body, n_vocab, top, "top_logprobs" if chat else "logprobs")
@@ -354,7 +357,7 @@ def parse_completion(body: dict, chat: bool, n_vocab: int, n_ctx: int) -> Comple
     # one reply is at most one context of tokens (a chat's reply may shift the context, so an
     # unbounded one could run on forever)
     max_tokens = n_ctx if max_tokens is None else min(max_tokens, n_ctx)
-    return Completion(chat, messages, prompt, max_tokens, sampler, stop, stream, include_usage)
+    return Completion(chat, messages, prompt, max_tokens, sampler, stop, stream, include_usage, special)
 
 
 # ----- the model worker -------------------------------------------------------------------------------
@@ -643,7 +646,8 @@ def run_completion(engine: Engine, request: Completion, job: Job) -> None:
                             stop=request.stop)
     else:
         chunks = model.generate(request.prompt, max_tokens=request.max_tokens, sampler=request.sampler,
-                                stop=request.stop, add_bos=None if isinstance(request.prompt, str) else False)
+                                stop=request.stop, add_bos=None if isinstance(request.prompt, str) else False,
+                                special=request.special)
     chunks = iter(chunks)
     try:
         first = next(chunks)  # the prompt is evaluated here: its errors are still a JSON status
