@@ -24,7 +24,7 @@ from edgellama.gguf import TensorSpec, ValueType, write_gguf
 from edgellama.quants import GGMLType, tensor_nbytes, type_name
 
 from . import blocks
-from .policy import FILE_TYPES, QUANTIZED, Choice, choose, parse_type
+from .policy import FILE_TYPES, Choice, choose, is_quantized, parse_type
 from .source import Checkpoint, QuantizeError, SourceTensor
 
 GGML_QUANTIZATION_VERSION = 2
@@ -125,7 +125,7 @@ def make_plan(checkpoint: Checkpoint, target: GGMLType, *, output_type: GGMLType
                         embedding_type=embedding_type)
         planned.append(PlannedTensor(tensor, choice))
     requantized = [p.tensor.name for p in planned
-                   if not p.choice.copy and p.tensor.source_type in QUANTIZED]
+                   if not p.choice.copy and is_quantized(p.tensor.source_type)]
     return Plan(checkpoint, target, _output_metadata(checkpoint, target), planned, requantized)
 
 

@@ -31,7 +31,12 @@ FILE_TYPES = {
     GGMLType.Q8_0: 7, GGMLType.BF16: 32,
 }
 
-QUANTIZED = frozenset({GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1})
+
+
+def is_quantized(qtype: GGMLType) -> bool:
+    """Whether a ggml type stores blocks of several elements (every Q, K, IQ and TQ type), from
+    edgellama.quants' block table: a source in any of them is requantized, not converted."""
+    return BLOCK_LAYOUT[qtype][0] > 1
 
 # Substrings of weight names llama-quantize never quantizes (besides norms).
 _NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "pos_embd.weight", "token_types.weight",
@@ -39,10 +44,14 @@ _NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "pos_embd.weight", "t
 
 
 def parse_type(name: str) -> GGMLType:
-    try:
-        return TYPE_NAMES[name.lower()]
-    except KeyError:
-        raise QuantizeError(f"unknown type {name!r} (choose from {', '.join(TYPE_NAMES)})") from None
+    """A type by name (any case), or by llama-quantize's file type number (2 = Q4_0, 7 = Q8_0, ...)."""
+    key = name.strip().lower()
+    if key in TYPE_NAMES:
+        return TYPE_NAMES[key]
+    by_number = {str(number): qtype for qtype, number in FILE_TYPES.items()}
+    if key in by_number:
+        return by_number[key]
+    raise QuantizeError(f"unknown type {name[:40]!r} (choose from {', '.join(TYPE_NAMES)})")
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,7 @@ def choose(tensor: SourceTensor, target: GGMLType, *, tied_embeddings: bool,
         is_output = tensor.name == "output.weight" or (tied_embeddings and tensor.name == "token_embd.weight")
         if is_output and output_type is not None:
             qtype = output_type
-        elif is_output and target in QUANTIZED and target != GGMLType.Q8_0:
+        elif is_output and is_quantized(target) and target != GGMLType.Q8_0:
             qtype = GGMLType.Q8_0
             note = "output tensor kept at higher precision (llama-quantize's rule)"
         if tensor.name == "token_embd.weight" and embedding_type is not None:

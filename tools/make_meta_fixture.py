@@ -10,15 +10,21 @@
 
 Needs torch at creation time only (``pip install torch``); the converter never imports it.
 Run once from the repo root:  python tools/make_meta_fixture.py   (output is committed, < 200 KB)
+
+``write_torch_zip`` / ``torch_pickle`` write torch.save's zip format by hand, without torch (tests
+use them to build checkpoints with unusual views: shared storages, strides, offsets).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 import struct
 import sys
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +143,87 @@ def save(path: Path, weights: dict[str, np.ndarray]) -> None:
         t = torch.from_numpy(np.ascontiguousarray(a))
         state[name] = t if name == "rope.freqs" else t.to(torch.bfloat16)
     torch.save(state, path)
+
+
+# ----- torch.save's format, written by hand (no torch needed) ---------------------------------------
+
+STORAGE_TYPES = {np.dtype("<f4"): "FloatStorage", np.dtype("<f2"): "HalfStorage",
+                 np.dtype("<u2"): "BFloat16Storage", np.dtype("<f8"): "DoubleStorage"}
+
+
+@dataclass(frozen=True)
+class TorchView:
+    """One pickled tensor: ``size`` items of storage ``storage`` from ``offset``, with ``stride``
+    (None: contiguous), as torch._utils._rebuild_tensor_v2 receives them."""
+    storage: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...] | None = None
+    offset: int = 0
+
+
+def contiguous_stride(size: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(np.prod(size[i + 1:], dtype=np.int64)) for i in range(len(size)))
+
+
+def _op(value) -> bytes:
+    """The opcodes of one value, without protocol header and STOP."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def torch_pickle(views: dict[str, TorchView], storages: dict[str, tuple[str, int]],
+                 state_dict_metadata: bool = False) -> bytes:
+    """data.pkl of ``{name: tensor}`` as torch.save writes it (protocol 2, persistent storage ids).
+    ``storages`` maps a key to (storage class name, number of items).  ``state_dict_metadata``:
+    an OrderedDict carrying a ``_metadata`` attribute (set by BUILD), as ``model.state_dict()`` is."""
+    new_dict = b"ccollections\nOrderedDict\n)R"
+    out = [b"\x80\x02", new_dict if state_dict_metadata else b"}"]
+    if views:
+        out.append(b"(")
+    for name, view in views.items():
+        storage_class, numel = storages[view.storage]
+        stride = view.stride if view.stride is not None else contiguous_stride(view.size)
+        out += [_op(name), b"ctorch._utils\n_rebuild_tensor_v2\n(",
+                b"(", _op("storage"), f"ctorch\n{storage_class}\n".encode(), _op(view.storage), _op("cpu"),
+                _op(numel), b"tQ",                                        # persistent id -> storage
+                _op(view.offset), _op(tuple(view.size)), _op(tuple(stride)), b"\x89",
+                new_dict, b"tR"]                                          # rebuild(storage, offset, size, stride, False, {})
+    if views:
+        out.append(b"u")
+    if state_dict_metadata:
+        out.append(b"}" + _op("_metadata") + new_dict + _op("version") + _op(1) + b"ss" + b"b")
+    out.append(b".")
+    return b"".join(out)
+
+
+def write_torch_zip(path: Path, pickle_bytes: bytes, storages: dict[str, bytes], root: str = "archive") -> Path:
+    """The zip container torch.save writes: <root>/data.pkl, <root>/data/<key>, all stored uncompressed."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{root}/data.pkl", pickle_bytes)
+        zf.writestr(f"{root}/byteorder", "little")
+        for key, data in storages.items():
+            zf.writestr(f"{root}/data/{key}", data)
+        zf.writestr(f"{root}/version", "3\n")
+    return path
+
+
+def save_by_hand(path: Path, tensors: dict[str, np.ndarray | TorchView], storages: dict[str, np.ndarray] | None = None,
+                 state_dict_metadata: bool = False) -> Path:
+    """torch.save without torch: each array gets its own contiguous storage (uint16 arrays are
+    bfloat16 bits); a ``TorchView`` refers to one of ``storages`` (arrays keyed by storage key)."""
+    storages = dict(storages or {})
+    views: dict[str, TorchView] = {}
+    for name, value in tensors.items():
+        if isinstance(value, TorchView):
+            views[name] = value
+        else:
+            key = f"t{len(storages)}"
+            while key in storages:
+                key += "_"
+            storages[key] = np.ascontiguousarray(value)
+            views[name] = TorchView(key, tuple(value.shape))
+    kinds = {key: (STORAGE_TYPES[a.dtype.newbyteorder("<")], a.size) for key, a in storages.items()}
+    data = torch_pickle(views, kinds, state_dict_metadata)
+    return write_torch_zip(path, data, {key: a.astype(a.dtype.newbyteorder("<")).tobytes() for key, a in storages.items()})
 
 
 def main() -> int:
