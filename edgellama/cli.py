@@ -135,12 +135,12 @@ def _takes(parser: argparse.ArgumentParser, option: str, value: str) -> bool:
 
 
 def _typed(options: list[str], argv: list[str]) -> str:
-    """The spelling of an option the user typed (the last one in argv), else its longest name."""
+    """The spelling of an option the user typed (the last one in argv), else its first name (-c, -n)."""
     for arg in reversed(argv):
         name = arg.split("=", 1)[0]
         if name in options or (name.startswith("--") and any(o.startswith(name) for o in options)):
             return name
-    return max(options, key=len)
+    return options[0]
 
 
 def _as_typed(message: str, argv: list[str]) -> str:
@@ -335,7 +335,6 @@ def load_model(args, stream=None) -> Loaded:
     kernels are ready (compiled, or loaded from the cache) before the command times anything;
     ``seconds`` counts their loading, not their compilation.
     """
-
     stream = sys.stderr if stream is None else stream
     t0 = time.perf_counter()
     f = open_model_file(args.model)

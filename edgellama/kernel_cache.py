@@ -177,7 +177,7 @@ class CompileProgress:
                 return
             self._bar = tqdm(total=max(self.expected, 1), desc="compiling kernels", unit="kernel",
                              file=self.stream, leave=False, dynamic_ncols=True,
-                             bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed} {postfix}")
+                             bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed}{postfix}")
 
     def _line(self, text: str) -> None:
         if self._bar is not None:
