@@ -229,7 +229,7 @@ def _read_string_array(cur: _Cursor, count: int, key: str) -> list[str]:
                 append(str(view[pos:pos + n], "utf-8"))
                 pos += n
             cur.pos = pos
-            objects = sum(map(sys.getsizeof, out[done:])) - _SHARED_STR_BYTES * n_shared
+            objects = sum(map(str.__sizeof__, out[done:])) - _SHARED_STR_BYTES * n_shared  # (= getsizeof, faster)
             cur.charge(_SLOT * n_chunk + _ROUNDING * (n_chunk - n_shared) + objects,
                        f"key {key!r}: {len(out)} of its {count} strings")
     except struct.error:
