@@ -12,6 +12,17 @@ own harmless stand-in:
 Any other global (``os.system``, ``builtins.eval``, ``numpy`` internals, ...) raises
 ``ModelFormatError`` before it is ever looked up.  Storages are the zip members ``<root>/data/<key>``,
 memory-mapped (torch stores them uncompressed) and bounds-checked against the declared sizes.
+
+The pickle machine itself is bounded (pure-Python unpickler, every opcode counted): a pickle is at
+most MAX_PICKLE_BYTES, stored uncompressed as torch.save writes it, runs at most MAX_PICKLE_OPS
+opcodes, holds at most MAX_PICKLE_STACK items on its stacks and MAX_PICKLE_MEMO memoized objects
+(``DUP``, ``MARK``, ``MEMOIZE``, empty containers: opcodes that grow memory faster than they consume
+bytes), and opcodes no tensor checkpoint uses (sets, bytearrays, out-of-band buffers, object
+construction through ``__new__``, extension codes, text persistent ids) are refused.  ``BUILD`` may
+only set a state dict's ``_metadata``.  Tensor views must stay inside their storage and may not
+repeat its items (stride 0, overlapping strides), and two tensors may not share storage items
+unless they are the very same view (tied weights, at most two names per view): the tensors of a
+checkpoint never hold more elements than its storages hold items.
 """
 
 from __future__ import annotations
@@ -29,7 +40,19 @@ import numpy as np
 from edgellama.gguf import ModelFormatError
 
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# torch.save spends about 32 opcodes and 8 memo entries per tensor, and its stack holds a batch of
+# 1000 dict items: these caps admit about 32,000 tensors per file (the largest real checkpoints have
+# about 1,100 per file) and keep the pickle machine's own memory to a few tens of MB.
+MAX_PICKLE_OPS = 1 << 20     # opcodes run
+MAX_PICKLE_STACK = 1 << 18   # items on the stack and the mark stack together
+MAX_PICKLE_MEMO = 1 << 18    # memoized objects
+MAX_VIEWS_PER_TENSOR = 2     # names one storage view may have (an embedding tied to the output)
 BF16 = np.dtype("<u2")  # bfloat16 items are kept as their uint16 bits
+
+# Opcodes a state dict of tensors never contains; each can build objects or buffers the reader has
+# no use for (and BYTEARRAY8 allocates its declared size before reading it).
+_REFUSED_OPCODES = ("EMPTY_SET", "ADDITEMS", "FROZENSET", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER",
+                    "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST", "EXT1", "EXT2", "EXT4", "PERSID")
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.dtype("<f4"), "HalfStorage": np.dtype("<f2"), "BFloat16Storage": BF16,
@@ -46,22 +69,120 @@ class _StorageType:
 
 
 @dataclass(frozen=True)
+class _Storage:
+    """A storage as persistent_load hands it to the pickle: only our code can make one."""
+    key: str
+    type: _StorageType
+    items: np.ndarray   # (numel,) read-only view of the zip member
+
+
+@dataclass(frozen=True)
 class StoredTensor:
-    """One tensor of the checkpoint: its items as a read-only numpy view (bfloat16 as uint16 bits)."""
+    """One tensor of the checkpoint: its items as a read-only numpy view (bfloat16 as uint16 bits),
+    and where they come from (storage key, first item, strides in items) for the sharing checks."""
     items: np.ndarray
     bf16: bool
+    storage: str = ""
+    offset: int = 0
+    stride: tuple[int, ...] = ()
 
     def to_float32(self) -> np.ndarray:
         if self.bf16:
             return (self.items.astype(np.uint32) << 16).view(np.float32)
         return self.items.astype(np.float32)
 
+    def __setstate__(self, state):
+        raise ModelFormatError("the pickle sets the state of a StoredTensor (BUILD); a tensor checkpoint "
+                               "never does that")
 
-class _RestrictedUnpickler(pickle.Unpickler):
+    @property
+    def span(self) -> int:
+        """Items from the first to one past the last the view reaches (0 for an empty tensor)."""
+        if self.items.size == 0:
+            return 0
+        return 1 + sum((d - 1) * s for d, s in zip(self.items.shape, self.stride))
+
+    def repeats_items(self) -> bool:
+        """Whether two elements of the view are the same storage item (stride 0, overlapping strides):
+        with the dimensions sorted by stride, each stride must step over everything inside it."""
+        inner = 1
+        for stride, size in sorted((st, d) for d, st in zip(self.items.shape, self.stride) if d > 1):
+            if stride < inner:
+                return True
+            inner += (size - 1) * stride
+        return False
+
+
+class _StateDict(dict):
+    """collections.OrderedDict's stand-in; ``model.state_dict()`` pickles its ``_metadata`` attribute
+    through BUILD, which is accepted and dropped."""
+
+    def __setstate__(self, state):
+        if not (isinstance(state, dict) and set(state) <= {"_metadata"}):
+            raise ModelFormatError(f"the pickle sets the state of a dict (BUILD) to {state!r:.80}; a state "
+                                   "dict only carries _metadata")
+
+
+class _OpcodeGuard:
+    """The unpickler's opcode table, counting work and checking the caps before every opcode."""
+
+    def __init__(self, unpickler: "_RestrictedUnpickler", table: dict):
+        self.unpickler, self.table, self.ops = unpickler, table, 0
+
+    def __getitem__(self, code: int):
+        u = self.unpickler
+        self.ops += 1
+        if self.ops > MAX_PICKLE_OPS:
+            raise u.fail(f"the pickle runs more than {MAX_PICKLE_OPS} operations (limit MAX_PICKLE_OPS; "
+                         "torch.save spends about 32 per tensor)")
+        if len(u.stack) + u.held > MAX_PICKLE_STACK:
+            raise u.fail(f"the pickle's stack grows beyond {MAX_PICKLE_STACK} items (limit MAX_PICKLE_STACK)")
+        if len(u.memo) > MAX_PICKLE_MEMO:
+            raise u.fail(f"the pickle memoizes more than {MAX_PICKLE_MEMO} objects (limit MAX_PICKLE_MEMO)")
+        try:
+            return self.table[code]
+        except KeyError:
+            raise u.fail(f"cannot read the pickled state dict: unknown opcode {code:#04x}") from None
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Python's own unpickler (the pure-Python one, so that every opcode passes _OpcodeGuard) with
+    globals, persistent ids and BUILD restricted to what a tensor state dict needs."""
+
     def __init__(self, data: bytes, archive: "_Archive"):
         super().__init__(io.BytesIO(data))
         self.archive = archive
-        self.storages: dict[str, np.ndarray] = {}
+        self.storages: dict[str, _Storage] = {}
+        self.held = 0  # items parked on the mark stack (each MARK counts as one)
+        table = dict(pickle._Unpickler.dispatch)
+        for name in _REFUSED_OPCODES:
+            table[getattr(pickle, name)[0]] = _refused(name)
+        table[pickle.MARK[0]] = _RestrictedUnpickler.load_mark
+        table[pickle.BUILD[0]] = _RestrictedUnpickler.load_build
+        self.dispatch = _OpcodeGuard(self, table)
+
+    def fail(self, what: str) -> ModelFormatError:
+        return ModelFormatError(f"{self.archive.path}: {what}")
+
+    def load_mark(self):
+        self.held += len(self.stack) + 1
+        super().load_mark()
+
+    def pop_mark(self):
+        items = super().pop_mark()
+        self.held -= len(self.stack) + 1
+        return items
+
+    def load_build(self):
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, (_StateDict, StoredTensor)):
+            raise self.fail(f"the pickle sets the state of a {type(target).__name__} (BUILD); a tensor "
+                            "checkpoint only does that for a state dict's _metadata")
+        try:
+            target.__setstate__(state)
+        except ModelFormatError as e:
+            raise self.fail(str(e)) from None
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))
@@ -78,24 +199,36 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 or type(pid[4]) is not int or pid[4] < 0):
             raise ModelFormatError(f"{self.archive.path}: unexpected persistent id {pid!r:.120}")
         _, storage_type, key, _location, numel = pid
-        if key not in self.storages:
-            self.storages[key] = self.archive.storage(key, storage_type, numel)
-        return self.storages[key], storage_type
+        known = self.storages.get(key)
+        if known is None:
+            known = self.storages[key] = _Storage(key, storage_type, self.archive.storage(key, storage_type, numel))
+        elif known.type != storage_type or known.items.shape[0] != numel:
+            raise self.fail(f"storage {key!r:.40} is read as {known.items.shape[0]} items of {known.type.name} "
+                            f"and as {numel} items of {storage_type.name}")
+        return known
+
+
+def _refused(name: str):
+    def refuse(unpickler: _RestrictedUnpickler):
+        raise unpickler.fail(f"the pickle uses opcode {name}, which a tensor checkpoint never contains; "
+                             "refusing it")
+    return refuse
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
-    if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[1], _StorageType)):
+    if not isinstance(storage, _Storage):
         raise ModelFormatError("_rebuild_tensor_v2 called without a storage")
-    items, storage_type = storage
+    items = storage.items
     if (type(storage_offset) is not int or storage_offset < 0 or not isinstance(size, tuple)
             or not isinstance(stride, tuple) or len(size) != len(stride) or len(size) > 8
-            or not all(type(d) is int and d >= 0 for d in size + stride)):
-        raise ModelFormatError(f"tensor with bad geometry: offset {storage_offset!r}, size {size!r:.80}, "
+            or not all(type(d) is int and 0 <= d < 1 << 62 for d in size + stride)):
+        raise ModelFormatError(f"tensor with bad geometry: offset {storage_offset!r:.40}, size {size!r:.80}, "
                                f"stride {stride!r:.80}")
-    bf16 = storage_type.name == "BFloat16Storage"
+    bf16 = storage.type.name == "BFloat16Storage"
     if 0 in size:
-        return StoredTensor(np.zeros(size, dtype=items.dtype), bf16)
+        return StoredTensor(np.empty(size, dtype=items.dtype), bf16, storage.key, 0, stride)
+    # the extent: one past the last item the view reaches (stride 0 included)
     last = storage_offset + sum((d - 1) * s for d, s in zip(size, stride))
     if last >= items.shape[0]:
         raise ModelFormatError(f"tensor of size {list(size)} at offset {storage_offset} reaches item {last} of a "
@@ -103,7 +236,7 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
     itemsize = items.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(items[storage_offset:], shape=size,
                                            strides=tuple(s * itemsize for s in stride), writeable=False)
-    return StoredTensor(view, bf16)
+    return StoredTensor(view, bf16, storage.key, storage_offset, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
@@ -115,7 +248,7 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
 def _ordered_dict(*args):
     if args:
         raise ModelFormatError("OrderedDict with constructor arguments in a checkpoint")
-    return {}
+    return _StateDict()
 
 
 _ALLOWED = {
@@ -143,11 +276,15 @@ class _Archive:
         self.pickle_name = pickles[0]
         self.root = pickles[0][:-len("data.pkl")]
         self._map = None
+        self._ranges: list[tuple[int, int, str]] = []  # (start, end, member) of every storage read
 
     def pickle_bytes(self) -> bytes:
         info = self.zip.getinfo(self.pickle_name)
         if info.file_size > MAX_PICKLE_BYTES:
-            raise ModelFormatError(f"{self.path}: data.pkl of {info.file_size} bytes is too large")
+            raise ModelFormatError(f"{self.path}: data.pkl of {info.file_size} bytes is too large (limit "
+                                   f"MAX_PICKLE_BYTES = {MAX_PICKLE_BYTES})")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ModelFormatError(f"{self.path}: data.pkl is compressed; torch.save never does that")
         return self.zip.read(info)
 
     def storage(self, key: str, storage_type: _StorageType, numel: int) -> np.ndarray:
@@ -166,19 +303,35 @@ class _Archive:
         if start + nbytes > os.path.getsize(self.path):
             raise ModelFormatError(f"{self.path}: storage {key!r} runs past the end of the file "
                                    "(file is truncated or incomplete)")
+        self._ranges.append((start, start + nbytes, name))
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._map[start:start + nbytes].view(storage_type.dtype)
+
+    def check_disjoint(self) -> None:
+        """Each storage read must have bytes of its own (crafted central directories can point two
+        members at the same bytes: the output would then repeat the input)."""
+        previous_end, previous = 0, ""
+        for start, end, name in sorted(self._ranges):
+            if start < previous_end:
+                raise ModelFormatError(f"{self.path}: zip member {name!r} overlaps the bytes of {previous!r}; "
+                                       "each storage must have bytes of its own")
+            if end > previous_end:
+                previous_end, previous = end, name
 
     def _data_start(self, info: zipfile.ZipInfo) -> int:
         """Offset of a stored member's bytes: after its local header (30 bytes + name + extra)."""
         with open(self.path, "rb") as f:
             f.seek(info.header_offset)
             header = f.read(30)
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise ModelFormatError(f"{self.path}: bad zip local header for {info.filename!r}")
-        name_len = int.from_bytes(header[26:28], "little")
-        extra_len = int.from_bytes(header[28:30], "little")
+            if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                raise ModelFormatError(f"{self.path}: bad zip local header for {info.filename!r}")
+            name_len = int.from_bytes(header[26:28], "little")
+            extra_len = int.from_bytes(header[28:30], "little")
+            local_name = f.read(name_len)
+        if local_name != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437"):
+            raise ModelFormatError(f"{self.path}: zip member {info.filename!r} points at the local header of "
+                                   f"{local_name.decode('utf-8', 'replace')!r}")
         return info.header_offset + 30 + name_len + extra_len
 
     def close(self) -> None:
@@ -198,21 +351,54 @@ class TorchCheckpoint:
         self.path = Path(path)
         self._archive = _Archive(self.path)
         try:
-            state = _RestrictedUnpickler(self._archive.pickle_bytes(), self._archive).load()
-        except ModelFormatError:
+            self.tensors: dict[str, StoredTensor] = self._load()
+        except BaseException:
             self._archive.close()
             raise
+
+    def _load(self) -> dict[str, StoredTensor]:
+        try:
+            state = _RestrictedUnpickler(self._archive.pickle_bytes(), self._archive).load()
+        except ModelFormatError:
+            raise
         except Exception as e:  # any other failure inside the pickle machine: malformed, not hostile
-            self._archive.close()
             raise ModelFormatError(f"{self.path}: cannot read the pickled state dict: "
-                                   f"{type(e).__name__}: {e}") from None
+                                   f"{type(e).__name__}: {str(e)[:200]}") from None
         if isinstance(state, dict) and isinstance(state.get("model"), dict) and len(state) <= 4:
             state = state["model"]  # some trainers wrap the state dict
         if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, StoredTensor)
                                                   for k, v in state.items()):
-            self._archive.close()
             raise ModelFormatError(f"{self.path}: expected a dict of tensor names to tensors")
-        self.tensors: dict[str, StoredTensor] = state
+        self._archive.check_disjoint()
+        self._check_views(state)
+        return dict(state)
+
+    def _check_views(self, state: dict[str, StoredTensor]) -> None:
+        """No tensor holds more elements than the storage items it covers: views may not repeat
+        items, and two tensors share items only as the same view under at most two names."""
+        views: dict[tuple, list[str]] = {}
+        for name, t in state.items():
+            if t.repeats_items():
+                raise ModelFormatError(
+                    f"{self.path}: tensor {name!r:.80} of size {list(t.items.shape)} with stride {list(t.stride)} "
+                    f"repeats storage items (a stride-0 or overlapping view): its {t.items.size} elements would be "
+                    f"made from at most {t.span} items; refusing views larger than their storage")
+            if t.items.size:
+                views.setdefault((t.storage, t.offset, t.items.shape, t.stride), []).append(name)
+        by_storage: dict[str, list[tuple[int, int, list[str]]]] = {}
+        for (storage, offset, _shape, _stride), names in views.items():
+            if len(names) > MAX_VIEWS_PER_TENSOR:
+                raise ModelFormatError(f"{self.path}: {len(names)} tensors share one view of storage "
+                                       f"{storage!r:.40} ({', '.join(names[:4])}...); only tied weights may, two at a time")
+            t = state[names[0]]
+            by_storage.setdefault(storage, []).append((offset, offset + t.span, names))
+        for storage, spans in by_storage.items():
+            spans.sort(key=lambda span: span[:2])
+            for (_, end, names), (start, _, next_names) in zip(spans, spans[1:]):
+                if start < end:
+                    raise ModelFormatError(f"{self.path}: tensors {names[0]!r:.80} and {next_names[0]!r:.80} overlap "
+                                           f"in storage {storage!r:.40}; tensors may not share storage items "
+                                           "(except tied weights that are the very same view)")
 
     def close(self) -> None:
         self._archive.close()
