@@ -21,7 +21,7 @@ from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.quants import GGMLType
 
 from .safetensors import FLOAT_DTYPES, SafetensorsFile, to_float32
-from .source import Checkpoint, QuantizeError, SourceTensor
+from .source import Checkpoint, QuantizeError, SourceTensor, show
 from .vocab import bpe_vocab, read_json, spm_vocab
 
 LLAMA_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -47,8 +47,100 @@ _GLOBAL_NAMES = {
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
-_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_IGNORED = re.compile(r"^model\.layers\.(0|[1-9][0-9]{0,8})\.self_attn\.rotary_emb\.inv_freq$")
+_LAYER_RE = re.compile(r"^model\.layers\.(0|[1-9][0-9]{0,8})\.(.+)$")  # plain numbers below 10^9
+
+U32_MAX = (1 << 32) - 1
+F32_MAX = float(np.finfo(np.float32).max)
+MAX_CONTEXT_LENGTH = 1 << 30  # tokens; the longest trained contexts are about 10M
+_REQUIRED = object()
+
+
+class ConfigValues:
+    """Typed, range-checked reads from a JSON object (config.json, params.json, rope_scaling):
+    every refusal is a ModelFormatError naming the file, the key and the value."""
+
+    def __init__(self, path: Path, data: dict, prefix: str = ""):
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def fail(self, what: str) -> ModelFormatError:
+        return ModelFormatError(f"{self.path}: {what}")
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.data.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise self.fail(f"{self.prefix}{key} is missing")
+            return default
+        return value
+
+    def get_int(self, key: str, default: Any = _REQUIRED, *, maximum: int = U32_MAX,
+            limit_name: str = "a GGUF 32-bit field") -> int:
+        value = self._get(key, default)
+        if type(value) is not int or value <= 0:
+            raise self.fail(f"{self.prefix}{key} must be a positive integer, got {show(value)}")
+        if value > maximum:
+            raise self.fail(f"{self.prefix}{key} {show(value)} exceeds the limit of {maximum} ({limit_name})")
+        return value
+
+    def get_float(self, key: str, default: Any = _REQUIRED, *, below: float | None = None) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(f"{self.prefix}{key} must be a positive number, got {show(value)}")
+        if isinstance(value, int) and value > F32_MAX:
+            raise self.fail(f"{self.prefix}{key} {show(value)} exceeds the float32 range")
+        value = float(value)
+        if not 0 < value <= F32_MAX:  # NaN fails too
+            raise self.fail(f"{self.prefix}{key} must be a positive number within float32's range, got {value!r}")
+        if np.float32(value) == 0:
+            raise self.fail(f"{self.prefix}{key} {value!r} rounds to 0 in float32")
+        if below is not None and value >= below:
+            raise self.fail(f"{self.prefix}{key} {value!r} must be below {below}")
+        return value
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"{self.prefix}{key} must be true or false, got {show(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str                    # "linear" or "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: float = 8192.0
+
+
+def read_rope_scaling(path: Path, scaling: Any) -> RopeScaling | None:
+    """config.json's rope_scaling, validated: None (no scaling), linear or llama3."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ModelFormatError(f"{path}: rope_scaling must be an object or null, got {show(scaling)}")
+    kind = scaling.get("rope_type") or scaling.get("type") or ""
+    if not isinstance(kind, str):
+        raise ModelFormatError(f"{path}: rope_scaling type must be a string, got {show(kind)}")
+    kind = kind.lower()
+    values = ConfigValues(path, scaling, "rope_scaling ")
+    if kind in ("default", ""):
+        return None
+    if kind == "linear":
+        return RopeScaling("linear", values.get_float("factor"))
+    if kind == "llama3":
+        rope = RopeScaling("llama3", values.get_float("factor", 8.0), values.get_float("low_freq_factor", 1.0),
+                           values.get_float("high_freq_factor", 4.0),
+                           values.get_float("original_max_position_embeddings", 8192.0))
+        if rope.original_context > MAX_CONTEXT_LENGTH:
+            raise values.fail(f"rope_scaling original_max_position_embeddings {rope.original_context!r} exceeds "
+                              f"the limit of {MAX_CONTEXT_LENGTH} (MAX_CONTEXT_LENGTH)")
+        if rope.high_freq_factor <= rope.low_freq_factor:
+            raise values.fail(f"rope_scaling high_freq_factor {rope.high_freq_factor!r} must be larger than "
+                              f"low_freq_factor {rope.low_freq_factor!r}")
+        return rope
+    raise QuantizeError(f"{path}: rope_scaling type {kind[:40]!r} is not supported (linear and llama3 are)")
 
 
 @dataclass(frozen=True)
@@ -66,18 +158,29 @@ class LlamaParams:
     rope_theta: float
     tied_embeddings: bool
     head_dim_given: bool
+    rope_scaling: RopeScaling | None = None
 
 
-def gguf_name(hf_name: str, n_layers: int) -> str | None:
+def gguf_name(hf_name: str) -> str | None:
     """llama.cpp's GGUF name for an HF tensor name; None for tensors the converter drops."""
     if hf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[hf_name]
     if _IGNORED.match(hf_name):
         return None
     m = _LAYER_RE.match(hf_name)
-    if m and m.group(2) in _LAYER_NAMES and int(m.group(1)) < n_layers:
+    if m and m.group(2) in _LAYER_NAMES:
         return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
-    raise QuantizeError(f"tensor {hf_name!r} is not part of a LlamaForCausalLM model (cannot map it to GGUF)")
+    raise QuantizeError(f"tensor {hf_name[:120]!r} is not part of a LlamaForCausalLM model (cannot map it to GGUF)")
+
+
+def layer_count(names: list[str], layer_re: re.Pattern) -> int:
+    """1 + the highest layer number among tensor names (0 without layers)."""
+    highest = -1
+    for name in names:
+        m = layer_re.match(name)
+        if m:
+            highest = max(highest, int(m.group(1)))
+    return highest + 1
 
 
 def qk_permutation(n_rows: int, n_heads: int) -> np.ndarray:
@@ -90,36 +193,25 @@ def qk_permutation(n_rows: int, n_heads: int) -> np.ndarray:
 # ----- config.json -------------------------------------------------------------------------------
 
 def read_params(folder: Path) -> tuple[dict, LlamaParams]:
+    """config.json's hyper-parameters, each typed and range-checked (not yet against the tensors:
+    ``check_counts`` does that before anything is built from them)."""
     path = folder / "config.json"
     config = read_json(path, "config.json")
     if not isinstance(config, dict):
         raise ModelFormatError(f"{path}: expected a JSON object")
     archs = config.get("architectures") or []
-    if not (set(archs if isinstance(archs, list) else []) & set(LLAMA_ARCHITECTURES)
-            or config.get("model_type") in ("llama", "mistral")):
-        raise QuantizeError(f"{path}: architecture {archs or config.get('model_type')!r} is not supported "
+    model_type = config.get("model_type")
+    llama_archs = set(LLAMA_ARCHITECTURES) & set(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ()
+    if not (llama_archs or model_type in ("llama", "mistral")):
+        raise QuantizeError(f"{path}: architecture {show(archs or model_type)} is not supported "
                             f"(supported: {', '.join(LLAMA_ARCHITECTURES)})")
-
-    def get_int(key: str, default: int | None = None) -> int:
-        value = config.get(key, default)
-        if type(value) is not int or value <= 0:
-            raise ModelFormatError(f"{path}: {key} must be a positive integer, got {value!r}")
-        return value
-
-    def get_float(key: str, default: float) -> float:
-        value = config.get(key, default)
-        if value is None:
-            value = default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ModelFormatError(f"{path}: {key} must be a positive number, got {value!r}")
-        return float(value)
-
-    n_heads = get_int("num_attention_heads")
-    dim = get_int("hidden_size")
-    n_kv_heads = get_int("num_key_value_heads", n_heads)
+    values = ConfigValues(path, config)
+    n_heads = values.get_int("num_attention_heads")
+    dim = values.get_int("hidden_size")
+    n_kv_heads = values.get_int("num_key_value_heads", n_heads)
     head_dim_given = config.get("head_dim") is not None
     if head_dim_given:
-        head_dim = get_int("head_dim")
+        head_dim = values.get_int("head_dim")
     elif dim % n_heads:
         raise ModelFormatError(f"{path}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
     else:
@@ -129,21 +221,58 @@ def read_params(folder: Path) -> tuple[dict, LlamaParams]:
                                f"num_key_value_heads {n_kv_heads}")
     if head_dim % 2:
         raise ModelFormatError(f"{path}: head dimension {head_dim} is odd; RoPE needs pairs")
-    tied = config.get("tie_word_embeddings", False)
-    if not isinstance(tied, bool):
-        raise ModelFormatError(f"{path}: tie_word_embeddings must be true or false, got {tied!r}")
     params = LlamaParams(
-        n_layers=get_int("num_hidden_layers"), dim=dim, ffn_dim=get_int("intermediate_size"),
-        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=get_int("vocab_size"),
-        context_length=get_int("max_position_embeddings", 2048), norm_eps=get_float("rms_norm_eps", 1e-6),
-        rope_theta=get_float("rope_theta", 10000.0), tied_embeddings=tied, head_dim_given=head_dim_given)
+        n_layers=values.get_int("num_hidden_layers"), dim=dim, ffn_dim=values.get_int("intermediate_size"),
+        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, vocab_size=values.get_int("vocab_size"),
+        context_length=values.get_int("max_position_embeddings", 2048, maximum=MAX_CONTEXT_LENGTH,
+                                  limit_name="MAX_CONTEXT_LENGTH"),
+        norm_eps=values.get_float("rms_norm_eps", 1e-6, below=1.0), rope_theta=values.get_float("rope_theta", 10000.0),
+        tied_embeddings=values.get_bool("tie_word_embeddings", False), head_dim_given=head_dim_given,
+        rope_scaling=read_rope_scaling(path, config.get("rope_scaling")))
     return config, params
+
+
+def check_counts(path: Path, p: LlamaParams, n_layers_present: int, shape_of: Callable[[str], tuple | None],
+                 names: dict[str, str], keys: dict[str, str]) -> None:
+    """Every count of the config against the tensors really present, before anything is built from
+    it.  ``shape_of`` gives a GGUF-named tensor's shape (None if absent), ``names`` the source name of
+    a GGUF name, ``keys`` the config's key for each count (HF and Meta spell them differently)."""
+    def fail(what: str) -> ModelFormatError:
+        return ModelFormatError(f"{path}: {what}")
+
+    if p.n_layers != n_layers_present:
+        held = (f"{n_layers_present} layers ({names['layer'].format(0)} to {names['layer'].format(n_layers_present - 1)})"
+                if n_layers_present else "no layers")
+        raise fail(f"{keys['n_layers']} {p.n_layers} but the weights hold {held}")
+    embedding = shape_of("token_embd.weight")
+    if embedding is not None and len(embedding) == 2:
+        if p.vocab_size != embedding[0]:
+            raise fail(f"{keys['vocab_size']} {p.vocab_size} does not match the weights: "
+                       f"{names['token_embd.weight']} has shape {list(embedding)}")
+        if p.dim != embedding[1]:
+            raise fail(f"{keys['dim']} {p.dim} does not match the weights: {names['token_embd.weight']} has "
+                       f"shape {list(embedding)}")
+    head_dim = (f"{keys['head_dim']} {p.head_dim}" if p.head_dim_given else
+                f"head dimension {p.head_dim} ({keys['dim']} {p.dim} / {keys['n_heads']} {p.n_heads})")
+    for gguf, heads, key in (("blk.0.attn_q.weight", p.n_heads, "n_heads"),
+                             ("blk.0.attn_k.weight", p.n_kv_heads, "n_kv_heads")):
+        shape = shape_of(gguf)
+        if shape is not None and len(shape) == 2 and shape[0] != heads * p.head_dim:
+            raise fail(f"{keys[key]} {heads} x {head_dim} = {heads * p.head_dim} rows, but {names[gguf]} has "
+                       f"shape {list(shape)}")
+    gate = shape_of("blk.0.ffn_gate.weight")
+    if gate is not None and len(gate) == 2 and gate[0] != p.ffn_dim:
+        raise fail(f"{keys['ffn_dim']} {p.ffn_dim} does not match the weights: {names['blk.0.ffn_gate.weight']} "
+                   f"has shape {list(gate)}")
 
 
 def llama_metadata(folder: Path, config: dict, p: LlamaParams) -> dict[str, Any]:
     """llama.* hyper-parameters in convert_hf_to_gguf's order (file_type is set by the writer)."""
     u32, f32 = ValueType.UINT32, ValueType.FLOAT32
-    name = str(config.get("_name_or_path") or folder.resolve().name).rstrip("/").split("/")[-1]
+    name_or_path = config.get("_name_or_path")
+    if not isinstance(name_or_path, str) or not name_or_path.strip("/"):
+        name_or_path = folder.resolve().name
+    name = name_or_path.rstrip("/").split("/")[-1]
     meta: dict[str, Any] = {
         "general.architecture": "llama",
         "general.type": "model",
@@ -162,34 +291,18 @@ def llama_metadata(folder: Path, config: dict, p: LlamaParams) -> dict[str, Any]
         meta["llama.attention.value_length"] = (u32, p.head_dim)
     meta["llama.vocab_size"] = (u32, p.vocab_size)
     meta["llama.rope.dimension_count"] = (u32, p.head_dim)
-    scaling = config.get("rope_scaling")
-    if isinstance(scaling, dict):
-        kind = str(scaling.get("rope_type") or scaling.get("type") or "").lower()
-        if kind == "linear":
-            meta["llama.rope.scaling.type"] = "linear"
-            meta["llama.rope.scaling.factor"] = (f32, float(scaling["factor"]))
-        elif kind not in ("llama3", "default", ""):
-            raise QuantizeError(f"{folder / 'config.json'}: rope_scaling type {kind!r} is not supported "
-                                "(linear and llama3 are)")
-    elif scaling is not None:
-        raise ModelFormatError(f"{folder / 'config.json'}: rope_scaling must be an object or null")
+    if p.rope_scaling is not None and p.rope_scaling.kind == "linear":
+        meta["llama.rope.scaling.type"] = "linear"
+        meta["llama.rope.scaling.factor"] = (f32, p.rope_scaling.factor)
     return meta
 
 
 def llama3_rope_factors(config: dict, p: LlamaParams) -> np.ndarray | None:
     """Per-frequency divisors of Llama 3.1 RoPE scaling (the rope_freqs.weight tensor)."""
-    scaling = config.get("rope_scaling")
-    if not isinstance(scaling, dict) or str(scaling.get("rope_type") or scaling.get("type") or "").lower() != "llama3":
+    if p.rope_scaling is None or p.rope_scaling.kind != "llama3":
         return None
-    try:
-        factor = float(scaling.get("factor", 8.0))
-        low = float(scaling.get("low_freq_factor", 1.0))
-        high = float(scaling.get("high_freq_factor", 4.0))
-        old_context = float(scaling.get("original_max_position_embeddings", 8192))
-    except (TypeError, ValueError):
-        raise ModelFormatError(f"config.json: bad llama3 rope_scaling {scaling!r}") from None
-    if not (factor > 0 and high > low > 0 and old_context > 0):
-        raise ModelFormatError(f"config.json: llama3 rope_scaling values out of range: {scaling!r}")
+    factor, low, high = p.rope_scaling.factor, p.rope_scaling.low_freq_factor, p.rope_scaling.high_freq_factor
+    old_context = p.rope_scaling.original_context
     exponents = np.arange(0, p.head_dim, 2, dtype=np.float32) / np.float32(p.head_dim)
     freqs = np.float32(1.0) / np.power(np.float32(p.rope_theta), exponents, dtype=np.float32)
     factors = []
@@ -321,15 +434,29 @@ def _expected_shapes(p: LlamaParams) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+_HF_KEYS = {"n_layers": "num_hidden_layers", "vocab_size": "vocab_size", "dim": "hidden_size",
+            "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+            "ffn_dim": "intermediate_size"}
+
+
 def _source_tensors(folder: Path, located: dict[str, SafetensorsFile], config: dict,
                     p: LlamaParams) -> list[SourceTensor]:
+    kept: dict[str, tuple[str, SafetensorsFile]] = {}  # GGUF name -> (HF name, file)
+    for hf_name, st in located.items():
+        name = gguf_name(hf_name)
+        if name is None or (name == "output.weight" and p.tied_embeddings):
+            continue  # rotary inv_freq buffers; an lm_head copy of tied embeddings
+        kept[name] = (hf_name, st)
+    hf_names = {name: hf_name for name, (hf_name, _) in kept.items()}
+    hf_names["layer"] = "model.layers.{}."
+    check_counts(folder / "config.json", p, layer_count(list(kept), _GGUF_LAYER_RE),
+                 lambda name: kept[name][1].tensors[kept[name][0]].shape if name in kept else None,
+                 hf_names, _HF_KEYS)
     expected = _expected_shapes(p)
     optional_bias = {f"blk.{i}.attn_{k}.bias" for i in range(p.n_layers) for k in ("q", "k", "v", "output")}
     tensors: dict[str, SourceTensor] = {}
-    for hf_name, st in located.items():
-        name = gguf_name(hf_name, p.n_layers)
-        if name is None or (name == "output.weight" and p.tied_embeddings):
-            continue  # rotary inv_freq buffers; an lm_head copy of tied embeddings
+    for name, (hf_name, st) in kept.items():
         info = st.tensors[hf_name]
         if info.dtype not in FLOAT_DTYPES:
             raise ModelFormatError(f"{st.path}: tensor {hf_name!r} has dtype {info.dtype}, expected a float type")

@@ -9,7 +9,6 @@ wk, wv, w1, w3, output) along rows, row-parallel ones (wo, w2) and the embedding
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,10 @@ import numpy as np
 from edgellama.gguf import ModelFormatError
 from edgellama.quants import GGMLType
 
-from .hf import LlamaParams, _expected_shapes, llama3_rope_factors, llama_metadata
+from .hf import (MAX_CONTEXT_LENGTH, ConfigValues, LlamaParams, RopeScaling, _expected_shapes, check_counts,
+                 layer_count, llama3_rope_factors, llama_metadata)
 from .pickle_reader import StoredTensor, TorchCheckpoint
-from .source import Checkpoint, QuantizeError, SourceTensor
+from .source import Checkpoint, QuantizeError, SourceTensor, show
 from .vocab import read_json, spm_vocab
 
 _LAYER_NAMES = {
@@ -34,7 +34,10 @@ _LAYER_NAMES = {
 _GLOBAL_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                  "output.weight": "output.weight"}
 _SPLIT_COLUMNS = ("token_embd.weight", "attn_output.weight", "ffn_down.weight")  # joined along axis 1
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_LAYER_RE = re.compile(r"^layers\.(0|[1-9][0-9]{0,8})\.(.+)$")  # plain numbers below 10^9
+_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+_META_KEYS = {"n_layers": "n_layers", "vocab_size": "vocab_size", "dim": "dim", "n_heads": "n_heads",
+              "n_kv_heads": "n_kv_heads", "head_dim": "head_dim", "ffn_dim": "the FFN width"}
 
 
 def gguf_name(meta_name: str) -> str | None:
@@ -45,48 +48,35 @@ def gguf_name(meta_name: str) -> str | None:
     m = _LAYER_RE.match(meta_name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
-    raise QuantizeError(f"tensor {meta_name!r} is not part of a Meta Llama checkpoint (cannot map it to GGUF)")
+    raise QuantizeError(f"tensor {meta_name[:120]!r} is not part of a Meta Llama checkpoint (cannot map it to GGUF)")
 
 
 def _params(folder: Path, embed_rows: int, ffn_dim: int) -> tuple[dict, LlamaParams]:
+    """params.json, typed and range-checked; the vocabulary and FFN width come from the tensors."""
     path = folder / "params.json"
     params = read_json(path, "params.json")
     if not isinstance(params, dict):
         raise ModelFormatError(f"{path}: expected a JSON object")
-
-    def get_int(key: str, default: int | None = None) -> int:
-        value = params.get(key, default)
-        if type(value) is not int or value <= 0:
-            raise ModelFormatError(f"{path}: {key} must be a positive integer, got {value!r}")
-        return value
-
-    def get_float(key: str, default: float) -> float:
-        value = params.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ModelFormatError(f"{path}: {key} must be a positive number, got {value!r}")
-        return float(value)
-
-    dim, n_heads = get_int("dim"), get_int("n_heads")
-    n_kv_heads = get_int("n_kv_heads", n_heads)
+    values = ConfigValues(path, params)
+    dim, n_heads = values.get_int("dim"), values.get_int("n_heads")
+    n_kv_heads = values.get_int("n_kv_heads", n_heads)
     if dim % n_heads or n_heads % n_kv_heads or (dim // n_heads) % 2:
         raise ModelFormatError(f"{path}: dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv_heads} do not divide "
                                "into whole heads of even size")
     vocab_size = params.get("vocab_size", -1)
-    if vocab_size not in (-1, embed_rows):
-        raise ModelFormatError(f"{path}: vocab_size {vocab_size!r} but tok_embeddings has {embed_rows} rows")
-    norm_eps, rope_theta = get_float("norm_eps", 1e-5), get_float("rope_theta", 10000.0)
+    if vocab_size is not None and vocab_size != -1 and (type(vocab_size) is not int or vocab_size != embed_rows):
+        raise ModelFormatError(f"{path}: vocab_size {show(vocab_size)} but tok_embeddings.weight has {embed_rows} rows")
+    norm_eps, rope_theta = values.get_float("norm_eps", 1e-5, below=1.0), values.get_float("rope_theta", 10000.0)
     scaled = params.get("use_scaled_rope", False) is True
     # Meta's params.json has no context length: llama.cpp's legacy converter guesses it the same way
-    context = params.get("max_seq_len") or (131072 if scaled else 8192 if rope_theta >= 500000
-                                            else 4096 if norm_eps == 1e-5 else 2048)
+    guess = 131072 if scaled else 8192 if rope_theta >= 500000 else 4096 if norm_eps == 1e-5 else 2048
+    context = values.get_int("max_seq_len", guess, maximum=MAX_CONTEXT_LENGTH, limit_name="MAX_CONTEXT_LENGTH")
     config: dict[str, Any] = {"_name_or_path": folder.resolve().name}
-    if scaled:
-        config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     return config, LlamaParams(
-        n_layers=get_int("n_layers"), dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=dim // n_heads, vocab_size=embed_rows, context_length=int(context), norm_eps=norm_eps,
-        rope_theta=rope_theta, tied_embeddings=False, head_dim_given=False)
+        n_layers=values.get_int("n_layers"), dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=dim // n_heads, vocab_size=embed_rows, context_length=context, norm_eps=norm_eps,
+        rope_theta=rope_theta, tied_embeddings=False, head_dim_given=False,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192.0) if scaled else None)
 
 
 def open_meta(folder: str | Path) -> Checkpoint:
@@ -118,6 +108,10 @@ def _checkpoint(folder: Path, parts: list[TorchCheckpoint]) -> Checkpoint:
             raise ModelFormatError(f"{parts[0].path}: no {required} tensor")
     shapes = {name: _joined_shape(name, p, parts) for name, p in pieces.items()}
     config, params = _params(folder, shapes["token_embd.weight"][0], shapes["blk.0.ffn_gate.weight"][0])
+    meta_names = {gguf: meta for meta in names if (gguf := gguf_name(meta)) is not None}
+    meta_names["layer"] = "layers.{}."
+    check_counts(folder / "params.json", params, layer_count(list(shapes), _GGUF_LAYER_RE), shapes.get,
+                 meta_names, _META_KEYS)
     expected = _expected_shapes(params)
     for name, shape in shapes.items():
         if expected.get(name) != shape:

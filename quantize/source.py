@@ -20,6 +20,15 @@ class QuantizeError(ValueError):
     """A user-facing conversion error: bad input, bad option, refused output path."""
 
 
+def show(value: Any) -> str:
+    """A value from an input file for an error message: short, and never an exception of its own
+    (Python refuses to print integers of more than 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class SourceTensor:
     name: str                    # GGUF tensor name, e.g. "blk.0.attn_q.weight"

@@ -12,6 +12,7 @@ from ``tokenizer_config.json`` (or ``chat_template.jinja``), falling back to ``c
 from __future__ import annotations
 
 import json
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -22,11 +23,14 @@ import numpy as np
 from edgellama.gguf import ModelFormatError, ValueType
 
 from .safetensors import no_duplicate_keys
-from .source import QuantizeError
+from .source import QuantizeError, show
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 MAX_JSON_BYTES = 256 * 1024 * 1024
+# [PAD<i>] entries written where the embedding has more rows than the tokenizer has tokens (real
+# models pad a few hundred rows at most); a larger gap is a vocabulary that is not this model's.
+MAX_VOCAB_PADDING = 1 << 16
 # special token kind -> GGUF key (llama.cpp's spellings, "seperator" included)
 SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos_token_id",
                 "unk": "tokenizer.ggml.unknown_token_id", "sep": "tokenizer.ggml.seperator_token_id",
@@ -77,8 +81,9 @@ def bpe_vocab(folder: Path, vocab_size: int) -> dict[str, Any]:
     added_by_id = {a["id"]: a for a in added}
     for i, a in added_by_id.items():
         if by_id.get(i, a["content"]) != a["content"]:
-            raise ModelFormatError(f"{path}: added token {a['content']!r} reuses id {i} of {by_id[i]!r}")
+            raise ModelFormatError(f"{path}: added token {show(a['content'])} reuses id {i} of {show(by_id[i])}")
         _put_token(by_id, i, a["content"], path, vocab_size, allow_same=True)
+    check_padding(path, len(by_id), vocab_size)
 
     tokens, types = [], []
     for i in range(vocab_size):
@@ -107,13 +112,21 @@ def bpe_vocab(folder: Path, vocab_size: int) -> dict[str, Any]:
     return meta
 
 
+def check_padding(path: Path, n_tokens: int, vocab_size: int) -> None:
+    """The embedding's rows beyond the tokenizer's tokens become [PAD] entries: at most MAX_VOCAB_PADDING."""
+    if vocab_size - n_tokens > MAX_VOCAB_PADDING:
+        raise ModelFormatError(f"{path}: defines {n_tokens} tokens, but vocab_size {vocab_size} (the rows of the "
+                               f"embedding) would add {vocab_size - n_tokens} [PAD] entries (limit "
+                               f"MAX_VOCAB_PADDING = {MAX_VOCAB_PADDING})")
+
+
 def _put_token(by_id: dict[int, str], i: int, text: str, path: Path, vocab_size: int,
                allow_same: bool = False) -> None:
     if not 0 <= i < vocab_size:
-        raise ModelFormatError(f"{path}: token {text!r} has id {i}, outside the vocabulary of "
+        raise ModelFormatError(f"{path}: token {show(text)} has id {show(i)}, outside the vocabulary of "
                                f"{vocab_size} (config.json vocab_size)")
     if i in by_id and not (allow_same and by_id[i] == text):
-        raise ModelFormatError(f"{path}: id {i} is used by both {by_id[i]!r} and {text!r}")
+        raise ModelFormatError(f"{path}: id {i} is used by both {show(by_id[i])} and {show(text)}")
     by_id[i] = text
 
 
@@ -134,7 +147,7 @@ def _merges(model: dict, path: Path) -> list[str]:
         elif isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m):
             out.append(f"{m[0]} {m[1]}")  # newer tokenizers store pairs; GGUF wants "a b"
         else:
-            raise ModelFormatError(f"{path}: merge #{len(out)} {m!r:.80} is neither 'a b' nor [a, b]")
+            raise ModelFormatError(f"{path}: merge #{len(out)} {show(m)} is neither 'a b' nor [a, b]")
     return out
 
 
@@ -156,12 +169,13 @@ def _pre_tokenizer_name(tok: dict, config: dict, path: Path) -> str:
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm" if config.get("clean_up_tokenization_spaces") is False else "starcoder"
     if kinds == ["Split", "ByteLevel"]:
-        pattern = str((parts[0].get("pattern") or {}).get("Regex", ""))
+        pattern = parts[0].get("pattern")
+        pattern = str(pattern.get("Regex", "")) if isinstance(pattern, dict) else ""
         if r"\p{N}{1,3}" in pattern:
             return "llama-bpe"
         if r"\p{N}" in pattern:
             return "qwen2"
-    warnings.warn(f"{path}: unrecognised pre-tokenizer {kinds}; writing tokenizer.ggml.pre = 'default'")
+    warnings.warn(f"{path}: unrecognised pre-tokenizer {show(kinds)}; writing tokenizer.ggml.pre = 'default'")
     return "default"
 
 
@@ -169,9 +183,8 @@ def _pre_tokenizer_name(tok: dict, config: dict, path: Path) -> str:
 
 def spm_vocab(folder: Path, vocab_size: int) -> dict[str, Any]:
     path = folder / "tokenizer.model"
-    pieces, trainer, normalizer = parse_sentencepiece(path)
-    if len(pieces) > vocab_size:
-        raise ModelFormatError(f"{path}: {len(pieces)} pieces, more than config.json's vocab_size {vocab_size}")
+    pieces, trainer, normalizer = parse_sentencepiece(path, max_pieces=vocab_size)
+    check_padding(path, len(pieces), vocab_size)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = np.full(vocab_size, -1000.0, dtype=np.float32)
     types = np.full(vocab_size, UNUSED, dtype=np.int32)
@@ -205,8 +218,8 @@ def _apply_added_tokens(folder: Path, config: dict, tokens: list[str], scores: n
     if not isinstance(decoder, dict):
         raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder must be an object")
     for key, entry in decoder.items():
-        if not (key.isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
-            raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: bad added_tokens_decoder entry {key!r}")
+        if not (re.fullmatch(r"[0-9]{1,10}", key) and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: bad added_tokens_decoder entry {show(key)}")
         text = entry["content"]
         if entry.get("special") or _looks_special(text):
             added.append((int(key), text, CONTROL))
@@ -214,7 +227,7 @@ def _apply_added_tokens(folder: Path, config: dict, tokens: list[str], scores: n
             added.append((int(key), text.replace("\u2581", " "), USER_DEFINED))
     for i, text, kind in added:
         if not 0 <= i < len(tokens):
-            warnings.warn(f"{folder}: ignoring added token {text!r}: id {i} is outside the vocabulary of {len(tokens)}")
+            warnings.warn(f"{folder}: ignoring added token {show(text)}: id {i} is outside the vocabulary of {len(tokens)}")
             continue
         tokens[i], scores[i], types[i] = text, -1000.0, kind
 
@@ -274,8 +287,10 @@ class _Proto:
 MAX_SPM_BYTES = 64 * 1024 * 1024
 
 
-def parse_sentencepiece(path: Path) -> tuple[list[tuple[str, float, int]], dict[int, int], dict[int, int]]:
-    """(pieces as (text, score, llama.cpp token type), trainer_spec ints, normalizer_spec ints)."""
+def parse_sentencepiece(path: Path, max_pieces: int | None = None
+                        ) -> tuple[list[tuple[str, float, int]], dict[int, int], dict[int, int]]:
+    """(pieces as (text, score, llama.cpp token type), trainer_spec ints, normalizer_spec ints);
+    refused as soon as there are more than ``max_pieces`` (the embedding's rows)."""
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file")
     if path.stat().st_size > MAX_SPM_BYTES:
@@ -286,6 +301,9 @@ def parse_sentencepiece(path: Path) -> tuple[list[tuple[str, float, int]], dict[
     normalizer: dict[int, int] = {}
     for number, wire, value in _Proto(data, path, "ModelProto").fields():
         if number == 1 and wire == 2:
+            if max_pieces is not None and len(pieces) >= max_pieces:
+                raise ModelFormatError(f"{path}: more than {max_pieces} pieces, more than the embedding's rows "
+                                       "(vocab_size)")
             pieces.append(_piece(value, path, len(pieces)))
         elif number in (2, 3) and wire == 2:
             target = trainer if number == 2 else normalizer
@@ -363,7 +381,8 @@ def _special_tokens(folder: Path, config: dict, tokens: list[str], tok_json: dic
         if token_id is None or token_id < 0:
             continue
         if token_id >= len(tokens):
-            raise ModelFormatError(f"{folder}: {kind} token id {token_id} is outside the vocabulary of {len(tokens)}")
+            raise ModelFormatError(f"{folder}: {kind} token id {show(token_id)} is outside the vocabulary of "
+                                   f"{len(tokens)}")
         meta[key] = (ValueType.UINT32, token_id)
     for kind, default in (("bos", default_add_bos), ("eos", None)):
         value = config.get(f"add_{kind}_token")
@@ -382,11 +401,13 @@ def _post_processor_adds(tok_json: dict, kind: str, tokens: list[str], meta: dic
     post = tok_json.get("post_processor")
     if not isinstance(post, dict):
         return None
-    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-    for step in steps:
+    steps = post.get("processors") if post.get("type") == "Sequence" else [post]
+    for step in steps if isinstance(steps, list) else []:
         if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
-            single = step.get("single") or []
-            ids = [p.get("SpecialToken", {}).get("id") for p in single if isinstance(p, dict)]
+            single = step.get("single")
+            single = single if isinstance(single, list) else []
+            ids = [p["SpecialToken"].get("id") for p in single
+                   if isinstance(p, dict) and isinstance(p.get("SpecialToken"), dict)]
             key = SPECIAL_KEYS[kind]
             if key not in meta:
                 return None
