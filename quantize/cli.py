@@ -1,20 +1,26 @@
 """edgellama-quantize: convert a checkpoint to a GGUF file the runtime (and llama.cpp) loads.
 
-    edgellama-quantize INPUT OUTPUT --type q8_0|q4_0|q4_1|f16|bf16|f32
+    edgellama-quantize INPUT OUTPUT [TYPE [NTHREADS]] [--type q8_0|q4_0|q4_1|f16|bf16|f32]
         [--output-type T] [--embedding-type T] [--dry-run] [--report FILE.json]
         [--force] [--threads N] [--allow-requantize] [--quiet]
 
 INPUT is a Hugging Face model folder (config.json, safetensors, tokenizer), a Meta checkpoint
-folder (params.json, consolidated.*.pth, tokenizer.model) or a GGUF file.  Errors are one line on
-stderr: exit code 2 for bad arguments, 1 for anything else (bad input, refused output, NaN weights),
-130 after Ctrl-C.  The output appears under its final name only when it is complete.
+folder (params.json, consolidated.*.pth, tokenizer.model) or a GGUF file.  The type may be given
+positionally, as llama-quantize takes it (``IN OUT q4_0``, also its file type numbers and an
+optional thread count).  Errors are one line on stderr: exit code 2 for bad arguments, 1 for
+anything else (bad input, refused output, NaN weights), 130 after Ctrl-C, 143 after SIGTERM (129
+after SIGHUP).  The output and the report appear under their final names only when complete; both
+follow the same rules (never an input, never an existing file without --force).  Progress is a bar
+on a terminal, one line per tensor group when stderr is a pipe or a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -23,8 +29,8 @@ from edgellama.gguf import ModelFormatError
 from edgellama.quants import type_name
 
 from . import blocks
-from .convert import (Plan, TensorResult, check_paths, check_requantize, make_plan, open_checkpoint,
-                      write_plan)
+from .convert import (Plan, TensorResult, check_requantize, check_target, make_plan, open_checkpoint,
+                      stale_temp_files, write_atomically, write_plan)
 from .policy import TYPE_NAMES, parse_type
 from .source import QuantizeError
 
@@ -41,13 +47,28 @@ class _UsageError(Exception):
     pass
 
 
+class Terminated(BaseException):
+    """SIGTERM / SIGHUP, raised in the main thread like KeyboardInterrupt so that every ``finally``
+    and ``except BaseException`` (the writers' temp-file cleanup) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def build_parser() -> argparse.ArgumentParser:
     types = "|".join(TYPE_NAMES)
     p = _Parser(prog=PROG, description="Convert a Hugging Face / Meta / GGUF checkpoint into a GGUF file "
                 "(F32, F16, BF16, Q8_0, Q4_0, Q4_1), bit-exact with ggml's quantizers.")
     p.add_argument("input", help="model folder (HF or Meta layout) or .gguf file")
     p.add_argument("output", help="the .gguf file to write")
-    p.add_argument("--type", required=True, metavar="T", help=f"main tensor type: {types}")
+    p.add_argument("qtype", nargs="?", metavar="TYPE", help=f"main tensor type, as llama-quantize takes it: {types}")
+    p.add_argument("nthreads", nargs="?", metavar="NTHREADS", help="quantizer threads, as llama-quantize takes them")
+    p.add_argument("--type", metavar="T", help=f"main tensor type: {types} (or the positional TYPE)")
     p.add_argument("--output-type", metavar="T", help="type of output.weight (tied: token_embd.weight)")
     p.add_argument("--embedding-type", metavar="T", help="type of token_embd.weight")
     p.add_argument("--dry-run", action="store_true", help="print the plan (types, sizes) and write nothing")
@@ -113,9 +134,7 @@ def write_report(path: str, plan: Plan, results: list[TensorResult] | None, args
         "source_bytes": plan.checkpoint.source_bytes, "output_bytes": plan.output_bytes,
         "bits_per_weight": plan.bits_per_weight, "seconds": seconds, "tensors": tensors,
     }
-    tmp = Path(path + ".partial")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(report, indent=1).encode())
 
 
 def _warn_line(message, category, filename, lineno, file=None, line=None):
@@ -131,23 +150,53 @@ def _type_option(value: str | None, option: str):
         raise _UsageError(f"{option}: {e}") from None
 
 
+def _resolve_type_and_threads(args) -> None:
+    """llama-quantize's positional TYPE [NTHREADS], or --type / --threads (not both, unless equal)."""
+    if args.qtype is not None and args.type is not None and args.qtype.lower() != args.type.lower():
+        raise _UsageError(f"type given twice: {args.qtype!r:.40} and --type {args.type!r:.40}")
+    if args.qtype is None and args.type is None:
+        raise _UsageError("the type is missing: give it after OUTPUT (llama-quantize's way) or as --type")
+    args.type = args.type or args.qtype
+    if args.nthreads is not None:
+        try:
+            threads = int(args.nthreads)
+        except ValueError:
+            raise _UsageError(f"NTHREADS must be an integer, got {args.nthreads!r:.40} (threads)") from None
+        if args.threads is not None and args.threads != threads:
+            raise _UsageError(f"threads given twice: {threads} and --threads {args.threads}")
+        args.threads = threads
+
+
+def _warn_stale(*targets: str) -> None:
+    for target in targets:
+        for stale in stale_temp_files(target):
+            warnings.warn(f"{stale}: a temp file left by an earlier interrupted run; delete it unless another "
+                          f"conversion is writing {Path(target).name} now")
+
+
 def run(args) -> int:
-    target = _type_option(args.type, "--type")
+    _resolve_type_and_threads(args)
+    target = _type_option(args.type, "--type" if args.qtype is None else "TYPE")
     output_type = _type_option(args.output_type, "--output-type")
     embedding_type = _type_option(args.embedding_type, "--embedding-type")
     if args.threads is not None and args.threads < 1:
         raise _UsageError(f"--threads must be at least 1, got {args.threads}")
+    # every file this run writes follows the same rules, checked before anything is read
     if not args.dry_run:
-        check_paths(args.input, args.output, args.force)
-    if args.report and Path(args.report).resolve() in (Path(args.input).resolve(), Path(args.output).resolve()):
-        raise QuantizeError(f"{args.report}: the report would overwrite the input or the output")
+        check_target(args.input, args.output, args.force, "output")
+    if args.report:
+        if Path(args.report).resolve() == Path(args.output).resolve() and not args.dry_run:
+            raise QuantizeError(f"{args.report}: the --report file would be the output file")
+        check_target(args.input, args.report, args.force, "--report file")
+    _warn_stale(*([] if args.dry_run else [args.output]), *([args.report] if args.report else []))
     blocks.set_threads(args.threads)
     checkpoint = open_checkpoint(args.input)
     try:
         plan = make_plan(checkpoint, target, output_type=output_type, embedding_type=embedding_type)
         if args.dry_run and plan.requantized and not args.allow_requantize:
-            warnings.warn(f"{len(plan.requantized)} tensors are already quantized: converting needs "
-                          "--allow-requantize (quality drops)")
+            kinds = sorted({type_name(p.tensor.source_type) for p in plan.tensors if p.tensor.name in plan.requantized})
+            warnings.warn(f"{len(plan.requantized)} tensors are already quantized ({', '.join(kinds)}): "
+                          "converting needs --allow-requantize (quality drops)")
         else:
             check_requantize(plan, args.allow_requantize, quiet=False)
         for p in plan.tensors:
@@ -172,11 +221,32 @@ def run(args) -> int:
     return 0
 
 
+def _group(name: str) -> str:
+    """A tensor's progress group: its layer (blk.N), or the global tensors."""
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "blk" and len(parts) > 2 else "global"
+
+
 def _write_with_progress(plan: Plan, args) -> list[TensorResult]:
+    """A tqdm bar on a terminal; on a pipe or a file one line per finished tensor group (layer)."""
+    if args.quiet:
+        return write_plan(plan, args.output)
+    total = len(plan.tensors)
+    if not sys.stderr.isatty():
+        last = {"group": None, "count": 0, "start": time.perf_counter()}
+        groups = [_group(p.tensor.name) for p in plan.tensors]
+
+        def on_line(result: TensorResult) -> None:
+            last["count"] += 1
+            done, group = last["count"], _group(result.name)
+            if done == total or groups[done] != group:
+                print(f"[{done}/{total}] {group} ({time.perf_counter() - last['start']:.1f} s)", file=sys.stderr,
+                      flush=True)
+        return write_plan(plan, args.output, on_tensor=on_line)
+
     from tqdm import tqdm
 
-    bar = tqdm(total=len(plan.tensors), unit="tensor", disable=args.quiet, file=sys.stderr,
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=total, unit="tensor", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
         def on_tensor(result: TensorResult) -> None:
             bar.set_postfix_str(f"{result.name} {result.type}", refresh=False)
@@ -186,10 +256,22 @@ def _write_with_progress(plan: Plan, args) -> list[TensorResult]:
         bar.close()
 
 
+def _install_signal_handlers() -> dict:
+    """SIGTERM and SIGHUP end the run the way Ctrl-C does (temp files removed); the previous
+    handlers are returned for restoring (main() may run inside another program, e.g. tests)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous[signum] = signal.signal(signum, _terminate)
+    return previous
+
+
 def main(argv: list[str] | None = None) -> int:
     blocks.prefer_workqueue_threads()
     previous = warnings.showwarning
     warnings.showwarning = _warn_line
+    handlers = _install_signal_handlers()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -210,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; no output written", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"{PROG}: terminated by {signal.Signals(e.signum).name}; no output written", file=sys.stderr)
+        return 128 + e.signum
     finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
         warnings.showwarning = previous
 
 

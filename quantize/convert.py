@@ -10,17 +10,20 @@ Hugging Face folder, a Meta ``consolidated.*.pth`` folder).  The steps:
 
 from __future__ import annotations
 
+import glob
 import math
 import os
+import struct
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from edgellama.gguf import TensorSpec, ValueType, write_gguf
+from edgellama.gguf import ModelFormatError, TensorSpec, ValueType, write_gguf
 from edgellama.quants import GGMLType, tensor_nbytes, type_name
 
 from . import blocks
@@ -88,9 +91,24 @@ class TensorResult:
 
 # ----- opening inputs ---------------------------------------------------------------------------
 
+_MALFORMED = (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError, ZeroDivisionError,
+              struct.error, RecursionError)
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Open a GGUF file, a Hugging Face model folder or a Meta checkpoint folder."""
-    p = Path(path)
+    """Open a GGUF file, a Hugging Face model folder or a Meta checkpoint folder.  Every reader
+    names the file, field and value of what it refuses; anything a reader did not foresee in an
+    untrusted file still becomes a ModelFormatError naming the input, never a traceback."""
+    try:
+        return _open_checkpoint(Path(path))
+    except (QuantizeError, ModelFormatError, NotImplementedError, OSError, MemoryError):
+        raise
+    except _MALFORMED as e:
+        raise ModelFormatError(f"{path}: cannot read this checkpoint ({type(e).__name__}: "
+                               f"{str(e)[:200]})") from e
+
+
+def _open_checkpoint(p: Path) -> Checkpoint:
     if not p.exists():
         raise QuantizeError(f"{p}: no such file or folder")
     if p.is_dir():
@@ -126,7 +144,72 @@ def make_plan(checkpoint: Checkpoint, target: GGMLType, *, output_type: GGMLType
         planned.append(PlannedTensor(tensor, choice))
     requantized = [p.tensor.name for p in planned
                    if not p.choice.copy and is_quantized(p.tensor.source_type)]
-    return Plan(checkpoint, target, _output_metadata(checkpoint, target), planned, requantized)
+    metadata = _output_metadata(checkpoint, target)
+    check_metadata(metadata, checkpoint.path)
+    return Plan(checkpoint, target, metadata, planned, requantized)
+
+
+_INT_RANGES = {
+    ValueType.UINT8: (0, (1 << 8) - 1), ValueType.INT8: (-(1 << 7), (1 << 7) - 1),
+    ValueType.UINT16: (0, (1 << 16) - 1), ValueType.INT16: (-(1 << 15), (1 << 15) - 1),
+    ValueType.UINT32: (0, (1 << 32) - 1), ValueType.INT32: (-(1 << 31), (1 << 31) - 1),
+    ValueType.UINT64: (0, (1 << 64) - 1), ValueType.INT64: (-(1 << 63), (1 << 63) - 1),
+}
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_metadata(metadata: dict, source: str) -> None:
+    """Every value fits the GGUF type it will be written as (integers in range, float32 scalars
+    finite, strings valid Unicode), so that writing cannot fail half-way or store a different value."""
+    def fail(key: str, what: str) -> ModelFormatError:
+        return ModelFormatError(f"{source}: metadata {key}: {what}")
+
+    def check_string(key: str, text: Any) -> None:
+        if not isinstance(text, str):
+            raise fail(key, f"expected a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise fail(key, f"not valid Unicode (a lone surrogate {text[e.start]!r} at character {e.start})") from None
+
+    def check_scalar(key: str, vtype: ValueType, value: Any) -> None:
+        if vtype in _INT_RANGES:
+            low, high = _INT_RANGES[vtype]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+                raise fail(key, f"{str(value)[:40]} does not fit GGUF {vtype.name}")
+        elif vtype in (ValueType.FLOAT32, ValueType.FLOAT64):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise fail(key, f"expected a number, got {type(value).__name__}")
+            if not math.isfinite(float(value)) or (vtype == ValueType.FLOAT32 and abs(float(value)) > _F32_MAX):
+                raise fail(key, f"{value!r} is not a finite {vtype.name} value")
+        elif vtype == ValueType.BOOL:
+            if not isinstance(value, (bool, np.bool_)):
+                raise fail(key, f"expected true or false, got {type(value).__name__}")
+        elif vtype == ValueType.STRING:
+            check_string(key, value)
+
+    for key, value in metadata.items():
+        check_string("(key)", key)
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], ValueType):
+            vtype, value = value
+        elif isinstance(value, bool):
+            vtype = ValueType.BOOL
+        elif isinstance(value, str):
+            vtype = ValueType.STRING
+        elif isinstance(value, float):
+            vtype = ValueType.FLOAT32
+        else:
+            continue  # the writer infers its own type (ints pick UINT32 or INT64)
+        if vtype != ValueType.ARRAY:
+            check_scalar(key, vtype, value)
+            continue
+        item_type, items = value
+        if item_type == ValueType.STRING:
+            for i, text in enumerate(items):
+                check_string(f"{key}[{i}]", text)
+        elif item_type in _INT_RANGES and not isinstance(items, np.ndarray):
+            for i, item in enumerate(items):
+                check_scalar(f"{key}[{i}]", item_type, item)
 
 
 def _llama_order(tensors: list[SourceTensor]) -> list[SourceTensor]:
@@ -199,6 +282,10 @@ def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -
 def write_plan(plan: Plan, target_path: str | os.PathLike, *, measure: bool = True,
                on_tensor: Callable[[TensorResult], None] | None = None) -> list[TensorResult]:
     """Write the planned file atomically; returns one result per tensor, in file order."""
+    for p in plan.tensors:
+        if not p.choice.copy and p.tensor.source_type not in blocks.READABLE_TYPES:
+            raise QuantizeError(f"{p.tensor.origin or p.tensor.name}: {type_name(p.tensor.source_type)} tensors "
+                                "cannot be decoded by this converter (only copied as they are)")
     specs = [TensorSpec(p.tensor.name, p.choice.qtype, p.tensor.shape) for p in plan.tensors]
     results: list[TensorResult] = []
 
@@ -214,22 +301,77 @@ def write_plan(plan: Plan, target_path: str | os.PathLike, *, measure: bool = Tr
     return results
 
 
+def _input_files(source: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the input file, or of every file directly inside the input folder."""
+    paths = [source] if source.is_file() else [p for p in source.iterdir() if p.is_file()] if source.is_dir() else []
+    identities = set()
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        identities.add((st.st_dev, st.st_ino))
+    return identities
+
+
+def check_target(source: str | os.PathLike, target: str | os.PathLike, force: bool, what: str = "output") -> None:
+    """The rules for every file the command writes (the output, the --report file): never the input
+    file, a file of the input folder or another name (hard link) of one, even with ``force``; an
+    existing file only with ``force``; the folder must exist.  ``what`` names the file in messages."""
+    src, dst = Path(source), Path(target)
+    if dst.is_dir():
+        raise QuantizeError(f"{dst}: {what} is a folder; give a file name")
+    if dst.exists():
+        if src.exists() and os.path.samefile(src, dst):
+            raise QuantizeError(f"{dst}: {what} is the input file; refusing to overwrite it")
+        if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):
+            raise QuantizeError(f"{dst}: {what} is a file of the input folder {src}; refusing to overwrite it")
+        st = dst.stat()
+        if (st.st_dev, st.st_ino) in _input_files(src):
+            raise QuantizeError(f"{dst}: {what} is another name (hard link) of an input file; refusing to "
+                                "overwrite it")
+        if not force:
+            raise QuantizeError(f"{dst}: {what} exists; use --force to overwrite it")
+    if not dst.resolve().parent.is_dir():
+        raise QuantizeError(f"{dst}: {what}'s folder {dst.resolve().parent} does not exist")
+
+
 def check_paths(source: str | os.PathLike, target: str | os.PathLike, force: bool) -> None:
     """Never overwrite the input (not even a file inside an input folder); overwrite an existing
     output only with ``force``."""
-    src, dst = Path(source), Path(target)
-    if dst.is_dir():
-        raise QuantizeError(f"{dst}: output is a folder; give a file name ending in .gguf")
-    if dst.exists():
-        if src.exists() and os.path.samefile(src, dst):
-            raise QuantizeError(f"{dst}: output is the input file; refusing to overwrite it")
-        if src.is_dir() and dst.resolve().is_relative_to(src.resolve()):
-            raise QuantizeError(f"{dst}: output is a file of the input folder {src}; refusing to "
-                                "overwrite it")
-        if not force:
-            raise QuantizeError(f"{dst}: output exists; use --force to overwrite it")
-    if not dst.resolve().parent.is_dir():
-        raise QuantizeError(f"{dst}: folder {dst.resolve().parent} does not exist")
+    check_target(source, target, force, "output")
+
+
+def stale_temp_files(target: str | os.PathLike) -> list[Path]:
+    """Temp files an interrupted run (SIGKILL, power loss) left next to ``target``: ``.NAME.*.partial``,
+    the names write_gguf and the report writer use."""
+    path = Path(target)
+    try:
+        return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
+    except OSError:
+        return []
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """A small file (the report) as write_gguf writes its output: temp file in the same folder,
+    fsync, usual permissions, rename; nothing is left under either name if anything fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def convert_file(source: str | os.PathLike, target: str | os.PathLike, qtype: str | GGMLType, *,
