@@ -30,7 +30,7 @@ from edgellama.quants import type_name
 
 from . import blocks
 from .convert import (Plan, TensorResult, check_requantize, check_target, make_plan, open_checkpoint,
-                      stale_temp_files, write_atomically, write_plan)
+                      stale_temp_files, validate_plan, write_atomically, write_plan)
 from .policy import TYPE_NAMES, parse_type
 from .source import QuantizeError
 
@@ -193,6 +193,7 @@ def run(args) -> int:
     checkpoint = open_checkpoint(args.input)
     try:
         plan = make_plan(checkpoint, target, output_type=output_type, embedding_type=embedding_type)
+        validate_plan(plan)  # the runtime's checks, before anything is said about the plan
         if args.dry_run and plan.requantized and not args.allow_requantize:
             kinds = sorted({type_name(p.tensor.source_type) for p in plan.tensors if p.tensor.name in plan.requantized})
             warnings.warn(f"{len(plan.requantized)} tensors are already quantized ({', '.join(kinds)}): "

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from edgellama.config import ModelArgs
 from edgellama.gguf import ModelFormatError, TensorSpec, ValueType, write_gguf
 from edgellama.quants import GGMLType, tensor_nbytes, type_name
 
@@ -144,9 +145,21 @@ def make_plan(checkpoint: Checkpoint, target: GGMLType, *, output_type: GGMLType
         planned.append(PlannedTensor(tensor, choice))
     requantized = [p.tensor.name for p in planned
                    if not p.choice.copy and is_quantized(p.tensor.source_type)]
-    metadata = _output_metadata(checkpoint, target)
-    check_metadata(metadata, checkpoint.path)
-    return Plan(checkpoint, target, metadata, planned, requantized)
+    return Plan(checkpoint, target, _output_metadata(checkpoint, target), planned, requantized)
+
+
+def validate_plan(plan: Plan) -> None:
+    """What the plan would write must load in the runtime: the metadata fits its GGUF types, and
+    ``edgellama.config.ModelArgs`` (the runtime's own checks) accepts the metadata with the shapes of
+    the tensors to be written, and the values of rope_freqs.weight.  Run before writing (and in
+    dry runs), so that nothing invalid is ever written."""
+    source = plan.checkpoint.path
+    check_metadata(plan.metadata, source)
+    shapes = {p.tensor.name: tuple(int(d) for d in p.tensor.shape) for p in plan.tensors}
+    args = ModelArgs.from_metadata(plan.metadata, shapes, f"{source}: the metadata to be written")
+    rope = next((p.tensor for p in plan.tensors if p.tensor.name == "rope_freqs.weight"), None)
+    if rope is not None:
+        args.check_rope_freqs(np.asarray(rope.read_rows(0, 1), dtype=np.float32).reshape(-1))
 
 
 _INT_RANGES = {
@@ -282,6 +295,7 @@ def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -
 def write_plan(plan: Plan, target_path: str | os.PathLike, *, measure: bool = True,
                on_tensor: Callable[[TensorResult], None] | None = None) -> list[TensorResult]:
     """Write the planned file atomically; returns one result per tensor, in file order."""
+    validate_plan(plan)
     for p in plan.tensors:
         if not p.choice.copy and p.tensor.source_type not in blocks.READABLE_TYPES:
             raise QuantizeError(f"{p.tensor.origin or p.tensor.name}: {type_name(p.tensor.source_type)} tensors "

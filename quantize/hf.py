@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgellama.config import MAX_CONTEXT_LENGTH, MAX_INT
 from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.quants import GGMLType
 
@@ -50,9 +51,7 @@ _GLOBAL_NAMES = {
 _IGNORED = re.compile(r"^model\.layers\.(0|[1-9][0-9]{0,8})\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER_RE = re.compile(r"^model\.layers\.(0|[1-9][0-9]{0,8})\.(.+)$")  # plain numbers below 10^9
 
-U32_MAX = (1 << 32) - 1
 F32_MAX = float(np.finfo(np.float32).max)
-MAX_CONTEXT_LENGTH = 1 << 30  # tokens; the longest trained contexts are about 10M
 _REQUIRED = object()
 
 
@@ -74,8 +73,8 @@ class ConfigValues:
             return default
         return value
 
-    def get_int(self, key: str, default: Any = _REQUIRED, *, maximum: int = U32_MAX,
-            limit_name: str = "a GGUF 32-bit field") -> int:
+    def get_int(self, key: str, default: Any = _REQUIRED, *, maximum: int = MAX_INT,
+                limit_name: str = "counts are 32-bit in llama.cpp") -> int:
         value = self._get(key, default)
         if type(value) is not int or value <= 0:
             raise self.fail(f"{self.prefix}{key} must be a positive integer, got {show(value)}")

@@ -264,10 +264,14 @@ def test_requantizing_needs_the_flag_and_warns(capsys, tmp_path):
     assert "warning:" in err and "quality drops" in err
 
 
-def test_fallback_type_is_announced(capsys, tmp_path):
+def test_width_the_runtime_cannot_run_is_refused_before_any_warning(capsys, tmp_path):
+    """A width of 48 would fall back to F16 (llama-quantize's rule), but the runtime needs widths
+    that are multiples of 32: the metadata to be written fails its checks, in one line."""
     folder = make_tiny_hf_checkpoint(tmp_path / "hf", hidden_size=48, num_attention_heads=3,
                                      num_key_value_heads=1)
-    code, _, err = run(capsys, folder, tmp_path / "o.gguf", "--type", "q8_0", "--quiet")
-    assert code == 0, err
-    assert "warning: blk.0.attn_q.weight: row length 48 is not a multiple" in err
-    assert GGUFFile(tmp_path / "o.gguf").tensors["blk.0.attn_q.weight"].qtype == GGMLType.F16
+    for extra in ([], ["--dry-run"]):
+        code, _, err = run(capsys, folder, tmp_path / "o.gguf", "--type", "q8_0", "--quiet", *extra)
+        assert code == 1
+        assert_one_line_error(err, "the metadata to be written", "llama.embedding_length", "48", "32")
+        assert "warning" not in err
+    assert not (tmp_path / "o.gguf").exists()

@@ -159,15 +159,40 @@ def tiny(tmp_path) -> Path:
     return make_tiny_hf_checkpoint(tmp_path / "hf")
 
 
-def small_gguf(path: Path, metadata: dict | None = None, qtype: GGMLType = GGMLType.F32) -> Path:
-    """A GGUF with one 2-D weight of ``qtype`` (zero blocks: valid for every type) and a norm."""
-    md = {"general.architecture": "llama"}
-    md.update(metadata or {})
-    shape = (8, 256)
-    weight = np.zeros(tensor_nbytes(qtype, shape), np.uint8)
-    norm = np.ones(256, np.float32)
-    write_gguf(path, md, [TensorSpec("blk.0.ffn_up.weight", qtype, shape),
-                          TensorSpec("output_norm.weight", GGMLType.F32, (256,))], [weight, norm])
+def small_gguf(path: Path) -> Path:
+    """Two tensors and no hyper-parameters: not a model, only something to refuse to overwrite."""
+    write_gguf(path, {"general.architecture": "llama"},
+               [TensorSpec("output_norm.weight", GGMLType.F32, (256,))], [np.ones(256, np.float32)])
+    return path
+
+
+def tiny_gguf(path: Path, *, types: dict | None = None, metadata: dict | None = None) -> Path:
+    """A valid tiny llama GGUF (F32, width 64, FFN 256 so that 256-element blocks fit ffn_down's
+    rows); ``types`` replaces tensors by zero blocks of another type (valid in every type),
+    ``metadata`` changes keys ((ValueType, value) pairs; None deletes)."""
+    from tiny_model import write_tiny_model
+
+    base = write_tiny_model(path.with_name(path.stem + ".base.gguf"), GGMLType.F32, ffn=256)
+    gguf = GGUFFile(base)
+    md = {}  # copied out of the memory map before it is closed
+    for key, (vtype, value) in gguf.typed_metadata().items():
+        if vtype == ValueType.ARRAY:
+            value = (value[0], np.array(value[1]) if isinstance(value[1], np.ndarray) else list(value[1]))
+        md[key] = (vtype, value)
+    specs, data = [], []
+    for name, info in gguf.tensors.items():
+        qtype = (types or {}).get(name, info.qtype)
+        specs.append(TensorSpec(name, qtype, info.shape))
+        data.append(np.zeros(tensor_nbytes(qtype, info.shape), np.uint8) if qtype != info.qtype
+                    else np.array(gguf.raw(name)))
+    gguf.close()
+    base.unlink()
+    for key, value in (metadata or {}).items():
+        if value is None:
+            md.pop(key, None)
+        else:
+            md[key] = value
+    write_gguf(path, md, specs, data)
     return path
 
 
@@ -474,6 +499,16 @@ ALIASES = {"architectures": "architecture", "model_type": "architecture", "bos_t
            "eos_token_id": "eos", "pad_token_id": "pad"}
 
 
+def assert_loads_in_the_runtime(path: Path) -> None:
+    from edgellama.config import ModelArgs
+
+    gguf = GGUFFile(path)
+    try:
+        ModelArgs.from_gguf(gguf)
+    finally:
+        gguf.close()
+
+
 def _one_line_or_success(capsys, folder, tmp_path, key) -> None:
     """A hostile value either converts to a file that passes the runtime's checks, or is refused in
     one line that names the key; never a traceback."""
@@ -486,7 +521,7 @@ def _one_line_or_success(capsys, folder, tmp_path, key) -> None:
         return
     code, _, err = run(capsys, folder, out, "--type", "q8_0", "--quiet", "--force")
     assert code == 0, err
-    GGUFFile(out).close()
+    assert_loads_in_the_runtime(out)
 
 
 @pytest.mark.parametrize("key", HF_KEYS)
@@ -602,7 +637,7 @@ def test_hostile_tokenizer_json_is_one_line(capsys, tiny, tmp_path, edit):
     if code == 1:
         assert_one_line_error(err, "tokenizer")
     else:
-        GGUFFile(tmp_path / "o.gguf").close()
+        assert_loads_in_the_runtime(tmp_path / "o.gguf")
 
 
 # ===== 14: --report follows the output's rules ====================================================
@@ -755,15 +790,73 @@ def test_quantized_means_more_than_one_element_per_block():
 @pytest.mark.parametrize("qtype", [GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.Q6_K,
                                    GGMLType.IQ4_NL, GGMLType.IQ2_XXS, GGMLType.TQ1_0])
 def test_any_quantized_source_needs_allow_requantize(capsys, tmp_path, qtype):
-    src = small_gguf(tmp_path / "m.gguf", qtype=qtype)
-    for extra in ([], ["--dry-run"]):
-        code, _, err = run(capsys, src, tmp_path / "o.gguf", "--type", "q8_0", *extra)
-        if extra:
-            assert code == 0 and f"already quantized" in err and "--allow-requantize" in err, err
-        else:
-            assert code == 1
-            assert_one_line_error(err, "already quantized", qtype.name, "--allow-requantize")
+    """Audit: Q5_0 / Q5_1 / K-quant sources were converted without --allow-requantize or a warning."""
+    src = tiny_gguf(tmp_path / "m.gguf", types={"blk.0.ffn_down.weight": qtype})
+    code, _, err = run(capsys, src, tmp_path / "o.gguf", "--type", "q8_0")
+    assert code == 1
+    assert_one_line_error(err, "1 tensors are already quantized", qtype.name, "--allow-requantize")
+    code, out, err = run(capsys, src, tmp_path / "o.gguf", "--type", "q8_0", "--dry-run")
+    assert code == 0, err
+    assert "warning: 1 tensors are already quantized" in err and qtype.name in err and "--allow-requantize" in err
     assert not (tmp_path / "o.gguf").exists()
+    code, _, err = run(capsys, src, tmp_path / "o.gguf", "--type", "q8_0", "--allow-requantize", "--quiet")
+    from quantize.blocks import READABLE_TYPES
+
+    if qtype not in READABLE_TYPES:  # no decoder: refused before the temp file exists
+        assert code == 1
+        assert_one_line_error(err, "blk.0.ffn_down.weight", qtype.name, "cannot be decoded")
+        assert only_files(tmp_path) == ["m.gguf"]
+    else:
+        assert code == 0, err
+        assert "requantizing 1 tensors" in err
+        assert GGUFFile(tmp_path / "o.gguf").tensors["blk.0.ffn_down.weight"].qtype == GGMLType.Q8_0
+
+
+# ===== 16: the metadata written passes the runtime's own checks ===================================
+
+@pytest.mark.parametrize("key, value", [
+    ("llama.attention.head_count", (ValueType.UINT32, 0)),
+    ("llama.attention.head_count", (ValueType.UINT32, 3)),
+    ("llama.attention.head_count_kv", (ValueType.UINT32, 3)),
+    ("llama.rope.dimension_count", (ValueType.INT32, -2)),
+    ("llama.rope.dimension_count", (ValueType.UINT32, 0)),
+    ("llama.rope.dimension_count", (ValueType.UINT32, 17)),
+    ("llama.rope.scaling.factor", (ValueType.FLOAT32, float("nan"))),
+    ("llama.rope.scaling.factor", (ValueType.FLOAT32, float("inf"))),
+    ("llama.rope.scaling.factor", (ValueType.FLOAT32, 0.5)),
+    ("llama.block_count", (ValueType.UINT32, 10**8)),
+    ("llama.block_count", (ValueType.UINT32, 1)),
+    ("llama.vocab_size", (ValueType.UINT32, 5)),
+    ("llama.attention.layer_norm_rms_epsilon", (ValueType.FLOAT32, -1.0)),
+    ("llama.rope.freq_base", (ValueType.FLOAT32, 0.0)),
+    ("llama.context_length", (ValueType.UINT64, 2**40)),
+    ("llama.embedding_length", (ValueType.UINT32, 0)),
+    ("llama.feed_forward_length", None),
+    ("general.architecture", (ValueType.STRING, "gpt2")),
+])
+def test_metadata_the_runtime_refuses_is_never_written(capsys, tmp_path, key, value):
+    """Audit: head_count 0 and rope dimension -2 were copied into the output."""
+    src = tiny_gguf(tmp_path / "m.gguf", metadata={key: value})
+    for extra in (["--dry-run"], []):
+        code, _, err = run(capsys, src, tmp_path / "o.gguf", "--type", "q8_0", *extra)
+        assert code == 1
+        assert_one_line_error(err, "m.gguf", key)
+    assert only_files(tmp_path) == ["m.gguf"]
+
+
+def test_hf_rope_factor_the_runtime_refuses_is_never_written(capsys, tiny, tmp_path):
+    edit_json(tiny / "config.json", rope_scaling={"type": "linear", "factor": 0.5})
+    code, _, err = run(capsys, tiny, tmp_path / "o.gguf", "--type", "q8_0")
+    assert code == 1
+    assert_one_line_error(err, "the metadata to be written", "llama.rope.scaling.factor", "0.5")
+
+
+def test_every_output_of_the_readers_passes_the_runtime(capsys, tiny, tmp_path):
+    for i, source in enumerate([tiny, FIXTURE, FIXTURE / "mp2", tiny_gguf(tmp_path / "m.gguf")]):
+        out = tmp_path / f"o{i}.gguf"
+        code, _, err = run(capsys, source, out, "--type", "q4_0", "--quiet")
+        assert code == 0, err
+        assert_loads_in_the_runtime(out)
 
 
 # ===== issue 12, item 12: llama-quantize's positional type; progress only on a terminal ===========
