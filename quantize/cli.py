@@ -56,8 +56,25 @@ class Terminated(BaseException):
         self.signum = signum
 
 
+_pending_signals: list[int] = []
+_written: list[str] = []  # the output, once it is complete under its final name
+
+
 def _terminate(signum, frame):
+    """Raise Terminated where the signal lands, unless that is inside Numba / llvmlite (loading or
+    compiling a kernel: an exception there leaves half-built LLVM objects that complain when freed);
+    then the run stops at the next tensor boundary (``_check_pending``)."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] in ("numba", "llvmlite"):
+            _pending_signals.append(signum)
+            return
+        frame = frame.f_back
     raise Terminated(signum)
+
+
+def _check_pending() -> None:
+    if _pending_signals:
+        raise Terminated(_pending_signals.pop())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +228,7 @@ def run(args) -> int:
         start = time.perf_counter()
         results = _write_with_progress(plan, args)
         seconds = time.perf_counter() - start
+        _written.append(args.output)
     finally:
         checkpoint.close()
     if args.report:
@@ -231,13 +249,14 @@ def _group(name: str) -> str:
 def _write_with_progress(plan: Plan, args) -> list[TensorResult]:
     """A tqdm bar on a terminal; on a pipe or a file one line per finished tensor group (layer)."""
     if args.quiet:
-        return write_plan(plan, args.output)
+        return write_plan(plan, args.output, on_tensor=lambda result: _check_pending())
     total = len(plan.tensors)
     if not sys.stderr.isatty():
         last = {"group": None, "count": 0, "start": time.perf_counter()}
         groups = [_group(p.tensor.name) for p in plan.tensors]
 
         def on_line(result: TensorResult) -> None:
+            _check_pending()
             last["count"] += 1
             done, group = last["count"], _group(result.name)
             if done == total or groups[done] != group:
@@ -250,11 +269,16 @@ def _write_with_progress(plan: Plan, args) -> list[TensorResult]:
     bar = tqdm(total=total, unit="tensor", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
         def on_tensor(result: TensorResult) -> None:
+            _check_pending()
             bar.set_postfix_str(f"{result.name} {result.type}", refresh=False)
             bar.update(1)
         return write_plan(plan, args.output, on_tensor=on_tensor)
     finally:
         bar.close()
+
+
+def _what_was_written() -> str:
+    return f"{_written[0]} is complete" if _written else "no output written"
 
 
 def _install_signal_handlers() -> dict:
@@ -273,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = warnings.showwarning
     warnings.showwarning = _warn_line
     handlers = _install_signal_handlers()
+    _pending_signals.clear()
+    _written.clear()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -291,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; no output written", file=sys.stderr)
+        print(f"{PROG}: interrupted; {_what_was_written()}", file=sys.stderr)
         return 130
     except Terminated as e:
-        print(f"{PROG}: terminated by {signal.Signals(e.signum).name}; no output written", file=sys.stderr)
+        print(f"{PROG}: terminated by {signal.Signals(e.signum).name}; {_what_was_written()}", file=sys.stderr)
         return 128 + e.signum
     finally:
         for signum, handler in handlers.items():

@@ -761,6 +761,21 @@ def test_sigterm_to_a_real_run_leaves_no_half_file(tmp_path):
         assert only_files(out_dir) == []
 
 
+def test_a_signal_inside_numba_waits_for_the_next_tensor():
+    """Raised inside llvmlite (a kernel being loaded), the exception would leave half-built LLVM
+    objects complaining on stderr; there the signal is kept and raised at the next tensor boundary."""
+    namespace = {"__name__": "llvmlite.binding.fake"}
+    exec("import sys\ndef here():\n    return sys._getframe()", namespace)
+    inside = namespace["here"]()
+    cli._pending_signals.clear()
+    cli._terminate(signal.SIGTERM, inside)  # no exception here
+    with pytest.raises(cli.Terminated):
+        cli._check_pending()
+    cli._check_pending()  # raised once
+    with pytest.raises(cli.Terminated):
+        cli._terminate(signal.SIGTERM, sys._getframe())  # anywhere else: at once
+
+
 def test_stale_partial_files_are_named_in_a_warning(capsys, tiny, tmp_path):
     out = tmp_path / "m.gguf"
     stale = [tmp_path / ".m.gguf.k2j4x9.partial", tmp_path / ".r.json.a81x0q.partial"]
