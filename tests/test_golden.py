@@ -1,6 +1,16 @@
 """The real SmolLM2 model against llama.cpp's golden fixtures (tests/golden, tools/make_golden.py).
 
 See tools/golden.py for why top-1 agreement is checked at clear positions and near ties are allowed.
+
+These thresholds are not rounding tolerances and cannot be: llama.cpp is another program (its own
+activation blocks, kernels, attention), and with 8-bit activations this 30-layer model is chaotic,
+so a 1e-6 change flips int8 roundings that grow into logit changes of 0.1-1 (a rounding bound
+propagated through 30 layers exceeds the logits; tests/error_bounds.py).  They are statistics with
+margins: measured on three code paths (AVX-512 VNNI, AVX2, generic x86-64) top-1 agreement
+0.945-0.968 (bound 0.93; llama.cpp agrees with itself on 94-99% across its own settings), max |logit
+diff| 1.0-1.7 (bound 2.5), mean 0.17-0.19 (bound 0.35).  Each bound is far from what a bug does (a
+wrong mask, position or cache slot costs whole nats and most top-1 tokens), and test_targets runs
+the q4_0 fixture on other CPU targets.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ def _passage():
 
 def test_passage_perplexity_matches_llama_cpp(loaded):
     """~480 tokens (two prompt chunks of n_batch=256) through the whole cache: the text's
-    perplexity equals llama.cpp's within 1%, and per token the log-likelihoods differ on average by
+    perplexity equals llama.cpp's within 1.5%, and per token the log-likelihoods differ on average by
     no more than llama.cpp's differ from themselves when only its KV cache precision changes
     (f16 -> f32: 0.064 nats on these files; bound 0.10).  A wrong mask, position or cache slot
     costs whole nats."""
@@ -60,21 +70,27 @@ def test_passage_perplexity_matches_llama_cpp(loaded):
     want = np.array(fixture["files"][qtype]["nll"])
     got = next_token_nll(model.logits(ids), ids)
     ppl, ref_ppl = float(np.exp(got.mean())), float(np.exp(want.mean()))
-    assert abs(ppl / ref_ppl - 1) < 0.01, (qtype, ppl, ref_ppl)
+    # measured on AVX-512 VNNI / AVX2 / generic code: perplexity within 0.3-0.7% of llama.cpp's,
+    # 0.061-0.072 nats per token; a mean of ~480 per-token differences of ~0.07 spreads by ~0.4%
+    assert abs(ppl / ref_ppl - 1) < 0.015, (qtype, ppl, ref_ppl)
     assert np.abs(got - want).mean() < 0.10, (qtype, np.abs(got - want).mean())
 
 
-@pytest.mark.parametrize("cache_type, agreement", [("f16", 0.95), ("q8_0", 0.93)])
+@pytest.mark.parametrize("cache_type, agreement", [("f16", 0.93), ("q8_0", 0.90)])
 def test_kv_cache_types_cost_little_quality(smollm2_files, cache_type, agreement):
     """The default f16 cache and the q8_0 one against an f32 cache on the passage
-    (tools/kv_cache_quality.py reports the same figures): perplexity within 1%, the same top-1
-    token almost everywhere (measured: f16 96.7%, q8_0 94.4%; llama.cpp's f16 and f32 caches agree
-    on 94-99% of such positions)."""
+    (tools/kv_cache_quality.py reports the same figures): perplexity within 2%, the same top-1
+    token almost everywhere.  Statistics of a chaotic model (module docstring), so the bounds leave
+    room for another CPU's flips: measured on AVX-512 VNNI / AVX2 / generic code, f16 agreed on
+    95.6-96.7% of the 481 positions and q8_0 on 93.6-95.6% (one position is 0.2%; the spread of
+    such a count is about 1%), perplexities within 0.1-0.8%; llama.cpp's own f16 and f32 caches
+    agree on 94-99% of such positions.  A broken cache loses most top-1 tokens and tens of percent
+    of perplexity."""
     import numpy as np
 
     ids = _passage()["ids"]
     logits = {t: edgellama.load(smollm2_files["q8_0"], n_ctx=512, threads=2, cache_type=t).logits(ids)
               for t in ("f32", cache_type)}
     nll = {t: next_token_nll(v, ids) for t, v in logits.items()}
-    assert abs(np.exp(nll[cache_type].mean()) / np.exp(nll["f32"].mean()) - 1) < 0.01
+    assert abs(np.exp(nll[cache_type].mean()) / np.exp(nll["f32"].mean()) - 1) < 0.02
     assert (logits[cache_type].argmax(-1) == logits["f32"].argmax(-1)).mean() > agreement
