@@ -89,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-type", metavar="T", help="type of output.weight (tied: token_embd.weight)")
     p.add_argument("--embedding-type", metavar="T", help="type of token_embd.weight")
     p.add_argument("--dry-run", action="store_true", help="print the plan (types, sizes) and write nothing")
-    p.add_argument("--report", metavar="FILE.json", help="write per-tensor RMSE / max error as JSON")
-    p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists (never the input)")
+    p.add_argument("--report", metavar="FILE.json", help="write per-tensor RMSE / max error as JSON (also with "
+                   "--dry-run; the same rules as OUTPUT)")
+    p.add_argument("--force", action="store_true", help="overwrite OUTPUT and the --report file if they exist "
+                   "(never an input file)")
     p.add_argument("--threads", type=int, metavar="N", help="quantizer threads (default: all cores)")
     p.add_argument("--allow-requantize", action="store_true",
-                   help="allow converting already-quantized (Q8_0/Q4_x) tensors; quality drops")
+                   help="allow converting already-quantized tensors (any Q, K, IQ or TQ type); quality drops")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
 
