@@ -1,9 +1,11 @@
-"""Shared fixtures: the real SmolLM2 model (fetched once through tools/fetch_models.py) and the
-Q8_0 / Q4_0 files requantized from it by our quantizer (byte-identical to llama.cpp's, which
-tests/test_golden.py checks)."""
+"""Shared fixtures: the real SmolLM2 model (fetched once through tools/fetch_models.py, which says
+what is downloaded and kept) and the Q8_0 / Q4_0 files requantized from it by our quantizer
+(byte-identical to llama.cpp's, which tests/test_golden.py checks), made in this session's
+temporary directory and removed at its end."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,8 +35,13 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_files(smollm2_path) -> dict[str, Path]:
-    """{"q4_1": shipped file, "q8_0": ..., "q4_0": ...} requantized by edgellama-quantize."""
+def smollm2_files(smollm2_path, tmp_path_factory):
+    """{"q4_1": shipped file, "q8_0": ..., "q4_0": ...} requantized by edgellama-quantize (about a
+    second each) into a temporary directory that is removed after the session: 227 MiB that
+    would otherwise stay behind (pytest keeps its last temporary directories)."""
     from tools.fetch_models import smollm2_requantized
 
-    return {"q4_1": smollm2_path, "q8_0": smollm2_requantized("q8_0"), "q4_0": smollm2_requantized("q4_0")}
+    folder = tmp_path_factory.mktemp("smollm2")
+    yield {"q4_1": smollm2_path, "q8_0": smollm2_requantized("q8_0", folder),
+           "q4_0": smollm2_requantized("q4_0", folder)}
+    shutil.rmtree(folder, ignore_errors=True)

