@@ -278,9 +278,9 @@ def test_generation_stops_at_context_end(tmp_path):
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
     model = edgellama.load(path, n_ctx=12)
     ids = model.tokenize("the water")
-    chunks = list(model.generate(ids, max_tokens=None, temperature=1.0, seed=1, stop_ids=()))
-    if chunks[-1].finish_reason == "length":
-        assert model.state.n_past == 12
+    banned = {t: float("-inf") for t in model.tokenizer.eog_ids}  # so that only the context can end it
+    chunks = list(model.generate(ids, max_tokens=None, temperature=1.0, seed=1, stop_ids=(), logit_bias=banned))
+    assert chunks[-1].finish_reason == "length" and model.state.n_past == 12
 
 
 def test_prompt_longer_than_context_is_a_clear_error(tmp_path):
