@@ -39,6 +39,8 @@ import numpy as np
 
 from edgellama.gguf import ModelFormatError
 
+from .source import map_file, unmap
+
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
 # torch.save spends about 32 opcodes and 8 memo entries per tensor, and its stack holds a batch of
 # 1000 dict items: these caps admit about 32,000 tensors per file (the largest real checkpoints have
@@ -276,6 +278,7 @@ class _Archive:
         self.pickle_name = pickles[0]
         self.root = pickles[0][:-len("data.pkl")]
         self._map = None
+        self._mmap = None
         self._ranges: list[tuple[int, int, str]] = []  # (start, end, member) of every storage read
 
     def pickle_bytes(self) -> bytes:
@@ -305,7 +308,7 @@ class _Archive:
                                    "(file is truncated or incomplete)")
         self._ranges.append((start, start + nbytes, name))
         if self._map is None:
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+            self._mmap, self._map = map_file(self.path)
         return self._map[start:start + nbytes].view(storage_type.dtype)
 
     def check_disjoint(self) -> None:
@@ -336,12 +339,8 @@ class _Archive:
 
     def close(self) -> None:
         self.zip.close()
-        mm = getattr(self._map, "_mmap", None)
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
+        self._map = None
+        unmap(self._mmap)
 
 
 class TorchCheckpoint:

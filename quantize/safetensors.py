@@ -24,6 +24,8 @@ import numpy as np
 
 from edgellama.gguf import ModelFormatError
 
+from .source import map_file, unmap
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # safetensors dtype -> numpy dtype of the stored items (BF16 as raw uint16)
@@ -56,7 +58,7 @@ def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 class SafetensorsFile:
-    """One validated .safetensors file; ``array(name)`` is a read-only memmap view."""
+    """One validated .safetensors file; ``array(name)`` is a read-only view of the file's map."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
@@ -65,7 +67,7 @@ class SafetensorsFile:
             raise ModelFormatError(f"{self.path}: no such file")
         self.size = p.stat().st_size
         self.tensors, self.metadata = self._read_header()
-        self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self._mmap, self._buf = map_file(self.path)
 
     def fail(self, what: str) -> ModelFormatError:
         return ModelFormatError(f"{self.path}: {what}")
@@ -147,12 +149,8 @@ class SafetensorsFile:
         return self._buf[t.begin:t.begin + t.nbytes].view(dtype).reshape(t.shape)
 
     def close(self) -> None:
-        mm = getattr(self._buf, "_mmap", None)
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
+        self._buf = None
+        unmap(self._mmap)
 
 
 def to_float32(items: np.ndarray, dtype: str) -> np.ndarray:

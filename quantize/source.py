@@ -8,6 +8,8 @@ so converting never holds more than one tensor's output in memory.
 
 from __future__ import annotations
 
+import mmap
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,6 +20,24 @@ from edgellama.quants import GGMLType
 
 class QuantizeError(ValueError):
     """A user-facing conversion error: bad input, bad option, refused output path."""
+
+
+def map_file(path: str | os.PathLike) -> tuple[mmap.mmap, np.ndarray]:
+    """A read-only map of a file and a uint8 array over it.  The array holds a buffer export, so
+    ``unmap`` cannot pull the pages from under a view still in use (``np.memmap`` would let it)."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return mm, np.frombuffer(mm, dtype=np.uint8)
+
+
+def unmap(mm: mmap.mmap | None) -> None:
+    """Close a map whose own array the caller has dropped; while views of it live, leave it to them
+    (it is freed with the last one)."""
+    if mm is not None:
+        try:
+            mm.close()
+        except BufferError:
+            pass
 
 
 def show(value: Any) -> str:

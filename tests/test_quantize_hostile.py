@@ -398,6 +398,31 @@ def test_sentencepiece_far_larger_than_the_embedding_stops_early(tmp_path, basel
     assert rss < baseline_rss + 14 * MIB + 32 * MIB  # the file's bytes, plus a little
 
 
+_VIEW_AFTER_CLOSE = """
+import sys
+import numpy as np
+from quantize.pickle_reader import TorchCheckpoint
+from quantize.safetensors import SafetensorsFile
+st = SafetensorsFile(sys.argv[1])
+kept = st.array("model.norm.weight")
+st.close()
+ckpt = TorchCheckpoint(sys.argv[2])
+items = ckpt.tensors["norm.weight"].items
+ckpt.close()
+print(float(np.asarray(kept, np.float64).sum()), float(np.asarray(items, np.float64).sum()))
+"""
+
+
+def test_views_outlive_a_closed_reader(tiny):
+    """Closing a reader must not unmap pages a view still points at (np.memmap's map could be
+    closed under live views: reading one then crashed the process)."""
+    result = subprocess.run([sys.executable, "-c", _VIEW_AFTER_CLOSE, str(tiny / "model.safetensors"),
+                             str(FIXTURE / "consolidated.00.pth")], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.split()) == 2
+
+
 # ===== 12: the restricted unpickler's stack, memo and work are capped =============================
 
 def _pickle_folder(tmp_path: Path, body: bytes, name: str) -> Path:
