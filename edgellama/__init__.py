@@ -6,10 +6,9 @@ but ``ModelFormatError`` is imported on first use (PEP 562 ``__getattr__``).
 
 from __future__ import annotations
 
-import errno
 import importlib
 
-from .gguf import ModelFormatError
+from .gguf import ModelFileNotFoundError, ModelFormatError
 
 __all__ = [
     "load", "Model", "Tokenizer", "__version__",
@@ -28,17 +27,6 @@ _LAZY = {
     "TokenizerError": ".tokenizer",
     "ChatTemplateError": ".chat",
 }
-
-
-class ModelFileNotFoundError(FileNotFoundError, ModelFormatError):
-    """The model file does not exist: a ``FileNotFoundError`` (``errno``, ``filename``) that is also a
-    ``ModelFormatError``, so that either ``except`` catches it."""
-
-    def __init__(self, path):
-        super().__init__(errno.ENOENT, "no such file", str(path))
-
-    def __str__(self) -> str:
-        return f"{self.filename}: no such file"
 
 
 def load(path, n_ctx=None, threads=None, **kwargs):

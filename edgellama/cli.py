@@ -318,11 +318,7 @@ class Loaded(NamedTuple):
 
 
 def open_model_file(path: str) -> GGUFFile:
-    if not os.path.exists(path):
-        from . import ModelFileNotFoundError
-
-        raise ModelFileNotFoundError(path)
-    return GGUFFile(path)
+    return GGUFFile(path)  # a missing file is a ModelFileNotFoundError
 
 
 def load_model(args, stream=None) -> Loaded:

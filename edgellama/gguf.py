@@ -3,7 +3,7 @@
 Reading never trusts a declared size: every count, length and offset is checked against the bytes
 that remain in the file before anything is looped over or allocated, so a hostile 500-byte file
 fails at once with a ``ModelFormatError`` that names the file, the field and the value.  Tensors are
-zero-copy, read-only views into one ``np.memmap``, and so are numeric metadata arrays.
+zero-copy, read-only views into one memory map, and so are numeric metadata arrays.
 
 What the header costs in Python objects is bounded by its size: counts are capped (keys, tensors,
 array items), arrays of arrays are refused (llama.cpp's reader refuses them too), and the parser
@@ -22,6 +22,7 @@ File layout (little-endian, version 2 and 3):
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -66,6 +67,17 @@ _STRING_CHUNK = 1 << 16  # strings decoded between two checks of the memory acco
 
 class ModelFormatError(ValueError):
     """A model file is malformed, truncated or uses something we do not support."""
+
+
+class ModelFileNotFoundError(FileNotFoundError, ModelFormatError):
+    """The model file does not exist: a ``FileNotFoundError`` (``errno``, ``filename``) that is also a
+    ``ModelFormatError``, so that either ``except`` catches it."""
+
+    def __init__(self, path):
+        super().__init__(errno.ENOENT, "no such file", str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: no such file"
 
 
 class ValueType(IntEnum):
@@ -252,14 +264,18 @@ class GGUFFile:
         self.path = str(path)
         p = Path(path)
         if not p.exists():
-            raise ModelFormatError(f"{self.path}: no such file")
+            raise ModelFileNotFoundError(self.path)
         if p.is_dir():
             raise ModelFormatError(f"{self.path}: is a directory, expected a .gguf file")
         size = p.stat().st_size
         if size < 24:
             raise ModelFormatError(f"{self.path}: file is truncated or incomplete ({size} bytes, a "
                                    "GGUF header alone is 24)")
-        self.buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+        # a read-only map whose numpy views hold a buffer export: close() cannot unmap it while a
+        # view is alive (np.memmap would, and reading the view afterwards would crash)
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self._parse()
 
     def _parse(self) -> None:
@@ -387,7 +403,7 @@ class GGUFFile:
         """Drop a tensor's pages (or those of its rows start_row..stop_row-1) of the map from this
         process's memory (they were copied elsewhere); reading them again brings them back from
         the page cache.  A no-op where madvise is missing."""
-        mapping = getattr(self.buf, "_mmap", None)
+        mapping = self._mmap
         if mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensor(name)
@@ -415,13 +431,13 @@ class GGUFFile:
         return out
 
     def close(self) -> None:
-        mm = getattr(self.buf, "_mmap", None)
+        mm, self._mmap = self._mmap, None
         self.buf = None
         if mm is not None:
             try:
                 mm.close()
             except BufferError:
-                pass  # views are still alive; the map is freed when they are
+                pass  # views are still alive; the map is freed with the last of them
 
 
 # ----- writing ----------------------------------------------------------------------------------

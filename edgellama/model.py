@@ -263,10 +263,6 @@ class Model:
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
-        if not os.path.exists(path):
-            from . import ModelFileNotFoundError  # a FileNotFoundError that is also a ModelFormatError
-
-            raise ModelFileNotFoundError(path)
         return cls(GGUFFile(path), n_ctx=n_ctx, threads=threads, **kwargs)
 
     # ----- text <-> ids ---------------------------------------------------------------------------

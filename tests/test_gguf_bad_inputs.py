@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from edgellama.gguf import (HEADER_MEMORY_FACTOR, HEADER_MEMORY_SLACK, MAX_ARRAY_ITEMS,
-                            MAX_METADATA_KEYS, MAX_TENSORS, GGUFFile,
+                            MAX_METADATA_KEYS, MAX_TENSORS, GGUFFile, ModelFileNotFoundError,
                             ModelFormatError, TensorSpec, ValueType, write_gguf)
 from edgellama.quants import GGMLType
 
@@ -120,7 +120,9 @@ def expect_error(path, *fragments: str) -> str:
     """GGUFFile(path) raises exactly ModelFormatError naming the file and every fragment."""
     with pytest.raises(Exception) as excinfo:
         open_gguf(path)
-    assert excinfo.type is ModelFormatError, f"{excinfo.type.__name__} escaped: {excinfo.value!r}"
+    # exactly ModelFormatError, or the one subclass for a missing file
+    assert excinfo.type in (ModelFormatError, ModelFileNotFoundError), \
+        f"{excinfo.type.__name__} escaped: {excinfo.value!r}"
     message = str(excinfo.value)
     assert str(path) in message, message
     for fragment in fragments:
@@ -339,6 +341,31 @@ def test_file_is_a_directory(tmp_path):
 
 def test_missing_file(tmp_path):
     expect_error(tmp_path / "nope.gguf", "no such file")
+    with pytest.raises(FileNotFoundError) as e:  # also a ModelFormatError: either except catches it
+        GGUFFile(tmp_path / "nope.gguf")
+    assert isinstance(e.value, ModelFileNotFoundError) and isinstance(e.value, ModelFormatError)
+
+
+def test_views_outlive_a_closed_file(tmp_path):
+    """close() cannot unmap the file under a view that is still in use (np.memmap did: reading
+    the view then crashed the process); run in a child so that a crash fails only this test."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        sys.path.insert(0, {str(REPO_ROOT / "tests")!r})
+        from edgellama.gguf import GGUFFile
+        from edgellama.quants import GGMLType
+        from tiny_model import write_tiny_model
+        path = write_tiny_model({str(tmp_path / "m.gguf")!r}, GGMLType.Q8_0)
+        f = GGUFFile(path)
+        view = f.raw("token_embd.weight")
+        want = int(view.sum())
+        f.close()
+        assert int(view.sum()) == want
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-500:])
 
 
 def test_dangling_symlink(tmp_path):
