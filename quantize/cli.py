@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     types = "|".join(TYPE_NAMES)
     p = _Parser(prog=PROG, description="Convert a Hugging Face / Meta / GGUF checkpoint into a GGUF file "
                 "(F32, F16, BF16, Q8_0, Q4_0, Q4_1), bit-exact with ggml's quantizers.")
+    from edgellama import __version__
+
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("input", help="model folder (HF or Meta layout) or .gguf file")
     p.add_argument("output", help="the .gguf file to write")
     p.add_argument("qtype", nargs="?", metavar="TYPE", help=f"main tensor type, as llama-quantize takes it: {types}")

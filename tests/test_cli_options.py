@@ -167,6 +167,8 @@ def test_a_missing_model_is_one_line():
 def test_version():
     r = edgellama_cmd("--version")
     assert r.returncode == 0 and r.stdout == f"edgellama {edgellama.__version__}\n"
+    r = subprocess.run([sys.executable, "-m", "quantize", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"edgellama-quantize {edgellama.__version__}\n"
 
 
 def test_help_shows_the_real_defaults():
