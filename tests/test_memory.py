@@ -48,10 +48,18 @@ def test_released_rows_leave_memory_and_read_back_the_same(smollm2_path):
         n = rows.shape[0]
         checksum = int(rows.sum(dtype=np.uint64))
         first, second = rows[:n // 2], rows[n // 2 + 64:]  # (a page's margin between the halves)
-        assert present_pages(first) > 0.99 * first.nbytes / mmap.PAGESIZE
+        # Pages of a file mapping that were read may be reclaimed at any time when the machine is
+        # short of memory (seen under load: 87% of a half left a moment after reading it), so each
+        # half is read again just before its pages are counted, and "kept" means most of what was
+        # there a moment before; a release that reached the second half would leave none of it.
+        half_pages = second.nbytes / mmap.PAGESIZE
+        int(first.sum(dtype=np.uint64))
+        assert present_pages(first) > 0.5 * half_pages
+        int(second.sum(dtype=np.uint64))
+        before = present_pages(second)
         f.release("token_embd.weight", 0, n // 2)
         assert present_pages(first) == 0
-        assert present_pages(second) > 0.99 * second.nbytes / mmap.PAGESIZE
+        assert before > 0.5 * half_pages and present_pages(second) > 0.5 * before
         f.release("token_embd.weight")
         assert present_pages(rows) == 0
         assert int(rows.sum(dtype=np.uint64)) == checksum  # back from the page cache, unchanged
