@@ -24,7 +24,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from edgellama.quants import GGMLType
+from edgellama.quants import BLOCK_LAYOUT, GGMLType
+
+from . import kquants
 
 QK = 32  # elements per block of Q8_0 / Q4_0 / Q4_1
 
@@ -170,6 +172,86 @@ def quantize_rows_q4_1(x, out):
                 out[r, dst + 4 + j] = np.uint8(lo | (hi << 4))
 
 
+@njit(**_kernel)
+def quantize_rows_q5_0(x, out):
+    """Q5_0 (22 bytes: f16 d, u32 qh, uint8 qs[16]): d = x[argmax|x|] / -16,
+    q = min(31, trunc(x / d + 16.5)); low nibbles as Q4_0, fifth bits of element j in bit j of qh."""
+    n_blocks = x.shape[1] // QK
+    for r in prange(x.shape[0]):
+        scratch = np.empty(1, dtype=np.float32)  # (1,) bit reinterpretation of the scale
+        for b in range(n_blocks):
+            src = b * QK
+            dst = b * 22
+            amax = np.float32(0.0)
+            vmax = np.float32(0.0)
+            for j in range(QK):
+                v = x[r, src + j]
+                if amax < abs(v):
+                    amax = abs(v)
+                    vmax = v
+            d = vmax / np.float32(-16.0)
+            inv_d = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            _store_f16(out, r, dst, d, scratch)
+            high = 0
+            for j in range(QK // 2):
+                lo = _q5_0_level(x[r, src + j] * inv_d)
+                hi = _q5_0_level(x[r, src + j + QK // 2] * inv_d)
+                out[r, dst + 6 + j] = np.uint8((lo & 0xF) | ((hi & 0xF) << 4))
+                high |= ((lo >> 4) & 1) << j
+                high |= ((hi >> 4) & 1) << (j + QK // 2)
+            for k in range(4):
+                out[r, dst + 2 + k] = np.uint8((high >> (8 * k)) & 0xFF)
+
+
+@njit(**_kernel)
+def quantize_rows_q5_1(x, out):
+    """Q5_1 (24 bytes: f16 d, f16 m, u32 qh, uint8 qs[16]): d = (max - min) / 31,
+    q = trunc((x - min) / d + 0.5) (as a byte: no clamp, as in ggml)."""
+    n_blocks = x.shape[1] // QK
+    for r in prange(x.shape[0]):
+        scratch = np.empty(1, dtype=np.float32)  # (1,) bit reinterpretation of the scales
+        for b in range(n_blocks):
+            src = b * QK
+            dst = b * 24
+            vmin = np.float32(np.finfo(np.float32).max)
+            vmax = -vmin
+            for j in range(QK):
+                v = x[r, src + j]
+                if v < vmin:
+                    vmin = v
+                if v > vmax:
+                    vmax = v
+            d = (vmax - vmin) / np.float32(31.0)
+            inv_d = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+            _store_f16(out, r, dst, d, scratch)
+            _store_f16(out, r, dst + 2, vmin, scratch)
+            high = 0
+            for j in range(QK // 2):
+                lo = _byte_level((x[r, src + j] - vmin) * inv_d)
+                hi = _byte_level((x[r, src + j + QK // 2] - vmin) * inv_d)
+                out[r, dst + 8 + j] = np.uint8((lo & 0xF) | ((hi & 0xF) << 4))
+                high |= ((lo >> 4) & 1) << j
+                high |= ((hi >> 4) & 1) << (j + QK // 2)
+            for k in range(4):
+                out[r, dst + 4 + k] = np.uint8((high >> (8 * k)) & 0xFF)
+
+
+@njit(cache=True, inline="always")
+def _q5_0_level(scaled):
+    """ggml: MIN(31, (int8_t)(x * id + 16.5f)); the sum is in [0, 33) for finite input."""
+    t = scaled + np.float32(16.5)
+    q = int(t) if t == t else 0
+    return min(31, max(0, q))
+
+
+@njit(cache=True, inline="always")
+def _byte_level(scaled):
+    """ggml: (uint8_t)((x - min) * id + 0.5f), in [0, 32) for finite input."""
+    t = scaled + np.float32(0.5)
+    q = int(t) if t == t else 0
+    return max(0, q) & 0xFF
+
+
 @njit(cache=True, inline="always")
 def _q4_0_level(scaled):
     """ggml: MIN(15, (int8_t)(x * id + 8.5f)); the sum is in [0, 17) for finite input."""
@@ -247,6 +329,41 @@ def dequantize_rows_q4_1(raw, out, half_table):
 
 
 @njit(**_kernel)
+def dequantize_rows_q5_0(raw, out, half_table):
+    """x = d * (q - 16), q = nibble | fifth bit << 4 (ggml's dequantize_row_q5_0)."""
+    for r in prange(raw.shape[0]):
+        for b in range(out.shape[1] // QK):
+            o = b * 22
+            d = _load_f16(raw, r, o, half_table)
+            high = (np.int64(raw[r, o + 2]) | (np.int64(raw[r, o + 3]) << 8) | (np.int64(raw[r, o + 4]) << 16)
+                    | (np.int64(raw[r, o + 5]) << 24))
+            for j in range(QK // 2):
+                byte = np.int32(raw[r, o + 6 + j])
+                lo = (byte & 0xF) | (((high >> j) & 1) << 4)
+                hi = (byte >> 4) | (((high >> (j + QK // 2)) & 1) << 4)
+                out[r, b * QK + j] = np.float32(lo - 16) * d
+                out[r, b * QK + j + QK // 2] = np.float32(hi - 16) * d
+
+
+@njit(**_kernel)
+def dequantize_rows_q5_1(raw, out, half_table):
+    """x = d * q + m (ggml's dequantize_row_q5_1)."""
+    for r in prange(raw.shape[0]):
+        for b in range(out.shape[1] // QK):
+            o = b * 24
+            d = _load_f16(raw, r, o, half_table)
+            m = _load_f16(raw, r, o + 2, half_table)
+            high = (np.int64(raw[r, o + 4]) | (np.int64(raw[r, o + 5]) << 8) | (np.int64(raw[r, o + 6]) << 16)
+                    | (np.int64(raw[r, o + 7]) << 24))
+            for j in range(QK // 2):
+                byte = np.int32(raw[r, o + 8 + j])
+                lo = (byte & 0xF) | (((high >> j) & 1) << 4)
+                hi = (byte >> 4) | (((high >> (j + QK // 2)) & 1) << 4)
+                out[r, b * QK + j] = np.float32(lo) * d + m
+                out[r, b * QK + j + QK // 2] = np.float32(hi) * d + m
+
+
+@njit(**_kernel)
 def dequantize_rows_half(raw, out, half_table):
     """F16 or BF16 (by the table given): raw (n_rows, 2 * n) -> out (n_rows, n)."""
     for r in prange(raw.shape[0]):
@@ -291,15 +408,21 @@ BF16_TABLE = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
 F16_TABLE.flags.writeable = False
 BF16_TABLE.flags.writeable = False
 
+# type -> (row quantizer, row dequantizer, whether the dequantizer takes the half table)
 QUANTIZERS = {
-    GGMLType.Q8_0: (quantize_rows_q8_0, 34),
-    GGMLType.Q4_0: (quantize_rows_q4_0, 18),
-    GGMLType.Q4_1: (quantize_rows_q4_1, 20),
+    GGMLType.Q8_0: (quantize_rows_q8_0, dequantize_rows_q8_0, True),
+    GGMLType.Q4_0: (quantize_rows_q4_0, dequantize_rows_q4_0, True),
+    GGMLType.Q4_1: (quantize_rows_q4_1, dequantize_rows_q4_1, True),
+    GGMLType.Q5_0: (quantize_rows_q5_0, dequantize_rows_q5_0, True),
+    GGMLType.Q5_1: (quantize_rows_q5_1, dequantize_rows_q5_1, True),
+    GGMLType.Q4_K: (kquants.quantize_rows_q4_k, kquants.dequantize_rows_q4_k, False),
+    GGMLType.Q5_K: (kquants.quantize_rows_q5_k, kquants.dequantize_rows_q5_k, False),
+    GGMLType.Q6_K: (kquants.quantize_rows_q6_k, kquants.dequantize_rows_q6_k, False),
 }
 # Types ``quantize_rows`` can produce and ``dequantize_rows`` can read (the other types llama.cpp
 # writes are read through gguf-py's reference dequantizers, which ggml's formats are defined by).
 WRITABLE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, *QUANTIZERS})
-GGUF_PY_READABLE = frozenset({GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+GGUF_PY_READABLE: frozenset[GGMLType] = frozenset()  # every type llama-quantize writes from our inputs is native now
 READABLE_TYPES = WRITABLE_TYPES | GGUF_PY_READABLE
 
 
@@ -330,22 +453,30 @@ def set_threads(n: int | None) -> None:
 
 
 def row_bytes(qtype: GGMLType, n_cols: int) -> int:
-    if qtype in QUANTIZERS:
-        return n_cols // QK * QUANTIZERS[qtype][1]
-    return n_cols * (4 if qtype == GGMLType.F32 else 2)
+    block_elems, block_bytes = BLOCK_LAYOUT[qtype]
+    return n_cols // block_elems * block_bytes
 
 
-def quantize_rows(x: np.ndarray, qtype: GGMLType, out: np.ndarray | None = None) -> np.ndarray:
+def block_elems(qtype: GGMLType) -> int:
+    return BLOCK_LAYOUT[qtype][0]
+
+
+def quantize_rows(x: np.ndarray, qtype: GGMLType, out: np.ndarray | None = None,
+                  importance: np.ndarray | None = None) -> np.ndarray:
     """float32 rows (n_rows, n_cols) -> the ``qtype`` bytes of those rows, (n_rows, row_bytes) uint8.
 
-    ``out``, if given, is a C-contiguous (n_rows, row_bytes) uint8 array to fill (no extra copy)."""
+    ``out``, if given, is a C-contiguous (n_rows, row_bytes) uint8 array to fill (no extra copy).
+    ``importance`` (n_cols,) is reserved for imatrix weights (llama-quantize --imatrix); the block
+    fits in ``kquants`` take their weights as arguments so that it can be passed down later."""
     x = _readonly(np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1]))
     n_rows, n_cols = x.shape
     qtype = GGMLType(qtype)
-    if qtype in QUANTIZERS and n_cols % QK:
-        raise ValueError(f"row length {n_cols} is not a multiple of {qtype.name}'s block size {QK}")
     if qtype not in WRITABLE_TYPES:
         raise NotImplementedError(f"no quantizer for {qtype.name}")
+    if importance is not None:
+        raise NotImplementedError("importance-weighted (imatrix) quantization is not implemented")
+    if n_cols % block_elems(qtype):
+        raise ValueError(f"row length {n_cols} is not a multiple of {qtype.name}'s block size {block_elems(qtype)}")
     if out is None:
         out = np.empty((n_rows, row_bytes(qtype, n_cols)), dtype=np.uint8)  # (n_rows, row_bytes)
     if qtype == GGMLType.F32:
@@ -387,12 +518,12 @@ def dequantize_rows(raw: np.ndarray, qtype: GGMLType, n_cols: int) -> np.ndarray
         dequantize_rows_half(raw, out, F16_TABLE)
     elif qtype == GGMLType.BF16:
         dequantize_rows_half(raw, out, BF16_TABLE)
-    elif qtype == GGMLType.Q8_0:
-        dequantize_rows_q8_0(raw, out, F16_TABLE)
-    elif qtype == GGMLType.Q4_0:
-        dequantize_rows_q4_0(raw, out, F16_TABLE)
-    elif qtype == GGMLType.Q4_1:
-        dequantize_rows_q4_1(raw, out, F16_TABLE)
+    elif qtype in QUANTIZERS:
+        _, dequantizer, takes_table = QUANTIZERS[qtype]
+        if takes_table:
+            dequantizer(raw, out, F16_TABLE)
+        else:
+            dequantizer(raw, out)
     elif qtype in GGUF_PY_READABLE:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize as gguf_dequantize

@@ -1,13 +1,14 @@
 """edgellama-quantize: convert a checkpoint to a GGUF file the runtime (and llama.cpp) loads.
 
-    edgellama-quantize INPUT OUTPUT [TYPE [NTHREADS]] [--type q8_0|q4_0|q4_1|f16|bf16|f32]
+    edgellama-quantize INPUT OUTPUT [TYPE [NTHREADS]]
+        [--type q4_k_m|q4_k_s|q5_k_m|q5_k_s|q6_k|q5_0|q5_1|q8_0|q4_0|q4_1|f16|bf16|f32]
         [--output-type T] [--embedding-type T] [--dry-run] [--report FILE.json]
         [--force] [--threads N] [--allow-requantize] [--quiet]
 
 INPUT is a Hugging Face model folder (config.json, safetensors, tokenizer), a Meta checkpoint
 folder (params.json, consolidated.*.pth, tokenizer.model) or a GGUF file.  The type may be given
-positionally, as llama-quantize takes it (``IN OUT q4_0``, also its file type numbers and an
-optional thread count).  Errors are one line on stderr: exit code 2 for bad arguments, 1 for
+positionally, as llama-quantize takes it (``IN OUT Q4_K_M``, also its file type numbers, its
+aliases Q4_K = Q4_K_M and Q5_K = Q5_K_M, and an optional thread count).  Errors are one line on stderr: exit code 2 for bad arguments, 1 for
 anything else (bad input, refused output, NaN weights), 130 after Ctrl-C, 143 after SIGTERM (129
 after SIGHUP).  The output and the report appear under their final names only when complete; both
 follow the same rules (never an input, never an existing file without --force).  Progress is a bar
@@ -31,7 +32,7 @@ from edgellama.quants import type_name
 from . import blocks
 from .convert import (Plan, TensorResult, check_requantize, check_target, make_plan, open_checkpoint,
                       stale_temp_files, validate_plan, write_atomically, write_plan)
-from .policy import TYPE_NAMES, parse_type
+from .policy import TENSOR_TYPES, TYPE_NAMES, parse_file_type, parse_tensor_type
 from .source import QuantizeError
 
 PROG = "edgellama-quantize"
@@ -80,17 +81,19 @@ def _check_pending() -> None:
 def build_parser() -> argparse.ArgumentParser:
     types = "|".join(TYPE_NAMES)
     p = _Parser(prog=PROG, description="Convert a Hugging Face / Meta / GGUF checkpoint into a GGUF file "
-                "(F32, F16, BF16, Q8_0, Q4_0, Q4_1), bit-exact with ggml's quantizers.")
+                "(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K), byte-identical "
+                "to llama-quantize (its per-tensor type rules, ggml's reference quantizers).")
     from edgellama import __version__
 
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     p.add_argument("input", help="model folder (HF or Meta layout) or .gguf file")
     p.add_argument("output", help="the .gguf file to write")
-    p.add_argument("qtype", nargs="?", metavar="TYPE", help=f"main tensor type, as llama-quantize takes it: {types}")
+    p.add_argument("qtype", nargs="?", metavar="TYPE", help=f"file type, as llama-quantize takes it: {types} (or its number)")
     p.add_argument("nthreads", nargs="?", metavar="NTHREADS", help="quantizer threads, as llama-quantize takes them")
-    p.add_argument("--type", metavar="T", help=f"main tensor type: {types} (or the positional TYPE)")
-    p.add_argument("--output-type", metavar="T", help="type of output.weight (tied: token_embd.weight)")
-    p.add_argument("--embedding-type", metavar="T", help="type of token_embd.weight")
+    p.add_argument("--type", metavar="T", help=f"file type: {types} (or the positional TYPE)")
+    tensor_types = "|".join(TENSOR_TYPES)
+    p.add_argument("--output-type", metavar="T", help=f"type of output.weight (tied: token_embd.weight): {tensor_types}")
+    p.add_argument("--embedding-type", metavar="T", help=f"type of token_embd.weight: {tensor_types}")
     p.add_argument("--dry-run", action="store_true", help="print the plan (types, sizes) and write nothing")
     p.add_argument("--report", metavar="FILE.json", help="write per-tensor RMSE / max error as JSON (also with "
                    "--dry-run; the same rules as OUTPUT)")
@@ -125,7 +128,7 @@ def summary_lines(plan: Plan, results: list[TensorResult], seconds: float) -> li
     lines = [
         f"model size  = {source_bytes / MIB:9.2f} MiB ({8 * source_bytes / max(1, n_elements):.2f} bits per weight)",
         f"quant size  = {plan.output_bytes / MIB:9.2f} MiB ({plan.bits_per_weight:.2f} bits per weight, "
-        f"{type_name(plan.target)})",
+        f"{plan.file_type.name})",
         f"{len(results)} tensors in {seconds:.2f} s: {len(results) / max(seconds, 1e-9):.1f} tensors/s, "
         f"{4 * n_elements / MIB / max(seconds, 1e-9):.1f} MB/s of float32 weights",
     ]
@@ -151,7 +154,7 @@ def write_report(path: str, plan: Plan, results: list[TensorResult] | None, args
         })
     report = {
         "input": str(args.input), "output": None if args.dry_run else str(args.output),
-        "type": type_name(plan.target), "dry_run": bool(args.dry_run),
+        "type": plan.file_type.name, "dry_run": bool(args.dry_run),
         "n_tensors": len(plan.tensors), "n_weights": plan.n_elements,
         "source_bytes": plan.checkpoint.source_bytes, "output_bytes": plan.output_bytes,
         "bits_per_weight": plan.bits_per_weight, "seconds": seconds, "tensors": tensors,
@@ -163,11 +166,11 @@ def _warn_line(message, category, filename, lineno, file=None, line=None):
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-def _type_option(value: str | None, option: str):
+def _type_option(value: str | None, option: str, parse=parse_tensor_type):
     if value is None:
         return None
     try:
-        return parse_type(value)
+        return parse(value)
     except QuantizeError as e:
         raise _UsageError(f"{option}: {e}") from None
 
@@ -189,6 +192,21 @@ def _resolve_type_and_threads(args) -> None:
         args.threads = threads
 
 
+def _warn_fallbacks(plan: Plan) -> None:
+    """One warning per kind of type fallback (a K-quant model of width 576 has hundreds), naming
+    the tensors (the first few when there are many)."""
+    by_note: dict[str, list[str]] = {}
+    for p in plan.tensors:
+        if p.choice.note and "instead" in p.choice.note:
+            by_note.setdefault(p.choice.note, []).append(p.tensor.name)
+    for note, names in by_note.items():
+        if len(names) == 1:
+            warnings.warn(f"{names[0]}: {note}")
+        else:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            warnings.warn(f"{len(names)} tensors ({shown}): {note}")
+
+
 def _warn_stale(*targets: str) -> None:
     for target in targets:
         for stale in stale_temp_files(target):
@@ -198,7 +216,7 @@ def _warn_stale(*targets: str) -> None:
 
 def run(args) -> int:
     _resolve_type_and_threads(args)
-    target = _type_option(args.type, "--type" if args.qtype is None else "TYPE")
+    target = _type_option(args.type, "--type" if args.qtype is None else "TYPE", parse_file_type)
     output_type = _type_option(args.output_type, "--output-type")
     embedding_type = _type_option(args.embedding_type, "--embedding-type")
     if args.threads is not None and args.threads < 1:
@@ -222,9 +240,7 @@ def run(args) -> int:
                           "converting needs --allow-requantize (quality drops)")
         else:
             check_requantize(plan, args.allow_requantize, quiet=False)
-        for p in plan.tensors:
-            if p.choice.note and "instead" in p.choice.note:
-                warnings.warn(f"{p.tensor.name}: {p.choice.note}")
+        _warn_fallbacks(plan)
         if args.dry_run:
             print_plan(plan)
             if args.report:

@@ -3,7 +3,8 @@
 ``convert_file(source, target, "q8_0")`` is the whole job for any supported input (a GGUF file, a
 Hugging Face folder, a Meta ``consolidated.*.pth`` folder).  The steps:
   1. open the checkpoint (metadata + lazily read tensors, already in GGUF naming and layout);
-  2. ``make_plan``: the type of every tensor (``policy.choose``) and the output size;
+  2. ``make_plan``: the type of every tensor (``policy.TypeChooser``: llama-quantize's rules) and the
+     output size;
   3. ``write_plan``: stream tensors one at a time through the Numba quantizers into
      ``edgellama.gguf.write_gguf`` (temp file + rename: an error or Ctrl-C leaves nothing behind).
 """
@@ -28,7 +29,7 @@ from edgellama.gguf import ModelFormatError, TensorSpec, ValueType, write_gguf
 from edgellama.quants import GGMLType, tensor_nbytes, type_name
 
 from . import blocks
-from .policy import FILE_TYPES, Choice, choose, is_quantized, parse_type
+from .policy import Choice, FileType, TypeChooser, as_file_type, is_quantized, model_shape, parse_tensor_type
 from .source import Checkpoint, QuantizeError, SourceTensor
 
 GGML_QUANTIZATION_VERSION = 2
@@ -52,10 +53,15 @@ class PlannedTensor:
 @dataclass
 class Plan:
     checkpoint: Checkpoint
-    target: GGMLType
+    file_type: FileType  # what was asked for (Q4_K_M, Q8_0, ...): general.file_type
     metadata: dict
     tensors: list[PlannedTensor]
     requantized: list[str] = field(default_factory=list)  # names of already-quantized sources
+
+    @property
+    def target(self) -> GGMLType:
+        """The file type's base tensor type."""
+        return self.file_type.base
 
     @property
     def n_elements(self) -> int:
@@ -134,18 +140,18 @@ def _open_checkpoint(p: Path) -> Checkpoint:
 
 # ----- planning ---------------------------------------------------------------------------------
 
-def make_plan(checkpoint: Checkpoint, target: GGMLType, *, output_type: GGMLType | None = None,
+def make_plan(checkpoint: Checkpoint, target: GGMLType | FileType | str, *, output_type: GGMLType | None = None,
               embedding_type: GGMLType | None = None) -> Plan:
-    names = {t.name for t in checkpoint.tensors}
-    tied = "output.weight" not in names
-    planned = []
-    for tensor in _llama_order(checkpoint.tensors):
-        choice = choose(tensor, target, tied_embeddings=tied, output_type=output_type,
-                        embedding_type=embedding_type)
-        planned.append(PlannedTensor(tensor, choice))
+    """Every tensor's type, by llama-quantize's rules for the file type ``target`` (a FileType, a
+    name such as "q4_k_m", or a tensor type meaning its plain file type)."""
+    file_type = as_file_type(target)
+    ordered = _llama_order(checkpoint.tensors)
+    chooser = TypeChooser(file_type, ordered, model_shape(checkpoint.metadata), output_type=output_type,
+                          embedding_type=embedding_type)
+    planned = [PlannedTensor(tensor, chooser.choose(tensor)) for tensor in ordered]
     requantized = [p.tensor.name for p in planned
                    if not p.choice.copy and is_quantized(p.tensor.source_type)]
-    return Plan(checkpoint, target, _output_metadata(checkpoint, target), planned, requantized)
+    return Plan(checkpoint, file_type, _output_metadata(checkpoint, file_type), planned, requantized)
 
 
 def validate_plan(plan: Plan) -> None:
@@ -235,13 +241,13 @@ def _llama_order(tensors: list[SourceTensor]) -> list[SourceTensor]:
     return sorted(tensors, key=key)
 
 
-def _output_metadata(checkpoint: Checkpoint, target: GGMLType) -> dict:
+def _output_metadata(checkpoint: Checkpoint, file_type: FileType) -> dict:
     """The checkpoint's metadata; quantization_version and file_type moved to the end, as
     llama.cpp's gguf_set_val does."""
     metadata = {k: v for k, v in checkpoint.metadata.items()
                 if k not in ("general.quantization_version", "general.file_type")}
     metadata["general.quantization_version"] = (ValueType.UINT32, GGML_QUANTIZATION_VERSION)
-    metadata["general.file_type"] = (ValueType.UINT32, FILE_TYPES[target])
+    metadata["general.file_type"] = (ValueType.UINT32, file_type.number)
     return metadata
 
 
@@ -388,12 +394,13 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def convert_file(source: str | os.PathLike, target: str | os.PathLike, qtype: str | GGMLType, *,
+def convert_file(source: str | os.PathLike, target: str | os.PathLike, qtype: str | GGMLType | FileType, *,
                  allow_requantize: bool = False, quiet: bool = False, force: bool = False,
                  output_type: str | GGMLType | None = None, embedding_type: str | GGMLType | None = None,
                  threads: int | None = None) -> list[TensorResult]:
-    """Convert ``source`` (GGUF file or model folder) to a GGUF file of type ``qtype`` at ``target``."""
-    target_type = _as_type(qtype)
+    """Convert ``source`` (GGUF file or model folder) to a GGUF file of type ``qtype`` (a file type:
+    "q4_k_m", "q8_0", ...) at ``target``."""
+    target_type = as_file_type(qtype)
     check_paths(source, target, force)
     blocks.set_threads(threads)
     checkpoint = open_checkpoint(source)
@@ -421,8 +428,9 @@ def check_requantize(plan: Plan, allow_requantize: bool, quiet: bool) -> None:
 
 
 def _as_type(value: str | GGMLType | None) -> GGMLType | None:
+    """A tensor type (--output-type / --embedding-type) by ggml name, or None."""
     if value is None or isinstance(value, GGMLType):
         return value
-    return parse_type(value)
+    return parse_tensor_type(value)
 
 
