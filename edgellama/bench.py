@@ -97,8 +97,11 @@ def numba_cache_counts() -> tuple[int, int]:
     from . import kernels
 
     hits = misses = 0
-    for obj in vars(kernels).values():
-        if isinstance(obj, CPUDispatcher):
+    rooms = [m for name, m in list(sys.modules.items()) if name.startswith(kernels.__name__ + ".")]
+    seen = set()
+    for obj in (o for room in rooms for o in vars(room).values()):
+        if isinstance(obj, CPUDispatcher) and id(obj) not in seen:
+            seen.add(id(obj))
             stats = obj.stats
             hits += sum(stats.cache_hits.values())
             misses += sum(stats.cache_misses.values())

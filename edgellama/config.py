@@ -23,10 +23,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from .gguf import GGUFFile, ModelFormatError, ValueType
-from .quants import BLOCK_LAYOUT, GGMLType, dequantize, type_name
+from .quants import F16_LOAD_WIDTH, KV_CACHE_TYPES, QK, GGMLType, dequantize, type_name  # noqa: F401
 
-QK = BLOCK_LAYOUT[GGMLType.Q8_0][0]  # activations are quantized in blocks of 32: width and ffn are multiples
-F16_LOAD_WIDTH = 8  # halves an f16 KV cache row widens per vector step (kernels.F16_LOAD_WIDTH, tested equal)
+# QK: activations are quantized in blocks of 32, so width and ffn are multiples of it
 DEFAULT_MAX_CTX = 4096  # the context a load uses by default (at most the trained one)
 MAX_CONTEXT_LENGTH = 1 << 27  # 134,217,728 trained positions (the longest real context is ~10M)
 MAX_INT = (1 << 31) - 1  # every other count: llama.cpp keeps them in 32 bits
@@ -326,12 +325,14 @@ class ModelArgs:
                                    "the factors must be finite and positive")
 
     def check_cache_type(self, cache_type: str, path: str) -> None:
-        if cache_type == "q8_0" and self.head_dim % QK:
-            raise ValueError(f"{path}: a q8_0 KV cache needs a head size that is a multiple of {QK}, "
-                             f"not {self.head_dim}")
-        if cache_type == "f16" and self.head_dim % F16_LOAD_WIDTH:  # (no real model has one)
-            raise ValueError(f"{path}: an f16 KV cache needs a head size that is a multiple of "
-                             f"{F16_LOAD_WIDTH}, not {self.head_dim}: use cache_type='f32'")
+        """The KV cache type's head-size rule (quants.KV_CACHE_TYPES)."""
+        kind = KV_CACHE_TYPES.get(cache_type)
+        if kind is None:
+            raise ValueError(f"cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cache_type!r}")
+        if self.head_dim % kind.head_multiple:  # (no real model's head size breaks the f16 rule)
+            fallback = ": use cache_type='f32'" if cache_type == "f16" else ""
+            raise ValueError(f"{path}: a {cache_type} KV cache needs a head size that is a multiple of "
+                             f"{kind.head_multiple} ({kind.rule}), not {self.head_dim}{fallback}")
 
 
 def _vocab_size(m: _Metadata, tensors: Mapping[str, tuple[int, ...]] | None) -> int:

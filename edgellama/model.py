@@ -1,8 +1,14 @@
-"""The LLaMA decoder: ModelArgs from GGUF metadata, weights as zero-copy views, forward -> logits.
+"""The LLaMA decoder: weights, the KV cache and buffers, forward -> logits (its hyper-parameters,
+``ModelArgs``, are read and validated by edgellama.config).
 
 Weights keep their GGUF names (``token_embd``, ``blk.{i}.attn_q`` ... ``output``); a missing
-``output.weight`` means the output projection is tied to ``token_embd.weight``.  Every matrix stays a
-read-only view into the memory map and is dequantized inside the kernels.
+``output.weight`` means the output projection is tied to ``token_embd.weight``.  Float matrices
+stay read-only views into the memory map; quantized ones are repacked once at load into the
+kernels' layout (still quantized: see edgellama.kernels.layout) and the file's pages released.
+
+The forward pass lives in two places that compute the same thing: ``Model._prefill`` (a prompt:
+matrix kernels over many tokens) and ``kernels.decode_token`` (one token, one compiled call); its
+plain-numpy twin is tests/reference.py.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from . import kernels as K
 from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no Numba); re-exported here
 from .gguf import GGUFFile, ModelFormatError
 from .memory import trim_heap
-from .quants import RUNTIME_TYPES, GGMLType, dequantize, type_name
+from .quants import KV_CACHE_TYPES, QK, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
 
-LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+LAYER_MATRICES = K.LAYER_MATRICES  # slot i of a layer: the kernels address matrices by these slots
 
 
 def rope_tables(args: ModelArgs, n_ctx: int, freq_factors: np.ndarray | None):
@@ -57,7 +63,7 @@ class Weight:
 
     @property
     def quantized(self) -> bool:
-        return self.qtype in QUANTIZED_TYPES
+        return self.qtype in RUNTIME_QUANTIZED
 
     def kernel_view(self) -> np.ndarray:
         """What the kernels read: the packed groups of a quantized weight, the file rows of a float one."""
@@ -127,14 +133,20 @@ class Weights:
                                for i in range(a.n_layers)])
         self.rope_freqs = (_vector(f, "rope_freqs.weight", a.rope_dim // 2)
                            if "rope_freqs.weight" in f.tensors else None)
-        # quantized matrices are packed once (kernels.pack_rows); for the decode kernel each layer
-        # matrix is then one row of mat_table: (offset, rows, row bytes, type id, n_out) of its view
-        # into the packed buffer (quantized types) or into the mapped file (float types)
+        # quantized matrices are packed once (kernels.pack_rows); for the decode kernel the layers'
+        # matrices are then the rows of mat_table, in slot order (layer * N_LAYER_MATRICES + slot),
+        # each the MAT_* columns of its view into the packed buffer (quantized types) or into the
+        # mapped file (float types)
         matrices = [layer[m] for layer in self.layers for m in LAYER_MATRICES]
         self.blob = np.asarray(f.buf)
         self.packed = _pack(f, [w for w in matrices if w.quantized])
-        self.mat_table = np.array([(_offset_in(w.kernel_view(), self.packed if w.quantized else self.blob),
-                                    *w.kernel_view().shape, w.qtype, w.n_out) for w in matrices], dtype=np.int64)
+        self.mat_table = np.zeros((len(matrices), 5), np.int64)
+        for i, w in enumerate(matrices):
+            view = w.kernel_view()
+            row = self.mat_table[i]
+            row[K.MAT_OFFSET] = _offset_in(view, self.packed if w.quantized else self.blob)
+            row[K.MAT_ROWS], row[K.MAT_ROW_BYTES] = view.shape
+            row[K.MAT_TYPE], row[K.MAT_OUT] = w.qtype, w.n_out
         if self.output.quantized:
             _pack(f, [self.output])  # its own buffer, kept alive by output.packed
         # embeddings: (table, type, packed?); a tied packed table serves them, so that none of the
@@ -143,13 +155,10 @@ class Weights:
             self.embedding = (self.output.packed, self.output.qtype, True)
         else:
             self.embedding = (self.token_embd.rows, self.token_embd.qtype, False)
-
-    def types(self) -> dict[str, int]:
-        """Tensor count per type name (for info and logs)."""
-        counts: dict[str, int] = {}
-        for w in [self.token_embd] + [layer[m] for layer in self.layers for m in LAYER_MATRICES]:
-            counts[type_name(w.qtype)] = counts.get(type_name(w.qtype), 0) + 1
-        return counts
+        embd, embd_type, embd_packed = self.embedding
+        self.decode = K.DecodeWeights(embd, int(embd_type), bool(embd_packed), self.blob, self.packed,
+                                      self.mat_table, self.norms, self.output_norm, self.output.kernel_view(),
+                                      int(self.output.qtype))
 
 
 class State:
@@ -158,40 +167,42 @@ class State:
     def __init__(self, args: ModelArgs, n_ctx: int, n_threads: int, cache_type: str = "f16"):
         a = args
         f32 = np.float32
-        # KV cache: (n_layers, n_kv_heads, n_ctx, row) of float32, IEEE half bit patterns (uint16:
-        # Numba has no float16) or Q8_0 blocks (uint8, see kernels.kv_row_length); zero pages cost
-        # no memory until written
-        kv_dtype = KV_CACHE_TYPES[cache_type]
-        shape = (a.n_layers, a.n_kv_heads, n_ctx, K.kv_row_length(a.head_dim, kv_dtype))
-        self.k_cache = np.zeros(shape, dtype=kv_dtype)
-        self.v_cache = np.zeros(shape, dtype=kv_dtype)
-        self.x = np.zeros(a.dim, f32)                  # residual stream (dim,)
+        # KV cache: (n_layers, n_kv_heads, n_ctx, row) of the cache type's element (quants.KV_CACHE_TYPES:
+        # float32, IEEE half bit patterns, or Q8_0 blocks); zero pages cost no memory until written
+        kind = KV_CACHE_TYPES[cache_type]
+        shape = (a.n_layers, a.n_kv_heads, n_ctx, kind.row_length(a.head_dim))
+        self.k_cache = np.zeros(shape, dtype=kind.dtype)
+        self.v_cache = np.zeros(shape, dtype=kind.dtype)
+        self.kv = K.KVCache(self.k_cache, self.v_cache)
         self.xb = np.zeros(a.dim, f32)                 # normed / projected activation (dim,)
-        self.xq = np.zeros(a.dim, np.int8)             # xb quantized to int8 blocks (dim,)
-        self.xd = np.zeros(a.dim // K.QK, f32)         # its block scales (dim/32,)
-        self.xs = np.zeros(a.dim // K.QK, f32)         # scale * block sum (dim/32,)
-        self.xsum = np.zeros(a.dim // 16, np.int32)    # half-block sums of xq (dim/16,)
-        self.qx = (self.xq, self.xd, self.xs, self.xsum)
-        self.q = np.zeros(a.dim, f32)                  # query (n_heads*head_dim,)
-        self.k = np.zeros(a.kv_dim, f32)               # key (n_kv_heads*head_dim,)
-        self.v = np.zeros(a.kv_dim, f32)               # value (n_kv_heads*head_dim,)
-        self.att = np.zeros(a.dim, f32)                # attention output (dim,)
-        self.hb = np.zeros(a.ffn_dim, f32)             # gate, then silu(gate)*up (ffn,)
-        self.hb2 = np.zeros(a.ffn_dim, f32)            # up (ffn,)
-        self.hq = np.zeros(a.ffn_dim, np.int8)         # hb quantized (ffn,)
-        self.hd = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
-        self.hs = np.zeros(a.ffn_dim // K.QK, f32)     # (ffn/32,)
-        self.hsum = np.zeros(a.ffn_dim // 16, np.int32)  # (ffn/16,)
-        self.qh = (self.hq, self.hd, self.hs, self.hsum)
+        self.qx = _q8_activation(a.dim)                # xb (or att) quantized to int8 blocks (dim,)
         self.scores = np.zeros((max(n_threads, 1), n_ctx), f32)  # prompt attention scratch per worker
         # one-token attention: per (span, KV head) job a row and the group's scores; per span partials
         n_spans = -(-n_ctx // K.ATTN_SPAN)
         group = a.n_heads // a.n_kv_heads
-        self.attn_scratch = np.zeros((n_spans * a.n_kv_heads, a.head_dim + group * K.ATTN_SPAN), f32)
-        self.attn_partial = np.zeros((n_spans, a.n_heads, a.head_dim + 2), f32)
         self.logits = np.zeros(a.n_vocab, f32)         # (n_vocab,)
+        self.decode = K.DecodeBuffers(
+            x=np.zeros(a.dim, f32),                    # residual stream (dim,)
+            xb=self.xb,
+            qx=self.qx,
+            q=np.zeros(a.dim, f32),                    # query (n_heads * head_dim,)
+            k=np.zeros(a.kv_dim, f32),                 # key (n_kv_heads * head_dim,)
+            v=np.zeros(a.kv_dim, f32),                 # value (n_kv_heads * head_dim,)
+            att=np.zeros(a.dim, f32),                  # attention output (dim,)
+            hb=np.zeros(a.ffn_dim, f32),               # gate, then silu(gate) * up (ffn,)
+            hb2=np.zeros(a.ffn_dim, f32),              # up (ffn,)
+            qh=_q8_activation(a.ffn_dim),              # hb quantized (ffn,)
+            attn_scratch=np.zeros((n_spans * a.n_kv_heads, a.head_dim + group * K.ATTN_SPAN), f32),
+            attn_partial=np.zeros((n_spans, a.n_heads, a.head_dim + 2), f32),
+            logits=self.logits)
         self.n_past = 0                                # positions 0..n_past-1 hold valid K/V
         self.tokens: list[int] = []                    # the tokens behind those positions
+
+
+def _q8_activation(n: int) -> K.Q8Activation:
+    """Room for a vector of n values quantized to int8 blocks (kernels.quantize_q8)."""
+    return K.Q8Activation(np.zeros(n, np.int8), np.zeros(n // QK, np.float32), np.zeros(n // QK, np.float32),
+                          np.zeros(2 * (n // QK), np.int32))
 
 
 def physical_cores() -> int:
@@ -255,7 +266,9 @@ class Model:
         self.tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
         trim_heap()
         self.weights = Weights(f, self.args)
-        self.cos, self.sin = rope_tables(self.args, self.n_ctx, self.weights.rope_freqs)
+        self.rope = K.RopeTables(*rope_tables(self.args, self.n_ctx, self.weights.rope_freqs))
+        self.dims = K.Dims(np.float32(self.args.norm_eps), self.args.n_heads, self.args.n_kv_heads,
+                           self.args.head_dim)
         self.state = State(self.args, self.n_ctx, self.threads, cache_type)
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
         self.n_shifted = 0    # tokens dropped from the cache by context shifts
@@ -289,7 +302,7 @@ class Model:
         src, dst = slice(n_keep + n_discard, s.n_past), slice(n_keep, s.n_past - n_discard)
         s.k_cache[:, :, dst] = s.k_cache[:, :, src]
         s.v_cache[:, :, dst] = s.v_cache[:, :, src]
-        K.rerotate_keys(s.k_cache, n_keep, s.n_past - n_discard, self.cos[n_discard], -self.sin[n_discard],
+        K.rerotate_keys(s.k_cache, n_keep, s.n_past - n_discard, self.rope.cos[n_discard], -self.rope.sin[n_discard],
                         self.args.head_dim)
         s.n_past -= n_discard
         del s.tokens[n_keep:n_keep + n_discard]
@@ -357,17 +370,15 @@ class Model:
         del s.tokens[common:]
         return self.eval(ids[common:]), common
 
-    def generate(self, prompt: str | list[int], max_tokens: int | None = 64, sampler=None, *, stop=(), stop_ids=(),
-                 add_bos: bool | None = None, special: bool = False, context_shift: bool = False, n_keep: int = 4,
-                 truncate: bool = False, **sampling):
+    def generate(self, prompt: str | list[int], max_tokens: int | None = 64, temperature: float = 0.0,
+                 seed: int | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 add_bos: bool | None = None, sampler=None, stop_ids=(), stop=(), *,
+                 typical_p: float = 1.0, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, penalty_last_n: int = 64, logit_bias=None,
+                 logprobs: int | None = None, context_shift: bool = False, n_keep: int = 4,
+                 truncate: bool = False, special: bool = False):
         """Stream generated text: yields ``Chunk`` strings (the last one carries finish_reason).
 
-        Sampling: ``sampler`` (a ``sampling.Sampler``, or any callable logits -> token id), or the
-        Sampler's settings as keywords (``temperature=0.0, seed=None, top_k, top_p, min_p, typical_p,
-        repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, logit_bias, logprobs``),
-        from which one Sampler is made, before tokenizing (bad settings fail at once); not both.
-        ``stop``: strings that end the text (at most generate.MAX_STOP_STRINGS of MAX_STOP_CHARS
-        characters), ``stop_ids``: tokens that do (besides the vocabulary's end-of-generation ones).
         With ``context_shift`` a full cache drops the oldest half of its tokens after the first
         ``n_keep`` (see ``shift_context``) and generation goes on; without it, generation ends
         with finish_reason "length" at the end of the context.  A prompt longer than the context
@@ -375,15 +386,22 @@ class Model:
         ``n_keep`` tokens and its end are kept, leaving min(max_tokens, n_ctx/4) (at most n_ctx/2,
         at least 1) positions for the reply.  A text prompt is tokenized with special-token text
         left as text unless ``special=True`` (then ``<|im_start|>`` and the like written in it
-        become control tokens: only for prompts you wrote yourself).  Bad settings raise
-        ``SamplingError``, bad generation options ``GenerationError``; both name the parameter
-        in ``param``.
+        become control tokens: only for prompts you wrote yourself).
         """
-        from .generate import check_n_keep, generate_tokens, truncate_prompt
-        from .sampling import make_sampler
+        from .generate import generate_tokens, truncate_prompt
+        from .sampling import Sampler
 
-        sampler = make_sampler(sampler, sampling, self.args.n_vocab)
-        check_n_keep(n_keep, self.n_ctx, context_shift=context_shift, truncate=truncate)
+        if sampler is None:  # built before tokenizing so that bad options fail at once
+            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                              typical_p=typical_p, repeat_penalty=repeat_penalty,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              penalty_last_n=penalty_last_n, logit_bias=logit_bias, logprobs=logprobs,
+                              n_vocab=self.args.n_vocab)
+        if context_shift and (isinstance(n_keep, bool) or not isinstance(n_keep, int)
+                              or not 0 <= n_keep < self.n_ctx // 2):
+            raise ValueError(f"n_keep must be an integer in [0, n_ctx/2 = {self.n_ctx // 2}), got {n_keep!r}")
+        if truncate and (isinstance(n_keep, bool) or not isinstance(n_keep, int) or n_keep < 0):
+            raise ValueError(f"n_keep must be a non-negative integer, got {n_keep!r}")
         ids = self.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) else list(prompt)
         if truncate:
             want = self.n_ctx // 4 if max_tokens is None else max_tokens
@@ -407,12 +425,8 @@ class Model:
 
     def _decode(self, token: int) -> np.ndarray:
         """One token at position n_past through the fused decode kernel -> (n_vocab,) logits."""
-        a, w, s = self.args, self.weights, self.state
-        K.decode_token(token, s.n_past, *w.embedding, w.blob, w.packed, w.mat_table,
-                       w.norms, w.output_norm, w.output.kernel_view(), w.output.qtype, np.float32(a.norm_eps),
-                       a.n_heads, a.n_kv_heads, a.head_dim, self.cos, self.sin, s.k_cache, s.v_cache,
-                       s.x, s.xb, s.qx, s.q, s.k, s.v, s.att, s.hb, s.hb2, s.qh, s.attn_scratch, s.attn_partial,
-                       s.logits, K.F16_TABLE, K.BF16_TABLE)
+        w, s = self.weights, self.state
+        K.decode_token(token, s.n_past, w.decode, self.dims, self.rope, s.kv, s.decode, K.HALF_TABLES)
         s.n_past += 1
         s.tokens.append(token)
         self.n_evaluated += 1
@@ -438,9 +452,9 @@ class Model:
         outputs = [np.empty((n_tok, w.n_out), np.float32) for w in weights]   # (T, n_out) each
         if any(w.quantized for w in weights):
             xq = np.empty((n_tok, n_in), np.int8)                              # (T, n_in)
-            xd = np.empty((n_tok, n_in // K.QK), np.float32)                   # (T, n_in/32)
+            xd = np.empty((n_tok, n_in // QK), np.float32)                     # (T, n_in/32)
             xs = np.empty_like(xd)                                             # (T, n_in/32)
-            xsum = np.empty((n_tok, 2 * (n_in // K.QK)), np.int32)             # (T, n_in/16)
+            xsum = np.empty((n_tok, 2 * (n_in // QK)), np.int32)               # (T, n_in/16)
             K.quantize_q8_rows(x, xq, xd, xs, xsum)
         for w, out in zip(weights, outputs):
             if w.quantized:
@@ -474,16 +488,16 @@ class Model:
         K.embed_rows(ids, *w.embedding, x, K.F16_TABLE, K.BF16_TABLE)
         for l, layer in enumerate(w.layers):
             # attention block: q/k/v for all tokens, rotate, append to the cache, causal attention
-            K.rmsnorm_rows(x, w.norms[l, 0], a.norm_eps, xb)
+            K.rmsnorm_rows(x, w.norms[l, 0], self.dims.eps, xb)
             q, k, v = self._linear(xb, layer["attn_q"], layer["attn_k"], layer["attn_v"])
-            K.rope_rows(q, positions, a.n_heads, a.head_dim, self.cos, self.sin)
-            K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.cos, self.sin)
+            K.rope_rows(q, positions, a.n_heads, a.head_dim, self.rope.cos, self.rope.sin)
+            K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.rope.cos, self.rope.sin)
             K.store_kv(s.k_cache[l], start, k)
             K.store_kv(s.v_cache[l], start, v)
             K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.scores, att)
             x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])[0]
             # feed-forward block
-            K.rmsnorm_rows(x, w.norms[l, 1], a.norm_eps, xb)
+            K.rmsnorm_rows(x, w.norms[l, 1], self.dims.eps, xb)
             gate, up = self._linear(xb, layer["ffn_gate"], layer["ffn_up"])
             K.swiglu(gate, up)
             x += self._linear(gate, layer["ffn_down"])[0]
@@ -492,44 +506,64 @@ class Model:
         self.n_evaluated += n_tok
         if not all_logits:
             # only the last position's logits are needed: one row through the decode matvec
-            K.rmsnorm(x[-1], w.output_norm, a.norm_eps, s.xb)
+            K.rmsnorm(x[-1], w.output_norm, self.dims.eps, s.xb)
             K.quantize_q8(s.xb, *s.qx)
             K.matvec(w.output.kernel_view(), w.output.qtype, a.n_vocab, s.xb, s.qx, s.logits,
                      K.F16_TABLE, K.BF16_TABLE)
             return s.logits
-        K.rmsnorm_rows(x, w.output_norm, a.norm_eps, xb)
+        K.rmsnorm_rows(x, w.output_norm, self.dims.eps, xb)
         return self._linear(xb, w.output)[0]
 
-    def chat(self, messages, max_tokens: int | None = None, sampler=None, *, template: str | None = None, stop=(),
-             **sampling):
+    def chat(self, messages, max_tokens: int | None = None, temperature: float = 0.0, seed: int | None = None,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, sampler=None, template: str | None = None,
+             stop=()):
         """Stream the assistant's reply to ``messages`` (``[{"role": ..., "content": ...}, ...]``).
 
         The conversation is rendered with the file's ``tokenizer.chat_template`` (or ``template``:
         a template text or a built-in name, ``chatml``/``llama2``/``llama3``; without either, the
-        built-in the vocabulary suggests).  The reply ends at the template's end-of-turn token
-        (``chat.end_of_turn_ids``).  The cached prefix is reused, so a follow-up turn evaluates only
-        what is new.  A reply that fills the context shifts it (keeping the system prompt) instead
-        of stopping.  ``stop``: strings that end the reply (the text before one is kept).
-        ``sampler`` or the sampling settings as keywords: as for ``generate``.
+        built-in the vocabulary suggests).  The reply ends at the template's end-of-turn token.  The
+        cached prefix is reused, so a follow-up turn evaluates only what is new.  A reply that fills
+        the context shifts it (keeping the system prompt) instead of stopping.  ``stop``: strings
+        that end the reply (the text before one is kept).
         """
-        from .chat import chat_prompt_ids, end_of_turn_ids, template_for
+        from .chat import BUILTIN_TEMPLATES, chat_prompt_ids, render_chat, template_for
 
-        template = template_for(self.tokenizer, self.file.get("tokenizer.chat_template") if template is None
-                                else template)
-        ids = chat_prompt_ids(self.tokenizer, messages, template)
+        tok = self.tokenizer
+        if template is None:
+            template = self.file.get("tokenizer.chat_template")
+        if isinstance(template, str) and template in BUILTIN_TEMPLATES:
+            template = BUILTIN_TEMPLATES[template]
+        template = template_for(tok, template)
+        ids = chat_prompt_ids(tok, messages, template)
+        # the token the template closes an assistant message with (<|im_end|>, <|eot_id|>, </s>,
+        # <end_of_turn>, ...) stops the reply even where the vocabulary does not mark it as an
+        # end of generation: render a probe turn and take the special token after its text
+        end_of_turn = set()
+        marker = "edgellama-end-of-turn-probe"
+        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
+        try:
+            probe = render_chat(template, [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": marker}],
+                                add_generation_prompt=False, bos_token=bos, eos_token=eos)
+            tail = probe.partition(marker)[2].lstrip()
+            first = tok.encode(tail, add_bos=False, add_eos=False, special=True)[:1] if tail else []
+            for t in first:
+                text = tok.token_text(t)
+                if tok.is_control(t) or (len(text) > 2 and text[0] == "<" and text[-1] == ">"):
+                    end_of_turn.add(t)
+        except ValueError:  # a template that rejects the probe: the vocabulary's EOG tokens still stop
+            pass
         # a long conversation shifts the context instead of ending; the system prompt stays
         n_keep = 4
         if messages and messages[0].get("role") == "system":
-            n_keep = max(n_keep, len(chat_prompt_ids(self.tokenizer, messages[:1], template)))
-        return self.generate(ids, max_tokens=max_tokens, sampler=sampler, stop=stop,
-                             stop_ids=end_of_turn_ids(self.tokenizer, template), context_shift=True,
-                             n_keep=min(n_keep, self.n_ctx // 2 - 1), **sampling)
+            n_keep = max(n_keep, len(chat_prompt_ids(tok, messages[:1], template)))
+        return self.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k,
+                             top_p=top_p, min_p=min_p, sampler=sampler, stop_ids=end_of_turn, stop=stop,
+                             context_shift=True, n_keep=min(n_keep, self.n_ctx // 2 - 1))
+
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
-QUANTIZED_TYPES = frozenset(K.PACKED_FORMATS)
-# KV cache element types: float32, IEEE half stored as its bits (llama.cpp's default f16), or Q8_0
-# blocks of 32 (about half of f16's memory and reading, as llama.cpp's -ctk/-ctv q8_0)
-KV_CACHE_TYPES = {"f16": np.uint16, "f32": np.float32, "q8_0": np.uint8}
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
 
 

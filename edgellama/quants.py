@@ -1,12 +1,20 @@
-"""ggml tensor types: block layouts and numpy reference dequantizers.
+"""THE table of ggml tensor types and KV cache types, and numpy reference dequantizers.
 
-Every quantized type stores a row as consecutive blocks.  The table below gives, per standard ggml
-type id, (elements per block, bytes per block).  Block layouts of the types the runtime computes with:
+Every fact about a type lives here once (``TYPES``): its block layout (elements and bytes per
+block, by the standard ggml type id), whether it is quantized, whether the runtime computes with it
+and whether ``edgellama-quantize`` writes it; ``KV_CACHE_TYPES`` likewise for the KV cache's element
+types and their head-size rule.  Everything else (the kernels, the loader, ``info``, the quantizer)
+reads these.  Block layouts of the types the runtime computes with (f16: IEEE half):
 
-    Q8_0  34 bytes: f16 d, int8 qs[32]                x = d * q
-    Q4_0  18 bytes: f16 d, uint8 qs[16]               x = d * (nibble - 8); low nibbles are
-                                                      elements 0..15, high nibbles 16..31
-    Q4_1  20 bytes: f16 d, f16 m, uint8 qs[16]        x = d * nibble + m (same nibble order)
+    Q8_0   34 bytes: f16 d, int8 qs[32]                 x = d * q
+    Q4_0   18 bytes: f16 d, uint8 qs[16]                x = d * (nibble - 8); low nibbles are
+                                                        elements 0..15, high nibbles 16..31
+    Q4_1   20 bytes: f16 d, f16 m, uint8 qs[16]         x = d * nibble + m (same nibble order)
+    Q5_0   22 bytes: f16 d, u32 qh, uint8 qs[16]        x = d * (nibble | bit << 4) - 16 d
+    Q5_1   24 bytes: f16 d, f16 m, u32 qh, uint8 qs[16] x = d * (nibble | bit << 4) + m
+    Q4_K  144 bytes per 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 nibble bytes
+    Q5_K  176 bytes per 256: as Q4_K, plus 32 bytes of 5th bits
+    Q6_K  210 bytes per 256: 128 bytes of low nibbles, 64 of high bit pairs, int8 scales[16], f16 d
 
 The numpy functions here are slow, obviously-correct twins of the Numba kernels; tests check them
 bit-exact against gguf-py's ``gguf.quants``.  Importing this module never compiles anything.
@@ -14,6 +22,7 @@ bit-exact against gguf-py's ``gguf.quants``.  Importing this module never compil
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -53,45 +62,102 @@ class GGMLType(IntEnum):
     TQ2_0 = 35
 
 
-# type -> (elements per block, bytes per block)
-BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {
-    GGMLType.F32: (1, 4),
-    GGMLType.F16: (1, 2),
-    GGMLType.Q4_0: (32, 18),
-    GGMLType.Q4_1: (32, 20),
-    GGMLType.Q5_0: (32, 22),
-    GGMLType.Q5_1: (32, 24),
-    GGMLType.Q8_0: (32, 34),
-    GGMLType.Q8_1: (32, 36),
-    GGMLType.Q2_K: (256, 84),
-    GGMLType.Q3_K: (256, 110),
-    GGMLType.Q4_K: (256, 144),
-    GGMLType.Q5_K: (256, 176),
-    GGMLType.Q6_K: (256, 210),
-    GGMLType.Q8_K: (256, 292),
-    GGMLType.IQ2_XXS: (256, 66),
-    GGMLType.IQ2_XS: (256, 74),
-    GGMLType.IQ3_XXS: (256, 98),
-    GGMLType.IQ1_S: (256, 50),
-    GGMLType.IQ4_NL: (32, 18),
-    GGMLType.IQ3_S: (256, 110),
-    GGMLType.IQ2_S: (256, 82),
-    GGMLType.IQ4_XS: (256, 136),
-    GGMLType.I8: (1, 1),
-    GGMLType.I16: (1, 2),
-    GGMLType.I32: (1, 4),
-    GGMLType.I64: (1, 8),
-    GGMLType.F64: (1, 8),
-    GGMLType.IQ1_M: (256, 56),
-    GGMLType.BF16: (1, 2),
-    GGMLType.TQ1_0: (256, 54),
-    GGMLType.TQ2_0: (256, 66),
+@dataclass(frozen=True)
+class TypeInfo:
+    """What a ggml type is: its block layout and what edgellama does with it."""
+
+    block_elems: int          # elements per block (1 for plain numbers)
+    block_bytes: int          # bytes per block
+    runtime: bool = False     # the kernels compute with it (weights of this type load)
+    writable: bool = False    # edgellama-quantize writes it
+
+    @property
+    def quantized(self) -> bool:
+        """Blocks of several elements sharing scales (every Q, K, IQ and TQ type)."""
+        return self.block_elems > 1
+
+
+_T = GGMLType
+TYPES: dict[GGMLType, TypeInfo] = {
+    _T.F32: TypeInfo(1, 4, runtime=True, writable=True),
+    _T.F16: TypeInfo(1, 2, runtime=True, writable=True),
+    _T.BF16: TypeInfo(1, 2, runtime=True, writable=True),
+    _T.Q4_0: TypeInfo(32, 18, runtime=True, writable=True),
+    _T.Q4_1: TypeInfo(32, 20, runtime=True, writable=True),
+    _T.Q5_0: TypeInfo(32, 22, runtime=True),
+    _T.Q5_1: TypeInfo(32, 24, runtime=True),
+    _T.Q8_0: TypeInfo(32, 34, runtime=True, writable=True),
+    _T.Q8_1: TypeInfo(32, 36),
+    _T.Q2_K: TypeInfo(256, 84),
+    _T.Q3_K: TypeInfo(256, 110),
+    _T.Q4_K: TypeInfo(256, 144, runtime=True),
+    _T.Q5_K: TypeInfo(256, 176, runtime=True),
+    _T.Q6_K: TypeInfo(256, 210, runtime=True),
+    _T.Q8_K: TypeInfo(256, 292),
+    _T.IQ2_XXS: TypeInfo(256, 66),
+    _T.IQ2_XS: TypeInfo(256, 74),
+    _T.IQ3_XXS: TypeInfo(256, 98),
+    _T.IQ1_S: TypeInfo(256, 50),
+    _T.IQ4_NL: TypeInfo(32, 18),
+    _T.IQ3_S: TypeInfo(256, 110),
+    _T.IQ2_S: TypeInfo(256, 82),
+    _T.IQ4_XS: TypeInfo(256, 136),
+    _T.I8: TypeInfo(1, 1),
+    _T.I16: TypeInfo(1, 2),
+    _T.I32: TypeInfo(1, 4),
+    _T.I64: TypeInfo(1, 8),
+    _T.F64: TypeInfo(1, 8),
+    _T.IQ1_M: TypeInfo(256, 56),
+    _T.TQ1_0: TypeInfo(256, 54),
+    _T.TQ2_0: TypeInfo(256, 66),
 }
 
-# Types the runtime's kernels compute with.
-RUNTIME_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0, GGMLType.Q4_0,
-                           GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q4_K, GGMLType.Q5_K,
-                           GGMLType.Q6_K})
+# Views of the table, for the common questions.
+BLOCK_LAYOUT: dict[GGMLType, tuple[int, int]] = {t: (i.block_elems, i.block_bytes) for t, i in TYPES.items()}
+RUNTIME_TYPES = frozenset(t for t, i in TYPES.items() if i.runtime)
+QUANTIZED_TYPES = frozenset(t for t, i in TYPES.items() if i.quantized)
+RUNTIME_QUANTIZED = RUNTIME_TYPES & QUANTIZED_TYPES            # read by the int8 kernels, packed
+RUNTIME_FLOAT = RUNTIME_TYPES - QUANTIZED_TYPES                # read as file rows: F32, F16, BF16
+WRITABLE_TYPES = frozenset(t for t, i in TYPES.items() if i.writable)
+QK = TYPES[_T.Q8_0].block_elems        # 32: activations are quantized in blocks of this many
+SUPER_BLOCK = TYPES[_T.Q4_K].block_elems // QK  # 32-element blocks per K-quant super-block (8)
+
+
+def is_quantized(type_id: int) -> bool:
+    """Whether a type id names a quantized type (unknown ids are not)."""
+    info = TYPES.get(type_id)  # IntEnum members hash like their ints
+    return info is not None and info.quantized
+
+
+# ----- KV cache element types --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KVCacheType:
+    """One KV cache element type: how a cached row of head_dim values is stored."""
+
+    name: str
+    dtype: type               # numpy element type of the cache array
+    head_multiple: int        # head sizes must be multiples of this
+    rule: str                 # why, for the error message
+
+    def row_length(self, head_dim: int) -> int:
+        """Elements of ``dtype`` in one cached row of head_dim values."""
+        if self.name == "q8_0":
+            return head_dim // QK * TYPES[_T.Q8_0].block_bytes
+        return head_dim
+
+    def bytes_per_value(self) -> float:
+        return self.row_length(QK) * np.dtype(self.dtype).itemsize / QK
+
+
+F16_LOAD_WIDTH = 8  # halves widened per vector step of an f16 cache row
+KV_CACHE_TYPES: dict[str, KVCacheType] = {
+    # IEEE half stored as its bits (Numba has no float16): llama.cpp's default
+    "f16": KVCacheType("f16", np.uint16, F16_LOAD_WIDTH, f"the f16 cache widens {F16_LOAD_WIDTH} values at a time"),
+    "f32": KVCacheType("f32", np.float32, 1, ""),
+    # blocks of 32 int8 values with an f16 scale, as llama.cpp's -ctk/-ctv q8_0
+    "q8_0": KVCacheType("q8_0", np.uint8, QK, f"q8_0 blocks hold {QK} values"),
+}
 
 
 def type_name(type_id: int) -> str:

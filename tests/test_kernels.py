@@ -854,7 +854,7 @@ def test_swiglu(shape):
 
 DIM, N_HEADS, N_KV, FFN, VOCAB, N_LAYERS, N_CTX = 64, 4, 2, 96, 50, 2, 8
 HEAD_DIM = DIM // N_HEADS
-MATS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+MATS = K.LAYER_MATRICES  # the kernel's slot order
 MAT_SHAPES = {"attn_q": (DIM, DIM), "attn_k": (N_KV * HEAD_DIM, DIM), "attn_v": (N_KV * HEAD_DIM, DIM),
               "attn_output": (DIM, DIM), "ffn_gate": (FFN, DIM), "ffn_up": (FFN, DIM), "ffn_down": (DIM, FFN)}
 DECODE_VARIANTS = {
@@ -944,15 +944,18 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
     cache_type = np.uint16 if kv == "f16" else f32
     k_cache = np.zeros((N_LAYERS, N_KV, N_CTX, HEAD_DIM), cache_type)
     v_cache = np.zeros_like(k_cache)
-    x, xb, att = np.zeros(DIM, f32), np.zeros(DIM, f32), np.zeros(DIM, f32)
-    qx = (np.zeros(DIM, np.int8), np.zeros(DIM // 32, f32), np.zeros(DIM // 32, f32), np.zeros(DIM // 16, np.int32))
-    q, k, v = np.zeros(DIM, f32), np.zeros(N_KV * HEAD_DIM, f32), np.zeros(N_KV * HEAD_DIM, f32)
-    hb, hb2 = np.zeros(FFN, f32), np.zeros(FFN, f32)
-    qh = (np.zeros(FFN, np.int8), np.zeros(FFN // 32, f32), np.zeros(FFN // 32, f32), np.zeros(FFN // 16, np.int32))
+    q8 = lambda n: K.Q8Activation(np.zeros(n, np.int8), np.zeros(n // 32, f32), np.zeros(n // 32, f32),  # noqa: E731
+                                  np.zeros(n // 16, np.int32))
     n_spans = -(-N_CTX // K.ATTN_SPAN)
-    attn_scratch = np.zeros((n_spans * N_KV, HEAD_DIM + N_HEADS // N_KV * K.ATTN_SPAN), f32)
-    attn_partial = np.zeros((n_spans, N_HEADS, HEAD_DIM + 2), f32)
     logits = np.zeros(VOCAB, f32)
+    buffers = K.DecodeBuffers(x=np.zeros(DIM, f32), xb=np.zeros(DIM, f32), qx=q8(DIM), q=np.zeros(DIM, f32),
+                              k=np.zeros(N_KV * HEAD_DIM, f32), v=np.zeros(N_KV * HEAD_DIM, f32),
+                              att=np.zeros(DIM, f32), hb=np.zeros(FFN, f32), hb2=np.zeros(FFN, f32), qh=q8(FFN),
+                              attn_scratch=np.zeros((n_spans * N_KV, HEAD_DIM + N_HEADS // N_KV * K.ATTN_SPAN), f32),
+                              attn_partial=np.zeros((n_spans, N_HEADS, HEAD_DIM + 2), f32), logits=logits)
+    weights = K.DecodeWeights(placed["token_embd"], types["token_embd"], False, blob, packed_blob, mat_table, norms,
+                              output_norm, output, types["output"])
+    dims = K.Dims(eps, N_HEADS, N_KV, HEAD_DIM)
 
     want, want_k, want_v = _decode_twin(tokens, raws, types, norms, output_norm, cos_t, sin_t, float(eps),
                                         half_cache=kv == "f16")
@@ -961,10 +964,8 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
     # the twin is a second float64 model of the same computation (one token at a time)
     eb.check(want, env.value, tol, "twin vs error_bounds model")
     for pos, token in enumerate(tokens):
-        K.decode_token(token, pos, placed["token_embd"], types["token_embd"], False, blob, packed_blob, mat_table, norms,
-                       output_norm, output, types["output"], eps, N_HEADS, N_KV, HEAD_DIM,
-                       cos_t, sin_t, k_cache, v_cache, x, xb, qx, q, k, v, att, hb, hb2, qh, attn_scratch,
-                       attn_partial, logits, F16, BF16)
+        K.decode_token(token, pos, weights, dims, K.RopeTables(cos_t, sin_t), K.KVCache(k_cache, v_cache), buffers,
+                       K.HalfTables(F16, BF16))
         eb.check(logits, want[pos], tol, f"{variant} pos {pos}")
     as_float = (lambda c: c.view(np.float16).astype(np.float64)) if kv == "f16" else (lambda c: c)
     n = len(tokens)

@@ -1,0 +1,144 @@
+"""Grouped-query attention over the KV cache: a prompt's tokens (causal), and one token's in spans
+of cached positions merged flash-decoding style (every thread works on long contexts; the result
+does not depend on the thread count)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .common import EXACT, FAST
+from .kv import _kv_axpy, _kv_dot, _kv_load
+from .llvm import _expf
+
+
+@njit(**EXACT)
+def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
+    """One head: softmax(q . K[:n_pos] * scale) @ V[:n_pos].  k/v_cache: (n_ctx, head_dim)."""
+    best = np.float32(-np.inf)
+    for t in range(n_pos):
+        s = _kv_dot(q, k_cache[t]) * scale
+        scores[t] = s
+        best = max(best, s)
+    # exponentials in their own loop so that it vectorizes; the sum in plain order
+    for t in range(n_pos):
+        scores[t] = _expf(scores[t] - best)
+    total = 0.0
+    for t in range(n_pos):
+        total += scores[t]
+    inv = np.float32(1.0 / total)
+    out[:] = 0.0
+    for t in range(n_pos):
+        _kv_axpy(scores[t] * inv, v_cache[t], out)
+
+
+@njit(parallel=True, **EXACT)
+def attention(q, k_cache, v_cache, first_pos, scores, out):
+    """Causal grouped-query attention of T new tokens over the cache.
+
+    q: (T, n_heads, head_dim) for positions first_pos .. first_pos + T - 1;
+    k_cache, v_cache: (n_kv_heads, n_ctx, head_dim) already holding those positions;
+    scores: (n_threads_or_more, n_ctx) scratch; out: (T, n_heads, head_dim).
+    Token t sees positions 0 .. first_pos + t (the causal mask); query head h reads KV head
+    h // (n_heads / n_kv_heads).
+    """
+    n_tokens, n_heads, head_dim = q.shape
+    group = n_heads // k_cache.shape[0]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_work = n_tokens * n_heads
+    n_chunks = min(scores.shape[0], n_work)
+    for c in prange(n_chunks):
+        for job in range(c, n_work, n_chunks):
+            t = job // n_heads
+            h = job % n_heads
+            kv = h // group
+            _attend(q[t, h], k_cache[kv], v_cache[kv], first_pos + t + 1, scale, scores[c], out[t, h])
+
+
+ATTN_SPAN = 64  # cached positions per job of one-token attention
+
+
+@njit(**FAST)
+def _dot_rows(a, i, b):
+    """a[i] . b without slicing a (a slice per call costs reference-count updates in hot loops)."""
+    s = np.float32(0.0)
+    for j in range(b.shape[0]):
+        s += a[i, j] * b[j]
+    return s
+
+
+@njit(**EXACT)
+def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
+    """The query heads of KV head kv over cached positions start..end-1, not normalized:
+    partial[h] = (sum_t e_t * v_t (head_dim), max score, sum_t e_t) with e_t = exp(score_t - max).
+
+    q: (n_heads, head_dim); scratch: (head_dim + group * ATTN_SPAN,): one widened key or value row,
+    then the group's scores.  Each cached row is read and widened once for the whole group.
+    """
+    head_dim = q.shape[1]
+    group = q.shape[0] // k_cache.shape[0]
+    first = kv * group
+    n = end - start
+    row = scratch[:head_dim]
+    scores = scratch[head_dim:head_dim + group * ATTN_SPAN].reshape(group, ATTN_SPAN)
+    keys, values = k_cache[kv], v_cache[kv]
+    for t in range(n):
+        _kv_load(keys[start + t], row)
+        for g in range(group):
+            scores[g, t] = _dot_rows(q, first + g, row) * scale
+    for g in range(group):
+        best = np.float32(-np.inf)
+        for t in range(n):
+            best = max(best, scores[g, t])
+        for t in range(n):
+            scores[g, t] = _expf(scores[g, t] - best)
+        total = 0.0
+        for t in range(n):
+            total += scores[g, t]
+        partial[first + g, head_dim] = best
+        partial[first + g, head_dim + 1] = total
+        for i in range(head_dim):
+            partial[first + g, i] = 0.0
+    for t in range(n):
+        _kv_load(values[start + t], row)
+        for g in range(group):
+            p = scores[g, t]
+            for i in range(head_dim):
+                partial[first + g, i] += p * row[i]
+
+
+@njit(parallel=True, **EXACT)
+def attention_one(q, k_cache, v_cache, n_pos, scratch, partial, out):
+    """One token's grouped-query attention over cached positions 0..n_pos-1 (its own included).
+
+    q, out: (n_heads, head_dim); k_cache, v_cache: (n_kv_heads, n_ctx, head_dim);
+    scratch: (n_ctx/ATTN_SPAN rounded up * n_kv_heads, head_dim + group * ATTN_SPAN);
+    partial: (n_ctx/ATTN_SPAN rounded up, n_heads, head_dim + 2).
+    The positions are cut into spans of ATTN_SPAN, one job per (span, KV head) whatever the thread
+    count (so the result does not depend on it), and the spans' softmax sums are merged at the end
+    with their maxima (the flash-decoding split): long contexts use every thread.
+    """
+    n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[0]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_spans = (n_pos + ATTN_SPAN - 1) // ATTN_SPAN
+    for job in prange(n_spans * n_kv):
+        span, kv = job // n_kv, job % n_kv
+        _attend_span(q, k_cache, v_cache, kv, span * ATTN_SPAN, min(n_pos, (span + 1) * ATTN_SPAN), scale,
+                     scratch[job], partial[span])
+    for h in range(n_heads):
+        best = np.float32(-np.inf)
+        for s in range(n_spans):
+            best = max(best, partial[s, h, head_dim])
+        total = 0.0
+        out[h, :] = 0.0
+        for s in range(n_spans):
+            w = _expf(partial[s, h, head_dim] - best)
+            total += partial[s, h, head_dim + 1] * w
+            for i in range(head_dim):
+                out[h, i] += w * partial[s, h, i]
+        inv = np.float32(1.0 / total)
+        for i in range(head_dim):
+            out[h, i] *= inv

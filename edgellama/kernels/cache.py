@@ -1,0 +1,73 @@
+"""Numba's on-disk cache for the kernels package.
+
+**One stamp for the whole package.**  Numba keys a cached kernel on its own bytecode and stamps the
+cache index with its source file's time and size: a change in another file (a helper, an intrinsic,
+a layout constant in edgellama/quants.py) would go unnoticed and the old machine code would load.
+Every kernel's index here is stamped instead with a hash of every file the kernels are made of
+(``PACKAGE_FILES``), so that changing any of them recompiles every kernel once.
+
+**Loading without the compiler's registries.**  Before loading a cached function Numba refreshes its
+target context, which imports every lowering implementation it has (numpy, typed containers,
+random, ...): about 40 MB of Python objects that only compiling needs.  Rebuilding a cached function
+needs the NRT runtime alone, so these caches initialize just that (a cache miss compiles through
+Numba's usual path, which refreshes by itself), and hand LLVM's code pages back once a kernel is
+linked (edgellama.memory).  Where Numba's internals differ from the ones this was written for, or
+with EDGELLAMA_NUMBA_FULL_REFRESH set, loading takes Numba's default path; the stamp applies either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from ..memory import release_compiler_pages
+
+_HERE = Path(__file__).resolve().parent
+PACKAGE_FILES = tuple(sorted(_HERE.glob("*.py"))) + (_HERE.parent / "quants.py",)
+
+
+def package_stamp() -> str:
+    """A hash of the sources of every kernel module (and of the type table they are built from)."""
+    digest = hashlib.sha256()
+    for path in PACKAGE_FILES:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def install(modules) -> int:
+    """Give every Numba dispatcher of these modules the package-stamped (and lean) cache; returns
+    how many."""
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import CPUDispatcher
+
+    stamp = package_stamp()
+    lean = (not os.environ.get("EDGELLAMA_NUMBA_FULL_REFRESH")
+            and all(hasattr(FunctionCache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")))
+
+    class PackageCache(FunctionCache):
+        def __init__(self, py_func):
+            super().__init__(py_func)
+            self._cache_file._source_stamp = stamp  # the index is valid for these sources only
+
+        if lean:
+            def load_overload(self, sig, target_context):
+                from numba.core.runtime import rtsys
+
+                rtsys.initialize(target_context)
+                with self._guard_against_spurious_io_errors():
+                    loaded = self._load_overload(sig, target_context)
+                release_compiler_pages()  # linked: LLVM's code is not needed until the next one
+                return loaded
+
+            def save_overload(self, sig, data):  # after a compilation (a cache miss), likewise
+                super().save_overload(sig, data)
+                release_compiler_pages()
+
+    count = 0
+    for module in modules:
+        for value in list(vars(module).values()):
+            if isinstance(value, CPUDispatcher) and type(getattr(value, "_cache", None)) is FunctionCache:
+                value._cache = PackageCache(value.py_func)
+                count += 1
+    return count

@@ -1,0 +1,351 @@
+"""Products with weights: activations quantized to int8 blocks once, the int8 tiles over packed
+quantized weights (LLVM IR: one dot-product instruction advances every row of a group), float
+weights, and the per-type dispatch."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .common import EXACT, FAST, I32, QK, T_F16, T_F32, T_Q8_0
+from .layout import PACKED_FORMATS, is_quantized, record_bytes, super_block_bytes
+from .llvm import _F32, _I8, _I16, _I32, _I64, _const_vec, _half_to_f32, _round_half, _vec
+from .target import _arch, _has_vnni, _native_half, _target_features, packing, tile_tokens
+
+
+# ----- activation quantization ------------------------------------------------------------------
+
+@njit(**EXACT)
+def round_to_f16(v):
+    """The float32 value nearest to v that IEEE half can hold (ties to even), as ggml's FP32_TO_FP16."""
+    return _round_half(np.float32(v))
+
+
+@njit(**FAST)
+def _abs_max(x, o):
+    """max |x[o:o+32]| (a max is exact in any order, so fastmath may vectorize it)."""
+    amax = np.float32(0.0)
+    for i in range(QK):
+        amax = max(amax, abs(x[o + i]))
+    return amax
+
+
+@njit(**EXACT)
+def quantize_q8(x, xq, xd, xs, xsum):
+    """x: (n,) f32 -> xq: (n,) int8, xd: (n/32,) block scales, xs: (n/32,) scale * block sum of xq,
+    xsum: (n/16,) int32 sums of xq over each half block (16 elements; Q6_K scales halves).
+
+    Per 32-block, as ggml's x86 quantize_row_q8_1: d = max|x| / 127 (stored as half),
+    q = round-to-nearest-even(x * 127 / max|x|), s = half(d * sum(q)).
+    """
+    for b in range(x.shape[0] // QK):
+        o = b * QK
+        amax = _abs_max(x, o)
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+        for h in range(2):
+            total = I32(0)
+            for i in range(16 * h, 16 * h + 16):
+                q = I32(np.rint(x[o + i] * inv))
+                xq[o + i] = q
+                total += q
+            xsum[2 * b + h] = total
+        xd[b] = round_to_f16(d)
+        xs[b] = round_to_f16(d * np.float32(xsum[2 * b] + xsum[2 * b + 1]))
+
+
+@njit(parallel=True, **EXACT)
+def quantize_q8_rows(x, xq, xd, xs, xsum):
+    """quantize_q8 of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32), xsum (T, n/16)."""
+    for t in prange(x.shape[0]):
+        quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
+
+
+
+# ----- the int8 tiles over packed weights --------------------------------------------------------
+
+class _TileIR:
+    """Emits one packed tile into a Numba intrinsic's builder.  Compile-time code only.
+
+    Arguments (as the intrinsic receives them): wtype, wp (n_groups, group_bytes) uint8 packed weights,
+    g the row group, n_out, xq (T, n_in) int8, xd / xs (T, n_in/32) float32, xsum (T, n_in/16)
+    int32, t0 the first token, out (T, n_out) float32.  Tokens past T are clamped (computed again,
+    never stored); rows past n_out are never stored.
+    """
+
+    def __init__(self, context, builder, sig, args, qtype, n_tok):
+        feats = _target_features()
+        self.b, self.qtype, self.n_tok = builder, qtype, n_tok
+        self.lanes, self.unsigned_q8 = packing()
+        self.vnni = _has_vnni(feats)
+        self.arm_dot = _arch() == "aarch64" and "dotprod" in feats   # sdot: signed x signed bytes
+        self.native_half = _native_half(feats)
+        arrays = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 4, 5, 6, 7, 9))
+        self.wp, self.xq, self.xd, self.xs, self.xsum, self.out = arrays
+        index = lambda i: context.cast(builder, args[i], sig.args[i], types.intp)
+        self.g, self.n_out, self.t0 = index(2), index(3), index(8)
+        self.n_total, n_in = cgutils.unpack_tuple(builder, self.xq.shape)
+        self.nb = builder.ashr(n_in, self.i64(5))
+        stride = lambda a: cgutils.unpack_tuple(builder, a.strides)[0]
+        self.group_at = builder.mul(self.g, stride(self.wp))
+        toks = [self.clamp(builder.add(self.t0, self.i64(j)), self.n_total) for j in range(n_tok)]
+        self.rows_of = {name: [builder.mul(t, stride(getattr(self, name))) for t in toks]
+                        for name in ("xq", "xd", "xs", "xsum")}
+        self.out_stride = stride(self.out)
+
+    # ----- small helpers
+    def i64(self, v):
+        return ir.Constant(_I64, v)
+
+    def clamp(self, v, n):
+        last = self.b.sub(n, self.i64(1))
+        return self.b.select(self.b.icmp_signed("<", v, last), v, last)
+
+    def ptr(self, arr, byte_offset, ty):
+        return self.b.bitcast(self.b.gep(self.b.bitcast(arr.data, _I8.as_pointer()), [byte_offset]), ty.as_pointer())
+
+    def load(self, arr, byte_offset, ty, align=1):
+        return self.b.load(self.ptr(arr, byte_offset, ty), align=align)
+
+    def token_value(self, name, j, blk, ty):
+        """Entry blk of per-block activation array `name` for token j (4-byte elements; xsum has
+        one entry per half block)."""
+        return self.load(getattr(self, name), self.b.add(self.rows_of[name][j], self.b.shl(blk, self.i64(2))), ty, 4)
+
+    def splat(self, s):
+        n = self.lanes
+        v = self.b.insert_element(ir.Constant(_vec(s.type, n), ir.Undefined), s, ir.Constant(_I32, 0))
+        return self.b.shuffle_vector(v, v, _const_vec(_I32, [0] * n))
+
+    def dot(self, acc, u, s):
+        """acc + per-lane sums of 4 adjacent byte products u * s (s signed; u unsigned with VNNI)."""
+        n, b = self.lanes, self.b
+        if self.vnni and n in (8, 16):
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(_I32, n), [_vec(_I32, n)] * 3),
+                                                f"llvm.x86.avx512.vpdpbusd.{32 * n}")
+            return b.call(fn, [acc, b.bitcast(u, _vec(_I32, n)), b.bitcast(s, _vec(_I32, n))])
+        if self.arm_dot and n == 4:
+            fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(_I32, 4), [_vec(_I32, 4)] + [_vec(_I8, 16)] * 2),
+                                                "llvm.aarch64.neon.sdot.v4i32.v16i8")
+            return b.call(fn, [acc, u, s])
+        # without VNNI the weights are signed bytes too (nibbles 0..15, Q8_0 kept signed), so the
+        # products are signed x signed: the pattern of arm64's sdot
+        wide = _vec(_I32, 4 * n)
+        prod = b.mul(b.sext(u, wide), b.sext(s, wide))
+        for k in range(4):
+            acc = b.add(acc, b.shuffle_vector(prod, prod, _const_vec(_I32, [4 * i + k for i in range(n)])))
+        return acc
+
+    # ----- the tile
+    def emit(self):
+        b, n, qt = self.b, self.lanes, self.qtype
+        vf, vi, vb = _vec(_F32, n), _vec(_I32, n), _vec(_I8, 4 * n)
+        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fmuladd.v{n}f32")
+        acc = [cgutils.alloca_once_value(b, ir.Constant(vf, [0.0] * n)) for _ in range(self.n_tok)]
+        quant, high, scale_bytes, n_scales, min_bytes, offset = PACKED_FORMATS[qt]
+        if qt == T_Q8_0 and self.unsigned_q8:
+            offset = 128
+        record = n * record_bytes(qt)
+        table_at = b.add(self.group_at, b.mul(self.nb, self.i64(record)))  # K-quants' super-block factors
+        sb_bytes = n * super_block_bytes(qt)
+
+        def lane_values(at):  # n half scales or minimums -> float32 vector
+            return _half_to_f32(b, self.load(self.wp, at, _vec(_I16, n)), self.native_half)
+
+        def factors(at, base):  # n factor bytes (6-bit, or Q6_K's int8) x the super-block's f16 -> float32
+            return b.fmul(b.sitofp(self.load(self.wp, at, _vec(_I8, n)), vf), base)
+
+        def masked(v, shift, mask):  # (v << shift) & mask on every byte; a negative shift goes right
+            if shift > 0:
+                v = b.shl(v, _const_vec(_I8, [shift] * (4 * n)))
+            elif shift < 0:
+                v = b.lshr(v, _const_vec(_I8, [-shift] * (4 * n)))
+            return b.and_(v, _const_vec(_I8, [mask] * (4 * n)))
+
+        with cgutils.for_range(b, self.nb) as loop:
+            blk = loop.index
+            rec = b.add(self.group_at, b.mul(blk, self.i64(record)))
+            mins_at = b.add(rec, self.i64(n * n_scales * scale_bytes))
+            if scale_bytes == 1:  # K-quants: block factor x super-block d (dmin), ggml's float32 products
+                sb_at = b.add(table_at, b.mul(b.lshr(blk, self.i64(3)), self.i64(sb_bytes)))
+                d_sb = lane_values(sb_at)
+                d_w = [factors(b.add(rec, self.i64(s * n)), d_sb) for s in range(n_scales)]
+                if min_bytes:
+                    m_w = b.fmul(factors(mins_at, lane_values(b.add(sb_at, self.i64(2 * n)))),
+                                 ir.Constant(vf, [-1.0] * n))
+            else:
+                d_w = [lane_values(rec)]
+                if min_bytes:
+                    m_w = lane_values(mins_at)
+            highs_at = b.add(mins_at, self.i64(n * min_bytes))
+            quants = b.add(highs_at, self.i64(n * high))
+            high_words = [self.load(self.wp, b.add(highs_at, self.i64(4 * n * k)), vb) for k in range(high // 4)]
+            # integer sums (one per scale: per half block for Q6_K), starting from the offset term
+            isum = []
+            for j in range(self.n_tok):
+                halves = [self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
+                          for h in range(2)]
+                sums = [b.add(halves[0], halves[1])] if n_scales == 1 else halves
+                isum.append([self.splat(b.mul(s, ir.Constant(_I32, -offset))) if offset else
+                             ir.Constant(vi, [0] * n) for s in sums])
+            x_at = [b.add(self.rows_of["xq"][j], b.shl(blk, self.i64(5))) for j in range(self.n_tok)]
+            for s in range(quant // 4):
+                v = self.load(self.wp, b.add(quants, self.i64(4 * n * s)), vb)
+                if quant == 32:
+                    steps = [(v, 4 * s)]
+                else:  # low nibbles: elements 4s.., high nibbles: elements 16+4s..; then their high bits
+                    lo = b.and_(v, _const_vec(_I8, [15] * (4 * n)))
+                    hi = b.lshr(v, _const_vec(_I8, [4] * (4 * n)))
+                    if high == 4:
+                        lo = b.or_(lo, masked(high_words[0], 4 - s, 16))
+                        hi = b.or_(hi, masked(high_words[0], -s, 16))
+                    elif high == 8:
+                        lo = b.or_(lo, masked(high_words[0], 4 - 2 * s, 48))
+                        hi = b.or_(hi, masked(high_words[1], 4 - 2 * s, 48))
+                    steps = [(lo, 4 * s), (hi, 16 + 4 * s)]
+                for weights, element in steps:
+                    half = element // 16 if n_scales == 2 else 0
+                    for j in range(self.n_tok):
+                        x4 = self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)
+                        isum[j][half] = self.dot(isum[j][half], weights, b.bitcast(self.splat(x4), vb))
+            # one scaling per block (per half): acc += isum * d_w * d_x (+ m_w * sum of x)
+            for j in range(self.n_tok):
+                d_x = self.splat(self.token_value("xd", j, blk, _F32))
+                total = b.load(acc[j])
+                for h in range(n_scales):
+                    total = b.call(fma, [b.sitofp(isum[j][h], vf), b.fmul(d_w[h], d_x), total])
+                if min_bytes == 2:    # Q4_1, Q5_1: ggml's half-rounded s = d * sum(q) of Q8_1
+                    total = b.call(fma, [m_w, self.splat(self.token_value("xs", j, blk, _F32)), total])
+                elif min_bytes == 1:  # K-quants: the exact block sum, as ggml's Q8_K sums
+                    x_sum = b.add(*[self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
+                                    for h in range(2)])
+                    total = b.call(fma, [m_w, b.fmul(d_x, self.splat(b.sitofp(x_sum, _F32))), total])
+                b.store(total, acc[j])
+        self.store(acc, vf)
+
+    def store(self, acc, vf):
+        """out[token, group rows] = acc: one vector store, or lane by lane past n_out."""
+        b, n = self.b, self.lanes
+        row0 = b.mul(self.g, self.i64(n))
+        whole = b.icmp_signed("<=", b.add(row0, self.i64(n)), self.n_out)
+        for j in range(self.n_tok):
+            tok = b.add(self.t0, self.i64(j))
+            with b.if_then(b.icmp_signed("<", tok, self.n_total)):
+                at = b.add(b.mul(tok, self.out_stride), b.shl(row0, self.i64(2)))
+                v = b.load(acc[j])
+                with b.if_else(whole) as (full, partial):
+                    with full:
+                        b.store(v, self.ptr(self.out, at, vf), align=4)
+                    with partial:
+                        for lane in range(n):
+                            with b.if_then(b.icmp_signed("<", b.add(row0, self.i64(lane)), self.n_out)):
+                                b.store(b.extract_element(v, ir.Constant(_I32, lane)),
+                                        self.ptr(self.out, b.add(at, self.i64(4 * lane)), _F32), align=4)
+
+
+def _tile(n_tok: int):
+    """tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out): out[t0 + j, LANES*g + lane] = row
+    LANES*g + lane of the packed matrix wp (of ggml type wtype) . activation t0 + j, for j < n_tok
+    and lane < LANES.  One switch over the packed formats, each case its own tile."""
+
+    @intrinsic
+    def tile(typingctx, wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out):
+        want = ((wp, types.uint8), (xq, types.int8), (xd, types.float32), (xs, types.float32),
+                (xsum, types.int32), (out, types.float32))
+        for arr, dtype in want:
+            if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == 2 and arr.layout == "C"):
+                return None
+        if not isinstance(wtype, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            which = context.cast(builder, args[0], sig.args[0], types.int64)
+            done = builder.append_basic_block("tile.done")
+            switch = builder.switch(which, done)
+            for qtype in PACKED_FORMATS:
+                case = builder.append_basic_block(f"tile.type{qtype}")
+                switch.add_case(ir.Constant(_I64, qtype), case)
+                builder.position_at_end(case)
+                _TileIR(context, builder, sig, args, qtype, n_tok).emit()
+                builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return types.void(wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out), codegen
+
+    return tile
+
+
+_TILE_TOKENS = tile_tokens()
+_row_tile, _token_tile = _tile(1), _tile(_TILE_TOKENS)
+
+
+@njit(parallel=True, **FAST)
+def matvec_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
+    """out (n_out,) = W @ x for one token: a packed quantized matrix wp of ggml type wtype, x given
+    as its Q8 blocks (quantize_q8): xq (n,), xd, xs (n/32,), xsum (n/16,).  Each thread takes whole
+    row groups.  (Its own kernel, apart from matmul_packed, so that the decode step carries only the
+    one-token tiles.)"""
+    if xd.shape[0] * QK != xq.shape[0] or xsum.shape[0] != 2 * xd.shape[0] or xs.shape[0] != xd.shape[0]:
+        raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16)")
+    nb = xd.shape[0]
+    xq2, xd2, xs2, xsum2 = xq.reshape(1, QK * nb), xd.reshape(1, nb), xs.reshape(1, nb), xsum.reshape(1, 2 * nb)
+    out2 = out.reshape(1, n_out)
+    for g in prange(wp.shape[0]):
+        _row_tile(wtype, wp, g, n_out, xq2, xd2, xs2, xsum2, 0, out2)
+
+
+@njit(parallel=True, **FAST)
+def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
+    """out (T, n_out) = x @ W.T for a packed quantized matrix wp of ggml type wtype; x given as its
+    Q8 blocks (quantize_q8_rows): xq (T, n), xd, xs (T, n/32), xsum (T, n/16).  Each thread takes
+    whole row groups; within a group, tiles of _TILE_TOKENS tokens (a short last tile computes its
+    last token again, stores it once)."""
+    if xd.shape[1] * QK != xq.shape[1] or xsum.shape[1] != 2 * xd.shape[1] or xs.shape[1] != xd.shape[1]:
+        raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16 per row)")
+    for g in prange(wp.shape[0]):
+        for t in range(0, xq.shape[0], _TILE_TOKENS):
+            _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+
+
+# ----- float weights and the per-type dispatch ---------------------------------------------------
+
+@njit(parallel=True, **FAST)
+def matvec_f32(w, x, out):
+    """w: (n_out, 4 * n_in) bytes of float32 rows."""
+    wf = w.view(np.float32)
+    for r in prange(w.shape[0]):
+        acc = np.float32(0.0)
+        for i in range(x.shape[0]):
+            acc += wf[r, i] * x[i]
+        out[r] = acc
+
+
+@njit(parallel=True, **FAST)
+def matvec_half(w, x, out, half_table):
+    """w: (n_out, 2 * n_in) bytes of 16-bit floats (F16 or BF16, chosen by ``half_table``)."""
+    wh = w.view(np.uint16)
+    for r in prange(w.shape[0]):
+        acc = np.float32(0.0)
+        for i in range(x.shape[0]):
+            acc += half_table[wh[r, i]] * x[i]
+        out[r] = acc
+
+
+@njit(**EXACT)
+def matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table):
+    """out (n_out,) = W @ x for a weight of any runtime type: packed groups (n_groups, group_bytes)
+    for the quantized types, file rows (n_out, row_bytes) for F32 / F16 / BF16.  qx = (xq, xd, xs,
+    xsum) must hold quantize_q8(x)."""
+    if is_quantized(wtype):
+        xq, xd, xs, xsum = qx
+        matvec_packed(w, wtype, n_out, xq, xd, xs, xsum, out)
+    elif wtype == T_F32:
+        matvec_f32(w, x, out)
+    elif wtype == T_F16:
+        matvec_half(w, x, out, f16_table)
+    else:
+        matvec_half(w, x, out, bf16_table)

@@ -1,0 +1,55 @@
+"""Numba's on-disk cache of the kernels package: a change in any of its files recompiles the kernels,
+not only a change in the file that defines a kernel (Numba alone stamps each kernel with its own
+file, so an edited helper in another module would load stale machine code)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# swiglu lives in kernels/ops.py and calls _expf from kernels/llvm.py
+PROBE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from edgellama import kernels as K
+    from edgellama.kernel_cache import cache_status
+    status = cache_status(["swiglu"])
+    g, u = np.linspace(-3, 3, 64, dtype=np.float32), np.ones(64, np.float32)
+    K.swiglu(g, u)
+    stats = K.swiglu.stats
+    print(json.dumps({"hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+                      "predicted_cold": status.cold if status else None, "out": float(g.sum())}))
+""")
+
+
+def _probe(tree: Path) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tree, capture_output=True, text=True, timeout=600,
+                         env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tree)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_editing_another_module_of_the_package_recompiles(tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "edgellama", tree / "edgellama", ignore=shutil.ignore_patterns("__pycache__"))
+    first = _probe(tree)
+    assert first["misses"] == 1 and first["hits"] == 0 and first["predicted_cold"] == ["swiglu"]
+    again = _probe(tree)
+    assert again["hits"] == 1 and again["misses"] == 0 and again["predicted_cold"] == []
+    assert again["out"] == first["out"]
+    # a harmless edit in llvm.py (not ops.py, where swiglu is): the whole package's stamp changes
+    llvm = tree / "edgellama" / "kernels" / "llvm.py"
+    llvm.write_text(llvm.read_text() + "\n# edited\n")
+    edited = _probe(tree)
+    assert edited["predicted_cold"] == ["swiglu"]
+    assert edited["misses"] == 1 and edited["hits"] == 0
+    # and the type table the kernels are built from counts too
+    quants = tree / "edgellama" / "quants.py"
+    quants.write_text(quants.read_text() + "\n# edited\n")
+    assert _probe(tree)["misses"] == 1
