@@ -370,15 +370,17 @@ class Model:
         del s.tokens[common:]
         return self.eval(ids[common:]), common
 
-    def generate(self, prompt: str | list[int], max_tokens: int | None = 64, temperature: float = 0.0,
-                 seed: int | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 add_bos: bool | None = None, sampler=None, stop_ids=(), stop=(), *,
-                 typical_p: float = 1.0, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, penalty_last_n: int = 64, logit_bias=None,
-                 logprobs: int | None = None, context_shift: bool = False, n_keep: int = 4,
-                 truncate: bool = False, special: bool = False):
+    def generate(self, prompt: str | list[int], max_tokens: int | None = 64, sampler=None, *, stop=(), stop_ids=(),
+                 add_bos: bool | None = None, special: bool = False, context_shift: bool = False, n_keep: int = 4,
+                 truncate: bool = False, **sampling):
         """Stream generated text: yields ``Chunk`` strings (the last one carries finish_reason).
 
+        Sampling: ``sampler`` (a ``sampling.Sampler``, or any callable logits -> token id), or the
+        Sampler's settings as keywords (``temperature=0.0, seed=None, top_k, top_p, min_p, typical_p,
+        repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, logit_bias, logprobs``),
+        from which one Sampler is made, before tokenizing (bad settings fail at once); not both.
+        ``stop``: strings that end the text (at most generate.MAX_STOP_STRINGS of MAX_STOP_CHARS
+        characters), ``stop_ids``: tokens that do (besides the vocabulary's end-of-generation ones).
         With ``context_shift`` a full cache drops the oldest half of its tokens after the first
         ``n_keep`` (see ``shift_context``) and generation goes on; without it, generation ends
         with finish_reason "length" at the end of the context.  A prompt longer than the context
@@ -386,22 +388,15 @@ class Model:
         ``n_keep`` tokens and its end are kept, leaving min(max_tokens, n_ctx/4) (at most n_ctx/2,
         at least 1) positions for the reply.  A text prompt is tokenized with special-token text
         left as text unless ``special=True`` (then ``<|im_start|>`` and the like written in it
-        become control tokens: only for prompts you wrote yourself).
+        become control tokens: only for prompts you wrote yourself).  Bad settings raise
+        ``SamplingError``, bad generation options ``GenerationError``; both name the parameter
+        in ``param``.
         """
-        from .generate import generate_tokens, truncate_prompt
-        from .sampling import Sampler
+        from .generate import check_n_keep, generate_tokens, truncate_prompt
+        from .sampling import make_sampler
 
-        if sampler is None:  # built before tokenizing so that bad options fail at once
-            sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                              typical_p=typical_p, repeat_penalty=repeat_penalty,
-                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                              penalty_last_n=penalty_last_n, logit_bias=logit_bias, logprobs=logprobs,
-                              n_vocab=self.args.n_vocab)
-        if context_shift and (isinstance(n_keep, bool) or not isinstance(n_keep, int)
-                              or not 0 <= n_keep < self.n_ctx // 2):
-            raise ValueError(f"n_keep must be an integer in [0, n_ctx/2 = {self.n_ctx // 2}), got {n_keep!r}")
-        if truncate and (isinstance(n_keep, bool) or not isinstance(n_keep, int) or n_keep < 0):
-            raise ValueError(f"n_keep must be a non-negative integer, got {n_keep!r}")
+        sampler = make_sampler(sampler, sampling, self.args.n_vocab)
+        check_n_keep(n_keep, self.n_ctx, context_shift=context_shift, truncate=truncate)
         ids = self.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) else list(prompt)
         if truncate:
             want = self.n_ctx // 4 if max_tokens is None else max_tokens
@@ -514,54 +509,30 @@ class Model:
         K.rmsnorm_rows(x, w.output_norm, self.dims.eps, xb)
         return self._linear(xb, w.output)[0]
 
-    def chat(self, messages, max_tokens: int | None = None, temperature: float = 0.0, seed: int | None = None,
-             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, sampler=None, template: str | None = None,
-             stop=()):
+    def chat(self, messages, max_tokens: int | None = None, sampler=None, *, template: str | None = None, stop=(),
+             **sampling):
         """Stream the assistant's reply to ``messages`` (``[{"role": ..., "content": ...}, ...]``).
 
         The conversation is rendered with the file's ``tokenizer.chat_template`` (or ``template``:
         a template text or a built-in name, ``chatml``/``llama2``/``llama3``; without either, the
-        built-in the vocabulary suggests).  The reply ends at the template's end-of-turn token.  The
-        cached prefix is reused, so a follow-up turn evaluates only what is new.  A reply that fills
-        the context shifts it (keeping the system prompt) instead of stopping.  ``stop``: strings
-        that end the reply (the text before one is kept).
+        built-in the vocabulary suggests).  The reply ends at the template's end-of-turn token
+        (``chat.end_of_turn_ids``).  The cached prefix is reused, so a follow-up turn evaluates only
+        what is new.  A reply that fills the context shifts it (keeping the system prompt) instead
+        of stopping.  ``stop``: strings that end the reply (the text before one is kept).
+        ``sampler`` or the sampling settings as keywords: as for ``generate``.
         """
-        from .chat import BUILTIN_TEMPLATES, chat_prompt_ids, render_chat, template_for
+        from .chat import chat_prompt_ids, end_of_turn_ids, template_for
 
-        tok = self.tokenizer
-        if template is None:
-            template = self.file.get("tokenizer.chat_template")
-        if isinstance(template, str) and template in BUILTIN_TEMPLATES:
-            template = BUILTIN_TEMPLATES[template]
-        template = template_for(tok, template)
-        ids = chat_prompt_ids(tok, messages, template)
-        # the token the template closes an assistant message with (<|im_end|>, <|eot_id|>, </s>,
-        # <end_of_turn>, ...) stops the reply even where the vocabulary does not mark it as an
-        # end of generation: render a probe turn and take the special token after its text
-        end_of_turn = set()
-        marker = "edgellama-end-of-turn-probe"
-        bos = tok.token_text(tok.bos_id) if tok.bos_id is not None else ""
-        eos = tok.token_text(tok.eos_id) if tok.eos_id is not None else ""
-        try:
-            probe = render_chat(template, [{"role": "user", "content": "hi"},
-                                           {"role": "assistant", "content": marker}],
-                                add_generation_prompt=False, bos_token=bos, eos_token=eos)
-            tail = probe.partition(marker)[2].lstrip()
-            first = tok.encode(tail, add_bos=False, add_eos=False, special=True)[:1] if tail else []
-            for t in first:
-                text = tok.token_text(t)
-                if tok.is_control(t) or (len(text) > 2 and text[0] == "<" and text[-1] == ">"):
-                    end_of_turn.add(t)
-        except ValueError:  # a template that rejects the probe: the vocabulary's EOG tokens still stop
-            pass
+        template = template_for(self.tokenizer, self.file.get("tokenizer.chat_template") if template is None
+                                else template)
+        ids = chat_prompt_ids(self.tokenizer, messages, template)
         # a long conversation shifts the context instead of ending; the system prompt stays
         n_keep = 4
         if messages and messages[0].get("role") == "system":
-            n_keep = max(n_keep, len(chat_prompt_ids(tok, messages[:1], template)))
-        return self.generate(ids, max_tokens=max_tokens, temperature=temperature, seed=seed, top_k=top_k,
-                             top_p=top_p, min_p=min_p, sampler=sampler, stop_ids=end_of_turn, stop=stop,
-                             context_shift=True, n_keep=min(n_keep, self.n_ctx // 2 - 1))
-
+            n_keep = max(n_keep, len(chat_prompt_ids(self.tokenizer, messages[:1], template)))
+        return self.generate(ids, max_tokens=max_tokens, sampler=sampler, stop=stop,
+                             stop_ids=end_of_turn_ids(self.tokenizer, template), context_shift=True,
+                             n_keep=min(n_keep, self.n_ctx // 2 - 1), **sampling)
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
