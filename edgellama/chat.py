@@ -64,7 +64,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["ChatTemplateError", "render_chat", "render_chat_spans", "BUILTIN_TEMPLATES",
-           "fallback_template", "template_for", "chat_prompt_ids", "MAX_OUTPUT_CHARS",
+           "fallback_template", "template_for", "chat_prompt_ids", "end_of_turn_ids", "MAX_OUTPUT_CHARS",
            "MAX_TEMPLATE_CHARS", "MAX_ITEMS", "MAX_RENDER_BYTES", "DEFAULT_TIMEOUT"]
 
 # A long multi-turn prompt with tool schemas is ~100k characters; 1M leaves room and still
@@ -148,6 +148,37 @@ def template_for(tokenizer, chat_template: str | None) -> str:
     if isinstance(chat_template, str) and chat_template.strip():
         return chat_template
     return BUILTIN_TEMPLATES[fallback_template(tokenizer)]
+
+
+END_OF_TURN_PROBE = "edgellama-end-of-turn-probe"
+
+
+def end_of_turn_ids(tokenizer, template: str | None) -> frozenset[int]:
+    """The token a template closes an assistant message with (``<|im_end|>``, ``<|eot_id|>``,
+    ``</s>``, ``<end_of_turn>``, ...), as a set of ids: it ends a reply even where the vocabulary
+    does not mark it as an end of generation.
+
+    A probe conversation (a user turn, then an assistant turn whose content is a marker) is rendered
+    and the text after the marker tokenized with special tokens parsed; its first token counts if
+    it is a control token or looks like one (``<...>``).  Empty when the template writes plain text
+    after a turn, or rejects the probe: the vocabulary's end-of-generation tokens still stop a reply.
+    ``template``: as for ``render_chat`` (source, a built-in name, or None for chatml)."""
+    bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+    try:
+        probe = render_chat(template, [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": END_OF_TURN_PROBE}],
+                            add_generation_prompt=False, bos_token=bos, eos_token=eos)
+        tail = probe.partition(END_OF_TURN_PROBE)[2].lstrip()
+        first = tokenizer.encode(tail, add_bos=False, add_eos=False, special=True)[:1] if tail else []
+    except ValueError:  # ChatTemplateError, TokenizerError: no end-of-turn token from this template
+        return frozenset()
+    found = set()
+    for t in first:
+        text = tokenizer.token_text(t)
+        if tokenizer.is_control(t) or (len(text) > 2 and text[0] == "<" and text[-1] == ">"):
+            found.add(t)
+    return frozenset(found)
 
 
 def _token_text_set(token_texts) -> set[str]:

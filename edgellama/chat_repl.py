@@ -16,7 +16,8 @@ when its read is interrupted, so a Ctrl-C delivered just before the read started
 wait for the next key (python/cpython#112585).
 
 Sampling, as llama.cpp's defaults (``CHAT_DEFAULTS``: temperature 0.8, top-k 40, top-p 0.95, min-p
-0.05), unless the model file recommends its own (``general.sampling.*``, read by ``chat_sampling``).
+0.05), unless the model file recommends its own (``general.sampling.*``, read by ``chat_sampling``);
+the caller builds the ``Sampler`` from them and passes it to ``run_chat``.
 """
 
 from __future__ import annotations
@@ -37,45 +38,44 @@ SAMPLING_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampl
                  "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
                  "repeat_penalty": "general.sampling.penalty_repeat",
                  "penalty_last_n": "general.sampling.penalty_last_n"}
-_VALID = {"temperature": lambda v: v >= 0, "top_k": lambda v: v >= 0, "top_p": lambda v: 0 <= v <= 1,
-          "min_p": lambda v: 0 <= v <= 1, "repeat_penalty": lambda v: v > 0, "penalty_last_n": lambda v: v >= 0}
 KICK_SECONDS = 0.2  # period of the wake-up signal while the prompt waits for a key
 
 
 def chat_sampling(metadata, **given) -> tuple[dict, list[str]]:
-    """The chat's sampler settings: each one given (not None), else the model's recommendation
-    (``general.sampling.*`` in ``metadata``, where valid), else ``CHAT_DEFAULTS``; with the names of
-    the settings taken from the model."""
+    """The chat's sampler settings (``CHAT_DEFAULTS``' names, which are ``Sampler``'s): each one
+    given (not None), else the model's recommendation (``general.sampling.*`` in ``metadata``, where
+    the Sampler accepts it), else ``CHAT_DEFAULTS``; with the names of the settings taken from the
+    model."""
+    from .sampling import SAMPLING_OPTIONS
+
     settings, from_model = {}, []
     for name, default in CHAT_DEFAULTS.items():
         value = given.get(name)
         if value is None:
             value = default
             recommended = metadata.get(SAMPLING_KEYS[name])
-            kind = int if isinstance(default, int) else float
-            if (isinstance(recommended, (int, float)) and not isinstance(recommended, bool)
-                    and recommended == recommended and _VALID[name](recommended)
-                    and (kind is float or float(recommended).is_integer())):
-                value = kind(recommended)
+            option = SAMPLING_OPTIONS[name]
+            if option.kind is int and isinstance(recommended, float) and recommended.is_integer():
+                recommended = int(recommended)  # a count written as a float (64.0)
+            if recommended is not None and option.accepts(recommended):
+                value = option.kind(recommended)
                 from_model.append(name)
         settings[name] = value
     return settings, from_model
 
 
-def run_chat(model, system: str | None = None, max_tokens: int | None = None, temperature: float = 0.0,
-             seed: int | None = None, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-             template: str | None = None, input_fn=input, out=sys.stdout, *, repeat_penalty: float = 1.0,
-             penalty_last_n: int = 64, stop=()) -> int:
+def run_chat(model, system: str | None = None, max_tokens: int | None = None, sampler=None,
+             template: str | None = None, input_fn=input, out=sys.stdout, *, stop=()) -> int:
     """Chat until /exit, EOF or two Ctrl-C in a row at the prompt; returns the exit status (0).
 
-    ``input_fn(prompt)`` reads one line (raises EOFError at the end, KeyboardInterrupt on Ctrl-C);
-    replies stream to ``out``.  ``stop``: strings that end a reply.
+    ``sampler``: one sampler for the whole conversation (a seed fixes the session, not each reply);
+    None: greedy.  ``input_fn(prompt)`` reads one line (raises EOFError at the end, KeyboardInterrupt
+    on Ctrl-C); replies stream to ``out``.  ``stop``: strings that end a reply.
     """
     from .sampling import Sampler
 
-    # one sampler for the whole conversation: a seed fixes the session, not each reply
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                      repeat_penalty=repeat_penalty, penalty_last_n=penalty_last_n, n_vocab=model.args.n_vocab)
+    if sampler is None:
+        sampler = Sampler(n_vocab=model.args.n_vocab)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     write = _writer(out)

@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import NamedTuple
 
+from ._validate import ParameterError
 from .gguf import GGUFFile, ModelFormatError
 
 
@@ -38,14 +39,14 @@ class _ParseError(Exception):
 
 # ----- option values: each type names the rule it enforces ---------------------------------------
 
-def _integer(low: int, rule: str | None = None):
-    """argparse type: an integer >= low (``rule``: how errors state the accepted values)."""
+def _integer(low: int, rule: str | None = None, high: float = math.inf):
+    """argparse type: an integer in [low, high] (``rule``: how errors state the accepted values)."""
     def integer(text: str) -> int:
         try:
             value = int(text, 10)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expects an integer, got {text!r}") from None
-        if value < low:
+        if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be {rule or f'>= {low}'}, got {value}")
         return value
 
@@ -186,34 +187,71 @@ def _add_model_options(p: argparse.ArgumentParser, runtime: bool = True, threads
                        help="KV cache precision (default f16, as llama.cpp)")
 
 
-# sampler options: (flag, dest, type, run's default, the setting's name in chat_repl, help)
-_SAMPLING_OPTIONS = (
-    ("--temp", "temp", _number(rule=">= 0 (0: greedy)"), 0.0, "temperature", "temperature (0: greedy)"),
-    ("--top-k", "top_k", _integer(0), 0, "top_k", "keep the k most likely tokens (0: all)"),
-    ("--top-p", "top_p", _number(0.0, 1.0, "in [0, 1]"), 1.0, "top_p",
-     "nucleus sampling: keep the most likely tokens up to this total probability (1: off)"),
-    ("--min-p", "min_p", _number(0.0, 1.0, "in [0, 1]"), 0.0, "min_p",
-     "drop the tokens less likely than min-p x the most likely one (0: off)"),
-    ("--repeat-penalty", "repeat_penalty", _number(0.0, rule="> 0 (1: off)", open_low=True), 1.0, "repeat_penalty",
-     "penalize the tokens of the last --repeat-last-n (1: off)"),
-    ("--repeat-last-n", "repeat_last_n", _integer(-1, "-1 (the whole context) or >= 0"), 64, "penalty_last_n",
-     "tokens the penalties look back over (-1: the whole context)"),
-)
+# Sampler setting -> its flags (llama.cpp's names); the dest is the setting's name, and the accepted
+# values, defaults and help come from sampling.SAMPLING_OPTIONS
+SAMPLING_FLAGS = {
+    "temperature": ("--temp",), "top_k": ("--top-k",), "top_p": ("--top-p",), "min_p": ("--min-p",),
+    "typical_p": ("--typical",), "repeat_penalty": ("--repeat-penalty",), "presence_penalty": ("--presence-penalty",),
+    "frequency_penalty": ("--frequency-penalty",), "penalty_last_n": ("--repeat-last-n",), "seed": ("-s", "--seed"),
+}
+# flags that also take -1 (the Sampler itself takes no -1): what their rule adds, and their help
+_MINUS_ONE = {"penalty_last_n": ("-1 (the whole context) or ", "tokens the penalties look back over (-1: the whole "
+                                                               "context)"),
+              "seed": ("-1 (random) or ", "random seed for sampling (-1: random)")}
+# a ParameterError's param -> the dest of the option that sets it, where the names differ
+_PARAM_DESTS = {"max_tokens": "n_predict", "n_keep": "keep"}
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, chat: bool) -> None:
-    """The sampler's options.  run's defaults are greedy; chat's are None, resolved after loading
-    by chat_repl.chat_sampling: the model's general.sampling.* recommendation, else llama.cpp's."""
+    """The sampler's options, made from sampling.SAMPLING_OPTIONS.  run's defaults are the Sampler's
+    (greedy); chat's for CHAT_DEFAULTS' settings are None, resolved after loading by
+    chat_repl.chat_sampling: the model's general.sampling.* recommendation, else llama.cpp's."""
     from .chat_repl import CHAT_DEFAULTS, SAMPLING_KEYS
+    from .sampling import SAMPLING_OPTIONS
 
-    for flag, dest, kind, run_default, setting, text in _SAMPLING_OPTIONS:
-        if chat:
-            text += f" (default: {CHAT_DEFAULTS[setting]}, or the model's {SAMPLING_KEYS[setting]})"
-        p.add_argument(flag, dest=dest, type=kind, default=None if chat else run_default, help=text)
-    p.add_argument("-s", "--seed", type=_integer(-1, "-1 (random) or >= 0"), default=-1,
-                   help="random seed for sampling (-1: random" + (", printed at the start" if chat else "") + ")")
+    for name, flags in SAMPLING_FLAGS.items():
+        option = SAMPLING_OPTIONS[name]
+        default, text = option.default, option.help
+        if name in _MINUS_ONE:
+            rule, text = _MINUS_ONE[name]
+            kind = _integer(-1, rule + option.rule, option.high)
+            default = -1 if default is None else default
+            if chat and name == "seed":
+                text = "random seed for sampling (-1: random, printed at the start)"
+        elif option.kind is int:
+            kind = _integer(int(option.low), option.rule, option.high)
+        else:
+            kind = _number(option.low, option.high, option.rule, option.open_low)
+        if chat and name in CHAT_DEFAULTS:
+            default = None
+            text += f" (default: {CHAT_DEFAULTS[name]}, or the model's {SAMPLING_KEYS[name]})"
+        p.add_argument(*flags, dest=name, type=kind, default=default, help=text)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop " + ("a reply" if chat else "generating") + " at this text (repeatable)")
+
+
+def sampler_from_args(args, model, **settings):
+    """The Sampler the parsed sampling options ask for, for ``model``; ``settings`` replace options
+    (chat's resolved defaults, its printed seed).  --repeat-last-n -1 is the whole context, --seed
+    -1 a seed from the operating system."""
+    from .sampling import Sampler
+
+    values = {name: getattr(args, name) for name in SAMPLING_FLAGS}
+    values.update(settings)
+    if values["penalty_last_n"] == -1:
+        values["penalty_last_n"] = model.n_ctx
+    if values["seed"] == -1:
+        values["seed"] = None
+    return Sampler(**values, n_vocab=model.args.n_vocab)
+
+
+def _param_flag(args, param: str | None) -> str | None:
+    """The option (as typed) behind a ParameterError's ``param``; None if no option sets it."""
+    dest = _PARAM_DESTS.get(param, param)
+    parser = getattr(args, "_parser", None)
+    if param is None or parser is None or not any(a.dest == dest and a.option_strings for a in parser._actions):
+        return None
+    return _flag(args, dest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,10 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
                      type=_integer(-1, "-1 (until the end of the text or of the context) or a number of tokens >= 0"),
                      help="tokens to generate (-1: until the end of the text or of the context)")
     _add_sampling_options(run, chat=False)
-    run.add_argument("--typical", type=_number(0.0, 1.0, "in (0, 1]", open_low=True), default=1.0,
-                     help="locally typical sampling threshold (1: off)")
-    run.add_argument("--presence-penalty", type=_number(), default=0.0, help="presence penalty (0: off)")
-    run.add_argument("--frequency-penalty", type=_number(), default=0.0, help="frequency penalty (0: off)")
     run.add_argument("--context-shift", action="store_true",
                      help="when the context is full, drop old tokens and go on instead of stopping")
     run.add_argument("--keep", type=_integer(0), default=4,
@@ -369,13 +403,8 @@ def cmd_run(args) -> int:
     if args.context_shift and args.keep >= model.n_ctx // 2:
         raise UsageError(f"{_flag(args, 'keep')} {args.keep} must be less than half the context "
                          f"({_flag(args, 'ctx')} {model.n_ctx}) with --context-shift")
-    stream = model.generate(ids, max_tokens=None if args.n_predict == -1 else args.n_predict,
-                            temperature=args.temp, seed=None if args.seed == -1 else args.seed,
-                            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, stop=args.stop,
-                            typical_p=args.typical, repeat_penalty=args.repeat_penalty,
-                            penalty_last_n=model.n_ctx if args.repeat_last_n == -1 else args.repeat_last_n,
-                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            context_shift=args.context_shift, n_keep=args.keep, truncate=args.truncate)
+    stream = model.generate(ids, None if args.n_predict == -1 else args.n_predict, sampler_from_args(args, model),
+                            stop=args.stop, context_shift=args.context_shift, n_keep=args.keep, truncate=args.truncate)
     last, prompt_compile = None, None
     with CompileProgress(None, quiet=True) as late:  # a kernel first needed now (a context shift's)
         for chunk in stream:
@@ -401,19 +430,15 @@ def cmd_run(args) -> int:
 def cmd_chat(args) -> int:
     import secrets
 
-    from .chat_repl import chat_sampling, run_chat
+    from .chat_repl import CHAT_DEFAULTS, chat_sampling, run_chat
 
     loaded = load_model(args)
     model = loaded.model
-    settings, from_model = chat_sampling(model.file.metadata, temperature=args.temp, top_k=args.top_k,
-                                         top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
-                                         penalty_last_n=args.repeat_last_n)
-    if settings["penalty_last_n"] == -1:
-        settings["penalty_last_n"] = model.n_ctx
+    settings, from_model = chat_sampling(model.file.metadata, **{name: getattr(args, name) for name in CHAT_DEFAULTS})
     seed = secrets.randbits(32) if args.seed == -1 else args.seed
-    s = settings
-    print(f"sampling: temperature {s['temperature']:g}, top-k {s['top_k']}, top-p {s['top_p']:g}, min-p "
-          f"{s['min_p']:g}, repeat penalty {s['repeat_penalty']:g} over {s['penalty_last_n']} tokens, seed {seed}"
+    s = sampler_from_args(args, model, **settings, seed=seed)
+    print(f"sampling: temperature {s.temperature:g}, top-k {s.top_k}, top-p {s.top_p:g}, min-p {s.min_p:g}, "
+          f"repeat penalty {s.repeat_penalty:g} over {s.penalty_last_n} tokens, seed {seed}"
           + (f" ({', '.join(from_model)} as the model file recommends)" if from_model else ""), file=sys.stderr)
     if sys.stdin.isatty():
         try:
@@ -421,7 +446,7 @@ def cmd_chat(args) -> int:
         except ImportError:
             pass
     return run_chat(model, system=args.system, max_tokens=None if args.n_predict == -1 else args.n_predict,
-                    seed=seed, stop=args.stop, **settings)
+                    sampler=s, stop=args.stop)
 
 
 def cmd_serve(args) -> int:
@@ -552,6 +577,15 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryLimitError as e:
         print(f"edgellama {args.command}: error: {_memory_message(e, args)}", file=sys.stderr)
         return 1
+    except ParameterError as e:  # a sampler setting or generation option an option set: named as typed
+        flag = _param_flag(args, e.param)
+        if flag is None:
+            print(f"edgellama {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        shown = repr(e.value) if len(repr(e.value)) <= 60 else repr(e.value)[:57] + "..."
+        message = f"{flag} must be {e.expected}, got {shown}" if e.expected else f"{flag}: {e}"
+        print(f"edgellama {args.command}: error: {message}\nsee 'edgellama {args.command} --help'", file=sys.stderr)
+        return 2
     except (ModelFormatError, ValueError, OSError) as e:
         print(f"edgellama {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -12,9 +12,17 @@ Text goes through two hold-back stages before it is yielded:
    stop string, so a stop string split across tokens never leaks: when one completes, generation
    ends with ``finish_reason="stop"`` and the text is cut just before it.
 
+Stop strings: at most MAX_STOP_STRINGS of at most MAX_STOP_CHARS characters each (the server
+takes OpenAI's 4).  Matching them costs O(characters x stop strings) over a whole generation,
+whatever their length (``StopStrings``: one Knuth-Morris-Pratt automaton per stop string).
+
 Sampler protocol: any callable ``logits -> token id`` works.  If it also has ``sample(logits)``
 (returning ``sampling.Sampled``), ``reset(prompt_ids)`` and ``accept(token)``, the loop uses them for
 log-probabilities and the penalty window, as ``sampling.Sampler`` does.
+
+Errors in generation options (``max_tokens``, ``stop``, ``stop_ids``, ``n_keep``, a sampler that is
+not callable or returns no token id) are ``GenerationError``s naming the parameter in ``param``;
+the sampler's own settings raise ``sampling.SamplingError``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,15 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .sampling import Sampled, SamplingError, TokenLogprob
+from ._validate import ParameterError, is_int
+from .sampling import Sampled, TokenLogprob
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1000
+
+
+class GenerationError(ParameterError):
+    """A generation option (not a sampler setting) is wrong; ``param`` names it."""
 
 
 class Chunk(str):
@@ -79,55 +95,100 @@ class StopStrings:
     so the result does not depend on how the text was split into pieces.  Held-back text is always
     a suffix that is a proper prefix of some stop string, hence a match never starts in text already
     released.
+
+    Each stop string runs a Knuth-Morris-Pratt automaton over the text, one character at a time:
+    its state is the length of the longest prefix of the stop string that ends the text so far
+    (which is also what must be held back for it).  The work is amortized O(1) per character and
+    stop string (``steps`` counts it), so a stop string of length L costs O(L) once, to build its
+    failure table, and nothing per token that grows with L.
     """
 
     def __init__(self, stops: Iterable[str] = ()):
         self.stops = tuple(stops)
         self.pending = ""
+        self._fail = [_failure_table(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
+        self.steps = 0  # automaton transitions taken (a deterministic measure of the work done)
 
     def push(self, text: str) -> tuple[str, bool]:
         pending = self.pending + text
         if not self.stops:
             self.pending = ""
             return pending, False
-        best = None  # (end, start) of the first completed stop string
-        for s in self.stops:
-            start = pending.find(s)
-            if start >= 0 and (best is None or (start + len(s), start) < best):
-                best = (start + len(s), start)
-        if best is not None:
-            self.pending = ""
-            return pending[:best[1]], True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(pending)), hold, -1):
-                if pending.endswith(s[:k]):
-                    hold = k
-                    break
-        cut = len(pending) - hold
+        state, base = self._state, len(self.pending)
+        for offset, ch in enumerate(text):
+            longest = 0  # the longest stop string completed at this character (the earliest start)
+            for i, (stop, fail) in enumerate(zip(self.stops, self._fail)):
+                q = state[i]
+                while q and stop[q] != ch:
+                    q = fail[q - 1]
+                    self.steps += 1
+                if stop[q] == ch:
+                    q += 1
+                self.steps += 1
+                if q == len(stop):
+                    longest = max(longest, q)
+                    q = fail[q - 1]
+                state[i] = q
+            if longest:
+                self._state = [0] * len(self.stops)
+                self.pending = ""
+                return pending[:base + offset + 1 - longest], True
+        cut = len(pending) - max(state)
         self.pending = pending[cut:]
         return pending[:cut], False
 
     def flush(self) -> str:
         """What is still held back (generation ended without completing a stop string)."""
         text, self.pending = self.pending, ""
+        self._state = [0] * len(self.stops)
         return text
 
 
+def _failure_table(s: str) -> list[int]:
+    """KMP failure table: fail[i] = length of the longest proper prefix of s[:i+1] that is also its suffix."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 def check_stop(stop) -> tuple[str, ...]:
-    """``None``, one string, or a list of strings -> a tuple of non-empty strings."""
+    """``None``, one string, or a list of strings -> a tuple of non-empty strings: at most
+    MAX_STOP_STRINGS of at most MAX_STOP_CHARS characters each."""
     if stop is None:
         return ()
     if isinstance(stop, str):
         stop = [stop]
+    expected = f"at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"
     try:
         stops = tuple(stop)
     except TypeError:
-        raise SamplingError(f"stop must be a string or a list of strings, got {type(stop).__name__}") from None
+        raise GenerationError(f"stop must be a string or a list of strings, got {type(stop).__name__}",
+                              param="stop") from None
+    if len(stops) > MAX_STOP_STRINGS:
+        raise GenerationError(f"stop must be {expected}, got {len(stops)} strings", param="stop",
+                              expected=expected, value=len(stops))
     for s in stops:
-        if not isinstance(s, str) or not s:
-            raise SamplingError(f"stop strings must be non-empty strings, got {s!r}")
+        if not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS:
+            shown = f"{s[:40]!r}... ({len(s)} characters)" if isinstance(s, str) and len(s) > 40 else repr(s)
+            raise GenerationError(f"stop must be {expected}, got {shown}", param="stop", expected=expected, value=s)
     return stops
+
+
+def check_n_keep(n_keep, n_ctx: int, *, context_shift: bool, truncate: bool) -> None:
+    """``n_keep`` (tokens kept at the start by a context shift or a truncation): below n_ctx/2 with
+    a context shift, non-negative with a truncation; unused otherwise."""
+    if context_shift and not (is_int(n_keep) and 0 <= n_keep < n_ctx // 2):
+        raise GenerationError(f"n_keep must be an integer in [0, n_ctx/2 = {n_ctx // 2}), got {n_keep!r}",
+                              param="n_keep")
+    if truncate and not (is_int(n_keep) and n_keep >= 0):
+        raise GenerationError(f"n_keep must be a non-negative integer, got {n_keep!r}", param="n_keep")
 
 
 def truncate_prompt(ids: list[int], n_ctx: int, n_keep: int, room: int) -> list[int]:
@@ -153,16 +214,17 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None,
     half of the rest and generation goes on (``Model.shift_context``).
     Arguments are checked here, before any evaluation; the work happens when the result is iterated.
     """
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
-                                   or max_tokens < 0):
-        raise SamplingError(f"max_tokens must be a non-negative integer or None, got {max_tokens!r}")
+    if max_tokens is not None and not (is_int(max_tokens) and max_tokens >= 0):
+        raise GenerationError(f"max_tokens must be a non-negative integer or None, got {max_tokens!r}",
+                              param="max_tokens")
     if not callable(sampler):
-        raise SamplingError(f"sampler must be callable (logits -> token id), got {type(sampler).__name__}")
+        raise GenerationError(f"sampler must be callable (logits -> token id), got {type(sampler).__name__}",
+                              param="sampler")
     stops = check_stop(stop)
     try:
         extra_ids = frozenset(int(i) for i in stop_ids)
     except (TypeError, ValueError):
-        raise SamplingError(f"stop_ids must be token ids, got {stop_ids!r}") from None
+        raise GenerationError(f"stop_ids must be token ids, got {str(stop_ids)[:100]}", param="stop_ids") from None
     return _generate(model, list(prompt_ids), None if max_tokens is None else int(max_tokens), sampler,
                      extra_ids | model.tokenizer.eog_ids, stops, n_keep)
 
@@ -187,8 +249,9 @@ def _generate(model, prompt_ids: list[int], max_tokens: int | None, sampler, sto
         if not isinstance(picked, Sampled):
             picked = Sampled(picked)
         token = picked.token
-        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < len(logits):
-            raise SamplingError(f"the sampler returned {token!r}, not a token id in [0, {len(logits)})")
+        if not (is_int(token) and 0 <= token < len(logits)):
+            raise GenerationError(f"the sampler returned {token!r}, not a token id in [0, {len(logits)})",
+                                  param="sampler")
         token = int(token)
         if token in stop_ids:
             finish = "stop"

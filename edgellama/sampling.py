@@ -17,8 +17,25 @@ begins with the penalties.)  Each step keeps llama.cpp's definition:
   kept until their probability sum exceeds ``typical_p`` (1 = off).
 - top-p: candidates by decreasing probability, kept until their sum reaches ``top_p`` (1 = off).
 - min-p: keep ``logit >= max logit + log(min_p)``, i.e. ``p >= min_p * p_max`` (0 = off).
-- temperature: 0 takes the candidate with the largest logit (greedy); otherwise logits / T,
-  softmax, one draw from a seeded ``numpy.random.Generator`` (same seed + settings = same tokens).
+- temperature: 0 takes the candidate with the largest logit (greedy); otherwise
+  softmax((logits - max logit) / T) and one draw from a seeded ``numpy.random.Generator`` (same seed
+  + settings = same tokens).
+
+**Ranges.**  The settings are the fields of ``Sampler``; each one's accepted values are in
+``SAMPLING_OPTIONS`` (read by the CLI for its flags and by the server for its JSON fields), and a
+value outside them is a ``SamplingError`` whose ``param`` names the setting.  Extreme values that
+are still in range keep a meaning:
+
+- a temperature below ``GREEDY_TEMPERATURE`` (1e-6) is greedy.  At such a temperature a logit gap
+  of 1e-4 (a few float32 roundings of a logit near 100) already leaves the runner-up e^-100 of the
+  top token's probability: a draw could only differ from the greedy pick on exact ties, and
+  ``logits / T`` would overflow for the tiniest ones (5e-324 made every candidate NaN and quietly
+  drew the last one).  Above it, logits are shifted by their maximum before the division, so no
+  temperature, bias or penalty in range can overflow to NaN;
+- ``repeat_penalty`` is in [1/MAX_PENALTY, MAX_PENALTY] = [0.001, 1000] and ``presence_penalty``
+  and ``frequency_penalty`` in [0, MAX_PENALTY]: 1000 already removes a repeated token from any
+  real distribution, and within these bounds a penalized logit stays finite (1e308 made
+  ``logit * penalty`` infinite); ``penalty_last_n`` is at most MAX_PENALTY_LAST_N (2^30).
 
 Log-probabilities (``logprobs=N``) describe the model's own distribution: ``log_softmax`` of the raw
 logits, before bias, penalties, filters and temperature (as llama.cpp's server and vLLM report by
@@ -29,15 +46,24 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from typing import Iterable, Mapping, NamedTuple
+from dataclasses import KW_ONLY, dataclass, field, fields
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
+from ._validate import ParameterError, is_int, is_number
+
 MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-6     # temperatures below this are greedy (see the module docstring)
+MAX_PENALTY = 1000.0          # repeat_penalty in [1/MAX_PENALTY, MAX_PENALTY]; presence/frequency in [0, MAX_PENALTY]
+MAX_PENALTY_LAST_N = 1 << 30  # the longest penalty window (longer than any context)
 
 
-class SamplingError(ValueError):
-    """A sampling or generation parameter is out of range."""
+class SamplingError(ParameterError):
+    """A sampling parameter is out of range, or the logits cannot be sampled from.
+
+    ``param`` names the ``Sampler`` setting at fault (``"temperature"``, ``"logit_bias"``, ...), or
+    is None when the logits themselves are the problem (NaN, every token banned)."""
 
 
 class TokenLogprob(NamedTuple):
@@ -51,39 +77,104 @@ class Sampled(NamedTuple):
     top_logprobs: list[TokenLogprob] | None = None     # the N most likely tokens, most likely first
 
 
+@dataclass(frozen=True)
+class Option:
+    """One sampler setting: its type, default and accepted range, and a line of help.
+
+    ``rule`` states the accepted values in words (the CLI's messages use it as is: "--top-p must be
+    in [0, 1], got 1.5"); ``nullable`` settings also take None (seed: random; logprobs: none)."""
+
+    kind: type                      # int or float
+    default: Any
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    nullable: bool = False
+    rule: str = ""
+    help: str = ""
+
+    @property
+    def expected(self) -> str:
+        """What is accepted, as in "must be {expected}"."""
+        kind = "an integer" if self.kind is int else "a finite number"
+        return f"{kind} {self.rule}" + (" or None" if self.nullable else "")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if self.kind is int:
+            if not is_int(value):
+                return False
+        elif not (is_number(value) and math.isfinite(value)):
+            return False
+        return (self.low < value if self.open_low else self.low <= value) and value <= self.high
+
+    def check(self, name: str, value: Any):
+        """``value`` as the setting's type, or a SamplingError naming ``name``."""
+        if not self.accepts(value):
+            raise SamplingError(f"{name} must be {self.expected}, got {value!r}", param=name,
+                                expected=self.expected, value=value)
+        return None if value is None else self.kind(value)
+
+
+def _option(default, kind: type = float, low: float = 0.0, high: float = math.inf, *, open_low: bool = False,
+            nullable: bool = False, rule: str, help: str):
+    spec = Option(kind, default, low, high, open_low, nullable, rule, help)
+    return field(default=default, metadata={"option": spec})
+
+
+@dataclass(eq=False)
 class Sampler:
     """The sampler chain and the penalty window.
 
-    ``sample(logits)`` / ``sampler(logits)`` choose a token without recording it; ``accept(token)``
-    records a token in the penalty window, and ``reset(tokens)`` restarts the window from a prompt.
-    The generation loop calls ``reset(prompt_ids)`` once, then ``accept`` after each sampled token.
+    The fields are the settings (ranges: ``SAMPLING_OPTIONS``); the first five may be given by
+    position.  ``sample(logits)`` / ``sampler(logits)`` choose a token without recording it;
+    ``accept(token)`` records a token in the penalty window, and ``reset(tokens)`` restarts the window
+    from a prompt.  The generation loop calls ``reset(prompt_ids)`` once, then ``accept`` after each
+    sampled token.  ``n_vocab`` (when known) is checked against every row of logits.
     """
 
-    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int | None = None, *, typical_p: float = 1.0, repeat_penalty: float = 1.0,
-                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, penalty_last_n: int = 64,
-                 logit_bias: Mapping[int, float] | None = None, logprobs: int | None = None,
-                 n_vocab: int | None = None):
-        self.temperature = _number(temperature, "temperature", 0.0, math.inf)
-        self.top_k = _integer(top_k, "top_k", 0)
-        self.top_p = _number(top_p, "top_p", 0.0, 1.0)
-        self.min_p = _number(min_p, "min_p", 0.0, 1.0)
-        self.typical_p = _number(typical_p, "typical_p", 0.0, 1.0, open_low=True)
-        self.repeat_penalty = _number(repeat_penalty, "repeat_penalty", 0.0, math.inf, open_low=True)
-        self.presence_penalty = _number(presence_penalty, "presence_penalty", 0.0, math.inf)
-        self.frequency_penalty = _number(frequency_penalty, "frequency_penalty", 0.0, math.inf)
-        self.penalty_last_n = _integer(penalty_last_n, "penalty_last_n", 0)
-        if logprobs is not None:
-            logprobs = _integer(logprobs, "logprobs", 0, MAX_LOGPROBS)
-        self.logprobs = logprobs
-        if seed is not None:
-            seed = _integer(seed, "seed", 0)
-        self.seed = seed
-        self.n_vocab = None if n_vocab is None else _integer(n_vocab, "n_vocab", 1)
-        self.logit_bias = _logit_bias(logit_bias)
+    temperature: float = _option(0.0, rule=">= 0 (0: greedy)", help="temperature (0: greedy)")
+    top_k: int = _option(0, int, rule=">= 0", help="keep the k most likely tokens (0: all)")
+    top_p: float = _option(1.0, high=1.0, rule="in [0, 1]",
+                           help="nucleus sampling: keep the most likely tokens up to this total probability (1: off)")
+    min_p: float = _option(0.0, high=1.0, rule="in [0, 1]",
+                           help="drop the tokens less likely than min-p x the most likely one (0: off)")
+    seed: int | None = _option(None, int, nullable=True, rule=">= 0",
+                               help="random seed for sampling (None: from the operating system)")
+    _: KW_ONLY
+    typical_p: float = _option(1.0, high=1.0, open_low=True, rule="in (0, 1]",
+                               help="locally typical sampling threshold (1: off)")
+    repeat_penalty: float = _option(1.0, low=1.0 / MAX_PENALTY, high=MAX_PENALTY,
+                                    rule=f"in [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}] (1: off)",
+                                    help="divide the positive logits of the tokens in the penalty window by this "
+                                         "(multiply the negative ones) (1: off)")
+    presence_penalty: float = _option(0.0, high=MAX_PENALTY, rule=f"in [0, {MAX_PENALTY:g}]",
+                                      help="lower the logits of the tokens in the penalty window by this (0: off)")
+    frequency_penalty: float = _option(0.0, high=MAX_PENALTY, rule=f"in [0, {MAX_PENALTY:g}]",
+                                       help="lower the logits of the tokens in the penalty window by this times "
+                                            "their count (0: off)")
+    penalty_last_n: int = _option(64, int, high=MAX_PENALTY_LAST_N, rule=f"in [0, {MAX_PENALTY_LAST_N}]",
+                                  help="tokens the penalties look back over")
+    logit_bias: Mapping[int, float] | None = field(default=None, repr=False)
+    logprobs: int | None = _option(None, int, high=MAX_LOGPROBS, nullable=True, rule=f"in [0, {MAX_LOGPROBS}]",
+                                   help="log-probabilities of the chosen token and of this many most likely ones")
+    n_vocab: int | None = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            spec = f.metadata.get("option")
+            if spec is not None:
+                setattr(self, f.name, spec.check(f.name, getattr(self, f.name)))
+        if self.n_vocab is not None:
+            if not is_int(self.n_vocab) or self.n_vocab < 1:
+                raise SamplingError(f"n_vocab must be an integer >= 1, got {self.n_vocab!r}", param="n_vocab",
+                                    expected="an integer >= 1", value=self.n_vocab)
+            self.n_vocab = int(self.n_vocab)
+        self.logit_bias = _logit_bias(self.logit_bias)
         self._bias_ids = np.fromiter(self.logit_bias.keys(), dtype=np.int64, count=len(self.logit_bias))
         self._bias_values = np.fromiter(self.logit_bias.values(), dtype=np.float64, count=len(self.logit_bias))
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(self.seed)
         self.penalizes = self.penalty_last_n > 0 and (
             self.repeat_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
         self._window: deque[int] = deque(maxlen=max(self.penalty_last_n, 1))
@@ -92,10 +183,9 @@ class Sampler:
         if self.n_vocab is not None:
             self._check_vocab(self.n_vocab)
 
-    def __repr__(self) -> str:
-        names = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
-                 "frequency_penalty", "penalty_last_n", "seed", "logprobs")
-        return "Sampler(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in names) + ")"
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
 
     # ----- penalty window ------------------------------------------------------------------------
 
@@ -135,11 +225,10 @@ class Sampler:
         self._check_vocab(raw.size)
         x = self.adjusted_logits(raw)
         ids, vals = self.candidates(x)
-        if self.temperature == 0.0:
+        if self.greedy:
             token = int(ids[np.argmax(vals)])
         else:
-            z = vals / self.temperature
-            cum = np.cumsum(np.exp(z - z.max()))
+            cum = np.cumsum(self._weights(vals))
             i = int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right"))
             token = int(ids[min(i, len(ids) - 1)])
         if self.logprobs is None:
@@ -149,15 +238,22 @@ class Sampler:
     def adjusted_logits(self, logits: np.ndarray) -> np.ndarray:
         """A float64 copy of ``logits`` with the logit bias and the penalties applied."""
         x = np.array(logits, dtype=np.float64)
-        if self._bias_ids.size:
-            x[self._bias_ids] += self._bias_values
-        if self.penalizes and self._counts:
-            ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
-            counts = np.fromiter(self._counts.values(), dtype=np.float64, count=len(self._counts))
-            v = x[ids]
-            v = np.where(v <= 0.0, v * self.repeat_penalty, v / self.repeat_penalty)
-            x[ids] = v - (counts * self.frequency_penalty + self.presence_penalty)
+        with np.errstate(over="ignore"):  # (only float64 logits near 1e308 can overflow: candidates() refuses +inf)
+            if self._bias_ids.size:
+                x[self._bias_ids] += self._bias_values
+            if self.penalizes and self._counts:
+                ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+                counts = np.fromiter(self._counts.values(), dtype=np.float64, count=len(self._counts))
+                v = x[ids]
+                v = np.where(v <= 0.0, v * self.repeat_penalty, v / self.repeat_penalty)
+                x[ids] = v - (counts * self.frequency_penalty + self.presence_penalty)
         return x
+
+    def _weights(self, vals: np.ndarray) -> np.ndarray:
+        """Unnormalized probabilities exp((vals - max) / T): the largest is 1, none is NaN (the shift
+        comes first, so a tiny T or a huge logit cannot make inf / inf)."""
+        with np.errstate(over="ignore"):
+            return np.exp((vals - vals.max()) / self.temperature)
 
     def candidates(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Run top-k, typical, top-p and min-p over adjusted logits: (candidate ids, their logits).
@@ -167,6 +263,8 @@ class Sampler:
         top = x.max()  # NaN if any logit is NaN
         if np.isnan(top):
             raise SamplingError("the logits contain NaN")
+        if top == math.inf:
+            raise SamplingError("the logits contain +inf (after the logit bias and penalties)")
         if top == -math.inf:
             raise SamplingError("every token is banned (all logits are -inf after the logit bias)")
         if self.logit_bias and np.isneginf(x[self._bias_ids]).any():
@@ -194,27 +292,45 @@ class Sampler:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The distribution ``sample`` draws from, over the whole vocabulary (zeros outside the
-        candidates; at temperature 0 all mass on the greedy token).  For tests and inspection."""
+        candidates; below GREEDY_TEMPERATURE all mass on the greedy token).  For tests and inspection."""
         raw = np.asarray(logits)
         self._check_vocab(raw.size)
         ids, vals = self.candidates(self.adjusted_logits(raw))
         out = np.zeros(raw.size)
-        if self.temperature == 0.0:
+        if self.greedy:
             out[ids[np.argmax(vals)]] = 1.0
         else:
-            out[ids] = _softmax(vals / self.temperature)
+            weights = self._weights(vals)
+            out[ids] = weights / weights.sum()
         return out
 
     def _check_vocab(self, n_vocab: int) -> None:
         if self.n_vocab is not None and n_vocab != self.n_vocab:
             raise SamplingError(f"the logits have {n_vocab} entries but the sampler was made for a vocabulary "
-                                f"of {self.n_vocab}")
+                                f"of {self.n_vocab}", param="n_vocab")
         if self._bias_ids.size and int(self._bias_ids.max()) >= n_vocab:
             raise SamplingError(f"logit_bias token id {int(self._bias_ids.max())} is outside the vocabulary "
-                                f"[0, {n_vocab})")
+                                f"[0, {n_vocab})", param="logit_bias")
         if self._max_token >= n_vocab:
             raise SamplingError(f"token id {self._max_token} in the penalty window is outside the vocabulary "
                                 f"[0, {n_vocab})")
+
+
+# setting name -> Option, in the order of Sampler's fields: the one list of the sampler's settings
+SAMPLING_OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in fields(Sampler) if "option" in f.metadata}
+
+
+def make_sampler(sampler=None, options: Mapping[str, Any] | None = None, n_vocab: int | None = None):
+    """The sampler a generation call uses: ``sampler`` as given (a Sampler or any callable
+    logits -> token id), or one ``Sampler(**options, n_vocab=n_vocab)``; giving both is an error
+    (the options would be silently ignored).  An unknown option is a TypeError, as for any call."""
+    options = dict(options or {})
+    if sampler is None:
+        return Sampler(**options, n_vocab=n_vocab)
+    if options:
+        raise SamplingError(f"give either sampler= or sampling options ({', '.join(options)}), not both",
+                            param=next(iter(options)))
+    return sampler
 
 
 def token_logprobs(logits: np.ndarray, token: int, n: int) -> tuple[float, list[TokenLogprob]]:
@@ -261,29 +377,8 @@ def _shortest_prefix(keys: np.ndarray, probs: np.ndarray, mass: float, strict: b
         m *= 8
 
 
-def _is_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
-def _number(value, name: str, lo: float, hi: float, open_low: bool = False) -> float:
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-          and math.isfinite(value) and (lo < value if open_low else lo <= value) and value <= hi)
-    if not ok:
-        low = "(" if open_low else "["
-        high = "inf)" if hi == math.inf else f"{hi}]"
-        raise SamplingError(f"{name} must be a finite number in {low}{lo}, {high}, got {value!r}")
-    return float(value)
-
-
-def _integer(value, name: str, lo: int, hi: int | None = None) -> int:
-    if not _is_int(value) or value < lo or (hi is not None and value > hi):
-        where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise SamplingError(f"{name} must be an integer {where}, got {value!r}")
-    return int(value)
-
-
 def _token_id(token, n_vocab: int | None) -> int:
-    if not _is_int(token) or token < 0 or (n_vocab is not None and token >= n_vocab):
+    if not is_int(token) or token < 0 or (n_vocab is not None and token >= n_vocab):
         bound = f"[0, {n_vocab})" if n_vocab is not None else ">= 0"
         raise SamplingError(f"token id must be an integer in {bound}, got {token!r}")
     return int(token)
@@ -293,14 +388,15 @@ def _logit_bias(bias) -> dict[int, float]:
     if bias is None:
         return {}
     if not isinstance(bias, Mapping):
-        raise SamplingError(f"logit_bias must be a mapping of token id -> bias, got {type(bias).__name__}")
+        raise SamplingError(f"logit_bias must be a mapping of token id -> bias, got {type(bias).__name__}",
+                            param="logit_bias")
     out: dict[int, float] = {}
     for token, value in bias.items():
-        if not _is_int(token) or token < 0:
-            raise SamplingError(f"logit_bias token id must be a non-negative integer, got {token!r}")
-        ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
-              and (math.isfinite(value) or value == -math.inf))
-        if not ok:
-            raise SamplingError(f"logit_bias[{token}] must be a finite number or -inf (ban), got {value!r}")
+        if not is_int(token) or token < 0:
+            raise SamplingError(f"logit_bias token id must be a non-negative integer, got {token!r}",
+                                param="logit_bias")
+        if not (is_number(value) and (math.isfinite(value) or value == -math.inf)):
+            raise SamplingError(f"logit_bias[{token}] must be a finite number or -inf (ban), got {value!r}",
+                                param="logit_bias")
         out[int(token)] = float(value)
     return out

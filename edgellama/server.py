@@ -82,15 +82,15 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Callable, Iterator
 
+from ._validate import ParameterError
 from .chat import ChatTemplateError
-from .generate import Chunk
-from .sampling import MAX_LOGPROBS, Sampler, SamplingError
+from .generate import MAX_STOP_CHARS, Chunk
+from .sampling import MAX_LOGPROBS, SAMPLING_OPTIONS, Sampler
 
 __all__ = ["ServerConfig", "Engine", "Job", "Server", "make_server", "serve"]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-MAX_STOP_STRINGS = 4             # as OpenAI
-MAX_STOP_CHARS = 1000            # one stop string (the matcher's work per token grows with it)
+MAX_STOP_STRINGS = 4             # as OpenAI (the Python API takes generate.MAX_STOP_STRINGS)
 COMPLETIONS_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_HEAD_BYTES = 32 * 1024       # request line + headers (431 beyond)
 MAX_HEADERS = 100
@@ -201,39 +201,42 @@ def _logit_bias(body: dict, n_vocab: int) -> dict[int, float] | None:
     return out
 
 
-# the request's name for each Sampler argument (their errors begin with the argument's name)
-_SAMPLER_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                   "typical_p": "typical_p", "seed": "seed", "repeat_penalty": "repeat_penalty",
-                   "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-                   "penalty_last_n": "repeat_last_n", "logit_bias": "logit_bias"}
+# a Sampler setting or generation option (a ParameterError's param) -> the request field that sets
+# it: OpenAI's names, and llama.cpp's for its own settings (repeat_last_n)
+_FIELD_NAMES = {**{name: name for name in SAMPLING_OPTIONS}, "penalty_last_n": "repeat_last_n",
+                "logit_bias": "logit_bias", "max_tokens": "max_tokens", "stop": "stop"}
+_DEFAULTS = {"temperature": 1.0}  # OpenAI's default; every other setting defaults as the Sampler does
+
+
+def _parameter_error(e: ParameterError, default: str | None, **fields: str) -> APIError:
+    """A 400 naming the request field behind ``e.param`` (``default`` when no field sets it;
+    ``fields`` override the mapping)."""
+    field = fields.get(e.param) or _FIELD_NAMES.get(e.param) or default
+    if e.expected and field:
+        return APIError(400, f"'{field}' must be {e.expected}, got {_shown(e.value)}", param=field)
+    return APIError(400, str(e)[:1000], param=field)
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (int, float, str, bool)) or value is None else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _sampler(body: dict, n_vocab: int, top_logprobs: int | None, logprobs_param: str) -> Sampler:
-    """The sampler a request asks for (OpenAI's fields plus llama.cpp's top_k, min_p, ...)."""
+    """The sampler a request asks for: every Sampler setting from its field (OpenAI's, plus llama.cpp's
+    top_k, min_p, typical_p, repeat_penalty, repeat_last_n), typed here, ranged by the Sampler."""
     n = _field(body, "n", (int,), 1)
     if n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    options = dict(
-        temperature=_field(body, "temperature", (float,), 1.0),
-        top_p=_field(body, "top_p", (float,), 1.0),
-        top_k=_int_field(body, "top_k", 0, 0),
-        min_p=_field(body, "min_p", (float,), 0.0),
-        typical_p=_field(body, "typical_p", (float,), 1.0),
-        seed=_int_field(body, "seed", None, 0),
-        repeat_penalty=_field(body, "repeat_penalty", (float,), 1.0),
-        presence_penalty=_field(body, "presence_penalty", (float,), 0.0),
-        frequency_penalty=_field(body, "frequency_penalty", (float,), 0.0),
-        penalty_last_n=_int_field(body, "repeat_last_n", 64, 0, 1 << 30),
-        logit_bias=_logit_bias(body, n_vocab),
-        logprobs=top_logprobs,
-    )
+    options = {}
+    for name, option in SAMPLING_OPTIONS.items():
+        if name == "logprobs":
+            continue  # from logprobs / top_logprobs, checked by the caller
+        options[name] = _field(body, _FIELD_NAMES[name], (option.kind,), _DEFAULTS.get(name, option.default))
     try:
-        return Sampler(**options, n_vocab=n_vocab)
-    except (SamplingError, ValueError, OverflowError) as e:
-        message = str(e)
-        name = next((k for k in options if message.startswith(k)), None)
-        param = logprobs_param if name == "logprobs" else _SAMPLER_FIELDS.get(name)
-        raise APIError(400, message, param=param) from None
+        return Sampler(**options, logit_bias=_logit_bias(body, n_vocab), logprobs=top_logprobs, n_vocab=n_vocab)
+    except ParameterError as e:
+        raise _parameter_error(e, None, logprobs=logprobs_param) from None
 
 
 def _max_tokens(body: dict, default: int | None, *names: str) -> int | None:
@@ -584,9 +587,8 @@ def _generation_error(e: BaseException, param: str | None) -> APIError:
         return APIError(400, f"the chat template failed: {e}", param="messages")
     if isinstance(e, ContextOverflowError):
         return APIError(400, str(e), param=param, code="context_length_exceeded")
-    if isinstance(e, SamplingError):
-        name = next((k for k in _SAMPLER_FIELDS if str(e).startswith(k)), None)
-        return APIError(400, str(e), param=_SAMPLER_FIELDS.get(name, param))
+    if isinstance(e, ParameterError):  # SamplingError, GenerationError: a setting the request chose
+        return _parameter_error(e, param)
     if isinstance(e, ValueError):  # TokenizerError, UnicodeError, token ids
         return APIError(400, str(e)[:1000], param=param)
     return APIError(500, f"internal error: {type(e).__name__}", kind="server_error")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from edgellama.chat import (BUILTIN_TEMPLATES, ChatTemplateError, chat_prompt_ids, fallback_template,
-                            render_chat, template_for)
+from edgellama.chat import (BUILTIN_TEMPLATES, ChatTemplateError, chat_prompt_ids, end_of_turn_ids,
+                            fallback_template, render_chat, template_for)
 from tools.fetch_models import SMOLLM2_FILE, cache_dir
 
 SMOLLM2 = cache_dir() / SMOLLM2_FILE  # fetched before collection by conftest.py
@@ -146,6 +146,58 @@ def test_spm_llama2_prompt_has_one_bos():
     ids = chat_prompt_ids(tok, WITH_SYSTEM)
     assert ids[0] == tok.bos_id and ids[1] != tok.bos_id
     assert ids.count(tok.bos_id) == 2 and ids.count(tok.eos_id) == 1  # second turn's <s>, one </s>
+
+
+# ----- end of turn -------------------------------------------------------------------------------------
+
+def _ids(tok, *texts):
+    out = set()
+    for text in texts:
+        (token,) = tok.encode(text, add_bos=False, special=True)
+        out.add(token)
+    return frozenset(out)
+
+
+def test_end_of_turn_of_smollm2_and_the_built_ins():
+    """The token each template writes after an assistant message, found from the template alone
+    (chat.py knows nothing of the model): <|im_end|> for ChatML and SmolLM2's own template, the
+    tokenizer's eos_token for Llama 2, <|eot_id|> for Llama 3; nothing where the template's closing
+    text is not one token of the vocabulary (Llama 3's markup in SmolLM2's vocabulary)."""
+    if not SMOLLM2.exists():
+        pytest.skip(f"{SMOLLM2} missing: run python tools/fetch_models.py")
+    from edgellama.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(SMOLLM2)
+    im_end = _ids(tok, "<|im_end|>")
+    assert end_of_turn_ids(tok, SMOLLM2_TEMPLATE) == im_end == frozenset({2})
+    assert end_of_turn_ids(tok, "chatml") == end_of_turn_ids(tok, BUILTIN_TEMPLATES["chatml"]) == im_end
+    assert end_of_turn_ids(tok, None) == im_end                 # render_chat's default: chatml
+    assert end_of_turn_ids(tok, "llama2") == frozenset({tok.eos_id}) == im_end  # closes with eos_token
+    assert end_of_turn_ids(tok, "llama3") == frozenset()
+    # plain text after a turn, a template that refuses the probe: no end-of-turn token
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n\n' }}{% endfor %}"
+    assert end_of_turn_ids(tok, plain) == frozenset()
+    assert end_of_turn_ids(tok, "{{ raise_exception('no assistant turns') }}") == frozenset()
+    # a control token that is not the vocabulary's end of generation still counts
+    odd = "{% for m in messages %}{{ m['content'] + '<|im_start|>' }}{% endfor %}"
+    assert end_of_turn_ids(tok, odd) == _ids(tok, "<|im_start|>")
+
+
+def test_end_of_turn_of_llama3_and_llama2_vocabularies():
+    from edgellama.tokenizer import Tokenizer
+
+    spm = Tokenizer.from_file(Path(__file__).parent / "fixtures" / "tokenizer" / "spm_bpe.model")
+    assert spm.token_text(spm.eos_id) == "</s>"
+    assert end_of_turn_ids(spm, "llama2") == frozenset({spm.eos_id})
+    assert end_of_turn_ids(spm, "chatml") == frozenset()  # <|im_end|> is no token of this vocabulary
+    from tools.fetch_models import llama3_tokenizer
+    try:
+        llama3_model = llama3_tokenizer()
+    except Exception as e:
+        pytest.skip(f"Llama 3's tokenizer.model could not be fetched from PyPI (llama-models): {e}")
+    llama3 = Tokenizer.from_file(llama3_model)
+    assert end_of_turn_ids(llama3, "llama3") == _ids(llama3, "<|eot_id|>") == frozenset({128009})
+    assert end_of_turn_ids(llama3, "llama2") == frozenset({llama3.eos_id})  # <|end_of_text|>
 
 
 # ----- HF conventions ---------------------------------------------------------------------------------

@@ -244,6 +244,34 @@ def test_run_chat_holds_a_ctrl_c_that_arrives_between_states(model):
     assert out.sent == 1 and lines == []
 
 
+def test_run_chat_passes_its_one_sampler_to_every_turn():
+    """The caller builds the Sampler (cmd_chat: from the options and the model's recommendations);
+    run_chat hands that same object to each turn, so a seed fixes the session, not each reply."""
+    from types import SimpleNamespace
+
+    from edgellama.generate import Chunk
+    from edgellama.sampling import Sampler
+
+    calls = []
+
+    class FakeModel:
+        n_ctx, state = 64, SimpleNamespace(n_past=0)
+
+        def chat(self, messages, **kw):
+            calls.append(kw)
+            yield Chunk("ok", 5)
+            yield Chunk("", None, "stop")
+
+        def reset(self):
+            pass
+
+    sampler = Sampler(temperature=0.7, seed=1)
+    out = _Out()
+    assert run_chat(FakeModel(), sampler=sampler, input_fn=_script(["a", "/reset", "b", "/exit"]), out=out) == 0
+    assert len(calls) == 2 and all(kw["sampler"] is sampler for kw in calls)
+    assert out.text.count("ok\n") == 2
+
+
 def test_run_chat_eof_and_context_overflow(model, monkeypatch):
     """Ctrl-D quits; a message that does not fit the context is one error line, not a crash."""
     model.reset()

@@ -76,6 +76,12 @@ def test_chat_sampling_ignores_what_it_cannot_use():
                                           "general.sampling.penalty_last_n": 32},
                                          top_k=None, min_p=0.1)
     assert settings == {**CHAT_DEFAULTS, "min_p": 0.1, "penalty_last_n": 32} and from_model == ["penalty_last_n"]
+    # the Sampler's own ranges decide: an in-range count written as a float is taken, a penalty
+    # beyond MAX_PENALTY (which would make logits infinite) is not
+    settings, from_model = chat_sampling({"general.sampling.penalty_repeat": 1e308,
+                                          "general.sampling.top_k": 20.0, "general.sampling.temp": 5e-324})
+    assert settings == {**CHAT_DEFAULTS, "top_k": 20, "temperature": 5e-324}
+    assert isinstance(settings["top_k"], int) and from_model == ["temperature", "top_k"]
 
 
 def test_chat_with_defaults_ends_its_replies(smollm2_path):

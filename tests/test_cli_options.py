@@ -122,7 +122,12 @@ def test_ctx_zero_is_the_trained_context(tiny):
     (["--temp", "-1"], "--temp must be >= 0 (0: greedy), got -1"),
     (["--keep", "-3"], "--keep must be >= 0, got -3"),
     (["--top-p", "1.5"], "--top-p must be in [0, 1], got 1.5"),
-    (["--repeat-penalty", "0"], "--repeat-penalty must be > 0 (1: off), got 0"),
+    (["--repeat-penalty", "0"], "--repeat-penalty must be in [0.001, 1000] (1: off), got 0"),
+    (["--repeat-penalty", "1e308"], "--repeat-penalty must be in [0.001, 1000] (1: off), got 1e308"),
+    (["--presence-penalty", "2000"], "--presence-penalty must be in [0, 1000], got 2000"),
+    (["--repeat-last-n", "2000000000"], "--repeat-last-n must be -1 (the whole context) or in [0, 1073741824], "
+                                        "got 2000000000"),
+    (["--typical", "0"], "--typical must be in (0, 1], got 0"),
     (["-t", "0"], "-t must be >= 1, got 0"),
     (["--threads", "zero"], "--threads expects an integer, got 'zero'"),
     (["--temperature", "0.5"], "unknown option --temperature (did you mean --temp?)"),
@@ -132,6 +137,17 @@ def test_ctx_zero_is_the_trained_context(tiny):
 def test_option_errors_name_the_option_as_typed(tiny, argv, message):
     line = _usage_error(edgellama_cmd("run", "-m", str(tiny), "-p", "the", *argv))
     assert line == f"edgellama run: error: {message}"
+
+
+def test_a_generation_error_names_its_flag_through_its_param(tiny):
+    """A ParameterError raised past option parsing (here: more stop strings than generation takes)
+    is a usage error naming the flag that set the parameter, found from its ``param``."""
+    from edgellama.generate import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    stops = [a for i in range(MAX_STOP_STRINGS + 1) for a in ("--stop", f"s{i}")]
+    line = _usage_error(edgellama_cmd("run", "-m", str(tiny), "-p", "the", "-n", "1", "-t", "1", *stops))
+    assert line == (f"edgellama run: error: --stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                    f"{MAX_STOP_CHARS} characters, got {MAX_STOP_STRINGS + 1}")
 
 
 def test_an_unknown_command_suggests_the_close_one():

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import edgellama
-from edgellama.generate import StopStrings, generate_tokens
+from edgellama.generate import (MAX_STOP_CHARS, MAX_STOP_STRINGS, GenerationError, StopStrings, check_stop,
+                                 generate_tokens)
 from edgellama.gguf import GGUFFile
 from edgellama.quants import GGMLType
 from edgellama.sampling import Sampler, SamplingError
@@ -204,6 +205,27 @@ def test_stop_matcher_does_not_depend_on_how_text_is_split(seed):
     assert (out, hit) == (want, matched)
 
 
+@pytest.mark.parametrize("length", [10, 100, 1000])
+def test_stop_matching_work_is_linear_in_the_text_whatever_the_stop_length(length):
+    """A long stop string whose prefix keeps nearly matching: the held text is almost the whole
+    stop string, then fails at its last character, over and over.  The automaton's transitions
+    (StopStrings.steps, a deterministic count) stay within 2 per character and stop string
+    whatever the length (the previous matcher compared up to L prefixes of up to L characters per
+    token); the output still equals the reference cut."""
+    stop = "a" * (length - 1) + "b"
+    text = ("a" * (length - 1) + "c") * 5 + "a" * (length - 1) + "b" + "tail"
+    m = StopStrings([stop, "zz"])
+    out, hit = "", False
+    for ch in text:
+        piece, hit = m.push(ch)
+        out += piece
+        if hit:
+            break
+    assert (out, hit) == reference_stop(text, [stop, "zz"]) == (("a" * (length - 1) + "c") * 5, True)
+    consumed = 6 * length
+    assert m.steps <= 2 * 2 * consumed  # two stop strings, at most 2 transitions each per character (amortized)
+
+
 def test_stop_ids_end_without_emitting(tokenizer):
     model = ScriptedModel(tokenizer, byte_tokens(b"ab") + [BYTE0 + ord("!")] + byte_tokens(b"cd"))
     chunks = list(generate_tokens(model, [BYTE0], None, Sampler(), stop_ids=[BYTE0 + ord("!")]))
@@ -232,21 +254,37 @@ def test_max_tokens_counts_and_zero(tokenizer):
 
 @pytest.mark.parametrize("bad", [-1, 2.0, "5", True])
 def test_bad_max_tokens_is_an_error_before_any_evaluation(tokenizer, bad):
+    """A generation option, not a sampler setting: GenerationError naming it (issue 13 item 4)."""
     model = ScriptedModel(tokenizer, [])
-    with pytest.raises(SamplingError, match="max_tokens"):
+    with pytest.raises(GenerationError, match="max_tokens") as e:
         generate_tokens(model, [BYTE0], bad, Sampler())
+    assert e.value.param == "max_tokens" and not isinstance(e.value, SamplingError)
+    assert isinstance(e.value, ValueError)
     assert model.evaluated == []
 
 
-@pytest.mark.parametrize("bad", ["", [""], ["ok", 3], 5])
+@pytest.mark.parametrize("bad", ["", [""], ["ok", 3], 5, ["s"] * (MAX_STOP_STRINGS + 1), ["x" * (MAX_STOP_CHARS + 1)]])
 def test_bad_stop_strings_are_an_error(tokenizer, bad):
-    with pytest.raises(SamplingError, match="stop"):
+    with pytest.raises(GenerationError, match="stop") as e:
         generate_tokens(ScriptedModel(tokenizer, []), [BYTE0], 4, Sampler(), stop=bad)
+    assert e.value.param == "stop" and not isinstance(e.value, SamplingError)
+
+
+def test_stop_string_caps_are_inclusive():
+    assert len(check_stop(["s"] * MAX_STOP_STRINGS)) == MAX_STOP_STRINGS
+    assert check_stop("x" * MAX_STOP_CHARS) == ("x" * MAX_STOP_CHARS,)
 
 
 def test_a_sampler_returning_a_bad_id_is_an_error(tokenizer):
-    with pytest.raises(SamplingError, match="not a token id"):
+    with pytest.raises(GenerationError, match="not a token id") as e:
         list(generate_tokens(ScriptedModel(tokenizer, []), [BYTE0], 4, lambda logits: 10**6))
+    assert e.value.param == "sampler"
+    with pytest.raises(GenerationError, match="callable") as e:
+        generate_tokens(ScriptedModel(tokenizer, []), [BYTE0], 4, 0.7)
+    assert e.value.param == "sampler"
+    with pytest.raises(GenerationError) as e:
+        generate_tokens(ScriptedModel(tokenizer, []), [BYTE0], 4, Sampler(), stop_ids=["x"])
+    assert e.value.param == "stop_ids"
 
 
 # ----- the sampler inside the loop ------------------------------------------------------------------
@@ -341,10 +379,35 @@ def test_model_generate_passes_sampler_options(tiny_path):
     chunks = list(model.generate("the water", max_tokens=6, temperature=0.7, seed=3, repeat_penalty=1.1,
                                  logprobs=1, stop=["\n\n"]))
     assert all(c.logprob is not None for c in chunks if c.token is not None)
-    with pytest.raises(SamplingError):
+    with pytest.raises(SamplingError) as e:
         model.generate("x", logit_bias={10**6: 1.0})
-    with pytest.raises(SamplingError):
+    assert e.value.param == "logit_bias"
+    with pytest.raises(SamplingError) as e:
+        model.generate("x", temperature=-1.0)
+    assert e.value.param == "temperature" and e.value.expected.startswith("a finite number >= 0")
+    with pytest.raises(GenerationError) as e:
         model.generate("x", max_tokens=-2)
+    assert e.value.param == "max_tokens"
+    for bad in (24, True, -1):  # n_keep must be below n_ctx/2 = 24 with a context shift
+        with pytest.raises(GenerationError) as e:
+            model.generate("x", context_shift=True, n_keep=bad)
+        assert e.value.param == "n_keep"
+    with pytest.raises(TypeError, match="tempreature"):
+        model.generate("x", tempreature=0.5)  # a misspelt setting is not silently ignored
+
+
+def test_model_generate_takes_a_sampler_or_its_settings_not_both(tiny_path):
+    """The README's call and the sampler= call give the same tokens; a sampler plus settings is an error."""
+    model = edgellama.load(tiny_path, n_ctx=48)
+    readme = [c.token for c in model.generate("the water", max_tokens=6, temperature=0.0, seed=None)]
+    settings = dict(temperature=0.8, seed=5, top_k=20, repeat_penalty=1.1)
+    by_keywords = [c.token for c in model.generate("the water", max_tokens=6, **settings)]
+    by_sampler = [c.token for c in model.generate("the water", 6, Sampler(**settings))]
+    assert by_keywords == by_sampler
+    assert readme == [c.token for c in model.generate("the water", max_tokens=6, sampler=Sampler())]
+    with pytest.raises(SamplingError, match="either sampler= or sampling options") as e:
+        model.generate("x", sampler=Sampler(), temperature=0.5)
+    assert e.value.param == "temperature"
 
 
 @pytest.mark.parametrize("n, n_keep, room, want_len", [(10, 2, 4, 10), (30, 2, 4, 28), (30, 0, 8, 24), (30, 20, 4, 28)])

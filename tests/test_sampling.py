@@ -16,7 +16,8 @@ import math
 import numpy as np
 import pytest
 
-from edgellama.sampling import Sampled, Sampler, SamplingError, _shortest_prefix, token_logprobs
+from edgellama.sampling import (GREEDY_TEMPERATURE, MAX_PENALTY, MAX_PENALTY_LAST_N, SAMPLING_OPTIONS, Sampled,
+                                Sampler, SamplingError, _shortest_prefix, make_sampler, token_logprobs)
 
 # ----- the reference: each llama.cpp sampler written out with full sorts ---------------------------
 
@@ -393,6 +394,80 @@ def test_logprobs_are_the_models_log_softmax():
 def test_invalid_parameters_raise_sampling_error(kwargs, match):
     with pytest.raises(SamplingError, match=match):
         Sampler(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=-0.1), "temperature"), (dict(top_k=2.5), "top_k"), (dict(top_p=1.01), "top_p"),
+    (dict(min_p=-0.1), "min_p"), (dict(typical_p=0.0), "typical_p"), (dict(seed="7"), "seed"),
+    (dict(repeat_penalty=1e308), "repeat_penalty"), (dict(repeat_penalty=5e-324), "repeat_penalty"),
+    (dict(presence_penalty=MAX_PENALTY * 2), "presence_penalty"), (dict(frequency_penalty=1e308), "frequency_penalty"),
+    (dict(penalty_last_n=MAX_PENALTY_LAST_N + 1), "penalty_last_n"), (dict(logprobs=21), "logprobs"),
+    (dict(logit_bias={5: float("nan")}), "logit_bias"), (dict(logit_bias=[1]), "logit_bias"),
+    (dict(n_vocab=0), "n_vocab"),
+])
+def test_errors_carry_the_parameter(kwargs, param):
+    """Issue 13 item 4: the CLI and the server name the setting from ``param``, never from the text."""
+    with pytest.raises(SamplingError) as e:
+        Sampler(**kwargs)
+    assert e.value.param == param
+    if param in SAMPLING_OPTIONS:  # what is accepted, for "must be {expected}" in the caller's terms
+        assert e.value.expected == SAMPLING_OPTIONS[param].expected and e.value.value == kwargs[param]
+    with pytest.raises(SamplingError) as e:
+        Sampler(logit_bias={8: 1.0})(PEN_LOGITS)
+    assert e.value.param == "logit_bias"
+    with pytest.raises(SamplingError) as e:
+        Sampler()(np.array([0.0, np.nan]))
+    assert e.value.param is None  # the logits, not a setting
+
+
+def test_boundaries_of_the_documented_ranges_are_accepted():
+    s = Sampler(repeat_penalty=1 / MAX_PENALTY, presence_penalty=MAX_PENALTY, frequency_penalty=MAX_PENALTY,
+                penalty_last_n=MAX_PENALTY_LAST_N, temperature=5e-324)
+    assert s.repeat_penalty == 0.001 and s.penalty_last_n == 2 ** 30 and s.greedy
+    assert Sampler(repeat_penalty=MAX_PENALTY).repeat_penalty == 1000.0
+
+
+@pytest.mark.parametrize("t", [5e-324, 1e-300, 1e-9, GREEDY_TEMPERATURE * 0.999])
+def test_temperatures_below_the_epsilon_are_greedy(t):
+    """5e-324 made logits / T infinite, every weight NaN, and the draw the last candidate."""
+    logits = np.array([0.5, 3.0, 2.9, 1.0], dtype=np.float32)  # the best is not the last
+    s = Sampler(temperature=t, seed=0)
+    assert [s(logits) for _ in range(10)] == [1] * 10
+    np.testing.assert_array_equal(s.probabilities(logits), [0.0, 1.0, 0.0, 0.0])
+    state = s.rng.bit_generator.state
+    s(logits)
+    assert s.rng.bit_generator.state == state  # greedy: no draw
+
+
+def test_extreme_values_in_range_never_make_nan():
+    """At and above the epsilon, with the largest penalties and biases in range and float32's
+    extreme logits, the distribution is finite, sums to 1 and the draw is a candidate."""
+    f32 = float(np.finfo(np.float32).max)
+    logits = np.array([f32, -f32, 0.0, 1.0, -1.0, f32 * 0.5], dtype=np.float32)
+    for kwargs in (dict(temperature=GREEDY_TEMPERATURE), dict(temperature=1e300),
+                   dict(temperature=1.0, repeat_penalty=MAX_PENALTY, presence_penalty=MAX_PENALTY,
+                        frequency_penalty=MAX_PENALTY),
+                   dict(temperature=1.0, repeat_penalty=1 / MAX_PENALTY),
+                   dict(temperature=0.5, logit_bias={1: 1e308, 2: -1e308})):
+        s = _with_history(Sampler(seed=0, **kwargs), [0, 1, 1, 5])
+        p = s.probabilities(logits)
+        assert np.isfinite(p).all() and p.sum() == pytest.approx(1.0, abs=1e-12), kwargs
+        assert all(p[s(logits)] > 0 for _ in range(5)), kwargs
+    # the bias of 1e308 makes token 1 certain; a huge temperature spreads the mass evenly
+    assert Sampler(temperature=0.5, logit_bias={1: 1e308}).probabilities(logits)[1] == 1.0
+    np.testing.assert_allclose(Sampler(temperature=1e300).probabilities(logits), np.full(6, 1 / 6), rtol=1e-12)
+
+
+def test_make_sampler_takes_a_sampler_or_settings():
+    given = Sampler(seed=1)
+    assert make_sampler(given, {}, 10) is given
+    made = make_sampler(None, {"temperature": 0.5, "top_k": 3}, 10)
+    assert (made.temperature, made.top_k, made.n_vocab) == (0.5, 3, 10)
+    with pytest.raises(SamplingError, match="not both") as e:
+        make_sampler(given, {"top_k": 3})
+    assert e.value.param == "top_k"
+    with pytest.raises(TypeError):
+        make_sampler(None, {"temprature": 0.5})
 
 
 def test_vocabulary_checks_once_the_size_is_known():

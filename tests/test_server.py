@@ -255,6 +255,14 @@ BAD = [
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"1": 500}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": MSG, "seed": -4}, 400, "seed"),
+    # ranges come from the Sampler; its errors carry the setting, named by its request field
+    ("/v1/chat/completions", {"messages": MSG, "repeat_last_n": -1}, 400, "repeat_last_n"),
+    ("/v1/chat/completions", {"messages": MSG, "repeat_last_n": 2 ** 31}, 400, "repeat_last_n"),
+    ("/v1/chat/completions", {"messages": MSG, "repeat_penalty": 1e308}, 400, "repeat_penalty"),
+    ("/v1/chat/completions", {"messages": MSG, "presence_penalty": 1e308}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": MSG, "frequency_penalty": -0.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": MSG, "typical_p": 0}, 400, "typical_p"),
+    ("/v1/chat/completions", {"messages": MSG, "min_p": 2}, 400, "min_p"),
     ("/v1/chat/completions", {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": MSG, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/completions", {}, 400, "prompt"),
@@ -278,6 +286,42 @@ def test_bad_request_gets_a_json_error_and_the_server_keeps_serving(server, path
     assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
     assert reply["error"]["param"] == param
     assert server.request("GET", "/health")[0] == 200
+
+
+def test_range_errors_name_the_request_field_and_its_rule(server):
+    status, _, body = server.post("/v1/completions", {"prompt": "hi", "repeat_last_n": -1})
+    assert status == 400 and body["error"]["param"] == "repeat_last_n"
+    assert body["error"]["message"] == "'repeat_last_n' must be an integer in [0, 1073741824], got -1"
+    status, _, body = server.post("/v1/completions", {"prompt": "hi", "temperature": -0.5})
+    assert body["error"]["message"] == "'temperature' must be a finite number >= 0 (0: greedy), got -0.5"
+
+
+def test_extreme_temperature_in_range_is_greedy(server):
+    """5e-324 once made every candidate NaN and drew the last one; below GREEDY_TEMPERATURE it is greedy."""
+    req = {"prompt": "hello", "max_tokens": 6}
+    greedy = server.post("/v1/completions", {**req, "temperature": 0})[2]["choices"][0]["text"]
+    for t in (5e-324, 1e-9):
+        status, _, body = server.post("/v1/completions", {**req, "temperature": t, "seed": 3})
+        assert status == 200 and body["choices"][0]["text"] == greedy
+
+
+def test_generation_errors_are_mapped_by_type_and_param_not_by_message():
+    from edgellama.generate import GenerationError
+    from edgellama.model import ContextOverflowError
+    from edgellama.sampling import SamplingError
+    from edgellama.server import _generation_error
+
+    e = _generation_error(ContextOverflowError("12 tokens do not fit"), "prompt")
+    assert (e.status, e.param, e.code) == (400, "prompt", "context_length_exceeded")
+    e = _generation_error(SamplingError("window too long", param="penalty_last_n"), "prompt")
+    assert (e.status, e.param) == (400, "repeat_last_n")
+    e = _generation_error(SamplingError("the logits contain NaN"), "messages")
+    assert (e.status, e.param) == (400, "messages")
+    e = _generation_error(GenerationError("stop: too many", param="stop"), "messages")
+    assert (e.status, e.param) == (400, "stop")
+    # a message that merely mentions a field or the context is not matched on
+    e = _generation_error(ValueError("temperature and context are words"), "prompt")
+    assert (e.status, e.param, e.code) == (400, "prompt", None)
 
 
 def test_prompt_longer_than_the_context(server, tiny):
