@@ -15,32 +15,55 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 from .config import DEFAULT_MAX_CTX, ModelArgs
 from .gguf import GGUFFile
-from .quants import type_name
+from .quants import GGMLType, type_name
 
 DEFAULT_N_BATCH = 256          # Model's prompt batch
-RUNTIME_BYTES = 128 << 20      # Python, NumPy, Numba and LLVM, the tokenizer (measured: ~120 MiB beyond the weights)
+PAGE = 4096
+# Measured with tools/measure_memory.py (breakdown) on x86-64, Python 3.11, NumPy 2.4, Numba 0.68:
+# the interpreter with NumPy, Numba and llvmlite imported takes 63 MiB resident, the compiled kernels
+# loaded from Numba's cache 15 MiB more (LLVM's own code pages are released once they are linked).
+RUNTIME_BYTES = 80 << 20
+# The tokenizer built from the GGUF vocabulary, per byte of the header's own account of its strings
+# (GGUFFile.header_memory): measured 1.29 for SmolLM2 (49k tokens + 49k merges: 12.6 MiB for a
+# 9.8 MiB account), 1.01 for Llama 3 (128k tokens + 280k merges: 39.9 MiB for 39.4 MiB).
+TOKENIZER_PER_HEADER_BYTE = 1.3
 TILE_BYTES = 16 << 20          # the prompt path's widened float tile (model.TILE_ELEMENTS float32)
 ATTN_SPAN = 64                 # kernels.ATTN_SPAN: cached positions per one-token attention job
 KV_BYTES_PER_VALUE = {"f16": 2, "f32": 4, "q8_0": 34 / 32}  # Q8_0: 32 int8 values + an f16 scale
+# Packed layout of each quantized type (kernels.layout.PACKED_FORMATS; a test checks the two agree):
+# bytes per row per 32-element block, and per 256-element super-block (K-quants' d / dmin), in
+# groups of LANES rows (16 at most: 16 with AVX-512, 8 with AVX2, 4 elsewhere)
+PACKED_BYTES = {GGMLType.Q4_0: (18, 0), GGMLType.Q4_1: (20, 0), GGMLType.Q5_0: (22, 0), GGMLType.Q5_1: (24, 0),
+                GGMLType.Q8_0: (34, 0), GGMLType.Q4_K: (18, 4), GGMLType.Q5_K: (22, 4), GGMLType.Q6_K: (26, 2)}
+MAX_LANES = 16
+# Bits per weight of llama-quantize's file types over a Llama's matrices (its tensor mix: Q6_K
+# output, more bits for some attn_v / ffn_down in the _M types), for "which type would fit":
+# measured on tools/make_sized_model.py's files (they follow llama-quantize's choices) and llama.cpp's
+# published sizes; the largest of Llama-3.2-1B/3B and Llama-3-8B
+FILE_TYPE_BITS = {"Q8_0": 8.5, "Q6_K": 6.6, "Q5_K_M": 5.8, "Q4_K_M": 5.2, "Q4_0": 4.95}
 
 
 class MemoryLimitError(ValueError):
     """The model at this context size needs more memory than is available.
 
-    ``n_ctx``, ``needed`` (a ``MemoryNeeded``), ``available`` (bytes) and ``max_n_ctx`` (the
-    largest context that fits, a multiple of 256 when
-    it is at least 256; 0 when even the weights do not fit).
+    ``n_ctx``, ``needed`` (a ``MemoryNeeded``), ``available`` (bytes), ``max_n_ctx`` (the largest
+    context that fits, a multiple of 256 when it is at least 256; 0 when even the weights do not
+    fit) and ``smaller`` (when nothing fits: a file type of this model that would, as
+    ``(type name, MemoryNeeded, max_n_ctx)``, or None).
     """
 
-    def __init__(self, n_ctx: int, needed: "MemoryNeeded", available: int, max_n_ctx: int):
+    def __init__(self, n_ctx: int, needed: "MemoryNeeded", available: int, max_n_ctx: int,
+                 smaller: tuple | None = None):
         self.n_ctx, self.needed, self.available, self.max_n_ctx = n_ctx, needed, available, max_n_ctx
+        self.smaller = smaller
         fits = (f"the largest context that fits is n_ctx={max_n_ctx}" if max_n_ctx
-                else "not even a small context fits")
+                else "not even a small context fits" + (f"; {describe_smaller(smaller)}" if smaller else ""))
         super().__init__(f"n_ctx={n_ctx} needs {needed.describe()} but {size(available)} of memory is "
                          f"available: {fits}")
 
@@ -65,44 +88,97 @@ def size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'8G', '7.5GiB', '4096M', '3500MB' -> bytes (K, M, G, T are powers of 1024, as free -h shows)."""
+    m = _SIZE.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"expects a memory size such as 8G, 7.5G or 4096M, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
 def kv_cache_bytes(args, n_ctx: int, bytes_per_value: float = 4) -> int:
     return int(2 * args.n_layers * n_ctx * args.kv_dim * bytes_per_value)
 
 
 @dataclass
 class MemoryNeeded:
-    weights: int
-    kv_cache: int
-    buffers: int
+    weights: int     # as the runtime holds them: packed quantized matrices, mapped float ones, norms
+    kv_cache: int    # every position (preallocated; its pages are resident from the first token on)
+    buffers: int     # context-sized (RoPE tables, attention scratch) and a prompt batch's activations
+    runtime: int     # Python, NumPy, Numba and the kernels, the GGUF metadata, the tokenizer
     cache_type: str
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.buffers
+        return self.weights + self.kv_cache + self.buffers + self.runtime
 
     def describe(self) -> str:
         return (f"{size(self.total)} (weights {size(self.weights)}, KV cache {size(self.kv_cache)} "
-                f"{self.cache_type}, buffers {size(self.buffers)})")
+                f"{self.cache_type}, buffers {size(self.buffers)}, runtime {size(self.runtime)})")
+
+
+def packed_bytes(qtype, n_out: int, n_in: int, lanes: int = MAX_LANES) -> int:
+    """Bytes of a quantized (n_out, n_in) matrix packed for the kernels (kernels.layout.group_bytes
+    times the groups of ``lanes`` rows)."""
+    block, super_block = PACKED_BYTES[GGMLType(qtype)]
+    nb = n_in // 32
+    return -(-n_out // lanes) * lanes * (nb * block + nb // 8 * super_block)
+
+
+def weights_held(f: GGUFFile, n_ctx: int) -> int:
+    """Bytes of weights a loaded model keeps resident: quantized matrices as their packed copy (the
+    file's pages released), float matrices as the mapped file's pages (each token reads all of
+    them), norm vectors as float32 copies, and of a separate embedding table only the rows looked up
+    (at most one per position, a page each at least)."""
+    tied = "output.weight" not in f.tensors
+    total = 0
+    for name, info in f.tensors.items():
+        if len(info.shape) != 2:
+            total += 4 * info.n_elements + info.nbytes              # float32 copy, pages read once
+        elif name == "token_embd.weight" and not tied:
+            row = info.nbytes // info.shape[0]
+            total += min(info.nbytes, n_ctx * -(-row // PAGE) * PAGE)
+        elif GGMLType(info.qtype) in PACKED_BYTES:
+            total += packed_bytes(info.qtype, *info.shape)
+        else:
+            total += info.nbytes
+    return total
 
 
 def _per_token_buffers(args, threads: int) -> float:
     """Bytes of buffers per context position besides the KV cache: the prompt attention's score
     rows (one per thread), the one-token attention's per-span scratch and partials, and the RoPE
-    tables at their peak while built (float64 angles and temporaries, then two float32 tables)."""
+    cos/sin tables (float32)."""
     group = args.n_heads // args.n_kv_heads
     scratch = args.n_kv_heads * (args.head_dim + group * ATTN_SPAN) + args.n_heads * (args.head_dim + 2)
-    return 4 * threads + 4 * scratch / ATTN_SPAN + 24 * (args.rope_dim // 2)
+    return 4 * threads + 4 * scratch / ATTN_SPAN + 4 * args.rope_dim
+
+
+def batch_buffers(args, n_tokens: int) -> int:
+    """A prompt batch's activations at their peak (the feed-forward down projection): the residual,
+    normed and attention rows (T, dim) x3, the layer's q (T, dim) and k, v (T, kv_dim), gate and up
+    (T, ffn) and the down projection's output (T, dim) in float32, and gate quantized for it (int8
+    values, float32 block scales and sums, int32 half-block sums: 1.5 bytes per value)."""
+    return int(n_tokens * (4 * (5 * args.dim + 2 * args.kv_dim + 2 * args.ffn_dim) + 1.5 * args.ffn_dim))
 
 
 def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads: int = 1,
                   n_batch: int = DEFAULT_N_BATCH) -> MemoryNeeded:
-    """What a model loaded from ``f`` with these settings keeps in memory, in bytes."""
-    weights = sum(info.nbytes for info in f.tensors.values())
+    """What a model loaded from ``f`` with these settings keeps in memory at its peak, in bytes: a
+    context filled to ``n_ctx`` by prompts of ``n_batch`` tokens (tools/measure_memory.py compares
+    this with the peak resident memory of runs)."""
+    weights = weights_held(f, n_ctx)
     kv = kv_cache_bytes(args, n_ctx, KV_BYTES_PER_VALUE[cache_type])
-    # a prompt batch's activations: residual, norm, attention, q/k/v, gate/up/down, logits (float32)
-    batch = 4 * n_batch * (4 * args.dim + 2 * args.kv_dim + 3 * args.ffn_dim + args.n_vocab)
-    buffers = int(n_ctx * _per_token_buffers(args, threads)) + batch + TILE_BYTES + RUNTIME_BYTES
-    return MemoryNeeded(weights, kv, buffers, cache_type)
+    buffers = int(n_ctx * _per_token_buffers(args, threads)) + batch_buffers(args, min(n_batch, max(n_ctx, 1)))
+    buffers += 4 * args.n_vocab  # the logits
+    if any(len(i.shape) == 2 and GGMLType(i.qtype) not in PACKED_BYTES and i.name != "token_embd.weight"
+           for i in f.tensors.values()):
+        buffers += TILE_BYTES      # float matrices are widened in tiles for prompts
+    runtime = RUNTIME_BYTES + int((1 + TOKENIZER_PER_HEADER_BYTE) * getattr(f, "header_memory", 0))
+    return MemoryNeeded(weights, kv, buffers, runtime, cache_type)
 
 
 def available_memory() -> int | None:
@@ -193,17 +269,76 @@ def _os_free_memory() -> int | None:
     return None
 
 
+MAX_SEARCH_CTX = 1 << 30  # config.MAX_CONTEXT_LENGTH: no context beyond it is searched
+
+
+def _largest(fits) -> int:
+    """The largest n in [0, MAX_SEARCH_CTX] with fits(n) (fits is monotonic), as a multiple of 256
+    from 256 on; 0 if not even n = 1 fits."""
+    if not fits(1):
+        return 0
+    low, high = 1, 256
+    while high < MAX_SEARCH_CTX and fits(high):
+        low, high = high, high * 2
+    if fits(high):
+        return high
+    while high - low > 1:  # fits(low), not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low // 256 * 256 if low >= 256 else low
+
+
 def max_context(f: GGUFFile, args, available: int, cache_type: str = "f16", threads: int = 1,
                 n_batch: int = DEFAULT_N_BATCH) -> int:
     """The largest context (a multiple of 256 from 256 on) whose memory_needed fits in ``available`` bytes; 0 if none."""
-    fixed = memory_needed(f, args, 0, cache_type, threads, n_batch).total
-    per_token = memory_needed(f, args, 1 << 20, cache_type, threads, n_batch).total - fixed
-    if available <= fixed or per_token <= 0:
-        return 0
-    n = int((available - fixed) * (1 << 20) // per_token)
-    while n > 0 and memory_needed(f, args, n, cache_type, threads, n_batch).total > available:
-        n -= 1  # (integer rounding of the per-token figure)
-    return n // 256 * 256 if n >= 256 else n
+    return _largest(lambda n: memory_needed(f, args, n, cache_type, threads, n_batch).total <= available)
+
+
+def file_type_bits(f: GGUFFile) -> float:
+    """Bits per weight of the file's matrices (2-D tensors)."""
+    matrices = [i for i in f.tensors.values() if len(i.shape) == 2]
+    return 8 * sum(i.nbytes for i in matrices) / max(1, sum(i.n_elements for i in matrices))
+
+
+def retyped_needed(f: GGUFFile, args, n_ctx: int, bits: float, cache_type: str = "f16", threads: int = 1,
+                   n_batch: int = DEFAULT_N_BATCH) -> MemoryNeeded:
+    """memory_needed for this model's matrices stored at ``bits`` per weight instead (another file type
+    of the same model: an estimate for a file one does not have)."""
+    needed = memory_needed(f, args, n_ctx, cache_type, threads, n_batch)
+    tied = "output.weight" not in f.tensors
+    weights = 0
+    for name, info in f.tensors.items():
+        if len(info.shape) != 2:
+            weights += 4 * info.n_elements + info.nbytes
+        elif name == "token_embd.weight" and not tied:
+            row = info.n_elements // info.shape[0] * bits / 8
+            weights += int(min(info.n_elements * bits / 8, n_ctx * -(-row // PAGE) * PAGE))
+        else:
+            weights += int(info.n_elements * bits / 8)
+    needed.weights = weights
+    return needed
+
+
+def smaller_type(f: GGUFFile, args, available: int, n_ctx: int, cache_type: str = "f16", threads: int = 1,
+                 n_batch: int = DEFAULT_N_BATCH) -> tuple | None:
+    """The file type of fewest bits cut that would fit with a context of min(n_ctx, 256) at least:
+    (name, MemoryNeeded at min(n_ctx, its largest context), its largest context); None if none would."""
+    own = file_type_bits(f)
+    for name, bits in sorted(FILE_TYPE_BITS.items(), key=lambda kv: -kv[1]):
+        if bits >= own - 0.05:
+            continue
+        largest = _largest(lambda n: retyped_needed(f, args, n, bits, cache_type, threads, n_batch).total
+                           <= available)
+        if largest >= min(n_ctx, 256):
+            ctx = min(n_ctx, largest)
+            return name, retyped_needed(f, args, ctx, bits, cache_type, threads, n_batch), largest
+    return None
+
+
+def describe_smaller(smaller: tuple) -> str:
+    name, needed, largest = smaller
+    return (f"the {name} file of this model (about {size(needed.weights)} of weights) would fit, with a context "
+            f"of up to {largest}")
 
 
 def check_memory(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads: int = 1,
@@ -214,15 +349,54 @@ def check_memory(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads
     if available is None:
         available = available_memory()
     if available is not None and needed.total > available:
-        raise MemoryLimitError(n_ctx, needed, available, max_context(f, args, available, cache_type, threads,
-                                                                     n_batch))
+        largest = max_context(f, args, available, cache_type, threads, n_batch)
+        smaller = None if largest else smaller_type(f, args, available, n_ctx, cache_type, threads, n_batch)
+        raise MemoryLimitError(n_ctx, needed, available, largest, smaller)
     return needed
 
 
-def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> str:
-    """``n_ctx``: None = min(trained context, 4096) as a load would use, 0 = the trained context."""
+def fit_report(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads: int = 1,
+               available: int | None = None, source: str = "available on this machine") -> list[str]:
+    """``edgellama info``'s memory lines: what a run at n_ctx needs, and what fits in ``available``."""
+    needed = memory_needed(f, args, n_ctx, cache_type, threads)
+    lines = [f"memory:        {size(needed.total)} at n_ctx={n_ctx} ({cache_type} cache, {threads} "
+             f"thread{'s' if threads != 1 else ''}; a run's peak, the context full)",
+             f"                 weights  {size(needed.weights):>10s}  (quantized matrices packed, float ones mapped)",
+             f"                 KV cache {size(needed.kv_cache):>10s}  ({size(needed.kv_cache / max(n_ctx, 1))} "
+             f"per token)",
+             f"                 buffers  {size(needed.buffers):>10s}  (attention, RoPE tables, a prompt batch)",
+             f"                 runtime  {size(needed.runtime):>10s}  (Python, NumPy, Numba, kernels, "
+             f"vocabulary, tokenizer)"]
+    if available is None:
+        lines.append("fits:          unknown (this system does not say how much memory is available; use --ram)")
+        return lines
+    largest = max_context(f, args, available, cache_type, threads)
+    head = f"fits:          {size(available)} {source}: "
+    if needed.total <= available:
+        if largest >= args.max_ctx:
+            tail = f"the trained context ({args.max_ctx}) fits too"
+        else:
+            tail = f"the largest context that fits is {largest} (-c {largest})"
+        lines.append(head + f"yes, {size(available - needed.total)} to spare; " + tail)
+    elif largest:
+        lines.append(head + f"NO at n_ctx={n_ctx}; the largest context that fits is {largest} (-c {largest})")
+    else:
+        smaller = smaller_type(f, args, available, n_ctx, cache_type, threads)
+        lines.append(head + "NO, not even with a small context"
+                     + (f"; {describe_smaller(smaller)}" if smaller else "; no smaller type of this model would"))
+    return lines
+
+
+def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16", ram: int | None = None,
+             threads: int | None = None) -> str:
+    """``n_ctx``: None = min(trained context, 4096) as a load would use, 0 = the trained context;
+    ``ram``: the memory to fit in (default: what this machine has available); ``threads``: default
+    the physical cores, as a run would use."""
+    from .hardware import default_threads
+
     a = ModelArgs.from_gguf(f)
     n_ctx = resolve_n_ctx(n_ctx, a.max_ctx, DEFAULT_MAX_CTX)
+    threads = threads or default_threads()
     by_type: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # tensors, elements, bytes
     for info in f.tensors.values():
         entry = by_type[type_name(info.qtype)]
@@ -254,13 +428,9 @@ def describe(f: GGUFFile, n_ctx: int | None = None, cache_type: str = "f16") -> 
         lines.append(f"  {name:6s} {count:4d} tensors  {elements / 1e6:8.1f} M weights  {size(nbytes):>10s}")
     lines.append(f"KV cache:      {size(kv_cache_bytes(a, n_ctx, KV_BYTES_PER_VALUE[cache_type]))} at "
                  f"n_ctx={n_ctx} ({cache_type})")
-    needed = memory_needed(f, a, n_ctx, cache_type)
-    available = available_memory()
-    lines.append(f"memory:        {needed.describe()} at n_ctx={n_ctx}"
-                 + (f"; {size(available)} available" if available is not None else ""))
-    if available is not None and needed.total > available:
-        lines.append(f"               does not fit: the largest context that fits is "
-                     f"{max_context(f, a, available, cache_type)}")
+    available = ram if ram is not None else available_memory()
+    lines += fit_report(f, a, n_ctx, cache_type, threads, available,
+                        "given (--ram)" if ram is not None else "available on this machine")
     lines.append(f"sampling:      {_sampling_metadata(f) or 'no recommended settings in the file'}")
     lines.append(f"chat template: {'yes' if f.get('tokenizer.chat_template') else 'none'}")
     return "\n".join(lines)
