@@ -32,6 +32,7 @@ import warnings
 
 import numpy as np
 
+from ._validate import is_int
 from .gguf import GGUFFile
 from .quants import type_name
 
@@ -51,13 +52,13 @@ def check_args(n_prompt: int, n_gen: int, repetitions: int, threads: int | None,
     """Validate the bench options; the context size to use.  Raises ValueError naming the option
     by its flag (-p, -n, -r, -t, -c)."""
     for flag, value in (("-p", n_prompt), ("-n", n_gen), ("-r", repetitions)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+    if threads is not None and (not is_int(threads) or threads <= 0):
         raise ValueError(f"-t must be a positive integer, got {threads!r}")
     if n_ctx is None:
         return default_n_ctx(n_prompt, n_gen)
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx <= 0:
+    if not is_int(n_ctx) or n_ctx <= 0:
         raise ValueError(f"-c must be a positive integer, got {n_ctx!r}")
     if n_prompt + n_gen + 1 > n_ctx:
         raise ValueError(f"-c {n_ctx} is too small for -p {n_prompt} + -n {n_gen} + 1 = "

@@ -16,12 +16,12 @@ imports neither Numba nor the kernels: ``edgellama info`` and the quantizer use 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
+from ._validate import is_int, is_number
 from .gguf import GGUFFile, ModelFormatError, ValueType
 from .quants import F16_LOAD_WIDTH, KV_CACHE_TYPES, QK, GGMLType, dequantize, type_name  # noqa: F401
 
@@ -66,14 +66,6 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-
-
 class _Metadata:
     """Typed access to ``llama.*`` keys: the type is checked here, ranges in ModelArgs.validate."""
 
@@ -92,7 +84,7 @@ class _Metadata:
             if default is ...:
                 raise self.fail(f"missing metadata {key!r}")
             return default
-        if not _is_int(value):
+        if not is_int(value):
             raise self.fail(f"{key} is {_show(value)}: it must be an integer")
         return int(value)
 
@@ -102,7 +94,7 @@ class _Metadata:
             if default is ...:
                 raise self.fail(f"missing metadata {key!r}")
             return default
-        if not _is_number(value):
+        if not is_number(value):
             raise self.fail(f"{key} is {_show(value)}: it must be a number")
         try:
             return float(value)
@@ -228,7 +220,7 @@ class ModelArgs:
             value = getattr(self, name)
             if value is None and name == "rope_dim":
                 continue
-            if not _is_int(value):
+            if not is_int(value):
                 raise fail(f"{KEYS[name]} is {_show(value)}: it must be an integer")
             limit = MAX_CONTEXT_LENGTH if name == "max_ctx" else MAX_INT
             if not 1 <= value <= limit:
@@ -236,7 +228,7 @@ class ModelArgs:
                            + (f" of at most {limit}" if value > 0 else ""))
         for name in ("norm_eps", "rope_theta", "rope_scale"):
             value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value):
+            if not is_number(value) or not math.isfinite(value):
                 raise fail(f"{KEYS[name]} is {_show(value)}: it must be a finite number")
         if not 0 < self.norm_eps < 1:
             raise fail(f"{KEYS['norm_eps']} is {self.norm_eps!r}: it must be in (0, 1)")

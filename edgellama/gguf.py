@@ -35,6 +35,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from ._validate import is_int
 from .quants import BLOCK_LAYOUT, GGMLType, tensor_nbytes, type_name
 
 GGUF_MAGIC = b"GGUF"
@@ -324,7 +325,7 @@ class GGUFFile:
         self.metadata = metadata
 
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if isinstance(alignment, bool) or not isinstance(alignment, int):
+        if not is_int(alignment):
             raise cur.fail(f"general.alignment must be an unsigned integer, got {alignment!r}")
         if alignment <= 0 or alignment & (alignment - 1) or alignment > MAX_ALIGNMENT:
             raise cur.fail(f"general.alignment {alignment} is not a power of two in [1, {MAX_ALIGNMENT}]")
@@ -464,7 +465,7 @@ def _infer_value(key: str, value: Any) -> tuple[ValueType, Any]:
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, str) for v in value):
             return ValueType.ARRAY, (ValueType.STRING, list(value))
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+        if all(is_int(v) for v in value):
             return ValueType.ARRAY, (ValueType.INT32, np.asarray(value, dtype=np.int32))
         if all(isinstance(v, (float, int)) for v in value):
             return ValueType.ARRAY, (ValueType.FLOAT32, np.asarray(value, dtype=np.float32))

@@ -82,7 +82,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Callable, Iterator
 
-from ._validate import ParameterError
+from ._validate import ParameterError, is_int, is_number
 from .chat import ChatTemplateError
 from .generate import MAX_STOP_CHARS, Chunk
 from .sampling import MAX_LOGPROBS, SAMPLING_OPTIONS, Sampler
@@ -151,14 +151,14 @@ def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = None, 
         return default
     if isinstance(value, bool) and bool not in kinds:
         value = _MISSING  # a bool where a number is wanted
-    elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
+    elif float in kinds and is_int(value):
         value = float(value) if abs(value) <= 2 ** 1000 else math.inf
     if value is _MISSING or not isinstance(value, kinds):
         want = " or ".join(_KIND_NAMES[k] for k in kinds)
         raise APIError(400, f"'{param}' must be {want}", param=param)
     if isinstance(value, float) and not math.isfinite(value):
         raise APIError(400, f"'{param}' must be a finite number", param=param)
-    if isinstance(value, int) and not isinstance(value, bool) and not -MAX_INT - 1 <= value <= MAX_INT:
+    if is_int(value) and not -MAX_INT - 1 <= value <= MAX_INT:
         raise APIError(400, f"'{param}' is out of range (a 64-bit integer)", param=param)
     return value
 
@@ -195,7 +195,7 @@ def _logit_bias(body: dict, n_vocab: int) -> dict[int, float] | None:
         if not 0 <= token < n_vocab:
             raise APIError(400, f"'logit_bias' token id {token} is outside the vocabulary [0, {n_vocab})",
                            param="logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        if not is_number(value) or not -100 <= value <= 100:
             raise APIError(400, "'logit_bias' values must be numbers in [-100, 100]", param="logit_bias")
         out[token] = float(value)
     return out
@@ -289,7 +289,7 @@ def _prompt(body: dict, n_vocab: int) -> str | list[int]:
         if not prompt:
             raise APIError(400, "'prompt' is empty", param="prompt")
         return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         bad = next((t for t in prompt if not 0 <= t < n_vocab), None)
         if bad is not None:
             shown = str(bad) if abs(bad) < 10 ** 30 else f"{str(bad)[:20]}..."

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from edgellama._validate import is_int, is_number
 from edgellama.config import ModelArgs
 from edgellama.gguf import ModelFormatError, TensorSpec, ValueType, write_gguf
 from edgellama.quants import GGMLType, tensor_nbytes, type_name
@@ -194,10 +195,10 @@ def check_metadata(metadata: dict, source: str) -> None:
     def check_scalar(key: str, vtype: ValueType, value: Any) -> None:
         if vtype in _INT_RANGES:
             low, high = _INT_RANGES[vtype]
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= int(value) <= high:
+            if not is_int(value) or not low <= int(value) <= high:
                 raise fail(key, f"{str(value)[:40]} does not fit GGUF {vtype.name}")
         elif vtype in (ValueType.FLOAT32, ValueType.FLOAT64):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            if not is_number(value):
                 raise fail(key, f"expected a number, got {type(value).__name__}")
             if not math.isfinite(float(value)) or (vtype == ValueType.FLOAT32 and abs(float(value)) > _F32_MAX):
                 raise fail(key, f"{value!r} is not a finite {vtype.name} value")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgellama._validate import is_number
 from edgellama.config import MAX_CONTEXT_LENGTH, MAX_INT
 from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.quants import GGMLType
@@ -84,7 +85,7 @@ class ConfigValues:
 
     def get_float(self, key: str, default: Any = _REQUIRED, *, below: float | None = None) -> float:
         value = self._get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             raise self.fail(f"{self.prefix}{key} must be a positive number, got {show(value)}")
         if isinstance(value, int) and value > F32_MAX:
             raise self.fail(f"{self.prefix}{key} {show(value)} exceeds the float32 range")

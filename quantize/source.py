@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgellama._validate import is_int
 from edgellama.quants import GGMLType
 
 
@@ -43,8 +44,8 @@ def unmap(mm: mmap.mmap | None) -> None:
 def show(value: Any) -> str:
     """A value from an input file for an error message: short, and never an exception of its own
     (Python refuses to print integers of more than 4300 digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"an integer of {value.bit_length()} bits"
+    if is_int(value) and int(value).bit_length() > 64:
+        return f"an integer of {int(value).bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
