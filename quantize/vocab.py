@@ -4,7 +4,8 @@ Two sources:
   * ``tokenizer.json`` (Hugging Face "fast" tokenizer) with a byte-level BPE model ->
     ``tokenizer.ggml.model = "gpt2"``: tokens by id, token types, merges, pre-tokenizer name;
   * ``tokenizer.model`` (SentencePiece protobuf) -> ``tokenizer.ggml.model = "llama"``: tokens,
-    scores, token types.  The protobuf is parsed here with bounds checks (no sentencepiece package).
+    scores, token types.  The protobuf is read by the runtime's reader
+    (``edgellama.tokenizer.read_sentencepiece``: bounds-checked, no sentencepiece package).
 Both add the special token ids, ``add_bos_token`` / ``add_eos_token`` and the chat template(s)
 from ``tokenizer_config.json`` (or ``chat_template.jinja``), falling back to ``config.json`` ids.
 """
@@ -13,14 +14,16 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgellama._validate import is_int
 from edgellama.gguf import ModelFormatError, ValueType
+from edgellama.tokenizer import TokenizerError, read_sentencepiece
+from edgellama.tokenizer.files import MAX_TOKENIZER_FILE_BYTES, SentencePieceModel
 
 from .safetensors import no_duplicate_keys
 from .source import QuantizeError, show
@@ -68,11 +71,11 @@ def bpe_vocab(folder: Path, vocab_size: int) -> dict[str, Any]:
         raise QuantizeError(f"{path}: a SentencePiece-style BPE (byte_fallback / Metaspace); its "
                             "tokenizer.model is needed (put it in the folder)")
     vocab = model.get("vocab")
-    if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and is_int(v) for k, v in vocab.items()):
         raise ModelFormatError(f"{path}: model.vocab must map strings to integer ids")
     added = tok.get("added_tokens") or []
     if not isinstance(added, list) or not all(
-            isinstance(a, dict) and type(a.get("id")) is int and isinstance(a.get("content"), str) for a in added):
+            isinstance(a, dict) and is_int(a.get("id")) and isinstance(a.get("content"), str) for a in added):
         raise ModelFormatError(f"{path}: added_tokens must be a list of {{id, content}} objects")
 
     by_id: dict[int, str] = {}
@@ -183,12 +186,13 @@ def _pre_tokenizer_name(tok: dict, config: dict, path: Path) -> str:
 
 def spm_vocab(folder: Path, vocab_size: int) -> dict[str, Any]:
     path = folder / "tokenizer.model"
-    pieces, trainer, normalizer = parse_sentencepiece(path, max_pieces=vocab_size)
-    check_padding(path, len(pieces), vocab_size)
+    model = parse_sentencepiece(path, max_pieces=vocab_size)
+    trainer, normalizer = model.trainer, model.normalizer
+    check_padding(path, len(model.pieces), vocab_size)
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     scores = np.full(vocab_size, -1000.0, dtype=np.float32)
     types = np.full(vocab_size, UNUSED, dtype=np.int32)
-    for i, (piece, score, kind) in enumerate(pieces):
+    for i, (piece, score, kind) in enumerate(model.pieces):
         tokens[i], scores[i], types[i] = piece, score, kind
     config = _tokenizer_config(folder)
     _apply_added_tokens(folder, config, tokens, scores, types)
@@ -233,108 +237,26 @@ def _apply_added_tokens(folder: Path, config: dict, tokens: list[str], scores: n
 
 
 def _str_int_map(value: Any, path: Path) -> dict[str, int]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int for k, v in value.items()):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and is_int(v) for k, v in value.items()):
         raise ModelFormatError(f"{path}: expected an object mapping strings to integer ids")
     return value
 
 
-class _Proto:
-    """Bounds-checked protobuf wire-format reader over bytes."""
-
-    def __init__(self, data: bytes, path: Path, what: str):
-        self.data, self.pos, self.path, self.what = data, 0, path, what
-
-    def fail(self, msg: str) -> ModelFormatError:
-        return ModelFormatError(f"{self.path}: {self.what}: {msg} at byte {self.pos}")
-
-    def varint(self) -> int:
-        value, shift = 0, 0
-        while True:
-            if self.pos >= len(self.data):
-                raise self.fail("truncated varint")
-            byte = self.data[self.pos]
-            self.pos += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value
-            shift += 7
-            if shift > 63:
-                raise self.fail("varint longer than 10 bytes")
-
-    def fields(self):
-        """Yields (field number, wire type, value): ints for varints and fixed, bytes for LEN."""
-        while self.pos < len(self.data):
-            key = self.varint()
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                yield number, wire, self.varint()
-            elif wire in (1, 5):
-                size = 8 if wire == 1 else 4
-                if self.pos + size > len(self.data):
-                    raise self.fail("truncated fixed-size field")
-                yield number, wire, self.data[self.pos:self.pos + size]
-                self.pos += size
-            elif wire == 2:
-                size = self.varint()
-                if size > len(self.data) - self.pos:
-                    raise self.fail(f"field {number} of {size} bytes runs past the end")
-                yield number, wire, self.data[self.pos:self.pos + size]
-                self.pos += size
-            else:
-                raise self.fail(f"unsupported wire type {wire} (field {number})")
-
-
-MAX_SPM_BYTES = 64 * 1024 * 1024
-
-
-def parse_sentencepiece(path: Path, max_pieces: int | None = None
-                        ) -> tuple[list[tuple[str, float, int]], dict[int, int], dict[int, int]]:
-    """(pieces as (text, score, llama.cpp token type), trainer_spec ints, normalizer_spec ints);
-    refused as soon as there are more than ``max_pieces`` (the embedding's rows)."""
+def parse_sentencepiece(path: Path, max_pieces: int | None = None) -> SentencePieceModel:
+    """``path``'s SentencePiece model (pieces as (text, score, llama.cpp token type), trainer_spec and
+    normalizer_spec ints), read by the runtime's reader.  A file larger than MAX_TOKENIZER_FILE_BYTES
+    is refused before it is read, and reading stops at the first piece beyond ``max_pieces`` (the
+    embedding's rows); every refusal is a ModelFormatError naming the file."""
     if not path.is_file():
         raise ModelFormatError(f"{path}: no such file")
-    if path.stat().st_size > MAX_SPM_BYTES:
-        raise ModelFormatError(f"{path}: too large for a SentencePiece model")
-    data = path.read_bytes()
-    pieces: list[tuple[str, float, int]] = []
-    trainer: dict[int, int] = {}
-    normalizer: dict[int, int] = {}
-    for number, wire, value in _Proto(data, path, "ModelProto").fields():
-        if number == 1 and wire == 2:
-            if max_pieces is not None and len(pieces) >= max_pieces:
-                raise ModelFormatError(f"{path}: more than {max_pieces} pieces, more than the embedding's rows "
-                                       "(vocab_size)")
-            pieces.append(_piece(value, path, len(pieces)))
-        elif number in (2, 3) and wire == 2:
-            target = trainer if number == 2 else normalizer
-            for n, w, v in _Proto(value, path, "trainer_spec" if number == 2 else "normalizer_spec").fields():
-                if w == 0:
-                    target[n] = v - (1 << 64) if v >= 1 << 63 else v  # int32 fields: -1 arrives as 2^64 - 1
-    if not pieces:
-        raise ModelFormatError(f"{path}: no pieces: not a SentencePiece model")
-    return pieces, trainer, normalizer
-
-
-def _piece(data: bytes, path: Path, index: int) -> tuple[str, float, int]:
-    text, score, kind = None, 0.0, 1
-    for number, wire, value in _Proto(data, path, f"piece #{index}").fields():
-        if number == 1 and wire == 2:
-            try:
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ModelFormatError(f"{path}: piece #{index} is not valid UTF-8") from None
-        elif number == 2 and wire == 5:
-            score = struct.unpack("<f", value)[0]
-        elif number == 3 and wire == 0:
-            kind = value
-    if text is None:
-        raise ModelFormatError(f"{path}: piece #{index} has no text")
-    # SentencePiece types NORMAL=1 UNKNOWN=2 CONTROL=3 USER_DEFINED=4 BYTE=6 UNUSED=5 match llama.cpp's
-    if kind not in (1, 2, 3, 4, 5, 6):
-        raise ModelFormatError(f"{path}: piece #{index} {text!r} has unknown type {kind}")
-    if not np.isfinite(score):
-        raise ModelFormatError(f"{path}: piece #{index} {text!r} has score {score}")
-    return text, float(score), kind
+    size = path.stat().st_size
+    if size > MAX_TOKENIZER_FILE_BYTES:
+        raise ModelFormatError(f"{path}: {size} bytes is too large for a SentencePiece model (limit "
+                               f"{MAX_TOKENIZER_FILE_BYTES})")
+    try:
+        return read_sentencepiece(path.read_bytes(), str(path), max_pieces=max_pieces)
+    except TokenizerError as e:
+        raise ModelFormatError(str(e)) from None
 
 
 # ----- special tokens, add_bos, chat template ----------------------------------------------------
@@ -374,7 +296,7 @@ def _special_tokens(folder: Path, config: dict, tokens: list[str], tok_json: dic
             value = model_config.get(f"{kind}_token_id")
             if isinstance(value, list) and value:
                 value = value[0]
-            if type(value) is int:
+            if is_int(value):
                 token_id = value
         if token_id is None and defaults is not None:
             token_id = defaults.get(kind)

@@ -465,16 +465,47 @@ def test_pre_tokenizer_families_are_recognised(tmp_path):
 @pytest.mark.parametrize("data, message", [
     (b"\x0a\x05\x0a\x09abc", "piece #0: field 1 of 9 bytes runs past the end"),  # text claims 9 bytes
     (b"\x0a", "truncated varint"),
-    (b"\x0b\x00", "unsupported wire type 3"),
+    (b"\x0b\x00", "unsupported protobuf wire type 3"),
     (b"\x0a\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", "varint longer"),
     (b"\x0a\x02\x18\x01", "has no text"),
     (b"\x0a\x05\x0a\x01a\x18\x09", "unknown type 9"),
+    (b"\x0a\x08\x0a\x01a\x15\x00\x00\xc0\x7f", "has score nan"),      # a NaN score (float32 0x7fc00000)
+    (b"\x0a\x08\x0a\x01a\x15\x00\x00\x80\x7f", "has score inf"),
     (b"", "no pieces"),
 ])
 def test_malformed_sentencepiece_model_is_refused(tmp_path, data, message):
+    """The runtime's reader (edgellama.tokenizer.read_sentencepiece) reads the quantizer's
+    tokenizer.model too: its TokenizerErrors arrive as ModelFormatErrors naming the file, and the
+    runtime refuses the same files (unknown piece types and non-finite scores in both)."""
+    from edgellama.tokenizer import TokenizerError, Tokenizer
     from quantize.vocab import parse_sentencepiece
 
     path = tmp_path / "tokenizer.model"
     path.write_bytes(data)
-    with pytest.raises(ModelFormatError, match=message):
+    with pytest.raises(ModelFormatError, match=message) as e:
         parse_sentencepiece(path)
+    assert str(e.value).startswith(str(path))
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_file(path)
+
+
+def test_sentencepiece_pieces_beyond_max_pieces_stop_the_reading(tmp_path):
+    from quantize.vocab import parse_sentencepiece
+
+    piece = b"\x0a\x03\x0a\x01a"
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(piece * 5)
+    assert len(parse_sentencepiece(path, max_pieces=5).pieces) == 5
+    with pytest.raises(ModelFormatError, match="more than max_pieces = 4 pieces"):
+        parse_sentencepiece(path, max_pieces=4)
+
+
+def test_sentencepiece_file_above_the_size_cap_is_refused_before_reading(tmp_path, monkeypatch):
+    import quantize.vocab
+
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"\x0a\x03\x0a\x01a" * 100)
+    monkeypatch.setattr(quantize.vocab, "MAX_TOKENIZER_FILE_BYTES", 499)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read past the size cap"))
+    with pytest.raises(ModelFormatError, match="500 bytes is too large"):
+        quantize.vocab.parse_sentencepiece(path)

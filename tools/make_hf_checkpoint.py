@@ -29,27 +29,17 @@ if str(REPO) not in sys.path:
 
 from edgellama.gguf import GGUFFile  # noqa: E402
 from edgellama.quants import dequantize  # noqa: E402
-from quantize.hf import qk_permutation  # noqa: E402
+from quantize.hf import _hf_name_of, qk_permutation  # noqa: E402  (the converter's name map, inverted)
 from quantize.safetensors import write_safetensors  # noqa: E402
+from quantize.vocab import CONTROL, USER_DEFINED  # noqa: E402  (llama.cpp's token types)
 from tools.fetch_models import cache_dir, smollm2_q4_1  # noqa: E402
 
 HF_DIR_NAME = "SmolLM2-135M-Instruct-hf"
-CONTROL, USER_DEFINED = 3, 4
-
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-_LAYER = {"attn_norm.weight": "input_layernorm.weight", "attn_q.weight": "self_attn.q_proj.weight",
-          "attn_k.weight": "self_attn.k_proj.weight", "attn_v.weight": "self_attn.v_proj.weight",
-          "attn_output.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-          "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-          "ffn_down.weight": "mlp.down_proj.weight"}
 
 
 def hf_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL:
-        return _GLOBAL[gguf_name]
-    _, layer, rest = gguf_name.split(".", 2)
-    return f"model.layers.{layer}.{_LAYER[rest]}"
+    """The Hugging Face name of a GGUF tensor (quantize.hf's map, read backwards)."""
+    return _hf_name_of(gguf_name)
 
 
 def unpermute(rows: np.ndarray, n_heads: int) -> np.ndarray:

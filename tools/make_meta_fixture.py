@@ -30,22 +30,17 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from quantize.meta import _SPLIT_COLUMNS, gguf_name  # noqa: E402  (the converter's Meta -> GGUF names)
+
 OUT = REPO / "tests" / "fixtures" / "meta_tiny"
 PARAMS = {"dim": 32, "multiple_of": 32, "ffn_dim_multiplier": 0.75, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
           "norm_eps": 1e-05, "vocab_size": -1, "rope_theta": 10000.0}
 FFN_DIM = 64  # Meta's rule: multiple_of * ceil(int(ffn_dim_multiplier * int(2 * 4 * dim / 3)) / multiple_of)
 MERGES = ["▁t", "he", "▁the", "in", "▁a", "er", "an", "▁s", "on", "re", "▁w", "at", "en", "ll", "▁o", "▁i",
           "ing", "▁and", "or", "is"]
-
-# GGUF name for each Meta name, and whether model-parallel parts split it along columns (axis 1)
-LAYER = {"attention_norm.weight": None, "attention.wq.weight": 0, "attention.wk.weight": 0,
-         "attention.wv.weight": 0, "attention.wo.weight": 1, "ffn_norm.weight": None,
-         "feed_forward.w1.weight": 0, "feed_forward.w2.weight": 1, "feed_forward.w3.weight": 0}
-GGUF = {"attention_norm.weight": "attn_norm.weight", "attention.wq.weight": "attn_q.weight",
-        "attention.wk.weight": "attn_k.weight", "attention.wv.weight": "attn_v.weight",
-        "attention.wo.weight": "attn_output.weight", "ffn_norm.weight": "ffn_norm.weight",
-        "feed_forward.w1.weight": "ffn_gate.weight", "feed_forward.w2.weight": "ffn_down.weight",
-        "feed_forward.w3.weight": "ffn_up.weight"}
 
 
 # ----- a SentencePiece model written as protobuf ---------------------------------------------------
@@ -120,19 +115,14 @@ def bf16_round(a: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
-def gguf_name(meta: str) -> str:
-    return {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-            "output.weight": "output.weight"}.get(meta) or f"blk.{meta.split('.')[1]}.{GGUF[meta.split('.', 2)[2]]}"
-
-
 def split_axis(meta: str) -> int | None:
-    if meta in ("tok_embeddings.weight",):
-        return 1
-    if meta == "output.weight":
-        return 0
-    if meta.startswith("layers."):
-        return LAYER[meta.split(".", 2)[2]]
-    return None  # norms and rope.freqs are replicated
+    """How Meta's model-parallel parts split a tensor: 1-D ones (norms, rope.freqs) are replicated,
+    those the converter joins along columns (quantize.meta._SPLIT_COLUMNS) are split along axis 1,
+    the others along rows."""
+    name = gguf_name(meta)
+    if name is None or name.endswith("norm.weight"):
+        return None
+    return 1 if name.endswith(_SPLIT_COLUMNS) else 0
 
 
 def save(path: Path, weights: dict[str, np.ndarray]) -> None:

@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 
 from edgellama.gguf import TensorSpec, ValueType, write_gguf  # noqa: E402
 from edgellama.quants import BLOCK_LAYOUT, GGMLType  # noqa: E402
+from quantize.policy import FILE_TYPES_BY_NAME  # noqa: E402  (llama.cpp's file types: number, base type)
 from tools.fetch_models import cache_dir, llama3_tokenizer  # noqa: E402
 
 
@@ -50,7 +51,7 @@ SHAPES = {
     "llama-3.2-3b": Shape(3072, 28, 24, 8, 8192, tied=True, rope_factor=32.0, ctx=131072),
     "llama-3-8b": Shape(4096, 32, 32, 8, 14336, tied=False, rope_factor=8.0, ctx=131072),
 }
-FILE_TYPES = {"f16": 1, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # general.file_type (llama_ftype)
+FILE_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # the file types written here (quantize.policy's names)
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
     "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
@@ -81,7 +82,7 @@ def tensor_types(shape: Shape, ftype: str) -> dict[str, GGMLType]:
     names = ["token_embd.weight"] + ([] if shape.tied else ["output.weight"])
     names += [f"blk.{i}.{m}.weight" for i in range(shape.n_layers)
               for m in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")]
-    base = {"f16": GGMLType.F16, "q8_0": GGMLType.Q8_0, "q4_0": GGMLType.Q4_0, "q4_k_m": GGMLType.Q4_K}[ftype]
+    base = FILE_TYPES_BY_NAME[ftype].base
     out = {}
     for name in names:
         t = base
@@ -124,7 +125,7 @@ def write_model(path: Path, shape: Shape, ftype: str, seed: int = 0) -> Path:
     meta: dict = {
         "general.architecture": "llama",
         "general.name": f"random {path.stem}",
-        "general.file_type": (ValueType.UINT32, FILE_TYPES[ftype]),
+        "general.file_type": (ValueType.UINT32, FILE_TYPES_BY_NAME[ftype].number),
         "llama.context_length": (ValueType.UINT32, shape.ctx),
         "llama.embedding_length": (ValueType.UINT32, shape.dim),
         "llama.block_count": (ValueType.UINT32, shape.n_layers),

@@ -79,8 +79,10 @@ def _read_varint(data: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
     value = 0
     shift = 0
     while True:
-        if pos >= end or shift > 63:
-            raise TokenizerError(f"truncated or malformed varint in {what} at byte {pos}")
+        if pos >= end:
+            raise TokenizerError(f"{what}: truncated varint at byte {pos}")
+        if shift > 63:
+            raise TokenizerError(f"{what}: varint longer than 10 bytes at byte {pos}")
         b = data[pos]
         pos += 1
         value |= (b & 0x7F) << shift
@@ -100,19 +102,19 @@ def _proto_fields(data: bytes, start: int, end: int, what: str):
             value, pos = _read_varint(data, pos, end, what)
         elif wire == 1:
             if pos + 8 > end:
-                raise TokenizerError(f"truncated {what} at byte {pos}")
+                raise TokenizerError(f"{what}: truncated fixed-size field {field} at byte {pos}")
             value, pos = data[pos:pos + 8], pos + 8
         elif wire == 2:
             length, pos = _read_varint(data, pos, end, what)
             if pos + length > end:
-                raise TokenizerError(f"truncated {what}: field {field} of {length} bytes at byte {pos}")
+                raise TokenizerError(f"{what}: field {field} of {length} bytes runs past the end at byte {pos}")
             value, pos = (pos, pos + length), pos + length
         elif wire == 5:
             if pos + 4 > end:
-                raise TokenizerError(f"truncated {what} at byte {pos}")
+                raise TokenizerError(f"{what}: truncated fixed-size field {field} at byte {pos}")
             value, pos = data[pos:pos + 4], pos + 4
         else:
-            raise TokenizerError(f"unsupported protobuf wire type {wire} in {what} at byte {pos}")
+            raise TokenizerError(f"{what}: unsupported protobuf wire type {wire} (field {field}) at byte {pos}")
         yield field, wire, value
 
 
@@ -123,12 +125,14 @@ class SentencePieceModel:
     normalizer: dict[int, int]             # NormalizerSpec's integer fields
 
 
-def read_sentencepiece(data: bytes, source: str = "<spm>") -> SentencePieceModel:
+def read_sentencepiece(data: bytes, source: str = "<spm>", max_pieces: int | None = None) -> SentencePieceModel:
     """The pieces and the integer settings of a SentencePiece ModelProto.
 
     Read: ModelProto.pieces (1: piece, 2: score, 3: type), trainer_spec (2) and normalizer_spec
     (3) integer fields.  A piece without text, of an unknown type or with a non-finite score, and
-    malformed protobuf, are TokenizerErrors naming the piece and the byte."""
+    malformed protobuf, are TokenizerErrors naming the piece and the byte.  Reading stops with an
+    error at the first piece beyond MAX_VOCAB, or beyond ``max_pieces`` (a caller's own limit: the
+    quantizer's is the embedding's rows), and data beyond MAX_TOKENIZER_FILE_BYTES is refused."""
     if len(data) > MAX_TOKENIZER_FILE_BYTES:
         raise TokenizerError(f"{source}: {len(data)} bytes is too large for a SentencePiece model")
     pieces: list[tuple[str, float, int]] = []
@@ -137,6 +141,8 @@ def read_sentencepiece(data: bytes, source: str = "<spm>") -> SentencePieceModel
     for field, wire, value in _proto_fields(data, 0, len(data), f"{source}: ModelProto"):
         if field == 1 and wire == 2:
             index = len(pieces)
+            if max_pieces is not None and index >= max_pieces:
+                raise TokenizerError(f"{source}: more than max_pieces = {max_pieces} pieces")
             if index >= MAX_VOCAB:
                 raise TokenizerError(f"{source}: more than the {MAX_VOCAB} pieces we accept")
             text, score, kind = None, 0.0, 1
