@@ -169,6 +169,16 @@ def _flag(args, dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def _memory_size(text: str) -> int:
+    """argparse type: a memory size (8G, 3.5G, 7500M) in bytes."""
+    from .info import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # ----- options ------------------------------------------------------------------------------------
 
 CTX_HELP = "context size in tokens (default: min(the model's trained context, 4096); 0: the trained context)"
@@ -320,8 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cors-origin", action="append", default=[],
                        help="an origin whose web pages may call the API (repeatable; '*': any)")
 
-    info = sub.add_parser("info", help="describe a GGUF model file (no kernel is compiled)")
+    info = sub.add_parser("info", help="describe a GGUF model file and the memory a run needs (no kernel is compiled)",
+                          description="Describe a GGUF model file, the memory a run at this context needs "
+                                      "(weights as held, KV cache, buffers, runtime) and whether it fits: the "
+                                      "largest context that does, or which smaller type of the model would.")
     _add_model_options(info, threads=False)
+    info.add_argument("--ram", type=_memory_size, default=None, metavar="SIZE",
+                      help="memory to fit the run in, e.g. 3.5G or 7500M (default: what this machine has "
+                           "available now)")
 
     bench = sub.add_parser("bench", help="llama-bench style speed test")
     _add_model_options(bench, ctx_help="context size in tokens (default: -p + -n + 16, rounded up to 256)")
@@ -370,11 +386,16 @@ def load_model(args, stream=None) -> Loaded:
     f = open_model_file(args.model)
     from .info import ContextLengthWarning, check_memory, resolve_n_ctx
     from .kernel_cache import CompileProgress, cache_status, expected_kernels, matrix_types
-    from .model import DEFAULT_MAX_CTX, Model, ModelArgs, physical_cores
+    from .hardware import default_threads, thread_warning
+    from .model import DEFAULT_MAX_CTX, Model, ModelArgs
 
     model_args = ModelArgs.from_gguf(f)
     n_ctx = resolve_n_ctx(args.ctx, model_args.max_ctx, DEFAULT_MAX_CTX)
-    threads = getattr(args, "threads", None) or physical_cores()
+    threads = getattr(args, "threads", None) or default_threads()
+    too_many = getattr(args, "threads", None) and thread_warning(threads)
+    if too_many:
+        print(f"edgellama {args.command}: warning: {_flag(args, 'threads')} {threads} {too_many}", file=stream,
+              flush=True)
     if n_ctx > model_args.max_ctx:
         print(f"edgellama {args.command}: warning: {_flag(args, 'ctx')} {n_ctx} is beyond the {model_args.max_ctx} "
               f"tokens this model was trained on: expect worse output past them", file=stream, flush=True)
@@ -517,7 +538,7 @@ def cmd_perplexity(args) -> int:
 def cmd_info(args) -> int:
     from .info import describe
 
-    print(describe(open_model_file(args.model), n_ctx=args.ctx, cache_type=args.cache_type))
+    print(describe(open_model_file(args.model), n_ctx=args.ctx, cache_type=args.cache_type, ram=args.ram))
     return 0
 
 
@@ -532,12 +553,13 @@ def cmd_bench(args) -> int:
 
 
 def _memory_message(e, args) -> str:
-    from .info import size
+    from .info import describe_smaller, size
 
     ctx = _flag(args, "ctx")
     what = f"{ctx} {e.n_ctx}" if getattr(args, "ctx", None) else f"this model (with a context of {e.n_ctx} tokens)"
     fits = (f"the largest context that fits is {ctx} {e.max_n_ctx}" if e.max_n_ctx
-            else "it does not fit even with a small context")
+            else "it does not fit even with a small context"
+            + (f"; {describe_smaller(e.smaller)}" if getattr(e, "smaller", None) else ""))
     return f"{what} needs {e.needed.describe()} but {size(e.available)} of memory is available: {fits}"
 
 

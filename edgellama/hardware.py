@@ -67,12 +67,14 @@ def affinity_cpus() -> set[int] | None:
         return None
 
 
-def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
-    """This process's cgroup CPU quota in CPUs (quota / period), or None without one (v2, then v1)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
+def cgroup_cpu_limit(root: Path = CGROUP, membership: str | None = None) -> float | None:
+    """This process's cgroup CPU quota in CPUs (quota / period; the smallest along the way), or None
+    without one.  ``membership``: /proc/self/cgroup's text (read when None); ``root``: the cgroup mount."""
+    if membership is None:
+        membership = _read(Path("/proc/self/cgroup"))
+        if membership is None:
+            return None
+    lines = membership.splitlines()
     limits = []
     for line in lines:
         hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
@@ -175,9 +177,10 @@ physical_cores = default_threads  # the name model.py and the CLI have used
 
 
 def thread_warning(threads: int) -> str | None:
-    """A warning when ``threads`` is more than this process can run at once; None otherwise."""
+    """What is wrong with ``threads`` when it is more than the CPUs this process can run on at once
+    (to follow "-t N "); None otherwise."""
     usable = usable_cpus()
     if threads > usable:
-        return (f"{threads} threads is more than the {usable} CPU{'s' if usable != 1 else ''} this process can use: "
-                f"threads will wait for each other (default: {default_threads()}, the physical cores)")
+        return (f"is more than the {usable} CPU{'s' if usable != 1 else ''} this process can use: the threads will "
+                f"wait for each other (default: {default_threads()}, the physical cores)")
     return None

@@ -29,10 +29,10 @@ PAGE = 4096
 # the interpreter with NumPy, Numba and llvmlite imported takes 63 MiB resident, the compiled kernels
 # loaded from Numba's cache 15 MiB more (LLVM's own code pages are released once they are linked).
 RUNTIME_BYTES = 80 << 20
-# The tokenizer built from the GGUF vocabulary, per byte of the header's own account of its strings
-# (GGUFFile.header_memory): measured 1.29 for SmolLM2 (49k tokens + 49k merges: 12.6 MiB for a
-# 9.8 MiB account), 1.01 for Llama 3 (128k tokens + 280k merges: 39.9 MiB for 39.4 MiB).
-TOKENIZER_PER_HEADER_BYTE = 1.3
+# The tokenizer built from the vocabulary: measured 22 MiB for SmolLM2 (49,152 tokens) and 50 MiB for
+# Llama 3 (128,256 tokens; its 280k merges cost little): a fixed part and one per token.
+TOKENIZER_BYTES = 5 << 20
+TOKENIZER_BYTES_PER_TOKEN = 360
 TILE_BYTES = 16 << 20          # the prompt path's widened float tile (model.TILE_ELEMENTS float32)
 ATTN_SPAN = 64                 # kernels.ATTN_SPAN: cached positions per one-token attention job
 KV_BYTES_PER_VALUE = {"f16": 2, "f32": 4, "q8_0": 34 / 32}  # Q8_0: 32 int8 values + an f16 scale
@@ -158,11 +158,12 @@ def _per_token_buffers(args, threads: int) -> float:
 
 
 def batch_buffers(args, n_tokens: int) -> int:
-    """A prompt batch's activations at their peak (the feed-forward down projection): the residual,
-    normed and attention rows (T, dim) x3, the layer's q (T, dim) and k, v (T, kv_dim), gate and up
-    (T, ffn) and the down projection's output (T, dim) in float32, and gate quantized for it (int8
-    values, float32 block scales and sums, int32 half-block sums: 1.5 bytes per value)."""
-    return int(n_tokens * (4 * (5 * args.dim + 2 * args.kv_dim + 2 * args.ffn_dim) + 1.5 * args.ffn_dim))
+    """A prompt batch's activations at their peak, measured (tracemalloc) where the next layer's
+    gate and up projections are computed while the previous layer's are still referenced: the
+    residual, normed and attention rows (T, dim) x3, q (T, dim) and k, v (T, kv_dim), two pairs of
+    gate and up (T, ffn), in float32, and the normed rows quantized for them (int8 values, float32
+    block scales and sums, int32 half-block sums: 1.5 bytes per value)."""
+    return int(n_tokens * (4 * (4 * args.dim + 2 * args.kv_dim + 4 * args.ffn_dim) + 1.5 * args.dim))
 
 
 def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads: int = 1,
@@ -177,7 +178,10 @@ def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", thread
     if any(len(i.shape) == 2 and GGMLType(i.qtype) not in PACKED_BYTES and i.name != "token_embd.weight"
            for i in f.tensors.values()):
         buffers += TILE_BYTES      # float matrices are widened in tiles for prompts
-    runtime = RUNTIME_BYTES + int((1 + TOKENIZER_PER_HEADER_BYTE) * getattr(f, "header_memory", 0))
+    # the header's objects (its own account) and pages, and the tokenizer built from them
+    vocabulary = (getattr(f, "header_memory", 0) + getattr(f, "data_offset", 0) + TOKENIZER_BYTES
+                  + TOKENIZER_BYTES_PER_TOKEN * args.n_vocab)
+    runtime = RUNTIME_BYTES + vocabulary
     return MemoryNeeded(weights, kv, buffers, runtime, cache_type)
 
 

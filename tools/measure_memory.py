@@ -54,18 +54,16 @@ steps.append(("import edgellama, numba", status()))
 f = GGUFFile(sys.argv[1])
 steps.append(("GGUF header (metadata)", status()))
 args = M.ModelArgs.from_gguf(f)
-tok = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
-trim_heap()
-steps.append(("tokenizer", status()))
-del tok
 m = M.Model(f, n_ctx=int(sys.argv[2]), threads=int(sys.argv[3]), cache_type=sys.argv[4], check_memory=False)
-steps.append(("Model (weights packed, state)", status()))
+steps.append(("Model (tokenizer, weights, state)", status()))
+w = m.weights
+packed = w.packed.nbytes + (w.output.packed.nbytes if w.output.packed is not None else 0)
 m.warm_up()
 steps.append(("kernels loaded (warm_up)", status()))
 ids = np.random.default_rng(0).integers(0, args.n_vocab, m.n_ctx - 1)
 m.eval(ids)
 steps.append(("context filled (prefill)", status()))
-print(json.dumps({"steps": steps, "header_memory": f.header_memory}))
+print(json.dumps({"steps": steps, "header_memory": f.header_memory, "packed": packed}))
 """
 
 
@@ -112,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "breakdown":
         for path in args.models:
             r = breakdown(path, args.ctx, args.threads, args.cache_type)
-            print(f"{Path(path).name}, n_ctx={args.ctx} (header account {size(r['header_memory'])})")
+            print(f"{Path(path).name}, n_ctx={args.ctx} (header account {size(r['header_memory'])}, packed weights "
+                  f"{size(r['packed'])})")
             previous = None
             for name, s in r["steps"]:
                 delta = "" if previous is None else f"  (+{(s['RssAnon'] - previous['RssAnon']) / MIB:.1f} anon)"
