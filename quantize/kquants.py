@@ -50,8 +50,10 @@ from numba.extending import intrinsic
 
 QK_K = 256
 
-_kernel = {"cache": True, "parallel": True}
-_inline = {"cache": True, "inline": "always"}
+# numpy's error model: a float division by zero gives inf / NaN as in C (the lanes of a fit that the
+# reference skips compute such values and discard them) instead of raising
+_kernel = {"cache": True, "parallel": True, "error_model": "numpy"}
+_inline = {"cache": True, "inline": "always", "error_model": "numpy"}
 
 
 @intrinsic
@@ -276,6 +278,200 @@ def _reference_weights(x, base, weights):
         weights[i] = av_x + abs(x[base + i])
 
 
+# ----- the same fits, many sub-blocks at once ---------------------------------------------------
+# Lane k of the arrays below is sub-block k of a run of super-blocks of one row (element i of lane k
+# at [i * lanes + k]): each lane runs exactly the scalar fit's float32 operations in the same order,
+# so the results are those of the scalar fits, but the independent sums of all lanes advance
+# together in vectors (LLVM's loop vectorizer, which needs a runtime lane count and one array per
+# quantity to see the lanes as independent) instead of one latency-bound chain per sub-block.
+# Lanes whose scalar fit would have returned early compute values that are then discarded (no
+# exceptions: numpy's error model, inf / NaN as in C).
+
+RUN = 8  # super-blocks fitted together: 64 lanes of 32 (Q4_K / Q5_K) or 128 lanes of 16 (Q6_K)
+# The lane count must be a compile-time constant for LLVM to vectorize the lane loops (measured: a
+# runtime count leaves them scalar, 4x slower), so a row's last, shorter run is fitted from a
+# zero-padded copy and the padding lanes are discarded.
+ASYM_LANES = 8 * RUN
+SYM_LANES = 16 * RUN
+
+
+@njit(**_inline)
+def fit_scale_min_lanes(row, base, nmax, rmin, rdelta, nstep, xs, ws, best, trial, st, levels, scales, mins):
+    """``fit_scale_min`` with the reference weights of the L = ASYM_LANES 32-element sub-blocks of
+    row[base:base + 32 * L], together.  Scratch: xs, ws (32 * L,) float32, best, trial (32 * L,)
+    int32, st (15, L) float32.  Output: levels (32 * L,) in element order, scales and mins (L,)."""
+    L = ASYM_LANES
+    lo, hi, sum_w, sum_x, scale, best_err, iscale = st[0], st[1], st[2], st[3], st[4], st[5], st[6]
+    sum_l, sum_l2, sum_xl, err, t_scale, t_min, det, flat = st[7], st[8], st[9], st[10], st[11], st[12], st[13], st[14]
+    fnmax = np.float32(nmax)
+    for k in range(L):
+        for i in range(32):
+            xs[i * L + k] = row[base + 32 * k + i]
+    # the reference weights: sqrt(mean x^2) + |x| (the sum of squares in element order)
+    for k in range(L):
+        err[k] = np.float32(0.0)
+    for i in range(32):
+        for k in range(L):
+            v = xs[i * L + k]
+            err[k] += v * v
+    for k in range(L):
+        err[k] = np.sqrt(err[k] / np.float32(32.0))
+    for i in range(32):
+        for k in range(L):
+            ws[i * L + k] = err[k] + abs(xs[i * L + k])
+    # range, sum of weights and weighted sum
+    for k in range(L):
+        lo[k] = xs[k]
+        hi[k] = xs[k]
+        sum_w[k] = ws[k]
+        sum_x[k] = ws[k] * xs[k]
+    for i in range(1, 32):
+        for k in range(L):
+            v = xs[i * L + k]
+            w = ws[i * L + k]
+            lo[k] = v if v < lo[k] else lo[k]
+            hi[k] = v if v > hi[k] else hi[k]
+            sum_w[k] += w
+            sum_x[k] += w * v
+    for k in range(L):
+        lo[k] = np.float32(0.0) if lo[k] > 0 else lo[k]
+        flat[k] = np.float32(1.0) if hi[k] == lo[k] else np.float32(0.0)
+        iscale[k] = fnmax / (hi[k] - lo[k])
+        scale[k] = np.float32(1.0) / iscale[k]
+        best_err[k] = np.float32(0.0)
+    # levels of the plain range, and their error
+    for i in range(32):
+        for k in range(L):
+            v = xs[i * L + k]
+            level = max(0, min(nmax, nearest_int(iscale[k] * (v - lo[k]))))
+            best[i * L + k] = level
+            diff = scale[k] * np.float32(level) + lo[k] - v
+            best_err[k] += ws[i * L + k] * (diff * diff)
+    for step in range(nstep + 1):
+        numerator = rmin + rdelta * np.float32(step) + fnmax
+        for k in range(L):
+            iscale[k] = numerator / (hi[k] - lo[k])
+            sum_l[k] = np.float32(0.0)
+            sum_l2[k] = np.float32(0.0)
+            sum_xl[k] = np.float32(0.0)
+            err[k] = np.float32(0.0)
+        for i in range(32):
+            for k in range(L):
+                v = xs[i * L + k]
+                level = max(0, min(nmax, nearest_int(iscale[k] * (v - lo[k]))))
+                trial[i * L + k] = level
+                fl = np.float32(level)
+                wl = ws[i * L + k] * fl
+                sum_l[k] += wl
+                sum_l2[k] += wl * fl
+                sum_xl[k] += wl * v
+        for k in range(L):
+            d = sum_w[k] * sum_l2[k] - sum_l[k] * sum_l[k]
+            this_scale = (sum_w[k] * sum_xl[k] - sum_x[k] * sum_l[k]) / d
+            this_min = (sum_l2[k] * sum_x[k] - sum_l[k] * sum_xl[k]) / d
+            positive = this_min > 0
+            t_scale[k] = sum_xl[k] / sum_l2[k] if positive else this_scale
+            t_min[k] = np.float32(0.0) if positive else this_min
+            det[k] = d
+        for i in range(32):
+            for k in range(L):
+                diff = t_scale[k] * np.float32(trial[i * L + k]) + t_min[k] - xs[i * L + k]
+                err[k] += ws[i * L + k] * (diff * diff)
+        for k in range(L):
+            take = det[k] > 0 and err[k] < best_err[k]
+            best_err[k] = err[k] if take else best_err[k]
+            scale[k] = t_scale[k] if take else scale[k]
+            lo[k] = t_min[k] if take else lo[k]
+            det[k] = np.float32(1.0) if take else np.float32(0.0)  # now: whether the trial won
+        for i in range(32):
+            for k in range(L):
+                best[i * L + k] = trial[i * L + k] if det[k] != 0 else best[i * L + k]
+    for k in range(L):
+        is_flat = flat[k] != 0
+        scales[k] = np.float32(0.0) if is_flat else scale[k]
+        mins[k] = -lo[k]
+        for i in range(32):
+            levels[32 * k + i] = 0 if is_flat else best[i * L + k]
+
+
+@njit(**_inline)
+def fit_symmetric_lanes(row, base, nmax, xs, best, trial, st, levels, scales):
+    """``fit_symmetric`` of the L = SYM_LANES 16-element sub-blocks of row[base:base + 16 * L],
+    together.  Scratch: xs (16 * L,) float32, best, trial (16 * L,) int32, st (6, L) float32.
+    Output: levels (16 * L,) in element order, scales (L,)."""
+    L = SYM_LANES
+    amax, vmax, sumlx, suml2, scale, best_fit = st[0], st[1], st[2], st[3], st[4], st[5]
+    fnmax = np.float32(nmax)
+    for k in range(L):
+        for i in range(16):
+            xs[i * L + k] = row[base + 16 * k + i]
+    for k in range(L):
+        amax[k] = np.float32(0.0)
+        vmax[k] = np.float32(0.0)
+    for i in range(16):
+        for k in range(L):
+            v = xs[i * L + k]
+            a = abs(v)
+            take = a > amax[k]
+            vmax[k] = v if take else vmax[k]
+            amax[k] = a if take else amax[k]
+    for k in range(L):
+        sumlx[k] = np.float32(0.0)
+        suml2[k] = np.float32(0.0)
+    for i in range(16):
+        for k in range(L):
+            v = xs[i * L + k]
+            level = max(-nmax, min(nmax - 1, nearest_int((-fnmax / vmax[k]) * v)))
+            best[i * L + k] = level + nmax
+            w = v * v
+            fl = np.float32(level)
+            sumlx[k] += w * v * fl
+            suml2[k] += w * fl * fl
+    for k in range(L):
+        scale[k] = sumlx[k] / suml2[k] if suml2[k] != 0 else np.float32(0.0)
+        best_fit[k] = scale[k] * sumlx[k]
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        numerator = -(fnmax + np.float32(0.1) * np.float32(step))
+        for k in range(L):
+            sumlx[k] = np.float32(0.0)
+            suml2[k] = np.float32(0.0)
+        for i in range(16):
+            for k in range(L):
+                v = xs[i * L + k]
+                level = max(-nmax, min(nmax - 1, nearest_int((numerator / vmax[k]) * v)))
+                trial[i * L + k] = level + nmax
+                w = v * v
+                fl = np.float32(level)
+                sumlx[k] += w * v * fl
+                suml2[k] += w * fl * fl
+        for k in range(L):
+            take = suml2[k] > 0 and sumlx[k] * sumlx[k] > best_fit[k] * suml2[k]
+            new_scale = sumlx[k] / suml2[k]
+            scale[k] = new_scale if take else scale[k]
+            best_fit[k] = new_scale * sumlx[k] if take else best_fit[k]
+            suml2[k] = np.float32(1.0) if take else np.float32(0.0)  # now: whether the trial won
+        for i in range(16):
+            for k in range(L):
+                best[i * L + k] = trial[i * L + k] if suml2[k] != 0 else best[i * L + k]
+    for k in range(L):
+        zero = amax[k] < GROUP_MAX_EPS
+        scales[k] = np.float32(0.0) if zero else scale[k]
+        for i in range(16):
+            levels[16 * k + i] = 0 if zero else best[i * L + k]
+
+
+@njit(**_inline)
+def _copy_padded(row, start, pad):
+    """pad[:] = row[start:], then zeros."""
+    n = row.shape[0] - start
+    for i in range(n):
+        pad[i] = row[start + i]
+    for i in range(n, pad.shape[0]):
+        pad[i] = np.float32(0.0)
+
+
 # ----- Q4_K / Q5_K -------------------------------------------------------------------------------
 
 @njit(**_inline)
@@ -319,86 +515,111 @@ def _requantize_asymmetric(x, base, d, dmin, levels6, levels, nmax):
             levels[32 * j + i] = max(0, min(nmax, nearest_int((x[base + 32 * j + i] + mj) / dj)))
 
 
+@njit(cache=True, error_model="numpy")
+def _asymmetric_row(row, out, r, five_bits, lanes, levels, scales, mins, levels6, xs, ws, best, trial, st, pad):
+    """One row of Q4_K (five_bits False) or Q5_K into out[r]; ``lanes``: the vectorized fit (else the
+    scalar one)."""
+    nmax = 31 if five_bits else 15
+    block_bytes = 176 if five_bits else 144
+    qs = 48 if five_bits else 16            # offset of the nibbles in the block
+    rmin = np.float32(-0.5) if five_bits else np.float32(-1.0)
+    nstep = 15 if five_bits else 20
+    rdelta = np.float32(0.1)
+    n_super = row.shape[0] // QK_K
+    for first in range(0, n_super, RUN):
+        n_run = min(RUN, n_super - first)
+        if lanes and n_run == RUN:
+            fit_scale_min_lanes(row, first * QK_K, nmax, rmin, rdelta, nstep, xs, ws, best, trial, st, levels,
+                                scales, mins)
+        elif lanes:
+            _copy_padded(row, first * QK_K, pad)
+            fit_scale_min_lanes(pad, 0, nmax, rmin, rdelta, nstep, xs, ws, best, trial, st, levels, scales, mins)
+        else:
+            for j in range(8 * n_run):
+                _reference_weights(row, first * QK_K + 32 * j, ws)
+                scales[j], mins[j] = fit_scale_min(row, first * QK_K + 32 * j, 32, nmax, ws, levels, 32 * j,
+                                                   trial, rmin, rdelta, nstep)
+        for b in range(first, first + n_run):
+            base = b * QK_K
+            o = b * block_bytes
+            lb = (b - first) * QK_K  # this block's levels, scales and mins in the run's arrays
+            d, dmin = _pack_scales_mins(out, r, o, scales[8 * (b - first):], mins[8 * (b - first):], levels6)
+            _requantize_asymmetric(row, base, d, dmin, levels6, levels[lb:], nmax)
+            if five_bits:
+                for i in range(32):
+                    high = 0
+                    for half in range(4):
+                        high |= (levels[lb + 64 * half + i] >> 4) << (2 * half)
+                        high |= (levels[lb + 64 * half + 32 + i] >> 4) << (2 * half + 1)
+                    out[r, o + 16 + i] = np.uint8(high)
+            for half in range(4):
+                for i in range(32):
+                    out[r, o + qs + 32 * half + i] = np.uint8((levels[lb + 64 * half + i] & 0xF)
+                                                              | ((levels[lb + 64 * half + 32 + i] & 0xF) << 4))
+
+
 @njit(**_kernel)
+def _quantize_rows_asymmetric(x, out, five_bits, lanes):
+    for r in prange(x.shape[0]):
+        _asymmetric_row(x[r], out, r, five_bits, lanes,
+                        np.empty(RUN * QK_K, dtype=np.int32),     # levels (run x 256,) 0..nmax, element order
+                        np.empty(RUN * 8, dtype=np.float32),      # scales (run x 8,) fitted sub-block scales
+                        np.empty(RUN * 8, dtype=np.float32),      # mins (run x 8,) fitted minima (subtracted)
+                        np.empty(16, dtype=np.int32),             # levels6 (16,) 6-bit scales, minima of a block
+                        np.empty(RUN * QK_K, dtype=np.float32),   # xs (32 x lanes,) lane-major copy of the run
+                        np.empty(RUN * QK_K, dtype=np.float32),   # ws (32 x lanes,) its weights
+                        np.empty(RUN * QK_K, dtype=np.int32),     # best (32 x lanes,) best levels so far
+                        np.empty(RUN * QK_K, dtype=np.int32),     # trial (32 x lanes,) levels of the trial
+                        np.empty((15, RUN * 8), dtype=np.float32),  # st: per-lane state of the fits
+                        np.empty(RUN * QK_K, dtype=np.float32))   # pad: a row's last run, zero-padded
+
+
 def quantize_rows_q4_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 144) uint8."""
-    n_super = x.shape[1] // QK_K
-    for r in prange(x.shape[0]):
-        row = x[r]
-        levels = np.empty(QK_K, dtype=np.int32)   # (256,) levels 0..15 of the super-block
-        trial = np.empty(32, dtype=np.int32)      # (32,) levels of a trial scale
-        weights = np.empty(32, dtype=np.float32)  # (32,) sub-block weights
-        scales = np.empty(8, dtype=np.float32)    # (8,) fitted sub-block scales
-        mins = np.empty(8, dtype=np.float32)      # (8,) fitted sub-block minima (subtracted)
-        levels6 = np.empty(16, dtype=np.int32)    # (16,) 6-bit scales then minima
-        for b in range(n_super):
-            base = b * QK_K
-            o = b * 144
-            for j in range(8):
-                _reference_weights(row, base + 32 * j, weights)
-                scales[j], mins[j] = fit_scale_min(row, base + 32 * j, 32, 15, weights, levels, 32 * j, trial,
-                                                   np.float32(-1.0), np.float32(0.1), 20)
-            d, dmin = _pack_scales_mins(out, r, o, scales, mins, levels6)
-            _requantize_asymmetric(row, base, d, dmin, levels6, levels, 15)
-            for half in range(4):
-                for i in range(32):
-                    out[r, o + 16 + 32 * half + i] = np.uint8(levels[64 * half + i] | (levels[64 * half + 32 + i] << 4))
+    _quantize_rows_asymmetric(x, out, False, True)
 
 
-@njit(**_kernel)
 def quantize_rows_q5_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 176) uint8."""
-    n_super = x.shape[1] // QK_K
-    for r in prange(x.shape[0]):
-        row = x[r]
-        levels = np.empty(QK_K, dtype=np.int32)   # (256,) levels 0..31
-        trial = np.empty(32, dtype=np.int32)      # (32,)
-        weights = np.empty(32, dtype=np.float32)  # (32,)
-        scales = np.empty(8, dtype=np.float32)    # (8,)
-        mins = np.empty(8, dtype=np.float32)      # (8,)
-        levels6 = np.empty(16, dtype=np.int32)    # (16,)
-        for b in range(n_super):
-            base = b * QK_K
-            o = b * 176
-            for j in range(8):
-                _reference_weights(row, base + 32 * j, weights)
-                scales[j], mins[j] = fit_scale_min(row, base + 32 * j, 32, 31, weights, levels, 32 * j, trial,
-                                                   np.float32(-0.5), np.float32(0.1), 15)
-            d, dmin = _pack_scales_mins(out, r, o, scales, mins, levels6)
-            _requantize_asymmetric(row, base, d, dmin, levels6, levels, 31)
-            for i in range(32):
-                high = 0
-                for half in range(4):
-                    high |= (levels[64 * half + i] >> 4) << (2 * half)
-                    high |= (levels[64 * half + 32 + i] >> 4) << (2 * half + 1)
-                out[r, o + 16 + i] = np.uint8(high)
-            for half in range(4):
-                for i in range(32):
-                    out[r, o + 48 + 32 * half + i] = np.uint8((levels[64 * half + i] & 0xF)
-                                                              | ((levels[64 * half + 32 + i] & 0xF) << 4))
+    _quantize_rows_asymmetric(x, out, True, True)
 
 
 # ----- Q6_K --------------------------------------------------------------------------------------
 
 @njit(**_kernel)
-def quantize_rows_q6_k(x, out):
-    """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 210) uint8."""
+def _quantize_rows_q6_k(x, out, lanes):
     n_super = x.shape[1] // QK_K
     for r in prange(x.shape[0]):
         row = x[r]
-        levels = np.empty(QK_K, dtype=np.int32)   # (256,) levels 0..63 (q + 32)
-        scales = np.empty(16, dtype=np.float32)   # (16,) fitted sub-block scales
+        run_levels = np.empty(RUN * QK_K, dtype=np.int32)  # (run x 256,) levels 0..63 (q + 32)
+        run_scales = np.empty(RUN * 16, dtype=np.float32)  # (run x 16,) fitted sub-block scales
+        xs = np.empty(RUN * QK_K, dtype=np.float32)        # (16 x lanes,) lane-major copy of the run
+        best = np.empty(RUN * QK_K, dtype=np.int32)        # (16 x lanes,)
+        trial = np.empty(RUN * QK_K, dtype=np.int32)       # (16 x lanes,)
+        st = np.empty((6, RUN * 16), dtype=np.float32)     # per-lane state of the fits
+        pad = np.empty(RUN * QK_K, dtype=np.float32)       # a row's last run, zero-padded
         for b in range(n_super):
+            first = b - b % RUN
+            if b == first:
+                n_run = min(RUN, n_super - first)
+                if lanes and n_run == RUN:
+                    fit_symmetric_lanes(row, first * QK_K, 32, xs, best, trial, st, run_levels, run_scales)
+                elif lanes:
+                    _copy_padded(row, first * QK_K, pad)
+                    fit_symmetric_lanes(pad, 0, 32, xs, best, trial, st, run_levels, run_scales)
+                else:
+                    for j in range(16 * n_run):
+                        run_scales[j] = fit_symmetric(row, first * QK_K + 16 * j, 16, 32, run_levels, 16 * j)
             base = b * QK_K
             o = b * 210
+            levels = run_levels[(b - first) * QK_K:]
+            scales = run_scales[(b - first) * 16:]
             max_scale = np.float32(0.0)
             max_abs_scale = np.float32(0.0)
             for j in range(16):
-                s = fit_symmetric(row, base + 16 * j, 16, 32, levels, 16 * j)
-                scales[j] = s
-                if abs(s) > max_abs_scale:
-                    max_abs_scale = abs(s)
-                    max_scale = s
+                if abs(scales[j]) > max_abs_scale:
+                    max_abs_scale = abs(scales[j])
+                    max_scale = scales[j]
             if max_abs_scale < GROUP_MAX_EPS:
                 for i in range(210):
                     out[r, o + i] = 0
@@ -427,6 +648,20 @@ def quantize_rows_q6_k(x, out):
                     out[r, o + 64 * half + 32 + i] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
                     out[r, o + 128 + 32 * half + i] = np.uint8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4)
                                                                | ((q4 >> 4) << 6))
+
+
+def quantize_rows_q6_k(x, out):
+    """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 210) uint8."""
+    _quantize_rows_q6_k(x, out, True)
+
+
+def reference_rows(x, out, qtype_name: str):
+    """The same bytes through the scalar (one sub-block at a time) fits: the vectorized kernels'
+    twin, for tests."""
+    if qtype_name == "Q6_K":
+        _quantize_rows_q6_k(x, out, False)
+    else:
+        _quantize_rows_asymmetric(x, out, qtype_name == "Q5_K", False)
 
 
 # ----- dequantizers: raw (n_rows, row_bytes) uint8 -> out (n_rows, n_cols) float32 --------------
