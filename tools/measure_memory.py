@@ -2,6 +2,7 @@
 
     python tools/measure_memory.py compare MODEL [MODEL ...] [-c 512] [-n 16] [--cache-type f16]
     python tools/measure_memory.py breakdown MODEL [-c 512]
+    python tools/measure_memory.py table [--ram 3.5G --ram 7.5G]
 
 ``compare`` runs ``edgellama bench -c N -p N-n-1 -n n -r 1 --json`` in a child process for each model,
 so that the whole context is used (every KV position written), and prints its peak resident set
@@ -13,6 +14,11 @@ run compiles, and LLVM's compilation takes more memory: the ``compile`` column o
 ``breakdown`` loads a model step by step as ``Model`` does, in a child process, and prints the
 resident memory after each step (anonymous and file-backed, from /proc/self/status): how the
 constants of edgellama/info.py were measured.  Linux only.
+
+``table`` prints the README's fit table from the estimate alone: Llama-3.2-1B / 3B and Llama-3-8B at
+Q4_0 / Q4_K_M / Q8_0 with llama-quantize's tensor types (tools/make_sized_model.py's), without
+writing the files (the Llama 3 vocabulary's header figures come from any such file: the smallest
+is made if none is cached).
 """
 
 from __future__ import annotations
@@ -94,10 +100,67 @@ def bench_peak(path: str, n_ctx: int, n_gen: int, threads: int, cache_type: str)
     return peak, json.loads(stdout.strip().splitlines()[-1])
 
 
+class _Standin:
+    """What memory_needed reads of a GGUF file, for a model of this shape and type that is not on disk."""
+
+    def __init__(self, base, shape, ftype: str):
+        from edgellama.gguf import TensorInfo, tensor_nbytes
+        from edgellama.quants import GGMLType
+        from tools.make_sized_model import tensor_types
+
+        self.header_memory, self.data_offset, self.path = base.header_memory, base.data_offset, f"{ftype}"
+        head_dim = shape.dim // shape.n_heads
+        kv = shape.n_kv_heads * head_dim
+        dims = {"token_embd": (shape.n_vocab, shape.dim), "output": (shape.n_vocab, shape.dim),
+                "attn_q": (shape.dim, shape.dim), "attn_k": (kv, shape.dim), "attn_v": (kv, shape.dim),
+                "attn_output": (shape.dim, shape.dim), "ffn_gate": (shape.ffn, shape.dim),
+                "ffn_up": (shape.ffn, shape.dim), "ffn_down": (shape.dim, shape.ffn)}
+        shapes = {name: dims[name.split(".")[-2]] for name in tensor_types(shape, ftype)}
+        types = dict(tensor_types(shape, ftype))
+        shapes["output_norm.weight"], shapes["rope_freqs.weight"] = (shape.dim,), (head_dim // 2,)
+        for i in range(shape.n_layers):
+            shapes[f"blk.{i}.attn_norm.weight"] = shapes[f"blk.{i}.ffn_norm.weight"] = (shape.dim,)
+        self.tensors = {}
+        for name, tshape in shapes.items():
+            qtype = types.get(name, GGMLType.F32)
+            self.tensors[name] = TensorInfo(name, qtype, tshape, 0, tensor_nbytes(qtype, tshape))
+        self.metadata = {**base.metadata, "llama.embedding_length": shape.dim, "llama.block_count": shape.n_layers,
+                         "llama.feed_forward_length": shape.ffn, "llama.attention.head_count": shape.n_heads,
+                         "llama.attention.head_count_kv": shape.n_kv_heads, "llama.rope.dimension_count": head_dim,
+                         "llama.context_length": shape.ctx}
+
+
+def table(rams: list[int], threads: int) -> None:
+    from edgellama.config import ModelArgs
+    from edgellama.gguf import GGUFFile
+    from edgellama.info import max_context, memory_needed, size
+    from tools.make_sized_model import SHAPES, sized_model
+
+    base = GGUFFile(sized_model("llama-3.2-1b", "q4_0"))
+    head = " | ".join(f"fits in {size(r)}: largest context" for r in rams)
+    print(f"| model | type | file | weights held | KV cache per 1k tokens (f16) | needs at 4096 tokens | {head} |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(rams))
+    names = {"llama-3.2-1b": "Llama-3.2-1B", "llama-3.2-3b": "Llama-3.2-3B", "llama-3-8b": "Llama-3-8B"}
+    for key, shape in SHAPES.items():
+        for ftype in ("q4_0", "q4_k_m", "q8_0"):
+            f = _Standin(base, shape, ftype)
+            args = ModelArgs.from_metadata(f.metadata, {n: i.shape for n, i in f.tensors.items()}, f.path)
+            need = memory_needed(f, args, 4096, "f16", threads)
+            cells = []
+            for ram in rams:
+                n = max_context(f, args, ram, "f16", threads)
+                cells.append("does not fit" if n == 0 else f"{min(n, args.max_ctx)}"
+                             + (" (trained)" if n >= args.max_ctx else ""))
+            file_bytes = sum(i.nbytes for i in f.tensors.values())
+            print(f"| {names[key]} | {ftype.upper()} | {size(file_bytes)} | {size(need.weights)} | "
+                  f"{size(memory_needed(f, args, 1024).kv_cache)} | {size(need.total)} | {' | '.join(cells)} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=("compare", "breakdown"))
-    parser.add_argument("models", nargs="+")
+    parser.add_argument("command", choices=("compare", "breakdown", "table"))
+    parser.add_argument("models", nargs="*")
+    parser.add_argument("--ram", action="append", default=[], help="(table) memory sizes, e.g. 3.5G")
     parser.add_argument("-c", "--ctx", type=int, default=512)
     parser.add_argument("-n", "--n-gen", type=int, default=16)
     parser.add_argument("-t", "--threads", type=int, default=2)
@@ -105,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from edgellama.config import ModelArgs
     from edgellama.gguf import GGUFFile
-    from edgellama.info import memory_needed, size
+    from edgellama.info import memory_needed, parse_size, size
 
+    if args.command == "table":
+        table([parse_size(r) for r in args.ram or ["3.5G", "7.5G"]], args.threads)
+        return 0
     if args.command == "breakdown":
         for path in args.models:
             r = breakdown(path, args.ctx, args.threads, args.cache_type)
