@@ -11,10 +11,10 @@ import importlib
 from .gguf import ModelFileNotFoundError, ModelFormatError
 
 __all__ = [
-    "load", "Model", "Tokenizer", "__version__",
+    "load", "Model", "Tokenizer", "Sampler", "__version__",
     # one error type per domain; all of them are ValueError subclasses
     "ModelFormatError", "ModelFileNotFoundError", "ContextOverflowError", "MemoryLimitError", "SamplingError",
-    "TokenizerError", "ChatTemplateError",
+    "GenerationError", "TokenizerError", "ChatTemplateError",
 ]
 
 # public name -> the module that defines it (imported when the name is first used)
@@ -23,6 +23,8 @@ _LAZY = {
     "ContextOverflowError": ".model",
     "MemoryLimitError": ".info",
     "SamplingError": ".sampling",
+    "Sampler": ".sampling",
+    "GenerationError": ".generate",
     "Tokenizer": ".tokenizer",
     "TokenizerError": ".tokenizer",
     "ChatTemplateError": ".chat",

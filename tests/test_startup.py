@@ -54,7 +54,7 @@ import json, sys
 import edgellama
 light = "numba" not in sys.modules and "edgellama.model" not in sys.modules
 from edgellama import (ModelFormatError, ModelFileNotFoundError, SamplingError, TokenizerError, ChatTemplateError,
-                       MemoryLimitError, Tokenizer)
+                       MemoryLimitError, Tokenizer, Sampler, GenerationError)
 still_light = "numba" not in sys.modules           # none of these needs the model code
 from edgellama import ContextOverflowError, Model  # these do
 print(json.dumps({"light": light, "still_light": still_light, "version": edgellama.__version__,
@@ -69,7 +69,8 @@ def test_every_public_name_is_exported_and_import_stays_light():
     assert r["light"] and r["still_light"], "importing edgellama (or its error classes) imported Numba"
     assert r["dir"]
     for name in ("load", "Model", "Tokenizer", "__version__", "ModelFormatError", "ModelFileNotFoundError",
-                 "ContextOverflowError", "MemoryLimitError", "SamplingError", "TokenizerError", "ChatTemplateError"):
+                 "ContextOverflowError", "MemoryLimitError", "SamplingError", "GenerationError", "TokenizerError",
+                 "ChatTemplateError", "Sampler"):
         assert name in r["all"]
     for name in r["all"]:
         value = getattr(edgellama, name)
