@@ -13,7 +13,6 @@ plain-numpy twin is tests/reference.py.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from . import kernels as K
 from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no Numba); re-exported here
 from .gguf import GGUFFile, ModelFormatError
+from .hardware import physical_cores  # the default thread count (big physical cores)
 from .memory import trim_heap
 from .quants import KV_CACHE_TYPES, QK, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
 
@@ -203,25 +203,6 @@ def _q8_activation(n: int) -> K.Q8Activation:
     """Room for a vector of n values quantized to int8 blocks (kernels.quantize_q8)."""
     return K.Q8Activation(np.zeros(n, np.int8), np.zeros(n // QK, np.float32), np.zeros(n // QK, np.float32),
                           np.zeros(2 * (n // QK), np.int32))
-
-
-def physical_cores() -> int:
-    """Physical core count (Linux), else the logical count."""
-    try:
-        cores = set()
-        with open("/proc/cpuinfo") as f:
-            phys = core = None
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                    cores.add((phys, core))
-        if cores:
-            return min(len(cores), os.cpu_count() or 1)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
 
 
 class Model:
