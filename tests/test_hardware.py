@@ -110,6 +110,9 @@ def test_the_default_is_within_what_this_process_can_use():
     affinity = hardware.affinity_cpus()
     if affinity:
         assert n <= len(affinity)
+    from edgellama.model import physical_cores  # what Model uses when no thread count is given
+
+    assert physical_cores() == n
 
 
 def test_the_warning_is_for_more_threads_than_cpus():

@@ -332,7 +332,7 @@ def model_tests() -> list[str]:
 
 
 def test_command(root: Path, junit: Path, tests: list[str]) -> list[str]:
-    return [python(root), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra",
+    return [python(root), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=-ra", "--durations=10",
             f"--junitxml={junit}", *tests]
 
 
@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("tests", nargs="*", help="test files or ids instead of the CI subset")
     run = sub.add_parser("run", help="run a command in the arm64 environment (python = the arm64 Python)")
     run.add_argument("--cpu", choices=list(CPUS), default="cortex-a76")
+    run.add_argument("--numba-cache", default=None, help="Numba cache folder (default: the CPU's own, cached)")
     run.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -431,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if cmd[:1] in (["python"], ["python3"]):
             cmd = [python(root)] + cmd[1:]
-        return subprocess.run(cmd, cwd=ROOT, env=arm64_env(root, site, args.cpu)).returncode
+        env = arm64_env(root, site, args.cpu)
+        if args.numba_cache:
+            env["NUMBA_CACHE_DIR"] = args.numba_cache
+        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
     tests = args.tests or kernel_test_files() + model_tests()
     ok = run_tests(root, site, args.cpu or list(CPUS), tests, max(1, args.jobs))
     log(f"{'passed' if ok else 'FAILED'}; {time.perf_counter() - t0:.0f} s in all")
