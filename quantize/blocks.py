@@ -382,23 +382,55 @@ def count_nonfinite_rows(values, counts):
         counts[r] = n
 
 
+@njit(cache=True, parallel=True)
+def count_nonfinite_halves(raw, block_bytes, offsets, counts):
+    """counts[r] = number of inf / NaN half-precision scales in row r of raw (n_rows, row_bytes):
+    the halves at ``offsets`` within each block of ``block_bytes``."""
+    for r in prange(raw.shape[0]):
+        n = 0
+        for o in range(0, raw.shape[1], block_bytes):
+            for k in range(offsets.shape[0]):
+                n += (raw[r, o + offsets[k] + 1] & 0x7C) == 0x7C
+        counts[r] = n
+
+
+# the byte offsets of every f16 scale in a block, as ggml_validate_row_data checks them
+SCALE_OFFSETS = {
+    GGMLType.Q8_0: (0,), GGMLType.Q4_0: (0,), GGMLType.Q4_1: (0, 2), GGMLType.Q5_0: (0,), GGMLType.Q5_1: (0, 2),
+    GGMLType.Q4_K: (0, 2), GGMLType.Q5_K: (0, 2), GGMLType.Q6_K: (208,),
+}
+
+
+def count_bad_scales(raw: np.ndarray, qtype: GGMLType) -> int:
+    """How many block scales of ``raw`` (n_rows, row_bytes) are inf or NaN (values too large for
+    the type's half-precision scales; llama-quantize refuses such data)."""
+    if qtype not in SCALE_OFFSETS:
+        return 0
+    counts = np.empty(raw.shape[0], dtype=np.int64)  # (n_rows,)
+    count_nonfinite_halves(_readonly(raw), BLOCK_LAYOUT[qtype][1], np.array(SCALE_OFFSETS[qtype], np.int64), counts)
+    return int(counts.sum())
+
+
 @njit(cache=True, parallel=True, fastmath=True)  # reductions only: statistics, not output bytes
 def error_stats_rows(values, approx, row_stats):
-    """Per row r: row_stats[r] = (sum (approx - values)^2, sum values^2, max |approx - values|),
-    in float64.  values, approx: (n_rows, n_cols) float32; row_stats: (n_rows, 3) float64."""
+    """Per row r: row_stats[r] = (sum (approx - values)^2, sum values^2, max |approx - values|,
+    max |values|), in float64.  values, approx: (n_rows, n_cols) float32; row_stats: (n_rows, 4)."""
     for r in prange(values.shape[0]):
         sq_err = 0.0
         sq_src = 0.0
         max_err = 0.0
+        max_src = 0.0
         for j in range(values.shape[1]):
             v = np.float64(values[r, j])
             e = np.float64(approx[r, j]) - v
             sq_err += e * e
             sq_src += v * v
             max_err = max(max_err, abs(e))
+            max_src = max(max_src, abs(v))
         row_stats[r, 0] = sq_err
         row_stats[r, 1] = sq_src
         row_stats[r, 2] = max_err
+        row_stats[r, 3] = max_src
 
 
 # ----- Python entry points ---------------------------------------------------------------------
@@ -497,13 +529,14 @@ def count_nonfinite(values: np.ndarray) -> np.ndarray:
     return counts
 
 
-def error_stats(values: np.ndarray, raw: np.ndarray, qtype: GGMLType) -> tuple[float, float, float]:
-    """(sum of squared errors, sum of squared values, max |error|) of ``raw`` (the ``qtype`` bytes
-    of ``values``) against ``values`` (n_rows, n_cols) float32."""
+def error_stats(values: np.ndarray, raw: np.ndarray, qtype: GGMLType) -> tuple[float, float, float, float]:
+    """(sum of squared errors, sum of squared values, max |error|, max |value|) of ``raw`` (the
+    ``qtype`` bytes of ``values``) against ``values`` (n_rows, n_cols) float32."""
     approx = dequantize_rows(raw, qtype, values.shape[1])  # (n_rows, n_cols)
-    row_stats = np.empty((values.shape[0], 3), dtype=np.float64)  # (n_rows, 3)
+    row_stats = np.empty((values.shape[0], 4), dtype=np.float64)  # (n_rows, 4)
     error_stats_rows(_readonly(values), _readonly(approx), row_stats)
-    return float(row_stats[:, 0].sum()), float(row_stats[:, 1].sum()), float(row_stats[:, 2].max(initial=0.0))
+    return (float(row_stats[:, 0].sum()), float(row_stats[:, 1].sum()), float(row_stats[:, 2].max(initial=0.0)),
+            float(row_stats[:, 3].max(initial=0.0)))
 
 
 def dequantize_rows(raw: np.ndarray, qtype: GGMLType, n_cols: int) -> np.ndarray:

@@ -135,8 +135,11 @@ def summary_lines(plan: Plan, results: list[TensorResult], seconds: float) -> li
     measured = [r for r in results if r.relative_rmse is not None and not r.copied]
     if measured:
         worst = max(measured, key=lambda r: r.relative_rmse)
+        max_relative = "" if worst.max_relative_error is None else (
+            f" ({100 * worst.max_relative_error:.2f}% of its largest |value|)")
         lines.append(f"largest error: {worst.name} ({worst.type}) RMSE {worst.rmse:.3g} = "
-                     f"{100 * worst.relative_rmse:.2f}% of its RMS, max |error| {worst.max_abs_error:.3g}")
+                     f"{100 * worst.relative_rmse:.2f}% of its RMS, max |error| {worst.max_abs_error:.3g}"
+                     f"{max_relative}")
     return lines
 
 
@@ -150,7 +153,8 @@ def write_report(path: str, plan: Plan, results: list[TensorResult] | None, args
             "source_type": type_name(p.tensor.source_type), "type": type_name(p.choice.qtype),
             "bytes": p.nbytes, "copied": p.choice.copy, "note": p.choice.note,
             "rmse": r.rmse if r else None, "max_abs_error": r.max_abs_error if r else None,
-            "relative_rmse": r.relative_rmse if r else None, "seconds": r.seconds if r else None,
+            "relative_rmse": r.relative_rmse if r else None,
+            "max_relative_error": r.max_relative_error if r else None, "seconds": r.seconds if r else None,
         })
     report = {
         "input": str(args.input), "output": None if args.dry_run else str(args.output),

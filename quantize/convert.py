@@ -87,6 +87,7 @@ class TensorResult:
     rmse: float | None = None       # of the written tensor vs its source values (None: not measured)
     max_abs_error: float | None = None
     source_rms: float | None = None  # root mean square of the source values, to make rmse relative
+    source_max_abs: float | None = None  # largest |source value|, to make max_abs_error relative
     seconds: float = 0.0
     note: str = ""
 
@@ -95,6 +96,13 @@ class TensorResult:
         if self.rmse is None or not self.source_rms:
             return None
         return self.rmse / self.source_rms
+
+    @property
+    def max_relative_error(self) -> float | None:
+        """The largest |error| relative to the largest |source value| of the tensor."""
+        if self.max_abs_error is None or not self.source_max_abs:
+            return None
+        return self.max_abs_error / self.source_max_abs
 
 
 # ----- opening inputs ---------------------------------------------------------------------------
@@ -270,6 +278,15 @@ def check_finite(values: np.ndarray, tensor: SourceTensor, row_offset: int) -> N
                             f"row {row + row_offset} column {col} ({values[row, col]}); refusing to quantize them")
 
 
+def check_scales(raw: np.ndarray, tensor: SourceTensor, choice: Choice) -> None:
+    """Refuse blocks whose half-precision scale overflowed (|values| beyond what the type can scale,
+    e.g. above 65504 * 127 for Q8_0), as llama-quantize's data validation does."""
+    bad = blocks.count_bad_scales(raw, choice.qtype)
+    if bad:
+        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} block scale(s) overflow half precision in "
+                            f"{type_name(choice.qtype)} (values too large for this type); refusing to write them")
+
+
 def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -> tuple[np.ndarray, TensorResult]:
     """One tensor's output bytes (n_rows, row_bytes) and its error statistics."""
     start_time = time.perf_counter()
@@ -283,18 +300,20 @@ def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -
         return data, result
     out_row_bytes = result.nbytes // tensor.n_rows
     out = np.empty((tensor.n_rows, out_row_bytes), dtype=np.uint8)  # (n_rows, row_bytes) output
-    sq_err, sq_src, max_err = 0.0, 0.0, 0.0
+    sq_err, sq_src, max_err, max_src = 0.0, 0.0, 0.0, 0.0
     for start, stop in _row_chunks(tensor):
         values = np.ascontiguousarray(tensor.read_rows(start, stop), dtype=np.float32)  # (rows, n_cols)
         check_finite(values, tensor, start)
         blocks.quantize_rows(values, choice.qtype, out=out[start:stop])
+        check_scales(out[start:stop], tensor, choice)
         if measure:
-            chunk_err, chunk_src, chunk_max = blocks.error_stats(values, out[start:stop], choice.qtype)
-            sq_err, sq_src, max_err = sq_err + chunk_err, sq_src + chunk_src, max(max_err, chunk_max)
+            chunk_err, chunk_src, chunk_max, chunk_max_src = blocks.error_stats(values, out[start:stop], choice.qtype)
+            sq_err, sq_src = sq_err + chunk_err, sq_src + chunk_src
+            max_err, max_src = max(max_err, chunk_max), max(max_src, chunk_max_src)
     if measure:
         n = max(1, tensor.n_elements)
         result.rmse, result.source_rms = math.sqrt(sq_err / n), math.sqrt(sq_src / n)
-        result.max_abs_error = max_err
+        result.max_abs_error, result.source_max_abs = max_err, max_src
     result.seconds = time.perf_counter() - start_time
     return out, result
 
