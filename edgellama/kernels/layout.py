@@ -48,7 +48,7 @@ from numba import njit, prange
 from ..quants import BLOCK_LAYOUT, RUNTIME_FLOAT, GGMLType
 from .common import EXACT, I32, QK, SUPER_BLOCK, T_BF16, T_F16, T_F32, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, \
     T_Q5_K, T_Q6_K, T_Q8_0
-from .llvm import _f16_at, _put_half
+from .llvm import _f16_at, _load_u32, _put_half, _store_u32
 from .target import packing
 
 # file bytes per block (Q4_K / Q5_K / Q6_K: per 256-element super-block), from THE table
@@ -56,6 +56,9 @@ _BLOCK_BYTES = {t: BLOCK_LAYOUT[GGMLType(t)][1] for t in (T_Q8_0, T_Q4_0, T_Q4_1
                                                          T_Q5_K, T_Q6_K)}
 _B_Q8_0, _B_Q4_0, _B_Q4_1, _B_Q5_0, _B_Q5_1 = (_BLOCK_BYTES[t] for t in (T_Q8_0, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1))
 _B_Q4_K, _B_Q5_K, _B_Q6_K = (_BLOCK_BYTES[t] for t in (T_Q4_K, T_Q5_K, T_Q6_K))
+_BLOCK_BYTES_BY_ID = np.zeros(T_BF16 + 1, np.int64)  # the same, indexable inside the kernels
+for _t, _b in _BLOCK_BYTES.items():
+    _BLOCK_BYTES_BY_ID[_t] = _b
 
 
 # qtype: (quant bytes per 32 elements: 16 nibbles or 32 bytes, high-bit bytes, bytes per scale
@@ -213,10 +216,94 @@ def _group_layout(wtype, lanes):
     return record, (lanes * 2 * (1 + (min_bytes == 1)) if scale_bytes == 1 else 0)
 
 
+_LOW_NIBBLES = np.uint32(0x0F0F0F0F)
+_HIGH_NIBBLES = np.uint32(0xF0F0F0F0)
+
+
+@njit(parallel=True, **EXACT)
+def _pack_rows_fast(w, wtype, lanes, unsigned_q8, out):
+    """pack_rows for every type but Q6_K, moving bytes and 4-byte words instead of decoding values.
+
+    Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 file blocks already hold their quants in the packed order
+    (nibble byte j: elements j and 16 + j; Q8_0 byte j: element j): each 4-byte slice of the group
+    is a 4-byte word of the file (Q8_0 stored unsigned: its top bits flipped).  Q4_K and Q5_K hold
+    a pair of sub-blocks per 32 bytes (low nibbles the first, high nibbles the second): a slice is
+    two words' nibbles.  Q5_x's high-bit bytes are gathered bit by bit; scales and factors are
+    copied as the file has them."""
+    quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
+    record, sb_bytes = _group_layout(wtype, lanes)
+    k_quant = scale_bytes == 1
+    n_blocks = SUPER_BLOCK * out.shape[1] // (SUPER_BLOCK * record + sb_bytes)
+    table = n_blocks * record
+    flip = np.uint32(0x80808080) if unsigned_q8 and wtype == T_Q8_0 else np.uint32(0)
+    block = _BLOCK_BYTES_BY_ID[wtype]
+    for g in prange(out.shape[0]):
+        group = out[g]
+        for lane in range(min(lanes, w.shape[0] - g * lanes)):
+            row = w[g * lanes + lane]
+            for b in range(n_blocks):
+                rec = b * record
+                mins = rec + n_scales * lanes * scale_bytes
+                highs = mins + lanes * min_bytes
+                quants = highs + lanes * high
+                if k_quant:  # Q4_K / Q5_K: factor bytes, d and dmin once per super-block, 2 words per slice
+                    j = b % SUPER_BLOCK
+                    o = (b // SUPER_BLOCK) * block
+                    sc, m = _k_scale_min(row, o + 4, j)
+                    group[rec + lane] = sc
+                    group[mins + lane] = m
+                    if j == 0:
+                        at = table + (b // SUPER_BLOCK) * sb_bytes + 2 * lane
+                        group[at] = row[o]
+                        group[at + 1] = row[o + 1]
+                        group[at + 2 * lanes] = row[o + 2]
+                        group[at + 2 * lanes + 1] = row[o + 3]
+                    q = o + (16 if wtype == T_Q4_K else 48) + 32 * (j // 2)
+                    for st in range(4):
+                        lo = _load_u32(row, q + 4 * st)
+                        hi = _load_u32(row, q + 16 + 4 * st)
+                        if j % 2 == 0:
+                            v = (lo & _LOW_NIBBLES) | ((hi & _LOW_NIBBLES) << np.uint32(4))
+                        else:
+                            v = ((lo >> np.uint32(4)) & _LOW_NIBBLES) | (hi & _HIGH_NIBBLES)
+                        _store_u32(group, quants + (st * lanes + lane) * 4, v)
+                    if high:  # Q5_K: bit j of qh[i] is element i's 5th bit
+                        qh = o + 16
+                        for i in range(4):
+                            byte = I32(0)
+                            for st in range(4):
+                                byte |= ((I32(row[qh + 4 * st + i]) >> j) & 1) << st
+                                byte |= ((I32(row[qh + 16 + 4 * st + i]) >> j) & 1) << (4 + st)
+                            group[highs + lane * 4 + i] = byte
+                    continue
+                o = b * block
+                group[rec + 2 * lane] = row[o]
+                group[rec + 2 * lane + 1] = row[o + 1]
+                q = o + 2
+                if min_bytes:
+                    group[mins + 2 * lane] = row[q]
+                    group[mins + 2 * lane + 1] = row[q + 1]
+                    q += 2
+                if high:  # bit s of byte i: element 4s+i's 5th bit; bit 4+s: element 16+4s+i's
+                    qh = _load_u32(row, q)
+                    q += 4
+                    for i in range(4):
+                        byte = np.uint32(0)
+                        for st in range(4):
+                            byte |= ((qh >> np.uint32(4 * st + i)) & np.uint32(1)) << np.uint32(st)
+                            byte |= ((qh >> np.uint32(16 + 4 * st + i)) & np.uint32(1)) << np.uint32(4 + st)
+                        group[highs + lane * 4 + i] = byte
+                for st in range(quant // 4):  # 4-byte slices, one per lane per step
+                    _store_u32(group, quants + (st * lanes + lane) * 4, _load_u32(row, q + 4 * st) ^ flip)
+
+
 @njit(parallel=True, **EXACT)
 def pack_rows(w, wtype, lanes, unsigned_q8, out):
     """w: (n_out, row_bytes) file rows of a quantized type -> out: (n_groups, group_bytes), the
     layout above.  out must arrive zeroed: the last group's padding rows stay so."""
+    if wtype != T_Q6_K:  # their bytes are moved, not decoded
+        _pack_rows_fast(w, wtype, lanes, unsigned_q8, out)
+        return
     quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
     record, sb_bytes = _group_layout(wtype, lanes)
     factors = scale_bytes == 1                                  # K-quants

@@ -170,3 +170,41 @@ def _put_half(group, at, value):
     bits = I32(_half_bits(value))
     group[at] = bits & 255
     group[at + 1] = bits >> 8
+
+
+def _byte_pointer(context, builder, arr_type, arr, at, ty):
+    """IR: pointer to a ty at byte offset ``at`` of 1-D C-contiguous uint8 array arr (any alignment)."""
+    data = context.make_array(arr_type)(context, builder, arr).data
+    return builder.bitcast(builder.gep(builder.bitcast(data, _I8.as_pointer()), [at]), ty.as_pointer())
+
+
+def _u8_array(a):
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == types.uint8
+
+
+@intrinsic
+def _load_u32(typingctx, arr, at):
+    """The 4 bytes of a uint8 array at byte offset at, as a little-endian uint32 (unaligned)."""
+    if not (_u8_array(arr) and isinstance(at, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        offset = context.cast(builder, args[1], sig.args[1], types.intp)
+        return builder.load(_byte_pointer(context, builder, sig.args[0], args[0], offset, _I32), align=1)
+
+    return types.uint32(arr, at), codegen
+
+
+@intrinsic
+def _store_u32(typingctx, arr, at, value):
+    """Store a uint32 as 4 little-endian bytes of a uint8 array at byte offset at (unaligned)."""
+    if not (_u8_array(arr) and isinstance(at, types.Integer) and isinstance(value, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        offset = context.cast(builder, args[1], sig.args[1], types.intp)
+        v = context.cast(builder, args[2], sig.args[2], types.uint32)
+        builder.store(v, _byte_pointer(context, builder, sig.args[0], args[0], offset, _I32), align=1)
+        return context.get_dummy_value()
+
+    return types.void(arr, at, value), codegen
