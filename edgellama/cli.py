@@ -399,8 +399,8 @@ def load_model(args, stream=None) -> Loaded:
     if n_ctx > model_args.max_ctx:
         print(f"edgellama {args.command}: warning: {_flag(args, 'ctx')} {n_ctx} is beyond the {model_args.max_ctx} "
               f"tokens this model was trained on: expect worse output past them", file=stream, flush=True)
-    check_memory(f, model_args, n_ctx, args.cache_type, threads)
     status = cache_status(expected_kernels(matrix_types(f)))
+    check_memory(f, model_args, n_ctx, args.cache_type, threads, compiling=bool(status and status.cold))
     with CompileProgress(status, stream) as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", ContextLengthWarning)  # (said above, in the command's terms)
         model = Model(f, n_ctx=n_ctx, threads=threads, cache_type=args.cache_type, check_memory=False)
