@@ -1,16 +1,20 @@
-"""edgellama vs llama.cpp (llama-cpp-python) on the same GGUF file, thread count and context size.
+"""edgellama vs llama.cpp's own C++ ``llama-bench`` on the same GGUF file and thread count.
 
 Every run is a fresh process, so load time, time to first token and peak RSS are what a user sees.
-Our side is ``python -m edgellama.cli bench --json``; llama.cpp's is a small inline script doing the
-same steps through llama-cpp-python: load; warm-up: a 2-token prompt (its logits give the first token)
-+ 1 decoded token, then a 32-token prompt; pp (the same random ids from an empty cache) and tg
-(single-token evals after a 1-token prompt), each repeated ``-r`` times inside the process (median).
-The two sides alternate (ours first on even runs, llama.cpp first on odd ones) and each figure is the
-median over ``--runs`` processes.
+Ours is ``python -m edgellama.cli bench --json``.  llama.cpp's is the C++ ``llama-bench`` (built once
+from the llama-cpp-python sdist's sources by tools/llamacpp.py; not the Python binding, whose
+per-token Python cost would flatter us): ``llama-bench -p P -n N -r R -o json`` for pp and tg, and
+``llama-bench -p 0 -n 1 -r 1 --no-warmup`` timed from process start for the first token (load
+included).  Peak RSS of each llama.cpp process comes from wait4.  The two sides alternate (ours
+first on even runs) and each figure is the median over ``--runs`` processes.
+
+The DRAM roofline: tools/membw.py measures the streaming read bandwidth with the same thread count
+in the same run; a decode step reads every weight matrix once (the embedding table one row), so
+tg x (bytes of weights per token) / bandwidth is the fraction of the hardware decoding reaches.
 
 Usage:  python tools/bench_vs_llamacpp.py [--models F.gguf ...] [-t 2] [-p 256] [-n 128] [--runs 3]
                                           [--markdown BENCHMARKS.md]
-Exit status: 0 done, 1 a run failed, 2 llama_cpp is not installed.
+Exit status: 0 done, 1 a run failed, 2 llama.cpp's tools could not be built.
 """
 
 from __future__ import annotations
@@ -18,101 +22,74 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edgellama.bench import SEED, WARMUP_PP, check_args  # noqa: E402  (light: imports numpy and the GGUF reader only)
+from edgellama.bench import check_args  # noqa: E402  (light: imports numpy and the GGUF reader only)
 
-# The llama.cpp side, run as ``python -c LLAMA_SCRIPT CONFIG_JSON``; prints one JSON object.
-# It mirrors edgellama/bench.py step by step (same ids: same seed, same generator, same n_vocab).
-LLAMA_SCRIPT = r'''
-import json, os, resource, statistics, sys, time
-import numpy as np
 
-cfg = json.loads(sys.argv[1])
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of weights one decode step reads: every matrix once, the embedding table one row."""
+    from edgellama.gguf import GGUFFile
 
-def process_age_s():
+    f = GGUFFile(path)
+    total = 0
+    for name, info in f.tensors.items():
+        if name == "token_embd.weight" and "output.weight" in f.tensors:
+            total += info.nbytes // info.shape[0]
+        else:
+            total += info.nbytes
+    f.close()
+    return total
+
+
+def _run_timed(cmd: list[str], timeout: float) -> tuple[str, float, float]:
+    """(stdout, wall seconds, peak RSS MiB) of one child process (its own rusage, from wait4)."""
+    import threading
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks: dict[str, bytes] = {}
+    readers = [threading.Thread(target=lambda k, f: chunks.__setitem__(k, f.read()), args=(k, f), daemon=True)
+               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for r in readers:
+        r.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
     try:
-        stat = open("/proc/self/stat").read()
-        uptime = float(open("/proc/uptime").read().split()[0])
-        return uptime - int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    for r in readers:
+        r.join()
+    if proc.returncode != 0:
+        err = chunks.get("err", b"").decode(errors="replace")
+        raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:4])} failed (exit {proc.returncode}):\n"
+                           f"{err.strip()[-2000:]}")
+    return chunks.get("out", b"").decode(errors="replace"), wall, usage.ru_maxrss / 1024
 
-def ids(n_vocab, n, seed):
-    return [int(t) for t in np.random.default_rng(seed).integers(0, n_vocab, size=n, dtype=np.int64)]
-
-t_start = time.perf_counter()
-import llama_cpp
-from llama_cpp import Llama
-T = cfg["threads"]
-llm = Llama(cfg["model"], n_ctx=cfg["n_ctx"], n_threads=T, n_threads_batch=T, n_batch=512, verbose=False)
-load_s = time.perf_counter() - t_start
-n_vocab = llm.n_vocab()
-seed = cfg["seed"]
-
-warm = ids(n_vocab, 3, seed + 1)
-t0 = time.perf_counter()
-llm.reset()
-llm.eval(warm[:2])
-logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-first = int(np.argmax(logits))
-first_token_s = time.perf_counter() - t_start
-process_first = process_age_s()
-llm.eval([first])
-prompt = ids(n_vocab, cfg["n_prompt"], seed)
-llm.reset()
-llm.eval(prompt[:min(len(prompt), cfg["warmup_pp"])])
-warmup_s = time.perf_counter() - t0
-
-pp = []
-for _ in range(cfg["repetitions"]):
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(prompt)
-    pp.append(len(prompt) / (time.perf_counter() - t0))
-
-gen = ids(n_vocab, cfg["n_gen"] + 1, seed + 2)
-tg = []
-for _ in range(cfg["repetitions"]):
-    llm.reset()
-    llm.eval(gen[:1])
-    t0 = time.perf_counter()
-    for tok in gen[1:]:
-        llm.eval([tok])
-    tg.append(cfg["n_gen"] / (time.perf_counter() - t0))
-
-print(json.dumps({
-    "model": os.path.basename(cfg["model"]), "threads": T, "n_ctx": llm.n_ctx(),
-    "n_prompt": cfg["n_prompt"], "n_gen": cfg["n_gen"],
-    "pp_tok_s": statistics.median(pp), "tg_tok_s": statistics.median(tg),
-    "pp_tok_s_all": pp, "tg_tok_s_all": tg,
-    "load_s": load_s, "compile_s": warmup_s, "first_token_s": first_token_s,
-    "process_first_token_s": process_first,
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
-}))
-'''
 
 # (key, label, unit, higher is better)
 FIGURES = [
     ("pp_tok_s", "pp{p}", "tok/s", True),
     ("tg_tok_s", "tg{n}", "tok/s", True),
-    ("load_s", "load", "s", False),
-    ("compile_s", "warm-up: 2-token prompt + 1 token + 32-token prompt (ours: Numba cache load)", "s", False),
-    ("first_token_s", "first token, from the start of loading", "s", False),
-    ("process_first_token_s", "first token, from process start", "s", False),
+    ("process_first_token_s", "first token, from process start (load included)", "s", False),
     ("peak_rss_mb", "peak RSS", "MiB", False),
+    ("roofline", "tg x weight bytes per token / DRAM read bandwidth", "%", True),
 ]
 
 
@@ -122,33 +99,29 @@ def default_models() -> list[Path]:
     return [smollm2_q4_1(), smollm2_requantized("q8_0"), smollm2_requantized("q4_0")]
 
 
-def _run_json(cmd: list[str], what: str, timeout: float) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        hint = ""
-        if proc.returncode < 0 and "llama.cpp" in what:
-            hint = ("\n(llama.cpp died of signal %d.  llama-cpp-python builds with AMX kernels segfault on some "
-                    "AMX CPUs, ggml-org/llama.cpp#20824: rebuild it without AMX, see BENCHMARKS.md)" % -proc.returncode)
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}{hint}")
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if not lines:
-        raise RuntimeError(f"{what} printed nothing; stderr:\n{proc.stderr.strip()[-2000:]}")
-    return json.loads(lines[-1])
-
-
 def run_ours(model: Path, threads: int, n_prompt: int, n_gen: int, n_ctx: int, reps: int, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "edgellama.cli", "bench", "-m", str(model), "-t", str(threads),
            "-p", str(n_prompt), "-n", str(n_gen), "-c", str(n_ctx), "-r", str(reps), "--json"]
-    return _run_json(cmd, f"edgellama bench on {model.name}", timeout)
+    out, _, _ = _run_timed(cmd, timeout)
+    return json.loads([line for line in out.splitlines() if line.strip()][-1])
 
 
 def run_llamacpp(model: Path, threads: int, n_prompt: int, n_gen: int, n_ctx: int, reps: int,
                  timeout: float) -> dict:
-    cfg = {"model": str(model), "threads": threads, "n_prompt": n_prompt, "n_gen": n_gen, "n_ctx": n_ctx,
-           "repetitions": reps, "seed": SEED, "warmup_pp": WARMUP_PP}
-    return _run_json([sys.executable, "-c", LLAMA_SCRIPT, json.dumps(cfg)], f"llama.cpp on {model.name}", timeout)
+    """llama-bench's pp and tg (mean tokens/s over its repetitions), and the first token from
+    process start of a second llama-bench process that loads the model and generates one token."""
+    from tools.llamacpp import tool
+
+    bench = str(tool("llama-bench"))
+    out, _, rss = _run_timed([bench, "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+                              "-r", str(reps), "-o", "json"], timeout)
+    tests = json.loads(out)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] == n_prompt and t["n_gen"] == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] == n_gen and t["n_prompt"] == 0)
+    _, first_s, rss_first = _run_timed([bench, "-m", str(model), "-t", str(threads), "-p", "0", "-n", "1", "-r", "1",
+                                        "--no-warmup", "-o", "json"], timeout)
+    return {"pp_tok_s": pp, "tg_tok_s": tg, "process_first_token_s": first_s, "peak_rss_mb": rss,
+            "system_info": f"llama-bench build {tests[0].get('build_commit', '?')}, {tests[0].get('cpu_info', '?')}"}
 
 
 def _median(runs: list[dict], key: str) -> float | None:
@@ -161,7 +134,7 @@ def _fmt(value: float | None, unit: str) -> str:
         return "n/a"
     if unit == "tok/s":
         return f"{value:.1f}"
-    if unit == "MiB":
+    if unit in ("MiB", "%"):
         return f"{value:.0f}"
     return f"{value:.2f}"
 
@@ -233,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", type=Path, default=None,
                         help="GGUF files (default: SmolLM2-135M Q4_1, Q8_0, Q4_0)")
+    parser.add_argument("--sized", nargs="*", default=None, metavar="SHAPE.TYPE",
+                        help="also random-weight files of real shapes (tools/make_sized_model.py), e.g. "
+                             "llama-3.2-1b.q4_0 llama-3-8b.q4_0")
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("-p", "--n-prompt", type=int, default=256)
     parser.add_argument("-n", "--n-gen", type=int, default=128)
@@ -243,14 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="append the results section to this file")
     args = parser.parse_args(argv)
 
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("bench_vs_llamacpp: llama_cpp is not installed (pip install llama-cpp-python)", file=sys.stderr)
+    try:
+        from tools.llamacpp import build
+        build(quiet=True)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
+        print(f"bench_vs_llamacpp: llama.cpp's tools could not be built: {e}", file=sys.stderr)
         return 2
     try:
         n_ctx = check_args(args.n_prompt, args.n_gen, args.repetitions, args.threads, args.ctx)
         if args.runs <= 0:
             raise ValueError(f"--runs must be a positive integer, got {args.runs}")
-        models = args.models or default_models()
+        models = list(args.models or ([] if args.sized else default_models()))
+        if args.sized:
+            from tools.make_sized_model import sized_model
+            models += [sized_model(*name.split(".", 1)) for name in args.sized]
         for m in models:
             if not Path(m).is_file():
                 raise ValueError(f"{m}: no such file")
@@ -263,9 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     git_start, sources_start = git_state(), source_fingerprint()
     print(f"{started:%Y-%m-%d %H:%M}  {cpu_model()}  threads {args.threads}  n_ctx {n_ctx}  "
           f"load average {load_start}", file=sys.stderr)
+    # in a child, so that its 2 GiB buffer is never part of this process (whose children's peak RSS
+    # would otherwise start from it)
+    out, _, _ = _run_timed([sys.executable, str(ROOT / "tools" / "membw.py"), "-t", str(args.threads), "--json"],
+                           args.timeout)
+    bandwidth = json.loads(out)["read_gb_s"]
+    print(f"DRAM read bandwidth with {args.threads} threads: {bandwidth:.1f} GB/s", file=sys.stderr)
     sections = []
     for model in map(Path, models):
         ours, theirs = [], []
+        per_token = weight_bytes_per_token(model)
         for i in range(args.runs):
             order = ("ours", "llama.cpp") if i % 2 == 0 else ("llama.cpp", "ours")
             for side in order:
@@ -281,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
                     print(f"bench_vs_llamacpp: {e}", file=sys.stderr)
                     return 1
-                extra = f", Numba cache {r['numba_cache']}" if side == "ours" else ""
+                r["roofline"] = 100 * r["tg_tok_s"] * per_token / (bandwidth * 1e9)
+                extra = f", load {r['load_s']:.2f} s, Numba cache {r['numba_cache']}" if side == "ours" else ""
                 print(f"  {model.name} run {i + 1}/{args.runs} {side:9s}: pp {r['pp_tok_s']:.1f} tok/s, "
-                      f"tg {r['tg_tok_s']:.1f} tok/s, load {r['load_s']:.2f} s, warm-up {r['compile_s']:.2f} s"
-                      f"{extra}, first token {r['first_token_s']:.2f} s, RSS {r['peak_rss_mb']:.0f} MiB",
-                      file=sys.stderr)
+                      f"tg {r['tg_tok_s']:.1f} tok/s ({r['roofline']:.0f}% of DRAM), first token "
+                      f"{r['process_first_token_s']:.2f} s{extra}, RSS {r['peak_rss_mb']:.0f} MiB", file=sys.stderr)
         types = ", ".join(f"{k} x{v}" for k, v in ours[0]["tensor_types"].items())
         caches = ", ".join(r["numba_cache"] for r in ours)
         title = f"### {model.name} ({types})"
@@ -293,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.repetitions} repetitions inside the process). Run-to-run range, ours: "
                 f"pp {_spread(ours, 'pp_tok_s')}, tg {_spread(ours, 'tg_tok_s')}; llama.cpp: "
                 f"pp {_spread(theirs, 'pp_tok_s')}, tg {_spread(theirs, 'tg_tok_s')} tok/s. "
-                f"Our Numba cache per run: {caches}.")
+                f"Our Numba cache per run: {caches}. Weights read per token: {per_token / 1e9:.3f} GB; DRAM "
+                f"read bandwidth ({args.threads} threads, tools/membw.py, same run): {bandwidth:.1f} GB/s.")
         table = compare_table(ours, theirs, args.n_prompt, args.n_gen)
         note += (f" Ours: kernels {ours[0].get('kernels', '?')}, KV cache {ours[0].get('cache_type', '?')}; "
                  f"llama.cpp: {theirs[0].get('system_info', '?')}.")
@@ -313,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             f"n_ctx {n_ctx}\n\n"
             f"- CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), {platform.system()} {platform.release()}\n"
             f"- Python {platform.python_version()}, numpy {_version('numpy')}, numba {_version('numba')}, "
-            f"llama-cpp-python {_version('llama_cpp_python')}, edgellama {_version('edgellama')} "
+            f"llama.cpp C++ tools from the llama-cpp-python 0.3.36 sdist, edgellama {_version('edgellama')} "
             f"(git {git_start})\n"
             f"- load average (1/5/15 min) at the start: {load_start}; at the end: {load_end}\n"
             + changed +
