@@ -15,6 +15,7 @@ from quantize import blocks
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "F16", "BF16"]
+GGUF_PY_QUANTIZED = TYPES + ["Q5_0", "Q5_1"]  # gguf-py quantizes these too (K-quants: test_quantize_kquants)
 SHAPES = [(1, 32), (3, 64), (17, 96), (64, 1024), (5, 4096)]
 
 
@@ -64,7 +65,7 @@ KINDS = ["normal", "zeros", "constant", "negative_constant", "negative_only", "p
          "beyond_half_range", "tiny", "half_subnormal_scales", "ties", "sparse", "one_outlier"]
 
 
-@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("name", GGUF_PY_QUANTIZED)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantize_rows_matches_gguf_py(name, shape, kind):

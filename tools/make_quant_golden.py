@@ -78,11 +78,14 @@ def gaussian_like(seed: int, n: int) -> np.ndarray:
     return (u[0] + u[1] + u[2] + u[3] - 2.0) * 1.7320508075688772
 
 
-def edge_rows(seed: int, rows: int, cols: int) -> np.ndarray:
-    """(rows, cols) float32 weights around 0.02 with one edge case every 16 rows (by row % 16)."""
+def edge_rows(seed: int, rows: int, cols: int, edge: bool = True) -> np.ndarray:
+    """(rows, cols) float32 weights around 0.02 with (``edge``) one edge case every 16 rows (by
+    row % 16): such a model overflows half-precision activations, so it is for quantizing only."""
     g = gaussian_like(seed, rows * cols).reshape(rows, cols)
     scale = 0.02 * (0.25 + 1.75 * uniform(seed + 10_000, rows))[:, None]   # per-row magnitude
     w = g * scale
+    if not edge:
+        return w.astype(np.float32)
     kind = np.arange(rows) % 16
     col = np.arange(cols)
     w[kind == 1] = 0.0                                                      # all zero
@@ -114,8 +117,10 @@ def _byte_alphabet() -> list[str]:
 
 
 def tiny_kquant_model(path: Path, *, n_layers: int = 8, dim: int = 256, ffn: int = 512, n_heads: int = 4,
-                      n_kv_heads: int = 1, tied: bool = False, zeros: bool = False, seed: int = 1) -> Path:
-    """A small llama GGUF in F16 (norms F32) whose rows are multiples of 256, deterministic."""
+                      n_kv_heads: int = 1, tied: bool = False, zeros: bool = False, edge: bool = True,
+                      seed: int = 1) -> Path:
+    """A small llama GGUF in F16 (norms F32) whose rows are multiples of 256, deterministic; with
+    ``edge`` its matrices have edge-case rows (see edge_rows), with ``zeros`` they are zero."""
     alphabet = _byte_alphabet()
     tokens = ["<|endoftext|>", "<|im_end|>"] + alphabet + ["th", "er", alphabet[ord(" ")] + "t"]
     merges = [f"{alphabet[ord('t')]} {alphabet[ord('h')]}", f"{alphabet[ord('e')]} {alphabet[ord('r')]}",
@@ -166,7 +171,7 @@ def tiny_kquant_model(path: Path, *, n_layers: int = 8, dim: int = 256, ffn: int
             elif zeros:
                 yield np.zeros(shape, np.float16)
             else:
-                yield edge_rows(seed * 1000 + index, *shape).astype(np.float16)
+                yield edge_rows(seed * 1000 + index, *shape, edge=edge).astype(np.float16)
 
     write_gguf(path, metadata, specs, data())
     return path
@@ -199,6 +204,8 @@ def make_source(name: str, folder: Path) -> Path:
         return smollm2_q4_1()
     elif name == "tiny256_f16":
         tiny_kquant_model(path)
+    elif name == "tiny256_plain_f16":  # the same shapes without edge rows: a model that runs
+        tiny_kquant_model(path, edge=False)
     elif name == "llama70b_shape":
         tiny_kquant_model(path, n_layers=80, ffn=256, zeros=True)
     else:
