@@ -371,7 +371,7 @@ def open_model_file(path: str) -> GGUFFile:
     return GGUFFile(path)  # a missing file is a ModelFileNotFoundError
 
 
-def load_model(args, stream=None) -> Loaded:
+def load_model(args, stream=None, prompt_path=True) -> Loaded:
     """Load ``args.model`` with ``args.ctx``, ``args.threads``, ``args.cache_type`` for a command.
 
     In order: the file is checked, a context beyond the trained one is warned about, the memory
@@ -379,7 +379,9 @@ def load_model(args, stream=None) -> Loaded:
     then, if Numba's cache has no kernels for this CPU, a line on ``stream`` (stderr) says so at
     once, and the loading and a warm-up of every kernel show the compilation's progress.  The
     kernels are ready (compiled, or loaded from the cache) before the command times anything;
-    ``seconds`` counts their loading, not their compilation.
+    ``seconds`` counts their loading, not their compilation.  ``prompt_path``: whether the prompt
+    path's kernels are needed too (a callable: asked with the model's tokenizer), or only the
+    one-token path's (a short prompt: the first token comes sooner).
     """
     stream = sys.stderr if stream is None else stream
     t0 = time.perf_counter()
@@ -399,13 +401,20 @@ def load_model(args, stream=None) -> Loaded:
     if n_ctx > model_args.max_ctx:
         print(f"edgellama {args.command}: warning: {_flag(args, 'ctx')} {n_ctx} is beyond the {model_args.max_ctx} "
               f"tokens this model was trained on: expect worse output past them", file=stream, flush=True)
-    status = cache_status(expected_kernels(matrix_types(f)))
+    tokenizer = None
+    if callable(prompt_path):  # decided by the tokenizer: build it once, for the model too
+        from .tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
+        prompt_path = bool(prompt_path(tokenizer))
+    status = cache_status(expected_kernels(matrix_types(f), prompt_path))
     check_memory(f, model_args, n_ctx, args.cache_type, threads, compiling=bool(status and status.cold))
     with CompileProgress(status, stream) as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", ContextLengthWarning)  # (said above, in the command's terms)
-        model = Model(f, n_ctx=n_ctx, threads=threads, cache_type=args.cache_type, check_memory=False)
+        model = Model(f, n_ctx=n_ctx, threads=threads, cache_type=args.cache_type, check_memory=False,
+                      tokenizer=tokenizer)
         # compiled, or loaded from the cache (a second or two), before the command times anything
-        model.warm_up()
+        model.warm_up(prompt_path)
     return Loaded(model, time.perf_counter() - t0 - progress.seconds, progress.seconds)
 
 
@@ -414,7 +423,10 @@ def load_model(args, stream=None) -> Loaded:
 def cmd_run(args) -> int:
     from .kernel_cache import CompileProgress
 
-    loaded = load_model(args)
+    from .model import DECODE_MAX_PROMPT
+
+    loaded = load_model(args, prompt_path=lambda tok: len(tok.encode(args.prompt, special=args.special))
+                        > DECODE_MAX_PROMPT)
     model = loaded.model
     ids = model.tokenize(args.prompt, special=args.special)
     if len(ids) > model.n_ctx and not args.truncate:

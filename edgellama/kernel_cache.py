@@ -27,15 +27,18 @@ _FLOAT_TYPES = {int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)}
 _HALF_TYPES = {int(GGMLType.F16), int(GGMLType.BF16)}
 
 
-def expected_kernels(matrix_types) -> list[str]:
+def expected_kernels(matrix_types, prompt_path: bool = True) -> list[str]:
     """The kernels (names in ``edgellama.kernels``) that a model whose matrices have these ggml type
-    ids calls directly on the way load -> ``warm_up``, in that order: each is one compilation, with
-    the helpers it calls inside.  Quantized matrices are packed at load and multiplied by the int8
-    kernels; 16-bit float ones are widened in tiles for prompts.  Used only to predict the work
-    ahead (a kernel this misses is still reported when it compiles)."""
+    ids calls directly on the way load -> ``warm_up(prompt_path)``, in that order: each is one
+    compilation, with the helpers it calls inside.  Quantized matrices are packed at load and
+    multiplied by the int8 kernels; 16-bit float ones are widened in tiles for prompts.  Used only
+    to predict the work ahead (a kernel this misses is still reported when it compiles)."""
     types = {int(t) for t in matrix_types}
     quantized = bool(types - _FLOAT_TYPES)
-    return ((["pack_rows"] if quantized else []) + ["decode_token", "embed_rows", "rmsnorm_rows"]
+    one_token = (["pack_rows"] if quantized else []) + ["decode_token"]
+    if not prompt_path:
+        return one_token
+    return (one_token + ["embed_rows", "rmsnorm_rows"]
             + (["quantize_q8_rows", "matmul_packed"] if quantized else [])
             + (["dequantize_rows"] if types & _HALF_TYPES else [])
             + ["rope_rows", "store_kv", "attention", "swiglu", "rmsnorm"])

@@ -212,7 +212,7 @@ class Model:
     """
 
     def __init__(self, f: GGUFFile, n_ctx: int | None = None, threads: int | None = None, n_batch: int = 256,
-                 cache_type: str = "f16", check_memory: bool = True):
+                 cache_type: str = "f16", check_memory: bool = True, tokenizer=None):
         """``n_ctx``: None = min(the trained context, 4096), 0 = the trained context (llama.cpp's
         meaning); beyond the trained context a ContextLengthWarning is issued.  Before anything is
         allocated, the weights + KV cache + buffers are compared with the available memory
@@ -244,7 +244,8 @@ class Model:
             memory_check(f, self.args, self.n_ctx, cache_type, self.threads, self.n_batch)
         # the tokenizer first: what building it frees goes back to the system before the weights
         # are packed on top of it
-        self.tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
+        # (``tokenizer``: one already built from this file's metadata, e.g. to size a prompt first)
+        self.tokenizer = tokenizer or Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
         trim_heap()
         self.weights = Weights(f, self.args)
         self.rope = K.RopeTables(*rope_tables(self.args, self.n_ctx, self.weights.rope_freqs))
@@ -289,14 +290,16 @@ class Model:
         del s.tokens[n_keep:n_keep + n_discard]
         self.n_shifted += n_discard
 
-    def warm_up(self) -> None:
-        """Load (or, the first time on a machine, compile) the kernels of both paths, one token and
-        prompt, so that the first real request does not wait for them; the cache is left empty."""
+    def warm_up(self, prompt_path: bool = True) -> None:
+        """Load (or, the first time on a machine, compile) the kernels of the one-token path and,
+        with ``prompt_path``, of the prompt path (prompts of more than DECODE_MAX_PROMPT tokens), so
+        that the first real request does not wait for them; the cache is left empty."""
         token = self.tokenizer.bos_id or 0
         self.reset()
         self.eval([token])
-        self.reset()
-        self.eval([token] * min(DECODE_MAX_PROMPT + 1, self.n_ctx))
+        if prompt_path:
+            self.reset()
+            self.eval([token] * min(DECODE_MAX_PROMPT + 1, self.n_ctx))
         self.reset()
 
     def reset(self) -> None:

@@ -89,7 +89,8 @@ def test_the_status_of_the_cache_is_known_before_loading(tiny, tmp_path):
 
 def test_run_announces_compilation_then_reports_it_apart(tiny, tmp_path):
     numba_dir = _cache_with_cold_kernels(tmp_path, COLD)
-    argv = ["run", "-m", str(tiny), "-p", "the water", "-n", "3", "-t", "1"]
+    # a prompt longer than the one-token path takes: the prompt kernels are needed
+    argv = ["run", "-m", str(tiny), "-p", "the water of the sea is cold and deep and dark", "-n", "3", "-t", "1"]
     r = _command(argv, numba_dir)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
@@ -155,7 +156,10 @@ def test_an_empty_cache_is_announced_before_anything_compiles(tiny, tmp_path):
         reader.join(timeout=300)
         assert len(lines) == 2, lines
         assert ANNOUNCE.fullmatch(lines[0]), lines
-        assert lines[1] == f"edgellama: compiling kernel 1/{len(_kernels(tiny))}: pack_rows"
+        # a one-token prompt: the one-token path's kernels only (the prompt path's load when needed)
+        one_token = expected_kernels(matrix_types(edgellama.gguf.GGUFFile(tiny)), prompt_path=False)
+        assert one_token == ["pack_rows", "decode_token"]
+        assert lines[1] == f"edgellama: compiling kernel 1/{len(one_token)}: pack_rows"
     finally:
         proc.kill()
         proc.wait()
