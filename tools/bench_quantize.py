@@ -1,17 +1,20 @@
 """Benchmark edgellama's Numba quantizers against gguf-py's numpy ones and llama.cpp's quantizer.
 
-Input: SmolLM2-135M as float32 (``<cache>/SmolLM2-135M-Instruct.F32.gguf``, made once from the
-shipped Q4_1 file: the dequantized weights, 272 tensors, 538 MB of float32).
-
-  1. kernels, in memory: every 2-D tensor through ``quantize.blocks.quantize_rows`` (at each
-     --threads) and through ``gguf.quants.quantize``; the bytes are compared, speeds reported as
-     tensors/s and MB/s of float32 input;
-  2. file to file: ``quantize.convert.convert_file`` vs llama.cpp's ``llama_model_quantize``
-     (through llama-cpp-python, if installed) on the same F32 GGUF with the same thread count; both
-     outputs' sha256 are compared (they are identical: same policy, same bytes).
+  1. kernels, in memory, on SmolLM2-135M as float32 (``<cache>/SmolLM2-135M-Instruct.F32.gguf``,
+     made once from the shipped Q4_1 file): every 2-D tensor through
+     ``quantize.blocks.quantize_rows`` (at each --threads) and, for the types gguf-py can write,
+     through ``gguf.quants.quantize``; the bytes are compared, speeds reported as tensors/s and MB/s
+     of float32 input (K-quants need rows of 256: SmolLM2's 576 are not, so they are skipped here);
+  2. file to file, side by side with llama.cpp's C++ ``llama-quantize`` (tools/llamacpp.py; else
+     llama-cpp-python's ``llama_model_quantize`` if installed) on the same input with the same
+     thread count: both as commands (``python -m quantize IN OUT TYPE N`` and ``llama-quantize IN
+     OUT TYPE N``), wall time and CPU time (user + system, of the child process); the outputs'
+     sha256 are compared (identical: same type rules, same bytes).  Input: --input, by default the
+     Llama-3.2-1B-shaped F16 file of tools/make_sized_model.py (2.5 GB, 1.24 B weights).
 
 Usage:  python tools/bench_quantize.py [--types q8_0,q4_0,q4_1] [--threads 1,2] [--repeat 3]
-                                       [--skip-gguf-py] [--json results.json]
+                                       [--skip-gguf-py] [--skip-kernels] [--skip-files]
+                                       [--file-types q4_k_m,q6_k] [--input FILE.gguf] [--json results.json]
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import argparse
 import ctypes
 import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +78,10 @@ def bench_kernels(matrices: dict[str, np.ndarray], qtypes: list[str], threads: l
     rows = []
     for qtype in qtypes:
         gtype = GGMLType[qtype.upper()]
+        if any(m.shape[1] % blocks.block_elems(gtype) for m in matrices.values()):
+            print(f"{qtype}: rows of {sorted({m.shape[1] for m in matrices.values()})} are not all multiples of "
+                  f"{blocks.block_elems(gtype)}; skipped (see the file-to-file section)", flush=True)
+            continue
         outs = {name: np.empty((m.shape[0], blocks.row_bytes(gtype, m.shape[1])), np.uint8)
                 for name, m in matrices.items()}  # preallocated, as the converter does
         blocks.quantize_rows(next(iter(matrices.values()))[:4], gtype)  # compile / load the cache
@@ -81,7 +90,7 @@ def bench_kernels(matrices: dict[str, np.ndarray], qtypes: list[str], threads: l
             seconds = best_time(lambda: [blocks.quantize_rows(m, gtype, out=outs[name])
                                          for name, m in matrices.items()], repeat)
             rows.append(_row("edgellama (Numba)", qtype, n, len(matrices), n_bytes, seconds))
-        if gguf_py:
+        if gguf_py and gtype in (GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1):
             reference = {}
             seconds = best_time(lambda: reference.update(
                 {name: gguf_quants.quantize(m, GGMLQuantizationType(int(gtype))) for name, m in matrices.items()}), 1)
@@ -112,6 +121,49 @@ def bench_files(source: Path, qtypes: list[str], threads: list[int], repeat: int
                 seconds = best_time(lambda: _llama_quantize(llama_cpp, source, theirs, qtype, n), repeat)
                 rows.append(_row("llama.cpp llama_model_quantize", qtype, n, n_tensors, n_bytes, seconds,
                                  identical=sha256_file(ours) == sha256_file(theirs)))
+    return rows
+
+
+def _run_timed(argv: list[str]) -> tuple[float, float]:
+    """Run a command to completion (output discarded); (wall seconds, CPU seconds of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ...: exit {result.returncode}: {result.stderr[-1000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def bench_commands(source: Path, qtypes: list[str], threads: list[int], repeat: int) -> list[dict]:
+    """edgellama-quantize and llama-quantize as commands on the same input, side by side."""
+    from tools import llamacpp
+
+    binary = llamacpp.bin_dir() / "llama-quantize" if llamacpp.available() else None
+    n_bytes = os.path.getsize(source)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        for qtype in qtypes:
+            for n in threads:
+                ours, theirs = Path(tmp) / f"ours.{qtype}.gguf", Path(tmp) / f"llamacpp.{qtype}.gguf"
+                ours_argv = [sys.executable, "-m", "quantize", str(source), str(ours), qtype, str(n), "--force",
+                             "--quiet", "--allow-requantize"]
+                theirs_argv = [str(binary), "--allow-requantize", str(source), str(theirs), qtype.upper(), str(n)]
+                best = {"ours": (float("inf"), 0.0), "theirs": (float("inf"), 0.0)}
+                for _ in range(repeat):  # alternate, so that a change of machine load hits both
+                    best["ours"] = min(best["ours"], _run_timed(ours_argv))
+                    if binary is not None:
+                        best["theirs"] = min(best["theirs"], _run_timed(theirs_argv))
+                load = os.getloadavg()[0]
+                rows.append(_row("edgellama-quantize", qtype, n, 0, n_bytes, best["ours"][0],
+                                 cpu_seconds=round(best["ours"][1], 2), load=round(load, 2)))
+                if binary is not None:
+                    rows.append(_row("llama-quantize (C++)", qtype, n, 0, n_bytes, best["theirs"][0],
+                                     cpu_seconds=round(best["theirs"][1], 2), load=round(load, 2),
+                                     identical=sha256_file(ours) == sha256_file(theirs)))
+                    theirs.unlink()
+                ours.unlink()
     return rows
 
 
@@ -148,8 +200,10 @@ def _row(what: str, qtype: str, threads: int, n_tensors: int, n_bytes: int, seco
     row = {"what": what, "type": qtype, "threads": threads, "seconds": round(seconds, 4),
            "tensors_per_s": round(n_tensors / seconds, 1), "mb_per_s": round(n_bytes / MB / seconds, 1), **extra}
     same = "" if "identical" not in extra else ("  bytes identical" if extra["identical"] else "  BYTES DIFFER")
-    print(f"{what:<32} {qtype:<5} threads={threads}  {seconds:8.3f} s  {row['tensors_per_s']:8.1f} tensors/s  "
-          f"{row['mb_per_s']:8.1f} MB/s{same}", flush=True)
+    cpu = f"  cpu {extra['cpu_seconds']:7.2f} s  load {extra['load']:.1f}" if "cpu_seconds" in extra else ""
+    rate = f"{row['tensors_per_s']:8.1f} tensors/s  " if n_tensors else ""
+    print(f"{what:<32} {qtype:<6} threads={threads}  {seconds:8.3f} s  {rate}{row['mb_per_s']:8.1f} MB/s of input"
+          f"{cpu}{same}", flush=True)
     return row
 
 
@@ -160,18 +214,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-gguf-py", action="store_true", help="skip the (slow) numpy reference")
     parser.add_argument("--skip-files", action="store_true", help="only the in-memory kernel benchmark")
+    parser.add_argument("--skip-kernels", action="store_true", help="only the file-to-file benchmark")
+    parser.add_argument("--file-types", default="q4_k_m,q6_k", help="types of the file-to-file benchmark")
+    parser.add_argument("--input", type=Path, help="file-to-file input (default: the Llama-3.2-1B-shaped F16 file)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     blocks.prefer_workqueue_threads()  # what edgellama-quantize uses
     qtypes = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     threads = [int(t) for t in args.threads.split(",")]
-    source = f32_source()
-    print(f"input: {source} ({os.path.getsize(source) / MB:.0f} MB); {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}\n-- kernels, in memory", flush=True)
-    rows = bench_kernels(load_matrices(source), qtypes, threads, args.repeat, not args.skip_gguf_py)
+    rows = []
+    if not args.skip_kernels:
+        source = f32_source()
+        print(f"input: {source} ({os.path.getsize(source) / MB:.0f} MB); {os.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.1f}\n-- kernels, in memory", flush=True)
+        rows += bench_kernels(load_matrices(source), qtypes, threads, args.repeat, not args.skip_gguf_py)
     if not args.skip_files:
-        print("-- file to file (read F32 GGUF, quantize, write)", flush=True)
-        rows += bench_files(source, qtypes, threads, args.repeat)
+        from tools import llamacpp
+
+        if args.input is None:
+            from tools.make_sized_model import sized_model
+
+            args.input = sized_model("llama-3.2-1b", "f16")
+        file_types = [t.strip().lower() for t in args.file_types.split(",") if t.strip()]
+        print(f"-- file to file: {args.input} ({os.path.getsize(args.input) / MB:.0f} MB), commands side by side; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+        if llamacpp.available():
+            rows += bench_commands(args.input, file_types, threads, args.repeat)
+        else:
+            print("(llama.cpp's tools are not built: python tools/llamacpp.py; trying llama-cpp-python)", flush=True)
+            rows += bench_files(args.input, file_types, threads, args.repeat)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
