@@ -5,11 +5,14 @@ dequantizers do the reverse.  Every kernel is parallel over rows (disjoint outpu
 fastmath, float32 arithmetic exactly where ggml's ``quantize_row_*_ref`` uses float, so the
 bytes equal ggml's and gguf-py's (``gguf.quants.quantize``; the tests compare them).
 
-Block layouts (32 elements per block):
+Block layouts (32 elements per block; the K-quants, 256 per block, are in ``kquants``):
     Q8_0  34 bytes: f16 d, int8 q[32]          d = max|x| / 127,       q = roundf(x / d)
     Q4_0  18 bytes: f16 d, uint8 qs[16]        d = x[argmax|x|] / -8,  q = min(15, trunc(x / d + 8.5))
     Q4_1  20 bytes: f16 d, f16 m, uint8 qs[16] d = (max - min) / 15,   q = min(15, trunc((x - min) / d + 0.5))
-For Q4_x, qs[j] holds element j in its low nibble and element j + 16 in its high nibble.
+    Q5_0  22 bytes: f16 d, u32 qh, qs[16]      d = x[argmax|x|] / -16, q = min(31, trunc(x / d + 16.5))
+    Q5_1  24 bytes: f16 d, f16 m, u32 qh, qs[16]  d = (max - min) / 31, q = trunc((x - min) / d + 0.5)
+For Q4_x / Q5_x, qs[j] holds element j in its low nibble and element j + 16 in its high nibble;
+Q5_x keep the fifth bit of element j in bit j of qh.
 
 Rounding rules that matter for bit-exactness:
   * ``roundf`` rounds half away from zero (not numpy's half-to-even ``np.round``);

@@ -254,12 +254,3 @@ class TypeChooser:
         return fallback, (f"row length {tensor.n_cols} is not a multiple of the {type_name(qtype)} block size "
                           f"{block}: using {type_name(fallback)} instead")
 
-
-def choose(tensor: SourceTensor, target: GGMLType | FileType | str, *, tied_embeddings: bool,
-           output_type: GGMLType | None = None, embedding_type: GGMLType | None = None) -> Choice:
-    """One tensor's choice without the layer-counting rules (kept for single-tensor callers):
-    the K-quant mixtures need ``TypeChooser`` over the whole model."""
-    chooser = TypeChooser(as_file_type(target), [], ModelShape(0, False), output_type=output_type,
-                          embedding_type=embedding_type)
-    chooser.tied = tied_embeddings
-    return chooser.choose(tensor)

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from edgellama.gguf import GGUFFile
-from edgellama.quants import GGMLType
 from quantize import cli
 from quantize.convert import convert_file, make_plan, open_checkpoint
 
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from tools.fetch_models import SMOLLM2_FILE, cache_dir  # noqa: E402
-from tools.make_quant_golden import GOLDEN, make_source, sha256_file  # noqa: E402
+from tools.make_quant_golden import GOLDEN, REQUANTIZED, make_source, sha256_file  # noqa: E402
 
 SMOLLM2 = cache_dir() / SMOLLM2_FILE  # fetched before collection by conftest.py
 G = json.loads(GOLDEN.read_text())
@@ -91,7 +90,7 @@ def test_sources_are_the_ones_the_golden_file_was_made_from(sources, source):
 def test_file_equals_llama_quantize(sources, tmp_path, source, qtype):
     src = sources(source)
     out = tmp_path / f"{qtype}.gguf"
-    convert_file(src, out, qtype, allow_requantize=source == "smollm2_q4_1", quiet=True)
+    convert_file(src, out, qtype, allow_requantize=source in REQUANTIZED, quiet=True)
     same_source = sha256_file(src) == G["sources"][source]["sha256"]
     assert_same_as_llama_quantize(out, source, qtype, whole_file=same_source)
 

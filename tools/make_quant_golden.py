@@ -12,6 +12,8 @@ sha256 is recorded so a test can tell a changed source from a changed quantizer)
     multiple of 256: the K-quants themselves and the layer rules), untied output, F16 weights from
     an integer-only generator, with edge-case rows (zeros, constants, tiny values in half
     subnormals, outliers, sparse rows, exact ties, large values, single-sign rows);
+  * ``tiny256_q4_k_m``: that model as Q4_K_M (written by edgellama-quantize: the bytes of
+    llama-quantize's, see above), requantized: K-quant sources decoded as ggml decodes them;
   * ``llama70b_shape``: ``tiny_kquant_model(n_layers=80, ...)`` with grouped-query attention, the
     shape llama.cpp calls a 70B (its attn_v rule), zero weights: only the tensor types are recorded.
 For each source and type: ``llama-quantize SOURCE OUT TYPE 2``, and the whole file's size and
@@ -52,7 +54,9 @@ SOURCE_TYPES = {
     "smollm2_f16": ["q4_k_m", "q5_k_s", "q6_k"],
     "smollm2_q4_1": ["q4_k_m", "q5_k_m"],
     "tiny256_f16": TYPES + ["q8_0", "q4_0", "q4_1"],
+    "tiny256_q4_k_m": ["q6_k", "q5_k_s", "q5_1"],
 }
+REQUANTIZED = {"smollm2_q4_1", "tiny256_q4_k_m"}  # quantized sources: --allow-requantize
 TYPES_ONLY = {"llama70b_shape": ["q4_k_m", "q4_k_s", "q5_k_m"]}
 PERPLEXITY_CTX = 240  # llama-perplexity needs 2 chunks: the passage's 482 tokens give 2 of 240
 
@@ -204,6 +208,8 @@ def make_source(name: str, folder: Path) -> Path:
         return smollm2_q4_1()
     elif name == "tiny256_f16":
         tiny_kquant_model(path)
+    elif name == "tiny256_q4_k_m":
+        convert_file(make_source("tiny256_f16", folder), path, "q4_k_m", quiet=True)
     elif name == "tiny256_plain_f16":  # the same shapes without edge rows: a model that runs
         tiny_kquant_model(path, edge=False)
     elif name == "llama70b_shape":
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             golden["files"][source_name] = {}
             for qtype in qtypes:
                 out = folder / f"{source_name}.{qtype}.gguf"
-                llama_quantize(source, out, qtype, requantize=source_name == "smollm2_q4_1")
+                llama_quantize(source, out, qtype, requantize=source_name in REQUANTIZED)
                 names, golden["files"][source_name][qtype] = describe(out, with_hashes=hashes)
                 known = golden["sources"][source_name].setdefault("tensor_names", names)
                 if known != names:
