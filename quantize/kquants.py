@@ -515,53 +515,56 @@ def _requantize_asymmetric(x, base, d, dmin, levels6, levels, nmax):
             levels[32 * j + i] = max(0, min(nmax, nearest_int((x[base + 32 * j + i] + mj) / dj)))
 
 
-@njit(cache=True, error_model="numpy")
-def _asymmetric_row(row, out, r, five_bits, lanes, levels, scales, mins, levels6, xs, ws, best, trial, st, pad):
-    """One row of Q4_K (five_bits False) or Q5_K into out[r]; ``lanes``: the vectorized fit (else the
-    scalar one)."""
+@njit(**_inline)
+def _finish_asymmetric(row, out, r, first, n_run, five_bits, levels, scales, mins, levels6):
+    """Blocks first .. first + n_run - 1 of a row from their fitted levels, scales and minima (the
+    run's arrays): 6-bit factors, re-rounded levels, packed bits."""
     nmax = 31 if five_bits else 15
     block_bytes = 176 if five_bits else 144
-    qs = 48 if five_bits else 16            # offset of the nibbles in the block
+    qs = 48 if five_bits else 16  # offset of the nibbles in the block
+    for b in range(first, first + n_run):
+        base = b * QK_K
+        o = b * block_bytes
+        lb = (b - first) * QK_K  # this block's levels, scales and mins in the run's arrays
+        d, dmin = _pack_scales_mins(out, r, o, scales[8 * (b - first):], mins[8 * (b - first):], levels6)
+        _requantize_asymmetric(row, base, d, dmin, levels6, levels[lb:], nmax)
+        if five_bits:
+            for i in range(32):
+                high = 0
+                for half in range(4):
+                    high |= (levels[lb + 64 * half + i] >> 4) << (2 * half)
+                    high |= (levels[lb + 64 * half + 32 + i] >> 4) << (2 * half + 1)
+                out[r, o + 16 + i] = np.uint8(high)
+        for half in range(4):
+            for i in range(32):
+                out[r, o + qs + 32 * half + i] = np.uint8((levels[lb + 64 * half + i] & 0xF)
+                                                          | ((levels[lb + 64 * half + 32 + i] & 0xF) << 4))
+
+
+@njit(cache=True, error_model="numpy")
+def _asymmetric_row(row, out, r, five_bits, levels, scales, mins, levels6, xs, ws, best, trial, st, pad):
+    """One row of Q4_K (five_bits False) or Q5_K into out[r], the fits vectorized across sub-blocks.
+    A function of its own, with its scratch as arguments (LLVM then vectorizes the lane loops)."""
+    nmax = 31 if five_bits else 15
     rmin = np.float32(-0.5) if five_bits else np.float32(-1.0)
     nstep = 15 if five_bits else 20
-    rdelta = np.float32(0.1)
     n_super = row.shape[0] // QK_K
     for first in range(0, n_super, RUN):
         n_run = min(RUN, n_super - first)
-        if lanes and n_run == RUN:
-            fit_scale_min_lanes(row, first * QK_K, nmax, rmin, rdelta, nstep, xs, ws, best, trial, st, levels,
-                                scales, mins)
-        elif lanes:
-            _copy_padded(row, first * QK_K, pad)
-            fit_scale_min_lanes(pad, 0, nmax, rmin, rdelta, nstep, xs, ws, best, trial, st, levels, scales, mins)
+        if n_run == RUN:
+            fit_scale_min_lanes(row, first * QK_K, nmax, rmin, np.float32(0.1), nstep, xs, ws, best, trial, st,
+                                levels, scales, mins)
         else:
-            for j in range(8 * n_run):
-                _reference_weights(row, first * QK_K + 32 * j, ws)
-                scales[j], mins[j] = fit_scale_min(row, first * QK_K + 32 * j, 32, nmax, ws, levels, 32 * j,
-                                                   trial, rmin, rdelta, nstep)
-        for b in range(first, first + n_run):
-            base = b * QK_K
-            o = b * block_bytes
-            lb = (b - first) * QK_K  # this block's levels, scales and mins in the run's arrays
-            d, dmin = _pack_scales_mins(out, r, o, scales[8 * (b - first):], mins[8 * (b - first):], levels6)
-            _requantize_asymmetric(row, base, d, dmin, levels6, levels[lb:], nmax)
-            if five_bits:
-                for i in range(32):
-                    high = 0
-                    for half in range(4):
-                        high |= (levels[lb + 64 * half + i] >> 4) << (2 * half)
-                        high |= (levels[lb + 64 * half + 32 + i] >> 4) << (2 * half + 1)
-                    out[r, o + 16 + i] = np.uint8(high)
-            for half in range(4):
-                for i in range(32):
-                    out[r, o + qs + 32 * half + i] = np.uint8((levels[lb + 64 * half + i] & 0xF)
-                                                              | ((levels[lb + 64 * half + 32 + i] & 0xF) << 4))
+            _copy_padded(row, first * QK_K, pad)
+            fit_scale_min_lanes(pad, 0, nmax, rmin, np.float32(0.1), nstep, xs, ws, best, trial, st, levels,
+                                scales, mins)
+        _finish_asymmetric(row, out, r, first, n_run, five_bits, levels, scales, mins, levels6)
 
 
 @njit(**_kernel)
-def _quantize_rows_asymmetric(x, out, five_bits, lanes):
+def _quantize_rows_asymmetric(x, out, five_bits):
     for r in prange(x.shape[0]):
-        _asymmetric_row(x[r], out, r, five_bits, lanes,
+        _asymmetric_row(x[r], out, r, five_bits,
                         np.empty(RUN * QK_K, dtype=np.int32),     # levels (run x 256,) 0..nmax, element order
                         np.empty(RUN * 8, dtype=np.float32),      # scales (run x 8,) fitted sub-block scales
                         np.empty(RUN * 8, dtype=np.float32),      # mins (run x 8,) fitted minima (subtracted)
@@ -574,94 +577,136 @@ def _quantize_rows_asymmetric(x, out, five_bits, lanes):
                         np.empty(RUN * QK_K, dtype=np.float32))   # pad: a row's last run, zero-padded
 
 
+@njit(cache=True, error_model="numpy")
+def _reference_rows_asymmetric(x, out, five_bits):
+    """The same bytes with the scalar fits, one sub-block at a time (the twin of the lanes)."""
+    nmax = 31 if five_bits else 15
+    rmin = np.float32(-0.5) if five_bits else np.float32(-1.0)
+    nstep = 15 if five_bits else 20
+    levels = np.empty(RUN * QK_K, dtype=np.int32)
+    scales = np.empty(RUN * 8, dtype=np.float32)
+    mins = np.empty(RUN * 8, dtype=np.float32)
+    levels6 = np.empty(16, dtype=np.int32)
+    weights = np.empty(32, dtype=np.float32)
+    trial = np.empty(32, dtype=np.int32)
+    for r in range(x.shape[0]):
+        row = x[r]
+        n_super = row.shape[0] // QK_K
+        for first in range(0, n_super, RUN):
+            n_run = min(RUN, n_super - first)
+            for j in range(8 * n_run):
+                _reference_weights(row, first * QK_K + 32 * j, weights)
+                scales[j], mins[j] = fit_scale_min(row, first * QK_K + 32 * j, 32, nmax, weights, levels, 32 * j,
+                                                   trial, rmin, np.float32(0.1), nstep)
+            _finish_asymmetric(row, out, r, first, n_run, five_bits, levels, scales, mins, levels6)
+
+
 def quantize_rows_q4_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 144) uint8."""
-    _quantize_rows_asymmetric(x, out, False, True)
+    _quantize_rows_asymmetric(x, out, False)
 
 
 def quantize_rows_q5_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 176) uint8."""
-    _quantize_rows_asymmetric(x, out, True, True)
+    _quantize_rows_asymmetric(x, out, True)
 
 
 # ----- Q6_K --------------------------------------------------------------------------------------
 
+@njit(**_inline)
+def _finish_q6_k(row, out, r, b, levels, scales):
+    """Block b of a row from its 16 fitted scales and levels (levels, scales: this block's)."""
+    base = b * QK_K
+    o = b * 210
+    max_scale = np.float32(0.0)
+    max_abs_scale = np.float32(0.0)
+    for j in range(16):
+        if abs(scales[j]) > max_abs_scale:
+            max_abs_scale = abs(scales[j])
+            max_scale = scales[j]
+    if max_abs_scale < GROUP_MAX_EPS:
+        for i in range(210):
+            out[r, o + i] = 0
+        return
+    iscale = np.float32(-128.0) / max_scale
+    d = _put_f16(out, r, o + 208, np.float32(1.0) / iscale)
+    for j in range(16):
+        sc = min(127, nearest_int(iscale * scales[j]))
+        out[r, o + 192 + j] = np.uint8(sc & 0xFF)
+        sc8 = np.int32(sc & 0xFF)
+        if sc8 > 127:
+            sc8 -= 256
+        dj = d * np.float32(sc8)
+        if dj == 0:
+            continue
+        for i in range(16):
+            levels[16 * j + i] = max(-32, min(31, nearest_int(row[base + 16 * j + i] / dj))) + 32
+    for half in range(2):
+        lb = 128 * half
+        for i in range(32):
+            q1 = levels[lb + i]
+            q2 = levels[lb + 32 + i]
+            q3 = levels[lb + 64 + i]
+            q4 = levels[lb + 96 + i]
+            out[r, o + 64 * half + i] = np.uint8((q1 & 0xF) | ((q3 & 0xF) << 4))
+            out[r, o + 64 * half + 32 + i] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
+            out[r, o + 128 + 32 * half + i] = np.uint8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4)
+                                                       | ((q4 >> 4) << 6))
+
+
+@njit(cache=True, error_model="numpy")
+def _q6_k_row(row, out, r, levels, scales, xs, best, trial, st, pad):
+    """One row of Q6_K into out[r], the fits vectorized across sub-blocks."""
+    n_super = row.shape[0] // QK_K
+    for first in range(0, n_super, RUN):
+        n_run = min(RUN, n_super - first)
+        if n_run == RUN:
+            fit_symmetric_lanes(row, first * QK_K, 32, xs, best, trial, st, levels, scales)
+        else:
+            _copy_padded(row, first * QK_K, pad)
+            fit_symmetric_lanes(pad, 0, 32, xs, best, trial, st, levels, scales)
+        for b in range(first, first + n_run):
+            _finish_q6_k(row, out, r, b, levels[(b - first) * QK_K:], scales[(b - first) * 16:])
+
+
 @njit(**_kernel)
-def _quantize_rows_q6_k(x, out, lanes):
-    n_super = x.shape[1] // QK_K
+def _quantize_rows_q6_k(x, out):
     for r in prange(x.shape[0]):
+        _q6_k_row(x[r], out, r,
+                  np.empty(RUN * QK_K, dtype=np.int32),     # levels (run x 256,) 0..63 (q + 32), element order
+                  np.empty(RUN * 16, dtype=np.float32),     # scales (run x 16,) fitted sub-block scales
+                  np.empty(RUN * QK_K, dtype=np.float32),   # xs (16 x lanes,) lane-major copy of the run
+                  np.empty(RUN * QK_K, dtype=np.int32),     # best (16 x lanes,)
+                  np.empty(RUN * QK_K, dtype=np.int32),     # trial (16 x lanes,)
+                  np.empty((6, RUN * 16), dtype=np.float32),  # st: per-lane state of the fits
+                  np.empty(RUN * QK_K, dtype=np.float32))   # pad: a row's last run, zero-padded
+
+
+@njit(cache=True, error_model="numpy")
+def _reference_rows_q6_k(x, out):
+    """The same bytes with the scalar fits (the twin of the lanes)."""
+    levels = np.empty(QK_K, dtype=np.int32)
+    scales = np.empty(16, dtype=np.float32)
+    for r in range(x.shape[0]):
         row = x[r]
-        run_levels = np.empty(RUN * QK_K, dtype=np.int32)  # (run x 256,) levels 0..63 (q + 32)
-        run_scales = np.empty(RUN * 16, dtype=np.float32)  # (run x 16,) fitted sub-block scales
-        xs = np.empty(RUN * QK_K, dtype=np.float32)        # (16 x lanes,) lane-major copy of the run
-        best = np.empty(RUN * QK_K, dtype=np.int32)        # (16 x lanes,)
-        trial = np.empty(RUN * QK_K, dtype=np.int32)       # (16 x lanes,)
-        st = np.empty((6, RUN * 16), dtype=np.float32)     # per-lane state of the fits
-        pad = np.empty(RUN * QK_K, dtype=np.float32)       # a row's last run, zero-padded
-        for b in range(n_super):
-            first = b - b % RUN
-            if b == first:
-                n_run = min(RUN, n_super - first)
-                if lanes and n_run == RUN:
-                    fit_symmetric_lanes(row, first * QK_K, 32, xs, best, trial, st, run_levels, run_scales)
-                elif lanes:
-                    _copy_padded(row, first * QK_K, pad)
-                    fit_symmetric_lanes(pad, 0, 32, xs, best, trial, st, run_levels, run_scales)
-                else:
-                    for j in range(16 * n_run):
-                        run_scales[j] = fit_symmetric(row, first * QK_K + 16 * j, 16, 32, run_levels, 16 * j)
-            base = b * QK_K
-            o = b * 210
-            levels = run_levels[(b - first) * QK_K:]
-            scales = run_scales[(b - first) * 16:]
-            max_scale = np.float32(0.0)
-            max_abs_scale = np.float32(0.0)
+        for b in range(row.shape[0] // QK_K):
             for j in range(16):
-                if abs(scales[j]) > max_abs_scale:
-                    max_abs_scale = abs(scales[j])
-                    max_scale = scales[j]
-            if max_abs_scale < GROUP_MAX_EPS:
-                for i in range(210):
-                    out[r, o + i] = 0
-                continue
-            iscale = np.float32(-128.0) / max_scale
-            d = _put_f16(out, r, o + 208, np.float32(1.0) / iscale)
-            for j in range(16):
-                sc = min(127, nearest_int(iscale * scales[j]))
-                out[r, o + 192 + j] = np.uint8(sc & 0xFF)
-                sc8 = np.int32(sc & 0xFF)
-                if sc8 > 127:
-                    sc8 -= 256
-                dj = d * np.float32(sc8)
-                if dj == 0:
-                    continue
-                for i in range(16):
-                    levels[16 * j + i] = max(-32, min(31, nearest_int(row[base + 16 * j + i] / dj))) + 32
-            for half in range(2):
-                lb = 128 * half
-                for i in range(32):
-                    q1 = levels[lb + i]
-                    q2 = levels[lb + 32 + i]
-                    q3 = levels[lb + 64 + i]
-                    q4 = levels[lb + 96 + i]
-                    out[r, o + 64 * half + i] = np.uint8((q1 & 0xF) | ((q3 & 0xF) << 4))
-                    out[r, o + 64 * half + 32 + i] = np.uint8((q2 & 0xF) | ((q4 & 0xF) << 4))
-                    out[r, o + 128 + 32 * half + i] = np.uint8((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4)
-                                                               | ((q4 >> 4) << 6))
+                scales[j] = fit_symmetric(row, b * QK_K + 16 * j, 16, 32, levels, 16 * j)
+            _finish_q6_k(row, out, r, b, levels, scales)
 
 
 def quantize_rows_q6_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 210) uint8."""
-    _quantize_rows_q6_k(x, out, True)
+    _quantize_rows_q6_k(x, out)
 
 
 def reference_rows(x, out, qtype_name: str):
     """The same bytes through the scalar (one sub-block at a time) fits: the vectorized kernels'
     twin, for tests."""
     if qtype_name == "Q6_K":
-        _quantize_rows_q6_k(x, out, False)
+        _reference_rows_q6_k(x, out)
     else:
-        _quantize_rows_asymmetric(x, out, qtype_name == "Q5_K", False)
+        _reference_rows_asymmetric(x, out, qtype_name == "Q5_K")
 
 
 # ----- dequantizers: raw (n_rows, row_bytes) uint8 -> out (n_rows, n_cols) float32 --------------
