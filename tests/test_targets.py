@@ -12,8 +12,9 @@ Q8_0), AVX-512 without VNNI (16 lanes, portable) and AVX-512 VNNI (16 lanes, vpd
   twins below, prefill vs decode and the reference forward for every tensor type and KV cache type,
   the context shift's re-rotation per cache type, one golden fixture and one perplexity fixture of
   the real model.  Tolerances are the derived ones of those tests (tests/error_bounds.py), not
-  this CPU's results.  Cost on 2 cores: about 30 s per target with a warm kernel cache, 90 s with
-  a cold one (Numba first compiles every kernel for it; the children share the usual cache).
+  this CPU's results.  The children run side by side (the parent only waits), each with its own
+  kernel cache kept between runs (_child_env).  Cost on 2 cores: about 30 s with warm kernel
+  caches, about 100 s with cold ones (Numba first compiles every kernel for each target).
 * test_kernels_for_another_cpu: the product, packing, half-conversion and one-token attention
   kernels against their numpy twins (CHILD), for the other targets this CPU can run.
 """
@@ -136,8 +137,20 @@ def _runnable(target: str) -> bool:
 
 
 def _child_env(target: str) -> dict[str, str]:
+    """A child's environment: the target's CPU name and features, and its own kernel cache
+    (NUMBA_CACHE_DIR/targets/<target> when the tests run with one, else <model cache>/numba-targets/
+    <target>, about 8 MB each), kept between runs so that a warm run compiles nothing.  Own
+    directories because the model children run at the same time, and Numba's cache index is not
+    safe against two processes adding entries to it at once."""
     cpu, features, summary, _ = TARGETS[target]
-    return {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features,
+    base = os.environ.get("NUMBA_CACHE_DIR")
+    if base:
+        folder = Path(base) / "targets" / target
+    else:
+        from tools.fetch_models import cache_dir
+
+        folder = cache_dir() / "numba-targets" / target
+    return {**os.environ, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features, "NUMBA_CACHE_DIR": str(folder),
             "EDGELLAMA_EXPECT_TARGET": summary}
 
 
@@ -163,16 +176,36 @@ def test_kernels_for_another_cpu(target):
     assert run.stdout.startswith("ok") and TARGETS[target][2] in run.stdout, run.stdout
 
 
+_CHILDREN: dict[str, tuple[subprocess.Popen, Path]] = {}  # target -> (running child, its output file)
+
+
+def _start_model_children(folder: Path) -> None:
+    """Start every model child at once: the parent only waits, so on 2 cores they run side by side."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *MODEL_TESTS]
+    for target in _model_targets():
+        if target not in _CHILDREN:
+            out = folder / f"{target}.txt"
+            with open(out, "w") as sink:
+                _CHILDREN[target] = (subprocess.Popen(cmd, cwd=ROOT, env=_child_env(target), stdout=sink,
+                                                      stderr=subprocess.STDOUT, text=True), out)
+
+
 @pytest.mark.parametrize("target", _model_targets() or ["none"])
-def test_model_for_another_cpu(target):
+def test_model_for_another_cpu(target, tmp_path_factory):
     if target == "none":
         pytest.skip("NUMBA_CPU_NAME is set: this process is already another target's" if "NUMBA_CPU_NAME" in os.environ
                     else "no other target this CPU can run")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *MODEL_TESTS]
-    run = subprocess.run(cmd, cwd=ROOT, env=_child_env(target), capture_output=True, text=True, timeout=1800)
-    tail = run.stdout[-4000:] + run.stderr[-2000:]
-    assert run.returncode == 0, f"{target}: {tail}"
-    assert " passed" in run.stdout.splitlines()[-1] and "skipped" not in run.stdout.splitlines()[-1], tail
+    _start_model_children(tmp_path_factory.getbasetemp())
+    child, out = _CHILDREN[target]
+    try:
+        returncode = child.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise
+    lines = out.read_text().splitlines()
+    tail = "\n".join(lines[-60:])
+    assert returncode == 0, f"{target}:\n{tail}"
+    assert lines and " passed" in lines[-1] and "skipped" not in lines[-1], tail
 
 
 def test_kernels_in_a_child():
