@@ -62,20 +62,26 @@ _written: list[str] = []  # the output, once it is complete under its final name
 
 
 def _terminate(signum, frame):
-    """Raise Terminated where the signal lands, unless that is inside Numba / llvmlite (loading or
-    compiling a kernel: an exception there leaves half-built LLVM objects that complain when freed);
-    then the run stops at the next tensor boundary (``_check_pending``)."""
+    """Raise Terminated (KeyboardInterrupt for SIGINT) where the signal lands, unless that is inside
+    Numba / llvmlite (loading or compiling a kernel: an exception there leaves half-built LLVM
+    objects that complain when freed); then the run stops at the next tensor boundary
+    (``_check_pending``)."""
     while frame is not None:
         if frame.f_globals.get("__name__", "").partition(".")[0] in ("numba", "llvmlite"):
             _pending_signals.append(signum)
             return
         frame = frame.f_back
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(signum)
 
 
 def _check_pending() -> None:
     if _pending_signals:
-        raise Terminated(_pending_signals.pop())
+        signum = _pending_signals.pop()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,12 +313,15 @@ def _what_was_written() -> str:
 
 
 def _install_signal_handlers() -> dict:
-    """SIGTERM and SIGHUP end the run the way Ctrl-C does (temp files removed); the previous
-    handlers are returned for restoring (main() may run inside another program, e.g. tests)."""
+    """SIGTERM and SIGHUP end the run the way Ctrl-C does (temp files removed), and all three wait
+    for the kernel being compiled; the previous handlers are returned for restoring (main() may run
+    inside another program, e.g. tests).  A SIGINT handler the host program installed is kept."""
     if threading.current_thread() is not threading.main_thread():
         return {}
     previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+            continue
         previous[signum] = signal.signal(signum, _terminate)
     return previous
 
