@@ -414,6 +414,10 @@ def test_pack_rows_layout(wtype, rows, threads):
     # relative to the exact value) where a type has a minimum, nowhere else
     exact = packed_values_twin(got, wtype, rows, lanes, unsigned_q8)
     np.testing.assert_allclose(reference_weights(raw, wtype), exact, rtol=eb.U, atol=0)
+    # the packer that moves bytes writes exactly what the one that decodes each block writes
+    decoded = np.zeros_like(got)
+    K.pack_rows_decoded(raw, wtype, lanes, unsigned_q8, decoded)
+    np.testing.assert_array_equal(got, decoded)
 
 
 @pytest.mark.parametrize("n_tok", [1, 2, 5, 8, 9, 17])

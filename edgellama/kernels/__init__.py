@@ -36,7 +36,8 @@ from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FF
                      RopeTables, decode_token)
 from .kv import kv_row_length, rerotate_keys, store_kv
 from .layout import (PACKED_FORMATS, dequantize_packed_row, dequantize_row, dequantize_rows, embed_row,
-                     embed_rows, group_bytes, is_quantized, pack_rows, record_bytes, super_block_bytes,
+                     embed_rows, group_bytes, is_quantized, pack_rows, pack_rows_decoded,
+                     pack_rows_moved, record_bytes, super_block_bytes,
                      unpack_block)
 from .ops import rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
 from .products import (matmul_packed, matvec, matvec_f32, matvec_half, matvec_packed, quantize_q8,

@@ -221,7 +221,7 @@ _HIGH_NIBBLES = np.uint32(0xF0F0F0F0)
 
 
 @njit(parallel=True, **EXACT)
-def _pack_rows_fast(w, wtype, lanes, unsigned_q8, out):
+def pack_rows_moved(w, wtype, lanes, unsigned_q8, out):
     """pack_rows for every type but Q6_K, moving bytes and 4-byte words instead of decoding values.
 
     Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 file blocks already hold their quants in the packed order
@@ -297,13 +297,20 @@ def _pack_rows_fast(w, wtype, lanes, unsigned_q8, out):
                     _store_u32(group, quants + (st * lanes + lane) * 4, _load_u32(row, q + 4 * st) ^ flip)
 
 
-@njit(parallel=True, **EXACT)
 def pack_rows(w, wtype, lanes, unsigned_q8, out):
     """w: (n_out, row_bytes) file rows of a quantized type -> out: (n_groups, group_bytes), the
-    layout above.  out must arrive zeroed: the last group's padding rows stay so."""
-    if wtype != T_Q6_K:  # their bytes are moved, not decoded
-        _pack_rows_fast(w, wtype, lanes, unsigned_q8, out)
-        return
+    layout above.  out must arrive zeroed: the last group's padding rows stay so.  Two kernels, so
+    that a model compiles only the one its types need: every type but Q6_K moves bytes
+    (``pack_rows_moved``), Q6_K is decoded and re-encoded (``pack_rows_decoded``)."""
+    if int(wtype) == T_Q6_K:
+        pack_rows_decoded(w, wtype, lanes, unsigned_q8, out)
+    else:
+        pack_rows_moved(w, wtype, lanes, unsigned_q8, out)
+
+
+@njit(parallel=True, **EXACT)
+def pack_rows_decoded(w, wtype, lanes, unsigned_q8, out):
+    """pack_rows by decoding each block's integers and writing them into the layout (any type)."""
     quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
     record, sb_bytes = _group_layout(wtype, lanes)
     factors = scale_bytes == 1                                  # K-quants
