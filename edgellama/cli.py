@@ -329,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a further Host name clients may use (repeatable; '*': any)")
     serve.add_argument("--cors-origin", action="append", default=[],
                        help="an origin whose web pages may call the API (repeatable; '*': any)")
+    serve.add_argument("-np", "--parallel", type=_integer(1), default=1,
+                       help="requests generated at once, in slots of -c / N positions each (batched: the weights "
+                            "are read once per step for all of them)")
+    serve.add_argument("-b", "--batch-size", type=_integer(1), default=None,
+                       help="with --parallel: tokens evaluated per step, generated ones first, prompt pieces in "
+                            "the rest (default: 64, at least --parallel)")
 
     info = sub.add_parser("info", help="describe a GGUF model file and the memory a run needs (no kernel is compiled)",
                           description="Describe a GGUF model file, the memory a run at this context needs "
@@ -494,9 +500,17 @@ def cmd_serve(args) -> int:
                           max_connections_per_client=args.max_connections_per_client,
                           request_timeout=args.request_timeout, idle_timeout=args.idle_timeout,
                           send_timeout=args.send_timeout, max_output_buffer=args.max_output_buffer,
-                          allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin))
+                          allowed_hosts=tuple(args.allowed_host), cors_origins=tuple(args.cors_origin),
+                          parallel=args.parallel, batch_size=args.batch_size)
+    if args.batch_size is not None and args.batch_size < args.parallel:
+        raise UsageError(f"{_flag(args, 'batch_size')} {args.batch_size} must be at least {_flag(args, 'parallel')} "
+                         f"{args.parallel}")
     # the kernels are ready (compiled or loaded, with progress on a first run) before it listens
-    return serve(load_model(args).model, config)
+    model = load_model(args).model
+    if model.n_ctx // args.parallel < 16:
+        raise UsageError(f"{_flag(args, 'ctx')} {model.n_ctx} leaves fewer than 16 positions to each of "
+                         f"{_flag(args, 'parallel')} {args.parallel} slots")
+    return serve(model, config)
 
 
 def cmd_perplexity(args) -> int:

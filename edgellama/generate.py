@@ -202,6 +202,25 @@ def truncate_prompt(ids: list[int], n_ctx: int, n_keep: int, room: int) -> list[
     return list(ids[:n_keep]) + list(ids[len(ids) - (limit - n_keep):])
 
 
+def check_generation(tokenizer, max_tokens: int | None, sampler, stop_ids=(), stop=()) \
+        -> tuple[int | None, frozenset[int], tuple[str, ...]]:
+    """Generation options checked (GenerationError naming the parameter otherwise): (max_tokens,
+    the ids that end generation: ``stop_ids`` and the tokenizer's end-of-generation ones, the stop
+    strings)."""
+    if max_tokens is not None and not (is_int(max_tokens) and max_tokens >= 0):
+        raise GenerationError(f"max_tokens must be a non-negative integer or None, got {max_tokens!r}",
+                              param="max_tokens")
+    if not callable(sampler):
+        raise GenerationError(f"sampler must be callable (logits -> token id), got {type(sampler).__name__}",
+                              param="sampler")
+    stops = check_stop(stop)
+    try:
+        extra_ids = frozenset(int(i) for i in stop_ids)
+    except (TypeError, ValueError):
+        raise GenerationError(f"stop_ids must be token ids, got {str(stop_ids)[:100]}", param="stop_ids") from None
+    return None if max_tokens is None else int(max_tokens), extra_ids | tokenizer.eog_ids, stops
+
+
 def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None,
                     sampler: Callable[[np.ndarray], int], stop_ids=frozenset(), *,
                     stop: str | Iterable[str] | None = (), n_keep: int | None = None) -> Iterator[Chunk]:
@@ -214,38 +233,42 @@ def generate_tokens(model, prompt_ids: list[int], max_tokens: int | None,
     half of the rest and generation goes on (``Model.shift_context``).
     Arguments are checked here, before any evaluation; the work happens when the result is iterated.
     """
-    if max_tokens is not None and not (is_int(max_tokens) and max_tokens >= 0):
-        raise GenerationError(f"max_tokens must be a non-negative integer or None, got {max_tokens!r}",
-                              param="max_tokens")
-    if not callable(sampler):
-        raise GenerationError(f"sampler must be callable (logits -> token id), got {type(sampler).__name__}",
-                              param="sampler")
-    stops = check_stop(stop)
-    try:
-        extra_ids = frozenset(int(i) for i in stop_ids)
-    except (TypeError, ValueError):
-        raise GenerationError(f"stop_ids must be token ids, got {str(stop_ids)[:100]}", param="stop_ids") from None
-    return _generate(model, list(prompt_ids), None if max_tokens is None else int(max_tokens), sampler,
-                     extra_ids | model.tokenizer.eog_ids, stops, n_keep)
+    max_tokens, stop_ids, stops = check_generation(model.tokenizer, max_tokens, sampler, stop_ids, stop)
+    return _generate(model, list(prompt_ids), max_tokens, sampler, stop_ids, stops, n_keep)
 
 
-def _generate(model, prompt_ids: list[int], max_tokens: int | None, sampler, stop_ids: frozenset[int],
-              stops: tuple[str, ...], n_keep: int | None = None) -> Iterator[Chunk]:
-    sample = getattr(sampler, "sample", None)
-    accept = getattr(sampler, "accept", None)
-    reset = getattr(sampler, "reset", None)
-    t0 = time.perf_counter()
-    logits, cached = model.eval_prompt(prompt_ids)
-    t1 = time.perf_counter()
-    if reset is not None:
-        reset(prompt_ids)  # the prompt opens the penalty window
-    decoder = model.tokenizer.stream_decoder()
-    matcher = StopStrings(stops)
-    produced = 0
-    finish = "length"
-    stopped_by_string = False
-    while max_tokens is None or produced < max_tokens:
-        picked = sample(logits) if sample is not None else sampler(logits)
+class Continuation:
+    """The rules of one generation between evaluations: each ``next(logits)`` samples a token and
+    turns it into a Chunk (streamed text held back by the UTF-8 decoder and the stop-string matcher)
+    or ends the generation at an end-of-generation id; ``last(...)`` is the final chunk.  The one
+    loop of ``generate_tokens`` and every sequence of a batch (edgellama.batch) run on it."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], max_tokens: int | None, sampler, stop_ids: frozenset[int],
+                 stops: tuple[str, ...]):
+        self.max_tokens = max_tokens
+        self.prompt_tokens = len(prompt_ids)
+        self._sampler = sampler
+        self._sample = getattr(sampler, "sample", None)
+        self._accept = getattr(sampler, "accept", None)
+        self._stop_ids = stop_ids
+        reset = getattr(sampler, "reset", None)
+        if reset is not None:
+            reset(prompt_ids)  # the prompt opens the penalty window
+        self._decoder = tokenizer.stream_decoder()
+        self._matcher = StopStrings(stops)
+        self.produced = 0
+        self.finish = "length"
+        self.stopped_by_string = False
+
+    @property
+    def room(self) -> bool:
+        """Whether max_tokens allows another token."""
+        return self.max_tokens is None or self.produced < self.max_tokens
+
+    def next(self, logits: np.ndarray) -> Chunk | None:
+        """The chunk of the token sampled from ``logits``; None when it is an end-of-generation id
+        (then finish is "stop").  A completed stop string sets ``stopped_by_string``."""
+        picked = self._sample(logits) if self._sample is not None else self._sampler(logits)
         if not isinstance(picked, Sampled):
             picked = Sampled(picked)
         token = picked.token
@@ -253,32 +276,50 @@ def _generate(model, prompt_ids: list[int], max_tokens: int | None, sampler, sto
             raise GenerationError(f"the sampler returned {token!r}, not a token id in [0, {len(logits)})",
                                   param="sampler")
         token = int(token)
-        if token in stop_ids:
-            finish = "stop"
+        if token in self._stop_ids:
+            self.finish = "stop"
+            return None
+        self.produced += 1
+        if self._accept is not None:
+            self._accept(token)
+        text, self.stopped_by_string = self._matcher.push(self._decoder.feed(token))
+        if self.stopped_by_string:
+            self.finish = "stop"
+        return Chunk(text, token, logprob=picked.logprob, top_logprobs=picked.top_logprobs)
+
+    def last(self, cached: int, prompt_seconds: float, generation_seconds: float) -> Chunk:
+        """The final chunk: what the decoder and the matcher still hold, finish_reason and usage."""
+        text = ""
+        if not self.stopped_by_string:
+            # what the decoder and the matcher still hold is text too; a stop string may yet complete in
+            # the decoder's last bytes
+            text, self.stopped_by_string = self._matcher.push(self._decoder.flush())
+            if self.stopped_by_string:
+                self.finish = "stop"
+            else:
+                text += self._matcher.flush()
+        usage = Usage(self.prompt_tokens, cached, self.produced, prompt_seconds, generation_seconds)
+        return Chunk(text, None, self.finish, usage)
+
+
+def _generate(model, prompt_ids: list[int], max_tokens: int | None, sampler, stop_ids: frozenset[int],
+              stops: tuple[str, ...], n_keep: int | None = None) -> Iterator[Chunk]:
+    t0 = time.perf_counter()
+    logits, cached = model.eval_prompt(prompt_ids)
+    t1 = time.perf_counter()
+    rules = Continuation(model.tokenizer, prompt_ids, max_tokens, sampler, stop_ids, stops)
+    while rules.room:
+        chunk = rules.next(logits)
+        if chunk is None:
             break
-        produced += 1
-        if accept is not None:
-            accept(token)
-        text, stopped_by_string = matcher.push(decoder.feed(token))
-        yield Chunk(text, token, logprob=picked.logprob, top_logprobs=picked.top_logprobs)
-        if stopped_by_string:
-            finish = "stop"
+        yield chunk
+        if rules.stopped_by_string:
             break
         if model.state.n_past >= model.n_ctx:
             if n_keep is None:
                 break  # the context is full: nothing more fits
             model.shift_context(n_keep, (model.state.n_past - n_keep) // 2)
-        if max_tokens is not None and produced >= max_tokens:
+        if not rules.room:
             break
-        logits = model.eval([token])
-    text = ""
-    if not stopped_by_string:
-        # what the decoder and the matcher still hold is text too; a stop string may yet complete in
-        # the decoder's last bytes
-        text, stopped_by_string = matcher.push(decoder.flush())
-        if stopped_by_string:
-            finish = "stop"
-        else:
-            text += matcher.flush()
-    usage = Usage(len(prompt_ids), cached, produced, t1 - t0, time.perf_counter() - t1)
-    yield Chunk(text, None, finish, usage)
+        logits = model.eval([chunk.token])
+    yield rules.last(cached, t1 - t0, time.perf_counter() - t1)

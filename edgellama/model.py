@@ -505,6 +505,13 @@ class Model:
         of stopping.  ``stop``: strings that end the reply (the text before one is kept).
         ``sampler`` or the sampling settings as keywords: as for ``generate``.
         """
+        ids, n_keep, stop_ids = self.chat_prompt(messages, template, self.n_ctx)
+        return self.generate(ids, max_tokens=max_tokens, sampler=sampler, stop=stop, stop_ids=stop_ids,
+                             context_shift=True, n_keep=n_keep, **sampling)
+
+    def chat_prompt(self, messages, template: str | None, n_ctx: int) -> tuple[list[int], int, frozenset[int]]:
+        """A conversation as ``chat`` runs it in a context of ``n_ctx``: (prompt ids, the tokens a
+        context shift keeps: at least the system prompt, the template's end-of-turn ids)."""
         from .chat import chat_prompt_ids, end_of_turn_ids, template_for
 
         template = template_for(self.tokenizer, self.file.get("tokenizer.chat_template") if template is None
@@ -514,9 +521,32 @@ class Model:
         n_keep = 4
         if messages and messages[0].get("role") == "system":
             n_keep = max(n_keep, len(chat_prompt_ids(self.tokenizer, messages[:1], template)))
-        return self.generate(ids, max_tokens=max_tokens, sampler=sampler, stop=stop,
-                             stop_ids=end_of_turn_ids(self.tokenizer, template), context_shift=True,
-                             n_keep=min(n_keep, self.n_ctx // 2 - 1), **sampling)
+        return ids, min(n_keep, n_ctx // 2 - 1), frozenset(end_of_turn_ids(self.tokenizer, template))
+
+    # ----- several sequences at once (edgellama.batch) ----------------------------------------------
+
+    def batch(self, n_slots: int = 4, n_ctx: int | None = None, n_batch: int | None = None):
+        """A ``batch.Batch`` of ``n_slots`` sequences (KV cache regions of ``n_ctx`` positions each,
+        default the model's) evaluated together: ``add``, ``step``, ``remove``."""
+        from .batch import Batch
+
+        return Batch(self, n_slots=n_slots, n_ctx=n_ctx, n_batch=n_batch)
+
+    def generate_many(self, prompts, max_tokens: int | None = 64, *, parallel: int = 4, **options):
+        """Generate for every prompt, ``parallel`` at a time in one batch; a list of ``batch.Generated``
+        texts (with ``.chunks``, ``.tokens``, ``.finish_reason``, ``.usage``), each exactly what the
+        prompt gets alone.  Options as ``generate``'s (sampling settings as keywords)."""
+        from .batch import generate_many
+
+        return generate_many(self, prompts, max_tokens, parallel=parallel, **options)
+
+    def embed(self, texts, add_bos: bool | None = None, normalize: bool = True) -> np.ndarray:
+        """Embeddings (len(texts), dim) float32: the mean over each text's tokens of the last layer's
+        output after the final norm, L2-normalized (llama.cpp's ``--embedding --pooling mean``).
+        A text is a string or a list of token ids; texts are evaluated together (edgellama.embed)."""
+        from .embed import embed
+
+        return embed(self, texts, add_bos=add_bos, normalize=normalize)
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32

@@ -4,18 +4,20 @@ Endpoints (JSON in, JSON out; ``"stream": true`` answers with server-sent events
 
 * ``POST /v1/chat/completions``: messages rendered with the model's chat template;
 * ``POST /v1/completions``: a raw prompt (text or token ids);
-* ``GET /v1/models``, ``GET /health``.
+* ``POST /v1/embeddings``: mean-pooled, normalized embeddings (as llama.cpp's ``--pooling mean``);
+* ``GET /v1/models``, ``GET /health``, ``GET /slots`` (what each slot does; no prompt contents).
 
 Shape: an asyncio front end and one model worker.
 
-* **The model worker** (``Engine``) is one thread that owns the model and takes jobs from a line:
-  one generation at a time, in arrival order, up to ``max_queue`` more waiting (beyond them: 503
-  with Retry-After).  The cached prefix of the previous request is reused (a chat's next turn
-  evaluates only what is new).  A job formats its reply as it goes (a whole JSON reply, or SSE
-  events) into its own bounded output buffer (``Job``): the model runs at full speed whatever the
-  client's reading pace, and is free for the next job as soon as the generation ends, while the
-  bytes drain to the client.  A later change can run several jobs in parallel slots without
-  touching the front end: each job already streams back through its own buffer.
+* **The model worker** is one thread that owns the model and takes jobs from a line.  ``Engine``
+  (the default): one generation at a time, in arrival order, up to ``max_queue`` more waiting
+  (beyond them: 503 with Retry-After); the cached prefix of the previous request is reused (a
+  chat's next turn evaluates only what is new).  ``SlotEngine`` (``--parallel N``): N generations
+  at once in slots with their own KV caches, evaluated together in batched steps, new requests
+  joining between two steps, and ``max_queue`` waiting beyond the slots (see its docstring).
+  A job formats its reply as it goes (a whole JSON reply, or SSE events: ``Reply``) into its own
+  bounded output buffer (``Job``): the model runs at full speed whatever the client's reading pace,
+  and is free for the next job as soon as the generation ends, while the bytes drain to the client.
 * **The front end** is one asyncio event loop (``Server``, asyncio streams: no dependencies).  A
   waiting socket costs a coroutine and a transport, not a thread.  Measured on the 2-core test
   machine (tiny test model, the server in its own process): 1000 or 5000 idle connections cost
@@ -87,7 +89,7 @@ from .chat import ChatTemplateError
 from .generate import MAX_STOP_CHARS, Chunk
 from .sampling import MAX_LOGPROBS, SAMPLING_OPTIONS, Sampler
 
-__all__ = ["ServerConfig", "Engine", "Job", "Server", "make_server", "serve"]
+__all__ = ["ServerConfig", "Engine", "SlotEngine", "Job", "Server", "make_server", "serve"]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 MAX_STOP_STRINGS = 4             # as OpenAI (the Python API takes generate.MAX_STOP_STRINGS)
@@ -115,6 +117,8 @@ class ServerConfig:
     max_connections: int = 1024        # open connections (a new one closes the oldest unfinished request)
     max_connections_per_client: int = 256  # open connections from one client address (IPv6: one /64)
     socket_send_buffer: int = 0        # SO_SNDBUF of client sockets (0: the kernel's own sizing)
+    parallel: int = 1                  # slots: requests generated at once (each with n_ctx / parallel positions)
+    batch_size: int | None = None      # with parallel > 1: tokens per step (default batch.DEFAULT_BATCH_ROWS)
 
 
 class APIError(Exception):
@@ -363,6 +367,68 @@ def parse_completion(body: dict, chat: bool, n_vocab: int, n_ctx: int) -> Comple
     return Completion(chat, messages, prompt, max_tokens, sampler, stop, stream, include_usage, special)
 
 
+MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
+
+
+@dataclass
+class Embedding:
+    """A checked /v1/embeddings request."""
+
+    inputs: list[str | list[int]]
+    base64: bool                       # encoding_format "base64": little-endian float32 bytes
+
+
+def parse_embedding(body: dict, n_vocab: int) -> Embedding:
+    """Every field of an embeddings request checked (OpenAI's shape: ``input`` a string, an array of
+    strings, an array of token ids or an array of arrays of them; a 400 naming the field otherwise)."""
+    _field(body, "model", (str,))  # any name: a one-model server serves it
+    if body.get("dimensions") is not None:
+        raise APIError(400, "'dimensions' is not supported (the model's embeddings have one size)", param="dimensions")
+    fmt = _field(body, "encoding_format", (str,), "float")
+    if fmt not in ("float", "base64"):
+        raise APIError(400, "'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
+    value = body.get("input", _MISSING)
+    if isinstance(value, str) or (isinstance(value, list) and value and all(is_int(t) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'input' must be a non-empty string or array of strings or token-id arrays", param="input")
+    if len(value) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"'input' has {len(value)} items, at most {MAX_EMBEDDING_INPUTS} are accepted",
+                       param="input")
+    inputs: list[str | list[int]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str) and item:
+            inputs.append(item)
+        elif isinstance(item, list) and item and all(is_int(t) for t in item):
+            if not all(0 <= t < n_vocab for t in item):
+                raise APIError(400, f"input[{i}] has a token id outside the vocabulary [0, {n_vocab})", param="input")
+            inputs.append([int(t) for t in item])
+        else:
+            raise APIError(400, f"input[{i}] must be a non-empty string or array of token ids", param="input")
+    return Embedding(inputs, fmt == "base64")
+
+
+def run_embedding(engine, request: Embedding, job: Job) -> None:
+    """Embeddings on the worker: tokenize, evaluate every input together, answer in OpenAI's shape."""
+    import base64
+
+    import numpy as np
+
+    model = engine.model
+    ids = [model.tokenize(x) if isinstance(x, str) else x for x in request.inputs]
+    vectors = model.embed(ids)
+    data = []
+    for i, vec in enumerate(vectors):
+        if request.base64:
+            value: Any = base64.b64encode(np.asarray(vec, "<f4").tobytes()).decode("ascii")
+        else:
+            value = [float(v) for v in vec]
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    n = sum(len(x) for x in ids)
+    body = {"object": "list", "data": data, "model": engine.name, "usage": {"prompt_tokens": n, "total_tokens": n}}
+    job.respond(200, dict(_JSON), json.dumps(body).encode())
+
+
 # ----- the model worker -------------------------------------------------------------------------------
 
 class JobStopped(Exception):
@@ -392,6 +458,9 @@ class Job:
         self.cancelled = False
         self.overflowed = False
         self.on_overflow: Callable[[], None] | None = None  # called on the loop when the buffer overflows
+        self.completion: Completion | None = None  # a completion a SlotEngine runs in a slot (else: work)
+        self.seq = None                  # its batch.Sequence, once in a slot
+        self.reply: Reply | None = None  # and its reply in the making
         self._pieces: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self._lock = threading.Lock()
@@ -497,6 +566,13 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="edgellama-model", daemon=True)
         self._thread.start()
 
+    n_slots = 1
+
+    @property
+    def n_ctx(self) -> int:
+        """The context one request gets."""
+        return self.model.n_ctx
+
     @property
     def waiting(self) -> int:
         return len(self._line)
@@ -504,6 +580,12 @@ class Engine:
     def idle(self) -> bool:
         with self._cond:
             return self.running is None and not self._line
+
+    def status(self) -> list[dict]:
+        """The one slot: whether a request runs, and how many tokens the cache holds."""
+        running = self.running
+        return [{"id": 0, "n_ctx": self.n_ctx, "state": "idle" if running is None else "processing",
+                 "n_cached": len(self.model.state.tokens)}]
 
     def submit(self, job: Job) -> None:
         """Put a job in line, or fail with 503 (the line is full)."""
@@ -574,6 +656,204 @@ class Engine:
             job.fail(error)
             if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
                 raise
+
+
+class SlotEngine:
+    """The model with ``n_slots`` parallel slots (``edgellama serve --parallel N``): one worker thread
+    owns the model and a ``batch.Batch``; between two steps of the batch it starts waiting requests in
+    free slots (a request goes to the free slot holding the longest prefix of its prompt: a chat's next
+    turn finds its context there) and drops the ones whose client left; each step evaluates one token
+    of every generating request and the next prompt tokens of the others (a long prompt advances a
+    piece at a time, so that it never stalls the streams for long); each request's chunks stream into
+    its own job's buffer.  Beyond the slots, ``max_queue`` requests may wait (503 beyond them).
+    Other model work (embeddings) runs on the worker between two steps.  A request's reply is the
+    same whatever runs beside it (batch invariance: edgellama.batch)."""
+
+    def __init__(self, model, name: str, n_slots: int, max_queue: int = 8, n_ctx: int | None = None,
+                 n_batch: int | None = None, on_fatal: Callable[[BaseException], None] | None = None):
+        from .batch import Batch
+
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model
+        self.name = name
+        self.created = int(time.time())
+        self.max_queue = max_queue
+        self.batch = Batch(model, n_slots=n_slots, n_ctx=n_ctx, n_batch=n_batch)
+        self.n_slots = n_slots
+        self.running: list[Job] = []             # jobs in a slot (or a plain job being run)
+        self.finished = 0
+        self.fatal: BaseException | None = None
+        self._on_fatal = on_fatal
+        self._line: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._status = self.batch.status()
+        self._thread = threading.Thread(target=self._work, name="edgellama-model", daemon=True)
+        self._thread.start()
+
+    @property
+    def n_ctx(self) -> int:
+        return self.batch.n_ctx
+
+    @property
+    def waiting(self) -> int:
+        return len(self._line)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self.running and not self._line
+
+    def status(self) -> list[dict]:
+        """Each slot's state after the last step (no contents of anyone's prompt)."""
+        return self._status
+
+    def warm_up(self) -> None:
+        """Compile (or load) the batched kernel before the first request: one token in a slot."""
+        self.batch.rows.forward([self.model.tokenizer.bos_id or 0], [0], [0], [0])
+
+    def submit(self, job: Job) -> None:
+        """Put a job in line, or fail with 503 (every slot is busy and the line is full)."""
+        with self._cond:
+            if self._closed or self.fatal is not None:
+                raise _busy("the server is shutting down")
+            if len(self._line) + len(self.running) >= self.n_slots + self.max_queue:
+                raise _busy("the server is busy: too many requests are waiting; retry later")
+            self._line.append(job)
+            self._cond.notify()
+
+    def discard(self, job: Job) -> None:
+        """A cancelled job: out of the line at once; a running one leaves its slot before the next step."""
+        with self._cond:
+            try:
+                self._line.remove(job)
+            except ValueError:
+                self._cond.notify()
+                return
+            self.finished += 1
+            self._cond.notify_all()
+        job.finish()
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closed = True
+            for job in [*self._line, *self.running]:
+                job.cancelled = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # --- the worker ---
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._line and not self.running:
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    free = self.batch.free_slots()
+                    starting = []
+                    while self._line and (self._line[0].completion is None or free > 0):
+                        job = self._line.popleft()
+                        if job.completion is not None:
+                            free -= 1
+                        self.running.append(job)
+                        starting.append(job)
+                for job in starting:
+                    self._start(job)
+                self._drop_stopped()
+                if self.batch.active:
+                    self._step()
+                self._status = self.batch.status()
+        except BaseException as e:  # KeyboardInterrupt, SystemExit: the worker stops
+            self.fatal = e
+            for job in list(self.running):
+                job.fail(_busy("the server is shutting down"))
+                self._done(job)
+            if self._on_fatal is not None:
+                self._on_fatal(e)
+
+    def _done(self, job: Job) -> None:
+        with self._cond:
+            if job in self.running:
+                self.running.remove(job)
+            self.finished += 1
+            self._cond.notify_all()
+        job.finish()
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        error = _generation_error(e, job.param)
+        if error.status >= 500:
+            print(f"edgellama serve: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exception(e, file=sys.stderr)
+        job.fail(error)
+        if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise e
+
+    def _start(self, job: Job) -> None:
+        """Into a slot (a completion), or run now (other work); errors answered as JSON."""
+        request = job.completion
+        if job.cancelled:
+            self._done(job)
+            return
+        try:
+            if request is None:
+                job.work(job)
+                self._done(job)
+                return
+            if request.chat:
+                seq = self.batch.add_chat(request.messages, request.max_tokens, sampler=request.sampler,
+                                          stop=request.stop, tag=job)
+            else:
+                seq = self.batch.add(request.prompt, request.max_tokens, sampler=request.sampler, stop=request.stop,
+                                     add_bos=None if isinstance(request.prompt, str) else False,
+                                     special=request.special, tag=job)
+            job.seq = seq
+            job.reply = Reply(self, request, job)
+        except JobStopped:
+            self._done(job)
+        except BaseException as e:  # noqa: B036 (a tokenizer's PanicException is a BaseException)
+            self._fail(job, e)
+            self._done(job)
+
+    def _drop_stopped(self) -> None:
+        """Jobs whose client left (or whose buffer overflowed) leave their slot now."""
+        for job in list(self.running):
+            seq = job.seq
+            if seq is not None and (job.cancelled or job.overflowed):
+                self.batch.remove(seq)
+                self._done(job)
+
+    def _step(self) -> None:
+        try:
+            events = self.batch.step()
+        except Exception as e:  # a failure of the model: every running request gets the error
+            for job in list(self.running):
+                seq = job.seq
+                if seq is not None:
+                    self.batch.remove(seq)
+                    self._fail(job, e)
+                    self._done(job)
+            return
+        for seq, chunk in events:
+            job = seq.tag
+            if job.done:
+                continue
+            try:
+                job.reply.add(chunk)
+                if chunk.finish_reason is not None:
+                    job.reply.finish()
+                    self._done(job)
+            except JobStopped:
+                self.batch.remove(seq)
+                self._done(job)
+        for job in list(self.running):  # sequences that failed on their own (their sampler)
+            seq = job.seq
+            if seq is not None and seq.error is not None and not job.done:
+                self._fail(job, seq.error)
+                self._done(job)
 
 
 def _generation_error(e: BaseException, param: str | None) -> APIError:
@@ -653,7 +933,10 @@ def run_completion(engine: Engine, request: Completion, job: Job) -> None:
     chunks = iter(chunks)
     try:
         first = next(chunks)  # the prompt is evaluated here: its errors are still a JSON status
-        (_stream_reply if request.stream else _whole_reply)(engine, request, job, first, chunks)
+        reply = Reply(engine, request, job)
+        for chunk in _all_chunks(job, first, chunks):
+            reply.add(chunk)
+        reply.finish()
     finally:
         if hasattr(chunks, "close"):
             chunks.close()
@@ -667,64 +950,78 @@ def _all_chunks(job: Job, first: Chunk, chunks: Iterator[Chunk]) -> Iterator[Chu
         yield chunk
 
 
-def _whole_reply(engine: Engine, request: Completion, job: Job, first: Chunk, chunks: Iterator[Chunk]) -> None:
-    text, logprobs, last = [], [], first
-    for chunk in _all_chunks(job, first, chunks):
-        text.append(str(chunk))
-        if chunk.logprob is not None:
-            logprobs.append(chunk)
-        last = chunk
-    tok = engine.model.tokenizer
-    if request.chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                  "logprobs": _chat_logprobs(tok, logprobs), "finish_reason": last.finish_reason}
-    else:
-        choice = {"index": 0, "text": "".join(text), "logprobs": _completion_logprobs(tok, logprobs),
-                  "finish_reason": last.finish_reason}
-    body = {"id": _new_id(request.chat), "object": "chat.completion" if request.chat else "text_completion",
-            "created": int(time.time()), "model": engine.name, "choices": [choice], "usage": _usage(last),
-            "system_fingerprint": _FINGERPRINT}
-    job.respond(200, dict(_JSON), json.dumps(body).encode())
+class Reply:
+    """A completion's answer, made from its chunks as they come: a whole JSON reply at the end, or
+    server-sent events as it goes (the status and the role event with the first chunk)."""
 
+    def __init__(self, engine, request: Completion, job: Job):
+        self.engine, self.request, self.job = engine, request, job
+        self.tokenizer = engine.model.tokenizer
+        self.text: list[str] = []
+        self.logprobs: list[Chunk] = []
+        self.last: Chunk | None = None
+        self.ended = False             # a stream has sent its last text event
+        self.ident, self.created = _new_id(request.chat), int(time.time())
 
-def _stream_reply(engine: Engine, request: Completion, job: Job, first: Chunk, chunks: Iterator[Chunk]) -> None:
-    chat, tok = request.chat, engine.model.tokenizer
-    job.respond(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    ident, created = _new_id(chat), int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
+    def add(self, chunk: Chunk) -> None:
+        if self.last is None and self.request.stream:
+            self.job.respond(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            if self.request.chat:
+                self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+        self.last = chunk
+        if not self.request.stream:
+            self.text.append(str(chunk))
+            if chunk.logprob is not None:
+                self.logprobs.append(chunk)
+            return
+        if self.ended:
+            return
+        if chunk.token is None:
+            self.ended = True
+            if str(chunk):  # the held-back end of the text
+                self._event([self._choice(chunk)])
+        elif str(chunk) or chunk.logprob is not None:
+            self._event([self._choice(chunk)])
 
-    def event(choices: list, usage: dict | None = None) -> None:
-        payload = {"id": ident, "object": kind, "created": created, "model": engine.name,
-                   "system_fingerprint": _FINGERPRINT, "choices": choices}
+    def finish(self) -> None:
+        """After the last chunk: the whole reply, or the stream's closing events."""
+        request, job, last, tok = self.request, self.job, self.last, self.tokenizer
+        if not request.stream:
+            if request.chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": "".join(self.text)},
+                          "logprobs": _chat_logprobs(tok, self.logprobs), "finish_reason": last.finish_reason}
+            else:
+                choice = {"index": 0, "text": "".join(self.text), "logprobs": _completion_logprobs(tok, self.logprobs),
+                          "finish_reason": last.finish_reason}
+            body = {"id": self.ident, "object": "chat.completion" if request.chat else "text_completion",
+                    "created": self.created, "model": self.engine.name, "choices": [choice], "usage": _usage(last),
+                    "system_fingerprint": _FINGERPRINT}
+            job.respond(200, dict(_JSON), json.dumps(body).encode())
+            return
+        end = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
+        end.update({"delta": {}} if request.chat else {"text": ""})
+        self._event([end])
         if request.include_usage:
-            payload["usage"] = usage
-        job.put(b"data: " + json.dumps(payload).encode() + b"\n\n")
+            self._event([], _usage(last))
+        job.put(b"data: [DONE]\n\n")
 
-    def choice(chunk: Chunk) -> dict:
-        if chat:
+    def _event(self, choices: list, usage: dict | None = None) -> None:
+        payload = {"id": self.ident, "object": "chat.completion.chunk" if self.request.chat else "text_completion",
+                   "created": self.created, "model": self.engine.name, "system_fingerprint": _FINGERPRINT,
+                   "choices": choices}
+        if self.request.include_usage:
+            payload["usage"] = usage
+        self.job.put(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    def _choice(self, chunk: Chunk) -> dict:
+        tok = self.tokenizer
+        if self.request.chat:
             return {"index": 0, "delta": {"content": str(chunk)}, "logprobs": _chat_logprobs(tok, [chunk]),
                     "finish_reason": None}
         return {"index": 0, "text": str(chunk),
                 "logprobs": _completion_logprobs(tok, [chunk] if chunk.logprob is not None else []),
                 "finish_reason": None}
-
-    if chat:
-        event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
-    last = first
-    for chunk in _all_chunks(job, first, chunks):
-        last = chunk
-        if chunk.token is None:
-            if str(chunk):  # the held-back end of the text
-                event([choice(chunk)])
-            break
-        if str(chunk) or chunk.logprob is not None:
-            event([choice(chunk)])
-    end = {"index": 0, "logprobs": None, "finish_reason": last.finish_reason}
-    end.update({"delta": {}} if chat else {"text": ""})
-    event([end])
-    if request.include_usage:
-        event([], _usage(last))
-    job.put(b"data: [DONE]\n\n")
 
 
 # ----- HTTP on an event loop -------------------------------------------------------------------------------
@@ -840,7 +1137,12 @@ class Server:
         _check_config(config)
         self.config = config
         name = config.model_name or os.path.basename(str(model.path)).removesuffix(".gguf")
-        self.engine = Engine(model, name, config.max_queue, on_fatal=self._fatal)
+        if config.parallel > 1:
+            self.engine = SlotEngine(model, name, config.parallel, config.max_queue,
+                                     n_ctx=model.n_ctx // config.parallel, n_batch=config.batch_size,
+                                     on_fatal=self._fatal)
+        else:
+            self.engine = Engine(model, name, config.max_queue, on_fatal=self._fatal)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -1182,31 +1484,49 @@ class Server:
             raise APIError(405, f"{method[:20]} is not allowed here", headers={"Allow": "GET, HEAD, POST, OPTIONS"})
         if method in ("GET", "HEAD"):
             if path == "/health":
-                body = {"status": "ok"}
+                body = self._health()
+            elif path == "/slots":
+                body = self.engine.status()
             elif path == "/v1/models":
                 body = {"object": "list", "data": [self._model_card()]}
             elif path == f"/v1/models/{self.engine.name}":
                 body = self._model_card()
-            elif path in ("/v1/chat/completions", "/v1/completions"):
+            elif path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
                 raise APIError(405, f"use POST for {path}", headers={"Allow": "POST"})
             else:
                 raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
             await self._send(conn, request, 200, body, None, request.keep_alive)
             return True
-        if path not in ("/v1/chat/completions", "/v1/completions"):
+        if path not in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             raise APIError(404, f"no such endpoint: {path[:100]}", code="not_found")
         model = self.engine.model
-        completion = parse_completion(_json_body(request.body or b""), path == "/v1/chat/completions",
-                                      model.args.n_vocab, model.n_ctx)
-        job = Job(lambda job: run_completion(self.engine, completion, job), asyncio.get_running_loop(),
-                  self.config.max_output_buffer, param=completion.param)
+        loop = asyncio.get_running_loop()
+        if path == "/v1/embeddings":
+            embedding = parse_embedding(_json_body(request.body or b""), model.args.n_vocab)
+            job = Job(lambda job: run_embedding(self.engine, embedding, job), loop, self.config.max_output_buffer,
+                      param="input")
+        else:
+            completion = parse_completion(_json_body(request.body or b""), path == "/v1/chat/completions",
+                                          model.args.n_vocab, self.engine.n_ctx)
+            job = Job(lambda job: run_completion(self.engine, completion, job), loop, self.config.max_output_buffer,
+                      param=completion.param)
+            job.completion = completion
         self.engine.submit(job)
         return await self._deliver(conn, request, job)
+
+    def _health(self) -> dict:
+        """{"status": "ok"}; with parallel slots also how many are idle or busy, and the line."""
+        if self.engine.n_slots == 1:
+            return {"status": "ok"}
+        states = [slot["state"] for slot in self.engine.status()]
+        idle = states.count("idle")
+        return {"status": "ok", "slots_idle": idle, "slots_processing": len(states) - idle,
+                "requests_waiting": self.engine.waiting}
 
     def _model_card(self) -> dict:
         m = self.engine.model
         return {"id": self.engine.name, "object": "model", "created": self.engine.created, "owned_by": "edgellama",
-                "meta": {"n_ctx": m.n_ctx, "n_vocab": m.args.n_vocab}}
+                "meta": {"n_ctx": self.engine.n_ctx, "n_vocab": m.args.n_vocab, "n_parallel": self.engine.n_slots}}
 
     async def _deliver(self, conn: _Connection, request: Request, job: Job) -> bool:
         """The job's reply, at the client's pace; a lost connection cancels the job."""
@@ -1286,6 +1606,9 @@ def _check_config(config: ServerConfig) -> None:
     if config.max_output_buffer <= 0 or config.socket_send_buffer < 0:
         raise ValueError(f"max_output_buffer must be positive and socket_send_buffer >= 0, got "
                          f"{config.max_output_buffer} and {config.socket_send_buffer}")
+    if config.parallel < 1 or (config.batch_size is not None and config.batch_size < config.parallel):
+        raise ValueError(f"parallel must be >= 1 and batch_size >= parallel, got {config.parallel} and "
+                         f"{config.batch_size}")
 
 
 def make_server(model, config: ServerConfig) -> Server:
@@ -1322,7 +1645,13 @@ def serve(model, config: ServerConfig) -> int:
     if not config.api_key and config.host not in LOOPBACK_NAMES and not config.host.startswith("127."):
         print("edgellama serve: warning: listening beyond this machine without --api-key", file=sys.stderr)
 
-    server.on_ready = lambda: print(f"edgellama serve: {server.engine.name} (n_ctx {model.n_ctx}, "
+    if config.parallel > 1:  # the batched kernel is compiled (or loaded) before the first request
+        from .kernel_cache import CompileProgress
+
+        with CompileProgress(None, sys.stderr, prefix="edgellama serve"):
+            server.engine.warm_up()
+    slots = f"{config.parallel} slots of {server.engine.n_ctx}" if config.parallel > 1 else f"n_ctx {model.n_ctx}"
+    server.on_ready = lambda: print(f"edgellama serve: {server.engine.name} ({slots}, "
                                     f"{model.threads} threads) listening on http://{shown}:{port}/v1",
                                     file=sys.stderr, flush=True)
     try:

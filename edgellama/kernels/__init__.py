@@ -19,15 +19,18 @@ Rooms:
 * ``ops``       RMSNorm, RoPE, SwiGLU;
 * ``attention`` prompt and one-token grouped-query attention;
 * ``decode``    the fused decode step and its argument bundles (named weight slots);
+* ``batch``     several sequences' tokens in one step (slots of KV cache, rows computed as decode does);
 * ``cache``     Numba's cache: one stamp over the whole package, lean loading.
 
 Importing this package compiles nothing: each kernel compiles (or loads from Numba's cache) on its
 first call.
 """
 
-from . import attention as _attention_room, decode as _decode_room, kv as _kv_room, layout as _layout_room
+from . import attention as _attention_room, batch as _batch_room, decode as _decode_room, kv as _kv_room
+from . import layout as _layout_room
 from . import llvm as _llvm_room, ops as _ops_room, products as _products_room
 from .attention import ATTN_SPAN, attention, attention_one
+from .batch import BatchBuffers, BatchRows, SlotCache, attention_jobs, attention_rows, forward_rows, store_rows
 from .cache import install as _install_cache
 from .common import BF16_TABLE, F16_TABLE, QK, SUPER_BLOCK, T_BF16, T_F16, T_F32, T_Q4_0, T_Q4_1, T_Q4_K, \
     T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0
@@ -48,5 +51,6 @@ from ..quants import F16_LOAD_WIDTH
 
 HALF_TABLES = HalfTables(F16_TABLE, BF16_TABLE)
 
-_install_cache([_attention_room, _decode_room, _kv_room, _layout_room, _llvm_room, _ops_room, _products_room])
+_install_cache([_attention_room, _batch_room, _decode_room, _kv_room, _layout_room, _llvm_room, _ops_room,
+                _products_room])
 _release_compiler_pages()  # what importing Numba touched of LLVM (its static initializers)

@@ -1,0 +1,284 @@
+"""Several sequences through the decoder in one compiled call (the batch step).
+
+A batch is a set of rows: each row is one token of one sequence, at its own position, with its own
+region of the KV cache (its slot).  A step may mix the next prompt tokens of some sequences with
+one generated token of others.  The products run over all rows at once (``matmul_packed``: each
+quantized weight is read once per step for every sequence, which is what makes a batch fast on a
+memory-bound decode), everything else is per row: RMSNorm, activation quantization, RoPE at the
+row's position, the KV store into the row's slot, and attention over the row's own slot.
+
+**Batch invariance.**  A row's numbers do not depend on the other rows of its batch, nor on how a
+prompt is cut into steps: the int8 tiles give every token the same arithmetic whatever the tile
+(tests/test_kernels_batch.py checks every type, tile size and position in the tile), float
+weights go through the one-token kernels row by row (never BLAS), and every row, prompt or
+generated, attends through the one-token path: spans of ATTN_SPAN cached positions, one job per
+(row, span, KV head) whatever the batch, merged per row in span order exactly as
+``attention_one`` merges them.  A generated token's row therefore computes what ``decode_token``
+computes for it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from .attention import ATTN_SPAN, _attend_span
+from .common import EXACT, T_F16, T_F32
+from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT,
+                     MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, Q8Activation)
+from .kv import _kv_store
+from .layout import embed_row, is_quantized
+from .llvm import _expf
+from .ops import _swiglu_inplace, rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
+from .products import matmul_packed, matvec_f32, matvec_half, quantize_q8, quantize_q8_rows
+
+# up to this many rows (a step of generated tokens), the per-row work runs on one thread: a few
+# microseconds each, less than waking the others (the products and attention still use them all)
+SERIAL_ROWS = 8
+
+
+class BatchRows(NamedTuple):
+    """What each row of a step carries."""
+
+    tokens: np.ndarray      # (R,) int64 token ids
+    positions: np.ndarray   # (R,) int64: the row's position in its sequence
+    slots: np.ndarray       # (R,) int64: the KV cache region (slot) of the row's sequence
+
+
+class SlotCache(NamedTuple):
+    """One KV cache region per slot: slot s is laid out exactly as a one-sequence cache."""
+
+    k: np.ndarray           # (n_slots, n_layers, n_kv_heads, n_ctx, row length) of a KV cache element type
+    v: np.ndarray           # the same for values
+
+
+class BatchBuffers(NamedTuple):
+    """What a step writes, for R rows (views of the first R rows of buffers allocated once), and M
+    output rows (the rows whose logits or hidden states are wanted)."""
+
+    x: np.ndarray           # (R, dim) residual stream
+    xb: np.ndarray          # (R, dim) normed / projected activations
+    qx: Q8Activation        # xb (or att) quantized: (R, dim) int8, (R, dim/32) x2, (R, dim/16)
+    q: np.ndarray           # (R, n_heads * head_dim) queries
+    k: np.ndarray           # (R, n_kv_heads * head_dim) keys
+    v: np.ndarray           # (R, n_kv_heads * head_dim) values
+    att: np.ndarray         # (R, dim) attention outputs
+    hb: np.ndarray          # (R, ffn) gate, then silu(gate) * up
+    hb2: np.ndarray         # (R, ffn) up
+    qh: Q8Activation        # hb quantized, (R, ffn)
+    attn_jobs: np.ndarray   # (R * n_spans,) int64: the row of each (row, span, KV head) attention job
+    attn_first: np.ndarray  # (R,) int64: each row's first job
+    attn_scratch: np.ndarray  # (n_chunks, head_dim + group * ATTN_SPAN): one per chunk of jobs
+    attn_partial: np.ndarray  # (R, n_spans, n_heads, head_dim + 2): each row's per-span partial sums
+    out_rows: np.ndarray    # (M,) int64: the rows whose final hidden state (and logits) are wanted
+    hidden: np.ndarray      # (M, dim): their final normed hidden states
+    qo: Q8Activation        # hidden quantized, (M, dim)
+    logits: np.ndarray      # (M, n_vocab)
+
+
+@njit(**EXACT)
+def _row_products(m, wtype, n_out, x, qx, out, tables):
+    """out (R, n_out) = x @ W.T: the int8 tiles over every row at once for a quantized W, the
+    one-token float kernels row by row otherwise (the numbers of decode, never BLAS's)."""
+    if is_quantized(wtype):
+        matmul_packed(m, wtype, n_out, qx.q, qx.d, qx.s, qx.sums, out)
+    elif wtype == T_F32:
+        for t in range(x.shape[0]):
+            matvec_f32(m, x[t], out[t])
+    elif wtype == T_F16:
+        for t in range(x.shape[0]):
+            matvec_half(m, x[t], out[t], tables.f16)
+    else:
+        for t in range(x.shape[0]):
+            matvec_half(m, x[t], out[t], tables.bf16)
+
+
+@njit(**EXACT)
+def _layer_products(w, layer, slot, x, qx, out, tables):
+    """out = x @ (matrix ``slot`` of layer ``layer``).T, the matrix found through mat_table."""
+    entry = w.mat_table[layer * N_LAYER_MATRICES + slot]
+    offset, n_rows, row_bytes, wtype = entry[MAT_OFFSET], entry[MAT_ROWS], entry[MAT_ROW_BYTES], entry[MAT_TYPE]
+    source = w.packed if is_quantized(wtype) else w.blob
+    m = source[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
+    _row_products(m, wtype, entry[MAT_OUT], x, qx, out, tables)
+
+
+# Per-row work: the one-token functions row by row, on one thread for a few rows, else in parallel
+# over rows (the same function computes each row either way: the same numbers).
+
+@njit(**EXACT)
+def _rmsnorm_rows(x, weight, eps, out):
+    if x.shape[0] > SERIAL_ROWS:
+        rmsnorm_rows(x, weight, eps, out)
+    else:
+        for t in range(x.shape[0]):
+            rmsnorm(x[t], weight, eps, out[t])
+
+
+@njit(**EXACT)
+def _quantize_rows(x, qx):
+    if x.shape[0] > SERIAL_ROWS:
+        quantize_q8_rows(x, qx.q, qx.d, qx.s, qx.sums)
+    else:
+        for t in range(x.shape[0]):
+            quantize_q8(x[t], qx.q[t], qx.d[t], qx.s[t], qx.sums[t])
+
+
+@njit(**EXACT)
+def _rope_rows(x, positions, n_heads, head_dim, rope_tables):
+    if x.shape[0] > SERIAL_ROWS:
+        rope_rows(x, positions, n_heads, head_dim, rope_tables.cos, rope_tables.sin)
+    else:
+        for t in range(x.shape[0]):
+            p = positions[t]
+            rope(x[t], n_heads, head_dim, rope_tables.cos[p], rope_tables.sin[p])
+
+
+@njit(**EXACT)
+def _swiglu_rows(gate, up):
+    if gate.shape[0] > SERIAL_ROWS:
+        swiglu(gate, up)
+    else:
+        for t in range(gate.shape[0]):
+            _swiglu_inplace(gate[t], up[t])
+
+
+@njit(**EXACT)
+def _store_row(k_cache, v_cache, layer, rows, k, v, t):
+    n_kv = k_cache.shape[2]
+    head_dim = k.shape[1] // n_kv
+    slot, pos = rows.slots[t], rows.positions[t]
+    for h in range(n_kv):
+        _kv_store(k[t, h * head_dim:(h + 1) * head_dim], k_cache[slot, layer, h, pos])
+        _kv_store(v[t, h * head_dim:(h + 1) * head_dim], v_cache[slot, layer, h, pos])
+
+
+@njit(parallel=True, **EXACT)
+def _store_rows_parallel(k_cache, v_cache, layer, rows, k, v):
+    for t in prange(k.shape[0]):
+        _store_row(k_cache, v_cache, layer, rows, k, v, t)
+
+
+@njit(**EXACT)
+def store_rows(k_cache, v_cache, layer, rows, k, v):
+    """Each row's key and value into its slot at its position, for every KV head.
+    k_cache, v_cache: (n_slots, n_layers, n_kv_heads, n_ctx, row length); k, v: (R, n_kv * head_dim)."""
+    if k.shape[0] > SERIAL_ROWS:
+        _store_rows_parallel(k_cache, v_cache, layer, rows, k, v)
+    else:
+        for t in range(k.shape[0]):
+            _store_row(k_cache, v_cache, layer, rows, k, v, t)
+
+
+@njit(**EXACT)
+def attention_jobs(rows, n_kv, jobs, first):
+    """The (row, span, KV head) jobs of one-token attention for every row: jobs[j] = the row of
+    job j, first[t] = row t's first job; returns their count."""
+    total = 0
+    for t in range(rows.positions.shape[0]):
+        first[t] = total
+        n = (rows.positions[t] + ATTN_SPAN) // ATTN_SPAN * n_kv  # spans over positions 0..pos
+        for j in range(n):
+            jobs[total + j] = t
+        total += n
+    return total
+
+
+@njit(parallel=True, **EXACT)
+def attention_rows(q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, scratch, partial, out):
+    """One-token grouped-query attention of every row over its own slot, positions 0..pos.
+
+    q, out: (R, n_heads, head_dim); k_cache, v_cache: (n_slots, n_layers, n_kv_heads, n_ctx, row);
+    jobs, first, n_jobs: from attention_jobs; scratch: (n_chunks, head_dim + group * ATTN_SPAN);
+    partial: (R, n_spans, n_heads, head_dim + 2).  Each job is ``attention_one``'s job for that
+    row, span and KV head, and each row's spans are merged as ``attention_one`` merges them: a row
+    gets attention_one's numbers, whatever the other rows and whichever chunk runs its jobs.
+    """
+    n_rows, n_heads, head_dim = q.shape
+    n_kv = k_cache.shape[2]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_chunks = min(scratch.shape[0], n_jobs)
+    for c in prange(n_chunks):
+        for job in range(c, n_jobs, n_chunks):
+            t = jobs[job]
+            local = job - first[t]
+            span, kv = local // n_kv, local % n_kv
+            n_pos = rows.positions[t] + 1
+            slot = rows.slots[t]
+            _attend_span(q[t], k_cache[slot, layer], v_cache[slot, layer], kv, span * ATTN_SPAN,
+                         min(n_pos, (span + 1) * ATTN_SPAN), scale, scratch[c], partial[t, span])
+    for t in prange(n_rows):
+        n_spans = (rows.positions[t] + ATTN_SPAN) // ATTN_SPAN
+        p = partial[t]
+        o = out[t]
+        for h in range(n_heads):
+            best = np.float32(-np.inf)
+            for s in range(n_spans):
+                best = max(best, p[s, h, head_dim])
+            total = 0.0
+            o[h, :] = 0.0
+            for s in range(n_spans):
+                w = _expf(p[s, h, head_dim] - best)
+                total += p[s, h, head_dim + 1] * w
+                for i in range(head_dim):
+                    o[h, i] += w * p[s, h, i]
+            inv = np.float32(1.0 / total)
+            for i in range(head_dim):
+                o[h, i] *= inv
+
+
+@njit(**EXACT)
+def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
+    """Run every row of a step through the decoder: rows (BatchRows) of R tokens, each at its
+    position in its slot of ``cache`` (SlotCache), whose K/V there it writes; then the final
+    normed hidden state of each of buf.out_rows into buf.hidden and, with ``want_logits``, their
+    logits into buf.logits.  w: DecodeWeights; dims: Dims; rope_tables: RopeTables;
+    buf: BatchBuffers of R rows; tables: HalfTables.
+    """
+    n_heads, n_kv_heads, head_dim = dims.n_heads, dims.n_kv_heads, dims.head_dim
+    n_rows = rows.tokens.shape[0]
+    x, xb, att, hb = buf.x, buf.xb, buf.att, buf.hb
+    for t in range(n_rows):
+        embed_row(w.embd, w.embd_type, w.embd_packed, rows.tokens[t], x[t], tables.f16, tables.bf16)
+    n_jobs = attention_jobs(rows, n_kv_heads, buf.attn_jobs, buf.attn_first)
+    q3 = buf.q.reshape(n_rows, n_heads, head_dim)
+    att3 = att.reshape(n_rows, n_heads, head_dim)
+    for l in range(w.norms.shape[0]):
+        # attention block: pre-norm, one quantized activation per row shared by q, k and v
+        _rmsnorm_rows(x, w.norms[l, 0], dims.eps, xb)
+        _quantize_rows(xb, buf.qx)
+        _layer_products(w, l, ATTN_Q, xb, buf.qx, buf.q, tables)
+        _layer_products(w, l, ATTN_K, xb, buf.qx, buf.k, tables)
+        _layer_products(w, l, ATTN_V, xb, buf.qx, buf.v, tables)
+        _rope_rows(buf.q, rows.positions, n_heads, head_dim, rope_tables)
+        _rope_rows(buf.k, rows.positions, n_kv_heads, head_dim, rope_tables)
+        # every row's key/value enter its slot first, then each row attends over its slot's 0..pos
+        store_rows(cache.k, cache.v, l, rows, buf.k, buf.v)
+        attention_rows(q3, cache.k, cache.v, l, rows, buf.attn_jobs, buf.attn_first, n_jobs, buf.attn_scratch,
+                       buf.attn_partial, att3)
+        # output projection and residual
+        _quantize_rows(att, buf.qx)
+        _layer_products(w, l, ATTN_OUTPUT, att, buf.qx, xb, tables)
+        for t in range(n_rows):
+            for i in range(x.shape[1]):
+                x[t, i] += xb[t, i]
+        # feed-forward block: pre-norm, SwiGLU, down projection, residual
+        _rmsnorm_rows(x, w.norms[l, 1], dims.eps, xb)
+        _quantize_rows(xb, buf.qx)
+        _layer_products(w, l, FFN_GATE, xb, buf.qx, hb, tables)
+        _layer_products(w, l, FFN_UP, xb, buf.qx, buf.hb2, tables)
+        _swiglu_rows(hb, buf.hb2)
+        _quantize_rows(hb, buf.qh)
+        _layer_products(w, l, FFN_DOWN, hb, buf.qh, xb, tables)
+        for t in range(n_rows):
+            for i in range(x.shape[1]):
+                x[t, i] += xb[t, i]
+    # final norm of the wanted rows, and their vocabulary projection
+    for i in range(buf.out_rows.shape[0]):
+        rmsnorm(x[buf.out_rows[i]], w.output_norm, dims.eps, buf.hidden[i])
+    if want_logits:
+        _quantize_rows(buf.hidden, buf.qo)
+        _row_products(w.output, w.output_type, buf.logits.shape[1], buf.hidden, buf.qo, buf.logits, tables)
