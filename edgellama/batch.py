@@ -44,9 +44,10 @@ class SlotsBusyError(RuntimeError):
 
 class Rows:
     """The buffers of a batched forward pass over up to ``n_rows`` rows in ``n_slots`` KV cache
-    regions of ``n_ctx`` positions (allocated once; the cache's pages cost memory when written)."""
+    regions of ``n_ctx`` positions, logits for up to ``n_logits`` of them (default: one per slot),
+    allocated once (the cache's pages cost memory when written)."""
 
-    def __init__(self, model, n_slots: int, n_ctx: int, n_rows: int):
+    def __init__(self, model, n_slots: int, n_ctx: int, n_rows: int, n_logits: int | None = None):
         a = model.args
         f32 = np.float32
         self.model = model
@@ -73,15 +74,15 @@ class Rows:
         self._partial = np.zeros((n_rows, n_spans, a.n_heads, a.head_dim + 2), f32)  # per row and span
         self._hidden = np.zeros((n_rows, a.dim), f32)                 # final normed hidden states (M, dim)
         self._qo = _q8_rows(n_rows, a.dim)                            # hidden quantized (M, dim)
-        self._logits = np.zeros((n_rows, a.n_vocab), f32)             # (M, n_vocab)
+        self._logits = np.zeros((min(n_rows, n_logits or n_slots), a.n_vocab), f32)  # (M, n_vocab)
 
     def forward(self, tokens, positions, slots, out_rows, want_logits: bool = True) -> np.ndarray:
         """Run the rows (token ids at positions in slots, written into those slots' caches); the
         logits (M, n_vocab) of ``out_rows`` (row indices), or their final normed hidden states
         (M, dim) without ``want_logits``.  The result is a view of a buffer the next call reuses."""
         n, m = len(tokens), len(out_rows)
-        if not 0 < n <= self.n_rows or not 0 <= m <= n:
-            raise ValueError(f"{n} rows and {m} outputs for room of {self.n_rows} rows")
+        if not 0 < n <= self.n_rows or not 0 <= m <= (len(self._logits) if want_logits else n):
+            raise ValueError(f"{n} rows and {m} outputs for room of {self.n_rows} rows and {len(self._logits)} logits")
         rows = K.BatchRows(np.asarray(tokens, np.int64), np.asarray(positions, np.int64),
                            np.asarray(slots, np.int64))
         if rows.positions.min() < 0 or rows.positions.max() >= self.n_ctx:
@@ -331,7 +332,9 @@ class Batch:
         for i, (seq, _) in enumerate(outputs):
             try:
                 self._advance(seq, logits[i], events)
-            except Exception as e:  # its sampler refused the logits: it ends, the others go on
+            except (KeyboardInterrupt, SystemExit, GeneratorExit):
+                raise
+            except BaseException as e:  # noqa: B036  its sampler or detokenizer failed: it ends, the others go on
                 seq.error = e
                 seq.done = True
                 self._release(seq)

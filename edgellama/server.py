@@ -829,7 +829,9 @@ class SlotEngine:
     def _step(self) -> None:
         try:
             events = self.batch.step()
-        except Exception as e:  # a failure of the model: every running request gets the error
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: B036  a failure of the model: every running request gets the error
             for job in list(self.running):
                 seq = job.seq
                 if seq is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import edgellama
-from edgellama.batch import Batch, SlotsBusyError, generate_many
+from edgellama.batch import Batch, Rows, SlotsBusyError, generate_many
 from edgellama.generate import GenerationError
 from edgellama.model import ContextOverflowError
 from edgellama.quants import GGMLType
@@ -94,10 +94,9 @@ def test_the_batched_pass_computes_the_model(tmp_path_factory, qtype):
     the exact model (the batch is another implementation of it, as prefill and decode are)."""
     model = _tiny(tmp_path_factory, qtype)
     env = ReferenceModel(str(model.path)).envelope(IDS, "f16", True)
-    batch = Batch(model, n_slots=2)
     n = len(IDS)
-    logits = batch.rows.forward(IDS + IDS[:5], list(range(n)) + list(range(5)), [1] * n + [0] * 5,
-                                list(range(n + 5))).copy()
+    rows = Rows(model, n_slots=2, n_ctx=32, n_rows=64, n_logits=n + 5)
+    logits = rows.forward(IDS + IDS[:5], list(range(n)) + list(range(5)), [1] * n + [0] * 5, list(range(n + 5))).copy()
     eb.check(logits[:n], env.value, eb.tolerance(env, 1), f"{qtype.name} batch vs model")
     np.testing.assert_array_equal(logits[n:], logits[:5])  # the other slot's rows: the same numbers
 
