@@ -474,12 +474,14 @@ class Model:
             K.store_kv(s.k_cache[l], start, k)
             K.store_kv(s.v_cache[l], start, v)
             K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.scores, att)
+            del q, k, v  # (freed before the feed-forward's larger rows are made: a lower peak)
             x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])[0]
             # feed-forward block
             K.rmsnorm_rows(x, w.norms[l, 1], self.dims.eps, xb)
             gate, up = self._linear(xb, layer["ffn_gate"], layer["ffn_up"])
             K.swiglu(gate, up)
             x += self._linear(gate, layer["ffn_down"])[0]
+            del gate, up  # (not kept alive while the next layer makes its own)
         s.n_past += n_tok
         s.tokens.extend(int(t) for t in ids)
         self.n_evaluated += n_tok
