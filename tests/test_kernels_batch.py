@@ -2,8 +2,9 @@
 kernels do, whatever the other rows: exact equality, not tolerances, because batch invariance
 (tests/test_batch.py) rests on it.
 
-* the int8 tiles: a token's row of ``matmul_packed`` (tiles of several tokens) equals
-  ``matvec_packed`` (one token) bit for bit, at every place in a tile and for every row count;
+* the int8 tiles: a token's row of ``matmul_packed`` (tiles of several tokens) and of
+  ``matmul_rows`` (tiles of 8, 4 and 1) equals ``matvec_packed`` (one token) bit for bit, at every
+  place in a tile and for every row count;
 * ``attention_rows`` gives each row, in any slot, at any position, mixed with any other rows,
   ``attention_one``'s result bit for bit, for every KV cache element type.
 """
@@ -34,9 +35,11 @@ def test_tile_rows_equal_one_token_rows(wtype, threads):
         K.matvec_packed(weights, wtype, rows, *(a[t] for a in qx), alone[t])
     for count in range(1, 2 * K.tile_tokens() + 2):
         for start in (0, 1, n_tok - count):
-            out = np.full((count, rows), np.nan, np.float32)
-            K.matmul_packed(weights, wtype, rows, *(np.ascontiguousarray(a[start:start + count]) for a in qx), out)
-            np.testing.assert_array_equal(out, alone[start:start + count], err_msg=f"{count} tokens from {start}")
+            for kernel in (K.matmul_packed, K.matmul_rows):
+                out = np.full((count, rows), np.nan, np.float32)
+                kernel(weights, wtype, rows, *(np.ascontiguousarray(a[start:start + count]) for a in qx), out)
+                np.testing.assert_array_equal(out, alone[start:start + count],
+                                              err_msg=f"{kernel.__name__}: {count} tokens from {start}")
 
 
 def _cache(kind, rng, n_slots, n_layers, n_kv, n_ctx, head_dim):

@@ -30,7 +30,8 @@ from . import attention as _attention_room, batch as _batch_room, decode as _dec
 from . import layout as _layout_room
 from . import llvm as _llvm_room, ops as _ops_room, products as _products_room
 from .attention import ATTN_SPAN, attention, attention_one
-from .batch import BatchBuffers, BatchRows, SlotCache, attention_jobs, attention_rows, forward_rows, store_rows
+from .batch import (BatchBuffers, BatchRows, SlotCache, attention_jobs, attention_rows, forward_rows, matmul_rows,
+                    store_rows)
 from .cache import install as _install_cache
 from .common import BF16_TABLE, F16_TABLE, QK, SUPER_BLOCK, T_BF16, T_F16, T_F32, T_Q4_0, T_Q4_1, T_Q4_K, \
     T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0

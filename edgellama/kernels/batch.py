@@ -2,7 +2,7 @@
 
 A batch is a set of rows: each row is one token of one sequence, at its own position, with its own
 region of the KV cache (its slot).  A step may mix the next prompt tokens of some sequences with
-one generated token of others.  The products run over all rows at once (``matmul_packed``: each
+one generated token of others.  The products run over all rows at once (``matmul_rows``: each
 quantized weight is read once per step for every sequence, which is what makes a batch fast on a
 memory-bound decode), everything else is per row: RMSNorm, activation quantization, RoPE at the
 row's position, the KV store into the row's slot, and attention over the row's own slot.
@@ -26,14 +26,15 @@ import numpy as np
 from numba import njit, prange
 
 from .attention import ATTN_SPAN, _attend_span
-from .common import EXACT, T_F16, T_F32
+from .common import EXACT, FAST, T_F16, T_F32
 from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT,
                      MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, Q8Activation)
 from .kv import _kv_store
 from .layout import embed_row, is_quantized
 from .llvm import _expf
 from .ops import _swiglu_inplace, rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
-from .products import matmul_packed, matvec_f32, matvec_half, quantize_q8, quantize_q8_rows
+from .products import _TILE_TOKENS, _row_tile, _tile, _token_tile, matvec_f32, matvec_half, quantize_q8, \
+    quantize_q8_rows
 
 # up to this many rows (a step of generated tokens), the per-row work runs on one thread: a few
 # microseconds each, less than waking the others (the products and attention still use them all)
@@ -79,12 +80,35 @@ class BatchBuffers(NamedTuple):
     logits: np.ndarray      # (M, n_vocab)
 
 
+_quad_tile = _tile(4) if _TILE_TOKENS > 4 else _token_tile
+
+
+@njit(parallel=True, **FAST)
+def matmul_rows(wp, wtype, n_out, xq, xd, xs, xsum, out):
+    """out (R, n_out) = x @ W.T for a packed quantized W, as ``matmul_packed`` computes it, but with
+    no token computed twice: whole tiles of _TILE_TOKENS tokens, then of 4, then single tokens (a
+    step of 4 generated tokens takes one tile of 4 where a tile of 8 would compute 8).  Every token's
+    row is the same whatever the tile (tests/test_kernels_batch.py)."""
+    n = xq.shape[0]
+    for g in prange(wp.shape[0]):
+        t = 0
+        while n - t >= _TILE_TOKENS:
+            _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+            t += _TILE_TOKENS
+        while n - t >= 4:
+            _quad_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+            t += 4
+        while t < n:
+            _row_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+            t += 1
+
+
 @njit(**EXACT)
 def _row_products(m, wtype, n_out, x, qx, out, tables):
     """out (R, n_out) = x @ W.T: the int8 tiles over every row at once for a quantized W, the
     one-token float kernels row by row otherwise (the numbers of decode, never BLAS's)."""
     if is_quantized(wtype):
-        matmul_packed(m, wtype, n_out, qx.q, qx.d, qx.s, qx.sums, out)
+        matmul_rows(m, wtype, n_out, qx.q, qx.d, qx.s, qx.sums, out)
     elif wtype == T_F32:
         for t in range(x.shape[0]):
             matvec_f32(m, x[t], out[t])
