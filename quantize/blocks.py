@@ -27,6 +27,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from edgellama import quants
 from edgellama.quants import BLOCK_LAYOUT, GGMLType
 
 from . import kquants
@@ -457,6 +458,8 @@ QUANTIZERS = {
 # Types ``quantize_rows`` can produce and ``dequantize_rows`` can read (the other types llama.cpp
 # writes are read through gguf-py's reference dequantizers, which ggml's formats are defined by).
 WRITABLE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, *QUANTIZERS})
+# the one table of types says the same (quants.TYPES' writable column)
+assert WRITABLE_TYPES == quants.WRITABLE_TYPES, sorted(t.name for t in WRITABLE_TYPES ^ quants.WRITABLE_TYPES)
 GGUF_PY_READABLE: frozenset[GGMLType] = frozenset()  # every type llama-quantize writes from our inputs is native now
 READABLE_TYPES = WRITABLE_TYPES | GGUF_PY_READABLE
 
