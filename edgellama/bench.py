@@ -15,7 +15,7 @@ One process measures, in order:
   Linux only, 10 ms resolution);
 - ``pp_tok_s``: ``n_prompt`` tokens evaluated from an empty cache, median over the repetitions;
 - ``tg_tok_s``: ``n_gen`` single-token evaluations after a 1-token prompt, median;
-- ``peak_rss_mb``: the process's peak resident set size (``ru_maxrss``).
+- ``peak_rss_mb``: the process's peak resident set size (VmHWM on Linux, else ``ru_maxrss``).
 
 The token ids are random (fixed seed) in [0, n_vocab): speed does not depend on what they say.
 """
@@ -72,7 +72,17 @@ def random_ids(n_vocab: int, n: int, seed: int = SEED) -> np.ndarray:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process in MiB: Linux's VmHWM, the high-water mark of this
+    program's own address space.  Not ru_maxrss there: a process started by vfork + exec (Python's
+    subprocess does so) inherits its parent's peak in ru_maxrss, so a child of a 2 GB test runner
+    would report 2 GB.  Elsewhere ru_maxrss (KiB, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 

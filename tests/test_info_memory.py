@@ -87,7 +87,7 @@ RUN_CHILD = [sys.executable, "-m", "edgellama.cli", "bench", "-r", "1", "-t", "2
 
 def test_the_estimate_is_within_10_percent_of_a_runs_peak(smollm2_path):
     """bench fills a 1024-token context (every KV position written) in a child process; its peak
-    resident memory (ru_maxrss) and the estimate for the same settings agree within 10%."""
+    resident memory (VmHWM, see bench.peak_rss_mb) and the estimate for the same settings agree within 10%."""
     ctx, n_gen = 1024, 8
     cmd = RUN_CHILD + ["-m", str(smollm2_path), "-c", str(ctx), "-p", str(ctx - n_gen - 1), "-n", str(n_gen)]
     for _ in range(3):  # a first run may compile the kernels (LLVM's memory): measure a warm one

@@ -41,6 +41,8 @@ class Running:
         self.httpd = make_server(model, ServerConfig(port=0, **config))
         self.port = self.httpd.server_address[1]
         self.engine = self.httpd.engine
+        if hasattr(self.engine, "warm_up"):  # as serve does: compile before the first request's timeout runs
+            self.engine.warm_up()
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

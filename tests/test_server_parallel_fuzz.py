@@ -12,7 +12,7 @@ import pytest
 import edgellama
 from edgellama.quants import GGMLType
 from edgellama.tokenizer import TokenizerError
-from test_server import Running
+from test_server import Running, wait_until
 from test_server_fuzz import (PanicException, test_a_million_spaces,  # noqa: F401  (collected here too)
                               test_any_model_name_is_served_and_the_reply_names_the_served_model,
                               test_hostile_bodies_and_headers, test_hostile_values_in_every_field_never_cause_a_500,
@@ -56,7 +56,9 @@ def test_a_failing_tokenizer_is_a_json_error_in_a_slot(tiny, error, status, para
             assert reply["error"]["param"] == blamed and reply["error"]["message"]
         monkeypatch.undo()
         assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
-        assert s.engine.fatal is None and s.engine.idle()
+        # the reply is sent before the step that ends the sequence returns: wait for the state
+        wait_until(s.engine.idle, "the engine to free the slot")
+        assert s.engine.fatal is None
     finally:
         s.close()
 
@@ -81,6 +83,8 @@ def test_a_failure_of_the_model_mid_stream_ends_the_streams_with_an_error_event(
         assert status == 500 and reply["error"]["message"] == "internal error: PanicException"
         monkeypatch.undo()
         assert s.post("/v1/completions", {"prompt": "hello", "max_tokens": 2})[0] == 200
-        assert s.engine.fatal is None and s.engine.idle()
+        # the reply is sent before the step that ends the sequence returns: wait for the state
+        wait_until(s.engine.idle, "the engine to free the slot")
+        assert s.engine.fatal is None
     finally:
         s.close()

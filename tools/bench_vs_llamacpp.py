@@ -80,6 +80,8 @@ def _run_timed(cmd: list[str], timeout: float) -> tuple[str, float, float]:
         err = chunks.get("err", b"").decode(errors="replace")
         raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:4])} failed (exit {proc.returncode}):\n"
                            f"{err.strip()[-2000:]}")
+    # the child's ru_maxrss also counts this process's resident size when it was started (Linux keeps
+    # the peak of the address space exec replaced): this script stays small (tens of MiB, no model)
     return chunks.get("out", b"").decode(errors="replace"), wall, usage.ru_maxrss / 1024
 
 
