@@ -491,6 +491,29 @@ def test_matvec_q8_0_integer_identity(shape, threads):
     assert np.all(np.abs(out - want) <= bound + 1e-38)
 
 
+def test_matvec_q8_0_extreme_bytes_are_exact(threads):
+    """Q8_0 weights at the ends of int8 (-128 included: a file may hold it, ggml never writes it)
+    times activations at +-127: every path's integer sums are exact (x86 without VNNI moves the
+    weight's sign onto the activation for vpmaddubsw: |-128| * 127 twice must not saturate int16)."""
+    rows, n = 16, 256
+    rng = np.random.default_rng(128)
+    q_w = rng.choice(np.array([-128, -127, -1, 0, 1, 126, 127], np.int8), size=(rows, n // 32, 32))
+    q_w[0] = -128                                       # a row of -128 only: the largest pair sums
+    d_w = np.full((rows, n // 32, 1), 0.0078125, np.float16)
+    raw = np.concatenate([d_w.view(np.uint8), q_w.view(np.uint8)], axis=2).reshape(rows, -1)
+    raw.setflags(write=False)
+    x = np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32)   # quantized to exactly +-127
+    x[:32] = -1.0
+    out = _run_matvec(raw, 8, x, "specific")
+    xq, xd, _, _ = q8_twin(x)
+    assert np.all(np.abs(xq) == 127)
+    int_dot = (q_w.astype(np.int64) * xq.reshape(-1, 32).astype(np.int64)).sum(axis=2)   # (rows, nb)
+    terms = d_w[..., 0].astype(np.float64) * xd.astype(np.float64) * int_dot
+    want = terms.sum(axis=1)
+    bound = (terms.shape[1] + 3) * 2.0 ** -23 * np.abs(terms).sum(axis=1)
+    assert np.all(np.abs(out - want) <= bound + 1e-38), (out, want)
+
+
 def test_matvec_q4_0_offset_is_exact_integer_math():
     """ggml's vec_dot_q4_0_q8_0 subtracts the 8 in integers: d_w * xd * sum((nibble - 8) * q).
     Using the half-rounded s = half(d * sum q) for the -8 term instead is off by ~1e-3 here."""

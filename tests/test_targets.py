@@ -4,8 +4,8 @@ Each case runs in a child process with NUMBA_CPU_NAME and NUMBA_CPU_FEATURES set
 compiles for that CPU, with its own entries in the kernel cache), so the paths this machine does
 not take are checked too (as far as this CPU can run them): "generic" (no AVX, 4 lanes,
 half-precision conversions in integer IR, portable dot products), AVX2 without VNNI (8 lanes,
-signed Q8_0 weights, portable dot products), AVX2 with AVX-VNNI (8 lanes, 256-bit vpdpbusd, unsigned
-Q8_0), AVX-512 without VNNI (16 lanes, portable) and AVX-512 VNNI (16 lanes, vpdpbusd).
+signed Q8_0 weights, vpmaddubsw + vpmaddwd), AVX2 with AVX-VNNI (8 lanes, 256-bit vpdpbusd, unsigned
+Q8_0), AVX-512 without VNNI (16 lanes, vpmaddubsw + vpmaddwd) and AVX-512 VNNI (16 lanes, vpdpbusd).
 
 * test_model_for_another_cpu: the model-level equivalence tests (MODEL_TESTS) under the first two
   targets (MODEL_TARGETS) this CPU can run whose code path differs from the host's: the kernel
@@ -98,8 +98,8 @@ AVX512 = AVX2 + ",+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd"
 TARGETS = {  # name: (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, what target_summary must say, CPU flags it needs)
     "generic": ("generic", "", "4 lanes, portable", ()),
     "avx512-vnni": ("icelake-server", AVX512 + ",+avx512vnni", "16 lanes, vpdpbusd", ("avx512bw", "avx512_vnni")),
-    "avx2": ("haswell", AVX2, "8 lanes, portable", ("avx2",)),
-    "avx512": ("skylake-avx512", AVX512, "16 lanes, portable", ("avx512bw",)),
+    "avx2": ("haswell", AVX2, "8 lanes, vpmaddubsw", ("avx2",)),
+    "avx512": ("skylake-avx512", AVX512, "16 lanes, vpmaddubsw", ("avx512bw",)),
     "avx2-vnni": ("alderlake", AVX2 + ",+avxvnni", "8 lanes, vpdpbusd", ("avx_vnni",)),
 }
 

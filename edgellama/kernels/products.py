@@ -13,7 +13,7 @@ from numba.extending import intrinsic
 from .common import EXACT, FAST, I32, QK, T_F16, T_F32, T_Q8_0
 from .layout import PACKED_FORMATS, is_quantized, record_bytes, super_block_bytes
 from .llvm import _F32, _I8, _I16, _I32, _I64, _const_vec, _half_to_f32, _round_half, _vec
-from .target import _arch, _has_vnni, _native_half, _target_features, packing, tile_tokens
+from .target import _arch, _has_vnni, _native_half, _target_features, _x86, packing, tile_tokens
 
 
 # ----- activation quantization ------------------------------------------------------------------
@@ -82,6 +82,17 @@ class _TileIR:
         self.lanes, self.unsigned_q8 = packing()
         self.vnni = _has_vnni(feats)
         self.arm_dot = _arch() == "aarch64" and "dotprod" in feats   # sdot: signed x signed bytes
+        # x86 without VNNI: vpmaddubsw (unsigned x signed bytes -> pairs of int16) then vpmaddwd by ones
+        # (-> sums of 4 int32), the instructions ggml's AVX2 path uses; LLVM does not find them in the
+        # portable pattern below (which ran 5-40x slower on a Zen 1)
+        self.maddubs = None
+        if _x86() and not (self.vnni and self.lanes in (8, 16)):
+            if self.lanes == 16 and "avx512bw" in feats:
+                self.maddubs = ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")
+            elif self.lanes == 8 and "avx2" in feats:
+                self.maddubs = ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd")
+            elif self.lanes == 4 and "ssse3" in feats:
+                self.maddubs = ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd")
         self.native_half = _native_half(feats)
         arrays = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 4, 5, 6, 7, 9))
         self.wp, self.xq, self.xd, self.xs, self.xsum, self.out = arrays
@@ -120,9 +131,31 @@ class _TileIR:
         v = self.b.insert_element(ir.Constant(_vec(s.type, n), ir.Undefined), s, ir.Constant(_I32, 0))
         return self.b.shuffle_vector(v, v, _const_vec(_I32, [0] * n))
 
-    def dot(self, acc, u, s):
-        """acc + per-lane sums of 4 adjacent byte products u * s (s signed; u unsigned with VNNI)."""
+    def weights(self, u, signed):
+        """What dot takes for the weight bytes u: with vpmaddubsw and signed weights (Q8_0 kept
+        signed), |u| and the lanes where u < 0 (dot moves the sign onto the activations: ggml's
+        trick; |u| <= 128 and |x| <= 127 keep each pair sum within int16)."""
+        if self.maddubs is None or not signed:
+            return u, None
+        b, vb = self.b, u.type
+        negative = b.icmp_signed("<", u, ir.Constant(vb, [0] * vb.count))
+        return b.select(negative, b.sub(ir.Constant(vb, [0] * vb.count), u), u), negative
+
+    def dot(self, acc, w, s):
+        """acc + per-lane sums of 4 adjacent byte products u * s, w = self.weights(u, ...) (s signed;
+        u unsigned with VNNI).  Every path is exact: the same integers."""
         n, b = self.lanes, self.b
+        u, negative = w
+        if self.maddubs is not None:
+            if negative is not None:
+                s = b.select(negative, b.sub(ir.Constant(s.type, [0] * s.type.count), s), s)
+            pairs_t, words_t = _vec(_I16, 2 * n), _vec(_I32, n)
+            maddubs = cgutils.get_or_insert_function(b.module, ir.FunctionType(pairs_t, [u.type, s.type]),
+                                                     self.maddubs[0])
+            maddwd = cgutils.get_or_insert_function(b.module, ir.FunctionType(words_t, [pairs_t, pairs_t]),
+                                                    self.maddubs[1])
+            pairs = b.call(maddubs, [u, s])
+            return b.add(acc, b.call(maddwd, [pairs, ir.Constant(pairs_t, [1] * (2 * n))]))
         if self.vnni and n in (8, 16):
             fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(_I32, n), [_vec(_I32, n)] * 3),
                                                 f"llvm.x86.avx512.vpdpbusd.{32 * n}")
@@ -208,9 +241,10 @@ class _TileIR:
                     steps = [(lo, 4 * s), (hi, 16 + 4 * s)]
                 for weights, element in steps:
                     half = element // 16 if n_scales == 2 else 0
+                    w = self.weights(weights, signed=quant == 32 and not offset)
                     for j in range(self.n_tok):
                         x4 = self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)
-                        isum[j][half] = self.dot(isum[j][half], weights, b.bitcast(self.splat(x4), vb))
+                        isum[j][half] = self.dot(isum[j][half], w, b.bitcast(self.splat(x4), vb))
             # one scaling per block (per half): acc += isum * d_w * d_x (+ m_w * sum of x)
             for j in range(self.n_tok):
                 d_x = self.splat(self.token_value("xd", j, blk, _F32))
