@@ -17,7 +17,16 @@ sys.path.insert(0, str(ROOT / "tests"))  # `reference`, `tiny_model`
 
 
 def pytest_configure(config):
-    """Fetch the real test assets once, before collection (test modules check for them at import)."""
+    """Fetch the real test assets once, before collection (test modules check for them at import).
+
+    A test run started in the background of a non-interactive shell (`nohup ... &`, some CI
+    runners) inherits SIGINT ignored, and so would every child it starts: the tests of Ctrl-C
+    handling would wait for ever.  They test a program started from a terminal, so the run
+    restores Python's usual handler (children then start with SIGINT at its default)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from tools.fetch_models import llama3_tokenizer, smollm2_q4_1
 
     for fetch in (smollm2_q4_1, llama3_tokenizer):

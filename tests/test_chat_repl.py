@@ -228,6 +228,7 @@ class _InterruptingOut(_Out):
 
 def test_run_chat_holds_a_ctrl_c_that_arrives_between_states(model):
     model.reset()
+    before = signal.getsignal(signal.SIGINT)
     out = _InterruptingOut("(conversation cleared)")
     lines = []
     status = run_chat(model, input_fn=_script(["/reset", "/help", "/reset", "/reset", "/exit"], lines), out=out)
@@ -235,7 +236,7 @@ def test_run_chat_holds_a_ctrl_c_that_arrives_between_states(model):
     # each Ctrl-C acted at the next prompt, as a Ctrl-C there (that prompt read no line)
     assert out.text.count("(Ctrl-C again or /exit to quit)") == 3
     assert lines == ["/reset", "/help", "/reset", "/reset", "/exit"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is before  # restored
 
     # a Ctrl-C while the prompt's own message is written is the second one in a row: it quits
     out = _InterruptingOut("(Ctrl-C again")
