@@ -48,9 +48,23 @@ def smollm2_files(smollm2_path, tmp_path_factory):
     """{"q4_1": shipped file, "q8_0": ..., "q4_0": ...} requantized by edgellama-quantize (about a
     second each) into a temporary directory that is removed after the session: 227 MiB that
     would otherwise stay behind (pytest keeps its last temporary directories)."""
-    from tools.fetch_models import smollm2_requantized
-
     folder = tmp_path_factory.mktemp("smollm2")
-    yield {"q4_1": smollm2_path, "q8_0": smollm2_requantized("q8_0", folder),
-           "q4_0": smollm2_requantized("q4_0", folder)}
+    yield _SmolLM2Files(smollm2_path, folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+class _SmolLM2Files(dict):
+    """The shipped Q4_1 file, and each requantized file made when first asked for (a run that
+    needs only the Q4_1 file, such as the emulated arm64 stage, compiles no quantizer)."""
+
+    def __init__(self, q4_1: Path, folder: Path):
+        super().__init__(q4_1=q4_1)
+        self.folder = folder
+
+    def __missing__(self, qtype: str) -> Path:
+        from tools.fetch_models import smollm2_requantized
+
+        if qtype not in ("q8_0", "q4_0"):
+            raise KeyError(qtype)
+        self[qtype] = path = smollm2_requantized(qtype, self.folder)
+        return path
