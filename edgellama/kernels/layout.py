@@ -29,7 +29,7 @@ The high bits: for Q5_x, byte i of a lane's 4-byte word holds in bit s the 5th b
 A product then needs no horizontal sums: lane l accumulates row l.  For each block and token, one
 4-byte group of the activation is broadcast to all lanes and one int8 dot-product instruction
 (vpdpbusd on AVX-VNNI / AVX-512 VNNI: unsigned x signed bytes, 4 products per int32 lane; sdot on
-arm64 with dotprod; vpmaddubsw + vpmaddwd on other x86; portable IR elsewhere) adds 4 products to every row's integer sum.  Offsets
+arm64 with dotprod; vpmaddubsw + vpmaddwd on other x86 with AVX2; portable IR elsewhere) adds 4 products to every row's integer sum.  Offsets
 stay in integers as in ggml: the sum starts at -offset * (sum of the activation's integers).  The
 exact block sum is then scaled once per block (per half for Q6_K): acc += isum * d_w * d_x, one
 fused multiply-add, plus m_w * (sum of the activation block) for the formats with a minimum.

@@ -60,8 +60,7 @@ def target_summary() -> str:
         dot = "vpdpbusd (VNNI)"
     elif _arch() == "aarch64" and "dotprod" in feats:
         dot = "sdot (dotprod)"
-    elif _x86() and ((lanes == 16 and "avx512bw" in feats) or (lanes == 8 and "avx2" in feats)
-                     or (lanes == 4 and "ssse3" in feats)):
+    elif _x86() and ((lanes == 16 and "avx512bw" in feats) or (lanes == 8 and "avx2" in feats)):
         dot = "vpmaddubsw + vpmaddwd"
     else:
         dot = "portable int8 IR"
