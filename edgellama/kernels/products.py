@@ -13,7 +13,7 @@ from numba.extending import intrinsic
 from .common import EXACT, FAST, I32, QK, T_F16, T_F32, T_Q8_0
 from .layout import PACKED_FORMATS, is_quantized, record_bytes, super_block_bytes
 from .llvm import _F32, _I8, _I16, _I32, _I64, _const_vec, _half_to_f32, _round_half, _vec
-from .target import _arch, _has_vnni, _native_half, _target_features, _x86, packing, tile_tokens
+from .target import _arch, _has_vnni, _native_half, _target_features, maddubs_intrinsics, packing, tile_tokens
 
 
 # ----- activation quantization ------------------------------------------------------------------
@@ -82,16 +82,9 @@ class _TileIR:
         self.lanes, self.unsigned_q8 = packing()
         self.vnni = _has_vnni(feats)
         self.arm_dot = _arch() == "aarch64" and "dotprod" in feats   # sdot: signed x signed bytes
-        # x86 without VNNI: vpmaddubsw (unsigned x signed bytes -> pairs of int16) then vpmaddwd by ones
-        # (-> sums of 4 int32), the instructions ggml's AVX2 path uses; LLVM does not find them in the
-        # portable pattern below (which ran 5-40x slower on a Zen 1)
-        self.maddubs = None
-        if _x86() and not (self.vnni and self.lanes in (8, 16)):
-            if self.lanes == 16 and "avx512bw" in feats:
-                self.maddubs = ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")
-            elif self.lanes == 8 and "avx2" in feats:
-                self.maddubs = ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd")
-            # (x86 without AVX2 keeps the portable IR: no CPU target of the tests takes an SSSE3 path)
+        # x86 without VNNI: vpmaddubsw then vpmaddwd by ones (sums of 4 int32), the instructions ggml's
+        # AVX2 path uses; LLVM does not find them in the portable pattern below (4-5x slower on a Zen 1)
+        self.maddubs = None if self.vnni and self.lanes in (8, 16) else maddubs_intrinsics(feats, self.lanes)
         self.native_half = _native_half(feats)
         arrays = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (1, 4, 5, 6, 7, 9))
         self.wp, self.xq, self.xd, self.xs, self.xsum, self.out = arrays

@@ -23,6 +23,19 @@ def _has_vnni(feats) -> bool:
     return "avxvnni" in feats or {"avx512vnni", "avx512vl"} <= feats
 
 
+def maddubs_intrinsics(feats, lanes: int) -> tuple[str, str] | None:
+    """x86 without VNNI: the LLVM names of vpmaddubsw (unsigned x signed bytes -> pairs of int16)
+    and vpmaddwd (pairs -> int32) at this vector width, or None where the portable IR is used
+    (x86 without AVX2: the generic target's tests check that path)."""
+    if not _x86():
+        return None
+    if lanes == 16 and "avx512bw" in feats:
+        return "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512"
+    if lanes == 8 and "avx2" in feats:
+        return "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"
+    return None
+
+
 def _arch() -> str:
     import llvmlite.binding as llvm
 
@@ -60,7 +73,7 @@ def target_summary() -> str:
         dot = "vpdpbusd (VNNI)"
     elif _arch() == "aarch64" and "dotprod" in feats:
         dot = "sdot (dotprod)"
-    elif _x86() and ((lanes == 16 and "avx512bw" in feats) or (lanes == 8 and "avx2" in feats)):
+    elif maddubs_intrinsics(feats, lanes):
         dot = "vpmaddubsw + vpmaddwd"
     else:
         dot = "portable int8 IR"
