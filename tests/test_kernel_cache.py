@@ -28,9 +28,10 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(tree: Path) -> dict:
+def _probe(tree: Path, home: Path | None = None) -> dict:
+    home = home or tree
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=tree, capture_output=True, text=True, timeout=600,
-                         env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tree)})
+                         env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(home)})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -53,3 +54,24 @@ def test_editing_another_module_of_the_package_recompiles(tmp_path):
     quants = tree / "edgellama" / "quants.py"
     quants.write_text(quants.read_text() + "\n# edited\n")
     assert _probe(tree)["misses"] == 1
+
+
+def test_another_copy_of_the_same_sources_finds_the_kernels(tmp_path):
+    """A new clone, a reinstall or a second venv of the same edgellama loads what the first compiled
+    (the cache folder is named after the sources' stamp, not their path); a copy whose sources differ
+    does not, and its compilation leaves the first copy's kernels in place."""
+    home = tmp_path / "home"
+    first, second, edited = (tmp_path / name for name in ("clone1", "somewhere/else/clone2", "clone3"))
+    for tree in (first, second, edited):
+        shutil.copytree(ROOT / "edgellama", tree / "edgellama", ignore=shutil.ignore_patterns("__pycache__"))
+    assert _probe(first, home)["misses"] == 1
+    moved = _probe(second, home)
+    assert moved["hits"] == 1 and moved["misses"] == 0 and moved["predicted_cold"] == []
+    assert not (second / "edgellama" / "kernels" / "__pycache__").exists() or not any(
+        (second / "edgellama" / "kernels" / "__pycache__").glob("*.nbi"))
+    ops = edited / "edgellama" / "kernels" / "ops.py"
+    ops.write_text(ops.read_text() + "\n# edited\n")
+    assert _probe(edited, home)["misses"] == 1
+    assert _probe(first, home)["hits"] == 1
+    folders = sorted(p.name for p in (home / ".cache" / "edgellama" / "kernels").iterdir())
+    assert len(folders) == 2, folders

@@ -27,8 +27,9 @@ chroot, no bind mount.  Under qemu LLVM sees no CPU name, so the Numba target is
 * ``cortex-a72`` (Raspberry Pi 4): no dotprod, the portable int8 IR; qemu kills a program that
   executes ``sdot`` on it (SIGILL), so a pass proves that the portable path is the one that ran.
 
-Each CPU has its own Numba cache (``~/.cache/edgellama/arm64/numba-<cpu>``; Numba stamps entries with
-the source files' times, so a fresh clone compiles again).
+Each CPU has its own Numba cache (``~/.cache/edgellama/arm64/numba-<cpu>``, NUMBA_CACHE_DIR: the kernels
+go to its ``edgellama/kernels/<sources' hash>-numba<version>``, so a fresh clone of tested sources
+compiles nothing).
 
 The CI subset (``test``): every kernel test file (``tests/test_kernels*.py``, ``tests/kernels/``; its
 one-thread cases, CI_FILTER) and

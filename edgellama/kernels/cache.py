@@ -6,6 +6,15 @@ a layout constant in edgellama/quants.py) would go unnoticed and the old machine
 Every kernel's index here is stamped instead with a hash of every file the kernels are made of
 (``PACKAGE_FILES``), so that changing any of them recompiles every kernel once.
 
+**One folder for every copy of the same sources.**  Numba caches a kernel next to its source file
+(``__pycache__``) or, with NUMBA_CACHE_DIR, in a folder named after the source file's full path: a
+new clone, a reinstall or a second virtual environment of the same edgellama compiles everything
+again (minutes on a Raspberry Pi).  These kernels are cached instead in a folder named after the
+stamp and the Numba version, ``<cache>/kernels/<stamp>-numba<version>``, where ``<cache>`` is
+``$NUMBA_CACHE_DIR/edgellama`` when that is set, else ``$XDG_CACHE_HOME/edgellama`` (default
+``~/.cache/edgellama``): any copy of the same sources finds them, and a different one can never
+load them.  Where that folder cannot be written, Numba's own locations are used.
+
 **Loading without the compiler's registries.**  Before loading a cached function Numba refreshes its
 target context, which imports every lowering implementation it has (numpy, typed containers,
 random, ...): about 40 MB of Python objects that only compiling needs.  Rebuilding a cached function
@@ -17,8 +26,10 @@ with EDGELLAMA_NUMBA_FULL_REFRESH set, loading takes Numba's default path; the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from ..memory import release_compiler_pages
@@ -27,12 +38,67 @@ _HERE = Path(__file__).resolve().parent
 PACKAGE_FILES = tuple(sorted(_HERE.glob("*.py"))) + (_HERE.parent / "quants.py",)
 
 
+@functools.lru_cache(maxsize=None)
 def package_stamp() -> str:
     """A hash of the sources of every kernel module (and of the type table they are built from)."""
     digest = hashlib.sha256()
     for path in PACKAGE_FILES:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    """The folder holding the kernel caches of every edgellama version (see the module docstring)."""
+    from numba.core import config
+
+    if config.CACHE_DIR:
+        return Path(config.CACHE_DIR) / "edgellama"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgellama"
+
+
+@functools.lru_cache(maxsize=None)
+def package_folder() -> Path | None:
+    """This package's kernel cache folder, created; None where it cannot be created or written."""
+    import numba
+
+    folder = cache_root() / "kernels" / f"{package_stamp()[:20]}-numba{numba.__version__}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return None
+    return folder
+
+
+def _package_locator_class():
+    from numba.core import caching
+
+    class PackageLocator(caching._CacheLocator):
+        """Numba's cache locator for the kernels: the package folder, the package stamp."""
+
+        def __init__(self, py_func, folder: Path):
+            self._lineno = py_func.__code__.co_firstlineno
+            self._folder = str(folder)
+
+        def ensure_cache_path(self):  # made and checked once per process by package_folder
+            os.makedirs(self._folder, exist_ok=True)
+
+        def get_cache_path(self):
+            return self._folder
+
+        def get_source_stamp(self):
+            return package_stamp()
+
+        def get_disambiguator(self):
+            return str(self._lineno)
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            folder = package_folder()
+            return None if folder is None else cls(py_func, folder)
+
+    return PackageLocator
 
 
 def install(modules) -> int:
@@ -45,7 +111,14 @@ def install(modules) -> int:
     lean = (not os.environ.get("EDGELLAMA_NUMBA_FULL_REFRESH")
             and all(hasattr(FunctionCache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")))
 
+    locator = _package_locator_class()
+
+    class PackageImpl(FunctionCache._impl_class):
+        _locator_classes = [locator, *FunctionCache._impl_class._locator_classes]
+
     class PackageCache(FunctionCache):
+        _impl_class = PackageImpl
+
         def __init__(self, py_func):
             super().__init__(py_func)
             self._cache_file._source_stamp = stamp  # the index is valid for these sources only
