@@ -93,6 +93,8 @@ def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
     for w in weights:  # what the kernel's fault-around brought in of a tensor while packing its neighbour
         f.release(w.name)
     buf.setflags(write=False)
+    for w in weights:  # views made before: read-only too (one kernel signature for every weight)
+        w.packed.setflags(write=False)
     return buf
 
 
@@ -133,6 +135,8 @@ class Weights:
                                for i in range(a.n_layers)])
         self.rope_freqs = (_vector(f, "rope_freqs.weight", a.rope_dim // 2)
                            if "rope_freqs.weight" in f.tensors else None)
+        for vectors in (self.norms, self.output_norm):  # weights are read-only, as the file's are
+            vectors.setflags(write=False)
         # quantized matrices are packed once (kernels.pack_rows); for the decode kernel the layers'
         # matrices are then the rows of mat_table, in slot order (layer * N_LAYER_MATRICES + slot),
         # each the MAT_* columns of its view into the packed buffer (quantized types) or into the

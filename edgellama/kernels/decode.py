@@ -95,10 +95,11 @@ class HalfTables(NamedTuple):
 
 
 @njit(**EXACT)
-def _layer_matvec(w, layer, slot, x, qx, out, tables):
-    """out = matrix ``slot`` of layer ``layer`` @ x: a view into the packed buffer (quantized types) or
-    into the mapped file (float types), as mat_table describes it."""
-    i = layer * N_LAYER_MATRICES + slot
+def _layer_matvec(w, i, x, qx, out, tables):
+    """out = matrix ``i`` of mat_table @ x (i = layer * N_LAYER_MATRICES + slot): a view into the packed
+    buffer (quantized types) or into the mapped file (float types), as mat_table describes it.  The
+    callers pass ``m + SLOT`` with ``m = layer * N_LAYER_MATRICES``, a run-time integer: a slot constant
+    passed alone would be a literal, and Numba would compile this once per slot."""
     entry = w.mat_table[i]
     offset, n_rows, row_bytes, wtype = entry[MAT_OFFSET], entry[MAT_ROWS], entry[MAT_ROW_BYTES], entry[MAT_TYPE]
     source = w.packed if is_quantized(wtype) else w.blob
@@ -124,12 +125,13 @@ def decode_token(token, pos, w, dims, rope_tables, cache, buf, tables):
     cos = rope_tables.cos[pos]
     sin = rope_tables.sin[pos]
     for l in range(w.norms.shape[0]):
+        m = l * N_LAYER_MATRICES  # this layer's first row of mat_table
         # attention block: pre-norm, one quantized activation shared by q, k and v
         rmsnorm(x, w.norms[l, 0], dims.eps, xb)
         _quantize(xb, buf.qx)
-        _layer_matvec(w, l, ATTN_Q, xb, buf.qx, buf.q, tables)
-        _layer_matvec(w, l, ATTN_K, xb, buf.qx, buf.k, tables)
-        _layer_matvec(w, l, ATTN_V, xb, buf.qx, buf.v, tables)
+        _layer_matvec(w, m + ATTN_Q, xb, buf.qx, buf.q, tables)
+        _layer_matvec(w, m + ATTN_K, xb, buf.qx, buf.k, tables)
+        _layer_matvec(w, m + ATTN_V, xb, buf.qx, buf.v, tables)
         rope(buf.q, n_heads, head_dim, cos, sin)
         rope(buf.k, n_kv_heads, head_dim, cos, sin)
         # the new key/value enter the cache at slot pos, then the query attends over 0..pos
@@ -140,17 +142,17 @@ def decode_token(token, pos, w, dims, rope_tables, cache, buf, tables):
                       buf.attn_partial, att.reshape(n_heads, head_dim))
         # output projection and residual
         _quantize(att, buf.qx)
-        _layer_matvec(w, l, ATTN_OUTPUT, att, buf.qx, xb, tables)
+        _layer_matvec(w, m + ATTN_OUTPUT, att, buf.qx, xb, tables)
         for i in range(x.shape[0]):
             x[i] += xb[i]
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         rmsnorm(x, w.norms[l, 1], dims.eps, xb)
         _quantize(xb, buf.qx)
-        _layer_matvec(w, l, FFN_GATE, xb, buf.qx, hb, tables)
-        _layer_matvec(w, l, FFN_UP, xb, buf.qx, buf.hb2, tables)
+        _layer_matvec(w, m + FFN_GATE, xb, buf.qx, hb, tables)
+        _layer_matvec(w, m + FFN_UP, xb, buf.qx, buf.hb2, tables)
         _swiglu_inplace(hb, buf.hb2)
         _quantize(hb, buf.qh)
-        _layer_matvec(w, l, FFN_DOWN, hb, buf.qh, xb, tables)
+        _layer_matvec(w, m + FFN_DOWN, hb, buf.qh, xb, tables)
         for i in range(x.shape[0]):
             x[i] += xb[i]
     # final norm and the vocabulary projection

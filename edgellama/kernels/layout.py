@@ -362,7 +362,9 @@ def dequantize_row(row, wtype, out, f16_table, bf16_table):
     """One weight row (bytes) -> out (n,) float32."""
     n = out.shape[0]
     if wtype == T_F32:
-        out[:] = row.view(np.float32)[:n]
+        rf = row.view(np.float32)
+        for i in range(n):  # a loop: a slice assignment compiles Numba's shape-error formatting (~8 s)
+            out[i] = rf[i]
     elif wtype == T_F16 or wtype == T_BF16:
         table = f16_table if wtype == T_F16 else bf16_table
         rh = row.view(np.uint16)
