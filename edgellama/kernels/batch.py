@@ -121,9 +121,10 @@ def _row_products(m, wtype, n_out, x, qx, out, tables):
 
 
 @njit(**EXACT)
-def _layer_products(w, layer, slot, x, qx, out, tables):
-    """out = x @ (matrix ``slot`` of layer ``layer``).T, the matrix found through mat_table."""
-    entry = w.mat_table[layer * N_LAYER_MATRICES + slot]
+def _layer_products(w, i, x, qx, out, tables):
+    """out = x @ (matrix ``i`` of mat_table).T, i = layer * N_LAYER_MATRICES + slot (as decode's
+    _layer_matvec: a run-time integer, so that this compiles once, not once per slot literal)."""
+    entry = w.mat_table[i]
     offset, n_rows, row_bytes, wtype = entry[MAT_OFFSET], entry[MAT_ROWS], entry[MAT_ROW_BYTES], entry[MAT_TYPE]
     source = w.packed if is_quantized(wtype) else w.blob
     m = source[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
@@ -271,12 +272,13 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
     q3 = buf.q.reshape(n_rows, n_heads, head_dim)
     att3 = att.reshape(n_rows, n_heads, head_dim)
     for l in range(w.norms.shape[0]):
+        m = l * N_LAYER_MATRICES  # this layer's first row of mat_table
         # attention block: pre-norm, one quantized activation per row shared by q, k and v
         _rmsnorm_rows(x, w.norms[l, 0], dims.eps, xb)
         _quantize_rows(xb, buf.qx)
-        _layer_products(w, l, ATTN_Q, xb, buf.qx, buf.q, tables)
-        _layer_products(w, l, ATTN_K, xb, buf.qx, buf.k, tables)
-        _layer_products(w, l, ATTN_V, xb, buf.qx, buf.v, tables)
+        _layer_products(w, m + ATTN_Q, xb, buf.qx, buf.q, tables)
+        _layer_products(w, m + ATTN_K, xb, buf.qx, buf.k, tables)
+        _layer_products(w, m + ATTN_V, xb, buf.qx, buf.v, tables)
         _rope_rows(buf.q, rows.positions, n_heads, head_dim, rope_tables)
         _rope_rows(buf.k, rows.positions, n_kv_heads, head_dim, rope_tables)
         # every row's key/value enter its slot first, then each row attends over its slot's 0..pos
@@ -285,18 +287,18 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
                        buf.attn_partial, att3)
         # output projection and residual
         _quantize_rows(att, buf.qx)
-        _layer_products(w, l, ATTN_OUTPUT, att, buf.qx, xb, tables)
+        _layer_products(w, m + ATTN_OUTPUT, att, buf.qx, xb, tables)
         for t in range(n_rows):
             for i in range(x.shape[1]):
                 x[t, i] += xb[t, i]
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         _rmsnorm_rows(x, w.norms[l, 1], dims.eps, xb)
         _quantize_rows(xb, buf.qx)
-        _layer_products(w, l, FFN_GATE, xb, buf.qx, hb, tables)
-        _layer_products(w, l, FFN_UP, xb, buf.qx, buf.hb2, tables)
+        _layer_products(w, m + FFN_GATE, xb, buf.qx, hb, tables)
+        _layer_products(w, m + FFN_UP, xb, buf.qx, buf.hb2, tables)
         _swiglu_rows(hb, buf.hb2)
         _quantize_rows(hb, buf.qh)
-        _layer_products(w, l, FFN_DOWN, hb, buf.qh, xb, tables)
+        _layer_products(w, m + FFN_DOWN, hb, buf.qh, xb, tables)
         for t in range(n_rows):
             for i in range(x.shape[1]):
                 x[t, i] += xb[t, i]
