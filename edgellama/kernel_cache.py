@@ -35,8 +35,7 @@ def expected_kernels(matrix_types, prompt_path: bool = True) -> list[str]:
     to predict the work ahead (a kernel this misses is still reported when it compiles)."""
     types = {int(t) for t in matrix_types}
     quantized = bool(types - _FLOAT_TYPES)
-    packers = ((["pack_rows_moved"] if types - _FLOAT_TYPES - {int(GGMLType.Q6_K)} else [])
-               + (["pack_rows_decoded"] if int(GGMLType.Q6_K) in types else []))
+    packers = ["pack_rows_moved"] if quantized else []
     one_token = packers + ["decode_token"]
     if not prompt_path:
         return one_token

@@ -420,6 +420,21 @@ def test_pack_rows_layout(wtype, rows, threads):
     np.testing.assert_array_equal(got, decoded)
 
 
+@pytest.mark.parametrize("wtype", K_TYPES, ids=TYPE_NAMES.get)
+def test_pack_rows_over_several_super_blocks(wtype):
+    """The moved K-quant words land where the decoding packer puts them in every super-block, not
+    only the first (each super-block has its own factors, d, and Q6_K quarters)."""
+    rng = np.random.default_rng(wtype)
+    raw = weight_bytes(random_matrix(rng, 19, 3 * 256), wtype)
+    lanes, unsigned_q8 = K.packing()
+    got = packed(raw, wtype)
+    decoded = np.zeros_like(got)
+    K.pack_rows_decoded(raw, wtype, lanes, unsigned_q8, decoded)
+    np.testing.assert_array_equal(got, decoded)
+    exact = packed_values_twin(got, wtype, 19, lanes, unsigned_q8)
+    np.testing.assert_allclose(reference_weights(raw, wtype), exact, rtol=eb.U, atol=0)
+
+
 @pytest.mark.parametrize("n_tok", [1, 2, 5, 8, 9, 17])
 @pytest.mark.parametrize("rows", [7, 33])
 @pytest.mark.parametrize("wtype", QUANT_TYPES, ids=TYPE_NAMES.get)

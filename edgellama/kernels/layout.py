@@ -218,18 +218,20 @@ def _group_layout(wtype, lanes):
 
 _LOW_NIBBLES = np.uint32(0x0F0F0F0F)
 _HIGH_NIBBLES = np.uint32(0xF0F0F0F0)
+_LOW_PAIRS = np.uint32(0x03030303)
 
 
 @njit(parallel=True, **EXACT)
 def pack_rows_moved(w, wtype, lanes, unsigned_q8, out):
-    """pack_rows for every type but Q6_K, moving bytes and 4-byte words instead of decoding values.
+    """pack_rows for every type, moving bytes and 4-byte words instead of decoding values.
 
     Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1 file blocks already hold their quants in the packed order
     (nibble byte j: elements j and 16 + j; Q8_0 byte j: element j): each 4-byte slice of the group
     is a 4-byte word of the file (Q8_0 stored unsigned: its top bits flipped).  Q4_K and Q5_K hold
     a pair of sub-blocks per 32 bytes (low nibbles the first, high nibbles the second): a slice is
-    two words' nibbles.  Q5_x's high-bit bytes are gathered bit by bit; scales and factors are
-    copied as the file has them."""
+    two words' nibbles.  Q6_K holds four 32-element quarters per 128 elements: low or high nibbles of
+    64 bytes, and one bit pair of 32 high-bit bytes (4 pairs per byte), moved as words the same way.
+    Q5_x's high-bit bytes are gathered bit by bit; scales and factors are copied as the file has them."""
     quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
     record, sb_bytes = _group_layout(wtype, lanes)
     k_quant = scale_bytes == 1
@@ -246,6 +248,38 @@ def pack_rows_moved(w, wtype, lanes, unsigned_q8, out):
                 mins = rec + n_scales * lanes * scale_bytes
                 highs = mins + lanes * min_bytes
                 quants = highs + lanes * high
+                if wtype == T_Q6_K:  # the int8 scales of both halves, d once per super-block
+                    j = b % SUPER_BLOCK
+                    o = (b // SUPER_BLOCK) * block
+                    half, quarter = j // 4, j % 4  # which 128 elements of the super-block, which 32 of them
+                    at = o + 192 + 8 * half + 2 * quarter
+                    group[rec + lane] = row[at]
+                    group[rec + lanes + lane] = row[at + 1]
+                    if j == 0:
+                        at = table + (b // SUPER_BLOCK) * sb_bytes + 2 * lane
+                        group[at] = row[o + 208]
+                        group[at + 1] = row[o + 209]
+                    # low nibbles: 64 bytes per half, the odd quarters 32 bytes in, the last two
+                    # quarters in the high nibbles; high bit pairs: 32 bytes per half, pair `quarter`
+                    q = o + 64 * half + 32 * (quarter % 2)
+                    qh = o + 128 + 32 * half
+                    hbits = np.uint32(2 * quarter)
+                    w1 = np.uint32(0)
+                    w2 = np.uint32(0)
+                    for st in range(4):
+                        lo = _load_u32(row, q + 4 * st)
+                        hi = _load_u32(row, q + 16 + 4 * st)
+                        if quarter < 2:
+                            v = (lo & _LOW_NIBBLES) | ((hi & _LOW_NIBBLES) << np.uint32(4))
+                        else:
+                            v = ((lo >> np.uint32(4)) & _LOW_NIBBLES) | (hi & _HIGH_NIBBLES)
+                        _store_u32(group, quants + (st * lanes + lane) * 4, v)
+                        shift = np.uint32(2 * st)  # element 4st+i's pair -> bits 2st of byte i
+                        w1 |= ((_load_u32(row, qh + 4 * st) >> hbits) & _LOW_PAIRS) << shift
+                        w2 |= ((_load_u32(row, qh + 16 + 4 * st) >> hbits) & _LOW_PAIRS) << shift
+                    _store_u32(group, highs + lane * 4, w1)
+                    _store_u32(group, highs + 4 * lanes + lane * 4, w2)
+                    continue
                 if k_quant:  # Q4_K / Q5_K: factor bytes, d and dmin once per super-block, 2 words per slice
                     j = b % SUPER_BLOCK
                     o = (b // SUPER_BLOCK) * block
@@ -299,13 +333,11 @@ def pack_rows_moved(w, wtype, lanes, unsigned_q8, out):
 
 def pack_rows(w, wtype, lanes, unsigned_q8, out):
     """w: (n_out, row_bytes) file rows of a quantized type -> out: (n_groups, group_bytes), the
-    layout above.  out must arrive zeroed: the last group's padding rows stay so.  Two kernels, so
-    that a model compiles only the one its types need: every type but Q6_K moves bytes
-    (``pack_rows_moved``), Q6_K is decoded and re-encoded (``pack_rows_decoded``)."""
-    if int(wtype) == T_Q6_K:
-        pack_rows_decoded(w, wtype, lanes, unsigned_q8, out)
-    else:
-        pack_rows_moved(w, wtype, lanes, unsigned_q8, out)
+    layout above.  out must arrive zeroed: the last group's padding rows stay so.  Every type's bytes
+    and words are moved into place (``pack_rows_moved``, at about a copy's speed);
+    ``pack_rows_decoded``, which decodes each block's integers and re-encodes them, is the slow,
+    obvious twin the tests hold it to."""
+    pack_rows_moved(w, wtype, lanes, unsigned_q8, out)
 
 
 @njit(parallel=True, **EXACT)
