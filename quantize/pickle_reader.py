@@ -49,6 +49,11 @@ MAX_PICKLE_OPS = 1 << 20     # opcodes run
 MAX_PICKLE_STACK = 1 << 18   # items on the stack and the mark stack together
 MAX_PICKLE_MEMO = 1 << 18    # memoized objects
 MAX_VIEWS_PER_TENSOR = 2     # names one storage view may have (an embedding tied to the output)
+# The zip's central directory, which zipfile reads whole and turns into one object per member
+# (about 0.5 KB each): a checkpoint has one member per storage (Llama 3 405B's shards: ~1,200 of
+# about 100 bytes), so 4 MiB and 65,536 members are far above any real one.
+MAX_ZIP_DIRECTORY_BYTES = 4 * 1024 * 1024
+MAX_ZIP_MEMBERS = 1 << 16
 BF16 = np.dtype("<u2")  # bfloat16 items are kept as their uint16 bits
 
 # Opcodes a state dict of tensors never contains; each can build objects or buffers the reader has
@@ -260,11 +265,45 @@ _ALLOWED = {
 }
 
 
+def _check_zip_directory(path: Path) -> None:
+    """Refuse a zip whose central directory (size and member count, from its end records, zip64's
+    included) is beyond MAX_ZIP_DIRECTORY_BYTES / MAX_ZIP_MEMBERS, before zipfile reads it.  A file
+    with no end record is left to zipfile, which says it is not a zip."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            tail_at = max(0, size - (22 + 0xFFFF))  # the end record, then at most a 64 KiB comment
+            f.seek(tail_at)
+            tail = f.read()
+            end = tail.rfind(b"PK\x05\x06")
+            if end < 0 or len(tail) - end < 22:
+                return
+            members = int.from_bytes(tail[end + 10:end + 12], "little")
+            directory = int.from_bytes(tail[end + 12:end + 16], "little")
+            locator = end - 20
+            if (members == 0xFFFF or directory == 0xFFFFFFFF) and locator >= 0 \
+                    and tail[locator:locator + 4] == b"PK\x06\x07":
+                record_at = int.from_bytes(tail[locator + 8:locator + 16], "little")
+                f.seek(record_at)
+                record = f.read(56)
+                if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                    members = int.from_bytes(record[32:40], "little")
+                    directory = int.from_bytes(record[40:48], "little")
+    except OSError:
+        return  # zipfile reports it
+    if directory > MAX_ZIP_DIRECTORY_BYTES or members > MAX_ZIP_MEMBERS:
+        raise ModelFormatError(f"{path}: the zip's central directory declares {members} members in {directory} "
+                               f"bytes, beyond the {MAX_ZIP_MEMBERS} members and {MAX_ZIP_DIRECTORY_BYTES} bytes "
+                               "accepted (MAX_ZIP_MEMBERS, MAX_ZIP_DIRECTORY_BYTES); a checkpoint has one member "
+                               "per tensor")
+
+
 class _Archive:
     """The zip container of a torch.save file: data.pkl plus one member per storage."""
 
     def __init__(self, path: Path):
         self.path = path
+        _check_zip_directory(path)
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:

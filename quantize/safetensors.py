@@ -5,7 +5,8 @@ maps tensor names to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offse
 data section) plus an optional ``"__metadata__"`` dict of strings.
 
 Everything is checked before a byte of tensor data is touched (the rules of the safetensors
-format and ../shared/BAD-INPUTS.md): header length at most 100 MB and inside the file, valid
+format and ../shared/BAD-INPUTS.md): header length at most 100 MB (and 2^20 JSON values) and inside
+the file, valid
 UTF-8 JSON object without duplicate keys, known dtypes, non-negative integer shapes, byte sizes
 equal to shape x dtype size, and offsets that tile the data section exactly (no gaps, overlaps or
 bytes left over).  Errors are ``ModelFormatError`` naming the file, the tensor and the value.
@@ -27,6 +28,9 @@ from edgellama.gguf import ModelFormatError
 from .source import map_file, unmap
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# JSON values a header may hold (bounded by counting commas and brackets before parsing, so that a
+# header of tiny values cannot grow into gigabytes of Python objects): a tensor entry is about 8
+MAX_HEADER_ITEMS = 1 << 20
 
 # safetensors dtype -> numpy dtype of the stored items (BF16 as raw uint16)
 DTYPES = {
@@ -45,6 +49,12 @@ class SafeTensor:
     shape: tuple[int, ...]
     begin: int                 # absolute byte offset in the file
     nbytes: int
+
+
+def json_items_bound(raw: bytes) -> int:
+    """An upper bound on the values a JSON text holds (every value but the first follows a comma or
+    opens a container), counted in C before parsing: parsing allocates tens of bytes per value."""
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
 
 
 def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -83,6 +93,10 @@ class SafetensorsFile:
                 raise self.fail(f"header length {n} runs past the end of the {self.size}-byte file "
                                 "(file is truncated or incomplete)")
             raw = f.read(n)
+        items = json_items_bound(raw)
+        if items > MAX_HEADER_ITEMS:
+            raise self.fail(f"header holds up to {items} JSON values, more than the {MAX_HEADER_ITEMS} accepted "
+                            "(MAX_HEADER_ITEMS)")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:

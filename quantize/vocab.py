@@ -25,12 +25,15 @@ from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.tokenizer import TokenizerError, read_sentencepiece
 from edgellama.tokenizer.files import MAX_TOKENIZER_FILE_BYTES, SentencePieceModel
 
-from .safetensors import no_duplicate_keys
+from .safetensors import json_items_bound, no_duplicate_keys
 from .source import QuantizeError, show
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 MAX_JSON_BYTES = 256 * 1024 * 1024
+# values a JSON file may hold (Llama 3's tokenizer.json: 0.4-1 million; counted before parsing,
+# which allocates tens of bytes per value)
+MAX_JSON_ITEMS = 1 << 22
 # [PAD<i>] entries written where the embedding has more rows than the tokenizer has tokens (real
 # models pad a few hundred rows at most); a larger gap is a vocabulary that is not this model's.
 MAX_VOCAB_PADDING = 1 << 16
@@ -47,8 +50,12 @@ def read_json(path: Path, what: str = "") -> Any:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
             raise ModelFormatError(f"{path}: {size} bytes is too large for a {what or 'JSON'} file")
-        text = path.read_bytes().decode("utf-8")
-        return json.loads(text, object_pairs_hook=no_duplicate_keys)
+        raw = path.read_bytes()
+        items = json_items_bound(raw)
+        if items > MAX_JSON_ITEMS:
+            raise ModelFormatError(f"{path}: holds up to {items} JSON values, more than the {MAX_JSON_ITEMS} "
+                                   f"accepted in a {what or 'JSON'} file (MAX_JSON_ITEMS)")
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except UnicodeDecodeError as e:
         raise ModelFormatError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except (ValueError, RecursionError) as e:

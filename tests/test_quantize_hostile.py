@@ -954,3 +954,44 @@ def test_terminal_stderr_gets_the_progress_bar(tiny, tmp_path):
     assert proc.wait(timeout=120) == 0
     text = b"".join(chunks).decode(errors="replace")
     assert "\r" in text and "tensor" in text, text
+
+
+# ===== memory caps on containers and JSON: checked before the parser allocates ===================
+
+def test_zip_with_a_flood_of_members_is_refused_before_zipfile_reads_it(tmp_path):
+    """zipfile reads the whole central directory and makes an object per member: 70,000 empty
+    members (past 65,535, so the count is in zip64's end record) are refused from the end records."""
+    from quantize.pickle_reader import MAX_ZIP_MEMBERS
+
+    path = tmp_path / "flood.pth"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}.")
+        for i in range(MAX_ZIP_MEMBERS + 5000):
+            zf.writestr(f"archive/data/{i}", b"")
+    with pytest.raises(ModelFormatError, match=r"flood.pth: the zip's central directory declares 70537 members.*"
+                                               r"MAX_ZIP_MEMBERS"):
+        TorchCheckpoint(path)
+
+
+def test_safetensors_header_of_tiny_values_is_refused_before_parsing(tmp_path):
+    """1.1 million zeros in a shape: 2.2 MB of header, tens of MB of Python objects once parsed."""
+    from quantize.safetensors import MAX_HEADER_ITEMS, SafetensorsFile
+
+    shape = ",".join(["0"] * (MAX_HEADER_ITEMS + 10))
+    header = ('{"a":{"dtype":"F32","shape":[' + shape + '],"data_offsets":[0,0]}}').encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ModelFormatError, match=r"model.safetensors: header holds up to \d+ JSON values.*"
+                                               r"MAX_HEADER_ITEMS"):
+        SafetensorsFile(path)
+
+
+def test_json_files_of_tiny_values_are_refused_before_parsing(tmp_path):
+    from quantize.vocab import MAX_JSON_ITEMS, read_json
+
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(b"[" + b",".join([b"0"] * (MAX_JSON_ITEMS + 1)) + b"]")
+    with pytest.raises(ModelFormatError, match=r"tokenizer.json: holds up to \d+ JSON values.*MAX_JSON_ITEMS"):
+        read_json(path, "tokenizer.json")
+    path.write_bytes(b"[" + b",".join([b"0"] * 1000) + b"]")  # (the real ones: tests/test_quantize_hf.py)
+    assert read_json(path, "tokenizer.json") == [0] * 1000
