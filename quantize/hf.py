@@ -473,14 +473,14 @@ def _source_tensors(folder: Path, located: dict[str, SafetensorsFile], config: d
     missing = [n for n in expected if n not in tensors and n != "output.weight"]
     if missing:
         raise ModelFormatError(f"{folder}: missing {len(missing)} tensors, e.g. {missing[0]!r} "
-                               f"(HF {_hf_name_of(missing[0])!r})")
+                               f"(HF {hf_name_of(missing[0])!r})")
     factors = llama3_rope_factors(config, p)
     if factors is not None:
         tensors["rope_freqs.weight"] = _constant_tensor("rope_freqs.weight", factors, "config.json rope_scaling")
     return list(tensors.values())
 
 
-def _hf_name_of(gguf: str) -> str:
+def hf_name_of(gguf: str) -> str:
     for hf, g in _GLOBAL_NAMES.items():
         if g == gguf:
             return hf

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
 
 from edgellama.gguf import GGUFFile  # noqa: E402
 from edgellama.quants import dequantize  # noqa: E402
-from quantize.hf import _hf_name_of, qk_permutation  # noqa: E402  (the converter's name map, inverted)
+from quantize.hf import hf_name_of, qk_permutation  # noqa: E402  (the converter's name map, inverted)
 from quantize.safetensors import write_safetensors  # noqa: E402
 from quantize.vocab import CONTROL, USER_DEFINED  # noqa: E402  (llama.cpp's token types)
 from tools.fetch_models import cache_dir, smollm2_q4_1  # noqa: E402
@@ -39,7 +39,7 @@ HF_DIR_NAME = "SmolLM2-135M-Instruct-hf"
 
 def hf_name(gguf_name: str) -> str:
     """The Hugging Face name of a GGUF tensor (quantize.hf's map, read backwards)."""
-    return _hf_name_of(gguf_name)
+    return hf_name_of(gguf_name)
 
 
 def unpermute(rows: np.ndarray, n_heads: int) -> np.ndarray:
