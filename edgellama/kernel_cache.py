@@ -4,9 +4,10 @@ The first run on a machine compiles the kernels for its CPU (about half a minute
 core, several minutes on a Raspberry Pi); later runs load them from Numba's cache in about a second.
 ``cache_status`` says before a model is loaded whether that compilation is ahead, without compiling
 anything: Numba keeps one index file per kernel (``<module>.<kernel>-<line>.py<ver>.nbi`` in the
-kernel's cache directory), stamped with the source file's modification time and size and keyed by
-(signature, CPU triple + name + features, bytecode hash).  A kernel is cold when its index is
-missing, stale, or has no entry for this CPU and this bytecode.
+package's cache folder, ``~/.cache/edgellama/kernels/<stamp>-numba<version>``: see
+edgellama/kernels/cache.py), stamped with a hash of the kernels' sources and keyed by (signature,
+CPU triple + name + features, bytecode hash).  A kernel is cold when its index is missing, stale,
+or has no entry for this CPU and this bytecode.
 
 ``CompileProgress`` reports compilations as they happen, from Numba's ``numba:compile`` event (sent
 on cache misses only, with nested events for the helpers a kernel calls): a line saying what is
