@@ -15,6 +15,8 @@ the q4_0 fixture on other CPU targets.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import edgellama
@@ -29,10 +31,22 @@ def loaded(request, smollm2_files):
     return request.param, edgellama.load(smollm2_files[request.param], n_ctx=512, threads=2)
 
 
+def _prompts(fixture: dict) -> list[dict]:
+    """The fixture's prompts, or those named in EDGELLAMA_GOLDEN_PROMPTS (comma-separated: under
+    emulation, where tools/arm64.py runs two of the six, each check but the six-prompt statistic)."""
+    wanted = [n for n in os.environ.get("EDGELLAMA_GOLDEN_PROMPTS", "").split(",") if n]
+    if not wanted:
+        return fixture["prompts"]
+    unknown = set(wanted) - {p["name"] for p in fixture["prompts"]}
+    assert not unknown, f"EDGELLAMA_GOLDEN_PROMPTS names no fixture prompt: {sorted(unknown)}"
+    return [p for p in fixture["prompts"] if p["name"] in wanted]
+
+
 def test_matches_llama_cpp(loaded):
     qtype, model = loaded
     fixture = load_fixture(qtype)
-    reports = [compare_prompt(model, p) for p in fixture["prompts"]]
+    prompts = _prompts(fixture)
+    reports = [compare_prompt(model, p) for p in prompts]
     for r in reports:
         assert r.tokens_equal, f"{qtype}/{r.name}: token ids differ from llama.cpp's"
         assert not r.clear_disagreements, (
@@ -42,6 +56,8 @@ def test_matches_llama_cpp(loaded):
         if r.greedy_equal < r.greedy_len:
             assert r.greedy_divergence_gap < NEAR_TIE, f"{qtype}/{r.name}: greedy diverged at a clear token"
         assert r.max_logit_diff < 2.5 and r.mean_logit_diff < 0.35, (qtype, r.name, r.max_logit_diff)
+    if len(prompts) < len(fixture["prompts"]):
+        return  # the agreement bound is a statistic over the six prompts' positions, not over a few
     positions = sum(r.positions for r in reports)
     agreement = sum(r.top1_equal for r in reports) / positions
     # llama.cpp agrees with itself on 94-99% of these positions across its own settings
