@@ -15,7 +15,9 @@ One process measures, in order:
   Linux only, 10 ms resolution);
 - ``pp_tok_s``: ``n_prompt`` tokens evaluated from an empty cache, median over the repetitions;
 - ``tg_tok_s``: ``n_gen`` single-token evaluations after a 1-token prompt, median;
-- ``peak_rss_mb``: the process's peak resident set size (VmHWM on Linux, else ``ru_maxrss``).
+- ``peak_rss_mb``: the process's peak resident set size (VmHWM on Linux, else ``ru_maxrss``);
+- ``packed_weights``: ``mapped`` (from the packed cache of an earlier load: edgellama.packed_cache),
+  ``saving`` (packed at this load, and written to that cache for the next) or ``memory``.
 
 The token ids are random (fixed seed) in [0, n_vocab): speed does not depend on what they say.
 """
@@ -233,6 +235,7 @@ def run_bench(args) -> int:
         "load_s": load_s,
         "compile_s": compile_s,
         "numba_cache": _cache_state(hits, misses),
+        "packed_weights": model.weights.pack_source,
         "numba_cache_hits": hits,
         "numba_cache_misses": misses,
         "first_token_s": first_token_s,
@@ -269,7 +272,7 @@ def format_report(r: dict) -> str:
         "",
         f"file {r['model']} ({types}); n_ctx {r['n_ctx']}, KV cache {r['cache_type']}; median of "
         f"{r['repetitions']} runs; kernels: {r['kernels']}",
-        f"load {r['load_s']:.2f} s | warm-up (Numba cache {r['numba_cache']}) {r['compile_s']:.2f} s | "
+        f"load {r['load_s']:.2f} s (packed weights: {r.get('packed_weights', '?')}) | warm-up (Numba cache {r['numba_cache']}) {r['compile_s']:.2f} s | "
         f"first token {r['first_token_s']:.2f} s"
         + (f" ({proc:.2f} s from process start)" if proc is not None else "")
         + f" | peak RSS {r['peak_rss_mb']:.1f} MiB",

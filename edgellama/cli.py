@@ -421,7 +421,15 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
                       tokenizer=tokenizer)
         # compiled, or loaded from the cache (a second or two), before the command times anything
         model.warm_up(prompt_path)
+    if model.weights.pack_source == "saving":
+        print(f"edgellama {args.command}: keeping the packed weights for faster loads "
+              f"({_mib(model.weights.packed_bytes)} MiB in {model.weights.packed_folder}, written in the "
+              f"background; EDGELLAMA_PACKED_CACHE=off turns this off)", file=stream, flush=True)
     return Loaded(model, time.perf_counter() - t0 - progress.seconds, progress.seconds)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
 
 
 # ----- commands -----------------------------------------------------------------------------------

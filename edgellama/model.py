@@ -22,6 +22,8 @@ from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no 
 from .gguf import GGUFFile, ModelFormatError
 from .hardware import physical_cores  # the default thread count (big physical cores)
 from .memory import trim_heap
+from .kernels.cache import package_stamp
+from .packed_cache import packed_sections, resolve_folder
 from .quants import KV_CACHE_TYPES, QK, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
 
 LAYER_MATRICES = K.LAYER_MATRICES  # slot i of a layer: the kernels address matrices by these slots
@@ -73,29 +75,50 @@ class Weight:
 PACK_CHUNK_BYTES = 4 << 20  # file bytes packed between two releases of their pages
 
 
-def _pack(f: GGUFFile, weights: list[Weight]) -> np.ndarray:
-    """Pack quantized weights into one new read-only buffer (each weight's ``packed`` becomes a view
-    of it) and drop their pages of the mapped file from this process as they are packed, a few MB
-    at a time, so that the weights are resident once, even while loading.  The file stays
-    untouched and remains the source of every float tensor."""
+def _pack(f: GGUFFile, sections: list[list[Weight]], packed_cache=None) -> tuple[list[np.ndarray], str]:
+    """Pack quantized weights, one new read-only buffer per section (each weight's ``packed``
+    becomes a view of its section's buffer).  The buffers are mapped from the packed cache of an
+    earlier load of this file (edgellama.packed_cache; ``packed_cache``: None = its default folder,
+    False = none, or a folder), else packed in memory (and written to that cache, in a thread, for
+    the next load); while packing,
+    the file's pages of what is packed are dropped from this process a few MB at a time, so that
+    the weights are resident once, even while loading.  The file stays untouched and remains the
+    source of every float tensor.  Also returns where the buffers come from (packed_sections)."""
     lanes, unsigned_q8 = K.packing()
-    shapes = [(-(-w.n_out // lanes), K.group_bytes(w.qtype, w.n_in, lanes)) for w in weights]  # (groups, group bytes)
-    buf = np.zeros(sum(groups * size for groups, size in shapes), np.uint8)
-    offset = 0
-    for w, (groups, size) in zip(weights, shapes):
-        w.packed = buf[offset:offset + groups * size].reshape(groups, size)
-        step = max(1, PACK_CHUNK_BYTES // (lanes * w.rows.shape[1]))  # groups per chunk
-        for g in range(0, groups, step):
-            rows = slice(g * lanes, (g + step) * lanes)
-            K.pack_rows(w.rows[rows], w.qtype, lanes, unsigned_q8, w.packed[g:g + step])
-            f.release(w.name, rows.start, rows.stop)
-        offset += groups * size
-    for w in weights:  # what the kernel's fault-around brought in of a tensor while packing its neighbour
-        f.release(w.name)
-    buf.setflags(write=False)
-    for w in weights:  # views made before: read-only too (one kernel signature for every weight)
-        w.packed.setflags(write=False)
-    return buf
+    shapes = [[(-(-w.n_out // lanes), K.group_bytes(w.qtype, w.n_in, lanes)) for w in weights]
+              for weights in sections]  # per weight: (groups, group bytes)
+    sizes = [sum(groups * size for groups, size in s) for s in shapes]
+    layout = {"target": {"lanes": int(lanes), "unsigned_q8": bool(unsigned_q8)},
+              "kernels": package_stamp(),
+              "sections": [[(w.name, w.qtype, w.n_out, w.n_in, f.tensor(w.name).offset) for w in weights]
+                           for weights in sections]}
+
+    def views(buffers):
+        for weights, s, buf in zip(sections, shapes, buffers):
+            offset = 0
+            for w, (groups, size) in zip(weights, s):
+                w.packed = buf[offset:offset + groups * size].reshape(groups, size)
+                offset += groups * size
+
+    def fill(buffers):  # zeroed, writable
+        views(buffers)
+        for weights in sections:
+            for w in weights:
+                step = max(1, PACK_CHUNK_BYTES // (lanes * w.rows.shape[1]))  # groups per chunk
+                for g in range(0, w.packed.shape[0], step):
+                    rows = slice(g * lanes, (g + step) * lanes)
+                    K.pack_rows(w.rows[rows], w.qtype, lanes, unsigned_q8, w.packed[g:g + step])
+                    f.release(w.name, rows.start, rows.stop)
+            for w in weights:  # what the kernel's fault-around brought in of a tensor while packing its neighbour
+                f.release(w.name)
+
+    buffers, source = packed_sections(resolve_folder(packed_cache), f.path, layout, sizes, fill)
+    views(buffers)  # read-only views now (one kernel signature for every weight)
+    if source == "mapped":  # nothing packed, but reading the norms faulted in their neighbours' pages
+        for weights in sections:
+            for w in weights:
+                f.release(w.name)
+    return buffers, source
 
 
 def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
@@ -116,7 +139,7 @@ def _offset_in(view: np.ndarray, base: np.ndarray) -> int:
 class Weights:
     """All tensors of a llama GGUF file, named as in the file."""
 
-    def __init__(self, f: GGUFFile, args: ModelArgs):
+    def __init__(self, f: GGUFFile, args: ModelArgs, packed_cache=None):
         a = args
         self.token_embd = Weight(f, "token_embd.weight", (a.n_vocab, a.dim))
         # a missing output.weight means the projection is tied to the embedding table; it gets its
@@ -143,7 +166,13 @@ class Weights:
         # mapped file (float types)
         matrices = [layer[m] for layer in self.layers for m in LAYER_MATRICES]
         self.blob = np.asarray(f.buf)
-        self.packed = _pack(f, [w for w in matrices if w.quantized])
+        tail = [self.output] if self.output.quantized else []  # its own buffer, kept alive by output.packed
+        # pack_source: "mapped" (the packed cache of an earlier load), "saving" (packed now and being
+        # written to that cache) or "memory" (packed now)
+        sections, self.pack_source = _pack(f, [[w for w in matrices if w.quantized], tail], packed_cache)
+        self.packed = sections[0]
+        self.packed_bytes = sum(s.nbytes for s in sections)
+        self.packed_folder = resolve_folder(packed_cache)
         self.mat_table = np.zeros((len(matrices), 5), np.int64)
         for i, w in enumerate(matrices):
             view = w.kernel_view()
@@ -151,8 +180,6 @@ class Weights:
             row[K.MAT_OFFSET] = _offset_in(view, self.packed if w.quantized else self.blob)
             row[K.MAT_ROWS], row[K.MAT_ROW_BYTES] = view.shape
             row[K.MAT_TYPE], row[K.MAT_OUT] = w.qtype, w.n_out
-        if self.output.quantized:
-            _pack(f, [self.output])  # its own buffer, kept alive by output.packed
         # embeddings: (table, type, packed?); a tied packed table serves them, so that none of the
         # file's table pages come back into memory as tokens are looked up
         if tied and self.output.quantized:
@@ -216,11 +243,14 @@ class Model:
     """
 
     def __init__(self, f: GGUFFile, n_ctx: int | None = None, threads: int | None = None, n_batch: int = 256,
-                 cache_type: str = "f16", check_memory: bool = True, tokenizer=None):
+                 cache_type: str = "f16", check_memory: bool = True, tokenizer=None, packed_cache=None):
         """``n_ctx``: None = min(the trained context, 4096), 0 = the trained context (llama.cpp's
         meaning); beyond the trained context a ContextLengthWarning is issued.  Before anything is
         allocated, the weights + KV cache + buffers are compared with the available memory
-        (``check_memory``): MemoryLimitError names the figures and the largest context that fits."""
+        (``check_memory``): MemoryLimitError names the figures and the largest context that fits.
+        ``packed_cache``: where the packed weights are kept for the next load (edgellama.packed_cache):
+        None = its default folder (EDGELLAMA_PACKED_CACHE, else ~/.cache/edgellama/packed), False =
+        pack in memory only, or a folder."""
         import warnings
 
         from .info import ContextLengthWarning, resolve_n_ctx
@@ -251,7 +281,7 @@ class Model:
         # (``tokenizer``: one already built from this file's metadata, e.g. to size a prompt first)
         self.tokenizer = tokenizer or Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
         trim_heap()
-        self.weights = Weights(f, self.args)
+        self.weights = Weights(f, self.args, packed_cache)
         self.rope = K.RopeTables(*rope_tables(self.args, self.n_ctx, self.weights.rope_freqs))
         self.dims = K.Dims(np.float32(self.args.norm_eps), self.args.n_heads, self.args.n_kv_heads,
                            self.args.head_dim)

@@ -18,13 +18,22 @@ sys.path.insert(0, str(ROOT / "tests"))  # `reference`, `tiny_model`
 
 def pytest_configure(config):
     """Fetch the real test assets once, before collection (test modules check for them at import).
+    Point the packed-weights cache at a folder of this run.
 
     A test run started in the background of a non-interactive shell (`nohup ... &`, some CI
     runners) inherits SIGINT ignored, and so would every child it starts: the tests of Ctrl-C
     handling would wait for ever.  They test a program started from a terminal, so the run
     restores Python's usual handler (children then start with SIGINT at its default)."""
+    import os
     import signal
+    import tempfile
 
+    # every model loaded by the tests, in this process or in the commands it starts, keeps its
+    # packed weights in a folder of this run (a second load of a file maps them: both paths are
+    # exercised), removed at the end, instead of in the user's cache
+    global _PACKED_CACHE
+    _PACKED_CACHE = tempfile.mkdtemp(prefix="edgellama-packed-")
+    os.environ["EDGELLAMA_PACKED_CACHE"] = _PACKED_CACHE
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     from tools.fetch_models import llama3_tokenizer, smollm2_q4_1
@@ -34,6 +43,17 @@ def pytest_configure(config):
             fetch()
         except Exception as e:  # offline: the tests that need the asset skip and say why
             print(f"warning: {fetch.__name__}() failed: {e}", file=sys.stderr)
+
+
+_PACKED_CACHE = None
+
+
+def pytest_unconfigure(config):
+    if _PACKED_CACHE:
+        from edgellama.packed_cache import wait_for_writes
+
+        wait_for_writes()
+        shutil.rmtree(_PACKED_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -73,9 +73,15 @@ def _cache_with_cold_kernels(tmp_path: Path, cold: list[str]) -> Path:
     return numba_dir
 
 
+def _env(numba_dir: Path) -> dict:
+    """A first run's: this Numba cache, and no packed weights kept from an earlier load (which would
+    leave the packer uncompiled)."""
+    return dict(os.environ, NUMBA_CACHE_DIR=str(numba_dir), EDGELLAMA_PACKED_CACHE="off")
+
+
 def _command(argv: list[str], numba_dir: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgellama.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                          input=stdin, env=dict(os.environ, NUMBA_CACHE_DIR=str(numba_dir)), timeout=600)
+                          input=stdin, env=_env(numba_dir), timeout=600)
 
 
 def test_the_status_of_the_cache_is_known_before_loading(tiny, tmp_path):
@@ -140,7 +146,7 @@ def test_every_command_announces_a_cold_cache(tiny, tmp_path, command):
 def test_an_empty_cache_is_announced_before_anything_compiles(tiny, tmp_path):
     """From an empty cache: the announcement is the first line, before the first kernel (which
     starts compiling during the load); the command is stopped there."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "empty"))
+    env = _env(tmp_path / "empty")
     proc = subprocess.Popen([sys.executable, "-m", "edgellama.cli", "run", "-m", str(tiny), "-p", "the", "-t", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     lines: list[str] = []

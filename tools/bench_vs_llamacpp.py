@@ -273,18 +273,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"bench_vs_llamacpp: {e}", file=sys.stderr)
                     return 1
                 r["roofline"] = 100 * r["tg_tok_s"] * per_token / (bandwidth * 1e9)
-                extra = f", load {r['load_s']:.2f} s, Numba cache {r['numba_cache']}" if side == "ours" else ""
+                extra = (f", load {r['load_s']:.2f} s, Numba cache {r['numba_cache']}, packed weights "
+                         f"{r.get('packed_weights', '?')}") if side == "ours" else ""
                 print(f"  {model.name} run {i + 1}/{args.runs} {side:9s}: pp {r['pp_tok_s']:.1f} tok/s, "
                       f"tg {r['tg_tok_s']:.1f} tok/s ({r['roofline']:.0f}% of DRAM), first token "
                       f"{r['process_first_token_s']:.2f} s{extra}, RSS {r['peak_rss_mb']:.0f} MiB", file=sys.stderr)
         types = ", ".join(f"{k} x{v}" for k, v in ours[0]["tensor_types"].items())
         caches = ", ".join(r["numba_cache"] for r in ours)
+        packed = ", ".join(r.get("packed_weights", "?") for r in ours)
         title = f"### {model.name} ({types})"
         note = (f"Median of {args.runs} fresh processes per side (pp/tg: each the median of "
                 f"{args.repetitions} repetitions inside the process). Run-to-run range, ours: "
                 f"pp {_spread(ours, 'pp_tok_s')}, tg {_spread(ours, 'tg_tok_s')}; llama.cpp: "
                 f"pp {_spread(theirs, 'pp_tok_s')}, tg {_spread(theirs, 'tg_tok_s')} tok/s. "
-                f"Our Numba cache per run: {caches}. Weights read per token: {per_token / 1e9:.3f} GB; DRAM "
+                f"Our Numba cache per run: {caches}; packed weights per run: {packed} (mapped: from the packed "
+                f"cache an earlier load wrote). Weights read per token: {per_token / 1e9:.3f} GB; DRAM "
                 f"read bandwidth ({args.threads} threads, tools/membw.py, same run): {bandwidth:.1f} GB/s.")
         table = compare_table(ours, theirs, args.n_prompt, args.n_gen)
         note += (f" Ours: kernels {ours[0].get('kernels', '?')}, KV cache {ours[0].get('cache_type', '?')}; "

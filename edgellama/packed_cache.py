@@ -1,0 +1,276 @@
+"""The packed weights kept on disk: a model's later loads map them instead of packing again.
+
+Loading packs every quantized matrix into the kernels' layout (edgellama.kernels.layout): about a
+second for a 1B model and several for an 8B one on a slow core, at every start.  The first load of a
+model file packs in memory as before and writes the packed copy to a cache file in a thread, while the
+model runs; later loads map that file read-only and pre-fault it (MAP_POPULATE): no packing, and the
+packed pages are file pages, which the system can drop and read back under memory pressure rather
+than swap or kill.
+
+**Where.**  ``$EDGELLAMA_PACKED_CACHE`` when set (``off``, ``0`` or an empty value turn the cache
+off), else ``$XDG_CACHE_HOME/edgellama/packed`` (default ``~/.cache/edgellama/packed``); or
+``Model(..., packed_cache=False | folder)``.  One file per model file and target layout, named after
+the model's real path: loading a model that changed (size, times, inode, a hash of its header and of
+pages sampled across it, tensor layout) or with other kernel sources (their package stamp) writes it again, and each write removes the files
+of models that are gone or changed.  Delete the folder at any time to reclaim the space.
+
+**Safely.**  A copy is written only when it leaves ``MIN_FREE_BYTES`` of the disk free, by a thread
+that writes the data to a temporary file, flushes it to disk, then writes the header that makes the
+file valid and renames it into place; the interpreter waits for that thread at exit (seconds on an
+SSD, minutes for GBs on an SD card).  A reader sees a whole file or none, even after a power cut; a
+file whose header differs from what this load computes is ignored and replaced.  Wherever the cache
+cannot be used (no folder, no room, a read-only or failing disk) the weights are packed in memory,
+as without it: nothing fails because of the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+ENV = "EDGELLAMA_PACKED_CACHE"
+MAGIC = b"EDGLPACK"
+VERSION = 1
+DATA_OFFSET = 1 << 16            # header room; the data starts page-aligned for any page size up to 64 KiB
+SECTION_ALIGN = 1 << 12
+MIN_FREE_BYTES = 1 << 30         # a copy is written only when this much of the disk stays free after it
+STALE_TEMP_SECONDS = 24 * 3600   # a temporary file this old is a crashed writer's
+WRITE_CHUNK = 64 << 20
+SAMPLES = 64
+_HEADER = struct.Struct("<8sI")
+
+
+def default_folder() -> Path | None:
+    """The cache folder for this process: EDGELLAMA_PACKED_CACHE, else the user's cache folder;
+    None when turned off."""
+    value = os.environ.get(ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "no", "false") else Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "edgellama" / "packed"
+
+
+def resolve_folder(packed_cache) -> Path | None:
+    """``Model(packed_cache=...)``: None = default_folder(), False = off, True = default, a path = that folder."""
+    if packed_cache is None or packed_cache is True:
+        return default_folder()
+    if packed_cache is False:
+        return None
+    return Path(packed_cache).expanduser()
+
+
+def _model_identity(path: str) -> dict:
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return {"model": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino, "dev": st.st_dev}
+
+
+def _content_digest(path: str, size: int) -> str:
+    """A hash of the file's first MiB (its header) and of SAMPLES pages spread over the rest: a file
+    rewritten in place within one tick of the file system's clock (same size, times and inode: a
+    test, a quantizer run twice) still differs here, without reading GBs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(os.pread(fh.fileno(), 1 << 20, 0))
+        for i in range(SAMPLES):
+            digest.update(os.pread(fh.fileno(), 4096, (1 << 20) + max(size - (1 << 20), 0) * i // SAMPLES))
+    return digest.hexdigest()
+
+
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    out, at = [], DATA_OFFSET
+    for size in sizes:
+        out.append(at)
+        at += -(-size // SECTION_ALIGN) * SECTION_ALIGN
+    return out + [at]  # the last entry: the file's size
+
+
+def _read_header(path: Path) -> dict | None:
+    """A cache file's header, or None for anything that is not a whole one."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(DATA_OFFSET)
+    except OSError:
+        return None
+    if len(head) < _HEADER.size:
+        return None
+    magic, length = _HEADER.unpack_from(head)
+    if magic != MAGIC or length > DATA_OFFSET - _HEADER.size:
+        return None
+    try:
+        header = json.loads(head[_HEADER.size:_HEADER.size + length])
+    except ValueError:  # (UnicodeDecodeError and JSONDecodeError both)
+        return None
+    return header if isinstance(header, dict) else None
+
+
+class PackedCache:
+    """The cache file of one model file for this target's layout.
+
+    ``layout``: what the packed bytes depend on besides the file (kernel sources, lanes, each
+    matrix's name, type, shape and offset), any JSON-able value; ``sizes``: the bytes of each
+    packed section."""
+
+    def __init__(self, folder: Path, model_path: str, layout, sizes: Sequence[int]):
+        self.folder = Path(folder)
+        identity = _model_identity(model_path)
+        digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+        self.key = {"version": VERSION, **identity, "content": _content_digest(identity["model"], identity["size"]),
+                    "layout": digest, "sizes": [int(s) for s in sizes]}
+        name = hashlib.sha256(f"{identity['model']}\0{json.dumps(layout.get('target'))}".encode()).hexdigest()
+        self.path = self.folder / f"{name[:32]}.packed"
+        self.sizes = [int(s) for s in sizes]
+        self.offsets = _offsets(self.sizes)
+
+    # ----- reading --------------------------------------------------------------------------------
+
+    def load(self) -> list[np.ndarray] | None:
+        """The sections of a valid cache file, mapped read-only and pre-faulted; None on a miss."""
+        header = _read_header(self.path)
+        if header != self.key:
+            return None
+        try:
+            with open(self.path, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size != self.offsets[-1]:
+                    return None
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                mapping = mmap.mmap(fh.fileno(), self.offsets[-1], flags=flags, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        return self._sections(mapping)
+
+    def _sections(self, mapping) -> list[np.ndarray]:
+        return [np.frombuffer(mapping, np.uint8, size, offset) for size, offset in zip(self.sizes, self.offsets)]
+
+    # ----- writing --------------------------------------------------------------------------------
+
+    def save(self, sections: Sequence[np.ndarray]) -> bool:
+        """Start writing ``sections`` (packed in memory, read-only from now on) to the cache file,
+        in a thread: the data, flushed to disk, then the header that makes the file valid, then its
+        name (``wait_for_writes``; the interpreter waits for it at exit: seconds on an SSD, minutes
+        for GBs on an SD card).  False, having started nothing, where the disk lacks the room."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if shutil.disk_usage(self.folder).free - self.offsets[-1] < MIN_FREE_BYTES:
+                return False
+            self._sweep()
+            fd, temp = tempfile.mkstemp(dir=self.folder, prefix=self.path.stem + ".", suffix=".tmp")
+        except OSError:
+            return False
+        writer = threading.Thread(target=self._write, args=(fd, temp, list(sections)), name="edgellama-packed-cache",
+                                  daemon=False)
+        writer.start()
+        _WRITERS.append(writer)
+        return True
+
+    def _write(self, fd: int, temp: str, sections: list[np.ndarray]) -> None:
+        done = False
+        try:
+            for section, offset in zip(sections, self.offsets):
+                data = memoryview(section).cast("B")
+                for start in range(0, len(data), WRITE_CHUNK):  # (the GIL is free during each write)
+                    chunk = data[start:start + WRITE_CHUNK]
+                    if os.pwrite(fd, chunk, offset + start) != len(chunk):
+                        return
+            os.ftruncate(fd, self.offsets[-1])
+            os.fsync(fd)  # the data on disk before the header that makes the file valid
+            header = json.dumps(self.key).encode()
+            os.pwrite(fd, _HEADER.pack(MAGIC, len(header)) + header, 0)
+            os.fsync(fd)
+            os.replace(temp, self.path)
+            done = True
+            _fsync_folder(self.folder)
+        except OSError:  # a full or failing disk: no cache file, nothing else changes
+            pass
+        finally:
+            os.close(fd)
+            if not done:
+                _unlink(temp)
+
+    def _sweep(self) -> None:
+        """Remove the copies of model files that are gone or changed, and crashed writers' files."""
+        now = time.time()
+        for entry in self.folder.iterdir():
+            try:
+                if entry.suffix == ".tmp":
+                    if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                        entry.unlink()
+                    continue
+                if entry.suffix != ".packed" or entry == self.path:
+                    continue
+                header = _read_header(entry)
+                if header is None or not _still_current(header):
+                    entry.unlink()
+            except OSError:
+                continue
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+_WRITERS: list[threading.Thread] = []
+
+
+def wait_for_writes() -> None:
+    """Wait until every cache file this process started writing is on disk and in place."""
+    while _WRITERS:
+        _WRITERS.pop().join()
+
+
+def _still_current(header: dict) -> bool:
+    try:
+        identity = _model_identity(header["model"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return all(header.get(k) == v for k, v in identity.items())
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def packed_sections(folder: Path | None, model_path: str, layout, sizes: Sequence[int],
+                    fill: Callable[[list[np.ndarray]], None]) -> tuple[list[np.ndarray], str]:
+    """The packed sections of a model, read-only: mapped from the cache (``"mapped"``), or packed
+    in memory by ``fill`` (given zeroed, writable sections) and being written to the cache
+    (``"saving"``) or not (``"memory"``: no folder, no room, nothing to pack)."""
+    cache = None
+    if folder is not None and any(sizes):
+        try:
+            cache = PackedCache(folder, model_path, layout, sizes)
+        except OSError:
+            cache = None
+        if cache is not None:
+            sections = cache.load()
+            if sections is not None:
+                return sections, "mapped"
+    sections = [np.zeros(size, np.uint8) for size in sizes]
+    fill(sections)
+    for s in sections:
+        s.setflags(write=False)
+    return sections, "saving" if cache is not None and cache.save(sections) else "memory"

@@ -1,0 +1,214 @@
+"""The packed weights kept on disk (edgellama/packed_cache.py): a second load maps what the first
+packed, computes exactly the same, and every way the cache can be wrong or unusable falls back to
+packing in memory without changing a result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgellama
+from edgellama import packed_cache
+from edgellama.packed_cache import PackedCache, wait_for_writes
+from edgellama.quants import GGMLType
+from tiny_model import write_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+IDS = [5, 17, 200, 3, 99, 42]
+K_SIZE = dict(dim=256, ffn=512)  # K-quant rows are 256-element super-blocks
+
+
+def _load(path, folder):
+    return edgellama.load(path, n_ctx=32, threads=2, packed_cache=folder)
+
+
+def _cache_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.packed")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("qtype,size,tied", [(GGMLType.Q4_0, {}, True), (GGMLType.Q8_0, {}, False),
+                                             (GGMLType.Q5_1, {}, True), (GGMLType.Q6_K, K_SIZE, True),
+                                             (GGMLType.Q4_K, K_SIZE, False)],
+                         ids=["Q4_0-tied", "Q8_0-untied", "Q5_1-tied", "Q6_K-tied", "Q4_K-untied"])
+def test_a_second_load_maps_the_first_ones_packing_and_computes_the_same(tmp_path, qtype, size, tied):
+    path = write_tiny_model(tmp_path / "m.gguf", qtype, tied=tied, **size)
+    folder = tmp_path / "cache"
+    expected = _load(path, False)
+    assert expected.weights.pack_source == "memory" and not folder.exists()
+    first = _load(path, folder)
+    assert first.weights.pack_source == "saving"
+    wait_for_writes()
+    (cache_file,) = _cache_files(folder)
+    assert not list(folder.glob("*.tmp"))
+    second = _load(path, folder)
+    assert second.weights.pack_source == "mapped"
+    # the kernels read the file's pages: every packed byte equal, and so every logit, bit for bit
+    assert np.array_equal(second.weights.packed, expected.weights.packed)
+    assert np.array_equal(second.weights.output.packed, expected.weights.output.packed)
+    assert not second.weights.packed.flags.writeable
+    if sys.platform.startswith("linux"):
+        assert str(cache_file) in Path("/proc/self/maps").read_text()
+    want = expected.logits(IDS)
+    assert np.array_equal(first.logits(IDS), want)
+    assert np.array_equal(second.logits(IDS), want)
+    expected.reset()
+    second.reset()
+    for token in IDS:  # the one-token path too
+        assert np.array_equal(second.eval([token]), expected.eval([token]))
+
+
+def test_float_weights_need_no_cache(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.F16)
+    model = _load(path, tmp_path / "cache")
+    assert model.weights.pack_source == "memory"
+    wait_for_writes()
+    assert _cache_files(tmp_path / "cache") == []
+
+
+def _mapped_after_rewrite(tmp_path, rewrite) -> tuple[str, np.ndarray, np.ndarray]:
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0, seed=1)
+    folder = tmp_path / "cache"
+    _load(path, folder)
+    wait_for_writes()
+    rewrite(path)
+    model = _load(path, folder)
+    return model.weights.pack_source, model.logits(IDS), _load(path, False).logits(IDS)
+
+
+def test_a_model_rewritten_in_place_is_packed_again(tmp_path):
+    """Same path, size, inode and (within a clock tick) times: the sampled content tells them apart."""
+    def rewrite(path):
+        stat = os.stat(path)
+        data = write_tiny_model(tmp_path / "other.gguf", GGMLType.Q4_0, seed=2).read_bytes()
+        assert len(data) == stat.st_size
+        with open(path, "r+b") as fh:  # the same inode
+            fh.write(data)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    source, got, want = _mapped_after_rewrite(tmp_path, rewrite)
+    assert source == "saving"
+    assert np.array_equal(got, want)
+
+
+def test_a_corrupt_or_truncated_cache_file_is_ignored_and_replaced(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0)
+    folder = tmp_path / "cache"
+    want = _load(path, False).logits(IDS)
+    _load(path, folder)
+    wait_for_writes()
+    (cache_file,) = _cache_files(folder)
+    good = cache_file.read_bytes()
+    header_len = int.from_bytes(good[8:12], "little")
+    key = json.loads(good[12:12 + header_len])
+    for damaged in (good[:len(good) // 2],                                  # truncated
+                    b"NOTPACK!" + good[8:],                                 # another file
+                    good[:8] + (1 << 20).to_bytes(4, "little") + good[12:],  # header length past its room
+                    good[:12] + b"}" + good[13:],                           # header not JSON
+                    good[:12] + json.dumps({**key, "layout": "0" * 64}).encode().ljust(header_len)
+                    + good[12 + header_len:]):                              # another layout
+        cache_file.write_bytes(damaged)
+        model = _load(path, folder)
+        assert model.weights.pack_source == "saving"
+        assert np.array_equal(model.logits(IDS), want)
+        wait_for_writes()
+        assert cache_file.read_bytes() == good  # written again, whole
+    assert _load(path, folder).weights.pack_source == "mapped"
+
+
+def test_no_room_no_folder_or_a_failing_disk_packs_in_memory(tmp_path, monkeypatch):
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+    want = _load(path, False).logits(IDS)
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    model = _load(path, not_a_folder)  # mkdir fails
+    assert model.weights.pack_source == "memory" and np.array_equal(model.logits(IDS), want)
+
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(packed_cache, "MIN_FREE_BYTES", 1 << 62)  # the copy would leave too little free
+    model = _load(path, folder)
+    assert model.weights.pack_source == "memory" and np.array_equal(model.logits(IDS), want)
+    monkeypatch.undo()
+
+    def full_disk(fd, data, offset):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(packed_cache.os, "pwrite", full_disk)
+    model = _load(path, folder)
+    assert model.weights.pack_source == "saving"  # the writer fails later, in its thread
+    wait_for_writes()
+    assert np.array_equal(model.logits(IDS), want)
+    assert list(folder.iterdir()) == []  # neither a cache file nor its temporary file
+
+
+def test_the_folder_setting(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("EDGELLAMA_PACKED_CACHE")
+    assert packed_cache.default_folder() == tmp_path / "xdg" / "edgellama" / "packed"
+    for off in ("off", "0", "", "OFF", "false"):
+        monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", off)
+        assert packed_cache.default_folder() is None
+        assert packed_cache.resolve_folder(None) is None
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path / "here"))
+    assert packed_cache.resolve_folder(None) == tmp_path / "here"
+    assert packed_cache.resolve_folder(True) == tmp_path / "here"
+    assert packed_cache.resolve_folder(False) is None
+    assert packed_cache.resolve_folder(tmp_path / "there") == tmp_path / "there"
+
+
+def test_writing_removes_the_copies_of_gone_or_changed_models_and_old_temporary_files(tmp_path):
+    folder = tmp_path / "cache"
+    gone = write_tiny_model(tmp_path / "gone.gguf", GGMLType.Q4_0)
+    changed = write_tiny_model(tmp_path / "changed.gguf", GGMLType.Q4_0)
+    kept = write_tiny_model(tmp_path / "kept.gguf", GGMLType.Q4_0)
+    for path in (gone, changed, kept):
+        _load(path, folder)
+    wait_for_writes()
+    assert len(_cache_files(folder)) == 3
+    names = {json.loads(p.read_bytes()[12:12 + int.from_bytes(p.read_bytes()[8:12], "little")])["model"]: p
+             for p in _cache_files(folder)}
+    gone.unlink()
+    write_tiny_model(changed, GGMLType.Q4_0, seed=5)
+    os.utime(changed, ns=(0, 10**9))
+    old_temp, new_temp = folder / "a.b.tmp", folder / "c.d.tmp"
+    old_temp.write_bytes(b"x")
+    new_temp.write_bytes(b"x")
+    long_ago = time.time() - 2 * packed_cache.STALE_TEMP_SECONDS
+    os.utime(old_temp, (long_ago, long_ago))
+    _load(write_tiny_model(tmp_path / "new.gguf", GGMLType.Q4_0), folder)  # a write sweeps the folder
+    wait_for_writes()
+    left = set(_cache_files(folder))
+    assert names[os.path.realpath(kept)] in left
+    assert names[os.path.realpath(gone)] not in left and names[os.path.realpath(changed)] not in left
+    assert len(left) == 2
+    assert not old_temp.exists() and new_temp.exists()  # a writer of another process may own it
+
+
+def test_cache_files_are_named_per_model_and_layout(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0)
+    a = PackedCache(tmp_path, str(path), {"target": {"lanes": 8}}, [100])
+    b = PackedCache(tmp_path, str(path), {"target": {"lanes": 4}}, [100])
+    c = PackedCache(tmp_path, str(tmp_path / "m.gguf"), {"target": {"lanes": 8}, "x": 1}, [100])
+    assert a.path != b.path and a.path == c.path and a.key != c.key
+    assert a.offsets[0] % 65536 == 0 and a.offsets[-1] == packed_cache.DATA_OFFSET + 4096
+
+
+def test_the_cli_says_it_keeps_a_copy_once_and_the_second_run_gives_the_same_text(tmp_path):
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_1)
+    env = {**os.environ, "EDGELLAMA_PACKED_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "edgellama.cli", "run", "-m", str(path), "-p", "hello", "-n", "8", "--temp", "0",
+           "-t", "2"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert "keeping the packed weights for faster loads" in runs[0].stderr
+    assert str(tmp_path / "cache") in runs[0].stderr
+    assert "keeping the packed weights" not in runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
+    assert len(_cache_files(tmp_path / "cache")) == 1  # the first process finished writing before it exited
