@@ -3,7 +3,7 @@
 Loading packs every quantized matrix into the kernels' layout (edgellama.kernels.layout): about a
 second for a 1B model and several for an 8B one on a slow core, at every start.  The first load of a
 model file packs in memory as before and writes the packed copy to a cache file in a thread, while the
-model runs; later loads map that file read-only and pre-fault it (MAP_POPULATE): no packing, and the
+model runs; later loads map that file read-only (and read it ahead): no packing, and the
 packed pages are file pages, which the system can drop and read back under memory pressure rather
 than swap or kill.
 
@@ -129,7 +129,8 @@ class PackedCache:
         digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
         self.key = {"version": VERSION, **identity, "content": _content_digest(identity["model"], identity["size"]),
                     "layout": digest, "sizes": [int(s) for s in sizes]}
-        name = hashlib.sha256(f"{identity['model']}\0{json.dumps(layout.get('target'))}".encode()).hexdigest()
+        name = f"{identity['model']}\0{json.dumps(layout.get('target'))}".encode("utf-8", "surrogateescape")
+        name = hashlib.sha256(name).hexdigest()
         self.path = self.folder / f"{name[:32]}.packed"
         self.sizes = [int(s) for s in sizes]
         self.offsets = _offsets(self.sizes)
@@ -137,7 +138,10 @@ class PackedCache:
     # ----- reading --------------------------------------------------------------------------------
 
     def load(self) -> list[np.ndarray] | None:
-        """The sections of a valid cache file, mapped read-only and pre-faulted; None on a miss."""
+        """The sections of a valid cache file, mapped read-only; None on a miss.  The file is read
+        ahead into the page cache at once but enters this process's memory as the kernels first
+        read it (a MAP_POPULATE'd copy would be resident before the first kernel loads, and loading
+        a kernel briefly takes tens of MB: a higher peak)."""
         header = _read_header(self.path)
         if header != self.key:
             return None
@@ -145,10 +149,14 @@ class PackedCache:
             with open(self.path, "rb") as fh:
                 if os.fstat(fh.fileno()).st_size != self.offsets[-1]:
                     return None
-                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-                mapping = mmap.mmap(fh.fileno(), self.offsets[-1], flags=flags, prot=mmap.PROT_READ)
+                mapping = mmap.mmap(fh.fileno(), self.offsets[-1], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (OSError, ValueError):
             return None
+        if hasattr(mmap, "MADV_WILLNEED"):  # read ahead into the page cache now, map as first used
+            try:
+                mapping.madvise(mmap.MADV_WILLNEED)
+            except OSError:
+                pass
         return self._sections(mapping)
 
     def _sections(self, mapping) -> list[np.ndarray]:
@@ -260,7 +268,7 @@ def packed_sections(folder: Path | None, model_path: str, layout, sizes: Sequenc
     in memory by ``fill`` (given zeroed, writable sections) and being written to the cache
     (``"saving"``) or not (``"memory"``: no folder, no room, nothing to pack)."""
     cache = None
-    if folder is not None and any(sizes):
+    if folder is not None and any(sizes) and hasattr(os, "pwrite") and hasattr(mmap, "PROT_READ"):  # (POSIX)
         try:
             cache = PackedCache(folder, model_path, layout, sizes)
         except OSError:

@@ -212,3 +212,14 @@ def test_the_cli_says_it_keeps_a_copy_once_and_the_second_run_gives_the_same_tex
     assert "keeping the packed weights" not in runs[1].stderr
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
     assert len(_cache_files(tmp_path / "cache")) == 1  # the first process finished writing before it exited
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file names are bytes on Linux")
+def test_a_model_whose_path_is_not_utf8(tmp_path):
+    path = write_tiny_model(tmp_path / os.fsdecode(b"model-\xff.gguf"), GGMLType.Q4_0)
+    want = _load(path, False).logits(IDS)
+    assert _load(path, tmp_path / "cache").weights.pack_source == "saving"
+    wait_for_writes()
+    model = _load(path, tmp_path / "cache")
+    assert model.weights.pack_source == "mapped"
+    assert np.array_equal(model.logits(IDS), want)
