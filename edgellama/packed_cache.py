@@ -282,3 +282,50 @@ def packed_sections(folder: Path | None, model_path: str, layout, sizes: Sequenc
     for s in sections:
         s.setflags(write=False)
     return sections, "saving" if cache is not None and cache.save(sections) else "memory"
+
+
+# ----- small tables derived from a model's metadata -------------------------------------------------
+# (e.g. which token each BPE merge makes: ~0.4 s to work out for Llama 3's 280k merges, 2 MB to keep)
+
+MAX_TABLES = 64  # per kind; the oldest go first
+
+
+def load_table(kind: str, digest: str, dtype, count: int) -> np.ndarray | None:
+    """The table ``keep_table`` kept under ``digest`` (a hash of everything it was computed from),
+    if it is whole (its own SHA-256 follows the data) and has ``count`` items; else None."""
+    folder = default_folder()
+    if folder is None:
+        return None
+    dtype = np.dtype(dtype)
+    try:
+        data = (folder / kind / f"{digest}.bin").read_bytes()
+    except OSError:
+        return None
+    size = count * dtype.itemsize
+    if len(data) != size + 32 or hashlib.sha256(data[:size]).digest() != data[size:]:
+        return None
+    return np.frombuffer(data, dtype, count)
+
+
+def keep_table(kind: str, digest: str, table: np.ndarray) -> None:
+    """Keep ``table`` for ``load_table`` (written whole or not at all; errors are ignored)."""
+    folder = default_folder()
+    if folder is None:
+        return
+    folder = folder / kind
+    data = np.ascontiguousarray(table).tobytes()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        kept = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+        for old in kept[:max(0, len(kept) - MAX_TABLES + 1)]:
+            old.unlink()
+        fd, temp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data + hashlib.sha256(data).digest())
+            os.replace(temp, folder / f"{digest}.bin")
+        except BaseException:
+            _unlink(temp)
+            raise
+    except OSError:
+        pass

@@ -223,3 +223,76 @@ def test_a_model_whose_path_is_not_utf8(tmp_path):
     model = _load(path, tmp_path / "cache")
     assert model.weights.pack_source == "mapped"
     assert np.array_equal(model.logits(IDS), want)
+
+
+# ----- the BPE merge table kept beside the packed weights -------------------------------------------
+
+TEXTS = ["Hello world, this is a test.", "  spaces\tand\nnewlines  ", "élan café naïve 日本語 🙂", "x" * 300,
+         "The capital of France is Paris.", "1234567 + 89 = ?"]
+
+
+def _tokenizer(meta, source="test"):
+    from edgellama.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf_metadata(meta, source=source)
+
+
+def test_the_merge_table_is_kept_reused_and_checked(smollm2_path, tmp_path, monkeypatch):
+    from edgellama.gguf import GGUFFile
+
+    meta = GGUFFile(smollm2_path).metadata
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", "off")
+    want = [_tokenizer(meta).encode(t) for t in TEXTS]
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    assert [_tokenizer(meta).encode(t) for t in TEXTS] == want  # computed, then kept
+    (table,) = (tmp_path / "bpe-merges").glob("*.bin")
+    good = table.read_bytes()
+    assert len(good) == 8 * len(meta["tokenizer.ggml.merges"]) + 32
+    calls = []
+    import edgellama.tokenizer.bpe as bpe
+
+    original = bpe._merge_results
+    monkeypatch.setattr(bpe, "_merge_results", lambda *a: calls.append(1) or original(*a))
+    assert [_tokenizer(meta).encode(t) for t in TEXTS] == want
+    assert calls == []  # read from the table
+    for damaged in (good[:-1], good[:8] + bytes([good[8] ^ 1]) + good[9:]):  # short; a flipped bit
+        table.write_bytes(damaged)
+        assert [_tokenizer(meta).encode(t) for t in TEXTS] == want
+        assert calls and table.read_bytes() == good  # computed and kept again
+        calls.clear()
+    # a whole table (its hash matches) whose token ids are out of range is not used either
+    bad = np.frombuffer(good[:-32], np.int64).copy()
+    bad[7] = len(meta["tokenizer.ggml.tokens"])
+    import hashlib
+
+    table.write_bytes(bad.tobytes() + hashlib.sha256(bad.tobytes()).digest())
+    assert [_tokenizer(meta).encode(t) for t in TEXTS] == want and calls
+
+
+def test_merges_that_fail_their_checks_are_never_kept(tmp_path, monkeypatch):
+    from edgellama.tokenizer import TokenizerError
+    from tiny_model import tiny_vocab
+
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    tokens, types, merges = tiny_vocab()
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": np.array(types, np.int32),
+            "tokenizer.ggml.merges": merges + ["no-such-token alsonot"]}
+    for _ in range(2):
+        with pytest.raises(TokenizerError, match="not in tokenizer.ggml.tokens"):
+            _tokenizer(meta)
+    assert not list(tmp_path.glob("bpe-merges/*.bin"))
+
+
+def test_at_most_max_tables_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    monkeypatch.setattr(packed_cache, "MAX_TABLES", 3)
+    for i in range(5):
+        packed_cache.keep_table("k", f"{i:064x}", np.arange(i + 1, dtype=np.int64))
+        os.utime(tmp_path / "k" / f"{i:064x}.bin", (1000 + i, 1000 + i))
+    kept = sorted(p.name[-5] for p in (tmp_path / "k").glob("*.bin"))
+    assert kept == ["2", "3", "4"]
+    assert np.array_equal(packed_cache.load_table("k", f"{4:064x}", np.int64, 5), np.arange(5))
+    assert packed_cache.load_table("k", f"{4:064x}", np.int64, 4) is None  # another length
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", "off")
+    assert packed_cache.load_table("k", f"{4:064x}", np.int64, 5) is None

@@ -10,6 +10,7 @@ characters, and by a pure-Python twin of llama.cpp's algorithm in the tests).
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import re
 from itertools import repeat
@@ -18,6 +19,7 @@ import numpy as np
 import regex
 import tiktoken
 
+from ..packed_cache import keep_table, load_table
 from .pretokenize import Pre, long_space_run, split_chain
 from .vocab import MAX_MERGES, MAX_MERGES_PER_TOKEN, Meta, TokenizerError
 
@@ -147,12 +149,21 @@ class ByteLevelBPE:
             raise meta.fail("tokenizer.ggml.merges", f"{n_merges} merges for {len(texts)} tokens is more "
                                                      f"than the {limit} we accept (at most {MAX_MERGES}, "
                                                      f"and {MAX_MERGES_PER_TOKEN} per token)")
-        # res[k]: the token merge k makes (-1: none); the merges are read a chunk at a time
-        res = np.empty(n_merges, np.int64)
-        for c0 in range(0, n_merges, MERGE_CHUNK):
-            results = _merge_results(meta, merges, c0, min(c0 + MERGE_CHUNK, n_merges), t2i)
-            res[c0:c0 + len(results)] = np.fromiter(map(t2i.get, results, repeat(-1)), dtype=np.int64,
-                                                    count=len(results))
+        # res[k]: the token merge k makes (-1: none); the merges are read a chunk at a time.  Kept
+        # for the next load of the same vocabulary and merges (edgellama.packed_cache's tables):
+        # only merges that passed these checks are ever kept.
+        digest = hashlib.sha256()
+        digest.update("\0".join(texts).encode("utf-8", "surrogatepass") + b"\1")
+        digest.update("\0".join(merges).encode("utf-8", "surrogatepass"))
+        digest = digest.hexdigest()
+        res = load_table("bpe-merges", digest, np.int64, n_merges)
+        if res is None or (n_merges and not -1 <= res.min() <= res.max() < len(texts)):
+            res = np.empty(n_merges, np.int64)
+            for c0 in range(0, n_merges, MERGE_CHUNK):
+                results = _merge_results(meta, merges, c0, min(c0 + MERGE_CHUNK, n_merges), t2i)
+                res[c0:c0 + len(results)] = np.fromiter(map(t2i.get, results, repeat(-1)), dtype=np.int64,
+                                                        count=len(results))
+            keep_table("bpe-merges", digest, res)
         # Ranks: each single byte b has rank b (single bytes are never compared with merges, only
         # looked up), the token made by merge k has rank 256 + k (the first merge making it wins).
         # A merge whose result is no token, or is not written in the byte alphabet, is left out:
