@@ -292,7 +292,8 @@ class Model:
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
-        return cls(GGUFFile(path), n_ctx=n_ctx, threads=threads, **kwargs)
+        return cls(GGUFFile(path, keep_header=kwargs.get("packed_cache") is not False), n_ctx=n_ctx,
+                   threads=threads, **kwargs)
 
     # ----- text <-> ids ---------------------------------------------------------------------------
 

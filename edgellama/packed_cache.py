@@ -21,6 +21,11 @@ SSD, minutes for GBs on an SD card).  A reader sees a whole file or none, even a
 file whose header differs from what this load computes is ignored and replaced.  Wherever the cache
 cannot be used (no folder, no room, a read-only or failing disk) the weights are packed in memory,
 as without it: nothing fails because of the cache.
+
+**Small things beside them** (``load_blob``/``keep_blob``, each followed by its SHA-256, at most
+``MAX_TABLES`` per kind): the token each BPE merge of a vocabulary makes (``bpe-merges/``, keyed by a
+hash of the vocabulary and merges) and a model file's parsed GGUF header (``gguf-headers/``, see
+``edgellama.gguf.GGUFFile``).
 """
 
 from __future__ import annotations
@@ -284,36 +289,35 @@ def packed_sections(folder: Path | None, model_path: str, layout, sizes: Sequenc
     return sections, "saving" if cache is not None and cache.save(sections) else "memory"
 
 
-# ----- small tables derived from a model's metadata -------------------------------------------------
-# (e.g. which token each BPE merge makes: ~0.4 s to work out for Llama 3's 280k merges, 2 MB to keep)
+# ----- small things derived from a model's metadata -------------------------------------------------
+# (which token each BPE merge makes: ~0.4 s to work out for Llama 3's 280k merges, 2 MB to keep; a
+# GGUF file's parsed header: ~0.5 s to parse for Llama 3's vocabulary, 0.1 s to read back)
 
 MAX_TABLES = 64  # per kind; the oldest go first
 
 
-def load_table(kind: str, digest: str, dtype, count: int) -> np.ndarray | None:
-    """The table ``keep_table`` kept under ``digest`` (a hash of everything it was computed from),
-    if it is whole (its own SHA-256 follows the data) and has ``count`` items; else None."""
+def load_blob(kind: str, name: str) -> bytes | None:
+    """The bytes ``keep_blob`` kept as ``name``, if they are whole (their own SHA-256 follows
+    them); else None."""
     folder = default_folder()
     if folder is None:
         return None
-    dtype = np.dtype(dtype)
     try:
-        data = (folder / kind / f"{digest}.bin").read_bytes()
+        data = (folder / kind / f"{name}.bin").read_bytes()
     except OSError:
         return None
-    size = count * dtype.itemsize
-    if len(data) != size + 32 or hashlib.sha256(data[:size]).digest() != data[size:]:
+    if len(data) < 32 or hashlib.sha256(memoryview(data)[:-32]).digest() != data[-32:]:
         return None
-    return np.frombuffer(data, dtype, count)
+    return data[:-32]
 
 
-def keep_table(kind: str, digest: str, table: np.ndarray) -> None:
-    """Keep ``table`` for ``load_table`` (written whole or not at all; errors are ignored)."""
+def keep_blob(kind: str, name: str, data: bytes) -> None:
+    """Keep ``data`` for ``load_blob`` (written whole or not at all; errors are ignored); at most
+    MAX_TABLES of a kind, the least recently written go first."""
     folder = default_folder()
     if folder is None:
         return
     folder = folder / kind
-    data = np.ascontiguousarray(table).tobytes()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         kept = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)
@@ -322,10 +326,26 @@ def keep_table(kind: str, digest: str, table: np.ndarray) -> None:
         fd, temp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data + hashlib.sha256(data).digest())
-            os.replace(temp, folder / f"{digest}.bin")
+                fh.write(data)
+                fh.write(hashlib.sha256(data).digest())
+            os.replace(temp, folder / f"{name}.bin")
         except BaseException:
             _unlink(temp)
             raise
     except OSError:
         pass
+
+
+def load_table(kind: str, digest: str, dtype, count: int) -> np.ndarray | None:
+    """The table ``keep_table`` kept under ``digest`` (a hash of everything it was computed from),
+    if it is whole and has ``count`` items; else None."""
+    dtype = np.dtype(dtype)
+    data = load_blob(kind, digest)
+    if data is None or len(data) != count * dtype.itemsize:
+        return None
+    return np.frombuffer(data, dtype, count)
+
+
+def keep_table(kind: str, digest: str, table: np.ndarray) -> None:
+    """Keep ``table`` for ``load_table``."""
+    keep_blob(kind, digest, np.ascontiguousarray(table).tobytes())

@@ -200,3 +200,21 @@ def test_help_shows_the_real_defaults():
     info = edgellama_cmd("info", "--help").stdout
     assert "--threads" not in info and "--ctx" in info
 
+
+
+def test_output_piped_into_a_reader_that_goes_away_ends_quietly(tiny):
+    """`edgellama run ... | head -1`: the reader is gone before the first token is written (its end
+    of the pipe closed before the model is even loaded, so this does not depend on timing); the
+    command stops at its first write with the shell's code for SIGPIPE and no error or traceback,
+    as cat does."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "edgellama.cli", "run", "-m", str(tiny), "-p", "the", "-n", "4",
+                            "-t", "1"], stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert "error" not in r.stderr.lower() and "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr

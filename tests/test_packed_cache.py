@@ -296,3 +296,125 @@ def test_at_most_max_tables_are_kept(tmp_path, monkeypatch):
     assert packed_cache.load_table("k", f"{4:064x}", np.int64, 4) is None  # another length
     monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", "off")
     assert packed_cache.load_table("k", f"{4:064x}", np.int64, 5) is None
+
+
+# ----- the parsed GGUF header kept beside them ---------------------------------------------------------
+
+def _same_parse(a, b) -> None:
+    """Two GGUFFile objects hold the same header: every value, of the same type; numeric arrays
+    read-only views of their own file's map."""
+    assert (a.version, a.alignment, a.data_offset, a.header_memory) == (b.version, b.alignment, b.data_offset,
+                                                                          b.header_memory)
+    assert list(a.metadata) == list(b.metadata) and a.value_types == b.value_types
+    for key, x in a.metadata.items():
+        y = b.metadata[key]
+        assert type(x) is type(y), key
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and np.array_equal(x, y), key
+            assert not y.flags.writeable and np.shares_memory(y, b.buf), key
+        else:
+            assert x == y, key
+    assert a.tensors == b.tensors and [type(t.qtype) for t in b.tensors.values()] == [GGMLType] * len(b.tensors)
+    assert all(np.array_equal(a.raw(n), b.raw(n)) for n in list(a.tensors)[:3])
+
+
+def _kept_headers(folder: Path) -> list[Path]:
+    return sorted((folder / "gguf-headers").glob("*.bin"))
+
+
+def test_a_kept_header_reads_back_exactly_as_parsed(smollm2_path, tmp_path, monkeypatch):
+    from edgellama.gguf import GGUFFile
+    from edgellama.tokenizer import Tokenizer
+
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    plain = GGUFFile(smollm2_path)
+    first = GGUFFile(smollm2_path, keep_header=True)
+    assert (plain.header_source, first.header_source) == ("parsed", "parsed")
+    assert len(_kept_headers(tmp_path)) == 1
+    second = GGUFFile(smollm2_path, keep_header=True)
+    assert second.header_source == "kept"
+    _same_parse(plain, second)
+    assert second.typed_metadata().keys() == plain.typed_metadata().keys()
+    tok_plain = Tokenizer.from_gguf_metadata(plain.metadata)
+    tok_kept = Tokenizer.from_gguf_metadata(second.metadata)
+    assert [tok_kept.encode(t) for t in TEXTS] == [tok_plain.encode(t) for t in TEXTS]
+
+
+def test_a_header_is_kept_only_when_asked_long_enough_and_with_the_cache_on(tmp_path, monkeypatch):
+    from edgellama import gguf
+
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0)
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path / "c"))
+    assert gguf.GGUFFile(path, keep_header=True).header_source == "parsed"
+    assert not _kept_headers(tmp_path / "c")  # a tiny header: parsing it costs nothing
+    monkeypatch.setattr(gguf, "KEEP_HEADER_MIN_BYTES", 0)
+    gguf.GGUFFile(path)
+    assert not _kept_headers(tmp_path / "c")  # not asked
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", "off")
+    for _ in range(2):
+        assert gguf.GGUFFile(path, keep_header=True).header_source == "parsed"
+    assert not (tmp_path / "c").exists() and not (tmp_path / "off").exists()
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path / "c"))
+    model = edgellama.load(path, n_ctx=32, threads=2, packed_cache=tmp_path / "p")  # the API keeps it too
+    assert len(_kept_headers(tmp_path / "c")) == 1
+    assert gguf.GGUFFile(path, keep_header=True).header_source == "kept"
+    assert np.array_equal(edgellama.load(path, n_ctx=32, threads=2, packed_cache=False).logits(IDS),
+                          model.logits(IDS))
+
+
+def test_a_changed_file_is_parsed_again_whatever_its_times_say(tmp_path, monkeypatch):
+    from edgellama import gguf
+    from edgellama.gguf import GGUFFile, ModelFormatError
+
+    monkeypatch.setattr(gguf, "KEEP_HEADER_MIN_BYTES", 0)
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path / "c"))
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+    GGUFFile(path, keep_header=True)
+    assert GGUFFile(path, keep_header=True).header_source == "kept"
+    data = path.read_bytes()
+    st = path.stat()
+    # the same length, the same times: only the header's bytes tell
+    path.write_bytes(data.replace(b"tiny-random", b"tiny-RANDOM", 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    changed = GGUFFile(path, keep_header=True)
+    assert changed.header_source == "parsed" and changed.metadata["general.name"] == "tiny-RANDOM"
+    _same_parse(GGUFFile(path), changed)
+    assert GGUFFile(path, keep_header=True).header_source == "kept"  # kept again, for the new bytes
+    # a file cut short in its tensor data (the header intact) fails as it does without the cache
+    path.write_bytes(data[:-100])
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    for keep in (False, True):
+        with pytest.raises(ModelFormatError, match="truncated or incomplete"):
+            GGUFFile(path, keep_header=keep)
+
+
+def test_a_damaged_or_foreign_kept_header_is_ignored_and_replaced(tmp_path, monkeypatch):
+    import hashlib
+    import marshal
+
+    from edgellama import gguf
+    from edgellama.gguf import GGUFFile
+
+    monkeypatch.setattr(gguf, "KEEP_HEADER_MIN_BYTES", 0)
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path / "c"))
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_1)
+    want = GGUFFile(path)
+    GGUFFile(path, keep_header=True)
+    (kept,) = _kept_headers(tmp_path / "c")
+    good = kept.read_bytes()
+    payload = good[:-32]
+
+    def whole(data: bytes) -> bytes:  # what keep_blob writes: the data and its SHA-256
+        return data + hashlib.sha256(data).digest()
+
+    fmt, size, end, digest, state = marshal.loads(payload)
+    for damaged in (good[:-1], good[:40] + bytes([good[40] ^ 1]) + good[41:], b"",
+                    whole(b"not marshal data"), whole(marshal.dumps((fmt + 1, size, end, digest, state))),
+                    whole(marshal.dumps((fmt, size + 1, end, digest, state))),
+                    whole(marshal.dumps((fmt, size, end - 1, digest, state))),
+                    whole(marshal.dumps((fmt, size, end, digest, state[:-1])))):
+        kept.write_bytes(damaged)
+        got = GGUFFile(path, keep_header=True)
+        assert got.header_source == "parsed"
+        _same_parse(want, got)
+        assert kept.read_bytes() == good  # written again

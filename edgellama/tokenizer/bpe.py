@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import re
 from itertools import repeat
 
 import numpy as np
@@ -48,20 +47,23 @@ def gpt2_byte_chars() -> list[str]:
 _BYTE_CHARS = gpt2_byte_chars()
 _CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_CHARS)}
 # str.translate table: GPT-2 character -> the latin-1 character of its byte.
-_GPT2_TRANSLATE = {ord(c): b for b, c in enumerate(_BYTE_CHARS)}
-_NOT_GPT2_CHAR = re.compile("[^" + re.escape("".join(_BYTE_CHARS)) + "]")
+# character code -> its byte (-1: not in the byte alphabet); the alphabet's codes are all below 324
+_GPT2_CODE_TO_BYTE = np.full(max(map(ord, _BYTE_CHARS)) + 1, -1, np.int16)
+_GPT2_CODE_TO_BYTE[[ord(c) for c in _BYTE_CHARS]] = np.arange(256)
 
 
 def gpt2_bytes_bulk(texts: list[str]) -> list[bytes | None]:
     """The bytes of every token string (None where a character is not in the byte alphabet), done
-    as a few whole-vocabulary string operations (one character of the alphabet is one byte, so
-    offsets carry over)."""
-    joined = "".join(texts)
-    data = joined.translate(_GPT2_TRANSLATE).encode("latin-1", errors="replace")
-    ends = np.cumsum([len(t) for t in texts]).tolist()
+    as a few whole-vocabulary array operations (one character of the alphabet is one byte)."""
+    codes = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), np.uint32)
+    table = _GPT2_CODE_TO_BYTE
+    values = table[np.minimum(codes, len(table) - 1)]
+    values[codes >= len(table)] = -1
+    data = values.astype(np.uint8).tobytes()
+    ends = np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts))).tolist()
     out: list[bytes | None] = [data[s:e] for s, e in zip([0] + ends[:-1], ends)]
-    bad = [m.start() for m in _NOT_GPT2_CHAR.finditer(joined)]
-    if bad:
+    bad = np.flatnonzero(values < 0)
+    if len(bad):
         for i in set(np.searchsorted(ends, bad, side="right").tolist()):
             out[i] = None
     return out
