@@ -296,9 +296,9 @@ def packed_sections(folder: Path | None, model_path: str, layout, sizes: Sequenc
 MAX_TABLES = 64  # per kind; the oldest go first
 
 
-def load_blob(kind: str, name: str) -> bytes | None:
-    """The bytes ``keep_blob`` kept as ``name``, if they are whole (their own SHA-256 follows
-    them); else None."""
+def load_blob(kind: str, name: str) -> memoryview | None:
+    """The bytes ``keep_blob`` kept as ``name`` (a view, not a copy), if they are whole (their own
+    SHA-256 follows them); else None."""
     folder = default_folder()
     if folder is None:
         return None
@@ -306,9 +306,10 @@ def load_blob(kind: str, name: str) -> bytes | None:
         data = (folder / kind / f"{name}.bin").read_bytes()
     except OSError:
         return None
-    if len(data) < 32 or hashlib.sha256(memoryview(data)[:-32]).digest() != data[-32:]:
+    body = memoryview(data)[:-32]
+    if len(data) < 32 or hashlib.sha256(body).digest() != data[-32:]:
         return None
-    return data[:-32]
+    return body
 
 
 def keep_blob(kind: str, name: str, data: bytes) -> None:

@@ -46,7 +46,6 @@ def gpt2_byte_chars() -> list[str]:
 
 _BYTE_CHARS = gpt2_byte_chars()
 _CHAR_TO_BYTE = {c: b for b, c in enumerate(_BYTE_CHARS)}
-# str.translate table: GPT-2 character -> the latin-1 character of its byte.
 # character code -> its byte (-1: not in the byte alphabet); the alphabet's codes are all below 324
 _GPT2_CODE_TO_BYTE = np.full(max(map(ord, _BYTE_CHARS)) + 1, -1, np.int16)
 _GPT2_CODE_TO_BYTE[[ord(c) for c in _BYTE_CHARS]] = np.arange(256)

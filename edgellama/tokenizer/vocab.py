@@ -239,7 +239,7 @@ class ByteTable:
         ends = np.zeros(len(items) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, items), np.int64, len(items)), out=ends[1:])
         self._ends = array("q")
-        self._ends.frombytes(ends.astype("=i8").tobytes())  # (an array's items index faster than numpy's)
+        self._ends.frombytes(ends.tobytes())  # (an array's items index faster than numpy's)
 
     def __len__(self) -> int:
         return len(self._ends) - 1
