@@ -133,21 +133,33 @@ class _TileIR:
         negative = b.icmp_signed("<", u, ir.Constant(vb, [0] * vb.count))
         return b.select(negative, b.sub(ir.Constant(vb, [0] * vb.count), u), u), negative
 
+    def pairs(self, w, s):
+        """vpmaddubsw (x86 without VNNI): int16 sums of 2 adjacent byte products u * s, w =
+        self.weights(u, ...), s signed; each within int16 (at most 2 * 128 * 128 - 256)."""
+        b = self.b
+        u, negative = w
+        if negative is not None:
+            s = b.select(negative, b.sub(ir.Constant(s.type, [0] * s.type.count), s), s)
+        pairs_t = _vec(_I16, 2 * self.lanes)
+        maddubs = cgutils.get_or_insert_function(b.module, ir.FunctionType(pairs_t, [u.type, s.type]),
+                                                 self.maddubs[0])
+        return b.call(maddubs, [u, s])
+
+    def widen(self, acc, pairs):
+        """acc + vpmaddwd(pairs, 1): each lane's int32 sum of its 2 int16 pair sums."""
+        b, n = self.b, self.lanes
+        pairs_t, words_t = _vec(_I16, 2 * n), _vec(_I32, n)
+        maddwd = cgutils.get_or_insert_function(b.module, ir.FunctionType(words_t, [pairs_t, pairs_t]),
+                                                self.maddubs[1])
+        return b.add(acc, b.call(maddwd, [pairs, ir.Constant(pairs_t, [1] * (2 * n))]))
+
     def dot(self, acc, w, s):
         """acc + per-lane sums of 4 adjacent byte products u * s, w = self.weights(u, ...) (s signed;
         u unsigned with VNNI).  Every path is exact: the same integers."""
         n, b = self.lanes, self.b
         u, negative = w
         if self.maddubs is not None:
-            if negative is not None:
-                s = b.select(negative, b.sub(ir.Constant(s.type, [0] * s.type.count), s), s)
-            pairs_t, words_t = _vec(_I16, 2 * n), _vec(_I32, n)
-            maddubs = cgutils.get_or_insert_function(b.module, ir.FunctionType(pairs_t, [u.type, s.type]),
-                                                     self.maddubs[0])
-            maddwd = cgutils.get_or_insert_function(b.module, ir.FunctionType(words_t, [pairs_t, pairs_t]),
-                                                    self.maddubs[1])
-            pairs = b.call(maddubs, [u, s])
-            return b.add(acc, b.call(maddwd, [pairs, ir.Constant(pairs_t, [1] * (2 * n))]))
+            return self.widen(acc, self.pairs(w, s))
         if self.vnni and n in (8, 16):
             fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(_I32, n), [_vec(_I32, n)] * 3),
                                                 f"llvm.x86.avx512.vpdpbusd.{32 * n}")
@@ -217,6 +229,14 @@ class _TileIR:
                 isum.append([self.splat(b.mul(s, ir.Constant(_I32, -offset))) if offset else
                              ir.Constant(vi, [0] * n) for s in sums])
             x_at = [b.add(self.rows_of["xq"][j], b.shl(blk, self.i64(5))) for j in range(self.n_tok)]
+            # vpmaddubsw's int16 pair sums of unsigned weights are added as int16 over several steps
+            # before one vpmaddwd widens them (the multiplier port is what bounds these tiles on AVX2):
+            # as many steps as cannot overflow, |pair| <= 2 * top * 128 (top = the largest weight)
+            pending = [[None] * n_scales for _ in range(self.n_tok)]
+            run = 1
+            if self.maddubs is not None and quant == 16:
+                top = {0: 15, 4: 31, 8: 63}[high]
+                run = 32767 // (2 * top * 128)  # 8 steps for 4-bit weights, 4 for 5-bit, 2 for 6-bit
             for s in range(quant // 4):
                 v = self.load(self.wp, b.add(quants, self.i64(4 * n * s)), vb)
                 if quant == 32:
@@ -235,8 +255,22 @@ class _TileIR:
                     half = element // 16 if n_scales == 2 else 0
                     w = self.weights(weights, signed=quant == 32 and not offset)
                     for j in range(self.n_tok):
-                        x4 = self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)
-                        isum[j][half] = self.dot(isum[j][half], w, b.bitcast(self.splat(x4), vb))
+                        x4 = b.bitcast(self.splat(self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)), vb)
+                        if run == 1:
+                            isum[j][half] = self.dot(isum[j][half], w, x4)
+                            continue
+                        p = self.pairs(w, x4)
+                        if pending[j][half] is None:
+                            pending[j][half] = (p, 1)
+                        else:
+                            pending[j][half] = (b.add(pending[j][half][0], p), pending[j][half][1] + 1)
+                        if pending[j][half][1] == run:
+                            isum[j][half] = self.widen(isum[j][half], pending[j][half][0])
+                            pending[j][half] = None
+            for j in range(self.n_tok):
+                for h in range(n_scales):
+                    if pending[j][h] is not None:
+                        isum[j][h] = self.widen(isum[j][h], pending[j][h][0])
             # one scaling per block (per half): acc += isum * d_w * d_x (+ m_w * sum of x)
             for j in range(self.n_tok):
                 d_x = self.splat(self.token_value("xd", j, blk, _F32))
