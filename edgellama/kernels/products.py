@@ -131,14 +131,19 @@ class _TileIR:
             return u, None
         b, vb = self.b, u.type
         negative = b.icmp_signed("<", u, ir.Constant(vb, [0] * vb.count))
-        return b.select(negative, b.sub(ir.Constant(vb, [0] * vb.count), u), u), negative
+        magnitude = b.select(negative, b.sub(ir.Constant(vb, [0] * vb.count), u), u)
+        return magnitude, (u if self.lanes == 8 else negative)  # AVX2: vpsignb takes u itself
 
     def pairs(self, w, s):
         """vpmaddubsw (x86 without VNNI): int16 sums of 2 adjacent byte products u * s, w =
         self.weights(u, ...), s signed; each within int16 (at most 2 * 128 * 128 - 256)."""
         b = self.b
         u, negative = w
-        if negative is not None:
+        if negative is not None and self.lanes == 8:  # vpsignb: s where u > 0, -s where u < 0, 0 where u = 0
+            sign = cgutils.get_or_insert_function(b.module, ir.FunctionType(s.type, [s.type, s.type]),
+                                                  "llvm.x86.avx2.psign.b")
+            s = b.call(sign, [s, negative])
+        elif negative is not None:
             s = b.select(negative, b.sub(ir.Constant(s.type, [0] * s.type.count), s), s)
         pairs_t = _vec(_I16, 2 * self.lanes)
         maddubs = cgutils.get_or_insert_function(b.module, ir.FunctionType(pairs_t, [u.type, s.type]),
