@@ -571,3 +571,20 @@ def dequantize_rows(raw: np.ndarray, qtype: GGMLType, n_cols: int) -> np.ndarray
     else:
         raise NotImplementedError(f"no dequantizer for {qtype.name}")
     return out
+
+
+# Numba caches these (and kquants') compiled functions like the runtime's kernels (see
+# edgellama/kernels/cache.py): in ``<cache>/quantizer/<stamp>-numba<version>``, stamped with a hash of
+# the files they are made of, so that every clone or install of the same sources finds them, and
+# locked while saving, so that two processes compiling at once cannot mix their entries.
+def _install_cache() -> None:
+    import sys
+    from pathlib import Path
+
+    from edgellama.kernels.cache import install
+
+    sources = tuple(Path(m.__file__).resolve() for m in (sys.modules[__name__], kquants, quants))
+    install([sys.modules[__name__], kquants], sources, kind="quantizer")
+
+
+_install_cache()

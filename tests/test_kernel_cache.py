@@ -9,7 +9,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +78,76 @@ def test_another_copy_of_the_same_sources_finds_the_kernels(tmp_path):
     assert _probe(first, home)["hits"] == 1
     folders = sorted(p.name for p in (home / ".cache" / "edgellama" / "kernels").iterdir())
     assert len(folders) == 2, folders
+
+
+QUANTIZER_PROBE = textwrap.dedent("""
+    import json
+    import numpy as np
+    from quantize import blocks
+    rows = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 32)
+    out = np.empty((2, 34), np.uint8)
+    blocks.quantize_rows_q8_0(rows, out)
+    stats = blocks.quantize_rows_q8_0.stats
+    print(json.dumps({"hits": sum(stats.cache_hits.values()), "misses": sum(stats.cache_misses.values()),
+                      "folder": blocks.quantize_rows_q8_0._cache._cache_path}))
+""")
+
+
+def test_the_quantizers_compiled_functions_are_found_by_another_copy_of_the_sources(tmp_path):
+    """edgellama-quantize's Numba functions are cached like the kernels: a fresh clone of sources
+    already run on the machine compiles nothing (Numba alone keeps them in each copy's __pycache__)."""
+    home = tmp_path / "home"
+    trees = [tmp_path / "clone1", tmp_path / "else" / "clone2"]
+    for tree in trees:
+        for package in ("edgellama", "quantize"):
+            shutil.copytree(ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    runs = []
+    for tree in trees:
+        out = subprocess.run([sys.executable, "-c", QUANTIZER_PROBE], cwd=tree, capture_output=True, text=True,
+                             timeout=600, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(home)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["misses"] == 1 and runs[1] == {**runs[0], "hits": 1, "misses": 0}
+    assert Path(runs[0]["folder"]).parent == home / ".cache" / "edgellama" / "quantizer"
+    assert not any((trees[1] / "quantize").glob("__pycache__/*.nbi"))
+
+
+def test_saving_a_compiled_kernel_holds_the_folders_lock(tmp_path, monkeypatch):
+    """Numba adds an index entry by read-modify-write: two processes saving different signatures at
+    once could share a data file.  Each save holds an exclusive flock on the folder's .lock, which
+    another open file (another process, or another thread) cannot take meanwhile."""
+    fcntl = pytest.importorskip("fcntl")
+    from numba import njit
+    from numba.core.caching import FunctionCache
+
+    from edgellama.kernels import cache
+
+    module = types.ModuleType("probe_module")
+    module.probe = njit(cache=True)(lambda x: x + 1)
+    sources = tmp_path / "probe_source.py"
+    sources.write_text("# the probe's stamp\n")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    assert cache.install([module], (sources,), kind="probe") == 1
+    folder = Path(module.probe._cache._cache_path)
+    assert folder.parent == tmp_path / "xdg" / "edgellama" / "probe"
+    seen = []
+    original = FunctionCache.save_overload
+
+    def save(self, sig, data):
+        with open(folder / ".lock", "a+b") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("free")
+                fcntl.flock(other, fcntl.LOCK_UN)
+            except BlockingIOError:
+                seen.append("held")
+        return original(self, sig, data)
+
+    monkeypatch.setattr(FunctionCache, "save_overload", save)
+    assert module.probe(1) == 2 and module.probe(1.5) == 2.5
+    assert seen == ["held", "held"]
+    with open(folder / ".lock", "a+b") as other:  # released after each save
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert len(list(folder.glob("*.nbc"))) == 2

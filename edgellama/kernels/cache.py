@@ -26,6 +26,7 @@ with EDGELLAMA_NUMBA_FULL_REFRESH set, loading takes Numba's default path; the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -39,10 +40,11 @@ PACKAGE_FILES = tuple(sorted(_HERE.glob("*.py"))) + (_HERE.parent / "quants.py",
 
 
 @functools.lru_cache(maxsize=None)
-def package_stamp() -> str:
-    """A hash of the sources of every kernel module (and of the type table they are built from)."""
+def package_stamp(files: tuple[Path, ...] = PACKAGE_FILES) -> str:
+    """A hash of these sources: by default every kernel module's (and the type table's they are
+    built from)."""
     digest = hashlib.sha256()
-    for path in PACKAGE_FILES:
+    for path in files:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -58,11 +60,12 @@ def cache_root() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def package_folder() -> Path | None:
-    """This package's kernel cache folder, created; None where it cannot be created or written."""
+def package_folder(kind: str = "kernels", stamp: str | None = None) -> Path | None:
+    """The cache folder of one set of sources (by default the kernels'), created; None where it
+    cannot be created or written."""
     import numba
 
-    folder = cache_root() / "kernels" / f"{package_stamp()[:20]}-numba{numba.__version__}"
+    folder = cache_root() / kind / f"{(stamp or package_stamp())[:20]}-numba{numba.__version__}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -71,11 +74,37 @@ def package_folder() -> Path | None:
     return folder
 
 
-def _package_locator_class():
+@contextlib.contextmanager
+def _exclusive(folder: str):
+    """Hold an exclusive lock on ``folder/.lock`` (where the OS has flock): Numba adds an entry to a
+    kernel's cache index by reading the index, choosing the first unused data file name and writing
+    both back, so two processes compiling different signatures of a kernel at once (two commands
+    started together on a cold cache, a parallel test run) could give both entries one data file,
+    and one signature the other's machine code.  Saves are rare (a cache miss each); loads need no
+    lock, as the index and the data are each replaced atomically."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: Numba's own behaviour
+        yield
+        return
+    try:
+        handle = open(os.path.join(folder, ".lock"), "a+b")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _package_locator_class(kind: str, stamp: str):
     from numba.core import caching
 
     class PackageLocator(caching._CacheLocator):
-        """Numba's cache locator for the kernels: the package folder, the package stamp."""
+        """Numba's cache locator for one set of sources: their folder, their stamp."""
 
         def __init__(self, py_func, folder: Path):
             self._lineno = py_func.__code__.co_firstlineno
@@ -88,30 +117,31 @@ def _package_locator_class():
             return self._folder
 
         def get_source_stamp(self):
-            return package_stamp()
+            return stamp
 
         def get_disambiguator(self):
             return str(self._lineno)
 
         @classmethod
         def from_function(cls, py_func, py_file):
-            folder = package_folder()
+            folder = package_folder(kind, stamp)
             return None if folder is None else cls(py_func, folder)
 
     return PackageLocator
 
 
-def install(modules) -> int:
-    """Give every Numba dispatcher of these modules the package-stamped (and lean) cache; returns
-    how many."""
+def install(modules, files: tuple[Path, ...] = PACKAGE_FILES, kind: str = "kernels") -> int:
+    """Give every Numba dispatcher of these modules the cache stamped with these source files (by
+    default the kernels'), in ``<cache>/<kind>/<stamp>-numba<version>``, lean and locked while
+    saving; returns how many."""
     from numba.core.caching import FunctionCache
     from numba.core.registry import CPUDispatcher
 
-    stamp = package_stamp()
+    stamp = package_stamp(tuple(files))
     lean = (not os.environ.get("EDGELLAMA_NUMBA_FULL_REFRESH")
             and all(hasattr(FunctionCache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")))
 
-    locator = _package_locator_class()
+    locator = _package_locator_class(kind, stamp)
 
     class PackageImpl(FunctionCache._impl_class):
         _locator_classes = [locator, *FunctionCache._impl_class._locator_classes]
@@ -123,6 +153,11 @@ def install(modules) -> int:
             super().__init__(py_func)
             self._cache_file._source_stamp = stamp  # the index is valid for these sources only
 
+        def save_overload(self, sig, data):  # after a compilation (a cache miss)
+            with _exclusive(self._cache_path):
+                FunctionCache.save_overload(self, sig, data)
+            release_compiler_pages()
+
         if lean:
             def load_overload(self, sig, target_context):
                 from numba.core.runtime import rtsys
@@ -132,10 +167,6 @@ def install(modules) -> int:
                     loaded = self._load_overload(sig, target_context)
                 release_compiler_pages()  # linked: LLVM's code is not needed until the next one
                 return loaded
-
-            def save_overload(self, sig, data):  # after a compilation (a cache miss), likewise
-                super().save_overload(sig, data)
-                release_compiler_pages()
 
     count = 0
     for module in modules:
