@@ -125,8 +125,9 @@ class _TileIR:
 
     def weights(self, u, signed):
         """What dot takes for the weight bytes u: with vpmaddubsw and signed weights (Q8_0 kept
-        signed), |u| and the lanes where u < 0 (dot moves the sign onto the activations: ggml's
-        trick; |u| <= 128 and |x| <= 127 keep each pair sum within int16)."""
+        signed), |u| and what moves u's sign onto the activations (ggml's trick; |u| <= 128 and
+        |x| <= 127 keep each pair sum within int16): u itself for AVX2's vpsignb, else the lanes
+        where u < 0 (AVX-512 has no vpsignb)."""
         if self.maddubs is None or not signed:
             return u, None
         b, vb = self.b, u.type
@@ -138,13 +139,13 @@ class _TileIR:
         """vpmaddubsw (x86 without VNNI): int16 sums of 2 adjacent byte products u * s, w =
         self.weights(u, ...), s signed; each within int16 (at most 2 * 128 * 128 - 256)."""
         b = self.b
-        u, negative = w
-        if negative is not None and self.lanes == 8:  # vpsignb: s where u > 0, -s where u < 0, 0 where u = 0
-            sign = cgutils.get_or_insert_function(b.module, ir.FunctionType(s.type, [s.type, s.type]),
-                                                  "llvm.x86.avx2.psign.b")
-            s = b.call(sign, [s, negative])
-        elif negative is not None:
-            s = b.select(negative, b.sub(ir.Constant(s.type, [0] * s.type.count), s), s)
+        u, sign = w
+        if sign is not None and self.lanes == 8:  # vpsignb: s where u > 0, -s where u < 0, 0 where u = 0
+            psign = cgutils.get_or_insert_function(b.module, ir.FunctionType(s.type, [s.type, s.type]),
+                                                   "llvm.x86.avx2.psign.b")
+            s = b.call(psign, [s, sign])
+        elif sign is not None:  # the lanes where u < 0
+            s = b.select(sign, b.sub(ir.Constant(s.type, [0] * s.type.count), s), s)
         pairs_t = _vec(_I16, 2 * self.lanes)
         maddubs = cgutils.get_or_insert_function(b.module, ir.FunctionType(pairs_t, [u.type, s.type]),
                                                  self.maddubs[0])
