@@ -1,7 +1,8 @@
 """Numba row quantizers and dequantizers, byte-identical to ggml's reference C code.
 
 Quantizers take float32 rows ``x: (n_rows, n_cols)`` and fill ``out: (n_rows, row_bytes)`` uint8;
-dequantizers do the reverse.  Every kernel is parallel over rows (disjoint outputs) and exact: no
+dequantizers do the reverse.  Every kernel is serial over the rows it is given (``threads.over_rows``
+runs disjoint row ranges at once, with the GIL released) and exact: no
 fastmath, float32 arithmetic exactly where ggml's ``quantize_row_*_ref`` uses float, so the
 bytes equal ggml's and gguf-py's (``gguf.quants.quantize``; the tests compare them).
 
@@ -25,16 +26,18 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from edgellama import quants
 from edgellama.quants import BLOCK_LAYOUT, GGMLType
 
 from . import kquants
+from . import threads
+from .threads import over_rows
 
 QK = 32  # elements per block of Q8_0 / Q4_0 / Q4_1
 
-_kernel = {"cache": True, "parallel": True}
+_kernel = {"cache": True, "nogil": True}  # serial over the rows given; threads.over_rows runs ranges at once
 
 
 # ----- scalar conversions -----------------------------------------------------------------------
@@ -109,7 +112,7 @@ def _round_away(v):
 @njit(**_kernel)
 def quantize_rows_q8_0(x, out):
     n_blocks = x.shape[1] // QK
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         scratch = np.empty(1, dtype=np.float32)  # (1,) bit reinterpretation of the scale
         for b in range(n_blocks):
             src = b * QK
@@ -128,7 +131,7 @@ def quantize_rows_q8_0(x, out):
 @njit(**_kernel)
 def quantize_rows_q4_0(x, out):
     n_blocks = x.shape[1] // QK
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         scratch = np.empty(1, dtype=np.float32)  # (1,) bit reinterpretation of the scale
         for b in range(n_blocks):
             src = b * QK
@@ -153,7 +156,7 @@ def quantize_rows_q4_0(x, out):
 @njit(**_kernel)
 def quantize_rows_q4_1(x, out):
     n_blocks = x.shape[1] // QK
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         scratch = np.empty(1, dtype=np.float32)  # (1,) bit reinterpretation of the scales
         for b in range(n_blocks):
             src = b * QK
@@ -181,7 +184,7 @@ def quantize_rows_q5_0(x, out):
     """Q5_0 (22 bytes: f16 d, u32 qh, uint8 qs[16]): d = x[argmax|x|] / -16,
     q = min(31, trunc(x / d + 16.5)); low nibbles as Q4_0, fifth bits of element j in bit j of qh."""
     n_blocks = x.shape[1] // QK
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         scratch = np.empty(1, dtype=np.float32)  # (1,) bit reinterpretation of the scale
         for b in range(n_blocks):
             src = b * QK
@@ -212,7 +215,7 @@ def quantize_rows_q5_1(x, out):
     """Q5_1 (24 bytes: f16 d, f16 m, u32 qh, uint8 qs[16]): d = (max - min) / 31,
     q = trunc((x - min) / d + 0.5) (as a byte: no clamp, as in ggml)."""
     n_blocks = x.shape[1] // QK
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         scratch = np.empty(1, dtype=np.float32)  # (1,) bit reinterpretation of the scales
         for b in range(n_blocks):
             src = b * QK
@@ -275,7 +278,7 @@ def _q4_1_level(scaled):
 @njit(**_kernel)
 def convert_rows_f16(x, out):
     """x (n_rows, n) float32 -> out (n_rows, n) uint16 IEEE half bits."""
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         bits = x[r].view(np.uint32)
         for j in range(x.shape[1]):
             out[r, j] = _f32_bits_to_f16_bits(bits[j])
@@ -284,7 +287,7 @@ def convert_rows_f16(x, out):
 @njit(**_kernel)
 def convert_rows_bf16(x, out):
     """x (n_rows, n) float32 -> out (n_rows, n) uint16 bfloat16 bits."""
-    for r in prange(x.shape[0]):
+    for r in range(x.shape[0]):
         bits = x[r].view(np.uint32)
         for j in range(x.shape[1]):
             out[r, j] = _f32_bits_to_bf16_bits(bits[j])
@@ -299,7 +302,7 @@ def _load_f16(raw, r, o, half_table):
 
 @njit(**_kernel)
 def dequantize_rows_q8_0(raw, out, half_table):
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK):
             d = _load_f16(raw, r, b * 34, half_table)
             for j in range(QK):
@@ -310,7 +313,7 @@ def dequantize_rows_q8_0(raw, out, half_table):
 
 @njit(**_kernel)
 def dequantize_rows_q4_0(raw, out, half_table):
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK):
             d = _load_f16(raw, r, b * 18, half_table)
             for j in range(QK // 2):
@@ -322,7 +325,7 @@ def dequantize_rows_q4_0(raw, out, half_table):
 @njit(**_kernel)
 def dequantize_rows_q4_1(raw, out, half_table):
     """x = d * q + m, each product and sum rounded to float32 (ggml's dequantize_row_q4_1)."""
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK):
             d = _load_f16(raw, r, b * 20, half_table)
             m = _load_f16(raw, r, b * 20 + 2, half_table)
@@ -335,7 +338,7 @@ def dequantize_rows_q4_1(raw, out, half_table):
 @njit(**_kernel)
 def dequantize_rows_q5_0(raw, out, half_table):
     """x = d * (q - 16), q = nibble | fifth bit << 4 (ggml's dequantize_row_q5_0)."""
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK):
             o = b * 22
             d = _load_f16(raw, r, o, half_table)
@@ -352,7 +355,7 @@ def dequantize_rows_q5_0(raw, out, half_table):
 @njit(**_kernel)
 def dequantize_rows_q5_1(raw, out, half_table):
     """x = d * q + m (ggml's dequantize_row_q5_1)."""
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK):
             o = b * 24
             d = _load_f16(raw, r, o, half_table)
@@ -370,15 +373,15 @@ def dequantize_rows_q5_1(raw, out, half_table):
 @njit(**_kernel)
 def dequantize_rows_half(raw, out, half_table):
     """F16 or BF16 (by the table given): raw (n_rows, 2 * n) -> out (n_rows, n)."""
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for j in range(out.shape[1]):
             out[r, j] = _load_f16(raw, r, 2 * j, half_table)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def count_nonfinite_rows(values, counts):
     """counts[r] = number of NaN / Inf in values[r] (exponent bits all ones); no fastmath here."""
-    for r in prange(values.shape[0]):
+    for r in range(values.shape[0]):
         bits = values[r].view(np.uint32)
         n = 0
         for j in range(bits.shape[0]):
@@ -386,11 +389,11 @@ def count_nonfinite_rows(values, counts):
         counts[r] = n
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def count_nonfinite_halves(raw, block_bytes, offsets, counts):
     """counts[r] = number of inf / NaN half-precision scales in row r of raw (n_rows, row_bytes):
     the halves at ``offsets`` within each block of ``block_bytes``."""
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         n = 0
         for o in range(0, raw.shape[1], block_bytes):
             for k in range(offsets.shape[0]):
@@ -411,15 +414,16 @@ def count_bad_scales(raw: np.ndarray, qtype: GGMLType) -> int:
     if qtype not in SCALE_OFFSETS:
         return 0
     counts = np.empty(raw.shape[0], dtype=np.int64)  # (n_rows,)
-    count_nonfinite_halves(_readonly(raw), BLOCK_LAYOUT[qtype][1], np.array(SCALE_OFFSETS[qtype], np.int64), counts)
+    raw, block_bytes, offsets = _readonly(raw), BLOCK_LAYOUT[qtype][1], np.array(SCALE_OFFSETS[qtype], np.int64)
+    over_rows(raw.shape[0], lambda lo, hi: count_nonfinite_halves(raw[lo:hi], block_bytes, offsets, counts[lo:hi]))
     return int(counts.sum())
 
 
-@njit(cache=True, parallel=True, fastmath=True)  # reductions only: statistics, not output bytes
+@njit(cache=True, nogil=True, fastmath=True)  # reductions only: statistics, not output bytes
 def error_stats_rows(values, approx, row_stats):
     """Per row r: row_stats[r] = (sum (approx - values)^2, sum values^2, max |approx - values|,
     max |values|), in float64.  values, approx: (n_rows, n_cols) float32; row_stats: (n_rows, 4)."""
-    for r in prange(values.shape[0]):
+    for r in range(values.shape[0]):
         sq_err = 0.0
         sq_src = 0.0
         max_err = 0.0
@@ -471,22 +475,10 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def prefer_workqueue_threads() -> None:
-    """Use Numba's workqueue threading layer unless the user chose one (NUMBA_THREADING_LAYER).
-
-    With the default GNU OpenMP layer, idle workers spin between parallel regions; when the CPU is
-    shared (CI, other processes) that stalls the next region: we measured the quantizers 4x slower
-    at 2 threads than at 1 on a busy 2-core machine, and no such loss with workqueue.  Our kernels
-    are one coarse prange over rows, which is all workqueue needs.  It only takes effect before the
-    first parallel kernel of the process runs, so the CLI calls it first thing."""
-    import os
-
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        numba.config.THREADING_LAYER = "workqueue"
-
-
 def set_threads(n: int | None) -> None:
+    """The quantizer's threads (threads.over_rows), and Numba's for the runtime kernels it calls."""
     if n:
+        threads.set_threads(n)
         numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
@@ -519,19 +511,23 @@ def quantize_rows(x: np.ndarray, qtype: GGMLType, out: np.ndarray | None = None,
         out = np.empty((n_rows, row_bytes(qtype, n_cols)), dtype=np.uint8)  # (n_rows, row_bytes)
     if qtype == GGMLType.F32:
         out.view(np.float32)[...] = x
-    elif qtype == GGMLType.F16:
-        convert_rows_f16(x, out.view(np.uint16))  # (n_rows, n_cols) half bits
-    elif qtype == GGMLType.BF16:
-        convert_rows_bf16(x, out.view(np.uint16))
+    elif qtype in (GGMLType.F16, GGMLType.BF16):
+        convert = convert_rows_f16 if qtype == GGMLType.F16 else convert_rows_bf16
+        halves = out.view(np.uint16)  # (n_rows, n_cols) half bits
+        over_rows(n_rows, lambda lo, hi: convert(x[lo:hi], halves[lo:hi]))
+    elif qtype in (GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
+        QUANTIZERS[qtype][0](x, out)  # kquants' entry points run over the threads themselves
     else:
-        QUANTIZERS[qtype][0](x, out)
+        quantizer = QUANTIZERS[qtype][0]
+        over_rows(n_rows, lambda lo, hi: quantizer(x[lo:hi], out[lo:hi]))
     return out
 
 
 def count_nonfinite(values: np.ndarray) -> np.ndarray:
     """Per-row NaN/Inf counts of float32 rows (n_rows, n_cols)."""
     counts = np.empty(values.shape[0], dtype=np.int64)  # (n_rows,)
-    count_nonfinite_rows(_readonly(values), counts)
+    values = _readonly(values)
+    over_rows(values.shape[0], lambda lo, hi: count_nonfinite_rows(values[lo:hi], counts[lo:hi]))
     return counts
 
 
@@ -540,7 +536,8 @@ def error_stats(values: np.ndarray, raw: np.ndarray, qtype: GGMLType) -> tuple[f
     ``qtype`` bytes of ``values``) against ``values`` (n_rows, n_cols) float32."""
     approx = dequantize_rows(raw, qtype, values.shape[1])  # (n_rows, n_cols)
     row_stats = np.empty((values.shape[0], 4), dtype=np.float64)  # (n_rows, 4)
-    error_stats_rows(_readonly(values), _readonly(approx), row_stats)
+    values, approx = _readonly(values), _readonly(approx)
+    over_rows(values.shape[0], lambda lo, hi: error_stats_rows(values[lo:hi], approx[lo:hi], row_stats[lo:hi]))
     return (float(row_stats[:, 0].sum()), float(row_stats[:, 1].sum()), float(row_stats[:, 2].max(initial=0.0)),
             float(row_stats[:, 3].max(initial=0.0)))
 
@@ -553,16 +550,15 @@ def dequantize_rows(raw: np.ndarray, qtype: GGMLType, n_cols: int) -> np.ndarray
     if qtype == GGMLType.F32:
         return raw.view(np.float32).reshape(n_rows, n_cols)  # a read-only view, no copy
     out = np.empty((n_rows, n_cols), dtype=np.float32)  # (n_rows, n_cols)
-    if qtype == GGMLType.F16:
-        dequantize_rows_half(raw, out, F16_TABLE)
-    elif qtype == GGMLType.BF16:
-        dequantize_rows_half(raw, out, BF16_TABLE)
+    if qtype in (GGMLType.F16, GGMLType.BF16):
+        table = F16_TABLE if qtype == GGMLType.F16 else BF16_TABLE
+        over_rows(n_rows, lambda lo, hi: dequantize_rows_half(raw[lo:hi], out[lo:hi], table))
     elif qtype in QUANTIZERS:
         _, dequantizer, takes_table = QUANTIZERS[qtype]
         if takes_table:
-            dequantizer(raw, out, F16_TABLE)
+            over_rows(n_rows, lambda lo, hi: dequantizer(raw[lo:hi], out[lo:hi], F16_TABLE))
         else:
-            dequantizer(raw, out)
+            over_rows(n_rows, lambda lo, hi: dequantizer(raw[lo:hi], out[lo:hi]))
     elif qtype in GGUF_PY_READABLE:
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize as gguf_dequantize

@@ -327,7 +327,6 @@ def _install_signal_handlers() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    blocks.prefer_workqueue_threads()
     previous = warnings.showwarning
     warnings.showwarning = _warn_line
     handlers = _install_signal_handlers()

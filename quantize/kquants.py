@@ -45,14 +45,16 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic
+
+from .threads import over_rows
 
 QK_K = 256
 
 # numpy's error model: a float division by zero gives inf / NaN as in C (the lanes of a fit that the
 # reference skips compute such values and discard them) instead of raising
-_kernel = {"cache": True, "parallel": True, "error_model": "numpy"}
+_kernel = {"cache": True, "nogil": True, "error_model": "numpy"}  # serial; threads.over_rows runs row ranges at once
 _inline = {"cache": True, "inline": "always", "error_model": "numpy"}
 
 
@@ -563,18 +565,18 @@ def _asymmetric_row(row, out, r, five_bits, levels, scales, mins, levels6, xs, w
 
 @njit(**_kernel)
 def _quantize_rows_asymmetric(x, out, five_bits):
-    for r in prange(x.shape[0]):
-        _asymmetric_row(x[r], out, r, five_bits,
-                        np.empty(RUN * QK_K, dtype=np.int32),     # levels (run x 256,) 0..nmax, element order
-                        np.empty(RUN * 8, dtype=np.float32),      # scales (run x 8,) fitted sub-block scales
-                        np.empty(RUN * 8, dtype=np.float32),      # mins (run x 8,) fitted minima (subtracted)
-                        np.empty(16, dtype=np.int32),             # levels6 (16,) 6-bit scales, minima of a block
-                        np.empty(RUN * QK_K, dtype=np.float32),   # xs (32 x lanes,) lane-major copy of the run
-                        np.empty(RUN * QK_K, dtype=np.float32),   # ws (32 x lanes,) its weights
-                        np.empty(RUN * QK_K, dtype=np.int32),     # best (32 x lanes,) best levels so far
-                        np.empty(RUN * QK_K, dtype=np.int32),     # trial (32 x lanes,) levels of the trial
-                        np.empty((15, RUN * 8), dtype=np.float32),  # st: per-lane state of the fits
-                        np.empty(RUN * QK_K, dtype=np.float32))   # pad: a row's last run, zero-padded
+    levels = np.empty(RUN * QK_K, dtype=np.int32)     # (run x 256,) 0..nmax, element order
+    scales = np.empty(RUN * 8, dtype=np.float32)      # (run x 8,) fitted sub-block scales
+    mins = np.empty(RUN * 8, dtype=np.float32)        # (run x 8,) fitted minima (subtracted)
+    levels6 = np.empty(16, dtype=np.int32)            # (16,) 6-bit scales, minima of a block
+    xs = np.empty(RUN * QK_K, dtype=np.float32)       # (32 x lanes,) lane-major copy of the run
+    ws = np.empty(RUN * QK_K, dtype=np.float32)       # (32 x lanes,) its weights
+    best = np.empty(RUN * QK_K, dtype=np.int32)       # (32 x lanes,) best levels so far
+    trial = np.empty(RUN * QK_K, dtype=np.int32)      # (32 x lanes,) levels of the trial
+    st = np.empty((15, RUN * 8), dtype=np.float32)    # per-lane state of the fits
+    pad = np.empty(RUN * QK_K, dtype=np.float32)      # a row's last run, zero-padded
+    for r in range(x.shape[0]):
+        _asymmetric_row(x[r], out, r, five_bits, levels, scales, mins, levels6, xs, ws, best, trial, st, pad)
 
 
 @njit(cache=True, error_model="numpy")
@@ -603,12 +605,12 @@ def _reference_rows_asymmetric(x, out, five_bits):
 
 def quantize_rows_q4_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 144) uint8."""
-    _quantize_rows_asymmetric(x, out, False)
+    over_rows(x.shape[0], lambda lo, hi: _quantize_rows_asymmetric(x[lo:hi], out[lo:hi], False))
 
 
 def quantize_rows_q5_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 176) uint8."""
-    _quantize_rows_asymmetric(x, out, True)
+    over_rows(x.shape[0], lambda lo, hi: _quantize_rows_asymmetric(x[lo:hi], out[lo:hi], True))
 
 
 # ----- Q6_K --------------------------------------------------------------------------------------
@@ -671,15 +673,15 @@ def _q6_k_row(row, out, r, levels, scales, xs, best, trial, st, pad):
 
 @njit(**_kernel)
 def _quantize_rows_q6_k(x, out):
-    for r in prange(x.shape[0]):
-        _q6_k_row(x[r], out, r,
-                  np.empty(RUN * QK_K, dtype=np.int32),     # levels (run x 256,) 0..63 (q + 32), element order
-                  np.empty(RUN * 16, dtype=np.float32),     # scales (run x 16,) fitted sub-block scales
-                  np.empty(RUN * QK_K, dtype=np.float32),   # xs (16 x lanes,) lane-major copy of the run
-                  np.empty(RUN * QK_K, dtype=np.int32),     # best (16 x lanes,)
-                  np.empty(RUN * QK_K, dtype=np.int32),     # trial (16 x lanes,)
-                  np.empty((6, RUN * 16), dtype=np.float32),  # st: per-lane state of the fits
-                  np.empty(RUN * QK_K, dtype=np.float32))   # pad: a row's last run, zero-padded
+    levels = np.empty(RUN * QK_K, dtype=np.int32)     # (run x 256,) 0..63 (q + 32), element order
+    scales = np.empty(RUN * 16, dtype=np.float32)     # (run x 16,) fitted sub-block scales
+    xs = np.empty(RUN * QK_K, dtype=np.float32)       # (16 x lanes,) lane-major copy of the run
+    best = np.empty(RUN * QK_K, dtype=np.int32)       # (16 x lanes,)
+    trial = np.empty(RUN * QK_K, dtype=np.int32)      # (16 x lanes,)
+    st = np.empty((6, RUN * 16), dtype=np.float32)    # per-lane state of the fits
+    pad = np.empty(RUN * QK_K, dtype=np.float32)      # a row's last run, zero-padded
+    for r in range(x.shape[0]):
+        _q6_k_row(x[r], out, r, levels, scales, xs, best, trial, st, pad)
 
 
 @njit(cache=True, error_model="numpy")
@@ -697,7 +699,7 @@ def _reference_rows_q6_k(x, out):
 
 def quantize_rows_q6_k(x, out):
     """x (n_rows, n_cols) float32, n_cols % 256 == 0 -> out (n_rows, n_cols // 256 * 210) uint8."""
-    _quantize_rows_q6_k(x, out)
+    over_rows(x.shape[0], lambda lo, hi: _quantize_rows_q6_k(x[lo:hi], out[lo:hi]))
 
 
 def reference_rows(x, out, qtype_name: str):
@@ -729,7 +731,7 @@ def _scale_min(raw, r, o, j):
 
 @njit(**_kernel)
 def dequantize_rows_q4_k(raw, out):
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK_K):
             o = b * 144
             d = _get_f16(raw, r, o)
@@ -746,7 +748,7 @@ def dequantize_rows_q4_k(raw, out):
 
 @njit(**_kernel)
 def dequantize_rows_q5_k(raw, out):
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK_K):
             o = b * 176
             d = _get_f16(raw, r, o)
@@ -764,7 +766,7 @@ def dequantize_rows_q5_k(raw, out):
 
 @njit(**_kernel)
 def dequantize_rows_q6_k(raw, out):
-    for r in prange(raw.shape[0]):
+    for r in range(raw.shape[0]):
         for b in range(out.shape[1] // QK_K):
             o = b * 210
             d = _get_f16(raw, r, o + 208)

@@ -125,20 +125,46 @@ def test_dequantizers_match_gguf_py(name):
 
 
 @pytest.mark.parametrize("name", K_TYPES + ["Q5_0", "Q5_1"])
-def test_thread_count_does_not_change_the_bytes(name):
-    import numba
+def test_thread_count_does_not_change_the_bytes(name, monkeypatch):
+    """Rows cut into ranges for 1, 2, 3 and 7 threads (as if the machine had 7 CPUs, whatever it
+    has) give the same bytes."""
+    from quantize import threads
 
+    monkeypatch.setattr(threads, "_available_cpus", lambda: 7)
     x = make_rows("normal", (37, 2304), seed=9)
-    before = numba.get_num_threads()
+    outs = []
     try:
-        outs = []
-        for n in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            blocks.set_threads(n)
+        for n in (1, 2, 3, 7):
+            threads.set_threads(n)
+            assert threads.thread_count() == n
             outs.append(blocks.quantize_rows(x, GGMLType[name]))
     finally:
-        numba.set_num_threads(before)
+        threads.set_threads(None)
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
+
+
+def test_row_ranges_cover_every_row_once_and_errors_reach_the_caller(monkeypatch):
+    from quantize import threads
+
+    monkeypatch.setattr(threads, "_available_cpus", lambda: 3)
+    threads.set_threads(3)
+    try:
+        for n_rows in (0, 1, 2, 5, 13, 100):
+            seen = np.zeros(n_rows, np.int64)
+
+            def run(lo, hi):
+                seen[lo:hi] += 1
+            threads.over_rows(n_rows, run)
+            assert np.all(seen == 1), (n_rows, seen)
+
+        def fail(lo, hi):
+            if lo > 0:
+                raise ValueError(f"rows {lo}:{hi}")
+        with pytest.raises(ValueError, match="rows"):
+            threads.over_rows(50, fail)
+    finally:
+        threads.set_threads(None)
 
 
 @pytest.mark.parametrize("name, bound", [("Q4_K", 0.09), ("Q5_K", 0.045), ("Q6_K", 0.02), ("Q5_0", 0.05),

@@ -219,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, help="file-to-file input (default: the Llama-3.2-1B-shaped F16 file)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    blocks.prefer_workqueue_threads()  # what edgellama-quantize uses
     qtypes = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     threads = [int(t) for t in args.threads.split(",")]
     rows = []
