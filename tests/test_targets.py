@@ -50,8 +50,10 @@ for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"):
     w = rng.standard_normal((37, n_in)).astype(np.float32)
     raw = (encode_kquant(w, GGMLType[name]) if name.endswith("_K")
            else np.ascontiguousarray(quantize(w, QT[name])).reshape(37, -1))
+    raw.setflags(write=False)  # read-only weights, as the model passes them (one compilation)
     packed = np.zeros((-(-37 // lanes), K.group_bytes(qtype, n_in, lanes)), np.uint8)
     K.pack_rows(raw, qtype, lanes, unsigned_q8, packed)
+    packed.setflags(write=False)
     x = rng.standard_normal((9, n_in)).astype(np.float32)
     qx = (np.empty((9, n_in), np.int8), np.empty((9, n_in // 32), np.float32), np.empty((9, n_in // 32), np.float32),
           np.empty((9, n_in // 16), np.int32))
