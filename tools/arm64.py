@@ -339,7 +339,7 @@ def model_tests() -> list[str]:
 
 
 # The CI subset runs the kernel tests' one-thread cases only: splitting work between threads is the
-# same Python and Numba prange code on every architecture (the x86 suite runs the two-thread cases),
+# same Python and thread-launch code (kernels.parallel) on every architecture (the x86 suite runs the two-thread cases),
 # while every arithmetic path of the arm64 kernels is in the one-thread cases; the model-level tests
 # run with two threads here too.  This saves ~40% of the emulated time.  The weight-storage variants
 # "memmap" (a matrix in a numpy memmap rather than a plain or read-only array: the same arithmetic,

@@ -13,6 +13,7 @@ Rooms:
 
 * ``target``    the CPU the kernels compile for (Numba's rule) and the packed layout it implies;
 * ``llvm``      LLVM IR helpers and scalar intrinsics (half <-> float, ``_expf``);
+* ``parallel``  ``parallel_rows``: a loop over row ranges on Numba's threads (compiled once, unlike prange);
 * ``layout``    the packed layout, ``pack_rows``, and the values every runtime type's bytes hold;
 * ``products``  activation quantization, the int8 tiles, float products, the per-type dispatch;
 * ``kv``        KV cache element formats (f32, f16, q8_0), storing and re-rotating rows;

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .common import EXACT, FAST
 from .kv import _kv_axpy, _kv_dot, _kv_load
 from .llvm import _expf
+from .parallel import parallel_rows
 
 
 @njit(**EXACT)
@@ -34,7 +35,7 @@ def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
         _kv_axpy(scores[t] * inv, v_cache[t], out)
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def attention(q, k_cache, v_cache, first_pos, scores, out):
     """Causal grouped-query attention of T new tokens over the cache.
 
@@ -49,7 +50,14 @@ def attention(q, k_cache, v_cache, first_pos, scores, out):
     scale = np.float32(1.0 / math.sqrt(head_dim))
     n_work = n_tokens * n_heads
     n_chunks = min(scores.shape[0], n_work)
-    for c in prange(n_chunks):
+    parallel_rows(_attend_chunks, n_chunks,
+                  (q, k_cache, v_cache, first_pos, group, n_work, n_chunks, scale, scores, out))
+
+
+@njit(**EXACT)
+def _attend_chunks(lo, hi, q, k_cache, v_cache, first_pos, group, n_work, n_chunks, scale, scores, out):
+    n_heads = q.shape[1]
+    for c in range(lo, hi):
         for job in range(c, n_work, n_chunks):
             t = job // n_heads
             h = job % n_heads
@@ -109,7 +117,16 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
                 partial[first + g, i] += p * row[i]
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
+def _attend_spans(lo, hi, q, k_cache, v_cache, n_pos, scale, scratch, partial):
+    n_kv = k_cache.shape[0]
+    for job in range(lo, hi):
+        span, kv = job // n_kv, job % n_kv
+        _attend_span(q, k_cache, v_cache, kv, span * ATTN_SPAN, min(n_pos, (span + 1) * ATTN_SPAN), scale,
+                     scratch[job], partial[span])
+
+
+@njit(**EXACT)
 def attention_one(q, k_cache, v_cache, n_pos, scratch, partial, out):
     """One token's grouped-query attention over cached positions 0..n_pos-1 (its own included).
 
@@ -124,10 +141,7 @@ def attention_one(q, k_cache, v_cache, n_pos, scratch, partial, out):
     n_kv = k_cache.shape[0]
     scale = np.float32(1.0 / math.sqrt(head_dim))
     n_spans = (n_pos + ATTN_SPAN - 1) // ATTN_SPAN
-    for job in prange(n_spans * n_kv):
-        span, kv = job // n_kv, job % n_kv
-        _attend_span(q, k_cache, v_cache, kv, span * ATTN_SPAN, min(n_pos, (span + 1) * ATTN_SPAN), scale,
-                     scratch[job], partial[span])
+    parallel_rows(_attend_spans, n_spans * n_kv, (q, k_cache, v_cache, n_pos, scale, scratch, partial))
     for h in range(n_heads):
         best = np.float32(-np.inf)
         for s in range(n_spans):

@@ -23,7 +23,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .attention import ATTN_SPAN, _attend_span
 from .common import EXACT, FAST, T_F16, T_F32
@@ -32,6 +32,7 @@ from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FF
 from .kv import _kv_store
 from .layout import embed_row, is_quantized
 from .llvm import _expf
+from .parallel import parallel_rows
 from .ops import _swiglu_inplace, rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
 from .products import _TILE_TOKENS, _row_tile, _tile, _token_tile, matvec_f32, matvec_half, quantize_q8, \
     quantize_q8_rows
@@ -83,14 +84,19 @@ class BatchBuffers(NamedTuple):
 _quad_tile = _tile(4) if _TILE_TOKENS > 4 else _token_tile
 
 
-@njit(parallel=True, **FAST)
+@njit(**FAST)
 def matmul_rows(wp, wtype, n_out, xq, xd, xs, xsum, out):
     """out (R, n_out) = x @ W.T for a packed quantized W, as ``matmul_packed`` computes it, but with
     no token computed twice: whole tiles of _TILE_TOKENS tokens, then of 4, then single tokens (a
     step of 4 generated tokens takes one tile of 4 where a tile of 8 would compute 8).  Every token's
     row is the same whatever the tile (tests/test_kernels_batch.py)."""
+    parallel_rows(_matmul_rows_groups, wp.shape[0], (wp, wtype, n_out, xq, xd, xs, xsum, out))
+
+
+@njit(**FAST)
+def _matmul_rows_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out):
     n = xq.shape[0]
-    for g in prange(wp.shape[0]):
+    for g in range(lo, hi):
         t = 0
         while n - t >= _TILE_TOKENS:
             _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
@@ -181,9 +187,9 @@ def _store_row(k_cache, v_cache, layer, rows, k, v, t):
         _kv_store(v[t, h * head_dim:(h + 1) * head_dim], v_cache[slot, layer, h, pos])
 
 
-@njit(parallel=True, **EXACT)
-def _store_rows_parallel(k_cache, v_cache, layer, rows, k, v):
-    for t in prange(k.shape[0]):
+@njit(**EXACT)
+def _store_row_range(lo, hi, k_cache, v_cache, layer, rows, k, v):
+    for t in range(lo, hi):
         _store_row(k_cache, v_cache, layer, rows, k, v, t)
 
 
@@ -192,7 +198,7 @@ def store_rows(k_cache, v_cache, layer, rows, k, v):
     """Each row's key and value into its slot at its position, for every KV head.
     k_cache, v_cache: (n_slots, n_layers, n_kv_heads, n_ctx, row length); k, v: (R, n_kv * head_dim)."""
     if k.shape[0] > SERIAL_ROWS:
-        _store_rows_parallel(k_cache, v_cache, layer, rows, k, v)
+        parallel_rows(_store_row_range, k.shape[0], (k_cache, v_cache, layer, rows, k, v))
     else:
         for t in range(k.shape[0]):
             _store_row(k_cache, v_cache, layer, rows, k, v, t)
@@ -212,7 +218,7 @@ def attention_jobs(rows, n_kv, jobs, first):
     return total
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def attention_rows(q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, scratch, partial, out):
     """One-token grouped-query attention of every row over its own slot, positions 0..pos.
 
@@ -222,11 +228,18 @@ def attention_rows(q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, scratc
     row, span and KV head, and each row's spans are merged as ``attention_one`` merges them: a row
     gets attention_one's numbers, whatever the other rows and whichever chunk runs its jobs.
     """
-    n_rows, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[2]
-    scale = np.float32(1.0 / math.sqrt(head_dim))
+    scale = np.float32(1.0 / math.sqrt(q.shape[2]))
     n_chunks = min(scratch.shape[0], n_jobs)
-    for c in prange(n_chunks):
+    parallel_rows(_attention_chunks, n_chunks,
+                  (q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, n_chunks, scale, scratch, partial))
+    parallel_rows(_merge_spans, q.shape[0], (rows, partial, out))
+
+
+@njit(**EXACT)
+def _attention_chunks(lo, hi, q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, n_chunks, scale, scratch,
+                      partial):
+    n_kv = k_cache.shape[2]
+    for c in range(lo, hi):
         for job in range(c, n_jobs, n_chunks):
             t = jobs[job]
             local = job - first[t]
@@ -235,7 +248,12 @@ def attention_rows(q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, scratc
             slot = rows.slots[t]
             _attend_span(q[t], k_cache[slot, layer], v_cache[slot, layer], kv, span * ATTN_SPAN,
                          min(n_pos, (span + 1) * ATTN_SPAN), scale, scratch[c], partial[t, span])
-    for t in prange(n_rows):
+
+
+@njit(**EXACT)
+def _merge_spans(lo, hi, rows, partial, out):
+    n_heads, head_dim = out.shape[1], out.shape[2]
+    for t in range(lo, hi):
         n_spans = (rows.positions[t] + ATTN_SPAN) // ATTN_SPAN
         p = partial[t]
         o = out[t]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic, overload
 
 from ..quants import F16_LOAD_WIDTH, KV_CACHE_TYPES
@@ -20,6 +20,7 @@ from .common import EXACT, I32, QK
 from .llvm import _F32, _I8, _I16, _I32, _as_f32, _const_vec, _f16_at, _half_to_f32, _put_half, _to_kv, _vec
 from .ops import rope
 from .products import _abs_max
+from .parallel import parallel_rows
 from .target import _native_half, _target_features
 
 
@@ -206,13 +207,18 @@ def _kv_store_impl(values, row):
     return store
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def rerotate_keys(k_cache, start, end, cos, sin, head_dim):
     """Rotate cached keys at slots start..end-1 of every layer and head by the angles (cos, sin),
     in place: moving a key from position p to p - delta is a rotation by -delta's angles.
     k_cache: (n_layers, n_kv_heads, n_ctx, row length), any KV element type (see _kv_load)."""
+    parallel_rows(_rerotate_keys_range, k_cache.shape[0] * k_cache.shape[1], (k_cache, start, end, cos, sin, head_dim))
+
+
+@njit(**EXACT)
+def _rerotate_keys_range(lo, hi, k_cache, start, end, cos, sin, head_dim):
     n_layers, n_kv_heads = k_cache.shape[0], k_cache.shape[1]
-    for job in prange(n_layers * n_kv_heads):
+    for job in range(lo, hi):
         layer, head = job // n_kv_heads, job % n_kv_heads
         key = np.empty(head_dim, np.float32)
         for p in range(start, end):
@@ -222,12 +228,17 @@ def rerotate_keys(k_cache, start, end, cos, sin, head_dim):
             _kv_store(key, row)
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def store_kv(cache, start, values):
     """cache[h, start + t] = values[t, h * head_dim:(h + 1) * head_dim] for T new tokens, in the
     cache's element type.  cache: (n_kv_heads, n_ctx, row length) of one layer; values: (T, n_kv*hd)."""
+    parallel_rows(_store_kv_range, cache.shape[0], (cache, start, values))
+
+
+@njit(**EXACT)
+def _store_kv_range(lo, hi, cache, start, values):
     n_kv_heads = cache.shape[0]
     head_dim = values.shape[1] // n_kv_heads
-    for h in prange(n_kv_heads):
+    for h in range(lo, hi):
         for t in range(values.shape[0]):
             _kv_store(values[t, h * head_dim:(h + 1) * head_dim], cache[h, start + t])

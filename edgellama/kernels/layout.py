@@ -43,12 +43,13 @@ stream past.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..quants import BLOCK_LAYOUT, RUNTIME_FLOAT, GGMLType
 from .common import EXACT, I32, QK, SUPER_BLOCK, T_BF16, T_F16, T_F32, T_Q4_0, T_Q4_1, T_Q4_K, T_Q5_0, T_Q5_1, \
     T_Q5_K, T_Q6_K, T_Q8_0
 from .llvm import _f16_at, _load_u32, _put_half, _store_u32
+from .parallel import parallel_rows
 from .target import packing
 
 # file bytes per block (Q4_K / Q5_K / Q6_K: per 256-element super-block), from THE table
@@ -221,7 +222,7 @@ _HIGH_NIBBLES = np.uint32(0xF0F0F0F0)
 _LOW_PAIRS = np.uint32(0x03030303)
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def pack_rows_moved(w, wtype, lanes, unsigned_q8, out):
     """pack_rows for every type, moving bytes and 4-byte words instead of decoding values.
 
@@ -232,6 +233,11 @@ def pack_rows_moved(w, wtype, lanes, unsigned_q8, out):
     two words' nibbles.  Q6_K holds four 32-element quarters per 128 elements: low or high nibbles of
     64 bytes, and one bit pair of 32 high-bit bytes (4 pairs per byte), moved as words the same way.
     Q5_x's high-bit bytes are gathered bit by bit; scales and factors are copied as the file has them."""
+    parallel_rows(_pack_rows_moved_range, out.shape[0], (w, wtype, lanes, unsigned_q8, out))
+
+
+@njit(**EXACT)
+def _pack_rows_moved_range(lo, hi, w, wtype, lanes, unsigned_q8, out):
     quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
     record, sb_bytes = _group_layout(wtype, lanes)
     k_quant = scale_bytes == 1
@@ -239,7 +245,7 @@ def pack_rows_moved(w, wtype, lanes, unsigned_q8, out):
     table = n_blocks * record
     flip = np.uint32(0x80808080) if unsigned_q8 and wtype == T_Q8_0 else np.uint32(0)
     block = _BLOCK_BYTES_BY_ID[wtype]
-    for g in prange(out.shape[0]):
+    for g in range(lo, hi):
         group = out[g]
         for lane in range(min(lanes, w.shape[0] - g * lanes)):
             row = w[g * lanes + lane]
@@ -340,16 +346,21 @@ def pack_rows(w, wtype, lanes, unsigned_q8, out):
     pack_rows_moved(w, wtype, lanes, unsigned_q8, out)
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def pack_rows_decoded(w, wtype, lanes, unsigned_q8, out):
     """pack_rows by decoding each block's integers and writing them into the layout (any type)."""
+    parallel_rows(_pack_rows_decoded_range, out.shape[0], (w, wtype, lanes, unsigned_q8, out))
+
+
+@njit(**EXACT)
+def _pack_rows_decoded_range(lo, hi, w, wtype, lanes, unsigned_q8, out):
     quant, high, scale_bytes, n_scales, min_bytes, _ = _packed_format(wtype)
     record, sb_bytes = _group_layout(wtype, lanes)
     factors = scale_bytes == 1                                  # K-quants
     n_blocks = SUPER_BLOCK * out.shape[1] // (SUPER_BLOCK * record + sb_bytes)
     table = n_blocks * record                                   # the super-block factors
     flip = 128 if unsigned_q8 and wtype == T_Q8_0 else 0
-    for g in prange(out.shape[0]):
+    for g in range(lo, hi):
         group = out[g]
         vals = np.empty(QK, np.int32)
         scales = np.empty(2, np.float32)
@@ -412,10 +423,15 @@ def dequantize_row(row, wtype, out, f16_table, bf16_table):
                 out[b * QK + i] = scales[i // 16] * np.float32(vals[i] - offset) + minimum
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def dequantize_rows(w, wtype, out, f16_table, bf16_table):
     """w: (n_rows, row_bytes) -> out: (n_rows, n) float32."""
-    for r in prange(w.shape[0]):
+    parallel_rows(_dequantize_rows_range, w.shape[0], (w, wtype, out, f16_table, bf16_table))
+
+
+@njit(**EXACT)
+def _dequantize_rows_range(lo, hi, w, wtype, out, f16_table, bf16_table):
+    for r in range(lo, hi):
         dequantize_row(w[r], wtype, out[r], f16_table, bf16_table)
 
 

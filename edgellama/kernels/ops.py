@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from .parallel import parallel_rows
 
 from .common import EXACT
 from .llvm import _expf
@@ -22,9 +24,14 @@ def rmsnorm(x, weight, eps, out):
         out[i] = x[i] * scale * weight[i]
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def rmsnorm_rows(x, weight, eps, out):
-    for t in prange(x.shape[0]):
+    parallel_rows(_rmsnorm_range, x.shape[0], (x, weight, eps, out))
+
+
+@njit(**EXACT)
+def _rmsnorm_range(lo, hi, x, weight, eps, out):
+    for t in range(lo, hi):
         rmsnorm(x[t], weight, eps, out[t])
 
 
@@ -44,10 +51,15 @@ def rope(v, n_heads, head_dim, cos, sin):
             v[base + 2 * i + 1] = a * sin[i] + b * cos[i]
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def rope_rows(x, positions, n_heads, head_dim, cos_table, sin_table):
     """x: (T, n_heads * head_dim); row t is at position positions[t]."""
-    for t in prange(x.shape[0]):
+    parallel_rows(_rope_range, x.shape[0], (x, positions, n_heads, head_dim, cos_table, sin_table))
+
+
+@njit(**EXACT)
+def _rope_range(lo, hi, x, positions, n_heads, head_dim, cos_table, sin_table):
+    for t in range(lo, hi):
         p = positions[t]
         rope(x[t], n_heads, head_dim, cos_table[p], sin_table[p])
 
@@ -60,12 +72,16 @@ def _swiglu_inplace(g, u):
         g[i] = g[i] / (np.float32(1.0) + _expf(-g[i])) * u[i]
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def swiglu(gate, up):
     """gate = silu(gate) * up, in place, elementwise over any matching C-contiguous shapes."""
     g = gate.reshape(-1)
     u = up.reshape(-1)
-    n_spans = (g.shape[0] + 4095) // 4096
-    for span in prange(n_spans):
+    parallel_rows(_swiglu_spans, (g.shape[0] + 4095) // 4096, (g, u))
+
+
+@njit(**EXACT)
+def _swiglu_spans(lo, hi, g, u):
+    for span in range(lo, hi):
         start, end = span * 4096, min(g.shape[0], (span + 1) * 4096)
         _swiglu_inplace(g[start:end], u[start:end])

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .common import EXACT, FAST, I32, QK, T_F16, T_F32, T_Q8_0
 from .layout import PACKED_FORMATS, is_quantized, record_bytes, super_block_bytes
+from .parallel import parallel_rows
 from .llvm import _F32, _I8, _I16, _I32, _I64, _const_vec, _half_to_f32, _round_half, _vec
 from .target import _arch, _has_vnni, _native_half, _target_features, maddubs_intrinsics, packing, tile_tokens
 
@@ -57,10 +58,15 @@ def quantize_q8(x, xq, xd, xs, xsum):
         xs[b] = round_to_f16(d * np.float32(xsum[2 * b] + xsum[2 * b + 1]))
 
 
-@njit(parallel=True, **EXACT)
+@njit(**EXACT)
 def quantize_q8_rows(x, xq, xd, xs, xsum):
     """quantize_q8 of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32), xsum (T, n/16)."""
-    for t in prange(x.shape[0]):
+    parallel_rows(_quantize_q8_range, x.shape[0], (x, xq, xd, xs, xsum))
+
+
+@njit(**EXACT)
+def _quantize_q8_range(lo, hi, x, xq, xd, xs, xsum):
+    for t in range(lo, hi):
         quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
 
 
@@ -349,7 +355,7 @@ _TILE_TOKENS = tile_tokens()
 _row_tile, _token_tile = _tile(1), _tile(_TILE_TOKENS)
 
 
-@njit(parallel=True, **FAST)
+@njit(**FAST)
 def matvec_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
     """out (n_out,) = W @ x for one token: a packed quantized matrix wp of ggml type wtype, x given
     as its Q8 blocks (quantize_q8): xq (n,), xd, xs (n/32,), xsum (n/16,).  Each thread takes whole
@@ -360,11 +366,16 @@ def matvec_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
     nb = xd.shape[0]
     xq2, xd2, xs2, xsum2 = xq.reshape(1, QK * nb), xd.reshape(1, nb), xs.reshape(1, nb), xsum.reshape(1, 2 * nb)
     out2 = out.reshape(1, n_out)
-    for g in prange(wp.shape[0]):
-        _row_tile(wtype, wp, g, n_out, xq2, xd2, xs2, xsum2, 0, out2)
+    parallel_rows(_matvec_groups, wp.shape[0], (wp, wtype, n_out, xq2, xd2, xs2, xsum2, out2))
 
 
-@njit(parallel=True, **FAST)
+@njit(**FAST)
+def _matvec_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out):
+    for g in range(lo, hi):
+        _row_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, 0, out)
+
+
+@njit(**FAST)
 def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
     """out (T, n_out) = x @ W.T for a packed quantized matrix wp of ggml type wtype; x given as its
     Q8 blocks (quantize_q8_rows): xq (T, n), xd, xs (T, n/32), xsum (T, n/16).  Each thread takes
@@ -372,29 +383,42 @@ def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
     last token again, stores it once)."""
     if xd.shape[1] * QK != xq.shape[1] or xsum.shape[1] != 2 * xd.shape[1] or xs.shape[1] != xd.shape[1]:
         raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16 per row)")
-    for g in prange(wp.shape[0]):
+    parallel_rows(_matmul_groups, wp.shape[0], (wp, wtype, n_out, xq, xd, xs, xsum, out))
+
+
+@njit(**FAST)
+def _matmul_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out):
+    for g in range(lo, hi):
         for t in range(0, xq.shape[0], _TILE_TOKENS):
             _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
 
 
 # ----- float weights and the per-type dispatch ---------------------------------------------------
 
-@njit(parallel=True, **FAST)
+@njit(**FAST)
 def matvec_f32(w, x, out):
     """w: (n_out, 4 * n_in) bytes of float32 rows."""
-    wf = w.view(np.float32)
-    for r in prange(w.shape[0]):
+    parallel_rows(_f32_rows, w.shape[0], (w.view(np.float32), x, out))
+
+
+@njit(**FAST)
+def _f32_rows(lo, hi, wf, x, out):
+    for r in range(lo, hi):
         acc = np.float32(0.0)
         for i in range(x.shape[0]):
             acc += wf[r, i] * x[i]
         out[r] = acc
 
 
-@njit(parallel=True, **FAST)
+@njit(**FAST)
 def matvec_half(w, x, out, half_table):
     """w: (n_out, 2 * n_in) bytes of 16-bit floats (F16 or BF16, chosen by ``half_table``)."""
-    wh = w.view(np.uint16)
-    for r in prange(w.shape[0]):
+    parallel_rows(_half_rows, w.shape[0], (w.view(np.uint16), x, out, half_table))
+
+
+@njit(**FAST)
+def _half_rows(lo, hi, wh, x, out, half_table):
+    for r in range(lo, hi):
         acc = np.float32(0.0)
         for i in range(x.shape[0]):
             acc += half_table[wh[r, i]] * x[i]
