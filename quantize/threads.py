@@ -25,6 +25,7 @@ _threads: int | None = None  # set_threads; None = every CPU this process may ru
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _lock = threading.Lock()
+_PREFIX = "edgellama-quantize"
 
 
 def _available_cpus() -> int:
@@ -50,7 +51,7 @@ def _executor(n: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_size != n:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="edgellama-quantize")
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix=_PREFIX)
             _pool_size = n
         return _pool
 
@@ -64,8 +65,8 @@ def over_rows(n_rows: int, run: Callable[[int, int], None]) -> None:
     if n_rows <= 0:
         return
     n = min(thread_count(), n_rows)
-    if n == 1:
-        run(0, n_rows)
+    if n == 1 or threading.current_thread().name.startswith(_PREFIX):
+        run(0, n_rows)  # one thread, or already on one of the pool's (waiting on the pool could deadlock)
         return
     run(0, 1)
     chunks = min(n_rows - 1, n * CHUNKS_PER_THREAD)

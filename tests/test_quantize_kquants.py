@@ -163,6 +163,17 @@ def test_row_ranges_cover_every_row_once_and_errors_reach_the_caller(monkeypatch
                 raise ValueError(f"rows {lo}:{hi}")
         with pytest.raises(ValueError, match="rows"):
             threads.over_rows(50, fail)
+        # a range that runs rows over the threads itself (nested) runs them on its own thread
+        seen = np.zeros(40, np.int64)
+
+        def inner(lo, hi):
+            seen[lo:hi] += 1
+
+        def outer(lo, hi):
+            for r in range(lo, hi):
+                threads.over_rows(10, lambda a, b, r=r: inner(r * 10 + a, r * 10 + b))
+        threads.over_rows(4, outer)
+        assert np.all(seen == 1)
     finally:
         threads.set_threads(None)
 
