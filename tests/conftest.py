@@ -48,7 +48,25 @@ def pytest_configure(config):
 _PACKED_CACHE = None
 
 
+def pytest_collection_finish(session):
+    """Once the run's tests are known, start the child processes of tests/test_targets.py (the
+    kernels compiled for other CPUs), which then run beside the rest of the run."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "start_children"):
+            _CHILD_OWNERS.append(module)
+            module.start_children(session.items)
+            break
+
+
+_CHILD_OWNERS: list = []  # the test modules that started children (stopped at the end of the run)
+
+
 def pytest_unconfigure(config):
+    for module in _CHILD_OWNERS:
+        module.stop_children()
     if _PACKED_CACHE:
         from edgellama.packed_cache import wait_for_writes
 

@@ -12,18 +12,22 @@ Q8_0), AVX-512 without VNNI (16 lanes, vpmaddubsw + vpmaddwd) and AVX-512 VNNI (
   twins below, prefill vs decode and the reference forward for every tensor type and KV cache type,
   the context shift's re-rotation per cache type, one golden fixture and one perplexity fixture of
   the real model.  Tolerances are the derived ones of those tests (tests/error_bounds.py), not
-  this CPU's results.  The children run side by side (the parent only waits), each with its own
-  kernel cache kept between runs (_child_env).  Cost on 2 cores: about 30 s with warm kernel
-  caches, about 100 s with cold ones (Numba first compiles every kernel for each target).
+  this CPU's results.  The children start as soon as the run's tests are known and run beside
+  the rest of it (start_children), each with its own kernel cache kept between runs (_child_env).
+  Cost on 2 cores: about 30 s with warm kernel caches, about 100 s with cold ones (Numba first
+  compiles every kernel for each target).
 * test_kernels_for_another_cpu: the product, packing, half-conversion and one-token attention
-  kernels against their numpy twins (CHILD), for the other targets this CPU can run.
+  kernels against their numpy twins (CHILD), for the other targets this CPU can run (not the one
+  whose code path is the host's own: the rest of the run tests that one).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -157,15 +161,88 @@ def _child_env(target: str) -> dict[str, str]:
             "EDGELLAMA_EXPECT_TARGET": summary}
 
 
+def _hosts_path(target: str) -> bool:
+    """Whether the target's code path is this process's own (which the rest of the run tests)."""
+    from edgellama import kernels as K  # choosing the layout compiles nothing
+
+    return TARGETS[target][2] in K.target_summary()
+
+
 def _model_targets() -> list[str]:
     """The first MODEL_TARGETS targets this CPU can run whose code path is not the host's."""
     if "NUMBA_CPU_NAME" in os.environ:  # already a child: no grandchildren
         return []
-    from edgellama import kernels as K  # choosing the layout compiles nothing
-
-    host = K.target_summary()
-    other = [t for t in TARGETS if _runnable(t) and TARGETS[t][2] not in host]
+    other = [t for t in TARGETS if _runnable(t) and not _hosts_path(t)]
     return other[:MODEL_TARGETS]
+
+
+# The children start when the run's tests are known (start_children, from conftest.py's
+# pytest_collection_finish), not when their tests come, at the lowest CPU priority: each compiles
+# every kernel for its target, on one core, for a minute or two when cold, in the time the rest of
+# the run leaves a core idle (it mostly compiles on one core too when cold) instead of after it.
+# The tests below then collect their results.
+_CHILDREN: dict[tuple[str, str], tuple[subprocess.Popen, Path, Path]] = {}  # (kind, target) -> child, stdout, stderr
+_FOLDER: list[Path] = []
+
+
+def _start(kind: str, target: str) -> tuple[subprocess.Popen, Path, Path]:
+    """Start (once) the child of ``kind`` "model" (MODEL_TESTS) or "kernels" (CHILD) for a target."""
+    key = (kind, target)
+    if key not in _CHILDREN:
+        if not _FOLDER:
+            _FOLDER.append(Path(tempfile.mkdtemp(prefix="edgellama-targets-")))
+        out, err = _FOLDER[0] / f"{kind}-{target}.out", _FOLDER[0] / f"{kind}-{target}.err"
+        cmd = ([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *MODEL_TESTS] if kind == "model"
+               else [sys.executable, "-c", CHILD])
+        with open(out, "w") as sink, open(err, "w") as errors:
+            child = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(target), stdout=sink,
+                                     stderr=subprocess.STDOUT if kind == "model" else errors, text=True,
+                                     preexec_fn=_lowest_priority)
+        _CHILDREN[key] = (child, out, err)
+    return _CHILDREN[key]
+
+
+def _lowest_priority() -> None:
+    """In a child before it runs: the lowest CPU priority (nice 19), so that it takes the cores the
+    rest of the run leaves idle (much of a cold run compiles on one core) and hardly slows the
+    rest, whose multi-threaded kernels wait for their slowest thread."""
+    try:
+        os.nice(19)
+    except OSError:
+        pass
+
+
+def start_children(items) -> None:
+    """Start the children of the selected tests of this file (their targets that this CPU runs)."""
+    kinds = {"test_model_for_another_cpu": "model", "test_kernels_for_another_cpu": "kernels"}
+    for item in items:
+        kind = kinds.get(getattr(item, "originalname", None))
+        callspec = getattr(item, "callspec", None)
+        target = callspec.params.get("target") if callspec else None
+        if kind and target in TARGETS and _runnable(target) and not (kind == "kernels" and _hosts_path(target)):
+            _start(kind, target)
+
+
+def stop_children() -> None:
+    """End the run's children still running (a run stopped early) and remove their output."""
+    for child, _, _ in _CHILDREN.values():
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    _CHILDREN.clear()
+    if _FOLDER:
+        shutil.rmtree(_FOLDER.pop(), ignore_errors=True)
+
+
+def _result(kind: str, target: str, timeout: float) -> tuple[int, str, str]:
+    """Wait for a child: its exit code, stdout and stderr."""
+    child, out, err = _start(kind, target)
+    try:
+        returncode = child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise
+    return returncode, out.read_text(), err.read_text()
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if t not in _model_targets()])
@@ -173,39 +250,20 @@ def test_kernels_for_another_cpu(target):
     """The kernel twins (CHILD) for the targets that do not run MODEL_TESTS (which include them)."""
     if not _runnable(target):
         pytest.skip(f"this CPU cannot run {target} code (no {', '.join(TARGETS[target][3])})")
-    run = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=_child_env(target), capture_output=True,
-                         text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.startswith("ok") and TARGETS[target][2] in run.stdout, run.stdout
-
-
-_CHILDREN: dict[str, tuple[subprocess.Popen, Path]] = {}  # target -> (running child, its output file)
-
-
-def _start_model_children(folder: Path) -> None:
-    """Start every model child at once: the parent only waits, so on 2 cores they run side by side."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *MODEL_TESTS]
-    for target in _model_targets():
-        if target not in _CHILDREN:
-            out = folder / f"{target}.txt"
-            with open(out, "w") as sink:
-                _CHILDREN[target] = (subprocess.Popen(cmd, cwd=ROOT, env=_child_env(target), stdout=sink,
-                                                      stderr=subprocess.STDOUT, text=True), out)
+    if _hosts_path(target):
+        pytest.skip(f"{target} takes this CPU's own code path, which the rest of the run tests")
+    returncode, stdout, stderr = _result("kernels", target, timeout=900)
+    assert returncode == 0, stderr[-3000:]
+    assert stdout.startswith("ok") and TARGETS[target][2] in stdout, stdout
 
 
 @pytest.mark.parametrize("target", _model_targets() or ["none"])
-def test_model_for_another_cpu(target, tmp_path_factory):
+def test_model_for_another_cpu(target):
     if target == "none":
         pytest.skip("NUMBA_CPU_NAME is set: this process is already another target's" if "NUMBA_CPU_NAME" in os.environ
                     else "no other target this CPU can run")
-    _start_model_children(tmp_path_factory.getbasetemp())
-    child, out = _CHILDREN[target]
-    try:
-        returncode = child.wait(timeout=1800)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        raise
-    lines = out.read_text().splitlines()
+    returncode, output, _ = _result("model", target, timeout=1800)
+    lines = output.splitlines()
     tail = "\n".join(lines[-60:])
     assert returncode == 0, f"{target}:\n{tail}"
     assert lines and " passed" in lines[-1] and "skipped" not in lines[-1], tail
