@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import kernels as K
+from . import kernel_thread, kernels as K
 from .generate import Chunk, Continuation, GenerationError, check_generation, check_n_keep, truncate_prompt
 from .quants import KV_CACHE_TYPES
 
@@ -95,9 +95,8 @@ class Rows:
                              self._first[:n], self._scratch, self._partial[:n], np.asarray(out_rows, np.int64),
                              self._hidden[:m], qrows(self._qo, m), self._logits[:m])
         model = self.model
-        model._set_threads()
-        K.forward_rows(rows, model.weights.decode, model.dims, model.rope, self.cache, buf, K.HALF_TABLES,
-                       bool(want_logits))
+        kernel_thread.run(K.forward_rows, rows, model.weights.decode, model.dims, model.rope, self.cache, buf,
+                          K.HALF_TABLES, bool(want_logits), threads=model.threads)
         model.n_evaluated += n
         return buf.logits if want_logits else buf.hidden
 
@@ -108,8 +107,8 @@ class Rows:
         k[:, :, dst] = k[:, :, src]
         v[:, :, dst] = v[:, :, src]
         rope = self.model.rope
-        K.rerotate_keys(k, n_keep, n_past - n_discard, rope.cos[n_discard], -rope.sin[n_discard],
-                        self.model.args.head_dim)
+        kernel_thread.run(K.rerotate_keys, k, n_keep, n_past - n_discard, rope.cos[n_discard], -rope.sin[n_discard],
+                          self.model.args.head_dim, threads=self.model.threads)
 
 
 def _q8_rows(n_rows: int, n: int) -> K.Q8Activation:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import kernels as K
+from . import kernel_thread, kernels as K
 from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no Numba); re-exported here
 from .gguf import GGUFFile, ModelFormatError
 from .hardware import physical_cores  # the default thread count (big physical cores)
@@ -75,7 +75,8 @@ class Weight:
 PACK_CHUNK_BYTES = 4 << 20  # file bytes packed between two releases of their pages
 
 
-def _pack(f: GGUFFile, sections: list[list[Weight]], packed_cache=None) -> tuple[list[np.ndarray], str]:
+def _pack(f: GGUFFile, sections: list[list[Weight]], packed_cache=None,
+          threads: int | None = None) -> tuple[list[np.ndarray], str]:
     """Pack quantized weights, one new read-only buffer per section (each weight's ``packed``
     becomes a view of its section's buffer).  The buffers are mapped from the packed cache of an
     earlier load of this file (edgellama.packed_cache; ``packed_cache``: None = its default folder,
@@ -112,7 +113,8 @@ def _pack(f: GGUFFile, sections: list[list[Weight]], packed_cache=None) -> tuple
             for w in weights:  # what the kernel's fault-around brought in of a tensor while packing its neighbour
                 f.release(w.name)
 
-    buffers, source = packed_sections(resolve_folder(packed_cache), f.path, layout, sizes, fill)
+    buffers, source = packed_sections(resolve_folder(packed_cache), f.path, layout, sizes,
+                                      lambda buffers: kernel_thread.run(fill, buffers, threads=threads))
     views(buffers)  # read-only views now (one kernel signature for every weight)
     if source == "mapped":  # nothing packed, but reading the norms faulted in their neighbours' pages
         for weights in sections:
@@ -139,7 +141,7 @@ def _offset_in(view: np.ndarray, base: np.ndarray) -> int:
 class Weights:
     """All tensors of a llama GGUF file, named as in the file."""
 
-    def __init__(self, f: GGUFFile, args: ModelArgs, packed_cache=None):
+    def __init__(self, f: GGUFFile, args: ModelArgs, packed_cache=None, threads: int | None = None):
         a = args
         self.token_embd = Weight(f, "token_embd.weight", (a.n_vocab, a.dim))
         # a missing output.weight means the projection is tied to the embedding table; it gets its
@@ -169,7 +171,8 @@ class Weights:
         tail = [self.output] if self.output.quantized else []  # its own buffer, kept alive by output.packed
         # pack_source: "mapped" (the packed cache of an earlier load), "saving" (packed now and being
         # written to that cache) or "memory" (packed now)
-        sections, self.pack_source = _pack(f, [[w for w in matrices if w.quantized], tail], packed_cache)
+        sections, self.pack_source = _pack(f, [[w for w in matrices if w.quantized], tail], packed_cache,
+                                           threads)
         self.packed = sections[0]
         self.packed_bytes = sum(s.nbytes for s in sections)
         self.packed_folder = resolve_folder(packed_cache)
@@ -281,7 +284,7 @@ class Model:
         # (``tokenizer``: one already built from this file's metadata, e.g. to size a prompt first)
         self.tokenizer = tokenizer or Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
         trim_heap()
-        self.weights = Weights(f, self.args, packed_cache)
+        self.weights = Weights(f, self.args, packed_cache, self.threads)
         self.rope = K.RopeTables(*rope_tables(self.args, self.n_ctx, self.weights.rope_freqs))
         self.dims = K.Dims(np.float32(self.args.norm_eps), self.args.n_heads, self.args.n_kv_heads,
                            self.args.head_dim)
@@ -319,8 +322,8 @@ class Model:
         src, dst = slice(n_keep + n_discard, s.n_past), slice(n_keep, s.n_past - n_discard)
         s.k_cache[:, :, dst] = s.k_cache[:, :, src]
         s.v_cache[:, :, dst] = s.v_cache[:, :, src]
-        K.rerotate_keys(s.k_cache, n_keep, s.n_past - n_discard, self.rope.cos[n_discard], -self.rope.sin[n_discard],
-                        self.args.head_dim)
+        kernel_thread.run(K.rerotate_keys, s.k_cache, n_keep, s.n_past - n_discard, self.rope.cos[n_discard],
+                          -self.rope.sin[n_discard], self.args.head_dim, threads=self.threads)
         s.n_past -= n_discard
         del s.tokens[n_keep:n_keep + n_discard]
         self.n_shifted += n_discard
@@ -359,7 +362,10 @@ class Model:
         if s.n_past + len(ids) > self.n_ctx:
             raise ContextOverflowError(f"{s.n_past} cached + {len(ids)} new tokens exceed the context of "
                                        f"{self.n_ctx} tokens")
-        self._set_threads()
+        return kernel_thread.run(self._evaluate, ids, all_logits, threads=self.threads)
+
+    def _evaluate(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        """eval's work, on the kernel thread (edgellama.kernel_thread)."""
         if len(ids) <= DECODE_MAX_PROMPT and not all_logits:
             # a few tokens: the decode kernel alone (this also spares a fresh process from loading
             # the prefill kernels before its first token)
@@ -431,11 +437,6 @@ class Model:
         if bad.any():
             raise ValueError(f"token id {int(arr[bad][0])} is outside the vocabulary [0, {self.args.n_vocab})")
         return arr
-
-    def _set_threads(self) -> None:
-        import numba
-
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
 
     def _decode(self, token: int) -> np.ndarray:
         """One token at position n_past through the fused decode kernel -> (n_vocab,) logits."""
