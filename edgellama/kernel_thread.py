@@ -76,6 +76,17 @@ def _queue() -> queue.SimpleQueue:
         return _jobs
 
 
+def _forget_in_child() -> None:
+    """After a fork: the child has no kernel thread (only the forking thread survives), and a lock
+    held by another thread at the fork would stay held."""
+    global _lock, _jobs, _ident, _pid
+    _lock, _jobs, _ident, _pid = threading.Lock(), None, None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def on_kernel_thread() -> bool:
     return _ident is not None and threading.get_ident() == _ident and _pid == os.getpid()
 
@@ -83,9 +94,17 @@ def on_kernel_thread() -> bool:
 def run(fn: Callable, /, *args, threads: int | None = None, **kwargs):
     """``fn(*args, **kwargs)`` on the kernel thread with Numba's thread count set to ``threads``
     (None: left as it is); its result, or its exception raised here."""
-    if on_kernel_thread():
+    if on_kernel_thread():  # a wrapped function calling another: at once, then the caller's thread count again
+        if threads is None:
+            return fn(*args, **kwargs)
+        import numba
+
+        before = numba.get_num_threads()
         _set_threads(threads)
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            numba.set_num_threads(before)
     job = _Job(fn, args, kwargs, threads)
     _queue().put(job)
     interrupted: BaseException | None = None

@@ -45,6 +45,10 @@ def test_the_thread_count_is_the_callers():
     assert kernel_thread.run(numba.get_num_threads, threads=1) == 1
     assert kernel_thread.run(numba.get_num_threads, threads=most + 5) == most
     assert kernel_thread.run(numba.get_num_threads) == most  # None leaves it as it is
+    # a nested call with its own count gives the outer one's back
+    counts = kernel_thread.run(lambda: (kernel_thread.run(numba.get_num_threads, threads=1), numba.get_num_threads()),
+                               threads=most)
+    assert counts == (1, most)
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals go to the main thread")
