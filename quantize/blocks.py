@@ -24,7 +24,6 @@ Rounding rules that matter for bit-exactness:
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit
 
@@ -476,10 +475,9 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 
 
 def set_threads(n: int | None) -> None:
-    """The quantizer's threads (threads.over_rows), and Numba's for the runtime kernels it calls."""
+    """The quantizer's threads (threads.over_rows; its kernels are serial, none of Numba's own)."""
     if n:
         threads.set_threads(n)
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
 
 
 def row_bytes(qtype: GGMLType, n_cols: int) -> int:
