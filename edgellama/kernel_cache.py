@@ -9,6 +9,10 @@ edgellama/kernels/cache.py), stamped with a hash of the kernels' sources and key
 CPU triple + name + features, bytecode hash).  A kernel is cold when its index is missing, stale,
 or has no entry for this CPU and this bytecode.
 
+``CompileChild`` compiles some kernels in a forked copy of the process (compiling only, never
+running them) while this process compiles others: a first run on a machine with two or more cores
+waits for the longer of the two instead of their sum.
+
 ``CompileProgress`` reports compilations as they happen, from Numba's ``numba:compile`` event (sent
 on cache misses only, with nested events for the helpers a kernel calls): a line saying what is
 happening as soon as it is known, then a progress bar on a terminal, or one line per kernel
@@ -18,6 +22,9 @@ otherwise, then the total time, which callers report apart from their own timing
 from __future__ import annotations
 
 import hashlib
+import os
+import select
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,6 +92,168 @@ def _cached(dispatcher, magic) -> bool:
     return any(key[1] == magic and key[2][0] == code for key in index)
 
 
+# events (numba.core.event, custom kinds) through which CompileProgress hears of a compile child's
+# work: the wait for it (start / end), and each kernel it compiled (data: {"kernel": name})
+CHILD_WAIT = "edgellama:compile-child-wait"
+CHILD_KERNEL = "edgellama:compile-child-kernel"
+PROCESSES_ENV = "EDGELLAMA_COMPILE_PROCESSES"  # "1": compile everything in this process
+CHILD_MIN_MEMORY = 512 << 20                   # what must be available to start one (LLVM's memory)
+
+
+def child_possible() -> bool:
+    """Whether a compile child may start: Linux (a fork of a process that has started threads is
+    safe there as long as the child only compiles), two or more usable CPUs, memory to spare, and
+    not turned off with EDGELLAMA_COMPILE_PROCESSES=1."""
+    if os.environ.get(PROCESSES_ENV, "").strip() == "1" or not sys.platform.startswith("linux") \
+            or not hasattr(os, "fork"):
+        return False
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if cpus < 2:
+        return False
+    from .info import available_memory
+
+    available = available_memory()
+    return available is None or available >= CHILD_MIN_MEMORY
+
+
+class _CompileOnly:
+    """Stands in for a kernel inside a compile child: compiles it for the arguments' types (or loads it
+    from the cache), never runs it; ``skip``: not even that (a call deferred to a later pass)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher = dispatcher
+        self.skip = False
+
+    def __call__(self, *args):
+        if not self.skip:
+            d = self.dispatcher
+            d.compile(tuple(d.typeof_pyval(a) for a in args))
+
+
+class CompileChild:
+    """A forked copy of this process that compiles kernels while this one compiles others.
+
+    ``CompileChild.start(work, deferred)`` (None where ``child_possible`` says no or the fork
+    fails) forks; the child replaces every kernel of ``edgellama.kernels`` by a compile-only
+    stand-in and calls ``work()`` twice: first with the kernels named in ``deferred`` skipped (they
+    share helper functions with what this process compiles meanwhile, which by the second pass are
+    in the cache), then with every kernel.  It writes each kernel it compiled to a pipe, silences its output, and
+    leaves with ``os._exit`` (no exit handlers, no buffers flushed twice).  ``work`` must only call
+    the kernels the way the process will (so that the signatures are the ones it will need), and
+    must not depend on their results: nothing runs, so no thread pool starts in the child.
+
+    Start it from the thread that runs the kernels (edgellama.kernel_thread), between evaluations,
+    so that no compilation holds Numba's lock at the fork.  ``finish(timeout)`` waits for the child
+    (reporting its kernels to CompileProgress), or kills it after ``timeout`` seconds; whatever it
+    did not compile is compiled here later, as without a child.  Numba's cache saves are locked
+    across processes (edgellama.kernels.cache), so two processes may compile the same kernel.
+    """
+
+    def __init__(self, pid: int, reader: int):
+        self.pid, self.reader = pid, reader
+        self.kernels: list[str] = []
+        self.status: int | None = None
+
+    @classmethod
+    def start(cls, work, deferred=()) -> "CompileChild | None":
+        if not child_possible():
+            return None
+        try:
+            reader, writer = os.pipe()
+        except OSError:
+            return None
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(reader)
+            os.close(writer)
+            return None
+        if pid == 0:  # the child: never returns
+            os.close(reader)
+            _child(work, deferred, writer)
+        os.close(writer)
+        return cls(pid, reader)
+
+    def finish(self, timeout: float) -> list[str]:
+        """Wait for the child (at most ``timeout`` seconds, then kill it); the kernels it compiled."""
+        from numba.core import event
+
+        deadline = time.monotonic() + timeout
+        pending = b""
+        with event.trigger_event(CHILD_WAIT):
+            try:
+                while True:
+                    left = deadline - time.monotonic()
+                    ready = select.select([self.reader], [], [], max(left, 0))[0] if left > 0 else []
+                    if not ready:
+                        os.kill(self.pid, signal.SIGKILL)
+                        break
+                    chunk = os.read(self.reader, 4096)
+                    if not chunk:  # the child has gone
+                        break
+                    *names, pending = (pending + chunk).split(b"\n")
+                    for name in names:
+                        self.kernels.append(name.decode())
+                        event.broadcast(event.Event(CHILD_KERNEL, event.EventStatus.END,
+                                                    data={"kernel": name.decode()}))
+            except BaseException:  # Ctrl-C while waiting: the child goes too
+                os.kill(self.pid, signal.SIGKILL)
+                raise
+            finally:
+                os.close(self.reader)
+                self.status = os.waitpid(self.pid, 0)[1]
+        return self.kernels
+
+
+def _child(work, deferred, writer: int) -> None:
+    code = 1
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C: gone at once
+        import warnings
+
+        import numpy as np
+        from numba.core import event
+        from numba.core.registry import CPUDispatcher
+
+        from . import kernels
+
+        warnings.simplefilter("ignore")
+        stand_ins = {}
+        for name, value in list(vars(kernels).items()):
+            if isinstance(value, CPUDispatcher):
+                stand_ins[name] = _CompileOnly(value)
+                setattr(kernels, name, stand_ins[name])
+        depth = [0]
+
+        class _Listener(event.Listener):
+            def on_start(self, ev):
+                depth[0] += 1
+
+            def on_end(self, ev):
+                depth[0] -= 1
+                if depth[0] == 0:
+                    os.write(writer, ev.data["dispatcher"].py_func.__name__.encode() + b"\n")
+
+        event.register("numba:compile", _Listener())
+        with np.errstate(all="ignore"):
+            for name in deferred:
+                if name in stand_ins:
+                    stand_ins[name].skip = True
+            work()
+            for stand_in in stand_ins.values():
+                stand_in.skip = False
+            work()
+        code = 0
+    finally:
+        os._exit(code)
+
+
 class CompileProgress:
     """``with CompileProgress(status, stream):`` reports the kernel compilations inside the block.
 
@@ -93,7 +262,8 @@ class CompileProgress:
     the kernels (on a terminal; the kernel being compiled and its helpers as they go) or one line
     per kernel (elsewhere), and at the end one line with the count and the time; ``quiet``: none of
     it.  ``seconds``: the time spent compiling so far (top-level compilations only, so nothing is
-    counted twice); ``compiled``: the kernels compiled.
+    counted twice, and the waits for a CompileChild); ``compiled``: the kernels compiled (here or
+    in a CompileChild).
     """
 
     def __init__(self, status: CacheStatus | None, stream=None, prefix: str = "edgellama", quiet: bool = False):
@@ -108,7 +278,8 @@ class CompileProgress:
         self._started = 0.0
         self._announced = False
         self._bar = None
-        self._listener = None
+        self._listeners = {}
+        self._waited = 0.0
 
     # ----- the block ------------------------------------------------------------------------------
 
@@ -126,14 +297,30 @@ class CompileProgress:
             def on_end(self, ev):
                 progress._on_end(ev.data["dispatcher"].py_func.__name__)
 
-        self._listener = _Listener()
-        event.register("numba:compile", self._listener)
+        class _ChildWait(event.Listener):
+            def on_start(self, ev):
+                progress._on_wait(True)
+
+            def on_end(self, ev):
+                progress._on_wait(False)
+
+        class _ChildKernel(event.Listener):
+            def on_start(self, ev):
+                pass
+
+            def on_end(self, ev):
+                progress._on_child_kernel(ev.data["kernel"])
+
+        self._listeners = {"numba:compile": _Listener(), CHILD_WAIT: _ChildWait(), CHILD_KERNEL: _ChildKernel()}
+        for kind, listener in self._listeners.items():
+            event.register(kind, listener)
         return self
 
     def __exit__(self, *exc) -> None:
         from numba.core import event
 
-        event.unregister("numba:compile", self._listener)
+        for kind, listener in self._listeners.items():
+            event.unregister(kind, listener)
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -166,6 +353,25 @@ class CompileProgress:
             self.seconds += time.perf_counter() - self._started
             if self._bar is not None:
                 self._bar.update(1)
+
+    def _on_wait(self, start: bool) -> None:
+        """The wait for a compile child: compilation time (this process compiles nothing meanwhile)."""
+        if start:
+            self._waited = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._waited
+
+    def _on_child_kernel(self, name: str) -> None:
+        self._announce()
+        self.compiled.append(name)
+        total = max(self.expected, len(self.compiled))
+        if self._bar is not None:
+            if total != self._bar.total:
+                self._bar.total = total
+            self._bar.set_postfix_str(f"{name} (second process)")
+            self._bar.update(1)
+        elif not self.quiet:
+            self._line(f"compiled kernel {len(self.compiled)}/{total} in a second process: {name}")
 
     # ----- output ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ plain-numpy twin is tests/reference.py.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from . import kernel_thread, kernels as K
 from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no Numba); re-exported here
 from .gguf import GGUFFile, ModelFormatError
+from .kernel_cache import CompileChild, cache_status, expected_kernels, matrix_types
 from .hardware import physical_cores  # the default thread count (big physical cores)
 from .memory import trim_heap
 from .kernels.cache import package_stamp
@@ -333,12 +335,37 @@ class Model:
         with ``prompt_path``, of the prompt path (prompts of more than DECODE_MAX_PROMPT tokens), so
         that the first real request does not wait for them; the cache is left empty."""
         token = self.tokenizer.bos_id or 0
+        prompt = [token] * min(DECODE_MAX_PROMPT + 1, self.n_ctx)
+        # a first run on a machine with cores to spare: the prompt path's kernels compile in a
+        # forked child (kernel_cache.CompileChild) while this process compiles the decode step's
+        child = None
+        if prompt_path and len(prompt) > DECODE_MAX_PROMPT and self._both_paths_cold():
+            ids = self._check_ids(prompt)
+
+            def compile_prompt_path():
+                self.reset()
+                self._prefill(ids, False)
+
+            child = kernel_thread.run(CompileChild.start, compile_prompt_path, SHARED_WITH_DECODE)
+        started = time.perf_counter()
         self.reset()
-        self.eval([token])
+        try:
+            self.eval([token])
+        finally:
+            if child is not None:
+                child.finish(timeout=60 + 3 * (time.perf_counter() - started))
         if prompt_path:
             self.reset()
-            self.eval([token] * min(DECODE_MAX_PROMPT + 1, self.n_ctx))
+            self.eval(prompt)
         self.reset()
+
+    def _both_paths_cold(self) -> bool:
+        """Whether neither the decode step nor the prompt path's kernels are in Numba's cache."""
+        types = matrix_types(self.file)
+        one_token = expected_kernels(types, prompt_path=False)
+        status = cache_status(expected_kernels(types, prompt_path=True))
+        return (status is not None and "decode_token" in status.cold
+                and any(name not in one_token for name in status.cold))
 
     def reset(self) -> None:
         """Forget the cached context (the KV cache contents become unused)."""
@@ -587,6 +614,9 @@ class Model:
         return embed(self, texts, add_bos=add_bos, normalize=normalize)
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
+# the prompt path's kernels whose helper functions the decode step compiles too: a compile child
+# leaves them to its second pass, by when this process has cached those helpers
+SHARED_WITH_DECODE = ("embed_rows", "matvec", "rmsnorm", "quantize_q8")
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
 
 

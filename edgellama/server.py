@@ -777,6 +777,8 @@ class SlotEngine:
 
     def _done(self, job: Job) -> None:
         with self._cond:
+            # the slot's state first: whoever sees the job gone (idle()) also sees its slot free in /slots
+            self._status = self.batch.status()
             if job in self.running:
                 self.running.remove(job)
             self.finished += 1

@@ -23,7 +23,7 @@ import pytest
 
 import edgellama
 from edgellama import kernels as K
-from edgellama.kernel_cache import cache_status, expected_kernels, matrix_types
+from edgellama.kernel_cache import cache_status, child_possible, expected_kernels, matrix_types
 from edgellama.quants import GGMLType
 from tiny_model import write_tiny_model
 
@@ -116,6 +116,30 @@ def test_run_announces_compilation_then_reports_it_apart(tiny, tmp_path):
     assert again.returncode == 0 and again.stdout == r.stdout
     assert "compil" not in again.stderr
     assert re.fullmatch(r"\nload [\d.]+ s \| prompt .* \| finish: length\n", again.stderr)
+
+
+def test_a_first_run_compiles_the_prompt_path_in_a_second_process(tiny, tmp_path):
+    """With the decode step and prompt kernels cold, the prompt path's compile in a forked child
+    (kernel_cache.CompileChild) while the decode step compiles here; reported as such, and the
+    text is the one a warm run gives.  Without a second CPU (or turned off) all compile here."""
+    cold = ["decode_token", *COLD]
+    numba_dir = _cache_with_cold_kernels(tmp_path, cold)
+    argv = ["run", "-m", str(tiny), "-p", "the water of the sea is cold and deep and dark", "-n", "3", "-t", "1"]
+    r = _command(argv, numba_dir)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert ANNOUNCE.fullmatch(lines[0]), lines[0]
+    if child_possible():
+        assert lines[1:4] == ["edgellama: compiling kernel 1/3: decode_token",
+                              f"edgellama: compiled kernel 2/3 in a second process: {COLD[0]}",
+                              f"edgellama: compiled kernel 3/3 in a second process: {COLD[1]}"]
+    else:
+        assert lines[1:4] == [f"edgellama: compiling kernel {i}/3: {name}" for i, name in enumerate(cold, 1)]
+    assert re.fullmatch(r"edgellama: 3 kernels compiled in [\d.]+ s \(cached for the next runs\)", lines[4])
+    # everything is in the cache now, and the text is a warm run's
+    again = _command(argv, numba_dir)
+    assert again.returncode == 0 and "compil" not in again.stderr
+    assert again.stdout == r.stdout
 
 
 @pytest.mark.parametrize("command", ["chat", "bench", "perplexity"])
