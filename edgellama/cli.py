@@ -266,11 +266,24 @@ def _param_flag(args, param: str | None) -> str | None:
     return _flag(args, dest)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+class VersionAction(argparse.Action):
+    """``--version``: prints "PROG VERSION" and exits, as argparse's own action does, but reads the
+    version only then (importlib.metadata costs about 0.1 s at every start otherwise)."""
 
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="show the version and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        parser._print_message(f"{parser.prog.split()[0]} {__version__}\n", sys.stdout)
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgellama", description="Run LLaMA-family GGUF models on the CPU.")
-    parser.add_argument("--version", action="version", version=f"edgellama {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     parser.commands = sub.choices  # command name -> its parser
 

@@ -89,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Convert a Hugging Face / Meta / GGUF checkpoint into a GGUF file "
                 "(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K), byte-identical "
                 "to llama-quantize (its per-tensor type rules, ggml's reference quantizers).")
-    from edgellama import __version__
+    from edgellama.cli import VersionAction
 
-    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    p.add_argument("--version", action=VersionAction)
     p.add_argument("input", help="model folder (HF or Meta layout) or .gguf file")
     p.add_argument("output", help="the .gguf file to write")
     p.add_argument("qtype", nargs="?", metavar="TYPE", help=f"file type, as llama-quantize takes it: {types} (or its number)")
