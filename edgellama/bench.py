@@ -166,10 +166,10 @@ def run_bench(args) -> int:
     # the model code and Numba are imported inside the timed load; a cold kernel cache is announced
     # on stderr at once and its compilation shown (kernel_cache.CompileProgress)
     from .cli import open_model_file
-    from .kernel_cache import CompileProgress, cache_status, expected_kernels, matrix_types
+    from .kernel_cache import CompileProgress, matrix_types, plan_warm_up
 
     f = open_model_file(args.model)
-    status = cache_status(expected_kernels(matrix_types(f)))
+    status = plan_warm_up(matrix_types(f)).status
     with CompileProgress(status), warnings.catch_warnings():
         from .info import ContextLengthWarning
         from .model import Model

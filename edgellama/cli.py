@@ -408,7 +408,7 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
     t0 = time.perf_counter()
     f = open_model_file(args.model)
     from .info import ContextLengthWarning, check_memory, resolve_n_ctx
-    from .kernel_cache import CompileProgress, cache_status, expected_kernels, matrix_types
+    from .kernel_cache import CompileProgress, matrix_types, plan_warm_up
     from .hardware import default_threads, thread_warning
     from .model import DEFAULT_MAX_CTX, Model, ModelArgs
 
@@ -428,7 +428,7 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
 
         tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
         prompt_path = bool(prompt_path(tokenizer))
-    status = cache_status(expected_kernels(matrix_types(f), prompt_path))
+    status = plan_warm_up(matrix_types(f), prompt_path).status
     check_memory(f, model_args, n_ctx, args.cache_type, threads, compiling=bool(status and status.cold))
     with CompileProgress(status, stream) as progress, warnings.catch_warnings():
         warnings.simplefilter("ignore", ContextLengthWarning)  # (said above, in the command's terms)

@@ -53,6 +53,57 @@ def expected_kernels(matrix_types, prompt_path: bool = True) -> list[str]:
             + ["rope_rows", "store_kv", "attention", "swiglu", "rmsnorm"])
 
 
+# the decode step compiled in pieces (a first run that needs only it, on a machine where a compile
+# child may start): these helper functions of decode_token compile first, the first group in this
+# process and the second in a CompileChild at the same time, then decode_token itself, which finds
+# them all in the cache (Model.warm_up)
+DECODE_PIECES_HERE = ("embed_row", "_quantize", "rmsnorm", "rope", "_swiglu_inplace")
+DECODE_PIECES_CHILD = ("_layer_matvec", "attention_one")
+
+
+@dataclass
+class WarmUpPlan:
+    status: "CacheStatus | None"   # the kernels ahead (cache_status of ``kernels``)
+    kernels: list[str]             # every kernel compiled or loaded on the way, in order
+    prompt_child: bool = False     # the prompt path compiles in a child while the decode step compiles here
+    split_decode: bool = False     # the decode step compiles in pieces, some in a child
+
+
+def plan_warm_up(matrix_types, prompt_path: bool = True) -> WarmUpPlan:
+    """How load -> ``Model.warm_up(prompt_path)`` compiles what is cold, and what that is: with
+    both paths cold, the prompt path in a CompileChild beside the decode step; with only the
+    decode step cold, the decode step in pieces (DECODE_PIECES_*); everything in this process
+    where no child may start (``child_possible``) or nothing big is cold.  Reads the cache's
+    index files; compiles nothing."""
+    names = expected_kernels(matrix_types, prompt_path)
+    status = cache_status(names)
+    if status is None or "decode_token" not in status.cold or not child_possible():
+        return WarmUpPlan(status, names)
+    one_token = expected_kernels(matrix_types, prompt_path=False)
+    if any(name not in one_token for name in status.cold):
+        return WarmUpPlan(status, names, prompt_child=True)
+    at = names.index("decode_token")
+    names = names[:at] + list(DECODE_PIECES_HERE + DECODE_PIECES_CHILD) + names[at:]
+    return WarmUpPlan(cache_status(names), names, split_decode=True)
+
+
+def compile_for(dispatcher, *args) -> None:
+    """Compile a kernel (or load it from the cache) for these arguments' types, without running it."""
+    dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
+
+
+def _kernel(name: str):
+    """The dispatcher of this name: a kernel of ``edgellama.kernels``, or a helper function of its
+    decode or ops room (DECODE_PIECES_*); None if there is none."""
+    from . import kernels
+
+    for room in (kernels, kernels.decode, kernels.ops):
+        found = getattr(room, name, None)
+        if found is not None:
+            return found
+    return None
+
+
 def matrix_types(gguf_file) -> set[int]:
     """ggml type ids of a GGUF file's matrices (its 2-D tensors)."""
     return {int(info.qtype) for info in gguf_file.tensors.values() if len(info.shape) == 2}
@@ -74,7 +125,7 @@ def cache_status(kernel_names) -> CacheStatus | None:
     try:
         first = getattr(kernels, kernel_names[0])
         magic = first.targetctx.codegen().magic_tuple()   # (triple, CPU name, CPU features)
-        cold = [name for name in kernel_names if not _cached(getattr(kernels, name, None), magic)]
+        cold = [name for name in kernel_names if not _cached(_kernel(name), magic)]
         return CacheStatus(cpu=magic[1], directory=str(first._cache._cache_path), cold=cold)
     except (AttributeError, IndexError, TypeError, ValueError, OSError):
         return None
@@ -129,8 +180,7 @@ class _CompileOnly:
 
     def __call__(self, *args):
         if not self.skip:
-            d = self.dispatcher
-            d.compile(tuple(d.typeof_pyval(a) for a in args))
+            compile_for(self.dispatcher, *args)
 
 
 class CompileChild:

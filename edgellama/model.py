@@ -21,7 +21,8 @@ import numpy as np
 from . import kernel_thread, kernels as K
 from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no Numba); re-exported here
 from .gguf import GGUFFile, ModelFormatError
-from .kernel_cache import CompileChild, cache_status, expected_kernels, matrix_types
+from .kernel_cache import DECODE_PIECES_CHILD, DECODE_PIECES_HERE, CompileChild, compile_for, matrix_types, \
+    plan_warm_up
 from .hardware import physical_cores  # the default thread count (big physical cores)
 from .memory import trim_heap
 from .kernels.cache import package_stamp
@@ -336,10 +337,15 @@ class Model:
         that the first real request does not wait for them; the cache is left empty."""
         token = self.tokenizer.bos_id or 0
         prompt = [token] * min(DECODE_MAX_PROMPT + 1, self.n_ctx)
-        # a first run on a machine with cores to spare: the prompt path's kernels compile in a
-        # forked child (kernel_cache.CompileChild) while this process compiles the decode step's
+        prompt_path = prompt_path and len(prompt) > DECODE_MAX_PROMPT
+        # a first run on a machine with cores to spare compiles in two processes at once
+        # (kernel_cache.plan_warm_up, CompileChild): the prompt path's kernels in a forked child
+        # while this process compiles the decode step, or, the decode step alone being needed, some
+        # of its helper functions there and the others here, then the step itself
+        plan = plan_warm_up(matrix_types(self.file), prompt_path)
         child = None
-        if prompt_path and len(prompt) > DECODE_MAX_PROMPT and self._both_paths_cold():
+        started = time.perf_counter()
+        if plan.prompt_child:
             ids = self._check_ids(prompt)
 
             def compile_prompt_path():
@@ -347,7 +353,22 @@ class Model:
                 self._prefill(ids, False)
 
             child = kernel_thread.run(CompileChild.start, compile_prompt_path, SHARED_WITH_DECODE)
-        started = time.perf_counter()
+        elif plan.split_decode:
+            pieces = self._decode_step_pieces()
+
+            def compile_pieces(names):
+                for name in names:
+                    compile_for(*pieces[name])
+
+            def split():
+                forked = CompileChild.start(lambda: compile_pieces(DECODE_PIECES_CHILD))
+                compile_pieces(DECODE_PIECES_HERE)
+                return forked
+
+            child = kernel_thread.run(split)
+            if child is not None:  # the step itself once the child's pieces are in the cache
+                child.finish(timeout=60 + 3 * (time.perf_counter() - started))
+                child = None
         self.reset()
         try:
             self.eval([token])
@@ -359,13 +380,21 @@ class Model:
             self.eval(prompt)
         self.reset()
 
-    def _both_paths_cold(self) -> bool:
-        """Whether neither the decode step nor the prompt path's kernels are in Numba's cache."""
-        types = matrix_types(self.file)
-        one_token = expected_kernels(types, prompt_path=False)
-        status = cache_status(expected_kernels(types, prompt_path=True))
-        return (status is not None and "decode_token" in status.cold
-                and any(name not in one_token for name in status.cold))
+    def _decode_step_pieces(self) -> dict:
+        """The decode step's larger helper functions (kernel_cache.DECODE_PIECES_*) as
+        ``(dispatcher, *arguments)``, the arguments of the types decode_token gives them, so that
+        compiling them apart (kernel_cache.compile_for) gives the code decode_token links."""
+        w, d, b, kv, t = self.weights.decode, self.dims, self.state.decode, self.state.kv, K.HALF_TABLES
+        return {
+            "embed_row": (K.embed_row, w.embd, w.embd_type, w.embd_packed, 0, b.x, t.f16, t.bf16),
+            "_quantize": (K.decode._quantize, b.xb, b.qx),
+            "rmsnorm": (K.rmsnorm, b.x, w.norms[0, 0], d.eps, b.xb),
+            "rope": (K.rope, b.q, d.n_heads, d.head_dim, self.rope.cos[0], self.rope.sin[0]),
+            "_swiglu_inplace": (K.ops._swiglu_inplace, b.hb, b.hb2),
+            "_layer_matvec": (K.decode._layer_matvec, w, 0, b.xb, b.qx, b.q, t),
+            "attention_one": (K.attention_one, b.q.reshape(d.n_heads, d.head_dim), kv.k[0], kv.v[0], 1,
+                              b.attn_scratch, b.attn_partial, b.att.reshape(d.n_heads, d.head_dim)),
+        }
 
     def reset(self) -> None:
         """Forget the cached context (the KV cache contents become unused)."""

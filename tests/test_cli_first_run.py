@@ -23,7 +23,8 @@ import pytest
 
 import edgellama
 from edgellama import kernels as K
-from edgellama.kernel_cache import cache_status, child_possible, expected_kernels, matrix_types
+from edgellama.kernel_cache import DECODE_PIECES_CHILD, DECODE_PIECES_HERE, cache_status, child_possible, \
+    expected_kernels, matrix_types
 from edgellama.quants import GGMLType
 from tiny_model import write_tiny_model
 
@@ -142,6 +143,33 @@ def test_a_first_run_compiles_the_prompt_path_in_a_second_process(tiny, tmp_path
     assert again.stdout == r.stdout
 
 
+def test_a_first_short_run_compiles_the_decode_step_in_pieces_in_two_processes(tiny, tmp_path):
+    """Only the decode step needed (a short prompt) and cold: its helper functions compile apart,
+    some in a forked child (kernel_cache.DECODE_PIECES_CHILD) while the others compile here, then
+    the step itself links them from the cache; the text is a warm run's."""
+    here, there = list(DECODE_PIECES_HERE), list(DECODE_PIECES_CHILD)
+    numba_dir = _cache_with_cold_kernels(tmp_path, ["decode_token", *here, *there])
+    argv = ["run", "-m", str(tiny), "-p", "the", "-n", "3", "-t", "1"]
+    r = _command(argv, numba_dir)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert ANNOUNCE.fullmatch(lines[0]), lines[0]
+    if child_possible():
+        n = len(here) + len(there) + 1
+        want = ([f"edgellama: compiling kernel {i}/{n}: {name}" for i, name in enumerate(here, 1)]
+                + [f"edgellama: compiled kernel {i}/{n} in a second process: {name}"
+                   for i, name in enumerate(there, len(here) + 1)]
+                + [f"edgellama: compiling kernel {n}/{n}: decode_token"])
+    else:  # all inside the step's own compilation
+        n, want = 1, ["edgellama: compiling kernel 1/1: decode_token"]
+    assert lines[1:1 + len(want)] == want
+    assert re.fullmatch(rf"edgellama: {n} kernels? compiled in [\d.]+ s \(cached for the next runs\)",
+                        lines[1 + len(want)])
+    again = _command(argv, numba_dir)
+    assert again.returncode == 0 and "compil" not in again.stderr
+    assert again.stdout == r.stdout
+
+
 @pytest.mark.parametrize("command", ["chat", "bench", "perplexity"])
 def test_every_command_announces_a_cold_cache(tiny, tmp_path, command):
     numba_dir = _cache_with_cold_kernels(tmp_path, COLD[1:])
@@ -188,9 +216,13 @@ def test_an_empty_cache_is_announced_before_anything_compiles(tiny, tmp_path):
         assert len(lines) == 2, lines
         assert ANNOUNCE.fullmatch(lines[0]), lines
         # a one-token prompt: the one-token path's kernels only (the prompt path's load when needed)
-        one_token = expected_kernels(matrix_types(edgellama.gguf.GGUFFile(tiny)), prompt_path=False)
+        types = matrix_types(edgellama.gguf.GGUFFile(tiny))
+        one_token = expected_kernels(types, prompt_path=False)
         assert one_token == ["pack_rows_moved", "decode_token"]
-        assert lines[1] == f"edgellama: compiling kernel 1/{len(one_token)}: pack_rows_moved"
+        # with a compile child, the decode step in pieces (all cold here), else in one compilation
+        ahead = one_token if not child_possible() else \
+            ["pack_rows_moved", *DECODE_PIECES_HERE, *DECODE_PIECES_CHILD, "decode_token"]
+        assert lines[1] == f"edgellama: compiling kernel 1/{len(ahead)}: pack_rows_moved"
     finally:
         proc.kill()
         proc.wait()
