@@ -13,6 +13,7 @@ plain-numpy twin is tests/reference.py.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -126,6 +127,19 @@ def _pack(f: GGUFFile, sections: list[list[Weight]], packed_cache=None,
     return buffers, source
 
 
+FORMATS_ENV = "EDGELLAMA_KERNEL_FORMATS"  # "all": compile the tiles of every packed type (one set for all models)
+
+
+def kernel_formats(qtypes) -> "K.Formats":
+    """The packed types whose int8 tiles the product kernels compile for a model with matrices of
+    these ggml types (kernels.Formats: compiled once per set and cached); every packed type with
+    EDGELLAMA_KERNEL_FORMATS=all, so that one compilation serves models of any types (the tests
+    use it: their models have many sets)."""
+    if os.environ.get(FORMATS_ENV, "").strip().lower() == "all":
+        return K.ALL_FORMATS
+    return K.Formats(int(t) for t in qtypes)
+
+
 def _vector(f: GGUFFile, name: str, n: int) -> np.ndarray:
     """A 1-D float tensor (norm weights, rope factors) as float32."""
     info = f.tensor(name)
@@ -193,9 +207,11 @@ class Weights:
         else:
             self.embedding = (self.token_embd.rows, self.token_embd.qtype, False)
         embd, embd_type, embd_packed = self.embedding
+        # the packed types the products meet: the kernels compile their int8 tiles only
+        self.formats = kernel_formats(w.qtype for w in [*matrices, self.output])
         self.decode = K.DecodeWeights(embd, int(embd_type), bool(embd_packed), self.blob, self.packed,
                                       self.mat_table, self.norms, self.output_norm, self.output.kernel_view(),
-                                      int(self.output.qtype))
+                                      int(self.output.qtype), self.formats)
 
 
 class State:
@@ -529,7 +545,7 @@ class Model:
             K.quantize_q8_rows(x, xq, xd, xs, xsum)
         for w, out in zip(weights, outputs):
             if w.quantized:
-                K.matmul_packed(w.packed, w.qtype, w.n_out, xq, xd, xs, xsum, out)
+                K.matmul_packed(w.packed, w.qtype, w.n_out, xq, xd, xs, xsum, out, self.weights.formats)
             else:
                 self._float_linear(x, w, out)
         return outputs
@@ -582,7 +598,7 @@ class Model:
             K.rmsnorm(x[-1], w.output_norm, self.dims.eps, s.xb)
             K.quantize_q8(s.xb, *s.qx)
             K.matvec(w.output.kernel_view(), w.output.qtype, a.n_vocab, s.xb, s.qx, s.logits,
-                     K.F16_TABLE, K.BF16_TABLE)
+                     K.F16_TABLE, K.BF16_TABLE, w.formats)
             return s.logits
         K.rmsnorm_rows(x, w.output_norm, self.dims.eps, xb)
         return self._linear(xb, w.output)[0]

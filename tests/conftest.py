@@ -34,6 +34,10 @@ def pytest_configure(config):
     global _PACKED_CACHE
     _PACKED_CACHE = tempfile.mkdtemp(prefix="edgellama-packed-")
     os.environ["EDGELLAMA_PACKED_CACHE"] = _PACKED_CACHE
+    # the tests' models have many sets of tensor types: the kernels' int8 tiles are compiled for
+    # every packed type once, not for each set (tests/test_formats.py checks that a model's own set
+    # gives the same numbers)
+    os.environ.setdefault("EDGELLAMA_KERNEL_FORMATS", "all")
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     from tools.fetch_models import llama3_tokenizer, smollm2_q4_1

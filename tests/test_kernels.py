@@ -1003,7 +1003,7 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
                               attn_scratch=np.zeros((n_spans * N_KV, HEAD_DIM + N_HEADS // N_KV * K.ATTN_SPAN), f32),
                               attn_partial=np.zeros((n_spans, N_HEADS, HEAD_DIM + 2), f32), logits=logits)
     weights = K.DecodeWeights(placed["token_embd"], types["token_embd"], False, blob, packed_blob, mat_table,
-                              readonly(norms), readonly(output_norm), output, types["output"])
+                              readonly(norms), readonly(output_norm), output, types["output"], K.ALL_FORMATS)
     dims = K.Dims(eps, N_HEADS, N_KV, HEAD_DIM)
 
     want, want_k, want_v = _decode_twin(tokens, raws, types, norms, output_norm, cos_t, sin_t, float(eps),

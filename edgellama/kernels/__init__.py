@@ -45,8 +45,8 @@ from .layout import (PACKED_FORMATS, dequantize_packed_row, dequantize_row, dequ
                      pack_rows_moved, record_bytes, super_block_bytes,
                      unpack_block)
 from .ops import rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
-from .products import (matmul_packed, matvec, matvec_f32, matvec_half, matvec_packed, quantize_q8,
-                       quantize_q8_rows, round_to_f16)
+from .products import (ALL_FORMATS, Formats, matmul_packed, matvec, matvec_f32, matvec_half, matvec_packed,
+                       quantize_q8, quantize_q8_rows, round_to_f16)
 from .target import packing, target_summary, tile_tokens
 from ..memory import release_compiler_pages as _release_compiler_pages
 from ..quants import F16_LOAD_WIDTH

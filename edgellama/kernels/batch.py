@@ -34,8 +34,8 @@ from .layout import embed_row, is_quantized
 from .llvm import _expf
 from .parallel import parallel_rows
 from .ops import _swiglu_inplace, rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
-from .products import _TILE_TOKENS, _row_tile, _tile, _token_tile, matvec_f32, matvec_half, quantize_q8, \
-    quantize_q8_rows
+from .products import _TILE_TOKENS, ALL_FORMATS, _row_tile, _tile, _token_tile, as_formats, in_formats, \
+    matvec_f32, matvec_half, quantize_q8, quantize_q8_rows
 
 # up to this many rows (a step of generated tokens), the per-row work runs on one thread: a few
 # microseconds each, less than waking the others (the products and attention still use them all)
@@ -85,36 +85,39 @@ _quad_tile = _tile(4) if _TILE_TOKENS > 4 else _token_tile
 
 
 @njit(**FAST)
-def matmul_rows(wp, wtype, n_out, xq, xd, xs, xsum, out):
+def matmul_rows(wp, wtype, n_out, xq, xd, xs, xsum, out, formats=ALL_FORMATS):
     """out (R, n_out) = x @ W.T for a packed quantized W, as ``matmul_packed`` computes it, but with
     no token computed twice: whole tiles of _TILE_TOKENS tokens, then of 4, then single tokens (a
     step of 4 generated tokens takes one tile of 4 where a tile of 8 would compute 8).  Every token's
-    row is the same whatever the tile (tests/test_kernels_batch.py)."""
-    parallel_rows(_matmul_rows_groups, wp.shape[0], (wp, wtype, n_out, xq, xd, xs, xsum, out))
+    row is the same whatever the tile (tests/test_kernels_batch.py).  ``formats``: the packed types
+    to compile tiles for (products.Formats; wtype among them)."""
+    if not in_formats(formats, wtype):
+        raise ValueError("the weight type is not among the formats the tiles were compiled for")
+    parallel_rows(_matmul_rows_groups, wp.shape[0], (wp, wtype, n_out, xq, xd, xs, xsum, out, as_formats(formats)))
 
 
 @njit(**FAST)
-def _matmul_rows_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out):
+def _matmul_rows_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out, formats):
     n = xq.shape[0]
     for g in range(lo, hi):
         t = 0
         while n - t >= _TILE_TOKENS:
-            _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+            _token_tile(formats, wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
             t += _TILE_TOKENS
         while n - t >= 4:
-            _quad_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+            _quad_tile(formats, wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
             t += 4
         while t < n:
-            _row_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+            _row_tile(formats, wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
             t += 1
 
 
 @njit(**EXACT)
-def _row_products(m, wtype, n_out, x, qx, out, tables):
+def _row_products(m, wtype, n_out, x, qx, out, tables, formats):
     """out (R, n_out) = x @ W.T: the int8 tiles over every row at once for a quantized W, the
     one-token float kernels row by row otherwise (the numbers of decode, never BLAS's)."""
     if is_quantized(wtype):
-        matmul_rows(m, wtype, n_out, qx.q, qx.d, qx.s, qx.sums, out)
+        matmul_rows(m, wtype, n_out, qx.q, qx.d, qx.s, qx.sums, out, formats)
     elif wtype == T_F32:
         for t in range(x.shape[0]):
             matvec_f32(m, x[t], out[t])
@@ -134,7 +137,7 @@ def _layer_products(w, i, x, qx, out, tables):
     offset, n_rows, row_bytes, wtype = entry[MAT_OFFSET], entry[MAT_ROWS], entry[MAT_ROW_BYTES], entry[MAT_TYPE]
     source = w.packed if is_quantized(wtype) else w.blob
     m = source[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
-    _row_products(m, wtype, entry[MAT_OUT], x, qx, out, tables)
+    _row_products(m, wtype, entry[MAT_OUT], x, qx, out, tables, w.formats)
 
 
 # Per-row work: the one-token functions row by row, on one thread for a few rows, else in parallel
@@ -325,4 +328,5 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
         rmsnorm(x[buf.out_rows[i]], w.output_norm, dims.eps, buf.hidden[i])
     if want_logits:
         _quantize_rows(buf.hidden, buf.qo)
-        _row_products(w.output, w.output_type, buf.logits.shape[1], buf.hidden, buf.qo, buf.logits, tables)
+        _row_products(w.output, w.output_type, buf.logits.shape[1], buf.hidden, buf.qo, buf.logits, tables,
+                      w.formats)

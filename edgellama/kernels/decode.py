@@ -20,7 +20,7 @@ from .common import EXACT
 from .kv import _kv_store
 from .layout import embed_row, is_quantized
 from .ops import _swiglu_inplace, rmsnorm, rope
-from .products import matvec, quantize_q8
+from .products import Formats, matvec, quantize_q8
 
 # the seven matrices of a layer, as GGUF names them; slot i of a layer is LAYER_MATRICES[i]
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -52,6 +52,7 @@ class DecodeWeights(NamedTuple):
     output_norm: np.ndarray  # (dim,) float32
     output: np.ndarray      # the vocabulary projection: packed groups, or file rows
     output_type: int        # its ggml type id
+    formats: Formats        # the packed types among all these matrices (the tiles compiled: products.Formats)
 
 
 class Dims(NamedTuple):
@@ -104,7 +105,7 @@ def _layer_matvec(w, i, x, qx, out, tables):
     offset, n_rows, row_bytes, wtype = entry[MAT_OFFSET], entry[MAT_ROWS], entry[MAT_ROW_BYTES], entry[MAT_TYPE]
     source = w.packed if is_quantized(wtype) else w.blob
     m = source[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
-    matvec(m, wtype, entry[MAT_OUT], x, qx, out, tables.f16, tables.bf16)
+    matvec(m, wtype, entry[MAT_OUT], x, qx, out, tables.f16, tables.bf16, w.formats)
 
 
 @njit(**EXACT)
@@ -158,4 +159,4 @@ def decode_token(token, pos, w, dims, rope_tables, cache, buf, tables):
     # final norm and the vocabulary projection
     rmsnorm(x, w.output_norm, dims.eps, xb)
     _quantize(xb, buf.qx)
-    matvec(w.output, w.output_type, buf.logits.shape[0], xb, buf.qx, buf.logits, tables.f16, tables.bf16)
+    matvec(w.output, w.output_type, buf.logits.shape[0], xb, buf.qx, buf.logits, tables.f16, tables.bf16, w.formats)

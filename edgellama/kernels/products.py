@@ -8,7 +8,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.core.datamodel import models
+from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
 
 from .common import EXACT, FAST, I32, QK, T_F16, T_F32, T_Q8_0
 from .layout import PACKED_FORMATS, is_quantized, record_bytes, super_block_bytes
@@ -69,6 +70,96 @@ def _quantize_q8_range(lo, hi, x, xq, xd, xs, xsum):
     for t in range(lo, hi):
         quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
 
+
+
+# ----- which packed types a model has: a compile-time constant ---------------------------------
+
+class Formats:
+    """A set of packed ggml types (PACKED_FORMATS' keys) given to the product kernels as a
+    compile-time constant: Numba types it as ``FormatsType(codes)``, so that a kernel called with
+    it compiles the int8 tiles of these types only (a model has two or three; compiling all eight
+    costs most of a first run's compilation), once per set (Numba caches each).  A matrix of a type
+    outside the set is never multiplied (the tiles' switch has no case for it): give every type of
+    the model.  ``ALL_FORMATS``: every packed type (the default of the kernels' ``formats`` argument)."""
+
+    __slots__ = ("codes",)
+
+    def __init__(self, codes):
+        self.codes = tuple(sorted({int(c) for c in codes if int(c) in PACKED_FORMATS}))
+
+    def __eq__(self, other):
+        return isinstance(other, Formats) and other.codes == self.codes
+
+    def __hash__(self):
+        return hash(self.codes)
+
+    def __repr__(self):
+        return f"Formats({self.codes})"
+
+
+class FormatsType(types.Dummy):
+    """Numba's type of a Formats value: the set is in the type (its name), the value holds nothing."""
+
+    def __init__(self, codes):
+        self.codes = tuple(codes)
+        super().__init__(name=f"Formats{self.codes}")
+
+
+register_model(FormatsType)(models.OpaqueModel)
+
+
+@typeof_impl.register(Formats)
+def _typeof_formats(value, c):
+    return FormatsType(value.codes)
+
+
+@unbox(FormatsType)
+def _unbox_formats(typ, obj, c):
+    return NativeValue(c.context.get_constant_null(typ))
+
+
+ALL_FORMATS = Formats(PACKED_FORMATS)
+
+
+def _format_codes(formats) -> tuple[int, ...] | None:
+    """The packed types a ``formats`` argument's Numba type stands for: FormatsType, or the default
+    (``types.Omitted`` of ALL_FORMATS)."""
+    if isinstance(formats, FormatsType):
+        return formats.codes
+    if isinstance(formats, types.Omitted) and isinstance(formats.value, Formats):
+        return formats.value.codes
+    return None
+
+
+@intrinsic
+def as_formats(typingctx, formats):
+    """A ``formats`` argument (a Formats, or the omitted default) as a FormatsType value."""
+    codes = _format_codes(formats)
+    if codes is None:
+        return None
+    result = FormatsType(codes)
+
+    def codegen(context, builder, sig, args):
+        return context.get_constant_null(result)
+
+    return result(formats), codegen
+
+
+@intrinsic
+def in_formats(typingctx, formats, wtype):
+    """Whether ggml type wtype (an integer) is one of ``formats``' (a Formats or the default)."""
+    codes = _format_codes(formats)
+    if codes is None or not isinstance(wtype, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        which = context.cast(builder, args[1], sig.args[1], types.int64)
+        found = ir.Constant(ir.IntType(1), 0)
+        for code in codes:
+            found = builder.or_(found, builder.icmp_signed("==", which, ir.Constant(_I64, code)))
+        return found
+
+    return types.boolean(formats, wtype), codegen
 
 
 # ----- the int8 tiles over packed weights --------------------------------------------------------
@@ -319,25 +410,30 @@ class _TileIR:
 
 
 def _tile(n_tok: int):
-    """tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out): out[t0 + j, LANES*g + lane] = row
-    LANES*g + lane of the packed matrix wp (of ggml type wtype) . activation t0 + j, for j < n_tok
-    and lane < LANES.  One switch over the packed formats, each case its own tile."""
+    """tile(formats, wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out): out[t0 + j, LANES*g + lane] =
+    row LANES*g + lane of the packed matrix wp (of ggml type wtype) . activation t0 + j, for j <
+    n_tok and lane < LANES.  One switch over the packed formats of ``formats`` (a FormatsType: a
+    compile-time set), each case its own tile; another wtype computes nothing."""
 
     @intrinsic
-    def tile(typingctx, wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out):
+    def tile(typingctx, formats, wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out):
         want = ((wp, types.uint8), (xq, types.int8), (xd, types.float32), (xs, types.float32),
                 (xsum, types.int32), (out, types.float32))
         for arr, dtype in want:
             if not (isinstance(arr, types.Array) and arr.dtype == dtype and arr.ndim == 2 and arr.layout == "C"):
                 return None
-        if not isinstance(wtype, types.Integer):
+        if not isinstance(wtype, types.Integer) or not isinstance(formats, FormatsType):
             return None
 
         def codegen(context, builder, sig, args):
+            args = args[1:]  # the tile's own arguments (the formats are in the type)
+            sig = types.void(*sig.args[1:])
             which = context.cast(builder, args[0], sig.args[0], types.int64)
             done = builder.append_basic_block("tile.done")
             switch = builder.switch(which, done)
             for qtype in PACKED_FORMATS:
+                if qtype not in formats.codes:
+                    continue
                 case = builder.append_basic_block(f"tile.type{qtype}")
                 switch.add_case(ir.Constant(_I64, qtype), case)
                 builder.position_at_end(case)
@@ -346,7 +442,7 @@ def _tile(n_tok: int):
             builder.position_at_end(done)
             return context.get_dummy_value()
 
-        return types.void(wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out), codegen
+        return types.void(formats, wtype, wp, g, n_out, xq, xd, xs, xsum, t0, out), codegen
 
     return tile
 
@@ -356,41 +452,45 @@ _row_tile, _token_tile = _tile(1), _tile(_TILE_TOKENS)
 
 
 @njit(**FAST)
-def matvec_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
+def matvec_packed(wp, wtype, n_out, xq, xd, xs, xsum, out, formats=ALL_FORMATS):
     """out (n_out,) = W @ x for one token: a packed quantized matrix wp of ggml type wtype, x given
     as its Q8 blocks (quantize_q8): xq (n,), xd, xs (n/32,), xsum (n/16,).  Each thread takes whole
     row groups.  (Its own kernel, apart from matmul_packed, so that the decode step carries only the
-    one-token tiles.)"""
+    one-token tiles.)  ``formats``: the packed types to compile tiles for (Formats; wtype among them)."""
     if xd.shape[0] * QK != xq.shape[0] or xsum.shape[0] != 2 * xd.shape[0] or xs.shape[0] != xd.shape[0]:
         raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16)")
+    if not in_formats(formats, wtype):
+        raise ValueError("the weight type is not among the formats the tiles were compiled for")
     nb = xd.shape[0]
     xq2, xd2, xs2, xsum2 = xq.reshape(1, QK * nb), xd.reshape(1, nb), xs.reshape(1, nb), xsum.reshape(1, 2 * nb)
     out2 = out.reshape(1, n_out)
-    parallel_rows(_matvec_groups, wp.shape[0], (wp, wtype, n_out, xq2, xd2, xs2, xsum2, out2))
+    parallel_rows(_matvec_groups, wp.shape[0], (wp, wtype, n_out, xq2, xd2, xs2, xsum2, out2, as_formats(formats)))
 
 
 @njit(**FAST)
-def _matvec_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out):
+def _matvec_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out, formats):
     for g in range(lo, hi):
-        _row_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, 0, out)
+        _row_tile(formats, wtype, wp, g, n_out, xq, xd, xs, xsum, 0, out)
 
 
 @njit(**FAST)
-def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out):
+def matmul_packed(wp, wtype, n_out, xq, xd, xs, xsum, out, formats=ALL_FORMATS):
     """out (T, n_out) = x @ W.T for a packed quantized matrix wp of ggml type wtype; x given as its
     Q8 blocks (quantize_q8_rows): xq (T, n), xd, xs (T, n/32), xsum (T, n/16).  Each thread takes
     whole row groups; within a group, tiles of _TILE_TOKENS tokens (a short last tile computes its
-    last token again, stores it once)."""
+    last token again, stores it once).  ``formats``: as matvec_packed's."""
     if xd.shape[1] * QK != xq.shape[1] or xsum.shape[1] != 2 * xd.shape[1] or xs.shape[1] != xd.shape[1]:
         raise ValueError("activation blocks do not match (xq: n, xd and xs: n/32, xsum: n/16 per row)")
-    parallel_rows(_matmul_groups, wp.shape[0], (wp, wtype, n_out, xq, xd, xs, xsum, out))
+    if not in_formats(formats, wtype):
+        raise ValueError("the weight type is not among the formats the tiles were compiled for")
+    parallel_rows(_matmul_groups, wp.shape[0], (wp, wtype, n_out, xq, xd, xs, xsum, out, as_formats(formats)))
 
 
 @njit(**FAST)
-def _matmul_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out):
+def _matmul_groups(lo, hi, wp, wtype, n_out, xq, xd, xs, xsum, out, formats):
     for g in range(lo, hi):
         for t in range(0, xq.shape[0], _TILE_TOKENS):
-            _token_tile(wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
+            _token_tile(formats, wtype, wp, g, n_out, xq, xd, xs, xsum, t, out)
 
 
 # ----- float weights and the per-type dispatch ---------------------------------------------------
@@ -426,13 +526,13 @@ def _half_rows(lo, hi, wh, x, out, half_table):
 
 
 @njit(**EXACT)
-def matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table):
+def matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table, formats=ALL_FORMATS):
     """out (n_out,) = W @ x for a weight of any runtime type: packed groups (n_groups, group_bytes)
     for the quantized types, file rows (n_out, row_bytes) for F32 / F16 / BF16.  qx = (xq, xd, xs,
-    xsum) must hold quantize_q8(x)."""
+    xsum) must hold quantize_q8(x).  ``formats``: as matvec_packed's."""
     if is_quantized(wtype):
         xq, xd, xs, xsum = qx
-        matvec_packed(w, wtype, n_out, xq, xd, xs, xsum, out)
+        matvec_packed(w, wtype, n_out, xq, xd, xs, xsum, out, as_formats(formats))
     elif wtype == T_F32:
         matvec_f32(w, x, out)
     elif wtype == T_F16:
