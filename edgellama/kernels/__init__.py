@@ -15,7 +15,8 @@ Rooms:
 * ``llvm``      LLVM IR helpers and scalar intrinsics (half <-> float, ``_expf``);
 * ``parallel``  ``parallel_rows``: a loop over row ranges on Numba's threads (compiled once, unlike prange);
 * ``layout``    the packed layout, ``pack_rows``, and the values every runtime type's bytes hold;
-* ``products``  activation quantization, the int8 tiles, float products, the per-type dispatch;
+* ``products``  activation quantization, the int8 tiles (compiled for a compile-time set of packed
+                types, ``Formats``: a model's own), float products, the per-type dispatch;
 * ``kv``        KV cache element formats (f32, f16, q8_0), storing and re-rotating rows;
 * ``ops``       RMSNorm, RoPE, SwiGLU;
 * ``attention`` prompt and one-token grouped-query attention;
