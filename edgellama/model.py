@@ -378,7 +378,12 @@ class Model:
 
             def split():
                 forked = CompileChild.start(lambda: compile_pieces(DECODE_PIECES_CHILD))
-                compile_pieces(DECODE_PIECES_HERE)
+                try:
+                    compile_pieces(DECODE_PIECES_HERE)
+                except BaseException:
+                    if forked is not None:
+                        forked.finish(timeout=0)  # killed and reaped
+                    raise
                 return forked
 
             child = kernel_thread.run(split)
