@@ -78,9 +78,10 @@ class Formats:
     """A set of packed ggml types (PACKED_FORMATS' keys) given to the product kernels as a
     compile-time constant: Numba types it as ``FormatsType(codes)``, so that a kernel called with
     it compiles the int8 tiles of these types only (a model has two or three; compiling all eight
-    costs most of a first run's compilation), once per set (Numba caches each).  A matrix of a type
-    outside the set is never multiplied (the tiles' switch has no case for it): give every type of
-    the model.  ``ALL_FORMATS``: every packed type (the default of the kernels' ``formats`` argument)."""
+    costs most of a first run's compilation), once per set (Numba caches each).  The tiles' switch
+    has no case for a type outside the set, and the kernels refuse a weight of such a type
+    (ValueError): give every packed type of the model.  ``ALL_FORMATS``: every packed type (the
+    default of the kernels' ``formats`` argument)."""
 
     __slots__ = ("codes",)
 
