@@ -235,12 +235,14 @@ class CompileChild:
         pending = b""
         with event.trigger_event(CHILD_WAIT):
             try:
+                killed = False
                 while True:
                     left = deadline - time.monotonic()
-                    ready = select.select([self.reader], [], [], max(left, 0))[0] if left > 0 else []
-                    if not ready:
+                    if left <= 0 and not killed:  # then what it wrote before dying is read to the end
                         os.kill(self.pid, signal.SIGKILL)
-                        break
+                        killed = True
+                    if not select.select([self.reader], [], [], None if killed else left)[0]:
+                        continue
                     chunk = os.read(self.reader, 4096)
                     if not chunk:  # the child has gone
                         break
