@@ -63,7 +63,7 @@ class Listener(event.Listener):
             here.append(ev.data["dispatcher"].py_func.__name__)
 
 child = CompileChild.start(work, deferred=("swiglu",))
-names = child.finish(timeout=5 if mode == "hang" else 600)
+names = child.finish(timeout=1 if mode == "hang" else 600)
 event.register("numba:compile", Listener())
 K.swiglu(gate, up)
 K.rmsnorm_rows(x, w, np.float32(1e-5), normed)
