@@ -388,16 +388,8 @@ class CompileProgress:
             if self._bar is not None:
                 self._bar.set_postfix_str(f"{self.compiled[-1]}: {name}" if self.compiled else name)
             return
-        self._announce()
         self._started = time.perf_counter()
-        self.compiled.append(name)
-        total = max(self.expected, len(self.compiled))
-        if self._bar is not None:
-            if total != self._bar.total:
-                self._bar.total = total
-            self._bar.set_postfix_str(name)
-        elif not self.quiet:
-            self._line(f"compiling kernel {len(self.compiled)}/{total}: {name}")
+        self._count(name, "compiling kernel {n}: {name}", name)
 
     def _on_end(self, name: str) -> None:
         self._depth -= 1
@@ -414,16 +406,21 @@ class CompileProgress:
             self.seconds += time.perf_counter() - self._waited
 
     def _on_child_kernel(self, name: str) -> None:
+        self._count(name, "compiled kernel {n} in a second process: {name}", f"{name} (second process)")
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def _count(self, name: str, line: str, postfix: str) -> None:
+        """One more kernel: the bar's total and postfix, or a line ({n}: "k/total", {name})."""
         self._announce()
         self.compiled.append(name)
         total = max(self.expected, len(self.compiled))
         if self._bar is not None:
             if total != self._bar.total:
                 self._bar.total = total
-            self._bar.set_postfix_str(f"{name} (second process)")
-            self._bar.update(1)
+            self._bar.set_postfix_str(postfix)
         elif not self.quiet:
-            self._line(f"compiled kernel {len(self.compiled)}/{total} in a second process: {name}")
+            self._line(line.format(n=f"{len(self.compiled)}/{total}", name=name))
 
     # ----- output ---------------------------------------------------------------------------------
 

@@ -361,6 +361,10 @@ class Model:
         plan = plan_warm_up(matrix_types(self.file), prompt_path)
         child = None
         started = time.perf_counter()
+
+        def child_timeout():  # a child that outlasts this is killed (its work is then done here)
+            return 60 + 3 * (time.perf_counter() - started)
+
         if plan.prompt_child:
             ids = self._check_ids(prompt)
 
@@ -388,14 +392,14 @@ class Model:
 
             child = kernel_thread.run(split)
             if child is not None:  # the step itself once the child's pieces are in the cache
-                child.finish(timeout=60 + 3 * (time.perf_counter() - started))
+                child.finish(child_timeout())
                 child = None
         self.reset()
         try:
             self.eval([token])
         finally:
             if child is not None:
-                child.finish(timeout=60 + 3 * (time.perf_counter() - started))
+                child.finish(child_timeout())
         if prompt_path:
             self.reset()
             self.eval(prompt)

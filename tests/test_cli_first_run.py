@@ -119,6 +119,22 @@ def test_run_announces_compilation_then_reports_it_apart(tiny, tmp_path):
     assert re.fullmatch(r"\nload [\d.]+ s \| prompt .* \| finish: length\n", again.stderr)
 
 
+def _first_run(argv: list[str], numba_dir: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """The command on this cache: it succeeds and announces the compilation first; its stderr lines."""
+    r = _command(argv, numba_dir)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert ANNOUNCE.fullmatch(lines[0]), lines[0]
+    return r, lines
+
+
+def _then_warm(argv: list[str], numba_dir: Path, first: subprocess.CompletedProcess) -> None:
+    """Everything is in the cache after the first run, and the text is a warm run's."""
+    again = _command(argv, numba_dir)
+    assert again.returncode == 0 and "compil" not in again.stderr
+    assert again.stdout == first.stdout
+
+
 def test_a_first_run_compiles_the_prompt_path_in_a_second_process(tiny, tmp_path):
     """With the decode step and prompt kernels cold, the prompt path's compile in a forked child
     (kernel_cache.CompileChild) while the decode step compiles here; reported as such, and the
@@ -126,10 +142,7 @@ def test_a_first_run_compiles_the_prompt_path_in_a_second_process(tiny, tmp_path
     cold = ["decode_token", *COLD]
     numba_dir = _cache_with_cold_kernels(tmp_path, cold)
     argv = ["run", "-m", str(tiny), "-p", "the water of the sea is cold and deep and dark", "-n", "3", "-t", "1"]
-    r = _command(argv, numba_dir)
-    assert r.returncode == 0, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert ANNOUNCE.fullmatch(lines[0]), lines[0]
+    r, lines = _first_run(argv, numba_dir)
     if child_possible():
         assert lines[1:4] == ["edgellama: compiling kernel 1/3: decode_token",
                               f"edgellama: compiled kernel 2/3 in a second process: {COLD[0]}",
@@ -137,10 +150,7 @@ def test_a_first_run_compiles_the_prompt_path_in_a_second_process(tiny, tmp_path
     else:
         assert lines[1:4] == [f"edgellama: compiling kernel {i}/3: {name}" for i, name in enumerate(cold, 1)]
     assert re.fullmatch(r"edgellama: 3 kernels compiled in [\d.]+ s \(cached for the next runs\)", lines[4])
-    # everything is in the cache now, and the text is a warm run's
-    again = _command(argv, numba_dir)
-    assert again.returncode == 0 and "compil" not in again.stderr
-    assert again.stdout == r.stdout
+    _then_warm(argv, numba_dir, r)
 
 
 def test_a_first_short_run_compiles_the_decode_step_in_pieces_in_two_processes(tiny, tmp_path):
@@ -150,10 +160,7 @@ def test_a_first_short_run_compiles_the_decode_step_in_pieces_in_two_processes(t
     here, there = list(DECODE_PIECES_HERE), list(DECODE_PIECES_CHILD)
     numba_dir = _cache_with_cold_kernels(tmp_path, ["decode_token", *here, *there])
     argv = ["run", "-m", str(tiny), "-p", "the", "-n", "3", "-t", "1"]
-    r = _command(argv, numba_dir)
-    assert r.returncode == 0, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert ANNOUNCE.fullmatch(lines[0]), lines[0]
+    r, lines = _first_run(argv, numba_dir)
     if child_possible():
         n = len(here) + len(there) + 1
         want = ([f"edgellama: compiling kernel {i}/{n}: {name}" for i, name in enumerate(here, 1)]
@@ -165,9 +172,7 @@ def test_a_first_short_run_compiles_the_decode_step_in_pieces_in_two_processes(t
     assert lines[1:1 + len(want)] == want
     assert re.fullmatch(rf"edgellama: {n} kernels? compiled in [\d.]+ s \(cached for the next runs\)",
                         lines[1 + len(want)])
-    again = _command(argv, numba_dir)
-    assert again.returncode == 0 and "compil" not in again.stderr
-    assert again.stdout == r.stdout
+    _then_warm(argv, numba_dir, r)
 
 
 @pytest.mark.parametrize("command", ["chat", "bench", "perplexity"])
