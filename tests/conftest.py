@@ -52,9 +52,21 @@ def pytest_configure(config):
 _PACKED_CACHE = None
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The test files that call no model kernel run first (tests/warm_kernels.py's FIRST), while
+    the kernel warm-up process compiles; the others keep their order."""
+    from warm_kernels import order_key
+
+    items.sort(key=lambda item: order_key(str(item.path)))
+
+
 def pytest_collection_finish(session):
     """Once the run's tests are known, start the child processes of tests/test_targets.py (the
-    kernels compiled for other CPUs), which then run beside the rest of the run."""
+    kernels compiled for other CPUs), which then run beside the rest of the run, and the kernel
+    warm-up process (tests/warm_kernels.py) where it helps: a run of the model tests on two or more
+    cores, not in a child of test_targets.py."""
+    import os
+
     if session.config.option.collectonly:
         return
     for item in session.items:
@@ -63,14 +75,36 @@ def pytest_collection_finish(session):
             _CHILD_OWNERS.append(module)
             module.start_children(session.items)
             break
+    from warm_kernels import USERS
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpus >= 2 and "NUMBA_CPU_NAME" not in os.environ \
+            and any(item.path.name in USERS for item in session.items):
+        import subprocess
+        import tempfile
+
+        log = tempfile.TemporaryFile("w+")
+        _WARM.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_kernels.py")], cwd=ROOT,
+                                       stdout=log, stderr=subprocess.STDOUT, text=True), log))
 
 
 _CHILD_OWNERS: list = []  # the test modules that started children (stopped at the end of the run)
+_WARM: list = []          # (the kernel warm-up process, its output)
 
 
 def pytest_unconfigure(config):
     for module in _CHILD_OWNERS:
         module.stop_children()
+    for child, log in _WARM:
+        if child.poll() is None:  # the run ended first (a few files): its work is not needed
+            child.kill()
+            child.wait()
+        elif child.returncode != 0:
+            log.seek(0)
+            print(f"warning: tests/warm_kernels.py failed (exit {child.returncode}); the tests compiled "
+                  f"what they needed themselves:\n{log.read()[-3000:]}", file=sys.stderr)
+        log.close()
+    _WARM.clear()
     if _PACKED_CACHE:
         from edgellama.packed_cache import wait_for_writes
 
