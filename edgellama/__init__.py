@@ -9,9 +9,6 @@ from __future__ import annotations
 import importlib
 
 from .gguf import ModelFileNotFoundError, ModelFormatError
-from .hardware import limit_spinning
-
-limit_spinning()  # before Numba loads libgomp: idle workers sleep soon enough to share a busy CPU
 
 __all__ = [
     "load", "Model", "Tokenizer", "Sampler", "__version__",

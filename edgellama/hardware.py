@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,8 +147,6 @@ def big_cores(cpus: set[int], sysfs: Path = SYSFS_CPU) -> dict[tuple, set[int]] 
 
 
 def _macos_cores() -> int | None:
-    import subprocess
-
     for key in ("hw.perflevel0.physicalcpu", "hw.physicalcpu"):
         try:
             out = subprocess.run(["sysctl", "-n", key], capture_output=True, text=True, timeout=5)
@@ -156,28 +155,6 @@ def _macos_cores() -> int | None:
         except (OSError, subprocess.SubprocessError):
             return None
     return None
-
-
-# How long an idle OpenMP worker spins before it sleeps (GOMP_SPINCOUNT: iterations of a pause
-# instruction, about 0.5 ms here).  libgomp's own default, 300000, keeps a worker spinning for many
-# milliseconds, longer than the scheduler's time slice: with one other busy process on the machine
-# (in another session, or cgroup: Linux shares the CPU between those first) a team of as many
-# threads as cores spent its time spinning for a descheduled partner at each of a decode step's
-# hundreds of parallel loops.  Measured on a 2-core Xeon, 2 threads, one busy process beside
-# (2026-12-03): SmolLM2 Q4_1 decode 0.99 tok/s with libgomp's default, 12.6 with 10000, 30.8 with
-# 3000 (llama-bench 6.45; 145 on a quiet machine); the 1B shape Q4_0 0.96 -> 8.2 tok/s, its
-# prompt 22.5 -> 86 tok/s.  On a quiet machine 10000 changed no figure beyond the run-to-run spread
-# (3000 cost SmolLM2's decode a few percent: workers then sleep between tokens).
-SPIN_COUNT = "10000"
-
-
-def limit_spinning() -> None:
-    """Set GOMP_SPINCOUNT to SPIN_COUNT unless the user chose a wait policy (GOMP_SPINCOUNT or
-    OMP_WAIT_POLICY set).  libgomp reads it when it is loaded (Numba loads it at the first
-    parallel kernel): importing edgellama is early enough, unless the process already runs OpenMP
-    code of its own."""
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
 def default_threads() -> int:

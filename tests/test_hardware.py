@@ -134,24 +134,3 @@ def test_run_warns_about_too_many_threads(tmp_path):
     assert warnings == [f"edgellama run: warning: -t {too_many} is more than the {hardware.usable_cpus()} "
                         f"CPU{'s' if hardware.usable_cpus() != 1 else ''} this process can use: the threads will "
                         f"wait for each other (default: {hardware.default_threads()}, the physical cores)"], r.stderr
-
-
-@pytest.mark.parametrize("given, expected", [
-    ({}, hardware.SPIN_COUNT),                             # nothing chosen: edgellama's
-    ({"GOMP_SPINCOUNT": "250"}, "250"),                     # the user's own count is kept
-    ({"OMP_WAIT_POLICY": "active"}, None),                  # a chosen wait policy: libgomp's rule
-])
-def test_importing_edgellama_limits_how_long_idle_workers_spin(given, expected):
-    """GOMP_SPINCOUNT is set before Numba can load libgomp (which reads it once, at load), and the
-    environment a worker process or a parallel kernel sees afterwards carries it."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    script = ("import os, sys\n"
-              "import edgellama\n"
-              "assert 'numba' not in sys.modules\n"  # set before anything could have loaded libgomp
-              "print(os.environ.get('GOMP_SPINCOUNT'))\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                       env={**env, **given}, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(expected)
