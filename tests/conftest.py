@@ -84,8 +84,11 @@ def pytest_collection_finish(session):
         import tempfile
 
         log = tempfile.TemporaryFile("w+")
+        # at the lowest priority within the run's own scheduling group: it takes the core a test
+        # leaves idle, never a core from a test's two threads (each loop waits for the slower)
         _WARM.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_kernels.py")], cwd=ROOT,
-                                       stdout=log, stderr=subprocess.STDOUT, text=True), log))
+                                       stdout=log, stderr=subprocess.STDOUT, text=True,
+                                       preexec_fn=lambda: os.nice(19)), log))
 
 
 _CHILD_OWNERS: list = []  # the test modules that started children (stopped at the end of the run)
