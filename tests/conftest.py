@@ -86,8 +86,8 @@ def pytest_collection_finish(session):
         log = tempfile.TemporaryFile("w+")
         # at the run's own priority, in its scheduling group: the tests it runs beside are mostly
         # single-threaded.  At nice 19 it would get only as much of the second core as the target
-        # children's group (Linux splits a group's weight between the CPUs its tasks run on); cold
-        # runs on a 2-core Xeon: 557 s with it at nice 19 (a fresh clone), 482 s without (in place)
+        # children's group (Linux splits a group's weight between the CPUs its tasks run on): cold
+        # runs of fresh clones on a 2-core Xeon took 557 s with it at nice 19, 439 s without
         _WARM.append((subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_kernels.py")], cwd=ROOT,
                                        stdout=log, stderr=subprocess.STDOUT, text=True), log))
 
