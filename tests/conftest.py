@@ -77,8 +77,9 @@ def pytest_collection_finish(session):
             break
     from warm_kernels import USERS
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cpus >= 2 and "NUMBA_CPU_NAME" not in os.environ \
+    from edgellama.hardware import usable_cpus
+
+    if usable_cpus() >= 2 and "NUMBA_CPU_NAME" not in os.environ \
             and any(item.path.name in USERS for item in session.items):
         import subprocess
         import tempfile
