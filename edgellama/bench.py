@@ -198,6 +198,11 @@ def run_bench(args) -> int:
         compile_s = time.perf_counter() - t0
     hits, misses = numba_cache_counts()
 
+    from . import kernel_thread
+
+    governor = kernel_thread.governor()
+    counts = (governor.asked, governor.reduced) if governor is not None else None
+
     # pp: the whole prompt from an empty cache
     pp_rates = []
     for _ in range(repetitions):
@@ -244,6 +249,11 @@ def run_bench(args) -> int:
         "first_token_s": first_token_s,
         "process_first_token_s": process_first,
         "peak_rss_mb": peak_rss_mb(),
+        "adaptive_threads": None if governor is None else {
+            "evaluations": governor.asked - counts[0],   # timed evaluations that asked for >1 thread
+            "reduced": governor.reduced - counts[1],     # ... that ran with fewer (other programs busy)
+            "other_cpus": round(governor.busiest, 2),    # the most CPUs other programs used (measured)
+        },
     }
     if getattr(args, "json", False):
         print(json.dumps(result))
@@ -280,4 +290,9 @@ def format_report(r: dict) -> str:
         + (f" ({proc:.2f} s from process start)" if proc is not None else "")
         + f" | peak RSS {r['peak_rss_mb']:.1f} MiB",
     ]
+    adaptive = r.get("adaptive_threads")
+    if adaptive and adaptive["reduced"]:
+        out.append(f"busy machine: other programs used about {adaptive['other_cpus']:.1f} CPUs; {adaptive['reduced']} "
+                   f"of {adaptive['evaluations']} timed evaluations ran with fewer threads than {r['threads']} "
+                   "(EDGELLAMA_ADAPTIVE_THREADS=0 keeps them all)")
     return "\n".join(out)

@@ -14,7 +14,8 @@ kernel thread, started on first use (and again after a fork), whatever thread as
 caller waits.  Calls from the kernel thread itself run at once, so wrapped functions may call each
 other.  It costs a hand-over per evaluation (tens of microseconds, against milliseconds of work),
 and makes the evaluations of the process take turns, which on a CPU's few cores beats running them
-at once.  Ctrl-C in the waiting thread takes effect when the evaluation has finished, as it did
+at once.  The thread count a job asks for is the most it gets: while other programs keep cores busy,
+edgellama.adaptive_threads gives it fewer (the results do not change).  Ctrl-C in the waiting thread takes effect when the evaluation has finished, as it did
 when the evaluation ran in that thread: nothing is left half-written.
 """
 
@@ -25,10 +26,14 @@ import queue
 import threading
 from typing import Any, Callable
 
+from . import adaptive_threads
+
 _lock = threading.Lock()
 _jobs: queue.SimpleQueue | None = None
 _ident: int | None = None
 _pid: int | None = None
+_governor: adaptive_threads.Governor | None = adaptive_threads.from_system()  # measuring from the start
+_asked: int | None = None  # the thread count the kernel thread's current job asked for
 
 
 class _Job:
@@ -47,18 +52,42 @@ def _set_threads(threads: int | None) -> None:
     if threads is not None:
         import numba
 
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+        threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+        governor = _governor
+        numba.set_num_threads(governor.threads(threads) if governor is not None else threads)
+
+
+def adapt() -> None:
+    """Between the parts of a long job (prompt chunks, the tokens of a short prompt): the thread
+    count again, as at the start of a job, from what the other programs use now."""
+    if _asked is not None and on_kernel_thread():
+        _set_threads(_asked)
+
+
+def governor() -> adaptive_threads.Governor | None:
+    """This process's adaptive thread count (None: off)."""
+    return _governor
+
+
+def set_governor(governor: adaptive_threads.Governor | None) -> adaptive_threads.Governor | None:
+    """Replace it (tests; apps that want fixed thread counts pass None); the previous one."""
+    global _governor
+    previous, _governor = _governor, governor
+    return previous
 
 
 def _serve(jobs: queue.SimpleQueue) -> None:
+    global _asked
     while True:
         job = jobs.get()
         try:
+            _asked = job.threads
             _set_threads(job.threads)
             job.result = job.fn(*job.args, **job.kwargs)
         except BaseException as e:  # noqa: B036  handed to the caller, which raises it
             job.error = e
         finally:
+            _asked = None
             job.finished = True
             job.done.release()
         del job
@@ -79,8 +108,10 @@ def _queue() -> queue.SimpleQueue:
 def _forget_in_child() -> None:
     """After a fork: the child has no kernel thread (only the forking thread survives), and a lock
     held by another thread at the fork would stay held."""
-    global _lock, _jobs, _ident, _pid
-    _lock, _jobs, _ident, _pid = threading.Lock(), None, None, None
+    global _lock, _jobs, _ident, _pid, _governor, _asked
+    _lock, _jobs, _ident, _pid, _asked = threading.Lock(), None, None, None, None
+    if _governor is not None:  # the child's own CPU time starts again from zero
+        _governor = adaptive_threads.from_system()
 
 
 if hasattr(os, "register_at_fork"):
@@ -99,11 +130,14 @@ def run(fn: Callable, /, *args, threads: int | None = None, **kwargs):
             return fn(*args, **kwargs)
         import numba
 
-        before = numba.get_num_threads()
+        global _asked
+        before, asked = numba.get_num_threads(), _asked
+        _asked = threads
         _set_threads(threads)
         try:
             return fn(*args, **kwargs)
         finally:
+            _asked = asked
             numba.set_num_threads(before)
     job = _Job(fn, args, kwargs, threads)
     _queue().put(job)

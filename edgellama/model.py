@@ -450,12 +450,16 @@ class Model:
         if len(ids) <= DECODE_MAX_PROMPT and not all_logits:
             # a few tokens: the decode kernel alone (this also spares a fresh process from loading
             # the prefill kernels before its first token)
-            for token in ids:
+            for i, token in enumerate(ids):
+                if i:
+                    kernel_thread.adapt()
                 logits = self._decode(int(token))
         else:
             if all_logits and len(ids) > self.n_batch:
                 raise ValueError("all_logits over more than n_batch tokens: use Model.logits")
             for start in range(0, len(ids), self.n_batch):
+                if start:
+                    kernel_thread.adapt()
                 logits = self._prefill(ids[start:start + self.n_batch], all_logits)
         return logits
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
 import edgellama
-from edgellama import kernels as K
+from edgellama import kernel_thread, kernels as K
 from edgellama.gguf import ModelFormatError
 from edgellama.model import ContextOverflowError
 from edgellama.quants import GGMLType
 import error_bounds as eb
 from reference import ReferenceModel
+from test_adaptive_threads import Machine
 from tiny_model import write_tiny_model
 
 K_QUANTS = {GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K}
@@ -164,6 +166,30 @@ def test_results_do_not_depend_on_thread_count(tmp_path, threads):
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
     base = edgellama.load(path, n_ctx=32, threads=1).logits(IDS)
     np.testing.assert_array_equal(edgellama.load(path, n_ctx=32, threads=threads).logits(IDS), base)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="Numba has one thread here")
+def test_a_model_on_a_busy_machine_runs_with_fewer_threads_and_the_same_results(tmp_path):
+    """edgellama.adaptive_threads on a simulated machine where another program keeps one CPU busy."""
+    path = write_tiny_model(tmp_path / "m.gguf")
+    model = edgellama.load(path, n_ctx=64, threads=2)
+    quiet = kernel_thread.set_governor(None)
+    try:
+        want_logits = model.logits([5, 60, 70, 80, 90, 100, 7, 8, 9, 10])
+        want = list(model.generate("the other", max_tokens=12))
+    finally:
+        kernel_thread.set_governor(quiet)
+    m = Machine()
+    g = m.governor(2)
+    previous = kernel_thread.set_governor(g)
+    m.run(1.0, ours=1.0, others=1.0)
+    try:
+        asked, reduced = g.asked, g.reduced
+        np.testing.assert_array_equal(model.logits([5, 60, 70, 80, 90, 100, 7, 8, 9, 10]), want_logits)
+        assert list(model.generate("the other", max_tokens=12)) == want
+        assert g.limit == 1 and g.reduced - reduced == g.asked - asked > 0
+    finally:
+        kernel_thread.set_governor(previous)
 
 
 def test_untied_output_and_rope_freqs(tmp_path):
