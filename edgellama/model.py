@@ -26,7 +26,7 @@ from .kernel_cache import DECODE_PIECES_CHILD, DECODE_PIECES_HERE, CompileChild,
     plan_warm_up
 from .hardware import physical_cores  # the default thread count (big physical cores)
 from .memory import trim_heap
-from .kernels.cache import package_stamp
+from .kernels.cache import LAYOUT_FILES, package_stamp
 from .packed_cache import packed_sections, resolve_folder
 from .quants import KV_CACHE_TYPES, QK, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
 
@@ -94,7 +94,7 @@ def _pack(f: GGUFFile, sections: list[list[Weight]], packed_cache=None,
               for weights in sections]  # per weight: (groups, group bytes)
     sizes = [sum(groups * size for groups, size in s) for s in shapes]
     layout = {"target": {"lanes": int(lanes), "unsigned_q8": bool(unsigned_q8)},
-              "kernels": package_stamp(),
+              "kernels": package_stamp(LAYOUT_FILES),
               "sections": [[(w.name, w.qtype, w.n_out, w.n_in, f.tensor(w.name).offset) for w in weights]
                            for weights in sections]}
 

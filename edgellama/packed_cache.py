@@ -11,7 +11,8 @@ than swap or kill.
 off), else ``$XDG_CACHE_HOME/edgellama/packed`` (default ``~/.cache/edgellama/packed``); or
 ``Model(..., packed_cache=False | folder)``.  One file per model file and target layout, named after
 the model's real path: loading a model that changed (size, times, inode, a hash of its header and of
-pages sampled across it, tensor layout) or with other kernel sources (their package stamp) writes it again, and each write removes the files
+pages sampled across it, tensor layout) or with other packing sources (the stamp of
+``kernels.cache.LAYOUT_FILES``) writes it again, and each write removes the files
 of models that are gone or changed.  Delete the folder at any time to reclaim the space.
 
 **Safely.**  A copy is written only when it leaves ``MIN_FREE_BYTES`` of the disk free, by a thread

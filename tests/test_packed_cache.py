@@ -418,3 +418,25 @@ def test_a_damaged_or_foreign_kept_header_is_ignored_and_replaced(tmp_path, monk
         assert got.header_source == "parsed"
         _same_parse(want, got)
         assert kept.read_bytes() == good  # written again
+
+
+def test_the_packed_copies_are_keyed_by_the_packing_sources_only():
+    """The key's stamp covers the module of the packing code and every edgellama module it takes
+    code or constants from (but the thread launch, which moves no byte), and not the products or
+    the attention: editing those keeps GBs of packed copies."""
+    import ast
+    import inspect
+
+    from edgellama.kernels import cache, layout
+
+    covered = {p.resolve() for p in cache.LAYOUT_FILES}
+    assert all(p.is_file() for p in covered)
+    assert Path(inspect.getsourcefile(layout.pack_rows)).resolve() in covered
+    package = Path(layout.__file__).resolve().parent
+    tree = ast.parse(Path(layout.__file__).read_text())
+    imported = {(node.level, node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level}
+    assert (1, "common") in imported and (2, "quants") in imported
+    for level, module in imported - {(1, "parallel")}:
+        path = (package if level == 1 else package.parent) / (module.replace(".", "/") + ".py")
+        assert path.resolve() in covered, f"layout.py imports {module}, which the packed cache's key does not cover"
+    assert (package / "products.py").resolve() not in covered and (package / "attention.py").resolve() not in covered

@@ -37,6 +37,11 @@ from ..memory import release_compiler_pages
 
 _HERE = Path(__file__).resolve().parent
 PACKAGE_FILES = tuple(sorted(_HERE.glob("*.py"))) + (_HERE.parent / "quants.py",)
+# what the packed weights' bytes are made by (pack_rows and the helpers and constants it uses): the
+# stamp of edgellama.packed_cache's files, so that a change elsewhere in the kernels (a product,
+# the attention, the thread launch) keeps the packed copies of the models (GBs to write again)
+LAYOUT_FILES = tuple(_HERE / name for name in ("layout.py", "common.py", "llvm.py", "target.py")) \
+    + (_HERE.parent / "quants.py",)
 
 
 @functools.lru_cache(maxsize=None)
