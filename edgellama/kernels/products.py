@@ -165,6 +165,17 @@ def in_formats(typingctx, formats, wtype):
 
 # ----- the int8 tiles over packed weights --------------------------------------------------------
 
+# How far ahead of the block it computes a tile asks for the weights (software prefetch, each line
+# of the record PREFETCH_BYTES further on).  A tile walks its row group's bytes in order, so the
+# hardware prefetchers see a stream too, but they run only a few lines ahead of the loads and stop
+# at page ends: with the compute of several tokens per block between loads, memory sat idle.
+# Measured on a 2-core Xeon (AVX-512 VNNI), 2 threads, interleaved runs, 2026-12-03: 8B shape Q4_0,
+# 4 sequences per step (the server's batched step) 284-318 -> 230-232 ms per step (1 sequence:
+# 204-212, the memory bound); 1B shape Q4_0 decode, median of 6: 20.0 -> 23.8 tok/s, prompt (pp64)
+# 117 -> 132; SmolLM2 (weights that nearly fit the caches) unchanged within the noise.  1024 bytes
+# ahead gained less; 4096 and 8192 no more than 2048.
+PREFETCH_BYTES = 2048
+
 class _TileIR:
     """Emits one packed tile into a Numba intrinsic's builder.  Compile-time code only.
 
@@ -306,9 +317,16 @@ class _TileIR:
                 v = b.lshr(v, _const_vec(_I8, [-shift] * (4 * n)))
             return b.and_(v, _const_vec(_I8, [mask] * (4 * n)))
 
+        prefetch = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
         with cgutils.for_range(b, self.nb) as loop:
             blk = loop.index
             rec = b.add(self.group_at, b.mul(blk, self.i64(record)))
+            # ask for the weights PREFETCH_BYTES ahead now, a line at a time (a hint: never a fault,
+            # past the end included); see PREFETCH_BYTES
+            for line in range(0, record, 64):
+                b.call(prefetch, [self.ptr(self.wp, b.add(rec, self.i64(PREFETCH_BYTES + line)), _I8),
+                                  ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
             mins_at = b.add(rec, self.i64(n * n_scales * scale_bytes))
             if scale_bytes == 1:  # K-quants: block factor x super-block d (dmin), ggml's float32 products
                 sb_at = b.add(table_at, b.mul(b.lshr(blk, self.i64(3)), self.i64(sb_bytes)))
