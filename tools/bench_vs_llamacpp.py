@@ -9,7 +9,7 @@ included).  Peak RSS of each llama.cpp process comes from wait4.  The two sides 
 first on even runs) and each figure is the median over ``--runs`` processes.
 
 The DRAM roofline: tools/membw.py measures the streaming read bandwidth with the same thread count
-in the same run; a decode step reads every weight matrix once (the embedding table one row), so
+before each pair of runs (each run's figure uses the one measured just before it); a decode step reads every weight matrix once (the embedding table one row), so
 tg x (bytes of weights per token) / bandwidth is the fraction of the hardware decoding reaches.
 
 Usage:  python tools/bench_vs_llamacpp.py [--models F.gguf ...] [-t 2] [-p 256] [-n 128] [--runs 3]
@@ -250,17 +250,24 @@ def main(argv: list[str] | None = None) -> int:
     git_start, sources_start = git_state(), source_fingerprint()
     print(f"{started:%Y-%m-%d %H:%M}  {cpu_model()}  threads {args.threads}  n_ctx {n_ctx}  "
           f"load average {load_start}", file=sys.stderr)
-    # in a child, so that its 2 GiB buffer is never part of this process (whose children's peak RSS
-    # would otherwise start from it)
-    out, _, _ = _run_timed([sys.executable, str(ROOT / "tools" / "membw.py"), "-t", str(args.threads), "--json"],
-                           args.timeout)
-    bandwidth = json.loads(out)["read_gb_s"]
-    print(f"DRAM read bandwidth with {args.threads} threads: {bandwidth:.1f} GB/s", file=sys.stderr)
+    def measure_bandwidth() -> float:
+        # in a child, so that its 2 GiB buffer is never part of this process (whose children's peak
+        # RSS would otherwise start from it)
+        out, _, _ = _run_timed([sys.executable, str(ROOT / "tools" / "membw.py"), "-t", str(args.threads),
+                                "--json"], args.timeout)
+        gbs = json.loads(out)["read_gb_s"]
+        print(f"DRAM read bandwidth with {args.threads} threads: {gbs:.1f} GB/s", file=sys.stderr)
+        return gbs
+
     sections = []
     for model in map(Path, models):
-        ours, theirs = [], []
+        ours, theirs, bandwidths = [], [], []
         per_token = weight_bytes_per_token(model)
         for i in range(args.runs):
+            # measured again before each pair of runs: a shared host's bandwidth moves within minutes
+            # (13.0 and 23.7 GB/s in one run on 2026-12-03), and each run's roofline uses its own
+            bandwidth = measure_bandwidth()
+            bandwidths.append(bandwidth)
             order = ("ours", "llama.cpp") if i % 2 == 0 else ("llama.cpp", "ours")
             for side in order:
                 try:
@@ -291,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"pp {_spread(theirs, 'pp_tok_s')}, tg {_spread(theirs, 'tg_tok_s')} tok/s. "
                 f"Our Numba cache per run: {caches}; packed weights per run: {packed} (mapped: from the packed "
                 f"cache an earlier load wrote). Weights read per token: {per_token / 1e9:.3f} GB; DRAM "
-                f"read bandwidth ({args.threads} threads, tools/membw.py, same run): {bandwidth:.1f} GB/s.")
+                f"read bandwidth ({args.threads} threads, tools/membw.py, before each pair of runs; each run's "
+                f"roofline uses its own): {', '.join(f'{b:.1f}' for b in bandwidths)} GB/s.")
         table = compare_table(ours, theirs, args.n_prompt, args.n_gen)
         note += (f" Ours: kernels {ours[0].get('kernels', '?')}, KV cache {ours[0].get('cache_type', '?')}; "
                  f"llama.cpp: {theirs[0].get('system_info', '?')}.")
