@@ -14,9 +14,10 @@ kernel thread, started on first use (and again after a fork), whatever thread as
 caller waits.  Calls from the kernel thread itself run at once, so wrapped functions may call each
 other.  It costs a hand-over per evaluation (tens of microseconds, against milliseconds of work),
 and makes the evaluations of the process take turns, which on a CPU's few cores beats running them
-at once.  The thread count a job asks for is the most it gets: while other programs keep cores busy,
-edgellama.adaptive_threads gives it fewer (the results do not change).  Ctrl-C in the waiting thread takes effect when the evaluation has finished, as it did
-when the evaluation ran in that thread: nothing is left half-written.
+at once.  The thread count a job asks for is the most it gets: while other programs keep cores
+busy, edgellama.adaptive_threads gives it fewer (the results do not change).  Ctrl-C in the waiting
+thread takes effect when the evaluation has finished, as it did when the evaluation ran in that
+thread: nothing is left half-written.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ included).  Peak RSS of each llama.cpp process comes from wait4.  The two sides 
 first on even runs) and each figure is the median over ``--runs`` processes.
 
 The DRAM roofline: tools/membw.py measures the streaming read bandwidth with the same thread count
-before each pair of runs (each run's figure uses the one measured just before it); a decode step reads every weight matrix once (the embedding table one row), so
+before each pair of runs (each run's figure uses the one measured just before it); a decode step
+reads every weight matrix once (the embedding table one row), so
 tg x (bytes of weights per token) / bandwidth is the fraction of the hardware decoding reaches.
 
 Usage:  python tools/bench_vs_llamacpp.py [--models F.gguf ...] [-t 2] [-p 256] [-n 128] [--runs 3]

@@ -37,9 +37,9 @@ from ..memory import release_compiler_pages
 
 _HERE = Path(__file__).resolve().parent
 PACKAGE_FILES = tuple(sorted(_HERE.glob("*.py"))) + (_HERE.parent / "quants.py",)
-# what the packed weights' bytes are made by (pack_rows and the helpers and constants it uses): the
-# stamp of edgellama.packed_cache's files, so that a change elsewhere in the kernels (a product,
-# the attention, the thread launch) keeps the packed copies of the models (GBs to write again)
+# what the packed weights' bytes are made by (pack_rows, the helpers and constants it uses): their
+# stamp is part of the key of the packed copies (edgellama.packed_cache), so that a change elsewhere
+# in the kernels (a product, the attention, the thread launch) keeps those copies (GBs to write)
 LAYOUT_FILES = tuple(_HERE / name for name in ("layout.py", "common.py", "llvm.py", "target.py")) \
     + (_HERE.parent / "quants.py",)
 

@@ -176,6 +176,7 @@ def in_formats(typingctx, formats, wtype):
 # ahead gained less; 4096 and 8192 no more than 2048.
 PREFETCH_BYTES = 2048
 
+
 class _TileIR:
     """Emits one packed tile into a Numba intrinsic's builder.  Compile-time code only.
 
