@@ -106,6 +106,12 @@ def _queue() -> queue.SimpleQueue:
         return _jobs
 
 
+def start() -> None:
+    """Start the kernel thread now (it starts on first use otherwise), from the calling thread, at
+    that thread's priority."""
+    _queue()
+
+
 def _forget_in_child() -> None:
     """After a fork: the child has no kernel thread (only the forking thread survives), and a lock
     held by another thread at the fork would stay held."""

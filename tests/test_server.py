@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -591,3 +592,22 @@ def test_serve_command_rejects_bad_options(tiny, option):
     r = subprocess.run([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), *option],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and option[0] in r.stderr and "loading" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities: Linux only")
+def test_the_event_loop_runs_below_the_model_threads(server):
+    """The event loop's thread at LOOP_NICE above the thread that started it; the kernel thread
+    (whose OpenMP threads compute the steps) keeps its priority."""
+    from edgellama import kernel_thread
+    from edgellama.server import LOOP_NICE
+
+    def own_nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def on_loop():
+        return own_nice()
+
+    loop = asyncio.run_coroutine_threadsafe(on_loop(), server.httpd._loop).result(30)
+    here = own_nice()  # the thread that started the server's thread (threads start at their starter's)
+    assert loop == min(19, here + LOOP_NICE)
+    assert kernel_thread.run(own_nice) <= here
