@@ -54,7 +54,7 @@ def parse_busy(text: str, cpus: set[int] | None) -> float:
         values += [0] * (8 - len(values))
         user, nice, system, _idle, _iowait, irq, softirq, steal = values
         ticks += user + nice + system + irq + softirq + steal
-    return ticks / _clock_ticks()
+    return ticks / CLOCK_TICKS
 
 
 def _clock_ticks() -> int:
@@ -62,6 +62,9 @@ def _clock_ticks() -> int:
         return os.sysconf("SC_CLK_TCK") or 100
     except (AttributeError, ValueError, OSError):
         return 100
+
+
+CLOCK_TICKS = _clock_ticks()  # /proc/stat's unit: ticks per second (USER_HZ)
 
 
 class Governor:

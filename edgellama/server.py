@@ -1138,6 +1138,7 @@ class _Connection:
 # Q8_0, serve --parallel 4, four greedy streams, interleaved runs): -n 64: 274-317 -> 326-332
 # tok/s aggregate; -n 128: 283-305 -> 297-321 (+10: 293-304).
 LOOP_NICE = 5
+_lowered = threading.local()  # .done in a thread already lowered (a second serve_forever keeps it)
 
 
 def _lower_loop_priority() -> None:
@@ -1145,15 +1146,18 @@ def _lower_loop_priority() -> None:
     after starting the kernel thread, so that it and the OpenMP threads it starts keep theirs (a
     thread starts at the priority of the one that starts it).  Linux only (elsewhere a thread id is
     no process id); a failure changes nothing.  There is no way back without privileges: the thread
-    keeps that priority after serve_forever returns."""
+    keeps that priority after serve_forever returns, and is not lowered again by the next one."""
     if not sys.platform.startswith("linux"):
         return
     from . import kernel_thread
 
     kernel_thread.start()
     try:
+        if getattr(_lowered, "done", False):
+            return
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LOOP_NICE))
+        _lowered.done = True
     except (AttributeError, OSError):
         pass
 

@@ -23,7 +23,7 @@ procs_running 3
 
 
 def test_busy_time_of_the_allowed_cpus_only():
-    tick = adaptive_threads._clock_ticks()
+    tick = adaptive_threads.CLOCK_TICKS
     # cpu0: user+nice+system+irq+softirq+steal, not idle (700) nor iowait (3)
     assert parse_busy(STAT, {0}) * tick == pytest.approx(100 + 1 + 20 + 4 + 5 + 6)
     assert parse_busy(STAT, {1}) * tick == pytest.approx(232)

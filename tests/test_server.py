@@ -611,3 +611,24 @@ def test_the_event_loop_runs_below_the_model_threads(server):
     here = own_nice()  # the thread that started the server's thread (threads start at their starter's)
     assert loop == min(19, here + LOOP_NICE)
     assert kernel_thread.run(own_nice) <= here
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities: Linux only")
+def test_a_second_serve_forever_in_one_thread_keeps_the_priority():
+    from edgellama.server import LOOP_NICE, _lower_loop_priority
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = []
+
+    def body():
+        start = nice()
+        _lower_loop_priority()
+        _lower_loop_priority()
+        seen.extend([start, nice()])
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen[1] == min(19, seen[0] + LOOP_NICE)
