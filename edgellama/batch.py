@@ -33,6 +33,7 @@ import numpy as np
 
 from . import kernel_thread, kernels as K
 from .generate import Chunk, Continuation, GenerationError, check_generation, check_n_keep, truncate_prompt
+from .memory import lazy_zeros
 from .quants import KV_CACHE_TYPES
 
 DEFAULT_BATCH_ROWS = 64   # rows (tokens) per step: generated tokens first, prompt tokens fill the rest
@@ -54,7 +55,7 @@ class Rows:
         self.n_ctx, self.n_rows, self.n_slots = n_ctx, n_rows, n_slots
         kind = KV_CACHE_TYPES[model.cache_type]
         shape = (n_slots, a.n_layers, a.n_kv_heads, n_ctx, kind.row_length(a.head_dim))
-        self.cache = K.SlotCache(np.zeros(shape, kind.dtype), np.zeros(shape, kind.dtype))
+        self.cache = K.SlotCache(lazy_zeros(shape, kind.dtype), lazy_zeros(shape, kind.dtype))  # (memory.lazy_zeros)
         n_spans = -(-n_ctx // K.ATTN_SPAN)
         group = a.n_heads // a.n_kv_heads
         self._x = np.zeros((n_rows, a.dim), f32)                      # residual stream (R, dim)

@@ -25,7 +25,7 @@ from .gguf import GGUFFile, ModelFormatError
 from .kernel_cache import DECODE_PIECES_CHILD, DECODE_PIECES_HERE, CompileChild, compile_for, matrix_types, \
     plan_warm_up
 from .hardware import physical_cores  # the default thread count (big physical cores)
-from .memory import trim_heap
+from .memory import lazy_zeros, trim_heap
 from .kernels.cache import LAYOUT_FILES, package_stamp
 from .packed_cache import packed_sections, resolve_folder
 from .quants import KV_CACHE_TYPES, QK, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
@@ -221,11 +221,12 @@ class State:
         a = args
         f32 = np.float32
         # KV cache: (n_layers, n_kv_heads, n_ctx, row) of the cache type's element (quants.KV_CACHE_TYPES:
-        # float32, IEEE half bit patterns, or Q8_0 blocks); zero pages cost no memory until written
+        # float32, IEEE half bit patterns, or Q8_0 blocks); its pages cost memory as they are written
+        # (4 KB at a time: memory.lazy_zeros)
         kind = KV_CACHE_TYPES[cache_type]
         shape = (a.n_layers, a.n_kv_heads, n_ctx, kind.row_length(a.head_dim))
-        self.k_cache = np.zeros(shape, dtype=kind.dtype)
-        self.v_cache = np.zeros(shape, dtype=kind.dtype)
+        self.k_cache = lazy_zeros(shape, kind.dtype)
+        self.v_cache = lazy_zeros(shape, kind.dtype)
         self.kv = K.KVCache(self.k_cache, self.v_cache)
         self.xb = np.zeros(a.dim, f32)                 # normed / projected activation (dim,)
         self.qx = _q8_activation(a.dim)                # xb (or att) quantized to int8 blocks (dim,)

@@ -93,7 +93,7 @@ def test_compiler_pages_are_released_and_compiling_still_works():
 
 
 CHILD = r"""
-import json, sys
+import json, mmap, sys
 import numpy as np
 import edgellama
 
@@ -110,7 +110,13 @@ def rss(name):
 model = edgellama.load(sys.argv[1], n_ctx=256, threads=2)
 model.eval(np.arange(20) + 100)  # the prompt kernels
 model.eval(np.array([5]))        # the one-token kernels
-print(json.dumps({"llvm_mib": rss("libllvmlite"), "file_mib": rss(sys.argv[1].rsplit("/", 1)[-1]),
+k, page = model.state.k_cache, mmap.PAGESIZE
+start, end = k.__array_interface__["data"][0] // page, -(-(k.__array_interface__["data"][0] + k.nbytes) // page)
+with open("/proc/self/pagemap", "rb") as f:
+    f.seek(8 * start)
+    kv_pages = int(((np.frombuffer(f.read(8 * (end - start)), np.uint64) >> np.uint64(63)) & np.uint64(1)).sum())
+print(json.dumps({"kv_pages": kv_pages, "kv_regions": k.shape[0] * k.shape[1],
+                  "kv_region_bytes": k.nbytes // (k.shape[0] * k.shape[1]), "page": page, "llvm_mib": rss("libllvmlite"), "file_mib": rss(sys.argv[1].rsplit("/", 1)[-1]),
                   "packed_mib": model.weights.packed.nbytes >> 20, "packed": model.weights.pack_source}))
 """
 
@@ -128,5 +134,34 @@ def test_a_loaded_model_keeps_neither_the_compiler_nor_the_file_resident(smollm2
         assert r["packed_mib"] > 50
         assert r["file_mib"] < 4, r  # the metadata: 1.7 MiB for SmolLM2's vocabulary
         assert r["llvm_mib"] < 4, r
+        # 21 positions written: each (layer, KV head) region of the K cache has its first
+        # 21 x 128 bytes in memory, one page, not the whole cache (memory.lazy_zeros)
+        per_region = -(-21 * 128 // r["page"])
+        assert r["kv_region_bytes"] >= 8 * r["page"] and r["kv_pages"] <= r["kv_regions"] * per_region, r
         sources.append(r["packed"])
     assert sources[1] == "mapped" and sources[0] in ("saving", "mapped")
+
+
+def test_lazy_zeros_become_resident_a_page_at_a_time_and_stay_private_to_a_fork():
+    import os
+
+    from edgellama.memory import lazy_zeros
+
+    a = lazy_zeros((16, 8, 4096, 64), np.uint16)  # 64 MiB: a 1B model's K cache at 4096 positions
+    assert a.shape == (16, 8, 4096, 64) and a.dtype == np.uint16 and a.flags.writeable and a.flags.c_contiguous
+    assert present_pages(a) == 0
+    a[:, :, 0] = 1  # one position in each of the 128 (layer, head) regions, 512 KiB apart
+    pages = a.nbytes // mmap.PAGESIZE
+    # one page per region (huge pages: 2 MiB each, all 64 MiB); a larger base page or a small
+    # multi-page folio would still be far below an eighth of the array
+    assert present_pages(a) <= min(128 * max(1, 65536 // mmap.PAGESIZE), pages // 8), present_pages(a)
+    assert int(a[:, :, 0].sum()) == 16 * 8 * 64 and not a[:, :, 1:3].any() and not a[-1, -1, -1].any()
+    pid = os.fork()
+    if pid == 0:  # a forked child (a kernel compile child) writes into its own copy
+        a[0, 0, 5, 0] = 7
+        os._exit(0 if a[0, 0, 5, 0] == 7 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and a[0, 0, 5, 0] == 0
+    small = lazy_zeros((3, 4), np.float32)  # below a huge page: plain np.zeros
+    assert small.shape == (3, 4) and not small.any() and small.flags.writeable
+    assert lazy_zeros(0, np.float32).shape == (0,)
