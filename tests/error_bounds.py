@@ -278,7 +278,8 @@ def attention_bound(q, k, v, first_pos: int, scale: float) -> np.ndarray:
     (n_pos, n_kv, hd) as stored), by the steps of ``attention``: scores off by eps_j = gamma(hd + 2 nb
     + 4) scale sum |q k_j|; each weight's exponent off by eps_j plus 2u |s_j - max| plus the
     maximum's own error, its exponential (and the normalizer's) by 2 EXP_REL, the normalizer by
-    gamma(n) + 4u, so p'_j / p_j lies within exp(+-lam_j); then the output sum's gamma(n + n/64 + 8)."""
+    gamma(n) + 4u, so p'_j / p_j lies within exp(+-lam_j); weights below 2^-64 of the largest may
+    be 0 (SOFTMAX_FLOOR); then the output sum's gamma(n + n/64 + 8)."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     T, n_heads, hd = q.shape
     group = n_heads // k.shape[1]
@@ -294,7 +295,11 @@ def attention_bound(q, k, v, first_pos: int, scale: float) -> np.ndarray:
             lam = rho + rho.max() + 4 * EXP_REL + gamma(n) + 4 * U
             w = np.exp(s - s.max())
             p = w / w.sum()
-            dp = p * np.expm1(lam)
+            # weights under 2^-64 of the largest (kernels.attention.SOFTMAX_FLOOR, reached with the
+            # rounding above) may be 0: theirs is lost whole, and the normalizer loses their sum
+            gone = w <= 2.0 ** -64 * np.exp(lam)
+            lam = lam + w[gone].sum() / w.sum()
+            dp = np.where(gone, p, p * np.expm1(lam))
             bound[t, h] = dp @ np.abs(values) + gamma(n + n // 64 + 8) * ((p + dp) @ np.abs(values))
     return bound
 

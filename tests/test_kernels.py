@@ -860,6 +860,38 @@ def test_attention_one(n_kv, group, head_dim, n_pos, half, threads):
     assert_attention_close(out[None], q[None], *values, n_pos - 1)
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_attention_with_widely_spread_scores(half, threads):
+    """Scores hundreds apart (a sharp head): the weights under 2^-64 of the largest are dropped
+    (SOFTMAX_FLOOR), within the rounding bound of the exact softmax, prompt and one-token paths."""
+    rng = np.random.default_rng(7)
+    n_kv, group, hd, n_pos = 2, 4, 64, 300
+    n_heads = n_kv * group
+    q = (rng.standard_normal((n_heads, hd)) * 12).astype(np.float32)
+    k = (rng.standard_normal((n_kv, n_pos, hd)) * 2).astype(np.float32)
+    v = rng.standard_normal((n_kv, n_pos, hd)).astype(np.float32)
+    s = np.einsum("khd,kpd->khp", q.reshape(n_kv, group, hd), k) / 8
+    spread = s.max(-1, keepdims=True) - s
+    # weights beyond exp's subnormal range (dropped, as before), and many tiny ones that must be
+    # kept: a floor at e^-6 would be 70x beyond the bound
+    assert (spread > 104).mean() > 0.03 and ((spread > 6) & (spread < 44)).mean() > 0.15
+    if half:
+        k, v = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+        values = k.view(np.float16).astype(np.float32), v.view(np.float16).astype(np.float32)
+    else:
+        values = k, v
+    n_spans = -(-n_pos // K.ATTN_SPAN)
+    scratch = np.full((n_spans * n_kv, hd + group * K.ATTN_SPAN), np.nan, np.float32)
+    partial = np.full((n_spans, n_heads, hd + 2), np.nan, np.float32)
+    out = np.full_like(q, np.nan)
+    K.attention_one(q, k, v, n_pos, scratch, partial, out)
+    assert_attention_close(out[None], q[None], *values, n_pos - 1)
+    if not half:
+        prompt_out = np.full((1, n_heads, hd), np.nan, np.float32)
+        K.attention(q[None], k, v, n_pos - 1, np.zeros((1, n_pos), np.float32), prompt_out)
+        assert_attention_close(prompt_out, q[None], *values, n_pos - 1)
+
+
 def test_attention_causal_mask_and_sharp_softmax():
     """Token 0 at position 0 sees only itself; scores of 1e4 spread do not overflow exp."""
     q = np.zeros((2, 2, 4), np.float32)

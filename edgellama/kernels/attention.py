@@ -14,6 +14,26 @@ from .kv import _kv_axpy, _kv_dot, _kv_load
 from .llvm import _expf
 from .parallel import parallel_rows
 
+# A softmax weight exp(score - max) below 2^-64 is taken as 0.  The largest weight is 1, so such a
+# weight changes no float32 sum it enters (the total is >= 1; an output is >= the largest weight's
+# value row, and 2^-64 x the context's positions is far below float32's 2^-24 relative step), but
+# computing it gives subnormal numbers (exp(x) for x < -87.3, and the products of tiny weights),
+# and each operation on one costs a microcode assist of 100+ cycles on Intel CPUs: measured on a
+# 2-core Xeon, one token's attention at 2048 cached positions of a 1B-shaped model took 4x as
+# long (44 ms against 11 for its 16 layers) when the scores were spread widely, as a sharp
+# attention head's are; 13-15 ms with the floor.
+SOFTMAX_FLOOR = np.float32(-64.0 * math.log(2.0))
+
+
+@njit(**EXACT)
+def _weight(d):
+    """exp(d) of a score minus the maximum (d <= 0), 0 below SOFTMAX_FLOOR (a NaN stays NaN).  The
+    exponential's argument is clamped too: vectorized, it is computed for every lane, and its own
+    arithmetic would reach subnormal numbers in the lanes the select then discards."""
+    low = d < SOFTMAX_FLOOR
+    e = _expf(SOFTMAX_FLOOR if low else d)
+    return np.float32(0.0) if low else e
+
 
 @njit(**EXACT)
 def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
@@ -25,7 +45,7 @@ def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
         best = max(best, s)
     # exponentials in their own loop so that it vectorizes; the sum in plain order
     for t in range(n_pos):
-        scores[t] = _expf(scores[t] - best)
+        scores[t] = _weight(scores[t] - best)
     total = 0.0
     for t in range(n_pos):
         total += scores[t]
@@ -101,7 +121,7 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
         for t in range(n):
             best = max(best, scores[g, t])
         for t in range(n):
-            scores[g, t] = _expf(scores[g, t] - best)
+            scores[g, t] = _weight(scores[g, t] - best)
         total = 0.0
         for t in range(n):
             total += scores[g, t]
@@ -149,7 +169,7 @@ def attention_one(q, k_cache, v_cache, n_pos, scratch, partial, out):
         total = 0.0
         out[h, :] = 0.0
         for s in range(n_spans):
-            w = _expf(partial[s, h, head_dim] - best)
+            w = _weight(partial[s, h, head_dim] - best)
             total += partial[s, h, head_dim + 1] * w
             for i in range(head_dim):
                 out[h, i] += w * partial[s, h, i]

@@ -25,13 +25,12 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from .attention import ATTN_SPAN, _attend_span
+from .attention import ATTN_SPAN, _attend_span, _weight
 from .common import EXACT, FAST, T_F16, T_F32
 from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT,
                      MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, Q8Activation)
 from .kv import _kv_store
 from .layout import embed_row, is_quantized
-from .llvm import _expf
 from .parallel import parallel_rows
 from .ops import _swiglu_inplace, rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
 from .products import _TILE_TOKENS, ALL_FORMATS, _row_tile, _tile, _token_tile, as_formats, in_formats, \
@@ -267,7 +266,7 @@ def _merge_spans(lo, hi, rows, partial, out):
             total = 0.0
             o[h, :] = 0.0
             for s in range(n_spans):
-                w = _expf(p[s, h, head_dim] - best)
+                w = _weight(p[s, h, head_dim] - best)
                 total += p[s, h, head_dim + 1] * w
                 for i in range(head_dim):
                     o[h, i] += w * p[s, h, i]
