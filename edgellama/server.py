@@ -1138,26 +1138,23 @@ class _Connection:
 # Q8_0, serve --parallel 4, four greedy streams, interleaved runs): -n 64: 274-317 -> 326-332
 # tok/s aggregate; -n 128: 283-305 -> 297-321 (+10: 293-304).
 LOOP_NICE = 5
-_lowered = threading.local()  # .done in a thread already lowered (a second serve_forever keeps it)
 
 
 def _lower_loop_priority() -> None:
-    """The calling thread (the one about to run the event loop) at LOOP_NICE above its priority,
+    """The calling thread (serve_forever's event-loop thread) at LOOP_NICE above its priority,
     after starting the kernel thread, so that it and the OpenMP threads it starts keep theirs (a
     thread starts at the priority of the one that starts it).  Linux only (elsewhere a thread id is
-    no process id); a failure changes nothing.  There is no way back without privileges: the thread
-    keeps that priority after serve_forever returns, and is not lowered again by the next one."""
+    no process id); a failure changes nothing.  There is no way back without privileges, which is
+    why the loop runs in a thread of its own: the thread that called serve_forever keeps its
+    priority."""
     if not sys.platform.startswith("linux"):
         return
     from . import kernel_thread
 
     kernel_thread.start()
     try:
-        if getattr(_lowered, "done", False):
-            return
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LOOP_NICE))
-        _lowered.done = True
     except (AttributeError, OSError):
         pass
 
@@ -1165,9 +1162,9 @@ def _lower_loop_priority() -> None:
 class Server:
     """The HTTP front end: one asyncio event loop for every connection, the model on its own worker.
 
-    ``serve_forever()`` runs the loop in the calling thread until ``shutdown()`` (from another
-    thread); ``server_close()`` frees the socket and stops the worker.  On Linux that thread runs at
-    ``LOOP_NICE`` above the process's priority from then on (see ``_lower_loop_priority``).
+    ``serve_forever()`` runs the loop until ``shutdown()`` (from another thread), in a thread of its
+    own that the caller waits for (on Linux at ``LOOP_NICE`` above the caller's priority: see
+    ``_lower_loop_priority``); ``server_close()`` frees the socket and stops the worker.
     """
 
     def __init__(self, model, config: ServerConfig):
@@ -1207,12 +1204,33 @@ class Server:
     # --- running ---
 
     def serve_forever(self) -> None:
+        """Serve until ``shutdown()`` (from another thread) or Ctrl-C (KeyboardInterrupt, raised here
+        once the loop has stopped).  The event loop runs in a thread of its own at LOOP_NICE, which
+        this thread waits for: its priority stays as it was."""
         self._stopped.clear()
-        _lower_loop_priority()
+        failed: list[BaseException] = []
+
+        def run_loop() -> None:
+            _lower_loop_priority()
+            try:
+                asyncio.run(self._main())
+            except BaseException as e:  # noqa: B036  (raised again in the waiting thread)
+                failed.append(e)
+
+        loop_thread = threading.Thread(target=run_loop, name="edgellama-http", daemon=True)
         try:
-            asyncio.run(self._main())
+            loop_thread.start()
+            try:
+                loop_thread.join()
+            except BaseException:  # Ctrl-C while waiting: stop the loop (once it runs), then raise it
+                while loop_thread.is_alive():
+                    self._request_stop()
+                    loop_thread.join(0.05)
+                raise
         finally:
             self._stopped.set()
+        if failed:
+            raise failed[0]
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -1233,13 +1251,17 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop serve_forever (call from another thread) and wait until it has returned."""
+        while not self._stopped.is_set():  # (a loop still starting is asked again until it stops)
+            self._request_stop()
+            self._stopped.wait(0.05)
+
+    def _request_stop(self) -> None:
         loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and not self._stopped.is_set():
+        if loop is not None and stop is not None:
             try:
                 loop.call_soon_threadsafe(stop.set)
-            except RuntimeError:
+            except RuntimeError:  # the loop has closed
                 pass
-        self._stopped.wait()
 
     def server_close(self) -> None:
         self.socket.close()

@@ -594,6 +594,35 @@ def test_serve_command_rejects_bad_options(tiny, option):
     assert r.returncode == 2 and option[0] in r.stderr and "loading" not in r.stderr, r.stderr
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process: POSIX")
+def test_serve_command_stops_on_ctrl_c_while_serving(tiny):
+    """Ctrl-C (SIGINT) to a running `edgellama serve`, sent once it says it listens: it stops
+    serving and exits 0 without a traceback, and the port answers no more."""
+    import re
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), "--port", "0",
+                             "-c", "64", "-t", "1"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        port = int(re.search(r"http://[^:]+:(\d+)/v1", lines[-1]).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=30):
+            pass
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(60) == 0, "".join(lines) + rest
+        assert "Traceback" not in rest, rest
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities: Linux only")
 def test_the_event_loop_runs_below_the_model_threads(server):
     """The event loop's thread at LOOP_NICE above the thread that started it; the kernel thread
@@ -614,21 +643,36 @@ def test_the_event_loop_runs_below_the_model_threads(server):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities: Linux only")
-def test_a_second_serve_forever_in_one_thread_keeps_the_priority():
-    from edgellama.server import LOOP_NICE, _lower_loop_priority
+def test_serve_forever_leaves_the_calling_threads_priority_alone(tiny):
+    """The loop runs at LOOP_NICE in a thread of its own: the thread that called serve_forever (an
+    app's main thread) keeps its priority, during and after, for two servers in turn."""
+    from edgellama.server import LOOP_NICE
 
     def nice():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
+    async def on_loop():
+        return nice()
+
+    servers = [make_server(tiny, ServerConfig(port=0)) for _ in range(2)]
     seen = []
 
     def body():
-        start = nice()
-        _lower_loop_priority()
-        _lower_loop_priority()
-        seen.extend([start, nice()])
+        seen.append(nice())
+        for httpd in servers:
+            httpd.serve_forever()
+            seen.append(nice())
 
-    thread = threading.Thread(target=body)
+    thread = threading.Thread(target=body, daemon=True)
     thread.start()
-    thread.join()
-    assert seen[1] == min(19, seen[0] + LOOP_NICE)
+    try:
+        for httpd in servers:
+            assert httpd.ready.wait(60)
+            assert asyncio.run_coroutine_threadsafe(on_loop(), httpd._loop).result(30) == min(19, seen[0] + LOOP_NICE)
+            httpd.shutdown()  # returns once serve_forever has
+        thread.join(60)
+    finally:
+        for httpd in servers:
+            httpd.shutdown()
+            httpd.server_close()
+    assert not thread.is_alive() and seen == [seen[0]] * 3
