@@ -18,9 +18,11 @@ array (``madvise(MADV_HUGEPAGE)``), so the first write into each 2 MB of a cache
 (and, with the kernel's default ``defrag=madvise``, may first compact memory to find the 2 MB): a
 first token, which writes one row into every layer's and head's region, made the whole KV cache
 resident and took 0.1-0.25 s of system time at a 1B model's 4096-token context (measured on a
-2-core Xeon; 5 ms when it did not compact).  ``lazy_zeros`` maps its own zero pages, 4 KB each.
+2-core Xeon; about 0.01 s when it did not compact).  ``lazy_zeros`` maps its own zero pages, 4 KB
+each.
 
-Both are no-ops where the platform lacks what they use (no ``/proc``, no glibc).
+Where the platform lacks what they use (no ``/proc``, no glibc, no ``mmap`` flags), the first two do
+nothing and ``lazy_zeros`` is ``np.zeros``.
 """
 
 from __future__ import annotations
