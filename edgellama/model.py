@@ -397,7 +397,11 @@ class Model:
                 child = None
         self.reset()
         try:
-            self.eval([token])
+            # the one-token step loaded (or compiled), not run: running it would cost a decode
+            # step (0.2 s on an 8B model) before the first real one
+            w, s = self.weights, self.state
+            kernel_thread.run(compile_for, K.decode_token, token, 0, w.decode, self.dims, self.rope, s.kv, s.decode,
+                              K.HALF_TABLES)
         finally:
             if child is not None:
                 child.finish(child_timeout())

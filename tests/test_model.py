@@ -279,6 +279,24 @@ def test_prompt_cache_evaluates_only_the_new_suffix(tmp_path):
     assert model.n_evaluated - before == 1
 
 
+def test_warm_up_loads_the_one_token_step_without_running_it(tmp_path):
+    """warm_up(prompt_path=False) readies the decode kernel and evaluates nothing (a step would
+    cost a first token's time); the first real token then needs no compilation and gives what a
+    fresh model gives."""
+    from edgellama import kernels as K
+
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+    model = edgellama.load(path, n_ctx=32)
+    model.warm_up(prompt_path=False)
+    assert model.n_evaluated == 0 and model.state.n_past == 0
+    assert not model.state.k_cache.any()  # nothing written
+    assert K.decode_token.signatures  # compiled or loaded
+    compiled = dict(K.decode_token.overloads)
+    logits = model.eval(IDS[:1]).copy()
+    assert dict(K.decode_token.overloads) == compiled  # the step it readied is the one that ran
+    np.testing.assert_array_equal(logits, edgellama.load(path, n_ctx=32).eval(IDS[:1]))
+
+
 def test_generate_streams_text_and_reports_finish(tmp_path):
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
     model = edgellama.load(path, n_ctx=32)
