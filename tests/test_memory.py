@@ -116,7 +116,8 @@ with open("/proc/self/pagemap", "rb") as f:
     f.seek(8 * start)
     kv_pages = int(((np.frombuffer(f.read(8 * (end - start)), np.uint64) >> np.uint64(63)) & np.uint64(1)).sum())
 print(json.dumps({"kv_pages": kv_pages, "kv_regions": k.shape[0] * k.shape[1],
-                  "kv_region_bytes": k.nbytes // (k.shape[0] * k.shape[1]), "page": page, "llvm_mib": rss("libllvmlite"), "file_mib": rss(sys.argv[1].rsplit("/", 1)[-1]),
+                  "kv_region_bytes": k.nbytes // (k.shape[0] * k.shape[1]), "page": page,
+                  "llvm_mib": rss("libllvmlite"), "file_mib": rss(sys.argv[1].rsplit("/", 1)[-1]),
                   "packed_mib": model.weights.packed.nbytes >> 20, "packed": model.weights.pack_source}))
 """
 
