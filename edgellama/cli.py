@@ -426,7 +426,7 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
     if callable(prompt_path):  # decided by the tokenizer: build it once, for the model too
         from .tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
+        tokenizer = Tokenizer.from_gguf(f)
         prompt_path = bool(prompt_path(tokenizer))
     status = plan_warm_up(matrix_types(f), prompt_path).status
     check_memory(f, model_args, n_ctx, args.cache_type, threads, compiling=bool(status and status.cold))

@@ -304,6 +304,7 @@ class GGUFFile:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self.header_source = "parsed"
+        self.header_digest: bytes | None = None  # SHA-256 of the header bytes, where it was computed
         if not (keep_header and size >= KEEP_HEADER_MIN_BYTES and self._read_kept()):
             self._parse()
             if keep_header and self._header_end >= KEEP_HEADER_MIN_BYTES:
@@ -427,6 +428,7 @@ class GGUFFile:
         tensors = [(t.name, int(t.qtype), t.shape, t.offset, t.nbytes) for t in self.tensors.values()]
         state = (self.version, meta, types, self.alignment, self.header_memory, self.data_offset, tensors)
         digest = hashlib.sha256(self.buf[:self._header_end]).digest()
+        self.header_digest = digest
         try:
             data = marshal.dumps((_KEPT_FORMAT, len(self.buf), self._header_end, digest, state))
         except ValueError:  # (not expected: the parser makes only marshal's types)
@@ -461,6 +463,7 @@ class GGUFFile:
         self.version, self.metadata, self.value_types, self.tensors = version, metadata, value_types, infos
         self.alignment, self.header_memory, self.data_offset = alignment, header_memory, data_offset
         self._header_end = end
+        self.header_digest = digest
         self.header_source = "kept"
         return True
 

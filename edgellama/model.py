@@ -302,7 +302,7 @@ class Model:
         # the tokenizer first: what building it frees goes back to the system before the weights
         # are packed on top of it
         # (``tokenizer``: one already built from this file's metadata, e.g. to size a prompt first)
-        self.tokenizer = tokenizer or Tokenizer.from_gguf_metadata(f.metadata, source=f.path)
+        self.tokenizer = tokenizer or Tokenizer.from_gguf(f)
         trim_heap()
         self.weights = Weights(f, self.args, packed_cache, self.threads)
         self.rope = K.RopeTables(*rope_tables(self.args, self.n_ctx, self.weights.rope_freqs))

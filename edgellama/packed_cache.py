@@ -25,8 +25,9 @@ as without it: nothing fails because of the cache.
 
 **Small things beside them** (``load_blob``/``keep_blob``, each followed by its SHA-256, at most
 ``MAX_TABLES`` per kind): the token each BPE merge of a vocabulary makes (``bpe-merges/``, keyed by a
-hash of the vocabulary and merges) and a model file's parsed GGUF header (``gguf-headers/``, see
-``edgellama.gguf.GGUFFile``).
+hash of the vocabulary and merges), a model file's parsed GGUF header (``gguf-headers/``, see
+``edgellama.gguf.GGUFFile``) and the tables a byte-level BPE tokenizer is built into from such a
+header (``tokenizers/``, see ``edgellama.tokenizer.kept``).
 """
 
 from __future__ import annotations

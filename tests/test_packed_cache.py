@@ -298,6 +298,155 @@ def test_at_most_max_tables_are_kept(tmp_path, monkeypatch):
     assert packed_cache.load_table("k", f"{4:064x}", np.int64, 5) is None
 
 
+# ----- a byte-level BPE tokenizer kept beside them -------------------------------------------------------
+
+def _same_tokenizer(a, b, texts=TEXTS) -> None:
+    """Two tokenizers that answer everything alike: encodings (with and without special tokens), the
+    decoding of every id, specials, attributes, pieces and texts."""
+    for name in ("kind", "pre", "n_vocab", "bos_id", "eos_id", "eot_id", "eom_id", "unk_id", "pad_id",
+                 "eog_ids", "add_bos", "add_eos", "add_space_prefix", "clean_spaces", "_special_all",
+                 "_special_user"):
+        assert getattr(a, name) == getattr(b, name), name
+    assert a.token_texts() == b.token_texts()
+    assert np.array_equal(a._attrs, b._attrs) and np.array_equal(a._hidden, b._hidden)
+    ids = list(range(a.n_vocab))
+    assert [a.token_bytes(i) for i in ids] == [b.token_bytes(i) for i in ids]
+    assert a.decode(ids) == b.decode(ids) and a.decode(ids, special=True) == b.decode(ids, special=True)
+    specials = "".join(t for t, _ in a._special_all[:8])
+    for t in list(texts) + [specials + texts[0] + specials]:
+        for special in (False, True):
+            assert a.encode(t, special=special) == b.encode(t, special=special), (t, special)
+
+
+def _kept_tokenizers(folder: Path) -> list[Path]:
+    return sorted((folder / "tokenizers").glob("*.bin"))
+
+
+def _no_building(monkeypatch):
+    """Make building a tokenizer from metadata fail: what comes back was read from its record."""
+    import edgellama.tokenizer.tokenizer as tokenizer_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("built, not read back")
+
+    monkeypatch.setattr(tokenizer_module, "_read_tokens", fail)
+
+
+def test_a_kept_tokenizer_reads_back_as_built(smollm2_path, tmp_path, monkeypatch):
+    from edgellama.gguf import GGUFFile
+    from edgellama.tokenizer import Tokenizer
+
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", "off")
+    plain = Tokenizer.from_gguf(GGUFFile(smollm2_path))  # nothing kept, nothing read
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    first = GGUFFile(smollm2_path, keep_header=True)
+    assert first.header_digest is not None
+    built = Tokenizer.from_gguf(first)
+    assert len(_kept_tokenizers(tmp_path)) == 1
+    with monkeypatch.context() as m:
+        _no_building(m)
+        for f in (first, GGUFFile(smollm2_path, keep_header=True)):  # parsed, then its kept header
+            kept = Tokenizer.from_gguf(f)
+            assert kept.source == str(smollm2_path)
+            _same_tokenizer(kept, plain)
+            _same_tokenizer(kept, built)
+        with pytest.raises(AssertionError, match="built, not read back"):  # metadata alone: built
+            Tokenizer.from_gguf_metadata(first.metadata)
+
+
+@pytest.mark.parametrize("pre", ["falcon", "llama3", "smollm"])  # a chain of regexes; merges ignored; one regex
+def test_kept_tokenizers_of_every_pre_tokenizer_kind(pre, tmp_path, monkeypatch):
+    from edgellama.tokenizer import Tokenizer
+    from tiny_model import tiny_vocab
+
+    tokens, types, merges = tiny_vocab()
+    tokens = tokens + ["", "<|eot_id|>", "unreached" * 2]  # an empty token, an end of turn, a token no merge makes
+    types = types + [1, 3, 1]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": np.array(types, np.int32), "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.add_bos_token": True}
+    texts = TEXTS + ["the other 12345 th er t", "unreachedunreached"]
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    plain = Tokenizer.from_gguf_metadata(meta)
+    built = Tokenizer.from_gguf_metadata(meta, identity=b"x" * 32)
+    with monkeypatch.context() as m:
+        _no_building(m)
+        kept = Tokenizer.from_gguf_metadata(meta, identity=b"x" * 32)
+    assert (kept._encoder.chain is None) == (pre != "falcon")
+    for other in (plain, built):
+        _same_tokenizer(kept, other, texts)
+
+
+def _record(folder: Path) -> tuple:
+    import marshal
+
+    (path,) = _kept_tokenizers(folder)
+    return marshal.loads(path.read_bytes()[:-32])
+
+
+def _write_record(folder: Path, state) -> None:
+    import hashlib
+    import marshal
+
+    (path,) = _kept_tokenizers(folder)
+    body = marshal.dumps(state)
+    path.write_bytes(body + hashlib.sha256(body).digest())
+
+
+def test_a_damaged_or_foreign_kept_tokenizer_is_not_used(smollm2_path, tmp_path, monkeypatch):
+    from edgellama.gguf import GGUFFile
+    from edgellama.tokenizer import Tokenizer, kept
+
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    f = GGUFFile(smollm2_path, keep_header=True)
+    want = Tokenizer.from_gguf(f)
+    good = _record(tmp_path)
+    n = good[3]
+    calls = []
+    import edgellama.tokenizer.tokenizer as tokenizer_module
+
+    original = tokenizer_module._read_tokens
+    monkeypatch.setattr(tokenizer_module, "_read_tokens", lambda meta: calls.append(1) or original(meta))
+    ranks = np.frombuffer(good[14], np.int64).copy()
+    ranks[5] = n  # a token id past the vocabulary
+    pieces_ends = np.frombuffer(good[11][1], np.int64).copy()
+    pieces_ends[7] = pieces_ends[8] + 1  # pieces whose ends go backwards
+    damaged = [
+        good[:3] + (n + 1,) + good[4:],                       # another vocabulary size
+        good[:4] + ((n, *good[4][1:]),) + good[5:],           # a BOS id past the vocabulary
+        good[:9] + (good[9] + (("x", -1),),) + good[10:],     # a special token with a negative id
+        good[:11] + ((good[11][0], pieces_ends.tobytes()),) + good[12:],
+        good[:14] + (ranks.tobytes(),) + good[15:],
+        good[:15] + (123,) + good[16:],                       # a pattern that is no string
+        (kept.FORMAT + 1,) + good[1:],                        # another format
+        good[:5],                                             # another layout
+    ]
+    for state in damaged:
+        _write_record(tmp_path, state)
+        calls.clear()
+        _same_tokenizer(Tokenizer.from_gguf(f), want)
+        assert calls, state[:4]  # built again
+        assert _record(tmp_path) == good  # and kept again
+    # a record under another header's name is never read: the identity is in the name
+    other = Tokenizer.from_gguf_metadata(f.metadata, identity=b"y" * 32)
+    assert len(_kept_tokenizers(tmp_path)) == 2
+    _same_tokenizer(other, want)
+
+
+def test_a_tokenizer_that_fails_its_checks_is_never_kept(tmp_path, monkeypatch):
+    from edgellama.tokenizer import Tokenizer, TokenizerError
+    from tiny_model import tiny_vocab
+
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    tokens, types, merges = tiny_vocab()
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default", "tokenizer.ggml.tokens": tokens + tokens[:1],
+            "tokenizer.ggml.token_type": np.array(types + types[:1], np.int32), "tokenizer.ggml.merges": merges}
+    for _ in range(2):
+        with pytest.raises(TokenizerError, match="duplicate token"):
+            Tokenizer.from_gguf_metadata(meta, identity=b"z" * 32)
+    assert not _kept_tokenizers(tmp_path)
+
+
 # ----- the parsed GGUF header kept beside them ---------------------------------------------------------
 
 def _same_parse(a, b) -> None:

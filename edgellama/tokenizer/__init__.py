@@ -17,8 +17,9 @@ End-of-generation ids are chosen by llama.cpp's rules (eos, eot, eom, the FIM pa
 and a list of well-known token texts).
 
 Rooms: ``vocab`` (token types, limits, metadata access, llama.cpp's special-token rules),
-``pretokenize`` (the regex table), ``bpe``, ``spm``, ``files``, ``stream``, and ``tokenizer`` (the
-``Tokenizer`` facade that puts them together).  Every problem with the metadata raises
+``pretokenize`` (the regex table), ``bpe``, ``spm``, ``files``, ``stream``, ``kept`` (a BPE
+tokenizer's tables kept between loads of one model file), and ``tokenizer`` (the ``Tokenizer``
+facade that puts them together).  Every problem with the metadata raises
 ``TokenizerError`` naming the source and the key.
 """
 

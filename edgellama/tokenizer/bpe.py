@@ -143,7 +143,9 @@ class ByteLevelBPE:
 
     @classmethod
     def from_merges(cls, meta: Meta, texts: list[str], t2i: dict[str, int], tok_bytes: list[bytes | None],
-                    merges: list[str], pre: Pre, name: str) -> "ByteLevelBPE":
+                    merges: list[str], pre: Pre, name: str,
+                    ranks_out: list[dict[bytes, int]] | None = None) -> "ByteLevelBPE":
+        """``ranks_out``: a list the ranks tiktoken's core is built from are appended to."""
         n_merges = len(merges)
         limit = min(MAX_MERGES, MAX_MERGES_PER_TOKEN * len(texts))
         if n_merges > limit:
@@ -204,6 +206,8 @@ class ByteLevelBPE:
             enc = _core_bpe(f"edgellama-{name}", pattern, ranks)
         except Exception as e:  # tiktoken rejects the table: say which file
             raise meta.fail("tokenizer.ggml.merges", f"cannot build the BPE table: {e}") from None
+        if ranks_out is not None:
+            ranks_out.append(ranks)
         return cls(enc, rank_to_id, pattern, chain, meta.source)
 
     @classmethod

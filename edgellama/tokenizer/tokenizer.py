@@ -14,6 +14,7 @@ import numpy as np
 from .bpe import ByteLevelBPE, gpt2_byte_chars, gpt2_bytes_bulk, llamacpp_decode_text
 from .files import (MAX_TOKENIZER_FILE_BYTES, llama3_special_tokens, looks_like_tiktoken, read_tiktoken,
                     spm_model_to_metadata)
+from .kept import keep, restore
 from .pretokenize import PRE_TYPES, Pre
 from .spm import SPM_SPACE, SentencePieceBPE
 from .stream import StreamDecoder
@@ -63,8 +64,23 @@ class Tokenizer:
     # ----- construction from GGUF metadata --------------------------------------------------------
 
     @classmethod
-    def from_gguf_metadata(cls, metadata: dict, source: str = "<gguf>") -> "Tokenizer":
-        """Build from GGUF metadata (a dict of key -> str/bool/int/float/list[str]/np.ndarray)."""
+    def from_gguf(cls, f) -> "Tokenizer":
+        """The tokenizer of an open ``GGUFFile``: built from its metadata, or read back from what
+        an earlier load of the same header kept (``kept``; the file's ``header_digest``)."""
+        return cls.from_gguf_metadata(f.metadata, source=f.path, identity=getattr(f, "header_digest", None))
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: dict, source: str = "<gguf>", *,
+                           identity: bytes | None = None) -> "Tokenizer":
+        """Build from GGUF metadata (a dict of key -> str/bool/int/float/list[str]/np.ndarray).
+
+        ``identity``: the SHA-256 of the header bytes ``metadata`` was parsed from, when it is a
+        file's own (``from_gguf``); a byte-level BPE tokenizer is then kept for the next load of
+        that header and read back from it (see ``edgellama.tokenizer.kept``)."""
+        if identity is not None:
+            kept = restore(cls, metadata, source, identity)
+            if kept is not None:
+                return kept
         meta = Meta(metadata, source)
         self = cls()
         self.source = source
@@ -79,7 +95,11 @@ class Tokenizer:
             tok_bytes = gpt2_bytes_bulk(texts)
             self._render_pieces(meta, tok_bytes)
             merges = meta.str_list("tokenizer.ggml.merges", required=True)
-            self._encoder = ByteLevelBPE.from_merges(meta, texts, t2i, tok_bytes, merges, pre, self.pre)
+            ranks: list[dict[bytes, int]] = []
+            self._encoder = ByteLevelBPE.from_merges(meta, texts, t2i, tok_bytes, merges, pre, self.pre,
+                                                     ranks_out=ranks if identity is not None else None)
+            if identity is not None:
+                keep(self, ranks[0], identity)
         else:
             self._render_pieces(meta)
             self._encoder = SentencePieceBPE(t2i, _read_scores(meta, len(texts)), self.unk_id)
