@@ -7,10 +7,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from .common import EXACT, FAST
-from .kv import _kv_axpy, _kv_dot, _kv_load
+from .kv import _kv_axpy, _kv_dot, _kv_load, _kv_vscores, _kv_vsum
 from .llvm import _expf
 from .parallel import parallel_rows
 
@@ -97,35 +98,38 @@ def _dot_rows(a, i, b):
     return s
 
 
-@njit(**EXACT)
-def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
-    """The query heads of KV head kv over cached positions start..end-1, not normalized:
-    partial[h] = (sum_t e_t * v_t (head_dim), max score, sum_t e_t) with e_t = exp(score_t - max).
+def _span_scores(q, first, group, k_cache, kv, start, n, scale, row, scores):
+    """scores[g, t] = q[first + g] . key start + t of KV head kv, times scale (g < group, t < n)."""
 
-    q: (n_heads, head_dim); scratch: (head_dim + group * ATTN_SPAN,): one widened key or value row,
-    then the group's scores.  Each cached row is read and widened once for the whole group.
-    """
-    head_dim = q.shape[1]
-    group = q.shape[0] // k_cache.shape[0]
-    first = kv * group
-    n = end - start
-    row = scratch[:head_dim]
-    scores = scratch[head_dim:head_dim + group * ATTN_SPAN].reshape(group, ATTN_SPAN)
-    keys, values = k_cache[kv], v_cache[kv]
-    for t in range(n):
+
+def _span_values(scores, group, n, v_cache, kv, start, partial, first, row):
+    """partial[first + g, :head_dim] = sum over t < n of scores[g, t] * value start + t of KV head kv,
+    and partial[first + g, head_dim + 1] = sum over t < n of scores[g, t] (both in position order)."""
+
+
+def _vector_rows(cache) -> bool:
+    """Whether the span's loops run on explicit vectors (kv._kv_vscores, kv._kv_vsum) for this cache
+    type: float32 and f16 rows (a head size that is a multiple of 8 is checked when running)."""
+    return cache.dtype in (types.float32, types.uint16)
+
+
+@njit(**EXACT)
+def _span_scores_rows(q, first, group, k_cache, kv, start, n, scale, row, scores):
+    keys = k_cache[kv]
+    for t in range(n):  # each cached row read and widened once for the whole group
         _kv_load(keys[start + t], row)
         for g in range(group):
             scores[g, t] = _dot_rows(q, first + g, row) * scale
+
+
+@njit(**EXACT)
+def _span_values_rows(scores, group, n, v_cache, kv, start, partial, first, row):
+    head_dim = row.shape[0]
+    values = v_cache[kv]
     for g in range(group):
-        best = np.float32(-np.inf)
-        for t in range(n):
-            best = max(best, scores[g, t])
-        for t in range(n):
-            scores[g, t] = _weight(scores[g, t] - best)
         total = 0.0
         for t in range(n):
             total += scores[g, t]
-        partial[first + g, head_dim] = best
         partial[first + g, head_dim + 1] = total
         for i in range(head_dim):
             partial[first + g, i] = 0.0
@@ -135,6 +139,66 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
             p = scores[g, t]
             for i in range(head_dim):
                 partial[first + g, i] += p * row[i]
+
+
+@overload(_span_scores, jit_options={"error_model": "numpy"})
+def _span_scores_impl(q, first, group, k_cache, kv, start, n, scale, row, scores):
+    if not _vector_rows(k_cache):
+        return _span_scores_rows.py_func
+
+    def vectors(q, first, group, k_cache, kv, start, n, scale, row, scores):
+        if q.shape[1] % 8:
+            _span_scores_rows(q, first, group, k_cache, kv, start, n, scale, row, scores)
+            return
+        if n <= 0:
+            return
+        flat = scores.reshape(group * scores.shape[1])
+        for g in range(group):
+            _kv_vscores(q, first + g, k_cache, kv, start, n, scale, flat, g * scores.shape[1])
+    return vectors
+
+
+@overload(_span_values, jit_options={"error_model": "numpy"})
+def _span_values_impl(scores, group, n, v_cache, kv, start, partial, first, row):
+    if not _vector_rows(v_cache):
+        return _span_values_rows.py_func
+
+    def vectors(scores, group, n, v_cache, kv, start, partial, first, row):
+        head_dim = row.shape[0]
+        if head_dim % 8:
+            _span_values_rows(scores, group, n, v_cache, kv, start, partial, first, row)
+            return
+        flat = scores.reshape(group * scores.shape[1])
+        for g in range(group):
+            partial[first + g, head_dim + 1] = _kv_vsum(flat, g * scores.shape[1], n, v_cache, kv, start, partial,
+                                                        first + g, head_dim)
+    return vectors
+
+
+@njit(**EXACT)
+def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
+    """The query heads of KV head kv over cached positions start..end-1, not normalized:
+    partial[h] = (sum_t e_t * v_t (head_dim), max score, sum_t e_t) with e_t = exp(score_t - max).
+
+    q: (n_heads, head_dim); scratch: (head_dim + group * ATTN_SPAN,): one widened key or value row,
+    then the group's scores.  Each value row's products are added in position order; the dot
+    products' order is kv._kv_vscores's (float32 and f16 caches) or _dot_rows's (Q8_0).
+    """
+    head_dim = q.shape[1]
+    group = q.shape[0] // k_cache.shape[0]
+    first = kv * group
+    n = end - start
+    row = scratch[:head_dim]
+    scores = scratch[head_dim:head_dim + group * ATTN_SPAN].reshape(group, ATTN_SPAN)
+    _span_scores(q, first, group, k_cache, kv, start, n, scale, row, scores)
+    for g in range(group):
+        best = np.float32(-np.inf)
+        for t in range(n):
+            best = max(best, scores[g, t])
+        for t in range(n):
+            scores[g, t] = _weight(scores[g, t] - best)
+        partial[first + g, head_dim] = best
+    _span_values(scores, group, n, v_cache, kv, start, partial, first, row)
 
 
 @njit(**EXACT)
