@@ -2,8 +2,9 @@
 
 Building a tokenizer from GGUF metadata is pure Python over the whole vocabulary: the token strings
 to bytes, the merges to ranks, the special-token rules, the byte table decoding reads.  For Llama 3's
-128k tokens that is 0.2-0.3 s of every start on a fast core (SmolLM2's 49k: 0.1 s), the largest
-part of a 1B model's first token after importing Numba.  What it computes depends only on the
+128k tokens that was 0.3-0.45 s of every start on a 2-core Xeon (SmolLM2's 49k: 0.11-0.15 s), the
+largest part of a 1B model's first token after importing Numba; read back, 0.24-0.3 s and 0.08 s
+(tiktoken's core alone takes 0.1-0.15 s of the first).  What it computes depends only on the
 metadata, so the first load keeps it (``edgellama.packed_cache``'s ``tokenizers/``, beside the
 parsed headers) and later loads of the same header read it back: only tiktoken's Rust core is built
 again (it cannot be saved), from the kept ranks.
