@@ -157,13 +157,6 @@ def _load_f32(builder, ptr, n, native):
     return v if is_f32 else _half_to_f32(builder, v, native)
 
 
-def _halve(builder, v):
-    """IR: a vector of 2n lanes -> lanes i + lanes n + i (n lanes)."""
-    n = v.type.count // 2
-    return builder.fadd(builder.shuffle_vector(v, v, _const_vec(_I32, range(n))),
-                        builder.shuffle_vector(v, v, _const_vec(_I32, range(n, 2 * n))))
-
-
 _SPECIAL_HEAD_DIMS = (64, 128)  # unrolled with the query in registers; other sizes loop over chunks
 
 
