@@ -14,8 +14,10 @@ One process measures, in order:
   ``Model.warm_up``, which compiles both paths at once where cores allow); ``process_first_token_s`` is the
   same moment measured from the start of the process (interpreter start-up and imports included;
   Linux only, 10 ms resolution);
-- ``pp_tok_s``: ``n_prompt`` tokens evaluated from an empty cache, median over the repetitions;
-- ``tg_tok_s``: ``n_gen`` single-token evaluations after a 1-token prompt, median;
+- ``pp_tok_s``: ``n_prompt`` tokens evaluated from an empty cache (or after ``n_depth`` cached
+  tokens: llama-bench's ``-d``), median over the repetitions;
+- ``tg_tok_s``: ``n_gen`` single-token evaluations after a 1-token prompt (after the ``n_depth``
+  cached tokens), median;
 - ``peak_rss_mb``: the process's peak resident set size (VmHWM on Linux, else ``ru_maxrss``);
 - ``packed_weights``: ``mapped`` (from the packed cache of an earlier load: edgellama.packed_cache),
   ``saving`` (packed at this load, and written to that cache for the next) or ``memory``.
@@ -44,28 +46,31 @@ WARMUP_PROMPT = 2   # tokens in the first warm-up prompt (then one decoded token
 WARMUP_PP = 32      # at most this many tokens in the second warm-up prompt (the pp path)
 
 
-def default_n_ctx(n_prompt: int, n_gen: int) -> int:
-    """n_prompt + n_gen + 16, rounded up to a multiple of 256."""
-    need = n_prompt + n_gen + 16
+def default_n_ctx(n_prompt: int, n_gen: int, n_depth: int = 0) -> int:
+    """n_depth + n_prompt + n_gen + 16, rounded up to a multiple of 256."""
+    need = n_depth + n_prompt + n_gen + 16
     return -(-need // 256) * 256
 
 
 def check_args(n_prompt: int, n_gen: int, repetitions: int, threads: int | None,
-               n_ctx: int | None) -> int:
+               n_ctx: int | None, n_depth: int = 0) -> int:
     """Validate the bench options; the context size to use.  Raises ValueError naming the option
-    by its flag (-p, -n, -r, -t, -c)."""
+    by its flag (-p, -n, -r, -t, -c, -d)."""
     for flag, value in (("-p", n_prompt), ("-n", n_gen), ("-r", repetitions)):
         if not is_int(value) or value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    if not is_int(n_depth) or n_depth < 0:
+        raise ValueError(f"-d must be a non-negative integer, got {n_depth!r}")
     if threads is not None and (not is_int(threads) or threads <= 0):
         raise ValueError(f"-t must be a positive integer, got {threads!r}")
     if n_ctx is None:
-        return default_n_ctx(n_prompt, n_gen)
+        return default_n_ctx(n_prompt, n_gen, n_depth)
     if not is_int(n_ctx) or n_ctx <= 0:
         raise ValueError(f"-c must be a positive integer, got {n_ctx!r}")
-    if n_prompt + n_gen + 1 > n_ctx:
-        raise ValueError(f"-c {n_ctx} is too small for -p {n_prompt} + -n {n_gen} + 1 = "
-                         f"{n_prompt + n_gen + 1} tokens")
+    need = n_depth + n_prompt + n_gen + 1
+    if need > n_ctx:
+        depth = f"-d {n_depth} + " if n_depth else ""
+        raise ValueError(f"-c {n_ctx} is too small for {depth}-p {n_prompt} + -n {n_gen} + 1 = {need} tokens")
     return n_ctx
 
 
@@ -161,7 +166,8 @@ def run_bench(args) -> int:
     t_start = time.perf_counter()
     n_prompt, n_gen = args.n_prompt, args.n_gen
     repetitions = getattr(args, "repetitions", 3)
-    n_ctx = check_args(n_prompt, n_gen, repetitions, args.threads, args.ctx)
+    n_depth = getattr(args, "n_depth", 0)
+    n_ctx = check_args(n_prompt, n_gen, repetitions, args.threads, args.ctx, n_depth)
 
     # the model code and Numba are imported inside the timed load; a cold kernel cache is announced
     # on stderr at once and its compilation shown (kernel_cache.CompileProgress)
@@ -203,10 +209,21 @@ def run_bench(args) -> int:
     governor = kernel_thread.governor()
     counts = (governor.asked, governor.reduced) if governor is not None else None
 
-    # pp: the whole prompt from an empty cache
+    # the cached context the tests start from (-d: llama-bench's depth), evaluated once, untimed;
+    # each repetition goes back to it
+    depth = random_ids(n_vocab, n_depth, seed=SEED + 3)
+    model.reset()
+    if n_depth:
+        model.eval(depth)
+
+    def back_to_depth():
+        model.state.n_past = n_depth
+        del model.state.tokens[n_depth:]
+
+    # pp: the whole prompt after the depth
     pp_rates = []
     for _ in range(repetitions):
-        model.reset()
+        back_to_depth()
         t0 = time.perf_counter()
         model.eval(prompt)
         pp_rates.append(n_prompt / (time.perf_counter() - t0))
@@ -215,7 +232,7 @@ def run_bench(args) -> int:
     gen = random_ids(n_vocab, n_gen + 1, seed=SEED + 2)
     tg_rates = []
     for _ in range(repetitions):
-        model.reset()
+        back_to_depth()
         model.eval(gen[:1])
         t0 = time.perf_counter()
         for token in gen[1:]:
@@ -235,6 +252,7 @@ def run_bench(args) -> int:
         "n_ctx": model.n_ctx,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
+        "n_depth": n_depth,
         "repetitions": repetitions,
         "pp_tok_s": _median(pp_rates),
         "tg_tok_s": _median(tg_rates),
@@ -268,7 +286,8 @@ def format_report(r: dict) -> str:
     size = f"{r['size_mib']:.2f} MiB"
     params = f"{r['n_params'] / 1e6:.2f} M"
     rows = [("model", "size", "params", "threads", "test", "t/s")]
-    for test, rates in ((f"pp{r['n_prompt']}", r["pp_tok_s_all"]), (f"tg{r['n_gen']}", r["tg_tok_s_all"])):
+    at = f" @ d{r['n_depth']}" if r.get("n_depth") else ""
+    for test, rates in ((f"pp{r['n_prompt']}{at}", r["pp_tok_s_all"]), (f"tg{r['n_gen']}{at}", r["tg_tok_s_all"])):
         rows.append((model, size, params, str(r["threads"]), test, f"{_median(rates):.2f} ± {_stdev(rates):.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {1, 2, 3, 4, 5}

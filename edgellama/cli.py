@@ -361,9 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "available now)")
 
     bench = sub.add_parser("bench", help="llama-bench style speed test")
-    _add_model_options(bench, ctx_help="context size in tokens (default: -p + -n + 16, rounded up to 256)")
+    _add_model_options(bench, ctx_help="context size in tokens (default: -d + -p + -n + 16, rounded up to 256)")
     bench.add_argument("-p", "--n-prompt", type=_integer(1), default=256, help="prompt tokens (pp)")
     bench.add_argument("-n", "--n-gen", type=_integer(1), default=128, help="generated tokens (tg)")
+    bench.add_argument("-d", "--n-depth", type=_integer(0), default=0,
+                       help="tokens already in the KV cache when pp and tg start (llama-bench's -d)")
     bench.add_argument("-r", "--repetitions", type=_integer(1), default=3, help="runs per test (median reported)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -595,7 +597,7 @@ def cmd_bench(args) -> int:
     from .bench import check_args, run_bench
 
     try:
-        check_args(args.n_prompt, args.n_gen, args.repetitions, args.threads, args.ctx)
+        check_args(args.n_prompt, args.n_gen, args.repetitions, args.threads, args.ctx, args.n_depth)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return run_bench(args)

@@ -28,7 +28,7 @@ def test_bench_json_report(tiny_q8, capsys):
         assert isinstance(r[key], float) and r[key] > 0, key
     assert r["threads"] == 1 and r["n_prompt"] == 8 and r["n_gen"] == 4 and r["repetitions"] == 1
     assert r["model"] == "tiny-q8_0.gguf"
-    assert r["n_ctx"] == default_n_ctx(8, 4) >= 8 + 4 + 1
+    assert r["n_ctx"] == default_n_ctx(8, 4) >= 8 + 4 + 1 and r["n_depth"] == 0
     assert r["tensor_types"] == {"Q8_0": 15, "F32": 5}  # embeddings + 7 matrices x 2 layers; 5 norms
     assert r["numba_cache"] in ("warm", "cold", "partly cold", "unknown")
     assert len(r["pp_tok_s_all"]) == len(r["tg_tok_s_all"]) == 1
@@ -51,6 +51,9 @@ def test_bench_table(tiny_q8, capsys):
     (["-t", "0"], "-t must be >= 1, got 0"),
     (["-c", "0"], "-c must be a positive integer, got 0"),
     (["-p", "8", "-n", "8", "-c", "16"], "-c 16 is too small for -p 8 + -n 8 + 1 = 17 tokens"),
+    (["-p", "8", "-n", "8", "-d", "100", "-c", "116"], "-c 116 is too small for -d 100 + -p 8 + -n 8 + 1 = 117 tokens"),
+    (["-d", "-1"], "-d must be >= 0, got -1"),
+    (["--n-depth", "x"], "--n-depth expects an integer, got 'x'"),
 ])
 def test_bench_rejects_bad_options(tiny_q8, capsys, argv, message):
     rc = main(["bench", "-m", str(tiny_q8)] + argv)
@@ -58,6 +61,28 @@ def test_bench_rejects_bad_options(tiny_q8, capsys, argv, message):
     assert rc == 2 and out == ""
     # one line naming the option, then where to look: no traceback
     assert err.splitlines() == [f"edgellama bench: error: {message}", "see 'edgellama bench --help'"]
+
+
+def test_bench_at_a_depth_runs_after_that_many_cached_tokens(tiny_q8, capsys, monkeypatch):
+    """-d D: pp and tg start with D tokens in the cache (llama-bench's -d), each repetition from
+    those same D; the context's default makes room for them; the table names the depth."""
+    from edgellama.model import Model
+
+    starts = []  # (cached positions, tokens evaluated) of every evaluation
+    original = Model.eval
+    monkeypatch.setattr(Model, "eval", lambda self, ids, *a, **k: starts.append((self.state.n_past, len(ids)))
+                        or original(self, ids, *a, **k))
+    rc = main(["bench", "-m", str(tiny_q8), "-t", "1", "-p", "8", "-n", "4", "-r", "2", "-d", "40", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["n_depth"] == 40 and r["n_ctx"] == default_n_ctx(8, 4, 40) == 256
+    timed = starts[starts.index((0, 40)) + 1:]  # after the depth's own evaluation, from an empty cache
+    assert timed == [(40, 8)] * 2 + ([(40, 1)] + [(41 + i, 1) for i in range(4)]) * 2
+    rc = main(["bench", "-m", str(tiny_q8), "-t", "1", "-p", "4", "-n", "2", "-r", "1", "-d", "20"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "pp4 @ d20" in out and "tg2 @ d20" in out
 
 
 def test_bench_missing_file(tmp_path, capsys):
@@ -70,4 +95,5 @@ def test_check_args_defaults_and_exact_fit():
     assert default_n_ctx(239, 1) == 256 and default_n_ctx(240, 1) == 512  # 256 fits, 257 does not
     assert check_args(8, 8, 1, None, 17) == 17  # n_prompt + n_gen + 1 fits exactly
     args = build_parser().parse_args(["bench", "-m", "x.gguf"])
-    assert (args.n_prompt, args.n_gen, args.repetitions, args.ctx) == (256, 128, 3, None)
+    assert (args.n_prompt, args.n_gen, args.repetitions, args.ctx, args.n_depth) == (256, 128, 3, None, 0)
+    assert default_n_ctx(256, 128, 2048) == 2560  # 2048 + 256 + 128 + 16 = 2448, rounded up

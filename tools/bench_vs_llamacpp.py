@@ -13,7 +13,11 @@ before each pair of runs (each run's figure uses the one measured just before it
 reads every weight matrix once (the embedding table one row), so
 tg x (bytes of weights per token) / bandwidth is the fraction of the hardware decoding reaches.
 
-Usage:  python tools/bench_vs_llamacpp.py [--models F.gguf ...] [-t 2] [-p 256] [-n 128] [--runs 3]
+With ``-d D`` both sides run pp and tg after D tokens already in the KV cache (llama-bench's
+``-d``, ``edgellama bench -d``): attention deep in a context; the roofline then counts the f16 KV
+cache's bytes read per token too (at the mean position of the tg test).
+
+Usage:  python tools/bench_vs_llamacpp.py [--models F.gguf ...] [-t 2] [-p 256] [-n 128] [-d 0] [--runs 3]
                                           [--markdown BENCHMARKS.md]
 Exit status: 0 done, 1 a run failed, 2 llama.cpp's tools could not be built.
 """
@@ -52,6 +56,18 @@ def weight_bytes_per_token(path: Path) -> int:
             total += info.nbytes
     f.close()
     return total
+
+
+def kv_bytes_per_token(path: Path, n_past: float) -> float:
+    """Bytes of an f16 KV cache one decode step reads with n_past positions cached (keys and values
+    of every layer and KV head)."""
+    from edgellama.config import ModelArgs
+    from edgellama.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    a = ModelArgs.from_gguf(f)
+    f.close()
+    return 2 * 2 * a.n_layers * a.n_kv_heads * a.head_dim * n_past
 
 
 def _run_timed(cmd: list[str], timeout: float) -> tuple[str, float, float]:
@@ -105,22 +121,23 @@ def default_models() -> list[Path]:
     return [smollm2_q4_1(), smollm2_requantized("q8_0"), smollm2_requantized("q4_0")]
 
 
-def run_ours(model: Path, threads: int, n_prompt: int, n_gen: int, n_ctx: int, reps: int, timeout: float) -> dict:
+def run_ours(model: Path, threads: int, n_prompt: int, n_gen: int, n_ctx: int, reps: int, timeout: float,
+             depth: int = 0) -> dict:
     cmd = [sys.executable, "-m", "edgellama.cli", "bench", "-m", str(model), "-t", str(threads),
-           "-p", str(n_prompt), "-n", str(n_gen), "-c", str(n_ctx), "-r", str(reps), "--json"]
+           "-p", str(n_prompt), "-n", str(n_gen), "-c", str(n_ctx), "-r", str(reps), "-d", str(depth), "--json"]
     out, _, _ = _run_timed(cmd, timeout)
     return json.loads([line for line in out.splitlines() if line.strip()][-1])
 
 
 def run_llamacpp(model: Path, threads: int, n_prompt: int, n_gen: int, n_ctx: int, reps: int,
-                 timeout: float) -> dict:
+                 timeout: float, depth: int = 0) -> dict:
     """llama-bench's pp and tg (mean tokens/s over its repetitions), and the first token from
     process start of a second llama-bench process that loads the model and generates one token."""
     from tools.llamacpp import tool
 
     bench = str(tool("llama-bench"))
     out, _, rss = _run_timed([bench, "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-                              "-r", str(reps), "-o", "json"], timeout)
+                              "-r", str(reps), "-d", str(depth), "-o", "json"], timeout)
     tests = json.loads(out)
     pp = next(t["avg_ts"] for t in tests if t["n_prompt"] == n_prompt and t["n_gen"] == 0)
     tg = next(t["avg_ts"] for t in tests if t["n_gen"] == n_gen and t["n_prompt"] == 0)
@@ -145,13 +162,16 @@ def _fmt(value: float | None, unit: str) -> str:
     return f"{value:.2f}"
 
 
-def compare_table(ours: list[dict], theirs: list[dict], n_prompt: int, n_gen: int) -> str:
+def compare_table(ours: list[dict], theirs: list[dict], n_prompt: int, n_gen: int, depth: int = 0) -> str:
     rows = ["| figure | ours | llama.cpp | ours / llama.cpp |", "| --- | ---: | ---: | ---: |"]
     for key, label, unit, higher in FIGURES:
         a, b = _median(ours, key), _median(theirs, key)
         ratio = f"{a / b:.2f}" if a is not None and b else "n/a"
         better = "higher is better" if higher else "lower is better"
-        rows.append(f"| {label.format(p=n_prompt, n=n_gen)} ({unit}, {better}) | {_fmt(a, unit)} | "
+        label = label.format(p=n_prompt, n=n_gen) + (f" @ d{depth}" if depth and key in ("pp_tok_s", "tg_tok_s") else "")
+        if depth and key == "roofline":
+            label = "tg x (weight + KV cache) bytes per token / DRAM read bandwidth"
+        rows.append(f"| {label} ({unit}, {better}) | {_fmt(a, unit)} | "
                     f"{_fmt(b, unit)} | {ratio} |")
     return "\n".join(rows)
 
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-p", "--n-prompt", type=int, default=256)
     parser.add_argument("-n", "--n-gen", type=int, default=128)
     parser.add_argument("-r", "--repetitions", type=int, default=3, help="pp/tg repetitions inside each run")
+    parser.add_argument("-d", "--depth", type=int, default=0,
+                        help="tokens already cached when pp and tg start (llama-bench's -d)")
     parser.add_argument("-c", "--ctx", type=int, default=None, help="context size (default as edgellama bench)")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per side and model (median)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
@@ -232,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_vs_llamacpp: llama.cpp's tools could not be built: {e}", file=sys.stderr)
         return 2
     try:
-        n_ctx = check_args(args.n_prompt, args.n_gen, args.repetitions, args.threads, args.ctx)
+        n_ctx = check_args(args.n_prompt, args.n_gen, args.repetitions, args.threads, args.ctx, args.depth)
         if args.runs <= 0:
             raise ValueError(f"--runs must be a positive integer, got {args.runs}")
         models = list(args.models or ([] if args.sized else default_models()))
@@ -264,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in map(Path, models):
         ours, theirs, bandwidths = [], [], []
         per_token = weight_bytes_per_token(model)
+        if args.depth:
+            per_token += kv_bytes_per_token(model, args.depth + args.n_gen / 2)
         for i in range(args.runs):
             # measured again before each pair of runs: a shared host's bandwidth moves within minutes
             # (13.0 and 23.7 GB/s in one run on 2026-12-03), and each run's roofline uses its own
@@ -274,11 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     if side == "ours":
                         r = run_ours(model, args.threads, args.n_prompt, args.n_gen, n_ctx, args.repetitions,
-                                     args.timeout)
+                                     args.timeout, args.depth)
                         ours.append(r)
                     else:
                         r = run_llamacpp(model, args.threads, args.n_prompt, args.n_gen, n_ctx, args.repetitions,
-                                         args.timeout)
+                                         args.timeout, args.depth)
                         theirs.append(r)
                 except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
                     print(f"bench_vs_llamacpp: {e}", file=sys.stderr)
@@ -301,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"cache an earlier load wrote). Weights read per token: {per_token / 1e9:.3f} GB; DRAM "
                 f"read bandwidth ({args.threads} threads, tools/membw.py, before each pair of runs; each run's "
                 f"roofline uses its own): {', '.join(f'{b:.1f}' for b in bandwidths)} GB/s.")
-        table = compare_table(ours, theirs, args.n_prompt, args.n_gen)
+        table = compare_table(ours, theirs, args.n_prompt, args.n_gen, args.depth)
         note += (f" Ours: kernels {ours[0].get('kernels', '?')}, KV cache {ours[0].get('cache_type', '?')}; "
                  f"llama.cpp: {theirs[0].get('system_info', '?')}.")
         sections.append(f"{title}\n\n{table}\n\n{note}\n")
