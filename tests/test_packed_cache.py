@@ -418,6 +418,7 @@ def test_a_damaged_or_foreign_kept_tokenizer_is_not_used(smollm2_path, tmp_path,
         good[:11] + ((good[11][0], pieces_ends.tobytes()),) + good[12:],
         good[:14] + (ranks.tobytes(),) + good[15:],
         good[:15] + (123,) + good[16:],                       # a pattern that is no string
+        good[:8] + (good[8][:-1],) + good[9:],                # control-token flags one byte short
         (kept.FORMAT + 1,) + good[1:],                        # another format
         good[:5],                                             # another layout
     ]

@@ -133,6 +133,8 @@ def _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, specia
     if len(ids) != 6 or not all(_id(v, n) for v in ids) or len(flags) != 4 \
             or not all(type(v) is bool for v in flags) or not all(_id(v, n) and v is not None for v in eog):
         return None
+    if len(hidden) != (n + 7) // 8:
+        return None
     attrs = np.frombuffer(attrs, np.uint32)
     hidden = np.unpackbits(np.frombuffer(hidden, np.uint8), count=n).astype(bool)
     special_all, special_user = _specials(special_all, n), _specials(special_user, n)
