@@ -175,6 +175,22 @@ def test_a_first_short_run_compiles_the_decode_step_in_pieces_in_two_processes(t
     _then_warm(argv, numba_dir, r)
 
 
+def test_a_run_after_a_split_first_run_maps_the_weights_and_loads_the_step_alone(tiny, tmp_path):
+    """As a new user's runs go, the packed weights kept: the first run compiles the decode step
+    from pieces a child compiled (and packs the weights), the next ones map the weights (so no
+    packing kernel runs) and load the step alone from the cache; they must give the same text.
+    The step once came out of the cache without the hook that registers the parallel launch with
+    LLVM (kernels.cache._keep_reload_hooks) and such a run crashed at its first token."""
+    numba_dir = _cache_with_cold_kernels(tmp_path, ["decode_token", *DECODE_PIECES_HERE, *DECODE_PIECES_CHILD])
+    env = dict(_env(numba_dir), EDGELLAMA_PACKED_CACHE=str(tmp_path / "packed"))
+    argv = [sys.executable, "-m", "edgellama.cli", "run", "-m", str(tiny), "-p", "the", "-n", "3", "-t", "1"]
+    runs = [subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600) for _ in range(3)]
+    assert [r.returncode for r in runs] == [0, 0, 0], runs[-1].stderr
+    assert "keeping the packed weights" in runs[0].stderr and "compil" in runs[0].stderr
+    assert all("compil" not in r.stderr and "keeping" not in r.stderr for r in runs[1:])
+    assert runs[1].stdout == runs[2].stdout == runs[0].stdout
+
+
 @pytest.mark.parametrize("command", ["chat", "bench", "perplexity"])
 def test_every_command_announces_a_cold_cache(tiny, tmp_path, command):
     numba_dir = _cache_with_cold_kernels(tmp_path, COLD[1:])

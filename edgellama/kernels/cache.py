@@ -44,6 +44,24 @@ LAYOUT_FILES = tuple(_HERE / name for name in ("layout.py", "common.py", "llvm.p
     + (_HERE.parent / "quants.py",)
 
 
+# called with a kernel's Python function once its compiled code is in the cache (kernel_cache's
+# compile child reports a kernel then, not when its compilation ends: Numba saves after that)
+SAVED_HOOKS: list = []
+
+
+def _keep_reload_hooks(loaded) -> None:
+    """Give a kernel loaded from the cache its library's reload hooks back.  Numba runs a cached
+    kernel's hooks when loading it (parallel_rows's: registering ``numba_parallel_for`` with LLVM) but
+    leaves its library's set empty, and a kernel compiled later that links that library inherits the
+    set: the decode step compiled after its pieces came from a compile child's cache entries was
+    saved without the hook, and a later process that loaded it alone crashed at its first parallel
+    launch (an unresolved symbol)."""
+    library = getattr(loaded, "library", None)
+    hooks = getattr(loaded, "reload_init", None)
+    if library is not None and hooks and hasattr(library, "_reload_init"):
+        library._reload_init.update(hooks)
+
+
 @functools.lru_cache(maxsize=None)
 def package_stamp(files: tuple[Path, ...] = PACKAGE_FILES) -> str:
     """A hash of these sources: by default every kernel module's (and the type table's they are
@@ -162,16 +180,21 @@ def install(modules, files: tuple[Path, ...] = PACKAGE_FILES, kind: str = "kerne
             with _exclusive(self._cache_path):
                 FunctionCache.save_overload(self, sig, data)
             release_compiler_pages()
+            for hook in SAVED_HOOKS:
+                hook(self._py_func)
 
-        if lean:
-            def load_overload(self, sig, target_context):
+        def load_overload(self, sig, target_context):
+            if lean:
                 from numba.core.runtime import rtsys
 
                 rtsys.initialize(target_context)
                 with self._guard_against_spurious_io_errors():
                     loaded = self._load_overload(sig, target_context)
                 release_compiler_pages()  # linked: LLVM's code is not needed until the next one
-                return loaded
+            else:
+                loaded = FunctionCache.load_overload(self, sig, target_context)
+            _keep_reload_hooks(loaded)
+            return loaded
 
     count = 0
     for module in modules:
