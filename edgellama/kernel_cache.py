@@ -190,7 +190,9 @@ class CompileChild:
     fails) forks; the child replaces every kernel of ``edgellama.kernels`` by a compile-only
     stand-in and calls ``work()`` twice: first with the kernels named in ``deferred`` skipped (they
     share helper functions with what this process compiles meanwhile, which by the second pass are
-    in the cache), then with every kernel.  It writes each kernel it compiled to a pipe, silences its output, and
+    in the cache), then with every kernel.  It writes each kernel it compiled to a pipe once the
+    kernel's code is saved in the cache (not when its compilation ends: Numba saves after that, and a
+    child killed in between had not left it for this process), silences its output, and
     leaves with ``os._exit`` (no exit handlers, no buffers flushed twice).  ``work`` must only call
     the kernels the way the process will (so that the signatures are the ones it will need), and
     must not depend on their results: nothing runs, so no thread pool starts in the child.
@@ -281,7 +283,10 @@ def _child(work, deferred, writer: int) -> None:
             if isinstance(value, CPUDispatcher):
                 stand_ins[name] = _CompileOnly(value)
                 setattr(kernels, name, stand_ins[name])
+        from .kernels.cache import SAVED_HOOKS
+
         depth = [0]
+        compiled = []  # the kernel whose compilation just ended (its helpers' compile inside it)
 
         class _Listener(event.Listener):
             def on_start(self, ev):
@@ -290,9 +295,15 @@ def _child(work, deferred, writer: int) -> None:
             def on_end(self, ev):
                 depth[0] -= 1
                 if depth[0] == 0:
-                    os.write(writer, ev.data["dispatcher"].py_func.__name__.encode() + b"\n")
+                    compiled.append(ev.data["dispatcher"].py_func)
+
+        def saved(py_func):  # reported once in the cache: a child killed before that reported nothing
+            if depth[0] == 0 and py_func in compiled:
+                compiled.remove(py_func)
+                os.write(writer, py_func.__name__.encode() + b"\n")
 
         event.register("numba:compile", _Listener())
+        SAVED_HOOKS.append(saved)
         with np.errstate(all="ignore"):
             for name in deferred:
                 if name in stand_ins:

@@ -116,9 +116,10 @@ def test_a_failing_child_leaves_the_work_to_this_process(tmp_path):
 def test_a_child_that_outlasts_its_time_is_killed_and_its_work_done_here(tmp_path):
     r = _run("hang", tmp_path)
     assert os.WIFSIGNALED(r["status"])
-    # killed in its first pass (after rmsnorm_rows if it got that far in the time given): each
-    # kernel is compiled once, there or here
-    assert sorted(r["names"] + r["here"]) == ["rmsnorm_rows", "swiglu"] and "swiglu" in r["here"]
+    # killed in its first pass, before swiglu (deferred to the second); rmsnorm_rows reported if its
+    # code reached the cache in the time given, and then found there, not compiled again: never both
+    assert "swiglu" in r["here"] and "swiglu" not in r["names"] and r["names"] in ([], ["rmsnorm_rows"])
+    assert not set(r["names"]) & set(r["here"])
     _check_results(r)
 
 
