@@ -160,6 +160,18 @@ def _load_f32(builder, ptr, n, native):
 _SPECIAL_HEAD_DIMS = (64, 128)  # unrolled with the query in registers; other sizes loop over chunks
 
 
+def _by_head_dim(builder, hd, intp, unrolled, looped, sizes=_SPECIAL_HEAD_DIMS) -> None:
+    """IR: unrolled(size) where the head size hd is one of sizes, else looped()."""
+    if not sizes:
+        looped()
+        return
+    with builder.if_else(builder.icmp_signed("==", hd, intp(sizes[0]))) as (then, otherwise):
+        with then:
+            unrolled(sizes[0])
+        with otherwise:
+            _by_head_dim(builder, hd, intp, unrolled, looped, sizes[1:])
+
+
 @intrinsic
 def _kv_vscores(typingctx, q, qi, cache, kv, start, n, scale, out, o_at):
     """out[o_at + t] = (q[qi] . cache[kv, start + t]) * scale for t < n (n >= 1): float32 or f16
@@ -278,16 +290,7 @@ def _kv_vscores(typingctx, q, qi, cache, kv, start, n, scale, out, o_at):
                 return finish(sums, rows, None, tail)
             positions(body)
 
-        def choose(sizes):
-            if not sizes:
-                looped()
-                return
-            with builder.if_else(builder.icmp_signed("==", hd, intp(sizes[0]))) as (then, otherwise):
-                with then:
-                    unrolled(sizes[0])
-                with otherwise:
-                    choose(sizes[1:])
-        choose(list(_SPECIAL_HEAD_DIMS))
+        _by_head_dim(builder, hd, intp, unrolled, looped)
         return context.get_dummy_value()
 
     return types.void(q, qi, cache, kv, start, n, scale, out, o_at), codegen
@@ -357,16 +360,8 @@ def _kv_vsum(typingctx, p, p_at, n, cache, kv, start, out, oi, head_dim):
                 with builder.if_then(builder.icmp_signed("==", rest, intp(8 * k))):
                     columns(done, [_W] * (k // 2) + [8] * (k % 2), False)
 
-        def choose(sizes):
-            if not sizes:
-                looped()
-                return
-            with builder.if_else(builder.icmp_signed("==", hd, intp(sizes[0]))) as (then, otherwise):
-                with then:
-                    columns(intp(0), [_W] * (sizes[0] // _W) + [8] * (sizes[0] % _W // 8), True)
-                with otherwise:
-                    choose(sizes[1:])
-        choose(list(_SPECIAL_HEAD_DIMS))
+        _by_head_dim(builder, hd, intp,
+                     lambda size: columns(intp(0), [_W] * (size // _W) + [8] * (size % _W // 8), True), looped)
         return builder.fptrunc(builder.load(total), _F32)
 
     return types.float32(p, p_at, n, cache, kv, start, out, oi, head_dim), codegen
