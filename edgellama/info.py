@@ -39,6 +39,16 @@ TOKENIZER_BYTES_PER_TOKEN = 360
 COMPILE_BYTES = 110 << 20
 TILE_BYTES = 16 << 20          # the prompt path's widened float tile (model.TILE_ELEMENTS float32)
 ATTN_SPAN = 64                 # kernels.ATTN_SPAN: cached positions per one-token attention job
+
+
+def prompt_work_bytes(head_dim: int, threads: int) -> int:
+    """The prompt attention's work rows, one per thread (kernels.prompt_work_size float32 each;
+    a test checks the two agree): with 16 query lanes, a span's rows, the queries and outputs
+    transposed, a span's scores and two per-lane rows."""
+    lanes = 16
+    return 4 * max(threads, 1) * ((ATTN_SPAN + 2 * lanes) * head_dim + ATTN_SPAN * lanes + 2 * lanes)
+
+
 KV_BYTES_PER_VALUE = {"f16": 2, "f32": 4, "q8_0": 34 / 32}  # Q8_0: 32 int8 values + an f16 scale
 # Packed layout of each quantized type (kernels.layout.PACKED_FORMATS; a test checks the two agree):
 # bytes per row per 32-element block, and per 256-element super-block (K-quants' d / dmin), in
@@ -153,12 +163,11 @@ def weights_held(f: GGUFFile, n_ctx: int) -> int:
 
 
 def _per_token_buffers(args, threads: int) -> float:
-    """Bytes of buffers per context position besides the KV cache: the prompt attention's score
-    rows (one per thread), the one-token attention's per-span scratch and partials, and the RoPE
-    cos/sin tables (float32)."""
+    """Bytes of buffers per context position besides the KV cache: the one-token attention's
+    per-span scratch and partials, and the RoPE cos/sin tables (float32)."""
     group = args.n_heads // args.n_kv_heads
     scratch = args.n_kv_heads * (args.head_dim + group * ATTN_SPAN) + args.n_heads * (args.head_dim + 2)
-    return 4 * threads + 4 * scratch / ATTN_SPAN + 4 * args.rope_dim
+    return 4 * scratch / ATTN_SPAN + 4 * args.rope_dim
 
 
 def batch_buffers(args, n_tokens: int) -> int:
@@ -179,7 +188,7 @@ def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", thread
     weights = weights_held(f, n_ctx)
     kv = kv_cache_bytes(args, n_ctx, KV_BYTES_PER_VALUE[cache_type])
     buffers = int(n_ctx * _per_token_buffers(args, threads)) + batch_buffers(args, min(n_batch, max(n_ctx, 1)))
-    buffers += 4 * args.n_vocab  # the logits
+    buffers += 4 * args.n_vocab + prompt_work_bytes(args.head_dim, threads)  # the logits, prompt attention's
     if any(len(i.shape) == 2 and GGMLType(i.qtype) not in PACKED_BYTES and i.name != "token_embd.weight"
            for i in f.tensors.values()):
         buffers += TILE_BYTES      # float matrices are widened in tiles for prompts

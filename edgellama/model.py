@@ -230,10 +230,10 @@ class State:
         self.kv = K.KVCache(self.k_cache, self.v_cache)
         self.xb = np.zeros(a.dim, f32)                 # normed / projected activation (dim,)
         self.qx = _q8_activation(a.dim)                # xb (or att) quantized to int8 blocks (dim,)
-        self.scores = np.zeros((max(n_threads, 1), n_ctx), f32)  # prompt attention scratch per worker
         # one-token attention: per (span, KV head) job a row and the group's scores; per span partials
         n_spans = -(-n_ctx // K.ATTN_SPAN)
         group = a.n_heads // a.n_kv_heads
+        self.prompt_work = np.zeros((max(n_threads, 1), K.prompt_work_size(a.head_dim)), f32)  # per worker
         self.logits = np.zeros(a.n_vocab, f32)         # (n_vocab,)
         self.decode = K.DecodeBuffers(
             x=np.zeros(a.dim, f32),                    # residual stream (dim,)
@@ -599,7 +599,7 @@ class Model:
             K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.rope.cos, self.rope.sin)
             K.store_kv(s.k_cache[l], start, k)
             K.store_kv(s.v_cache[l], start, v)
-            K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.scores, att)
+            K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.prompt_work, att)
             del q, k, v  # (freed before the feed-forward's larger rows are made: a lower peak)
             x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])[0]
             # feed-forward block

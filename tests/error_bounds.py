@@ -255,8 +255,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, first_pos: int, scale
     cached keys and values (n_pos, n_kv, hd), as stored.  Scores: a dot product of hd terms (and a
     q8_0 cache's block scalings), times the float32 scale; weights: exp of (score - max) within
     2 EXP_REL (the decode kernel's span merge exponentiates again), the subtraction rounded twice,
-    the normalizer gamma(n) and a division; the output sum gamma(n + n/64 + 8) (span partials,
-    merge, scaling)."""
+    the normalizer gamma(n) and a division; the output sum gamma(n + n/64 + 8) (n additions, and
+    per span of 64 one more rounding: the one-token path's merge of span partials, or the prompt
+    path's rescaling of its running sums when the maximum grows; the final scaling).  The prompt
+    path multiplies a lane's sums and its normalizer by the same rounded factor, so that factor's
+    own error cancels in their ratio."""
     T, n_heads, hd = q.shape
     group = n_heads // k.shape[1]
     nb = max(hd // QK, 1)

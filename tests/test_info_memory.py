@@ -45,6 +45,14 @@ def test_packed_bytes_are_the_kernels_layout(lanes):
             assert info.packed_bytes(qtype, n_out, n_in, lanes) == groups * K.group_bytes(int(qtype), n_in, lanes)
 
 
+@pytest.mark.parametrize("head_dim, threads", [(64, 1), (128, 2), (80, 4)])
+def test_prompt_work_bytes_are_the_models_rows(head_dim, threads):
+    from edgellama import kernels as K  # (no compilation)
+
+    assert info.ATTN_SPAN == K.ATTN_SPAN
+    assert info.prompt_work_bytes(head_dim, threads) == 4 * threads * K.prompt_work_size(head_dim)
+
+
 @pytest.mark.parametrize("qtype, tied", [(GGMLType.Q8_0, True), (GGMLType.Q4_K, False), (GGMLType.F16, True),
                                          (GGMLType.Q4_0, False)])
 def test_weights_are_what_a_loaded_model_holds(tmp_path, qtype, tied):

@@ -762,6 +762,11 @@ ATTN_CASES = [  # (n_kv_heads, group, head_dim, n_tokens, first_pos)
 ]
 
 
+def prompt_scratch(n_chunks, n_ctx, group, head_dim):
+    """K.attention's work rows for n_chunks chunks, NaN-filled (a value read before written: NaN)."""
+    return (np.full((n_chunks, K.prompt_work_size(head_dim)), np.nan, np.float32),)
+
+
 @pytest.mark.parametrize("score_rows", [1, 2, 64])
 @pytest.mark.parametrize("n_kv, group, head_dim, n_tokens, first_pos", ATTN_CASES)
 def test_attention(n_kv, group, head_dim, n_tokens, first_pos, score_rows, threads):
@@ -774,9 +779,8 @@ def test_attention(n_kv, group, head_dim, n_tokens, first_pos, score_rows, threa
     v_cache = np.full((n_kv, n_ctx, head_dim), np.nan, np.float32)
     k_cache[:, :n_valid] = rng.standard_normal((n_kv, n_valid, head_dim)) * 2
     v_cache[:, :n_valid] = rng.standard_normal((n_kv, n_valid, head_dim))
-    scores = np.full((score_rows, n_ctx), np.nan, np.float32)
     out = np.full_like(q, np.nan)
-    K.attention(q, k_cache, v_cache, first_pos, scores, out)
+    K.attention(q, k_cache, v_cache, first_pos, *prompt_scratch(score_rows, n_ctx, group, head_dim), out)
     assert_attention_close(out, q, k_cache[:, :n_valid], v_cache[:, :n_valid], first_pos)
 
 
@@ -822,9 +826,8 @@ def test_attention_q8_0_cache(n_kv, group, head_dim, n_tokens, first_pos, thread
     q = (rng.standard_normal((n_tokens, n_heads, head_dim)) * 2).astype(np.float32)
     k = q8_cache(rng.standard_normal((n_kv, n_valid, head_dim)) * 2, n_valid + 5)
     v = q8_cache(rng.standard_normal((n_kv, n_valid, head_dim)), n_valid + 5)
-    scores = np.full((2, n_valid + 5), np.nan, np.float32)
     out = np.full_like(q, np.nan)
-    K.attention(q, k, v, first_pos, scores, out)
+    K.attention(q, k, v, first_pos, *prompt_scratch(2, n_valid + 5, group, head_dim), out)
     assert_attention_close(out, q, q8_values(k[:, :n_valid]), q8_values(v[:, :n_valid]), first_pos)
 
 
@@ -877,6 +880,49 @@ def test_attention_one(n_kv, group, head_dim, n_pos, half, threads):
         assert not np.isnan(scores[:, :used]).any() and (scores[:, used:].view(np.uint32) == sentinel).all()
 
 
+@pytest.mark.parametrize("n_kv, group, head_dim, n_tokens, first_pos, kind", [
+    (1, 1, 8, 5, 0, "f32"), (3, 3, 64, 70, 0, "f16"), (2, 4, 64, 9, 60, "f32"), (2, 4, 128, 4, 190, "f16"),
+    (1, 5, 12, 7, 3, "f32"), (2, 3, 32, 5, 125, "q8_0"), (2, 2, 72, 3, 64, "f16"), (1, 20, 16, 3, 70, "f32"),
+    (1, 16, 24, 2, 0, "f32")])
+def test_prompt_attention_of_a_token_depends_on_nothing_else(n_kv, group, head_dim, n_tokens, first_pos, kind,
+                                                             threads):
+    """A prompt's query rows go down the cache LANES at a time; the lanes never mix: each token
+    gets exactly (bit for bit) what it gets evaluated alone at its position, whatever tokens share
+    its block of lanes (groups of 3 and 5 straddle blocks, 16 fills one, 20 spans two) and
+    whatever the chunk count; and it is within the rounding bound of the exact attention
+    (f32, f16 and Q8_0 caches; spans crossed and ended early; head sizes not a multiple of 8)."""
+    rng = np.random.default_rng(n_kv * 7 + n_tokens + first_pos + head_dim)
+    n_heads, n_valid = n_kv * group, first_pos + n_tokens
+    n_ctx = n_valid + 3
+    q = (rng.standard_normal((n_tokens, n_heads, head_dim)) * 3).astype(np.float32)
+    k = (rng.standard_normal((n_kv, n_valid, head_dim)) * 2).astype(np.float32)
+    v = rng.standard_normal((n_kv, n_valid, head_dim)).astype(np.float32)
+    if kind == "q8_0":
+        k, v = q8_cache(k, n_ctx), q8_cache(v, n_ctx)
+        values = q8_values(k[:, :n_valid]), q8_values(v[:, :n_valid])
+    else:
+        pad = np.full((n_kv, n_ctx - n_valid, head_dim), np.nan, np.float32)
+        k, v = np.concatenate([k, pad], 1), np.concatenate([v, pad], 1)
+        if kind == "f16":
+            k, v = k.astype(np.float16), v.astype(np.float16)
+            values = k[:, :n_valid].astype(np.float32), v[:, :n_valid].astype(np.float32)
+            k, v = k.view(np.uint16), v.view(np.uint16)
+        else:
+            values = k[:, :n_valid], v[:, :n_valid]
+    outs = []
+    for chunks in (1, 3, 64):
+        out = np.full_like(q, np.nan)
+        K.attention(q, k, v, first_pos, *prompt_scratch(chunks, n_ctx, group, head_dim), out)
+        outs.append(out)
+    assert_attention_close(outs[0], q, *values, first_pos)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.view(np.uint32), outs[0].view(np.uint32))
+    for t in range(n_tokens):
+        alone = np.full((1, n_heads, head_dim), np.nan, np.float32)
+        K.attention(q[t:t + 1], k, v, first_pos + t, *prompt_scratch(2, n_ctx, group, head_dim), alone)
+        np.testing.assert_array_equal(alone[0].view(np.uint32), outs[0][t].view(np.uint32), err_msg=f"token {t}")
+
+
 @pytest.mark.parametrize("half", [False, True])
 def test_attention_with_widely_spread_scores(half, threads):
     """Scores hundreds apart (a sharp head): the weights under 2^-64 of the largest are dropped
@@ -905,7 +951,7 @@ def test_attention_with_widely_spread_scores(half, threads):
     assert_attention_close(out[None], q[None], *values, n_pos - 1)
     if not half:
         prompt_out = np.full((1, n_heads, hd), np.nan, np.float32)
-        K.attention(q[None], k, v, n_pos - 1, np.zeros((1, n_pos), np.float32), prompt_out)
+        K.attention(q[None], k, v, n_pos - 1, *prompt_scratch(1, n_pos, group, hd), prompt_out)
         assert_attention_close(prompt_out, q[None], *values, n_pos - 1)
 
 
@@ -921,7 +967,7 @@ def test_attention_causal_mask_and_sharp_softmax():
     v[0, 1] = 2.0
     v[0, 2] = np.nan
     out = np.empty_like(q)
-    K.attention(q, k, v, 0, np.zeros((2, 3), np.float32), out)
+    K.attention(q, k, v, 0, *prompt_scratch(2, 3, 2, 4), out)
     np.testing.assert_array_equal(out[0], np.ones((2, 4)))
     np.testing.assert_array_equal(out[1], np.full((2, 4), 2.0))
 

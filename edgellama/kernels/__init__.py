@@ -20,6 +20,7 @@ Rooms:
 * ``kv``        KV cache element formats (f32, f16, q8_0), storing and re-rotating rows;
 * ``ops``       RMSNorm, RoPE, SwiGLU;
 * ``attention`` prompt and one-token grouped-query attention;
+* ``lanes``     a prompt's attention with its queries in vector lanes (scores, softmax, values);
 * ``decode``    the fused decode step and its argument bundles (named weight slots);
 * ``batch``     several sequences' tokens in one step (slots of KV cache, rows computed as decode does);
 * ``cache``     Numba's cache: one stamp over the whole package, lean loading.
@@ -31,7 +32,7 @@ first call.
 from . import attention as _attention_room, batch as _batch_room, decode as _decode_room, kv as _kv_room
 from . import layout as _layout_room
 from . import llvm as _llvm_room, ops as _ops_room, products as _products_room
-from .attention import ATTN_SPAN, attention, attention_one
+from .attention import ATTN_SPAN, attention, attention_one, prompt_work_size
 from .batch import (BatchBuffers, BatchRows, SlotCache, attention_jobs, attention_rows, forward_rows, matmul_rows,
                     store_rows)
 from .cache import install as _install_cache

@@ -11,7 +11,8 @@ from numba import njit, types
 from numba.extending import overload
 
 from .common import EXACT, FAST
-from .kv import _kv_axpy, _kv_dot, _kv_load, _kv_vscores, _kv_vsum
+from .kv import _kv_load, _kv_vscores, _kv_vsum
+from .lanes import LANES, _lane_scores, _lane_softmax, _lane_values
 from .llvm import _expf
 from .parallel import parallel_rows
 
@@ -37,53 +38,92 @@ def _weight(d):
 
 
 @njit(**EXACT)
-def _attend(q, k_cache, v_cache, n_pos, scale, scores, out):
-    """One head: softmax(q . K[:n_pos] * scale) @ V[:n_pos].  k/v_cache: (n_ctx, head_dim)."""
-    best = np.float32(-np.inf)
-    for t in range(n_pos):
-        s = _kv_dot(q, k_cache[t]) * scale
-        scores[t] = s
-        best = max(best, s)
-    # exponentials in their own loop so that it vectorizes; the sum in plain order
-    for t in range(n_pos):
-        scores[t] = _weight(scores[t] - best)
-    total = 0.0
-    for t in range(n_pos):
-        total += scores[t]
-    inv = np.float32(1.0 / total)
-    out[:] = 0.0
-    for t in range(n_pos):
-        _kv_axpy(scores[t] * inv, v_cache[t], out)
-
-
-@njit(**EXACT)
-def attention(q, k_cache, v_cache, first_pos, scores, out):
+def attention(q, k_cache, v_cache, first_pos, work, out):
     """Causal grouped-query attention of T new tokens over the cache.
 
     q: (T, n_heads, head_dim) for positions first_pos .. first_pos + T - 1;
     k_cache, v_cache: (n_kv_heads, n_ctx, head_dim) already holding those positions;
-    scores: (n_threads_or_more, n_ctx) scratch; out: (T, n_heads, head_dim).
-    Token t sees positions 0 .. first_pos + t (the causal mask); query head h reads KV head
-    h // (n_heads / n_kv_heads).
+    work: (n_chunks, prompt_work_size(head_dim)) float32, one row per chunk of jobs (one chunk
+    per thread suffices); out: (T, n_heads, head_dim).  Token t sees positions 0 .. first_pos + t
+    (the causal mask); query head h reads KV head h // (n_heads / n_kv_heads).
+
+    A KV head's query rows (token by token, the group's heads in order) are cut into blocks of
+    LANES; one job per (block, KV head) takes its rows down the cached positions together, a span
+    of ATTN_SPAN at a time (see _attend_lanes).  Jobs are dealt to the chunks in turn, so that the
+    early tokens' shorter jobs do not all land on one thread; a row's numbers do not depend on
+    the chunk count.
     """
-    n_tokens, n_heads, head_dim = q.shape
-    group = n_heads // k_cache.shape[0]
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    n_work = n_tokens * n_heads
-    n_chunks = min(scores.shape[0], n_work)
-    parallel_rows(_attend_chunks, n_chunks,
-                  (q, k_cache, v_cache, first_pos, group, n_work, n_chunks, scale, scores, out))
+    n_tokens, n_heads, _ = q.shape
+    n_kv = k_cache.shape[0]
+    n_blocks = (n_tokens * (n_heads // n_kv) + LANES - 1) // LANES
+    n_work = n_blocks * n_kv
+    n_chunks = min(work.shape[0], n_work)
+    scale = np.float32(1.0 / math.sqrt(q.shape[2]))
+    parallel_rows(_attend_chunks, n_chunks, (q, k_cache, v_cache, first_pos, n_work, n_chunks, scale, work, out))
+
+
+def prompt_work_size(head_dim: int) -> int:
+    """float32 elements of one row of ``attention``'s work array: a span's keys or values widened
+    (ATTN_SPAN, head_dim), the queries and the outputs transposed (head_dim, LANES) each, a span's
+    scores (ATTN_SPAN, LANES), and two per-lane rows (running maxima, rescaling factors)."""
+    return (ATTN_SPAN + 2 * LANES) * head_dim + ATTN_SPAN * LANES + 2 * LANES
 
 
 @njit(**EXACT)
-def _attend_chunks(lo, hi, q, k_cache, v_cache, first_pos, group, n_work, n_chunks, scale, scores, out):
-    n_heads = q.shape[1]
+def _attend_chunks(lo, hi, q, k_cache, v_cache, first_pos, n_work, n_chunks, scale, work, out):
+    n_kv = k_cache.shape[0]
     for c in range(lo, hi):
         for job in range(c, n_work, n_chunks):
-            t = job // n_heads
-            h = job % n_heads
-            kv = h // group
-            _attend(q[t, h], k_cache[kv], v_cache[kv], first_pos + t + 1, scale, scores[c], out[t, h])
+            _attend_lanes(q, k_cache, v_cache, first_pos, job % n_kv, job // n_kv, scale, work[c], out)
+
+
+@njit(**EXACT)
+def _attend_lanes(q, k_cache, v_cache, first_pos, kv, block, scale, work, out):
+    """Rows block * LANES .. of KV head kv's query rows (row r: token r // group, head
+    kv * group + r % group), flash-attention style: span by span, each lane's scores (a
+    sequential dot product, lanes.py), its running maximum m and weights exp(score - m); when m
+    grows, the lane's weight sum and outputs so far are scaled by exp(m_old - m_new) (both by the
+    same rounded factor, so that its rounding cancels in their ratio); at the end each output is
+    divided by its weight sum.  Positions a lane's token does not see (the causal mask) are -inf."""
+    n_tokens, n_heads, hd = q.shape
+    group = n_heads // k_cache.shape[0]
+    r0 = block * LANES
+    count = min(LANES, n_tokens * group - r0)
+    o = ATTN_SPAN * hd
+    rows = work[:o]
+    qt = work[o:o + hd * LANES]
+    acct = work[o + hd * LANES:o + 2 * hd * LANES]
+    o += 2 * hd * LANES
+    st = work[o:o + ATTN_SPAN * LANES]
+    o += ATTN_SPAN * LANES
+    m, alpha = work[o:o + LANES], work[o + LANES:o + 2 * LANES]
+    total = np.zeros(LANES, np.float64)
+    limit = np.zeros(LANES, np.int64)  # positions each lane sees (0: an unused lane)
+    qt[:] = 0.0
+    acct[:] = 0.0
+    m[:] = 0.0  # an unused lane: every position masked, weights exp(-inf) = 0
+    for j in range(count):
+        t, h = (r0 + j) // group, kv * group + (r0 + j) % group
+        limit[j] = first_pos + t + 1
+        m[j] = -np.inf
+        for i in range(hd):
+            qt[i * LANES + j] = q[t, h, i]
+    end = limit[count - 1]
+    keys, values = k_cache[kv], v_cache[kv]
+    for p0 in range(0, end, ATTN_SPAN):
+        n = min(ATTN_SPAN, end - p0)
+        for t in range(n):
+            _kv_load(keys[p0 + t], rows[t * hd:(t + 1) * hd])
+        _lane_scores(rows, qt, n, hd, st)
+        _lane_softmax(st, n, p0, limit, m, scale, alpha, total)
+        for t in range(n):
+            _kv_load(values[p0 + t], rows[t * hd:(t + 1) * hd])
+        _lane_values(rows, st, n, hd, acct, alpha)
+    for j in range(count):
+        t, h = (r0 + j) // group, kv * group + (r0 + j) % group
+        inv = np.float32(1.0 / total[j])
+        for i in range(hd):
+            out[t, h, i] = acct[i * LANES + j] * inv
 
 
 ATTN_SPAN = 64  # cached positions per job of one-token attention
@@ -176,9 +216,10 @@ def _span_values_impl(scores, group, n, v_cache, kv, start, partial, first, row)
 
 
 @njit(**EXACT)
-def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
-    """The query heads of KV head kv over cached positions start..end-1, not normalized:
-    partial[h] = (sum_t e_t * v_t (head_dim), max score, sum_t e_t) with e_t = exp(score_t - max).
+def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial, prow):
+    """The query heads of KV head kv over cached positions start..end-1, not normalized: for its
+    g-th head h, partial[prow + g] = (sum_t e_t * v_t (head_dim), max score, sum_t e_t) with
+    e_t = exp(score_t - max).
 
     q: (n_heads, head_dim); scratch: (head_dim + group * ATTN_SPAN,): one widened key or value row,
     then the group's scores.  Each value row's products are added in position order; the dot
@@ -197,17 +238,38 @@ def _attend_span(q, k_cache, v_cache, kv, start, end, scale, scratch, partial):
             best = max(best, scores[g, t])
         for t in range(n):
             scores[g, t] = _weight(scores[g, t] - best)
-        partial[first + g, head_dim] = best
-    _span_values(scores, group, n, v_cache, kv, start, partial, first, row)
+        partial[prow + g, head_dim] = best
+    _span_values(scores, group, n, v_cache, kv, start, partial, prow, row)
 
 
 @njit(**EXACT)
 def _attend_spans(lo, hi, q, k_cache, v_cache, n_pos, scale, scratch, partial):
     n_kv = k_cache.shape[0]
+    group = q.shape[0] // n_kv
     for job in range(lo, hi):
         span, kv = job // n_kv, job % n_kv
         _attend_span(q, k_cache, v_cache, kv, span * ATTN_SPAN, min(n_pos, (span + 1) * ATTN_SPAN), scale,
-                     scratch[job], partial[span])
+                     scratch[job], partial[span], kv * group)
+
+
+@njit(**EXACT)
+def _merge_head(partial, n_spans, h, out):
+    """out (head_dim,) = the normalized attention of head row h from its spans' partial sums
+    partial[:n_spans, h] (see _attend_span): rescaled by their maxima, added in span order."""
+    head_dim = out.shape[0]
+    best = np.float32(-np.inf)
+    for s in range(n_spans):
+        best = max(best, partial[s, h, head_dim])
+    total = 0.0
+    out[:] = 0.0
+    for s in range(n_spans):
+        w = _weight(partial[s, h, head_dim] - best)
+        total += partial[s, h, head_dim + 1] * w
+        for i in range(head_dim):
+            out[i] += w * partial[s, h, i]
+    inv = np.float32(1.0 / total)
+    for i in range(head_dim):
+        out[i] *= inv
 
 
 @njit(**EXACT)
@@ -227,16 +289,4 @@ def attention_one(q, k_cache, v_cache, n_pos, scratch, partial, out):
     n_spans = (n_pos + ATTN_SPAN - 1) // ATTN_SPAN
     parallel_rows(_attend_spans, n_spans * n_kv, (q, k_cache, v_cache, n_pos, scale, scratch, partial))
     for h in range(n_heads):
-        best = np.float32(-np.inf)
-        for s in range(n_spans):
-            best = max(best, partial[s, h, head_dim])
-        total = 0.0
-        out[h, :] = 0.0
-        for s in range(n_spans):
-            w = _weight(partial[s, h, head_dim] - best)
-            total += partial[s, h, head_dim + 1] * w
-            for i in range(head_dim):
-                out[h, i] += w * partial[s, h, i]
-        inv = np.float32(1.0 / total)
-        for i in range(head_dim):
-            out[h, i] *= inv
+        _merge_head(partial, n_spans, h, out[h])

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from .attention import ATTN_SPAN, _attend_span, _weight
+from .attention import ATTN_SPAN, _attend_span, _merge_head
 from .common import EXACT, FAST, T_F16, T_F32
 from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT,
                      MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, Q8Activation)
@@ -241,6 +241,7 @@ def attention_rows(q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, scratc
 def _attention_chunks(lo, hi, q, k_cache, v_cache, layer, rows, jobs, first, n_jobs, n_chunks, scale, scratch,
                       partial):
     n_kv = k_cache.shape[2]
+    group = q.shape[1] // n_kv
     for c in range(lo, hi):
         for job in range(c, n_jobs, n_chunks):
             t = jobs[job]
@@ -249,30 +250,15 @@ def _attention_chunks(lo, hi, q, k_cache, v_cache, layer, rows, jobs, first, n_j
             n_pos = rows.positions[t] + 1
             slot = rows.slots[t]
             _attend_span(q[t], k_cache[slot, layer], v_cache[slot, layer], kv, span * ATTN_SPAN,
-                         min(n_pos, (span + 1) * ATTN_SPAN), scale, scratch[c], partial[t, span])
+                         min(n_pos, (span + 1) * ATTN_SPAN), scale, scratch[c], partial[t, span], kv * group)
 
 
 @njit(**EXACT)
 def _merge_spans(lo, hi, rows, partial, out):
-    n_heads, head_dim = out.shape[1], out.shape[2]
     for t in range(lo, hi):
         n_spans = (rows.positions[t] + ATTN_SPAN) // ATTN_SPAN
-        p = partial[t]
-        o = out[t]
-        for h in range(n_heads):
-            best = np.float32(-np.inf)
-            for s in range(n_spans):
-                best = max(best, p[s, h, head_dim])
-            total = 0.0
-            o[h, :] = 0.0
-            for s in range(n_spans):
-                w = _weight(p[s, h, head_dim] - best)
-                total += p[s, h, head_dim + 1] * w
-                for i in range(head_dim):
-                    o[h, i] += w * p[s, h, i]
-            inv = np.float32(1.0 / total)
-            for i in range(head_dim):
-                o[h, i] *= inv
+        for h in range(out.shape[1]):
+            _merge_head(partial[t], n_spans, h, out[t, h])
 
 
 @njit(**EXACT)

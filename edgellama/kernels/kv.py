@@ -4,8 +4,9 @@ cached keys to new positions (context shift).
 
 A cached key or value row of head_dim elements is float32, IEEE half bits (uint16), or Q8_0
 blocks (uint8, KV_Q8_BLOCK bytes per 32 elements: the f16 scale d, then 32 int8 q; value d * q,
-quantized as ggml's reference quantize_row_q8_0 does).  These four helpers are the only code that
-knows the element format; each is specialized per cache dtype when a kernel is compiled.
+quantized as ggml's reference quantize_row_q8_0 does).  _kv_load and _kv_store (and, for float32
+and f16 rows, the vector loops _kv_vscores and _kv_vsum) are the only code that knows the element
+format; each is specialized per cache dtype when a kernel is compiled.
 """
 
 from __future__ import annotations
@@ -34,14 +35,6 @@ def kv_row_length(head_dim: int, dtype) -> int:
     return kind.row_length(head_dim)
 
 
-def _kv_dot(q, row):
-    """q . the cached row."""
-
-
-def _kv_axpy(p, row, out):
-    """out += p * the cached row."""
-
-
 def _kv_load(row, out):
     """out (head_dim,) float32 = the cached row."""
 
@@ -58,29 +51,6 @@ def _block_vector(context, builder, arr_type, arr, at, elem, n=QK):
 
 def _c_array(a, dtype):
     return isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype
-
-
-@intrinsic
-def _q8_block_dot(typingctx, x, x_at, row, row_at):
-    """sum over i < 32 of x[x_at + i] * int8(row[row_at + i]): float32 x, uint8 row holding int8s;
-    one vector product summed in a fixed tree order.  (Numba's loops over a 32-element block get
-    unrolled before LLVM can vectorize them, and run scalar.)"""
-    if not (_c_array(x, types.float32) and _c_array(row, types.uint8)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        at = lambda i: context.cast(builder, args[i], sig.args[i], types.intp)
-        xv = builder.load(_block_vector(context, builder, sig.args[0], args[0], at(1), _F32), align=4)
-        qv = builder.load(_block_vector(context, builder, sig.args[2], args[2], at(3), _I8), align=1)
-        v = builder.fmul(xv, builder.sitofp(qv, _vec(_F32, QK)))
-        n = QK
-        while n > 1:
-            n //= 2
-            v = builder.fadd(builder.shuffle_vector(v, v, _const_vec(_I32, range(n))),
-                             builder.shuffle_vector(v, v, _const_vec(_I32, range(n, 2 * n))))
-        return builder.extract_element(v, ir.Constant(_I32, 0))
-
-    return types.float32(x, x_at, row, row_at), codegen
 
 
 @intrinsic
@@ -380,38 +350,6 @@ def _roundf(v):
     r = np.floor(a)
     r += np.floor(np.float32(2.0) * (a - r))
     return r if v >= 0 else -r
-
-
-@overload(_kv_dot, jit_options={"fastmath": True, "error_model": "numpy"})
-def _kv_dot_impl(q, row):
-    if row.dtype == types.uint8:
-        def dot_q8(q, row):
-            s = np.float32(0.0)
-            for b in range(q.shape[0] // QK):
-                s += _q8_scale(row, b) * _q8_block_dot(q, QK * b, row, KV_Q8_BLOCK * b + 2)
-            return s
-        return dot_q8
-
-    def dot(q, row):
-        s = np.float32(0.0)
-        for i in range(q.shape[0]):
-            s += q[i] * _as_f32(row[i])
-        return s
-    return dot
-
-
-@overload(_kv_axpy, jit_options={"error_model": "numpy"})
-def _kv_axpy_impl(p, row, out):
-    if row.dtype == types.uint8:
-        def axpy_q8(p, row, out):
-            for b in range(out.shape[0] // QK):
-                _q8_block_axpy(p * _q8_scale(row, b), row, KV_Q8_BLOCK * b + 2, out, QK * b, True)
-        return axpy_q8
-
-    def axpy(p, row, out):
-        for i in range(out.shape[0]):
-            out[i] += p * _as_f32(row[i])
-    return axpy
 
 
 @overload(_kv_load, jit_options={"error_model": "numpy"})

@@ -74,6 +74,32 @@ def _f32_to_half(b, f, native):
     return b.trunc(b.or_(out, b.lshr(sign, c(16))), _I16)
 
 
+def _exp_ir(b, v):
+    """IR: exp(v) for float32 v (scalar or vector), within about 2 ulp, in plain arithmetic (see
+    _expf)."""
+    f = lambda c: _like(v, _F32, c)
+    i = lambda c: _like(v, _I32, c)
+    i32 = _with_elem(v, _I32)
+    is_nan = b.fcmp_unordered("uno", v, v)
+    clamped = b.select(b.fcmp_ordered("<", v, f(-104.0)), f(-104.0), v)
+    clamped = b.select(b.fcmp_ordered(">", clamped, f(89.0)), f(89.0), clamped)
+    clamped = b.select(is_nan, f(0.0), clamped)
+    shifter = f(1.5 * 2.0 ** 23)
+    z = b.fadd(b.fmul(clamped, f(1.4426950408889634)), shifter)
+    n_float = b.fsub(z, shifter)
+    n = b.sub(b.bitcast(z, i32), b.bitcast(shifter, i32))
+    r = b.fsub(b.fsub(clamped, b.fmul(n_float, f(0.693359375))), b.fmul(n_float, f(-2.12194440e-4)))
+    p = f(1.0 / 5040.0)
+    for k in (720, 120, 24, 6, 2, 1, 1):
+        p = b.fadd(b.fmul(p, r), f(1.0 / k))
+    half_n = b.ashr(n, i(1))
+    scale_a = b.bitcast(b.shl(b.add(half_n, i(127)), i(23)), v.type)
+    scale_b = b.bitcast(b.shl(b.add(b.sub(n, half_n), i(127)), i(23)), v.type)
+    y = b.fmul(b.fmul(p, scale_a), scale_b)
+    y = b.select(b.fcmp_ordered("<", v, f(-104.0)), f(0.0), y)
+    return b.select(is_nan, v, y)
+
+
 @intrinsic
 def _expf(typingctx, x):
     """exp(x) for float32 x, within about 2 ulp, in plain arithmetic so that loops over it vectorize
@@ -85,27 +111,7 @@ def _expf(typingctx, x):
         return None
 
     def codegen(context, builder, sig, args):
-        b, (v,) = builder, args
-        f = lambda c: ir.Constant(_F32, c)
-        i = lambda c: ir.Constant(_I32, c)
-        is_nan = b.fcmp_unordered("uno", v, v)
-        clamped = b.select(b.fcmp_ordered("<", v, f(-104.0)), f(-104.0), v)
-        clamped = b.select(b.fcmp_ordered(">", clamped, f(89.0)), f(89.0), clamped)
-        clamped = b.select(is_nan, f(0.0), clamped)
-        shifter = f(1.5 * 2.0 ** 23)
-        z = b.fadd(b.fmul(clamped, f(1.4426950408889634)), shifter)
-        n_float = b.fsub(z, shifter)
-        n = b.sub(b.bitcast(z, _I32), b.bitcast(shifter, _I32))
-        r = b.fsub(b.fsub(clamped, b.fmul(n_float, f(0.693359375))), b.fmul(n_float, f(-2.12194440e-4)))
-        p = f(1.0 / 5040.0)
-        for k in (720, 120, 24, 6, 2, 1, 1):
-            p = b.fadd(b.fmul(p, r), f(1.0 / k))
-        half_n = b.ashr(n, i(1))
-        scale_a = b.bitcast(b.shl(b.add(half_n, i(127)), i(23)), _F32)
-        scale_b = b.bitcast(b.shl(b.add(b.sub(n, half_n), i(127)), i(23)), _F32)
-        y = b.fmul(b.fmul(p, scale_a), scale_b)
-        y = b.select(b.fcmp_ordered("<", v, f(-104.0)), f(0.0), y)
-        return b.select(is_nan, v, y)
+        return _exp_ir(builder, args[0])
 
     return types.float32(x), codegen
 
