@@ -216,14 +216,10 @@ def run_bench(args) -> int:
     if n_depth:
         model.eval(depth)
 
-    def back_to_depth():
-        model.state.n_past = n_depth
-        del model.state.tokens[n_depth:]
-
     # pp: the whole prompt after the depth
     pp_rates = []
     for _ in range(repetitions):
-        back_to_depth()
+        model.truncate(n_depth)
         t0 = time.perf_counter()
         model.eval(prompt)
         pp_rates.append(n_prompt / (time.perf_counter() - t0))
@@ -232,7 +228,7 @@ def run_bench(args) -> int:
     gen = random_ids(n_vocab, n_gen + 1, seed=SEED + 2)
     tg_rates = []
     for _ in range(repetitions):
-        back_to_depth()
+        model.truncate(n_depth)
         model.eval(gen[:1])
         t0 = time.perf_counter()
         for token in gen[1:]:

@@ -428,8 +428,22 @@ class Model:
 
     def reset(self) -> None:
         """Forget the cached context (the KV cache contents become unused)."""
-        self.state.n_past = 0
-        self.state.tokens = []
+        self.truncate(0)
+
+    @property
+    def n_cached(self) -> int:
+        """Tokens in the cached context (positions 0..n_cached-1 of the KV cache)."""
+        return self.state.n_past
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` cached tokens and forget the rest: the next ``eval`` continues at
+        position n, as if only those tokens had been evaluated (a chat rewound to an earlier turn, a
+        benchmark back to its starting depth).  Nothing is recomputed."""
+        s = self.state
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= s.n_past:
+            raise ValueError(f"truncate: n must be an integer from 0 to the {s.n_past} cached tokens, got {n!r}")
+        s.n_past = int(n)
+        del s.tokens[s.n_past:]
 
     def logits(self, ids) -> np.ndarray:
         """Logits for every position of ``ids``, evaluated from an empty cache: (len(ids), n_vocab)."""
@@ -481,8 +495,7 @@ class Model:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # the last prompt token is always evaluated: we need its logits
-        s.n_past = common
-        del s.tokens[common:]
+        self.truncate(common)
         return self.eval(ids[common:]), common
 
     def generate(self, prompt: str | list[int], max_tokens: int | None = 64, sampler=None, *, stop=(), stop_ids=(),

@@ -279,6 +279,27 @@ def test_prompt_cache_evaluates_only_the_new_suffix(tmp_path):
     assert model.n_evaluated - before == 1
 
 
+def test_truncate_rewinds_the_cached_context(tmp_path):
+    """truncate(n) keeps the first n cached tokens: evaluating after it gives what a fresh model
+    gives for those n tokens followed by the new ones (bit for bit: the same kernels on the same
+    cached keys and values), and its bad arguments are refused without changing anything."""
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+    model = edgellama.load(path, n_ctx=32)
+    model.eval(IDS[:10])
+    model.truncate(6)
+    assert model.n_cached == 6 and model.state.tokens == [int(t) for t in IDS[:6]]
+    rewound = model.eval(IDS[6:9]).copy()
+    fresh = edgellama.load(path, n_ctx=32)
+    fresh.eval(IDS[:6])
+    np.testing.assert_array_equal(rewound, fresh.eval(IDS[6:9]))
+    for bad in (-1, 10, 2.0, True, "3", None):
+        with pytest.raises(ValueError, match="truncate: n must be an integer from 0 to the 9 cached tokens"):
+            model.truncate(bad)
+    assert model.n_cached == 9
+    model.truncate(0)
+    assert model.n_cached == 0 and model.state.tokens == []
+
+
 def test_warm_up_loads_the_one_token_step_without_running_it(tmp_path):
     """warm_up(prompt_path=False) readies the decode kernel and evaluates nothing (a step would
     cost a first token's time); the first real token then needs no compilation and gives what a
