@@ -1,6 +1,7 @@
-"""Grouped-query attention over the KV cache: a prompt's tokens (causal), and one token's in spans
-of cached positions merged flash-decoding style (every thread works on long contexts; the result
-does not depend on the thread count)."""
+"""Grouped-query attention over the KV cache: a prompt's tokens (causal), its query rows 16 at a
+time in vector lanes with a running softmax (lanes.py); and one token's in spans of cached
+positions merged flash-decoding style (every thread works on long contexts).  Neither result
+depends on the thread count."""
 
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def _attend_lanes(q, k_cache, v_cache, first_pos, kv, block, scale, work, out):
             out[t, h, i] = acct[i * LANES + j] * inv
 
 
-ATTN_SPAN = 64  # cached positions per job of one-token attention
+ATTN_SPAN = 64  # cached positions per job of one-token attention, and per step of a prompt's lanes
 
 
 @njit(**FAST)
