@@ -56,9 +56,11 @@ def check_args(n_prompt: int, n_gen: int, repetitions: int, threads: int | None,
                n_ctx: int | None, n_depth: int = 0) -> int:
     """Validate the bench options; the context size to use.  Raises ValueError naming the option
     by its flag (-p, -n, -r, -t, -c, -d)."""
-    for flag, value in (("-p", n_prompt), ("-n", n_gen), ("-r", repetitions)):
-        if not is_int(value) or value <= 0:
-            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    for flag, value, low in (("-p", n_prompt, 0), ("-n", n_gen, 0), ("-r", repetitions, 1)):
+        if not is_int(value) or value < low:
+            raise ValueError(f"{flag} must be an integer >= {low}, got {value!r}")
+    if n_prompt == 0 and n_gen == 0:
+        raise ValueError("-p and -n are both 0: nothing to measure (0 skips that test, as in llama-bench)")
     if not is_int(n_depth) or n_depth < 0:
         raise ValueError(f"-d must be a non-negative integer, got {n_depth!r}")
     if threads is not None and (not is_int(threads) or threads <= 0):
@@ -199,7 +201,7 @@ def run_bench(args) -> int:
         process_first = process_age_s()
         model.eval([first])
         model.reset()
-        model.eval(prompt[:min(n_prompt, WARMUP_PP)])
+        model.eval(prompt[:WARMUP_PP] if n_prompt else warm)
         model.warm_up()  # both paths whatever -p is: the first run compiles every kernel, as announced
         compile_s = time.perf_counter() - t0
     hits, misses = numba_cache_counts()
@@ -218,7 +220,7 @@ def run_bench(args) -> int:
 
     # pp: the whole prompt after the depth
     pp_rates = []
-    for _ in range(repetitions):
+    for _ in range(repetitions if n_prompt else 0):
         model.truncate(n_depth)
         t0 = time.perf_counter()
         model.eval(prompt)
@@ -227,7 +229,7 @@ def run_bench(args) -> int:
     # tg: one token at a time after a 1-token prompt
     gen = random_ids(n_vocab, n_gen + 1, seed=SEED + 2)
     tg_rates = []
-    for _ in range(repetitions):
+    for _ in range(repetitions if n_gen else 0):
         model.truncate(n_depth)
         model.eval(gen[:1])
         t0 = time.perf_counter()
@@ -250,8 +252,8 @@ def run_bench(args) -> int:
         "n_gen": n_gen,
         "n_depth": n_depth,
         "repetitions": repetitions,
-        "pp_tok_s": _median(pp_rates),
-        "tg_tok_s": _median(tg_rates),
+        "pp_tok_s": _median(pp_rates) if pp_rates else None,  # (None: -p 0 or -n 0 skipped the test)
+        "tg_tok_s": _median(tg_rates) if tg_rates else None,
         "pp_tok_s_all": pp_rates,
         "tg_tok_s_all": tg_rates,
         "load_s": load_s,
@@ -284,7 +286,8 @@ def format_report(r: dict) -> str:
     rows = [("model", "size", "params", "threads", "test", "t/s")]
     at = f" @ d{r['n_depth']}" if r.get("n_depth") else ""
     for test, rates in ((f"pp{r['n_prompt']}{at}", r["pp_tok_s_all"]), (f"tg{r['n_gen']}{at}", r["tg_tok_s_all"])):
-        rows.append((model, size, params, str(r["threads"]), test, f"{_median(rates):.2f} ± {_stdev(rates):.2f}"))
+        if rates:
+            rows.append((model, size, params, str(r["threads"]), test, f"{_median(rates):.2f} ± {_stdev(rates):.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {1, 2, 3, 4, 5}
 

@@ -44,9 +44,10 @@ def test_bench_table(tiny_q8, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-p", "0"], "-p must be >= 1, got 0"),
-    (["-n", "-3"], "-n must be >= 1, got -3"),
-    (["--n-gen", "-3"], "--n-gen must be >= 1, got -3"),
+    (["-p", "-1"], "-p must be >= 0, got -1"),
+    (["-n", "-3"], "-n must be >= 0, got -3"),
+    (["--n-gen", "-3"], "--n-gen must be >= 0, got -3"),
+    (["-p", "0", "-n", "0"], "-p and -n are both 0: nothing to measure (0 skips that test, as in llama-bench)"),
     (["-r", "0"], "-r must be >= 1, got 0"),
     (["-t", "0"], "-t must be >= 1, got 0"),
     (["-c", "0"], "-c must be a positive integer, got 0"),
@@ -61,6 +62,26 @@ def test_bench_rejects_bad_options(tiny_q8, capsys, argv, message):
     assert rc == 2 and out == ""
     # one line naming the option, then where to look: no traceback
     assert err.splitlines() == [f"edgellama bench: error: {message}", "see 'edgellama bench --help'"]
+
+
+@pytest.mark.parametrize("skipped", ["-p", "-n"])
+def test_bench_zero_skips_that_test(tiny_q8, capsys, skipped):
+    """-p 0 or -n 0 skips prompt processing or generation, as llama-bench does: no timing, no row
+    in the table, null in the JSON; the other test runs."""
+    other = {"-p": "-n", "-n": "-p"}[skipped]
+    rc = main(["bench", "-m", str(tiny_q8), "-t", "1", skipped, "0", other, "4", "-r", "2", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    r = json.loads(out.strip().splitlines()[-1])
+    gone, kept = ("pp", "tg") if skipped == "-p" else ("tg", "pp")
+    assert r[f"{gone}_tok_s"] is None and r[f"{gone}_tok_s_all"] == []
+    assert r[f"{kept}_tok_s"] > 0 and len(r[f"{kept}_tok_s_all"]) == 2
+    rc = main(["bench", "-m", str(tiny_q8), "-t", "1", skipped, "0", other, "4", "-r", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    tests = [line.split("|")[5].strip() for line in out.splitlines() if line.startswith("| ") and "model" not in line
+             and "---" not in line]
+    assert tests == [f"{kept}4"]
 
 
 def test_bench_at_a_depth_runs_after_that_many_cached_tokens(tiny_q8, capsys, monkeypatch):

@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per run")
     parser.add_argument("--markdown", type=Path, default=None, help="append the results section to this file")
     args = parser.parse_args(argv)
+    if args.n_prompt < 1 or args.n_gen < 1:
+        parser.error("-p and -n must be >= 1 here: the comparison needs both pp and tg")
 
     try:
         from tools.llamacpp import build
