@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--runs must be a positive integer, got {args.runs}")
         models = list(args.models or ([] if args.sized else default_models()))
         if args.sized:
-            from tools.make_sized_model import sized_model
-            models += [sized_model(*name.split(".", 1)) for name in args.sized]
+            from tools.make_sized_model import parse_sized, sized_model
+            models += [sized_model(*parse_sized(name)) for name in args.sized]
         for m in models:
             if not Path(m).is_file():
                 raise ValueError(f"{m}: no such file")

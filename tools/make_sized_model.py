@@ -180,8 +180,21 @@ def write_model(path: Path, shape: Shape, ftype: str, seed: int = 0) -> Path:
     return path
 
 
+def parse_sized(name: str) -> tuple[str, str]:
+    """"SHAPE.TYPE" (e.g. llama-3.2-1b.q8_0: the shape's name has dots of its own) -> (shape, type);
+    ValueError naming the choices."""
+    shape, _, ftype = name.rpartition(".")
+    if shape not in SHAPES or ftype not in FILE_TYPES:
+        raise ValueError(f"{name!r} is not SHAPE.TYPE: shapes {', '.join(sorted(SHAPES))}; "
+                         f"types {', '.join(sorted(FILE_TYPES))}")
+    return shape, ftype
+
+
 def sized_model(shape: str, ftype: str, seed: int = 0) -> Path:
     """The cached file of this shape and type, written on first use."""
+    if shape not in SHAPES or ftype not in FILE_TYPES:
+        raise ValueError(f"no sized model {shape}.{ftype}: shapes {', '.join(sorted(SHAPES))}; "
+                         f"types {', '.join(sorted(FILE_TYPES))}")
     path = cache_dir() / "sized" / f"{shape}.{ftype}.gguf"
     if not path.exists():
         write_model(path, SHAPES[shape], ftype, seed)
