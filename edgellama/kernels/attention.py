@@ -73,13 +73,15 @@ def prompt_work_size(head_dim: int) -> int:
 @njit(**EXACT)
 def _attend_chunks(lo, hi, q, k_cache, v_cache, first_pos, n_work, n_chunks, scale, work, out):
     n_kv = k_cache.shape[0]
+    total = np.empty(LANES, np.float64)  # (this range's: the work rows are float32)
+    limit = np.empty(LANES, np.int64)
     for c in range(lo, hi):
         for job in range(c, n_work, n_chunks):
-            _attend_lanes(q, k_cache, v_cache, first_pos, job % n_kv, job // n_kv, scale, work[c], out)
+            _attend_lanes(q, k_cache, v_cache, first_pos, job % n_kv, job // n_kv, scale, work[c], total, limit, out)
 
 
 @njit(**EXACT)
-def _attend_lanes(q, k_cache, v_cache, first_pos, kv, block, scale, work, out):
+def _attend_lanes(q, k_cache, v_cache, first_pos, kv, block, scale, work, total, limit, out):
     """Rows block * LANES .. of KV head kv's query rows (row r: token r // group, head
     kv * group + r % group), flash-attention style: span by span, each lane's scores (a
     sequential dot product, lanes.py), its running maximum m and weights exp(score - m); when m
@@ -98,8 +100,8 @@ def _attend_lanes(q, k_cache, v_cache, first_pos, kv, block, scale, work, out):
     st = work[o:o + ATTN_SPAN * LANES]
     o += ATTN_SPAN * LANES
     m, alpha = work[o:o + LANES], work[o + LANES:o + 2 * LANES]
-    total = np.zeros(LANES, np.float64)
-    limit = np.zeros(LANES, np.int64)  # positions each lane sees (0: an unused lane)
+    total[:] = 0.0  # each lane's weight sum
+    limit[:] = 0  # positions each lane sees (0: an unused lane)
     qt[:] = 0.0
     acct[:] = 0.0
     m[:] = 0.0  # an unused lane: every position masked, weights exp(-inf) = 0

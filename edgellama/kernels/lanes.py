@@ -30,9 +30,20 @@ def _together() -> int:
     return 8 if "avx512f" in _target_features() else 4
 
 
-def _splat(builder, x, n):
-    v = builder.insert_element(ir.Constant(_vec(_F32, n), ir.Undefined), x, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, _const_vec(_I32, [0] * n))
+def _splat(builder, x, ty=_vec(_F32, LANES)):
+    """IR: the scalar x in every lane of vector type ty."""
+    v = builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, _const_vec(_I32, [0] * ty.count))
+
+
+def _clamped(builder, intp, start, end):
+    """IR: the _together() indices start, start + 1, ... with those >= end replaced by end - 1."""
+    last = builder.sub(end, intp(1))
+    out = []
+    for j in range(_together()):
+        i = builder.add(start, intp(j))
+        out.append(builder.select(builder.icmp_signed("<", i, end), i, last))
+    return out
 
 
 def _flat_f32(a):
@@ -56,22 +67,18 @@ def _lane_scores(typingctx, rows, qt, n, hd, st):
                              _vec(_F32, LANES).as_pointer())
         s0 = builder.bitcast(_elem_ptr(context, builder, sig.args[4], args[4], intp(0)),
                              _vec(_F32, LANES).as_pointer())
-        last = builder.sub(count, intp(1))
         zero = ir.Constant(_vec(_F32, LANES), [0.0] * LANES)
         together = _together()
         accs = [cgutils.alloca_once(builder, zero.type) for _ in range(together)]
         with cgutils.for_range_slice(builder, intp(0), count, intp(together), intp) as (t, _):
-            ps = []
-            for j in range(together):
-                p = builder.add(t, intp(j))
-                ps.append(builder.select(builder.icmp_signed("<", p, count), p, last))
+            ps = _clamped(builder, intp, t, count)
             starts = [builder.gep(r0, [builder.mul(p, size)]) for p in ps]
             for acc in accs:
                 builder.store(zero, acc)
             with cgutils.for_range(builder, size) as loop:
                 qv = builder.load(builder.gep(q0, [loop.index]), align=4)
                 for acc, start in zip(accs, starts):
-                    k = _splat(builder, builder.load(builder.gep(start, [loop.index])), LANES)
+                    k = _splat(builder, builder.load(builder.gep(start, [loop.index])))
                     builder.store(builder.fadd(builder.load(acc), builder.fmul(k, qv)), acc)
             for acc, p in zip(accs, ps):
                 builder.store(builder.load(acc), builder.gep(s0, [p]), align=4)
@@ -98,21 +105,17 @@ def _lane_values(typingctx, rows, pt, n, hd, acct, alpha):
                                             _vec(_F32, LANES).as_pointer())
         p0, a0 = vec_ptr(1), vec_ptr(4)
         scale = builder.load(vec_ptr(5), align=4)
-        last = builder.sub(size, intp(1))
         together = _together()
         accs = [cgutils.alloca_once(builder, _vec(_F32, LANES)) for _ in range(together)]
         with cgutils.for_range_slice(builder, intp(0), size, intp(together), intp) as (i, _):
-            cols = []
-            for j in range(together):
-                c = builder.add(i, intp(j))
-                cols.append(builder.select(builder.icmp_signed("<", c, size), c, last))
+            cols = _clamped(builder, intp, i, size)
             for acc, c in zip(accs, cols):
                 builder.store(builder.fmul(builder.load(builder.gep(a0, [c]), align=4), scale), acc)
             with cgutils.for_range(builder, count) as loop:
                 pv = builder.load(builder.gep(p0, [loop.index]), align=4)
                 row = builder.gep(r0, [builder.mul(loop.index, size)])
                 for acc, c in zip(accs, cols):
-                    v = _splat(builder, builder.load(builder.gep(row, [c])), LANES)
+                    v = _splat(builder, builder.load(builder.gep(row, [c])))
                     builder.store(builder.fadd(builder.load(acc), builder.fmul(pv, v)), acc)
             for acc, c in zip(accs, cols):
                 builder.store(builder.load(acc), builder.gep(a0, [c]), align=4)
@@ -150,10 +153,7 @@ def _lane_softmax(typingctx, st, n, first, limit, m, scale, alpha, total):
         s0, m_ptr, a_ptr = ptr(0, f32s), ptr(4, f32s), ptr(6, f32s)
         lim = builder.load(ptr(3, i64s), align=8)
         t_ptr = ptr(7, f64s)
-        splat = lambda x, ty: builder.shuffle_vector(
-            builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(_I32, 0)),
-            ir.Constant(ty, ir.Undefined), _const_vec(_I32, [0] * LANES))
-        scales = splat(args[5], f32s)
+        scales = _splat(builder, args[5], f32s)
         floor = ir.Constant(f32s, [float(SOFTMAX_FLOOR)] * LANES)
         minus_inf = ir.Constant(f32s, [float("-inf")] * LANES)
         m_old = builder.load(m_ptr, align=4)
@@ -162,7 +162,8 @@ def _lane_softmax(typingctx, st, n, first, limit, m, scale, alpha, total):
         with cgutils.for_range(builder, count) as loop:
             at = builder.gep(s0, [loop.index])
             s = builder.fmul(builder.load(at, align=4), scales)
-            pos = splat(builder.add(first, context.cast(builder, loop.index, types.intp, types.int64)), i64s)
+            at_pos = builder.add(first, context.cast(builder, loop.index, types.intp, types.int64))
+            pos = _splat(builder, at_pos, i64s)
             s = builder.select(builder.icmp_signed(">=", pos, lim), minus_inf, s)
             builder.store(s, at, align=4)
             b = builder.load(best)
