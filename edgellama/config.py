@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ._validate import is_int, is_number
-from .gguf import GGUFFile, ModelFormatError, ValueType
+from .gguf import GGUFFile, ModelFormatError, StringArray, ValueType
 from .quants import F16_LOAD_WIDTH, KV_CACHE_TYPES, QK, GGMLType, dequantize, type_name  # noqa: F401
 
 # QK: activations are quantized in blocks of 32, so width and ffn are multiples of it
@@ -60,7 +60,7 @@ def _plain(value: Any) -> Any:
 
 def _show(value: Any) -> str:
     """A value for a one-line message (arrays by their length: never a huge repr)."""
-    if isinstance(value, (list, tuple, np.ndarray)):
+    if isinstance(value, (list, tuple, StringArray, np.ndarray)):
         return f"an array of {len(value)} items"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -264,7 +264,7 @@ class ModelArgs:
         """llama.vocab_size, the embedding's rows, the output's rows and the tokenizer's token count
         are one number."""
         tokens = m.raw("tokenizer.ggml.tokens")
-        if isinstance(tokens, (list, tuple)) and len(tokens) != self.n_vocab:
+        if isinstance(tokens, (list, tuple, StringArray)) and len(tokens) != self.n_vocab:
             raise m.fail(f"tokenizer.ggml.tokens has {len(tokens)} tokens but the model has {self.n_vocab} "
                          f"({_vocab_origin(m, tensors)})")
 
@@ -347,7 +347,7 @@ def _vocab_size(m: _Metadata, tensors: Mapping[str, tuple[int, ...]] | None) -> 
     if rows is not None:
         return rows
     tokens = m.raw("tokenizer.ggml.tokens")
-    if isinstance(tokens, (list, tuple)):
+    if isinstance(tokens, (list, tuple, StringArray)):
         return len(tokens)
     raise m.fail("missing metadata 'llama.vocab_size' (and no token_embd.weight or tokenizer.ggml.tokens to "
                  "count)")

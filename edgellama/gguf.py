@@ -3,7 +3,9 @@
 Reading never trusts a declared size: every count, length and offset is checked against the bytes
 that remain in the file before anything is looped over or allocated, so a hostile 500-byte file
 fails at once with a ``ModelFormatError`` that names the file, the field and the value.  Tensors are
-zero-copy, read-only views into one memory map, and so are numeric metadata arrays.
+zero-copy, read-only views into one memory map, and so are numeric metadata arrays; arrays of
+strings (a vocabulary's tokens and merges) are read in place too (``StringArray``: each string is
+checked as the header is parsed, and decoded again when asked for).
 
 What the header costs in Python objects is bounded by its size: counts are capped (keys, tensors,
 array items), arrays of arrays are refused (llama.cpp's reader refuses them too), and the parser
@@ -26,10 +28,13 @@ import errno
 import hashlib
 import marshal
 import mmap
+import operator
 import os
 import struct
 import sys
 import tempfile
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -66,13 +71,14 @@ _SLOT = 9
 _ROUNDING = 15
 _SHARED_STR_BYTES = sys.getsizeof("")  # what getsizeof says of a shared one ('x' says one more: ignored)
 _STRING_CHUNK = 1 << 16  # strings decoded between two checks of the memory account
+_STRING_ARRAY_BYTES = 320  # a StringArray and its bounds array, but for their 8 bytes per string
 
 
 # A parsed header at least this long is kept (GGUFFile(keep_header=True)): SmolLM2's 1.7 MB parse in
 # 0.14 s on a slow core, Llama 3's 7.8 MB in 0.55 s; read back, 0.02 and 0.1 s.
 KEEP_HEADER_MIN_BYTES = 256 << 10
 _KEPT_KIND = "gguf-headers"
-_KEPT_FORMAT = 1
+_KEPT_FORMAT = 2  # 2: string arrays kept as their bounds (StringArray)
 _STAMP: list[bytes] = []
 
 
@@ -244,44 +250,112 @@ def _read_value(cur: _Cursor, vtype: int, key: str) -> Any:
 _U64 = struct.Struct("<Q")
 
 
-def _read_string_array(cur: _Cursor, count: int, key: str) -> list[str]:
-    """count length-prefixed UTF-8 strings; one tight loop (vocabularies hold ~100k of them), in
-    chunks between which the memory account is checked."""
+def _read_string_array(cur: _Cursor, count: int, key: str) -> "StringArray":
+    """count length-prefixed UTF-8 strings, each checked, read in place (a ``StringArray``); one
+    tight loop (vocabularies hold ~100k of them), in chunks between which the memory account is
+    checked.  The account charges what the strings would take as Python objects: the tokenizer
+    builds them from the first load's vocabulary (later loads read its tables back)."""
     view, pos, end = cur.view, cur.pos, len(cur.buf)
     unpack = _U64.unpack_from
-    out: list[str] = []
-    append = out.append
+    cur.charge(_STRING_ARRAY_BYTES + 8 * (count + 1), f"key {key!r}: an array of {count} strings")
+    bounds = np.empty(count + 1, np.int64)  # bounds[i]: where string i's length prefix is
+    bounds[0] = pos
     try:
         for done in range(0, count, _STRING_CHUNK):
             n_chunk = min(_STRING_CHUNK, count - done)
             n_shared = 0  # empty and one-byte strings: CPython's singletons, a list slot each
-            for _ in range(n_chunk):
+            objects = 0
+            at = array("q")
+            for i in range(done, done + n_chunk):
                 (n,) = unpack(view, pos)
                 pos += 8
                 if n > end - pos:
-                    raise cur.fail(f"file is truncated or incomplete: string #{len(out)} of {key!r} needs {n} "
+                    raise cur.fail(f"file is truncated or incomplete: string #{i} of {key!r} needs {n} "
                                    f"bytes at offset {pos}, only {end - pos} remain")
                 if n < 2:
                     n_shared += 1
-                append(str(view[pos:pos + n], "utf-8"))
+                objects += str(view[pos:pos + n], "utf-8").__sizeof__()  # (= getsizeof, faster)
                 pos += n
+                at.append(pos)
+            bounds[done + 1:done + 1 + n_chunk] = at
             cur.pos = pos
-            objects = sum(map(str.__sizeof__, out[done:])) - _SHARED_STR_BYTES * n_shared  # (= getsizeof, faster)
+            objects -= _SHARED_STR_BYTES * n_shared
             cur.charge(_SLOT * n_chunk + _ROUNDING * (n_chunk - n_shared) + objects,
-                       f"key {key!r}: {len(out)} of its {count} strings")
+                       f"key {key!r}: {done + n_chunk} of its {count} strings")
     except struct.error:
-        raise cur.fail(f"file is truncated or incomplete: string #{len(out)} of {key!r} at offset {pos}") from None
+        raise cur.fail(f"file is truncated or incomplete: string #{i} of {key!r} at offset {pos}") from None
     except UnicodeDecodeError as e:
-        raise cur.fail(f"string #{len(out)} of {key!r} is not valid UTF-8 ({e.reason})") from None
-    return out
+        raise cur.fail(f"string #{i} of {key!r} is not valid UTF-8 ({e.reason})") from None
+    return StringArray(cur.buf, view, bounds)
+
+
+class StringArray(Sequence):
+    """A GGUF array of strings, read in place: item i is decoded from the mapped file when asked
+    for (the parser checked every one).  A vocabulary's 128k tokens and 280k merges as Python
+    strings took ~37 MiB of every process; this keeps 8 bytes per string, beside pages of the
+    file.  A sequence of ``str`` (a slice is a list); equal to a list or tuple of the same strings."""
+
+    __slots__ = ("_buf", "_view", "_bounds")
+
+    def __init__(self, buf: np.ndarray, view: memoryview, bounds: np.ndarray):
+        self._buf = buf          # the file's bytes (keeps the map alive)
+        self._view = view        # a memoryview of them (one per file, shared)
+        self._bounds = bounds    # (n + 1,) int64: string i is buf[bounds[i] + 8 : bounds[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self._bounds) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return list(self._decode(range(len(self))[i]))
+        n = len(self._bounds) - 1
+        i = operator.index(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("string array index out of range")
+        start, stop = self._bounds[i:i + 2].tolist()
+        return str(self._view[start + 8:stop], "utf-8")
+
+    def _decode(self, indices: range):
+        view, bounds = self._view, self._bounds
+        for c in range(0, len(indices), _STRING_CHUNK):
+            part = indices[c:c + _STRING_CHUNK]
+            if part.step == 1:
+                edges = bounds[part.start:part.stop + 1].tolist()
+                starts, stops = edges[:-1], edges[1:]
+            else:
+                idx = np.arange(part.start, part.stop, part.step)
+                starts, stops = bounds[idx].tolist(), bounds[idx + 1].tolist()
+            for a, b in zip(starts, stops):
+                yield str(view[a + 8:b], "utf-8")
+
+    def __iter__(self):
+        return self._decode(range(len(self)))
+
+    def lengths(self) -> np.ndarray:
+        """Each string's length in bytes (UTF-8)."""
+        return np.diff(self._bounds) - 8
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (list, tuple, StringArray)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        head = ", ".join(repr(t) for t in self[:3])
+        return f"StringArray([{head}{', ...' if len(self) > 3 else ''}], {len(self)} strings)"
 
 
 class GGUFFile:
     """A validated, memory-mapped GGUF file.
 
     ``metadata`` maps keys to Python values (strings, ints, floats, bools; arrays of strings as
-    ``list[str]``, numeric arrays as read-only numpy arrays).  ``tensors`` maps names to
-    ``TensorInfo``; ``raw(name)`` and ``rows(name)`` are zero-copy uint8 views into the map.
+    ``StringArray`` sequences read in place, numeric arrays as read-only numpy arrays).
+    ``tensors`` maps names to ``TensorInfo``; ``raw(name)`` and ``rows(name)`` are zero-copy uint8
+    views into the map.
     """
 
     def __init__(self, path: str | os.PathLike, keep_header: bool = False):
@@ -303,6 +377,7 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._view: memoryview | None = None  # of buf, for the string arrays read back from a kept header
         self.header_source = "parsed"
         self.header_digest: bytes | None = None  # SHA-256 of the header bytes, where it was computed
         if not (keep_header and size >= KEEP_HEADER_MIN_BYTES and self._read_kept()):
@@ -423,7 +498,8 @@ class GGUFFile:
         """Keep what parsing found, with the length and SHA-256 of the header bytes it came from."""
         base = self.buf.__array_interface__["data"][0]
         meta = {k: (v.dtype.str, v.__array_interface__["data"][0] - base, len(v)) if isinstance(v, np.ndarray)
-                else v for k, v in self.metadata.items()}
+                else (v._bounds.tobytes(),) if isinstance(v, StringArray) else v
+                for k, v in self.metadata.items()}
         types = [(k, int(a), None if b is None else int(b)) for k, (a, b) in self.value_types.items()]
         tensors = [(t.name, int(t.qtype), t.shape, t.offset, t.nbytes) for t in self.tensors.values()]
         state = (self.version, meta, types, self.alignment, self.header_memory, self.data_offset, tensors)
@@ -452,8 +528,7 @@ class GGUFFile:
                     or hashlib.sha256(self.buf[:end]).digest() != digest:
                 return False
             version, meta, types, alignment, header_memory, data_offset, tensors = state
-            metadata = {k: np.frombuffer(self.buf, dtype=np.dtype(v[0]), count=v[2], offset=v[1])
-                        if isinstance(v, tuple) else v for k, v in meta.items()}
+            metadata = {k: self._kept_value(v, end) for k, v in meta.items()}
             pairs: dict = {}
             value_types = {k: pairs.setdefault((a, b), (a, b)) for k, a, b in types}
             infos = {name: TensorInfo(name, GGMLType(q), tuple(shape), offset, nbytes)
@@ -466,6 +541,18 @@ class GGUFFile:
         self.header_digest = digest
         self.header_source = "kept"
         return True
+
+    def _kept_value(self, v, end: int):
+        if type(v) is not tuple:
+            return v
+        if len(v) == 3:  # a numeric array: (dtype, offset, count)
+            return np.frombuffer(self.buf, dtype=np.dtype(v[0]), count=v[2], offset=v[1])
+        bounds = np.frombuffer(v[0], np.int64)  # a string array: where each string's length prefix is
+        if not (len(bounds) >= 1 and 0 < bounds[0] and bounds[-1] <= end and (np.diff(bounds) >= 8).all()):
+            raise ValueError("not the bounds of a string array of this header")
+        if self._view is None:
+            self._view = memoryview(self.buf)
+        return StringArray(self.buf, self._view, bounds)
 
     # ----- access -------------------------------------------------------------------------------
 
@@ -519,7 +606,7 @@ class GGUFFile:
 
     def close(self) -> None:
         mm, self._mmap = self._mmap, None
-        self.buf = None
+        self.buf = self._view = None
         if mm is not None:
             try:
                 mm.close()

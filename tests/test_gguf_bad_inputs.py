@@ -26,7 +26,7 @@ import pytest
 
 from edgellama.gguf import (HEADER_MEMORY_FACTOR, HEADER_MEMORY_SLACK, MAX_ARRAY_ITEMS,
                             MAX_METADATA_KEYS, MAX_TENSORS, GGUFFile, ModelFileNotFoundError,
-                            ModelFormatError, TensorSpec, ValueType, write_gguf)
+                            ModelFormatError, StringArray, TensorSpec, ValueType, write_gguf)
 from edgellama.quants import GGMLType
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -573,6 +573,37 @@ def test_the_memory_account_bounds_what_the_header_keeps(tmp_path, build):
     assert kept <= g.header_memory, f"the header keeps {kept} bytes, the account says {g.header_memory}"
 
 
+def test_an_array_of_strings_is_read_in_place(tmp_path):
+    """A vocabulary's strings are not kept as Python objects: the header keeps 8 bytes per string
+    (where each one starts) and decodes an item when asked; it still reads as the list it is."""
+    texts = [f"Ġtok{i}" + "é" * (i % 3) for i in range(50_000)] + ["", "x", "日本語", "😀"]
+    blob = b"".join(gstr(t) for t in texts)
+    path = write_bytes(tmp_path, gguf(kvs=(KV_ARCH, kv("v", ValueType.ARRAY, arr(ValueType.STRING, len(texts), blob)))))
+    kept, g = _kept_bytes(path)
+    strings_alone = sum(sys.getsizeof(t) for t in texts)  # what a list of them would hold, and more
+    assert kept < 8 * len(texts) + (64 << 10) < strings_alone / 5, (kept, strings_alone)
+    v = g.metadata["v"]
+    assert isinstance(v, StringArray) and len(v) == len(texts)
+    assert list(v) == texts and v == texts and v == tuple(texts) and texts == v and v != texts[:-1]
+    assert v != texts[:-1] + ["😁"] and v != "x" and (v == 3) is False
+    assert v[0] == texts[0] and v[-1] == "😀" and v[-4] == "" and v[len(texts) - 2] == "日本語"
+    assert v[np.int64(7)] == texts[7]
+    assert v[10:20] == texts[10:20] and v[::9973] == texts[::9973] and v[-3:] == texts[-3:] and v[5:2] == []
+    assert v[::-1][:3] == texts[::-1][:3] and v[-2:-60_000:-17] == texts[-2:-60_000:-17]
+    assert list(v.lengths()) == [len(t.encode()) for t in texts]
+    for bad in (len(texts), -len(texts) - 1):
+        with pytest.raises(IndexError):
+            v[bad]
+    with pytest.raises(TypeError):
+        v[1.5]
+    with pytest.raises(TypeError):
+        hash(v)
+    assert "50004 strings" in repr(v) and len(repr(v)) < 120
+    written = tmp_path / "copy.gguf"  # the writer copies it as the list it stands for
+    write_gguf(written, g.typed_metadata(), [TensorSpec("w", GGMLType.F32, (4,))], [W_DATA])
+    assert open_gguf(written).metadata["v"] == texts
+
+
 def test_real_sized_vocabularies_are_far_inside_the_account(tmp_path):
     """262,144 tokens and 524,288 merges (more than any real model: ~260k tokens, ~500k merges),
     with realistic lengths, use under two thirds of what the account allows."""
@@ -645,6 +676,8 @@ def _sample_model(tmp_path: Path, alignment: int = 32):
 def _same_value(a, b) -> bool:
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return np.asarray(a).dtype == np.asarray(b).dtype and np.array_equal(a, b)
+    if isinstance(a, StringArray):  # how the reader gives an array of strings (read in place)
+        return type(b) is list and list(a) == b and a[:] == b and [a[i] for i in range(-len(b), 0)] == b
     return type(a) is type(b) and a == b
 
 

@@ -377,6 +377,42 @@ def test_kept_tokenizers_of_every_pre_tokenizer_kind(pre, tmp_path, monkeypatch)
         _same_tokenizer(kept, other, texts)
 
 
+@pytest.mark.parametrize("empty", [False, True])
+def test_a_files_tokenizer_reads_its_token_strings_in_place(empty, tmp_path, monkeypatch):
+    """The tokenizer of a file takes the file's token strings as they are read (no list of Python
+    strings), built or read back, from a parsed or a kept header; a vocabulary with an empty token
+    gets a list with it named, as llama.cpp names it, in every path."""
+    from edgellama import gguf
+    from edgellama.gguf import GGUFFile, StringArray, TensorSpec, write_gguf
+    from edgellama.tokenizer import Tokenizer
+    from tiny_model import tiny_vocab
+
+    tokens, types, merges = tiny_vocab()
+    if empty:
+        tokens, types = tokens + [""], types + [1]
+    meta = {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama3",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": np.array(types, np.int32),
+            "tokenizer.ggml.merges": merges}
+    path = tmp_path / "vocab.gguf"
+    write_gguf(path, meta, [TensorSpec("w", GGMLType.F32, (4,))], [np.zeros(4, np.float32).tobytes()])
+    expected = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    reference = Tokenizer.from_gguf_metadata(meta)  # lists: built as before
+    assert list(reference.token_texts()) == expected
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path / "c"))
+    monkeypatch.setattr(gguf, "KEEP_HEADER_MIN_BYTES", 0)
+    seen = []
+    for _ in range(2):  # parsed (tokenizer built), then kept (tokenizer read back)
+        f = GGUFFile(path, keep_header=True)
+        tok = Tokenizer.from_gguf(f)
+        seen.append(f.header_source)
+        assert isinstance(f.metadata["tokenizer.ggml.tokens"], StringArray)
+        assert list(tok.token_texts()) == expected
+        assert [tok.token_text(i) for i in range(len(tokens))] == expected
+        assert (tok._texts is f.metadata["tokenizer.ggml.tokens"]) == (not empty)
+        _same_tokenizer(tok, reference)
+    assert seen == ["parsed", "kept"]
+
+
 def _record(folder: Path) -> tuple:
     import marshal
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..gguf import StringArray
 from .vocab import ByteTable
 
 KIND = "tokenizers"
@@ -116,7 +117,7 @@ def restore(cls, metadata: dict, source: str, identity: bytes):
          keys, values, rank_to_id, pattern, chain) = marshal.loads(data)
         texts = metadata["tokenizer.ggml.tokens"]
         if fmt != FORMAT or kind != "bpe" or type(pre) is not str or type(n) is not int \
-                or not isinstance(texts, list) or len(texts) != n or n <= 0:
+                or not isinstance(texts, (list, StringArray)) or len(texts) != n or n <= 0:
             return None
         return _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, special_all,
                       special_user, pieces, keys, values, rank_to_id, pattern, chain)
@@ -156,9 +157,9 @@ def _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, specia
         return None
     self = cls()
     self.kind, self.pre, self.source, self.n_vocab = "bpe", pre, source, n
-    texts = list(metadata["tokenizer.ggml.tokens"])
-    if "" in texts:  # named as _read_tokens names them
-        texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(texts)]
+    texts = metadata["tokenizer.ggml.tokens"]  # read in place where it is a file's (no copy)
+    if not texts.lengths().all() if isinstance(texts, StringArray) else "" in texts:
+        texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(texts)]  # named as _read_tokens names them
     self._texts = texts
     self.bos_id, self.eos_id, self.eot_id, self.eom_id, self.unk_id, self.pad_id = ids
     self.add_bos, self.add_eos, self.add_space_prefix, self.clean_spaces = flags

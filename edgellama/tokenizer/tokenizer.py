@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..gguf import StringArray
 from .bpe import ByteLevelBPE, gpt2_byte_chars, gpt2_bytes_bulk, llamacpp_decode_text
 from .files import (MAX_TOKENIZER_FILE_BYTES, llama3_special_tokens, looks_like_tiktoken, read_tiktoken,
                     spm_model_to_metadata)
@@ -72,7 +73,7 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict, source: str = "<gguf>", *,
                            identity: bytes | None = None) -> "Tokenizer":
-        """Build from GGUF metadata (a dict of key -> str/bool/int/float/list[str]/np.ndarray).
+        """Build from GGUF metadata (a dict of key -> str/bool/int/float/list[str]/StringArray/np.ndarray).
 
         ``identity``: the SHA-256 of the header bytes ``metadata`` was parsed from, when it is a
         file's own (``from_gguf``); a byte-level BPE tokenizer is then kept for the next load of
@@ -103,6 +104,7 @@ class Tokenizer:
         else:
             self._render_pieces(meta)
             self._encoder = SentencePieceBPE(t2i, _read_scores(meta, len(texts)), self.unk_id)
+        self._texts = lazy_texts(metadata, texts)
         return self
 
     def _read_defaults_and_ids(self, meta: Meta, pre: Pre | None) -> dict[str, int | None]:
@@ -443,6 +445,16 @@ def _model_kind(meta: Meta) -> tuple[str, Pre | None]:
         raise meta.fail("tokenizer.ggml.pre", f"unsupported pre-tokenizer {name!r} "
                                               f"(supported: {', '.join(sorted(PRE_TYPES))})")
     return "bpe", pre
+
+
+def lazy_texts(metadata: dict, texts: Sequence[str]) -> Sequence[str]:
+    """The file's own token strings, read in place (a ``StringArray``), instead of ``texts`` (the
+    same strings as a list: ~10 MiB for Llama 3's 128k) where they are the same: no empty token
+    (those get a name)."""
+    kept = metadata.get("tokenizer.ggml.tokens")
+    if isinstance(kept, StringArray) and len(kept) == len(texts) and kept.lengths().all():
+        return kept
+    return texts
 
 
 def _read_tokens(meta: Meta) -> tuple[list[str], dict[str, int]]:

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..gguf import StringArray
+
 # The longest text we tokenize in one call (~1M tokens, far beyond any context): a book is ~1M
 # characters, wikitext-2's test set 1.3M.  Beyond this is a mistake or an attack, and the SentencePiece
 # path would need gigabytes.
@@ -121,6 +123,8 @@ class Meta:
                 raise self.fail(key, "missing")
             return None
         v = self.m[key]
+        if isinstance(v, StringArray):  # a GGUF file's (its strings were checked as it was read)
+            return list(v)
         if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)):
             raise self.fail(key, f"expected an array of strings, got {type(v).__name__}")
         if set(map(type, v)) - {str}:
