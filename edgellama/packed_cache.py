@@ -53,7 +53,15 @@ DATA_OFFSET = 1 << 16            # header room; the data starts page-aligned for
 SECTION_ALIGN = 1 << 12
 MIN_FREE_BYTES = 1 << 30         # a copy is written only when this much of the disk stays free after it
 STALE_TEMP_SECONDS = 24 * 3600   # a temporary file this old is a crashed writer's
+# The file is written in windows of WRITE_CHUNK bytes at multiples of it (a multiple of 2 MiB), each
+# one call whatever sections and gaps it spans: the page cache then holds the new file in 2 MiB
+# folios where memory allows, which a later load maps with 2 MiB pages (fewer TLB misses in the
+# kernels' streams).  Written a section at a time from its own (4 KiB-aligned) offset, copies had
+# 8-96% of their bytes in such folios (a 1B shape's, an 8B's: 8% and 11%); written by windows, 99.8%
+# (as read back from disk); decoding the 1B shape (Q4_0, Zen 4) from the second was about 6% faster
+# (medians of 8 interleaved runs; anonymous memory in 2 MiB pages, +11%).
 WRITE_CHUNK = 64 << 20
+_IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees 16; Linux takes 1024)
 SAMPLES = 64
 _HEADER = struct.Struct("<8sI")
 
@@ -159,11 +167,12 @@ class PackedCache:
                 mapping = mmap.mmap(fh.fileno(), self.offsets[-1], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         except (OSError, ValueError):
             return None
-        if hasattr(mmap, "MADV_WILLNEED"):  # read ahead into the page cache now, map as first used
-            try:
-                mapping.madvise(mmap.MADV_WILLNEED)
-            except OSError:
-                pass
+        for advice in ("MADV_HUGEPAGE", "MADV_WILLNEED"):  # 2 MiB pages where the page cache has them
+            if hasattr(mmap, advice):                      # (see WRITE_CHUNK); read ahead now, map as used
+                try:
+                    mapping.madvise(getattr(mmap, advice))
+                except OSError:
+                    pass
         return self._sections(mapping)
 
     def _sections(self, mapping) -> list[np.ndarray]:
@@ -193,12 +202,10 @@ class PackedCache:
     def _write(self, fd: int, temp: str, sections: list[np.ndarray]) -> None:
         done = False
         try:
-            for section, offset in zip(sections, self.offsets):
-                data = memoryview(section).cast("B")
-                for start in range(0, len(data), WRITE_CHUNK):  # (the GIL is free during each write)
-                    chunk = data[start:start + WRITE_CHUNK]
-                    if os.pwrite(fd, chunk, offset + start) != len(chunk):
-                        return
+            pieces = [(offset, memoryview(section).cast("B")) for section, offset in zip(sections, self.offsets)]
+            for window in range(0, self.offsets[-1], WRITE_CHUNK):  # (the GIL is free during each write)
+                if not _write_window(fd, window, min(window + WRITE_CHUNK, self.offsets[-1]), pieces):
+                    return
             os.ftruncate(fd, self.offsets[-1])
             os.fsync(fd)  # the data on disk before the header that makes the file valid
             header = json.dumps(self.key).encode()
@@ -230,6 +237,31 @@ class PackedCache:
                     entry.unlink()
             except OSError:
                 continue
+
+
+def _write_window(fd: int, start: int, end: int, pieces: list[tuple[int, memoryview]]) -> bool:
+    """Write the file's bytes [start, end): the parts of the sections (offset, bytes) that fall in
+    it, zeros between them, in one call (a few where it spans more than _IOV_MAX buffers)."""
+    buffers, at = [], start
+    for offset, data in pieces:
+        lo, hi = max(offset, start), min(offset + len(data), end)
+        if lo >= hi:
+            continue
+        if lo > at:
+            buffers.append(bytes(lo - at))
+        buffers.append(data[lo - offset:hi - offset])
+        at = hi
+    if at < end:
+        buffers.append(bytes(end - at))
+    at = start
+    for i in range(0, len(buffers), _IOV_MAX):
+        group = buffers[i:i + _IOV_MAX]
+        size = sum(len(b) for b in group)
+        written = os.pwritev(fd, group, at) if hasattr(os, "pwritev") else os.pwrite(fd, b"".join(group), at)
+        if written != size:
+            return False
+        at += size
+    return True
 
 
 def _unlink(path) -> None:

@@ -140,6 +140,7 @@ def test_no_room_no_folder_or_a_failing_disk_packs_in_memory(tmp_path, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(packed_cache.os, "pwrite", full_disk)
+    monkeypatch.setattr(packed_cache.os, "pwritev", full_disk)
     model = _load(path, folder)
     assert model.weights.pack_source == "saving"  # the writer fails later, in its thread
     wait_for_writes()
@@ -188,6 +189,51 @@ def test_writing_removes_the_copies_of_gone_or_changed_models_and_old_temporary_
     assert names[os.path.realpath(gone)] not in left and names[os.path.realpath(changed)] not in left
     assert len(left) == 2
     assert not old_temp.exists() and new_temp.exists()  # a writer of another process may own it
+
+
+def test_the_copy_is_written_in_whole_aligned_windows(tmp_path, monkeypatch):
+    """The cache file is written window by window at multiples of WRITE_CHUNK, each window whole
+    (in one call, or a few consecutive ones where it spans many buffers) whatever sections and gaps
+    it covers, so that the page cache keeps it in large folios; it reads back exactly, with zeros
+    between the sections.  Here: windows of 64 KiB over sections of many sizes, 3 buffers a call."""
+    window = 1 << 16
+    monkeypatch.setattr(packed_cache, "WRITE_CHUNK", window)
+    monkeypatch.setattr(packed_cache, "_IOV_MAX", 3)
+    sizes = [1, 4096, 5000, 70000, 200000, 10, 4095, 131072, 3]
+    rng = np.random.default_rng(0)
+    sections = [rng.integers(1, 256, n, dtype=np.uint8) for n in sizes]
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0)
+    cache = PackedCache(tmp_path / "c", str(path), {"target": {"lanes": 8}}, sizes)
+    calls = []
+    real = os.pwritev
+
+    def record(fd, buffers, offset):
+        assert len(buffers) <= 3
+        written = real(fd, buffers, offset)
+        calls.append((offset, written))
+        return written
+
+    monkeypatch.setattr(packed_cache.os, "pwritev", record)
+    assert cache.save(sections)
+    wait_for_writes()
+    end = cache.offsets[-1]
+    at, first = 0, {}
+    for offset, written in calls:  # in order, back to back, from 0 to the end of the file
+        assert offset == at and written > 0
+        assert (offset + written - 1) // window == offset // window  # each call within one window
+        first.setdefault(offset // window, offset)
+        at += written
+    n_windows = -(-end // window)
+    assert at == end and len(calls) > n_windows  # (some windows took several calls)
+    assert sorted(first) == list(range(n_windows)) and all(o == w * window for w, o in first.items())
+    loaded = cache.load()
+    assert loaded is not None and all(np.array_equal(a, b) for a, b in zip(loaded, sections))
+    data = np.fromfile(cache.path, np.uint8)
+    inside = np.zeros(end, bool)
+    inside[:packed_cache.DATA_OFFSET] = True  # the header
+    for offset, size in zip(cache.offsets, sizes):
+        inside[offset:offset + size] = True
+    assert len(data) == end and not data[~inside].any()
 
 
 def test_cache_files_are_named_per_model_and_layout(tmp_path):
