@@ -635,6 +635,8 @@ def _infer_value(key: str, value: Any) -> tuple[ValueType, Any]:
         if value.dtype == np.bool_:
             return ValueType.ARRAY, (ValueType.BOOL, value.astype(np.uint8))
         raise TypeError(f"metadata {key!r}: unsupported array dtype {value.dtype}")
+    if isinstance(value, StringArray):  # a GGUF file's, copied
+        return ValueType.ARRAY, (ValueType.STRING, value)
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, str) for v in value):
             return ValueType.ARRAY, (ValueType.STRING, list(value))
