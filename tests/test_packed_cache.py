@@ -572,6 +572,31 @@ def test_a_kept_header_reads_back_exactly_as_parsed(smollm2_path, tmp_path, monk
     assert [tok_kept.encode(t) for t in TEXTS] == [tok_plain.encode(t) for t in TEXTS]
 
 
+@pytest.mark.parametrize("damage", ["past the header", "backwards"])
+def test_a_kept_header_whose_string_bounds_do_not_fit_is_parsed_again(damage, smollm2_path, tmp_path, monkeypatch):
+    """A kept header (checksum intact) whose string array bounds point past the header or go
+    backwards is not used: the file is parsed again and reads as before."""
+    import hashlib
+    import marshal
+
+    from edgellama.gguf import GGUFFile
+
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path))
+    want = list(GGUFFile(smollm2_path, keep_header=True).metadata["tokenizer.ggml.tokens"])
+    (kept,) = _kept_headers(tmp_path)
+    fmt, size, end, digest, (version, meta, *rest) = marshal.loads(kept.read_bytes()[:-32])
+    bounds = np.frombuffer(meta["tokenizer.ggml.tokens"][0], np.int64).copy()
+    if damage == "backwards":
+        bounds[5], bounds[6] = bounds[6], bounds[5]
+    else:
+        bounds[-1] = end + 100
+    meta = {**meta, "tokenizer.ggml.tokens": (bounds.tobytes(),)}
+    body = marshal.dumps((fmt, size, end, digest, (version, meta, *rest)))
+    kept.write_bytes(body + hashlib.sha256(body).digest())
+    again = GGUFFile(smollm2_path, keep_header=True)
+    assert again.header_source == "parsed" and list(again.metadata["tokenizer.ggml.tokens"]) == want
+
+
 def test_a_header_is_kept_only_when_asked_long_enough_and_with_the_cache_on(tmp_path, monkeypatch):
     from edgellama import gguf
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..gguf import StringArray
-from .vocab import ByteTable
+from .vocab import ByteTable, named_texts
 
 KIND = "tokenizers"
 FORMAT = 1
@@ -157,10 +157,7 @@ def _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, specia
         return None
     self = cls()
     self.kind, self.pre, self.source, self.n_vocab = "bpe", pre, source, n
-    texts = metadata["tokenizer.ggml.tokens"]  # read in place where it is a file's (no copy)
-    if not texts.lengths().all() if isinstance(texts, StringArray) else "" in texts:
-        texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(texts)]  # named as _read_tokens names them
-    self._texts = texts
+    self._texts = named_texts(metadata["tokenizer.ggml.tokens"])
     self.bos_id, self.eos_id, self.eot_id, self.eom_id, self.unk_id, self.pad_id = ids
     self.add_bos, self.add_eos, self.add_space_prefix, self.clean_spaces = flags
     self.eog_ids = frozenset(eog)

@@ -20,7 +20,8 @@ from .pretokenize import PRE_TYPES, Pre
 from .spm import SPM_SPACE, SentencePieceBPE
 from .stream import StreamDecoder
 from .vocab import (ATTR_BYTE, ATTR_CONTROL, ATTR_NORMAL, ATTR_UNKNOWN, ATTR_USER_DEFINED, MAX_INPUT_CHARS,
-                    MAX_VOCAB, ByteTable, Meta, TokenizerError, attrs_from_types, resolve_specials)
+                    MAX_VOCAB, ByteTable, Meta, TokenizerError, attrs_from_types, named_texts,
+                    resolve_specials)
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _FIM_NAMES = ("pre", "suf", "mid", "pad", "rep", "sep")
@@ -452,7 +453,7 @@ def lazy_texts(metadata: dict, texts: Sequence[str]) -> Sequence[str]:
     same strings as a list: ~10 MiB for Llama 3's 128k) where they are the same: no empty token
     (those get a name)."""
     kept = metadata.get("tokenizer.ggml.tokens")
-    if isinstance(kept, StringArray) and len(kept) == len(texts) and kept.lengths().all():
+    if isinstance(kept, StringArray) and len(kept) == len(texts) and named_texts(kept) is kept:
         return kept
     return texts
 
@@ -465,8 +466,7 @@ def _read_tokens(meta: Meta) -> tuple[list[str], dict[str, int]]:
         raise meta.fail("tokenizer.ggml.tokens", "the vocabulary is empty")
     if n > MAX_VOCAB:
         raise meta.fail("tokenizer.ggml.tokens", f"{n} tokens is more than the {MAX_VOCAB} we accept")
-    if "" in texts:
-        texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(texts)]
+    texts = named_texts(texts)
     t2i = dict(zip(texts, range(n)))
     if len(t2i) != n:
         seen: dict[str, int] = {}

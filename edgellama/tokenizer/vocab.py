@@ -80,6 +80,17 @@ ALWAYS_USER_DEFINED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>
 
 # ----- metadata access with validation ------------------------------------------------------------
 
+def named_texts(tokens: Sequence[str]) -> Sequence[str]:
+    """Token strings with the empty ones named as llama.cpp names them (``[EMPTY_<id>]``); a GGUF
+    file's StringArray with none empty comes back as it is (read in place, no copy)."""
+    if isinstance(tokens, StringArray):
+        if tokens.lengths().all():
+            return tokens
+    elif "" not in tokens:
+        return tokens
+    return [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+
+
 class Meta:
     def __init__(self, metadata: dict, source: str):
         if not isinstance(metadata, dict):
