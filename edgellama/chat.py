@@ -50,6 +50,7 @@ import re
 import string
 import sys
 import time
+import weakref
 from collections.abc import Mapping
 from datetime import datetime
 from itertools import islice
@@ -131,11 +132,23 @@ LLAMA3_TEMPLATE = (
 BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama2": LLAMA2_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
 
 
+_FALLBACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Tokenizer -> its fallback's name
+
+
 def fallback_template(token_texts) -> str:
     """The built-in template name for a vocabulary without its own template: ``llama3`` if it has
     Llama 3's header tokens, ``chatml`` if it has ``<|im_start|>``/``<|im_end|>``, else ``llama2``.
-    ``token_texts``: a container of token strings, or a Tokenizer."""
-    texts = _token_text_set(token_texts)
+    ``token_texts``: a container of token strings, or a Tokenizer (whose answer is kept: looking
+    through a vocabulary read in place decodes every token, and every chat request asks)."""
+    if hasattr(token_texts, "token_texts") and hasattr(token_texts, "n_vocab"):  # a Tokenizer
+        name = _FALLBACKS.get(token_texts)
+        if name is None:
+            name = _FALLBACKS[token_texts] = _fallback(_token_text_set(token_texts))
+        return name
+    return _fallback(_token_text_set(token_texts))
+
+
+def _fallback(texts: set[str]) -> str:
     if {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"} <= texts:
         return "llama3"
     if {"<|im_start|>", "<|im_end|>"} <= texts:

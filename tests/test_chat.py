@@ -122,6 +122,24 @@ def test_fallback_choice():
     assert fallback_template(["<s>", "</s>", "▁the"]) == "llama2"
 
 
+def test_a_tokenizers_fallback_is_worked_out_once():
+    """Every chat request asks for the template; a tokenizer's vocabulary is looked through once
+    (each tokenizer its own answer)."""
+    class Vocab:
+        def __init__(self, texts):
+            self.texts, self.n_vocab, self.calls = texts, len(texts), 0
+
+        def token_texts(self):
+            self.calls += 1
+            return tuple(self.texts)
+
+    chatml, llama2 = Vocab(["<|im_start|>", "<|im_end|>", "a"]), Vocab(["<s>", "</s>"])
+    for _ in range(3):
+        assert template_for(chatml, None) == template_for(chatml, "") == BUILTIN_TEMPLATES["chatml"]
+        assert fallback_template(llama2) == "llama2"
+    assert (chatml.calls, llama2.calls) == (1, 1)
+
+
 def test_llama3_prompt_ids_equal_meta_vectors():
     """The dialog vector of llama-models' test_tokenizer.py (system + user + generation prompt)."""
     from tools.fetch_models import llama3_tokenizer
