@@ -151,3 +151,56 @@ def test_saving_a_compiled_kernel_holds_the_folders_lock(tmp_path, monkeypatch):
     with open(folder / ".lock", "a+b") as other:  # released after each save
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert len(list(folder.glob("*.nbc"))) == 2
+
+
+def test_an_index_that_cannot_be_read_is_compiled_again(tmp_path, monkeypatch):
+    """A kernel's index that does not unpickle (damaged, or written by a copy of the sources imported
+    under another name, whose argument types live in other modules) is a cache miss: the kernel
+    compiles and a readable index replaces it, where Numba alone raised at every start."""
+    from numba import njit
+
+    from edgellama.kernels import cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    sources = tmp_path / "probe_source.py"
+    sources.write_text("# the probe's stamp\n")
+
+    def fresh():
+        module = types.ModuleType("probe_module")
+        module.probe = njit(cache=True)(lambda x: x * 3)
+        assert cache.install([module], (sources,), kind="probe") == 1
+        return module.probe
+
+    probe = fresh()
+    assert probe(2) == 6 and sum(probe.stats.cache_misses.values()) == 1
+    index = Path(probe._cache._cache_file._index_path)
+    import pickle
+    with open(index, "rb") as fh:
+        version = pickle.load(fh)  # Numba's version record, then the pickled entries
+    index.write_bytes(pickle.dumps(version, protocol=-1) + b"\x80\x04\x95garbage, not a pickle")
+    again = fresh()
+    assert again(2) == 6
+    assert sum(again.stats.cache_misses.values()) == 1 and sum(again.stats.cache_hits.values()) == 0
+    third = fresh()  # the index written by that compilation reads back
+    assert third(2) == 6 and sum(third.stats.cache_hits.values()) == 1
+
+
+def test_a_copy_imported_under_another_name_has_its_own_cache_folder(tmp_path):
+    """The kernels' folder is named after their sources and the package's import name: a copy
+    vendored in an app under another name never meets an index whose argument types name
+    ``edgellama``'s modules (which it could not unpickle), and leaves the original's in place."""
+    home = tmp_path / "home"
+    original, vendored = tmp_path / "original", tmp_path / "app"
+    shutil.copytree(ROOT / "edgellama", original / "edgellama", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "edgellama", vendored / "vendored_llama", ignore=shutil.ignore_patterns("__pycache__"))
+    (vendored / "edgellama").mkdir()  # the probe imports "edgellama": here it is the vendored copy
+    (vendored / "edgellama" / "__init__.py").write_text(
+        "import sys, vendored_llama, vendored_llama.kernels, vendored_llama.kernel_cache\n"
+        "sys.modules[__name__] = vendored_llama\n")
+    assert _probe(original, home)["misses"] == 1
+    first = _probe(vendored, home)
+    assert first["misses"] == 1 and first["predicted_cold"] == ["swiglu"]
+    assert _probe(vendored, home)["hits"] == 1 and _probe(original, home)["hits"] == 1
+    assert len(list((home / ".cache" / "edgellama" / "kernels").iterdir())) == 2

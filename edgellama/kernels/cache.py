@@ -12,8 +12,9 @@ new clone, a reinstall or a second virtual environment of the same edgellama com
 again (minutes on a Raspberry Pi).  These kernels are cached instead in a folder named after the
 stamp and the Numba version, ``<cache>/kernels/<stamp>-numba<version>``, where ``<cache>`` is
 ``$NUMBA_CACHE_DIR/edgellama`` when that is set, else ``$XDG_CACHE_HOME/edgellama`` (default
-``~/.cache/edgellama``): any copy of the same sources finds them, and a different one can never
-load them.  Where that folder cannot be written, Numba's own locations are used.
+``~/.cache/edgellama``): any copy of the same sources imported under the same name finds them,
+and a different one can never load them.  An index that cannot be read (damaged) counts as a miss:
+the kernel is compiled again and the index written anew.  Where that folder cannot be written, Numba's own locations are used.
 
 **Loading without the compiler's registries.**  Before loading a cached function Numba refreshes its
 target context, which imports every lowering implementation it has (numpy, typed containers,
@@ -160,7 +161,11 @@ def install(modules, files: tuple[Path, ...] = PACKAGE_FILES, kind: str = "kerne
     from numba.core.caching import FunctionCache
     from numba.core.registry import CPUDispatcher
 
-    stamp = package_stamp(tuple(files))
+    # the sources and the name they are imported under: a cached kernel's index names its argument
+    # types by module (edgellama.kernels.decode.DecodeWeights), so a copy imported under another
+    # name (vendored in an app) could not read the original's index, nor the original a copy's
+    names = sorted({module.__name__.rpartition(".")[0] for module in modules})
+    stamp = hashlib.sha256("\0".join([package_stamp(tuple(files)), *names]).encode()).hexdigest()
     lean = (not os.environ.get("EDGELLAMA_NUMBA_FULL_REFRESH")
             and all(hasattr(FunctionCache, a) for a in ("_load_overload", "_guard_against_spurious_io_errors")))
 
@@ -184,6 +189,21 @@ def install(modules, files: tuple[Path, ...] = PACKAGE_FILES, kind: str = "kerne
                 hook(self._py_func)
 
         def load_overload(self, sig, target_context):
+            try:
+                return self._load(sig, target_context)
+            except Exception:  # noqa: BLE001  an index or data file that cannot be read is a miss
+                self._discard_index()
+                return None
+
+        def _discard_index(self):
+            """Remove this kernel's index (another process's save replaces it whole, so what could
+            not be read is damaged, or was written by other code): the compilation that follows
+            saves a new one, instead of failing to read this one again."""
+            with _exclusive(self._cache_path):
+                with contextlib.suppress(OSError):
+                    os.unlink(self._cache_file._index_path)
+
+        def _load(self, sig, target_context):
             if lean:
                 from numba.core.runtime import rtsys
 
