@@ -56,7 +56,7 @@ get no CORS headers unless their origin is listed, and credentials are never all
 declare their length, which is capped (413); every field is checked against its range before it
 reaches the model (a 400 naming the field); a failure while tokenizing or generating is a JSON
 error too (400 when the request caused it, else 500), even an exception that is not an
-``Exception`` (tiktoken's PanicException), and the worker goes on.  Every error is an
+``Exception`` (as a Rust extension's panic is), and the worker goes on.  Every error is an
 OpenAI-style JSON object and the server keeps serving.  No endpoint touches files.
 
 A one-model server answers whatever ``model`` a request names (as llama.cpp's server does: apps

@@ -46,9 +46,11 @@ def _kernels(path) -> list[str]:
 
 
 def _child_cache_dirs(numba_dir: Path, names: list[str]) -> dict[str, str]:
-    """Where a process with NUMBA_CACHE_DIR=numba_dir caches each kernel."""
-    code = ("import json, sys, edgellama.kernels as K; "
-            "print(json.dumps({n: str(getattr(K, n)._cache._cache_path) for n in sys.argv[1:]}))")
+    """Where a process with NUMBA_CACHE_DIR=numba_dir caches each kernel (names of edgellama.kernels,
+    or "merge.<name>" for the tokenizer's functions)."""
+    code = ("import json, sys, edgellama.kernels as K, edgellama.tokenizer.merge as M; "
+            "print(json.dumps({n: str(getattr(M if n.startswith('merge.') else K, n.split('.')[-1])._cache._cache_path)"
+            " for n in sys.argv[1:]}))")
     out = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, NUMBA_CACHE_DIR=str(numba_dir)), timeout=300)
     assert out.returncode == 0, out.stderr
@@ -56,14 +58,22 @@ def _child_cache_dirs(numba_dir: Path, names: list[str]) -> dict[str, str]:
 
 
 def _cache_with_cold_kernels(tmp_path: Path, cold: list[str]) -> Path:
-    """A Numba cache directory holding every kernel this process has in its cache, but ``cold``."""
+    """A Numba cache directory holding every kernel this process has in its cache, but ``cold``; and
+    the tokenizer's BPE functions (compiled here first if they are not cached yet), which every
+    command loading a byte-level vocabulary runs."""
     from numba.core.registry import CPUDispatcher
 
-    names = [name for name, value in vars(K).items() if isinstance(value, CPUDispatcher) and name not in cold]
+    from edgellama.tokenizer import merge
+
+    merge.RankTable.from_dict({bytes([b]): b for b in range(256)})  # (compiles them, or loads them)
+    dispatchers = {name: value for name, value in vars(K).items()
+                   if isinstance(value, CPUDispatcher) and name not in cold}
+    dispatchers.update({f"merge.{name}": value for name, value in vars(merge).items()
+                        if isinstance(value, CPUDispatcher)})
     numba_dir = tmp_path / "numba"
-    targets = _child_cache_dirs(numba_dir, names)
-    for name in names:
-        cache = getattr(K, name)._cache
+    targets = _child_cache_dirs(numba_dir, list(dispatchers))
+    for name, dispatcher in dispatchers.items():
+        cache = dispatcher._cache
         index = cache._cache_file._load_index()
         if not index:
             continue

@@ -1,9 +1,9 @@
 """Hostile text and hostile vocabularies for the tokenizer.
 
-* Long runs of whitespace: tiktoken's regex engine overflows its stack (a Rust panic, which Python
-  sees as a BaseException) somewhere between 300k and 1M spaces; we split such runs with the same
-  regex first, and the ids are the ones tiktoken gives where it still can.
-* Any failure inside the BPE engine is a TokenizerError, never a BaseException.
+* Long runs of whitespace (tiktoken's regex engine, which split text here before, overflowed its
+  stack between 300k and 1M spaces): the ids are the ones tiktoken gives where it still can, and a
+  million spaces tokenize.
+* Long pre-tokens (a million letters): the merging is n log n.
 * Merges: capped at a documented multiple of the vocabulary, and read a chunk at a time.
 * plain_spans: control tokens are parsed only outside them; without spans the partition is
   exactly the plain special=True one.
@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 import edgellama.tokenizer as tokmod
-from edgellama.tokenizer import LONG_SPACE_RUN, MAX_MERGES_PER_TOKEN, Tokenizer, TokenizerError
+from edgellama.tokenizer import MAX_MERGES_PER_TOKEN, Tokenizer, TokenizerError
+
+LONG_SPACE_RUN = 4096  # where edgellama once split whitespace itself (tiktoken's regex overflowed beyond ~300k)
 from tools.fetch_models import SMOLLM2_FILE, cache_dir
 
 SMOLLM2 = cache_dir() / SMOLLM2_FILE
@@ -39,10 +41,21 @@ TOKENIZERS = _tokenizers()
 needs_tokenizers = pytest.mark.skipif(not TOKENIZERS, reason="no real tokenizer available")
 
 
+_TIKTOKEN: dict[int, object] = {}
+
+
 def _tiktoken_ids(tok: Tokenizer, text: str) -> list[int]:
-    """tiktoken's own pre-token split and BPE on the whole text (works below ~300k spaces)."""
+    """tiktoken's own pre-token split and BPE on the whole text, over our ranks (an independent
+    engine: its Rust regex and merging; it works below ~300k spaces)."""
+    tiktoken = pytest.importorskip("tiktoken")
     bpe = tok._encoder
-    return bpe.rank_to_id[np.asarray(bpe.enc.encode_ordinary(text), np.int64)].tolist()
+    if id(tok) not in _TIKTOKEN:
+        t = bpe.table
+        keys = [t.blob[a:b].tobytes() for a, b in zip(t.ends[:-1], t.ends[1:])]
+        _TIKTOKEN[id(tok)] = tiktoken.Encoding("reference", pat_str=bpe.pattern,
+                                               mergeable_ranks=dict(zip(keys, t.ranks.tolist())), special_tokens={})
+    ranks = _TIKTOKEN[id(tok)].encode_ordinary(text)
+    return bpe.rank_to_id[np.asarray(ranks, np.int64)].tolist()
 
 
 @needs_tokenizers
@@ -67,18 +80,20 @@ def test_a_million_spaces_tokenize(unit):
         assert tok.decode(ids) == text
 
 
-def test_any_bpe_failure_is_a_tokenizer_error():
-    class Panic(BaseException):  # what pyo3's PanicException derives from
-        pass
-
-    class Exploding:
-        def encode_ordinary(self, text):
-            raise Panic("called `Result::unwrap()` on an `Err` value: StackOverflow")
-
-    tok = Tokenizer.from_gguf_metadata(_tiny_meta())
-    tok._encoder.enc = Exploding()
-    with pytest.raises(TokenizerError, match="StackOverflow"):
-        tok.encode("hello")
+@needs_tokenizers
+def test_long_pre_tokens_give_tiktokens_ids_and_a_million_letters_tokenize():
+    """One pre-token of many letters (the regexes match any run of them whole): the merging is
+    n log n here (tiktoken's scans every pair per merge), with tiktoken's ids."""
+    rng = random.Random(11)
+    for tok in TOKENIZERS:
+        for _ in range(12):
+            n = rng.choice([2, 3, 17, 1000, 5000])
+            alphabet = rng.choice(["a", "ab", "abcdefgh", "éè", "\u4e00\u4e8c\u4e09", "ßq"])
+            text = rng.choice(["", " ", "x"]) + "".join(rng.choice(alphabet) for _ in range(n))
+            assert tok.encode(text, add_bos=False) == _tiktoken_ids(tok, text), (tok, text[:12], n)
+        for unit in ("a", "ab", "\u4e00"):
+            text = unit * (1_000_000 // len(unit))
+            assert tok.decode(tok.encode(text, add_bos=False)) == text
 
 
 def _tiny_meta(n_extra_tokens: int = 0, merges: list[str] | None = None) -> dict:
@@ -167,3 +182,54 @@ def test_user_defined_tokens_inside_plain_spans_are_still_matched():
     ids = tok.encode(text, special=True, plain_spans=[(0, len(text))])
     assert ids == tok.encode(text)
     assert tok.n_vocab - 1 in ids and 0 not in ids
+
+
+# ----- the rank table (edgellama.tokenizer.merge) -------------------------------------------------
+
+def _byte_ranks() -> dict[bytes, int]:
+    return {bytes([b]): b for b in range(256)}
+
+
+def test_a_rank_table_refuses_what_no_vocabulary_is():
+    from edgellama.tokenizer.merge import RankTable
+
+    missing = _byte_ranks()
+    del missing[b"\x00"]
+    with pytest.raises(TokenizerError, match="256 single bytes"):
+        RankTable.from_dict(missing)
+    same_rank = {**_byte_ranks(), b"ab": 5}
+    with pytest.raises(TokenizerError, match="same rank"):
+        RankTable.from_dict(same_rank)
+    keys = list(_byte_ranks()) + [b"ab", b"ab"]
+    ends = np.cumsum([0] + [len(k) for k in keys])
+    with pytest.raises(TokenizerError, match="twice"):
+        RankTable(b"".join(keys), ends, np.arange(len(keys)))
+    with pytest.raises(TokenizerError, match="offsets"):
+        RankTable(b"".join(keys), ends[:-1], np.arange(len(keys)))
+    with pytest.raises(TokenizerError, match="out of range"):
+        RankTable.from_dict({**_byte_ranks(), b"ab": 2 ** 31})
+
+
+def test_a_rank_table_whose_probe_runs_stay_long_is_refused(monkeypatch):
+    """A vocabulary crafted to collide gets new seeds, then a clear refusal (here forced: no probe
+    run is short enough), not a load that takes minutes."""
+    from edgellama.tokenizer import merge
+
+    monkeypatch.setattr(merge, "_MAX_PROBE", -1)
+    with pytest.raises(TokenizerError, match="collide"):
+        merge.RankTable.from_dict(_byte_ranks())
+
+
+def test_the_merging_follows_the_ranks_leftmost_first():
+    """Hand-made ranks where the order matters: the lowest-ranked pair first, the leftmost of
+    equal pairs, results of merges merging again, a whole pre-token found at once."""
+    from edgellama.tokenizer.merge import RankTable
+
+    ranks = {**_byte_ranks(), b"ab": 300, b"bc": 256, b"aa": 257, b"xyz": 999, b"aaaa": 400}
+    t = RankTable.from_dict(ranks)
+    got = t.encode_pieces([b"xabc", b"aaa", b"aaaa", b"aaaaa", b"xyz", b"q"]).tolist()
+    # "xabc": bc (256) before ab (300) -> x|a|bc; "aaa": the leftmost aa; "aaaa" whole; "aaaaa":
+    # aa|a|a|a -> aa|aa|a -> aaaa|a (a result merging again); "xyz" whole; "q" a byte.  (tiktoken
+    # gives the same list.)
+    assert got == [120, 97, 256, 257, 97, 400, 400, 97, 999, 113]
+    assert t.rank(b"aaaa") == 400 and t.rank(b"abc") == -1 and t.rank(b"") == -1

@@ -1,11 +1,13 @@
 """Byte-level BPE (GGUF ``tokenizer.ggml.model = "gpt2"``: SmolLM, Llama 3, Qwen2, ...).
 
 The token strings are mapped back to bytes through the GPT-2 byte<->unicode table and every merge
-``"a b"`` gives the token ``a+b`` the rank of its position in ``tokenizer.ggml.merges``; tiktoken's
-Rust core then does the pre-token split and the BPE.  tiktoken merges the adjacent pair whose
-*result* has the lowest rank, llama.cpp (and HF) the adjacent pair that comes first in the merge
-list; with ranks taken from the merge order the two agree (checked against llama.cpp on millions of
-characters, and by a pure-Python twin of llama.cpp's algorithm in the tests).
+``"a b"`` gives the token ``a+b`` the rank of its position in ``tokenizer.ggml.merges``; the
+pre-tokenizer's regex splits the text and ``merge.RankTable`` does the BPE of each pre-token, as
+tiktoken's core does (which this used before: the same ranks, pieces and results, a tenth of its
+memory).  The merge step joins the adjacent pair whose *result* has the lowest rank, llama.cpp (and
+HF) the adjacent pair that comes first in the merge list; with ranks taken from the merge order the
+two agree (checked against llama.cpp on millions of characters, and by a pure-Python twin of
+llama.cpp's algorithm in the tests).
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from __future__ import annotations
 import hashlib
 import operator
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import numpy as np
 import regex
-import tiktoken
 
 from ..packed_cache import keep_table, load_table
-from .pretokenize import Pre, long_space_run, split_chain
+from .pretokenize import Pre, split_chain
 from .vocab import MAX_MERGES, MAX_MERGES_PER_TOKEN, Meta, TokenizerError
+
+if TYPE_CHECKING:  # (merge imports Numba: only a tokenizer's building does)
+    from .merge import RankTable
 
 # Merges are turned into ranks this many at a time, so that building costs memory in proportion to
 # the merges' own bytes (the whole list at once took 9x a hostile file's size).
@@ -87,7 +92,7 @@ def llamacpp_decode_text(text: str) -> bytes:
 
 
 
-# ----- merges -> ranks -> tiktoken ------------------------------------------------------------------
+# ----- merges -> ranks -> rank table ------------------------------------------------------------------
 
 def _merge_results(meta: Meta, merges: list[str], start: int, stop: int,
                    t2i: dict[str, int]) -> list[str]:
@@ -115,37 +120,23 @@ def _merge_results(meta: Meta, merges: list[str], start: int, stop: int,
     return results
 
 
-def _core_bpe(name: str, pattern: str, ranks: dict[bytes, int]):
-    """tiktoken's BPE engine for these ranks.  The Rust core alone: tiktoken.Encoding would also
-    keep the Python dict of ranks (several MB for a 50k vocabulary), which encoding never reads."""
-    try:
-        from tiktoken import _tiktoken
-
-        return _tiktoken.CoreBPE(ranks, {}, pattern)
-    except (ImportError, AttributeError, TypeError):  # another tiktoken layout: the public class
-        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
-
-
-
 class ByteLevelBPE:
-    """The encoder of one byte-level BPE vocabulary: tiktoken's core over ranks made from the
-    merges, the pre-tokenizer, and the rank -> token id table."""
+    """The encoder of one byte-level BPE vocabulary: the rank table made from the merges, the
+    pre-tokenizer, and the rank -> token id table."""
 
-    def __init__(self, enc, rank_to_id: np.ndarray, pattern: str, chain: list[regex.Pattern] | None,
+    def __init__(self, table: RankTable, rank_to_id: np.ndarray, pattern: str, chain: list[regex.Pattern] | None,
                  source: str):
-        self.enc = enc                       # tiktoken's BPE core (encode_ordinary, encode_single_piece)
+        self.table = table                   # byte strings -> ranks, and the merging (merge.py)
         self.rank_to_id = rank_to_id         # (n_ranks,) int64; -1: a byte with no token
         self.rank_gaps = bool((rank_to_id[:256] < 0).any())
-        self.pattern = pattern               # the regex tiktoken splits with
-        self.chain = chain                   # or a chain of regexes applied here first
+        self.pattern = pattern               # the pre-tokenizer's regex
+        self.chain = chain                   # or a chain of regexes (then pattern is unused)
         self.source = source
         self._split_re: regex.Pattern | None = None
 
     @classmethod
     def from_merges(cls, meta: Meta, texts: list[str], t2i: dict[str, int], tok_bytes: list[bytes | None],
-                    merges: list[str], pre: Pre, name: str,
-                    ranks_out: list[dict[bytes, int]] | None = None) -> "ByteLevelBPE":
-        """``ranks_out``: a list the ranks tiktoken's core is built from are appended to."""
+                    merges: list[str], pre: Pre) -> "ByteLevelBPE":
         n_merges = len(merges)
         limit = min(MAX_MERGES, MAX_MERGES_PER_TOKEN * len(texts))
         if n_merges > limit:
@@ -200,50 +191,42 @@ class ByteLevelBPE:
         if isinstance(pre.split, str):
             pattern, chain = pre.split, None
         else:
-            pattern = r"[\s\S]+"  # the chain of regexes splits; tiktoken only does the BPE
+            pattern = r"[\s\S]+"  # the chain of regexes splits
             chain = [regex.compile(p) for p in pre.split]
+        from .merge import RankTable
+
         try:
-            enc = _core_bpe(f"edgellama-{name}", pattern, ranks)
-        except Exception as e:  # tiktoken rejects the table: say which file
+            table = RankTable.from_dict(ranks)
+        except TokenizerError as e:
             raise meta.fail("tokenizer.ggml.merges", f"cannot build the BPE table: {e}") from None
-        if ranks_out is not None:
-            ranks_out.append(ranks)
-        return cls(enc, rank_to_id, pattern, chain, meta.source)
+        return cls(table, rank_to_id, pattern, chain, meta.source)
 
     @classmethod
     def from_ranks(cls, ranks: dict[bytes, int], pattern: str, source: str) -> "ByteLevelBPE":
         """A tiktoken file's ranks, which are the token ids."""
-        return cls(_core_bpe("edgellama-tiktoken", pattern, ranks), np.arange(len(ranks), dtype=np.int64),
-                   pattern, None, source)
+        from .merge import RankTable
+
+        try:
+            table = RankTable.from_dict(ranks)
+        except TokenizerError as e:
+            raise TokenizerError(f"{source}: {e}") from None
+        return cls(table, np.arange(len(ranks), dtype=np.int64), pattern, None, source)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a text that holds no special token."""
-        try:
-            ranks = self._ranks(text)
-        except (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
-            raise
-        except BaseException as e:  # tiktoken's Rust panics are BaseExceptions (pyo3 PanicException)
-            raise TokenizerError(f"{self.source}: the BPE tokenizer failed on a text of {len(text)} "
-                                 f"characters ({type(e).__name__}: {str(e)[:100]})") from None
-        ids = self.rank_to_id[np.asarray(ranks, dtype=np.int64)]
+        pieces = [p.encode("utf-8") for p in self._pieces(text)]  # (Tokenizer made lone surrogates U+FFFD)
+        ids = self.rank_to_id[self.table.encode_pieces(pieces)]
         if self.rank_gaps:
             ids = ids[ids >= 0]  # bytes that have no token are dropped, as llama.cpp does
         return ids.tolist()
 
-    def _ranks(self, text: str) -> list[int]:
-        enc = self.enc
+    def _pieces(self, text: str) -> list[str]:
+        """The pre-tokens of a text: the chain's pieces, or the pattern's matches."""
         if self.chain is not None:
-            ranks: list[int] = []
-            for piece in split_chain(self.chain, text):
-                ranks.extend(enc.encode_ordinary(piece))
-            return ranks
-        if long_space_run(text):
-            # tiktoken's regex engine would overflow on this run: split here (the same regex, the
-            # same pieces), and let tiktoken do only the BPE of each piece
-            if self._split_re is None:
-                self._split_re = regex.compile(self.pattern)
-            ranks = []
-            for m in self._split_re.finditer(text):
-                ranks.extend(enc.encode_single_piece(m.group().encode("utf-8")))
-            return ranks
-        return enc.encode_ordinary(text)
+            return [piece for piece in split_chain(self.chain, text) if piece]
+        if self._split_re is None:
+            self._split_re = regex.compile(self.pattern)
+        split = self._split_re
+        if split.groups == 0:
+            return split.findall(text)
+        return [m.group() for m in split.finditer(text)]

@@ -4,10 +4,10 @@ Building a tokenizer from GGUF metadata is pure Python over the whole vocabulary
 to bytes, the merges to ranks, the special-token rules, the byte table decoding reads.  For Llama 3's
 128k tokens that was 0.3-0.45 s of every start on a 2-core Xeon (SmolLM2's 49k: 0.11-0.15 s), the
 largest part of a 1B model's first token after importing Numba; read back, 0.24-0.3 s and 0.08 s
-(tiktoken's core alone takes 0.1-0.15 s of the first).  What it computes depends only on the
+(tiktoken's core, which the BPE was then, took 0.1-0.15 s of the first).  What it computes depends only on the
 metadata, so the first load keeps it (``edgellama.packed_cache``'s ``tokenizers/``, beside the
-parsed headers) and later loads of the same header read it back: only tiktoken's Rust core is built
-again (it cannot be saved), from the kept ranks.
+parsed headers) and later loads of the same header read it back: only the rank table's hash slots
+are made again (milliseconds), from the kept strings and ranks.
 
 The key is the SHA-256 of the file's header bytes (``GGUFFile.header_digest``: the parsed header is
 checked against them on every load anyway) and of the sources that turn a header into a tokenizer,
@@ -68,13 +68,13 @@ def _table(blob: bytes, ends: bytes, n: int) -> ByteTable | None:
     return table
 
 
-def keep(tok, ranks: dict[bytes, int], identity: bytes) -> None:
+def keep(tok, identity: bytes) -> None:
     """Keep what ``tok`` (a byte-level BPE Tokenizer just built from a header with this identity)
-    computed, with the ranks its tiktoken core was built from."""
+    computed."""
     from ..packed_cache import keep_blob
 
     enc = tok._encoder
-    keys = ByteTable(list(ranks))
+    table = enc.table
     state = (
         FORMAT, tok.kind, tok.pre, tok.n_vocab,
         (tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.unk_id, tok.pad_id),
@@ -83,7 +83,7 @@ def keep(tok, ranks: dict[bytes, int], identity: bytes) -> None:
         tok._attrs.astype(np.uint32).tobytes(), np.packbits(tok._hidden).tobytes(),
         tuple(tok._special_all), tuple(tok._special_user),
         _table_parts(tok._pieces),
-        _table_parts(keys), np.fromiter(ranks.values(), np.int64, len(ranks)).tobytes(),
+        (table.blob.tobytes(), table.ends.tobytes()), table.ranks.tobytes(),
         enc.rank_to_id.astype(np.int64).tobytes(), enc.pattern,
         None if enc.chain is None else tuple(p.pattern for p in enc.chain),
     )
@@ -129,7 +129,8 @@ def _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, specia
            pieces, keys, values, rank_to_id, pattern, chain):
     import regex
 
-    from .bpe import ByteLevelBPE, _core_bpe
+    from .bpe import ByteLevelBPE
+    from .merge import RankTable
 
     if len(ids) != 6 or not all(_id(v, n) for v in ids) or len(flags) != 4 \
             or not all(type(v) is bool for v in flags) or not all(_id(v, n) and v is not None for v in eog):
@@ -151,10 +152,8 @@ def _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, specia
             or (len(rank_to_id) and not -1 <= rank_to_id.min() <= rank_to_id.max() < n) \
             or type(pattern) is not str or not (chain is None or all(type(p) is str for p in chain)):
         return None
-    blob, ends = key_table._blob, key_table._ends
-    ranks = dict(zip([blob[a:b] for a, b in zip(ends, ends[1:])], rank_values.tolist()))
-    if len(ranks) != n_ranks:
-        return None
+    # (RankTable checks the rest: offsets, ranks once each, strings once each, the 256 bytes)
+    ranks = RankTable(key_table._blob, np.frombuffer(keys[1], np.int64), rank_values)
     self = cls()
     self.kind, self.pre, self.source, self.n_vocab = "bpe", pre, source, n
     self._texts = named_texts(metadata["tokenizer.ggml.tokens"])
@@ -166,6 +165,5 @@ def _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, specia
     self._special_all, self._special_user = special_all, special_user
     self._pieces = piece_table
     compiled = None if chain is None else [regex.compile(p) for p in chain]
-    self._encoder = ByteLevelBPE(_core_bpe(f"edgellama-{pre}", pattern, ranks), rank_to_id.copy(), pattern,
-                                 compiled, source)
+    self._encoder = ByteLevelBPE(ranks, rank_to_id.copy(), pattern, compiled, source)
     return self

@@ -1,11 +1,6 @@
 """Pre-tokenizers: how byte-level BPE vocabularies cut text into pieces before the BPE, as llama.cpp
-does for each ``tokenizer.ggml.pre`` (one regex, or a chain of regexes applied one after another).
-
-One regex is handed to tiktoken, whose Rust core splits and encodes in one call; a chain is applied
-here with the ``regex`` module and tiktoken only does the BPE of each piece.  tiktoken's regex
-engine overflows its stack (a Rust panic) on the lookahead of ``\\s+(?!\\S)`` over a few hundred
-thousand whitespace characters, so a text with a run of ``LONG_SPACE_RUN`` of them is split here
-too (``long_space_run``): the pieces, and so the ids, are the same.
+does for each ``tokenizer.ggml.pre`` (one regex, or a chain of regexes applied one after another),
+with the ``regex`` module.
 """
 
 from __future__ import annotations
@@ -13,11 +8,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import regex
-
-# A run of this many whitespace characters is split by the pre-tokenizer here rather than inside
-# tiktoken, whose regex engine overflows somewhere between 300k and 1M of them.
-LONG_SPACE_RUN = 4096
-_LONG_SPACE = regex.compile(r"\s{%d}" % LONG_SPACE_RUN)
 
 # GPT-2's split, with the final "\s+" that llama.cpp's hand-written splitter also applies.
 _RE_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -73,11 +63,6 @@ def _pre_table() -> dict[str, Pre]:
 
 
 PRE_TYPES = _pre_table()
-
-
-def long_space_run(text: str) -> bool:
-    """Whether text holds a run of whitespace that tiktoken's regex engine must not see."""
-    return len(text) >= LONG_SPACE_RUN and _LONG_SPACE.search(text) is not None
 
 
 def split_chain(patterns: list[regex.Pattern], text: str) -> list[str]:

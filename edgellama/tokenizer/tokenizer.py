@@ -97,11 +97,9 @@ class Tokenizer:
             tok_bytes = gpt2_bytes_bulk(texts)
             self._render_pieces(meta, tok_bytes)
             merges = meta.str_list("tokenizer.ggml.merges", required=True)
-            ranks: list[dict[bytes, int]] = []
-            self._encoder = ByteLevelBPE.from_merges(meta, texts, t2i, tok_bytes, merges, pre, self.pre,
-                                                     ranks_out=ranks if identity is not None else None)
+            self._encoder = ByteLevelBPE.from_merges(meta, texts, t2i, tok_bytes, merges, pre)
             if identity is not None:
-                keep(self, ranks[0], identity)
+                keep(self, identity)
         else:
             self._render_pieces(meta)
             self._encoder = SentencePieceBPE(t2i, _read_scores(meta, len(texts)), self.unk_id)
