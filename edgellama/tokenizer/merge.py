@@ -248,10 +248,10 @@ class RankTable:
     def encode_pieces(self, pieces: list[bytes]) -> np.ndarray:
         """The ranks of each pre-token in turn (see the module docstring)."""
         if not pieces:
-            return np.zeros(0, np.int64)
+            return np.zeros(0, np.int32)
         data = np.frombuffer(b"".join(pieces), np.uint8)
         piece_ends = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))
-        out = np.empty(len(data), np.int64)
+        out = np.empty(len(data), np.int32)  # (ranks are below 2**31; a 4M-character text: 16M at most)
         n = _encode(data, piece_ends, self.blob, self.ends, self.ranks, self.slots, self.seed, out)
         return out[:n]
 
