@@ -410,7 +410,8 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
     t0 = time.perf_counter()
     f = open_model_file(args.model)
     from .info import ContextLengthWarning, check_memory, resolve_n_ctx
-    from .kernel_cache import CompileProgress, matrix_types, plan_warm_up
+    from .kernel_cache import (TOKENIZER_FUNCTIONS, CacheStatus, CompileProgress, cache_status, matrix_types,
+                               plan_warm_up)
     from .hardware import default_threads, thread_warning
     from .model import DEFAULT_MAX_CTX, Model, ModelArgs
 
@@ -425,14 +426,21 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
         print(f"edgellama {args.command}: warning: {_flag(args, 'ctx')} {n_ctx} is beyond the {model_args.max_ctx} "
               f"tokens this model was trained on: expect worse output past them", file=stream, flush=True)
     tokenizer = None
-    if callable(prompt_path):  # decided by the tokenizer: build it once, for the model too
-        from .tokenizer import Tokenizer
+    # one progress report for the whole load: the tokenizer's functions (compiled with its table on
+    # a first run) and the kernels; where they are cached is known before the tokenizer is built
+    # (a byte-level vocabulary's functions, cold on a first run, compile first)
+    byte_level = f.metadata.get("tokenizer.ggml.model") == "gpt2"
+    where = cache_status(["swiglu", *TOKENIZER_FUNCTIONS]) if byte_level else cache_status(["swiglu"])
+    early = where and CacheStatus(where.cpu, where.directory, [n for n in where.cold if n in TOKENIZER_FUNCTIONS])
+    with CompileProgress(early, stream) as progress, warnings.catch_warnings():
+        if callable(prompt_path):  # decided by the tokenizer: build it once, for the model too
+            from .tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_gguf(f)
-        prompt_path = bool(prompt_path(tokenizer))
-    status = plan_warm_up(matrix_types(f), prompt_path).status
-    check_memory(f, model_args, n_ctx, args.cache_type, threads, compiling=bool(status and status.cold))
-    with CompileProgress(status, stream) as progress, warnings.catch_warnings():
+            tokenizer = Tokenizer.from_gguf(f)
+            prompt_path = bool(prompt_path(tokenizer))
+        status = plan_warm_up(matrix_types(f), prompt_path).status
+        check_memory(f, model_args, n_ctx, args.cache_type, threads, compiling=bool(status and status.cold))
+        progress.expect(status)
         warnings.simplefilter("ignore", ContextLengthWarning)  # (said above, in the command's terms)
         model = Model(f, n_ctx=n_ctx, threads=threads, cache_type=args.cache_type, check_memory=False,
                       tokenizer=tokenizer)

@@ -92,12 +92,17 @@ def compile_for(dispatcher, *args) -> None:
     dispatcher.compile(tuple(dispatcher.typeof_pyval(a) for a in args))
 
 
-def _kernel(name: str):
-    """The dispatcher of this name: a kernel of ``edgellama.kernels``, or a helper function of its
-    decode or ops room (DECODE_PIECES_*); None if there is none."""
-    from . import kernels
+# the tokenizer's compiled functions a byte-level vocabulary's loading runs (edgellama.tokenizer.merge)
+TOKENIZER_FUNCTIONS = ("_build_slots", "_encode")
 
-    for room in (kernels, kernels.decode, kernels.ops):
+
+def _kernel(name: str):
+    """The dispatcher of this name: a kernel of ``edgellama.kernels``, a helper function of its
+    decode or ops room (DECODE_PIECES_*), or one of TOKENIZER_FUNCTIONS; None if there is none."""
+    from . import kernels
+    from .tokenizer import merge
+
+    for room in (kernels, kernels.decode, kernels.ops, merge):
         found = getattr(room, name, None)
         if found is not None:
             return found
@@ -343,6 +348,19 @@ class CompileProgress:
         self._bar = None
         self._listeners = {}
         self._waited = 0.0
+
+    def expect(self, status: CacheStatus | None) -> None:
+        """The prediction, known once the block has begun (a command builds the tokenizer, whose
+        functions may compile, before it knows which kernels it needs): its cold kernels join the
+        total, and are announced now if nothing was."""
+        if status is None:
+            return
+        self.status = status
+        self.expected = len(self.compiled) + len(status.cold)
+        if status.cold:
+            self._announce()
+            if self._bar is not None and self._bar.total != max(self.expected, 1):
+                self._bar.total = max(self.expected, 1)
 
     # ----- the block ------------------------------------------------------------------------------
 

@@ -57,10 +57,10 @@ def _child_cache_dirs(numba_dir: Path, names: list[str]) -> dict[str, str]:
     return json.loads(out.stdout)
 
 
-def _cache_with_cold_kernels(tmp_path: Path, cold: list[str]) -> Path:
+def _cache_with_cold_kernels(tmp_path: Path, cold: list[str], tokenizer: bool = True) -> Path:
     """A Numba cache directory holding every kernel this process has in its cache, but ``cold``; and
-    the tokenizer's BPE functions (compiled here first if they are not cached yet), which every
-    command loading a byte-level vocabulary runs."""
+    (``tokenizer``) the tokenizer's BPE functions (compiled here first if they are not cached yet),
+    which every command loading a byte-level vocabulary runs."""
     from numba.core.registry import CPUDispatcher
 
     from edgellama.tokenizer import merge
@@ -68,8 +68,9 @@ def _cache_with_cold_kernels(tmp_path: Path, cold: list[str]) -> Path:
     merge.RankTable.from_dict({bytes([b]): b for b in range(256)})  # (compiles them, or loads them)
     dispatchers = {name: value for name, value in vars(K).items()
                    if isinstance(value, CPUDispatcher) and name not in cold}
-    dispatchers.update({f"merge.{name}": value for name, value in vars(merge).items()
-                        if isinstance(value, CPUDispatcher)})
+    if tokenizer:
+        dispatchers.update({f"merge.{name}": value for name, value in vars(merge).items()
+                            if isinstance(value, CPUDispatcher)})
     numba_dir = tmp_path / "numba"
     targets = _child_cache_dirs(numba_dir, list(dispatchers))
     for name, dispatcher in dispatchers.items():
@@ -227,8 +228,8 @@ def test_every_command_announces_a_cold_cache(tiny, tmp_path, command):
 
 
 def test_an_empty_cache_is_announced_before_anything_compiles(tiny, tmp_path):
-    """From an empty cache: the announcement is the first line, before the first kernel (which
-    starts compiling during the load); the command is stopped there."""
+    """From an empty cache: the announcement is the first line, before the first kernel (the
+    tokenizer's, then the load's); the command is stopped there."""
     env = _env(tmp_path / "empty")
     proc = subprocess.Popen([sys.executable, "-m", "edgellama.cli", "run", "-m", str(tiny), "-p", "the", "-t", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
@@ -237,15 +238,17 @@ def test_an_empty_cache_is_announced_before_anything_compiles(tiny, tmp_path):
     def read():
         for line in proc.stderr:
             lines.append(line.rstrip("\n"))
-            if len(lines) == 2:
+            if len(lines) == 4:
                 break
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
         reader.join(timeout=300)
-        assert len(lines) == 2, lines
+        assert len(lines) == 4, lines
         assert ANNOUNCE.fullmatch(lines[0]), lines
+        # the tokenizer's functions first (a byte-level vocabulary: compiled with its table)
+        assert lines[1:3] == ["edgellama: compiling kernel 1/2: _build_slots", "edgellama: compiling kernel 2/2: _encode"]
         # a one-token prompt: the one-token path's kernels only (the prompt path's load when needed)
         types = matrix_types(edgellama.gguf.GGUFFile(tiny))
         one_token = expected_kernels(types, prompt_path=False)
@@ -253,7 +256,20 @@ def test_an_empty_cache_is_announced_before_anything_compiles(tiny, tmp_path):
         # with a compile child, the decode step in pieces (all cold here), else in one compilation
         ahead = one_token if not child_possible() else \
             ["pack_rows_moved", *DECODE_PIECES_HERE, *DECODE_PIECES_CHILD, "decode_token"]
-        assert lines[1] == f"edgellama: compiling kernel 1/{len(ahead)}: pack_rows_moved"
+        assert lines[3] == f"edgellama: compiling kernel 3/{2 + len(ahead)}: pack_rows_moved"
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_first_run_reports_the_tokenizers_compilation_with_the_kernels(tiny, tmp_path):
+    """The tokenizer's BPE functions compile with its table, before the command knows which kernels
+    it needs: the same report counts them, announced with the CPU and the cache, then the kernels."""
+    numba_dir = _cache_with_cold_kernels(tmp_path, ["swiglu"], tokenizer=False)
+    argv = ["run", "-m", str(tiny), "-p", "the sea is deep", "-n", "3", "-t", "1"]  # a prompt: swiglu needed
+    r, lines = _first_run(argv, numba_dir)
+    assert ANNOUNCE.fullmatch(lines[0]), lines[0]
+    assert lines[1:4] == ["edgellama: compiling kernel 1/2: _build_slots", "edgellama: compiling kernel 2/2: _encode",
+                          "edgellama: compiling kernel 3/3: swiglu"], lines
+    assert re.fullmatch(r"edgellama: 3 kernels compiled in [\d.]+ s \(cached for the next runs\)", lines[4])
+    _then_warm(argv, numba_dir, r)
