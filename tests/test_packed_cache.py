@@ -493,7 +493,13 @@ def test_a_damaged_or_foreign_kept_tokenizer_is_not_used(smollm2_path, tmp_path,
     ranks[5] = n  # a token id past the vocabulary
     pieces_ends = np.frombuffer(good[11][1], np.int64).copy()
     pieces_ends[7] = pieces_ends[8] + 1  # pieces whose ends go backwards
+    key_ends = np.frombuffer(good[12][1], np.int64).copy()
+    key_ends[7] = key_ends[8] + 1  # BPE strings whose ends go backwards
+    rank_values = np.frombuffer(good[13], np.int64).copy()
+    rank_values[1] = rank_values[0]  # two strings of one rank
     damaged = [
+        good[:12] + ((good[12][0], key_ends.tobytes()),) + good[13:],
+        good[:13] + (rank_values.tobytes(),) + good[14:],
         good[:3] + (n + 1,) + good[4:],                       # another vocabulary size
         good[:4] + ((n, *good[4][1:]),) + good[5:],           # a BOS id past the vocabulary
         good[:9] + (good[9] + (("x", -1),),) + good[10:],     # a special token with a negative id

@@ -143,17 +143,16 @@ def _build(cls, metadata, source, n, pre, ids, flags, eog, attrs, hidden, specia
     piece_table = _table(*pieces, n)
     if len(attrs) != n or special_all is None or special_user is None or piece_table is None:
         return None
-    n_ranks = len(values) // 8
-    key_table = _table(*keys, n_ranks)
     rank_values = np.frombuffer(values, np.int64)
     rank_to_id = np.frombuffer(rank_to_id, np.int64)
-    if key_table is None or len(values) % 8 or (n_ranks and not 0 <= rank_values.min() <= rank_values.max()
-                                                 < len(rank_to_id)) \
+    if (len(rank_values) and not 0 <= rank_values.min() <= rank_values.max() < len(rank_to_id)) \
             or (len(rank_to_id) and not -1 <= rank_to_id.min() <= rank_to_id.max() < n) \
             or type(pattern) is not str or not (chain is None or all(type(p) is str for p in chain)):
         return None
-    # (RankTable checks the rest: offsets, ranks once each, strings once each, the 256 bytes)
-    ranks = RankTable(key_table._blob, np.frombuffer(keys[1], np.int64), rank_values)
+    # RankTable checks the strings (offsets, each once, the 256 bytes) and the ranks (each once):
+    # a TokenizerError here means the record is not used (restore)
+    blob, ends = keys
+    ranks = RankTable(blob, np.frombuffer(ends, np.int64), rank_values)
     self = cls()
     self.kind, self.pre, self.source, self.n_vocab = "bpe", pre, source, n
     self._texts = named_texts(metadata["tokenizer.ggml.tokens"])

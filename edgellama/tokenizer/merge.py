@@ -23,7 +23,7 @@ import os
 import numpy as np
 from numba import njit
 
-from .vocab import TokenizerError
+from .vocab import ByteTable, TokenizerError
 
 _FNV_PRIME = np.uint64(1099511628211)
 _MAX_PROBE = 64        # longest probe run a built table may have
@@ -232,10 +232,8 @@ class RankTable:
 
     @classmethod
     def from_dict(cls, ranks: dict[bytes, int]) -> "RankTable":
-        keys = list(ranks)
-        ends = np.zeros(len(keys) + 1, np.int64)
-        np.cumsum(np.fromiter(map(len, keys), np.int64, len(keys)), out=ends[1:])
-        return cls(b"".join(keys), ends, np.fromiter(ranks.values(), np.int64, len(ranks)))
+        keys = ByteTable(list(ranks))
+        return cls(keys._blob, np.frombuffer(keys._ends, np.int64), np.fromiter(ranks.values(), np.int64, len(ranks)))
 
     def __len__(self) -> int:
         return len(self.ranks)
@@ -249,8 +247,9 @@ class RankTable:
         """The ranks of each pre-token in turn (see the module docstring)."""
         if not pieces:
             return np.zeros(0, np.int32)
-        data = np.frombuffer(b"".join(pieces), np.uint8)
-        piece_ends = np.cumsum(np.fromiter(map(len, pieces), np.int64, len(pieces)))
+        joined = ByteTable(pieces)
+        data = np.frombuffer(joined._blob, np.uint8)
+        piece_ends = np.frombuffer(joined._ends, np.int64)[1:]
         out = np.empty(len(data), np.int32)  # (ranks are below 2**31; a 4M-character text: 16M at most)
         n = _encode(data, piece_ends, self.blob, self.ends, self.ranks, self.slots, self.seed, out)
         return out[:n]
