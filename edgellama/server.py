@@ -73,6 +73,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -1209,6 +1210,7 @@ class Server:
         this thread waits for: its priority stays as it was."""
         self._stopped.clear()
         failed: list[BaseException] = []
+        finished = threading.Event()
 
         def run_loop() -> None:
             _lower_loop_priority()
@@ -1216,16 +1218,30 @@ class Server:
                 asyncio.run(self._main())
             except BaseException as e:  # noqa: B036  (raised again in the waiting thread)
                 failed.append(e)
+            finally:
+                finished.set()
 
-        loop_thread = threading.Thread(target=run_loop, name="edgellama-http", daemon=True)
+        # The loop's end is waited for on an Event, not with Thread.join: a Ctrl-C that interrupts
+        # join() makes CPython (before 3.13) take the thread for finished while it still runs
+        # (threading's bpo-45274 handling), and the socket would be closed under a running loop.
+        # Ctrl-C is held back until the thread has started: interrupting Thread.start() leaves
+        # nothing to tell whether the loop will run.
+        masking = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masking else None
         try:
-            loop_thread.start()
             try:
-                loop_thread.join()
+                threading.Thread(target=run_loop, name="edgellama-http", daemon=True).start()
+            except BaseException:
+                if masking:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                raise
+            try:
+                if masking:  # (a Ctrl-C held back is raised here)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
+                finished.wait()
             except BaseException:  # Ctrl-C while waiting: stop the loop (once it runs), then raise it
-                while loop_thread.is_alive():
+                while not finished.wait(0.05):
                     self._request_stop()
-                    loop_thread.join(0.05)
                 raise
         finally:
             self._stopped.set()

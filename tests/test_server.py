@@ -11,6 +11,7 @@ import asyncio
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -640,6 +641,47 @@ def test_the_event_loop_runs_below_the_model_threads(server):
     here = own_nice()  # the thread that started the server's thread (threads start at their starter's)
     assert loop == min(19, here + LOOP_NICE)
     assert kernel_thread.run(own_nice) <= here
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="a signal to one thread: POSIX")
+def test_ctrl_c_stops_the_loop_before_serve_forever_raises(tiny):
+    """Ctrl-C reaching the thread that waits in serve_forever (an app's main thread): by the time
+    KeyboardInterrupt reaches the caller, the event loop has stopped and closed, and a client it
+    had accepted has been disconnected.  (CPython before 3.13 takes a thread whose join() a Ctrl-C
+    interrupted for finished while it still runs: the loop was left running, and the socket was
+    then closed under it.)"""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers run in the main thread")
+    httpd = make_server(tiny, ServerConfig(port=0))
+    client = None
+
+    def interrupt():  # (Ctrl-C is sent whatever happens here: serve_forever must return)
+        nonlocal client
+        try:
+            assert httpd.ready.wait(60)
+            client = socket.create_connection(httpd.server_address[:2], timeout=30)
+            wait_until(lambda: httpd._connections, "the loop accepting the connection")
+        finally:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    helper = threading.Thread(target=interrupt, daemon=True)
+    try:
+        helper.start()
+        with pytest.raises(KeyboardInterrupt):
+            httpd.serve_forever()
+        helper.join(60)
+        assert client is not None and httpd._loop.is_closed()
+        try:
+            assert client.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        httpd._request_stop()
+        httpd.server_close()
+        if client is not None:
+            client.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities: Linux only")
