@@ -52,6 +52,8 @@ SHAPES = {
     "llama-3-8b": Shape(4096, 32, 32, 8, 14336, tied=False, rope_factor=8.0, ctx=131072),
 }
 FILE_TYPES = ("f16", "q8_0", "q4_0", "q4_k_m")  # the file types written here (quantize.policy's names)
+# the generator's version, kept in the file: a cached file of an older one is written again
+GENERATOR_KEY, GENERATOR = "edgellama.sized.generator", 2
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
     "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
@@ -112,7 +114,14 @@ def random_blocks(rng: np.random.Generator, qtype: GGMLType, n_rows: int, n_cols
         scales = rng.uniform(2.0 ** -8, 2.0 ** -6, n_blocks).astype(np.float16)
         data[:, at:at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     if qtype == GGMLType.Q4_K:
-        data[:, 4:16] &= 0x3F  # 6-bit scales and mins, kept small (sc <= 63 is valid either way)
+        # zero-mean values, as a real model's: each sub-block's minimum factor equals its scale
+        # factor and dmin = 7.5 d, so value = d * sc * (q - 7.5).  (Uniform quants with unrelated
+        # minimums add a large bias to every row: activations overflow within a few layers, and a
+        # model computing infinities and NaNs measures other code than a real one.)
+        sc = rng.integers(0, 64, (n_blocks, 4), dtype=np.uint8)        # sub-blocks 0-3: 6 bits
+        packed = rng.integers(0, 16, (n_blocks, 4), dtype=np.uint8)    # sub-blocks 4-7: 4 bits
+        data[:, 4:8], data[:, 8:12], data[:, 12:16] = sc, sc, packed | (packed << 4)
+        data[:, 2:4] = (data[:, 0:2].copy().view(np.float16) * np.float16(7.5)).view(np.uint8)
     return data.reshape(n_rows, -1)
 
 
@@ -125,6 +134,7 @@ def write_model(path: Path, shape: Shape, ftype: str, seed: int = 0) -> Path:
     meta: dict = {
         "general.architecture": "llama",
         "general.name": f"random {path.stem}",
+        GENERATOR_KEY: (ValueType.UINT32, GENERATOR),
         "general.file_type": (ValueType.UINT32, FILE_TYPES_BY_NAME[ftype].number),
         "llama.context_length": (ValueType.UINT32, shape.ctx),
         "llama.embedding_length": (ValueType.UINT32, shape.dim),
@@ -196,9 +206,19 @@ def sized_model(shape: str, ftype: str, seed: int = 0) -> Path:
         raise ValueError(f"no sized model {shape}.{ftype}: shapes {', '.join(sorted(SHAPES))}; "
                          f"types {', '.join(sorted(FILE_TYPES))}")
     path = cache_dir() / "sized" / f"{shape}.{ftype}.gguf"
-    if not path.exists():
+    if not path.exists() or _generator(path) != GENERATOR:
         write_model(path, SHAPES[shape], ftype, seed)
     return path
+
+
+def _generator(path: Path) -> int | None:
+    from edgellama.gguf import GGUFFile
+
+    f = GGUFFile(path)
+    try:
+        return f.metadata.get(GENERATOR_KEY)
+    finally:
+        f.close()
 
 
 def main(argv: list[str] | None = None) -> int:
