@@ -58,23 +58,24 @@ class Rows:
         self.cache = K.SlotCache(lazy_zeros(shape, kind.dtype), lazy_zeros(shape, kind.dtype))  # (memory.lazy_zeros)
         n_spans = -(-n_ctx // K.ATTN_SPAN)
         group = a.n_heads // a.n_kv_heads
+        formats = model.weights.formats
         self._x = np.zeros((n_rows, a.dim), f32)                      # residual stream (R, dim)
         self._xb = np.zeros((n_rows, a.dim), f32)                     # normed / projected (R, dim)
-        self._qx = _q8_rows(n_rows, a.dim)                            # xb or att quantized (R, dim)
+        self._qx = K.activation_room(a.dim, n_rows, formats)          # xb or att quantized (R, dim)
         self._q = np.zeros((n_rows, a.dim), f32)                      # queries (R, dim)
         self._k = np.zeros((n_rows, a.kv_dim), f32)                   # keys (R, kv_dim)
         self._v = np.zeros((n_rows, a.kv_dim), f32)                   # values (R, kv_dim)
         self._att = np.zeros((n_rows, a.dim), f32)                    # attention outputs (R, dim)
         self._hb = np.zeros((n_rows, a.ffn_dim), f32)                 # gate, then silu(gate) * up (R, ffn)
         self._hb2 = np.zeros((n_rows, a.ffn_dim), f32)                # up (R, ffn)
-        self._qh = _q8_rows(n_rows, a.ffn_dim)                        # hb quantized (R, ffn)
+        self._qh = K.activation_room(a.ffn_dim, n_rows, formats)      # hb quantized (R, ffn)
         self._jobs = np.zeros(n_rows * n_spans * a.n_kv_heads, np.int64)  # attention job -> row
         self._first = np.zeros(n_rows, np.int64)                      # each row's first job
         # one scratch row per chunk of attention jobs: a few per thread balance uneven spans
         self._scratch = np.zeros((4 * max(model.threads, 1), a.head_dim + group * K.ATTN_SPAN), f32)
         self._partial = np.zeros((n_rows, n_spans, a.n_heads, a.head_dim + 2), f32)  # per row and span
         self._hidden = np.zeros((n_rows, a.dim), f32)                 # final normed hidden states (M, dim)
-        self._qo = _q8_rows(n_rows, a.dim)                            # hidden quantized (M, dim)
+        self._qo = K.activation_room(a.dim, n_rows, formats)          # hidden quantized (M, dim)
         self._logits = np.zeros((min(n_rows, n_logits or n_slots), a.n_vocab), f32)  # (M, n_vocab)
 
     def forward(self, tokens, positions, slots, out_rows, want_logits: bool = True) -> np.ndarray:
@@ -90,7 +91,7 @@ class Rows:
             raise ValueError(f"positions beyond the context of {self.n_ctx}")
         if rows.slots.min() < 0 or rows.slots.max() >= self.n_slots:
             raise ValueError(f"slots beyond the {self.n_slots} there are")
-        qrows = lambda q8, k: K.Q8Activation(q8.q[:k], q8.d[:k], q8.s[:k], q8.sums[:k])
+        qrows = lambda qx, k: K.Activation(*(K.Q8Activation(*(a[:k] for a in form)) for form in qx))
         buf = K.BatchBuffers(self._x[:n], self._xb[:n], qrows(self._qx, n), self._q[:n], self._k[:n], self._v[:n],
                              self._att[:n], self._hb[:n], self._hb2[:n], qrows(self._qh, n), self._jobs,
                              self._first[:n], self._scratch, self._partial[:n], np.asarray(out_rows, np.int64),
@@ -110,12 +111,6 @@ class Rows:
         rope = self.model.rope
         kernel_thread.run(K.rerotate_keys, k, n_keep, n_past - n_discard, rope.cos[n_discard], -rope.sin[n_discard],
                           self.model.args.head_dim, threads=self.model.threads)
-
-
-def _q8_rows(n_rows: int, n: int) -> K.Q8Activation:
-    """Room for n_rows vectors of n values quantized to int8 blocks (kernels.quantize_q8_rows)."""
-    return K.Q8Activation(np.zeros((n_rows, n), np.int8), np.zeros((n_rows, n // 32), np.float32),
-                          np.zeros((n_rows, n // 32), np.float32), np.zeros((n_rows, n // 16), np.int32))
 
 
 @dataclass(eq=False)

@@ -33,6 +33,8 @@ from .quants import GGMLType
 
 _FLOAT_TYPES = {int(GGMLType.F32), int(GGMLType.F16), int(GGMLType.BF16)}
 _HALF_TYPES = {int(GGMLType.F16), int(GGMLType.BF16)}
+_K_QUANT_TYPES = {int(GGMLType.Q4_K), int(GGMLType.Q5_K), int(GGMLType.Q6_K)}  # activations: quantize_q8k
+_BLOCK_TYPES = {int(GGMLType.Q8_0), int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q5_0), int(GGMLType.Q5_1)}
 
 
 def expected_kernels(matrix_types, prompt_path: bool = True) -> list[str]:
@@ -43,12 +45,14 @@ def expected_kernels(matrix_types, prompt_path: bool = True) -> list[str]:
     to predict the work ahead (a kernel this misses is still reported when it compiles)."""
     types = {int(t) for t in matrix_types}
     quantized = bool(types - _FLOAT_TYPES)
+    k_quants = bool(types & _K_QUANT_TYPES)
     packers = ["pack_rows_moved"] if quantized else []
     one_token = packers + ["decode_token"]
     if not prompt_path:
         return one_token
     return (one_token + ["embed_rows", "rmsnorm_rows"]
-            + (["quantize_q8_rows", "matmul_packed"] if quantized else [])
+            + (["quantize_q8_rows"] if types & _BLOCK_TYPES else []) + (["quantize_q8k_rows"] if k_quants else [])
+            + (["matmul_packed"] if quantized else [])
             + (["dequantize_rows"] if types & _HALF_TYPES else [])
             + ["rope_rows", "store_kv", "attention", "swiglu", "rmsnorm"])
 

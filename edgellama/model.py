@@ -28,7 +28,7 @@ from .hardware import physical_cores  # the default thread count (big physical c
 from .memory import lazy_zeros, trim_heap
 from .kernels.cache import LAYOUT_FILES, package_stamp
 from .packed_cache import packed_sections, resolve_folder
-from .quants import KV_CACHE_TYPES, QK, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
+from .quants import KV_CACHE_TYPES, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
 
 LAYER_MATRICES = K.LAYER_MATRICES  # slot i of a layer: the kernels address matrices by these slots
 
@@ -229,7 +229,7 @@ class State:
         self.v_cache = lazy_zeros(shape, kind.dtype)
         self.kv = K.KVCache(self.k_cache, self.v_cache)
         self.xb = np.zeros(a.dim, f32)                 # normed / projected activation (dim,)
-        self.qx = _q8_activation(a.dim)                # xb (or att) quantized to int8 blocks (dim,)
+        self.qx = K.activation_room(a.dim)             # xb (or att) quantized to int8 blocks (dim,)
         # one-token attention: per (span, KV head) job a row and the group's scores; per span partials
         n_spans = -(-n_ctx // K.ATTN_SPAN)
         group = a.n_heads // a.n_kv_heads
@@ -245,18 +245,12 @@ class State:
             att=np.zeros(a.dim, f32),                  # attention output (dim,)
             hb=np.zeros(a.ffn_dim, f32),               # gate, then silu(gate) * up (ffn,)
             hb2=np.zeros(a.ffn_dim, f32),              # up (ffn,)
-            qh=_q8_activation(a.ffn_dim),              # hb quantized (ffn,)
+            qh=K.activation_room(a.ffn_dim),           # hb quantized (ffn,)
             attn_scratch=np.zeros((n_spans * a.n_kv_heads, a.head_dim + group * K.ATTN_SPAN), f32),
             attn_partial=np.zeros((n_spans, a.n_heads, a.head_dim + 2), f32),
             logits=self.logits)
         self.n_past = 0                                # positions 0..n_past-1 hold valid K/V
         self.tokens: list[int] = []                    # the tokens behind those positions
-
-
-def _q8_activation(n: int) -> K.Q8Activation:
-    """Room for a vector of n values quantized to int8 blocks (kernels.quantize_q8)."""
-    return K.Q8Activation(np.zeros(n, np.int8), np.zeros(n // QK, np.float32), np.zeros(n // QK, np.float32),
-                          np.zeros(2 * (n // QK), np.int32))
 
 
 class Model:
@@ -417,7 +411,7 @@ class Model:
         w, d, b, kv, t = self.weights.decode, self.dims, self.state.decode, self.state.kv, K.HALF_TABLES
         return {
             "embed_row": (K.embed_row, w.embd, w.embd_type, w.embd_packed, 0, b.x, t.f16, t.bf16),
-            "_quantize": (K.decode._quantize, b.xb, b.qx),
+            "_quantize": (K.decode._quantize, b.xb, b.qx, w, 0, 3),
             "rmsnorm": (K.rmsnorm, b.x, w.norms[0, 0], d.eps, b.xb),
             "rope": (K.rope, b.q, d.n_heads, d.head_dim, self.rope.cos[0], self.rope.sin[0]),
             "_swiglu_inplace": (K.ops._swiglu_inplace, b.hb, b.hb2),
@@ -569,14 +563,16 @@ class Model:
         n_tok, n_in = x.shape
         outputs = [np.empty((n_tok, w.n_out), np.float32) for w in weights]   # (T, n_out) each
         if any(w.quantized for w in weights):
-            xq = np.empty((n_tok, n_in), np.int8)                              # (T, n_in)
-            xd = np.empty((n_tok, n_in // QK), np.float32)                     # (T, n_in/32)
-            xs = np.empty_like(xd)                                             # (T, n_in/32)
-            xsum = np.empty((n_tok, 2 * (n_in // QK)), np.int32)               # (T, n_in/16)
-            K.quantize_q8_rows(x, xq, xd, xs, xsum)
+            formats = K.Formats(w.qtype for w in weights if w.quantized)      # what these take
+            qx = K.activation_room(n_in, n_tok, formats)                       # (T, n_in) int8 ...
+            if qx.blocks.q.size:
+                K.quantize_q8_rows(x, *qx.blocks)
+            if qx.supers.q.size:
+                K.quantize_q8k_rows(x, *qx.supers)
         for w, out in zip(weights, outputs):
             if w.quantized:
-                K.matmul_packed(w.packed, w.qtype, w.n_out, xq, xd, xs, xsum, out, self.weights.formats)
+                a = qx.supers if K.is_k_quant(w.qtype) else qx.blocks
+                K.matmul_packed(w.packed, w.qtype, w.n_out, *a, out, self.weights.formats)
             else:
                 self._float_linear(x, w, out)
         return outputs
@@ -627,7 +623,7 @@ class Model:
         if not all_logits:
             # only the last position's logits are needed: one row through the decode matvec
             K.rmsnorm(x[-1], w.output_norm, self.dims.eps, s.xb)
-            K.quantize_q8(s.xb, *s.qx)
+            K.quantize_activation(s.xb, s.qx, w.formats, K.activation_forms_of(w.output.qtype))
             K.matvec(w.output.kernel_view(), w.output.qtype, a.n_vocab, s.xb, s.qx, s.logits,
                      K.F16_TABLE, K.BF16_TABLE, w.formats)
             return s.logits
@@ -692,7 +688,7 @@ class Model:
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
 # the prompt path's kernels whose helper functions the decode step compiles too: a compile child
 # leaves them to its second pass, by when this process has cached those helpers
-SHARED_WITH_DECODE = ("embed_rows", "matvec", "rmsnorm", "quantize_q8")
+SHARED_WITH_DECODE = ("embed_rows", "matvec", "rmsnorm", "quantize_activation")
 TILE_ELEMENTS = 1 << 22  # dequantized weight tile for prefill: 16 MB of float32
 
 

@@ -7,7 +7,8 @@ One step (a kernel test): the computed result is within a worst-case bound of th
 
 * a sum of n products in float32, in any order, vector width, with or without FMA (every kernel,
   any BLAS): |fl(sum w_i x_i) - sum w_i x_i| <= gamma(n) sum |w_i x_i|.  The int8 kernels sum exact
-  integer block products, so only the per-block scalings and the running sum round: gamma(3 n/32 + 2).
+  integer block products, so only the per-block scalings and the running sum round: gamma(3 n/32 + 2)
+  (the K-quants, summed in integers per 256 values: gamma(2 n/256 + 3)).
 * exp: the kernels' _expf is within 2 ulp (4u relative; 1.7u measured over the float32 range),
   numpy's within 1.  Other elementwise steps: one u per operation.
 * the softmax of scores off by eps_j: each weight's ratio to the exact one lies within
@@ -51,9 +52,17 @@ def gamma(n):
     return n * U / (1.0 - n * U)
 
 
-def int8_terms(n_in: int) -> int:
-    """Roundings of an int8 product over n_in inputs: per 32-block up to two scaled integer sums
-    (Q6_K's halves) and a minimum term, each rounded once, plus the accumulation."""
+K_QUANTS = (12, 13, 14)  # Q4_K, Q5_K, Q6_K: their products take the activation per 256 values
+
+
+def int8_terms(n_in: int, qtype: int) -> int:
+    """Roundings of an int8 product over n_in inputs that any one term goes through.  Per 32-block
+    up to two scaled integer sums and a minimum term, each rounded once, plus the accumulation.
+    The K-quants sum a 256-value super-block in integers (the minimum term exactly in float32):
+    a term is rounded by the conversion of that sum, the product d * d_x and the fused add (3), and
+    by the running sum's two fused adds per super-block."""
+    if qtype in K_QUANTS:
+        return 2 * (n_in // 256) + 3
     return 3 * (n_in // QK) + 2
 
 
@@ -133,7 +142,7 @@ def product_bound(m: Matrix, x: np.ndarray, xs: np.ndarray | None = None) -> np.
     bound = np.abs(x) @ m.magT
     if m.block_min is not None:
         bound = bound + np.abs(xs) @ np.abs(m.block_min).T
-    return gamma(int8_terms(n_in)) * bound
+    return gamma(int8_terms(n_in, m.qtype)) * bound
 
 
 # ----- the rounding model of one execution ----------------------------------------------------------
@@ -173,6 +182,24 @@ def q8_activation(x: np.ndarray, R: Rounding = EXACT):
     return (to_half(d) * q).reshape(x.shape), to_half(s)[..., 0]
 
 
+def q8k_activation(x: np.ndarray, R: Rounding = EXACT) -> np.ndarray:
+    """ggml's Q8_K activation as the kernels make it for the K-quants (quantize_q8k, ggml's
+    quantize_row_q8_K_ref): per 256 values, m the first value of largest magnitude, iscale =
+    fl(-127 / m), q = min(127, rint(fl(x * iscale))) (ties to even), d = fl(1 / iscale) (float32,
+    not half); grid values d * q."""
+    b = x.reshape(*x.shape[:-1], -1, 256)
+    first = np.abs(b).argmax(-1)[..., None]
+    m = np.take_along_axis(b, first, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(m != 0, -127.0 / np.where(m != 0, m, 1.0), 0.0)
+        iscale = R(iscale, U * np.abs(iscale))
+        t = R(b * iscale, U * np.abs(b * iscale))
+        d = np.where(m != 0, 1.0 / np.where(iscale != 0, iscale, 1.0), 0.0)
+    d = R(d, U * np.abs(d))
+    q = np.minimum(np.rint(t), 127.0)
+    return (d * q).reshape(x.shape)
+
+
 def q8_0_cache(x: np.ndarray, R: Rounding = EXACT) -> np.ndarray:
     """A q8_0 KV cache entry (ggml's quantize_row_q8_0_ref): d = fl(amax / 127), q = roundf(fl(x *
     fl(1 / d))) (ties away from zero), value half(d) * q."""
@@ -203,12 +230,16 @@ def embed(m: Matrix, ids, R: Rounding = EXACT) -> np.ndarray:
 
 
 def linear(x: np.ndarray, m: Matrix, R: Rounding = EXACT, quantize_activations: bool = True) -> np.ndarray:
-    """x (..., n_in) @ W.T: float weights see x; quantized weights see x on the int8 grid, and
-    Q4_1 / Q5_1 take their minimum times the block term s."""
+    """x (..., n_in) @ W.T: float weights see x; quantized weights see x on the int8 grid (the
+    K-quants on Q8_K's, one scale per 256 values), and Q4_1 / Q5_1 take their minimum times the
+    block term s."""
     if not (m.quantized and quantize_activations):
         if m.quantized:  # float activations on quantized weights: a float product of W
             return R(x @ m.WT, gamma(m.S.shape[1]) * (np.abs(x) @ np.abs(m.WT)))
         return R(x @ m.WT, product_bound(m, x))
+    if m.qtype in K_QUANTS:
+        g = q8k_activation(x, R)
+        return R(g @ m.WT, product_bound(m, g))
     g, s = q8_activation(x, R)
     if m.block_min is not None:
         return R(g @ m.S.T + s @ m.block_min.T, product_bound(m, g, s))

@@ -137,6 +137,23 @@ def q8_twin(x: np.ndarray):
     return q.astype(np.int8).reshape(-1), half_round(d), s, d
 
 
+def q8k_twin(x: np.ndarray):
+    """ggml's quantize_row_q8_K_ref (what x86 uses for the K-quants' activations) of a (n,) float32
+    vector, per 256 values: m = the first value of largest magnitude, iscale = fl(-127 / m),
+    q = min(127, rint(fl(x * iscale))) (ties to even), d = fl(1 / iscale); all zeros: d = 0, q = 0.
+    Returns (q int8, d per super-block)."""
+    supers = np.asarray(x, dtype=np.float32).reshape(-1, 256)
+    first = np.abs(supers).argmax(axis=1)               # argmax: the first of equal magnitudes
+    m = supers[np.arange(len(supers)), first]
+    iscale = np.zeros_like(m)
+    np.divide(np.float32(-127.0), m, out=iscale, where=m != 0)
+    d = np.zeros_like(m)
+    np.divide(np.float32(1.0), iscale, out=d, where=m != 0)
+    q = np.minimum(np.rint(supers * iscale[:, None]), np.float32(127.0))
+    assert q.dtype == np.float32 and d.dtype == np.float32 and np.abs(q).max(initial=0) <= 127
+    return q.astype(np.int8).reshape(-1), d
+
+
 def q8_grid(x: np.ndarray) -> np.ndarray:
     """x as the int8 activation blocks represent it: half(d) * q, float32."""
     q, d, _, _ = q8_twin(x)
@@ -145,17 +162,21 @@ def q8_grid(x: np.ndarray) -> np.ndarray:
 
 def matvec_twin(raw: np.ndarray, wtype: int, x: np.ndarray):
     """ggml's W @ x in float64, and the bound on the kernels' rounding (error_bounds.product_bound:
-    gamma(n) sum |w x| for float weights; for int8 products gamma(3 n/32 + 2) times the magnitudes
-    of their per-block terms).  Float weights see x itself; quantized weights see x on the Q8 grid
+    gamma(n) sum |w x| for float weights; for int8 products gamma(3 n/32 + 2), the K-quants'
+    gamma(2 n/256 + 3), times the magnitudes of their per-block terms).  Float weights see x itself; quantized weights see x on the Q8 grid
     (the kernels' own, bit for bit: test_quantize_q8); Q4_1 and Q5_1 (ggml's vec_dot_q4_1_q8_1,
-    _q5_1_q8_1) use the stored block term s = half(d*sum q) for m (K-quant minimums use the exact
-    sum, as ggml's Q8_K does).  Weights exactly as ggml dequantizes them (scaled quants plus
+    _q5_1_q8_1) use the stored block term s = half(d*sum q) for m; the K-quants see x on the grid of
+    ggml's Q8_K (one scale per 256 values: q8k_twin), their minimums times its exact block sums.  Weights exactly as ggml dequantizes them (scaled quants plus
     minimum, error_bounds.matrix)."""
     elements, block_bytes = BLOCK_LAYOUT[GGMLType(wtype)]
     m = eb.matrix(raw, wtype, (raw.shape[0], raw.shape[1] // block_bytes * elements))
     if wtype in (0, 1, 30):
         x64 = x.astype(np.float64)
         return x64 @ m.WT, eb.product_bound(m, x64)
+    if wtype in K_TYPES:  # ggml's vec_dot_q*_K_q8_K: the activation per 256 values, exact block sums
+        q, d = q8k_twin(x)
+        grid = (q.reshape(-1, 256).astype(np.float64) * d[:, None].astype(np.float64)).reshape(-1)
+        return grid @ m.WT, eb.product_bound(m, grid)
     grid = q8_grid(x).astype(np.float64)
     if wtype not in (3, 7):
         return grid @ m.WT, eb.product_bound(m, grid)
@@ -294,6 +315,82 @@ def test_quantize_q8_rows(rows, n, threads):
         np.testing.assert_array_equal(xsum[r], q.reshape(-1, 16).astype(np.int64).sum(axis=1))
 
 
+def _q8k_cases():
+    rng = np.random.default_rng(2)
+    cases = {"random_512": random_activation(rng, 512), "zeros_then_random": np.zeros(512, np.float32)}
+    cases["zeros_then_random"][256:] = random_activation(rng, 256, False)
+    # m = -127: iscale = 1 exactly, so half-integers tie (to even); m = 127: iscale = -1
+    ties = np.float32(rng.integers(-126, 126, 512)) + np.float32(0.5)
+    ties[7], ties[300] = -127.0, 127.0
+    cases["ties"] = ties
+    # equal magnitudes of both signs: the first one sets the sign of d
+    signs = random_activation(rng, 512, False)
+    signs[[3, 10]] = [-40.0, 40.0]
+    signs[[260, 270]] = [40.0, -40.0]
+    signs[np.abs(signs) > 39] = 1.0
+    signs[[3, 10, 260, 270]] = [-40.0, 40.0, 40.0, -40.0]
+    cases["first_of_equal_magnitudes"] = signs
+    cases["tiny_and_huge"] = np.concatenate([random_activation(rng, 256, False) * np.float32(1e-30),
+                                             random_activation(rng, 256, False) * np.float32(1e30)])
+    return cases
+
+
+Q8K_ACTIVATIONS = _q8k_cases()
+
+
+@pytest.mark.parametrize("name", list(Q8K_ACTIVATIONS))
+def test_quantize_q8k_is_ggmls_q8_k(name):
+    """quantize_q8k = ggml's quantize_row_q8_K_ref bit for bit (q8k_twin), with d repeated for the
+    super-block's 8 blocks, the blocks' exact sums (float32) and the half-block sums."""
+    x = Q8K_ACTIVATIONS[name]
+    n = x.shape[0]
+    xq, xd = np.full(n, 99, np.int8), np.full(n // 32, np.nan, np.float32)
+    xs, xsum = np.full(n // 32, np.nan, np.float32), np.full(n // 16, 12345, np.int32)
+    K.quantize_q8k(x, xq, xd, xs, xsum)
+    q, d = q8k_twin(x)
+    np.testing.assert_array_equal(xq, q)
+    np.testing.assert_array_equal(xd.view(np.uint32), np.repeat(d, 8).view(np.uint32))
+    np.testing.assert_array_equal(xs, q.reshape(-1, 32).astype(np.int64).sum(axis=1))
+    np.testing.assert_array_equal(xsum, q.reshape(-1, 16).astype(np.int64).sum(axis=1))
+
+
+def test_quantize_q8k_named_values():
+    x = Q8K_ACTIVATIONS["ties"]
+    xq, xd = np.empty(512, np.int8), np.empty(16, np.float32)
+    K.quantize_q8k(x, xq, xd, np.empty(16, np.float32), np.empty(32, np.int32))
+    assert xd[0] == np.float32(1.0) and xd[8] == np.float32(-1.0)   # 1 / (-127 / m)
+    assert xq[7] == -127 and xq[300] == -127                         # the largest magnitude: -127
+    half = np.flatnonzero(np.abs(x[:256] - np.rint(x[:256])) == 0.5)[:8]
+    np.testing.assert_array_equal(xq[half], np.rint(x[half]))         # ties to even
+    signs = Q8K_ACTIVATIONS["first_of_equal_magnitudes"]
+    K.quantize_q8k(signs, xq, xd, np.empty(16, np.float32), np.empty(32, np.int32))
+    assert xd[0] > 0 and xd[8] < 0 and xq[3] == -127 and xq[10] == 127 and xq[260] == -127
+    K.quantize_q8k(np.zeros(256, np.float32), xq[:256], xd[:8], np.empty(8, np.float32), np.empty(16, np.int32))
+    assert not xq[:256].any() and not xd[:8].any()
+
+
+@pytest.mark.parametrize("codes", [(K.T_Q4_0,), (K.T_Q4_K,), (K.T_Q6_K, K.T_Q8_0)])
+@pytest.mark.parametrize("n", [256, 96])
+def test_quantize_activation_makes_the_forms_the_types_need(codes, n):
+    """The blocks for types other than the K-quants, the super-blocks for the K-quants (and only
+    for widths a K-quant matrix can have: multiples of 256); a form not needed is left alone and
+    activation_room makes it empty."""
+    formats = K.Formats(codes)
+    x = random_activation(np.random.default_rng(n), n)
+    a = K.activation_room(n)
+    for form in a:
+        for arr in form:
+            arr.fill(7)
+    K.quantize_activation(x, a, formats)
+    wants_blocks = any(not K.is_k_quant(c) for c in codes)
+    wants_supers = any(K.is_k_quant(c) for c in codes) and n % 256 == 0
+    np.testing.assert_array_equal(a.blocks.q, q8_twin(x)[0] if wants_blocks else 7)
+    np.testing.assert_array_equal(a.supers.q, q8k_twin(x)[0] if wants_supers else 7)
+    room = K.activation_room(n, 3, formats)
+    assert room.blocks.q.shape == (3, n if wants_blocks else 0)
+    assert room.supers.q.shape == (3, n if wants_supers else 0) and room.supers.sums.shape[1] == room.supers.q.shape[1] // 16
+
+
 # ----- matrix-vector products -------------------------------------------------------------------
 
 MATVEC_SHAPES = [(1, 32), (3, 64), (7, 160), (33, 256), (257, 96), (64, 1024)]
@@ -317,26 +414,26 @@ def packed(raw: np.ndarray, wtype: int) -> np.ndarray:
     return readonly(out)
 
 
-def quantized_activation(x: np.ndarray):
-    """(xq, xd, xs, xsum) of quantize_q8 for a (n,) vector, or of quantize_q8_rows for (T, n)."""
+def quantized_activation(x: np.ndarray, wtype: int):
+    """(xq, xd, xs, xsum) as the products of ggml type wtype take x, a (n,) vector or (T, n) rows:
+    quantize_q8's blocks, or quantize_q8k's super-blocks for the K-quants (quantize_activation_rows)."""
     x = np.atleast_2d(x)
-    t, n = x.shape
-    qx = (np.empty((t, n), np.int8), np.empty((t, n // 32), np.float32), np.empty((t, n // 32), np.float32),
-          np.empty((t, n // 16), np.int32))
-    K.quantize_q8_rows(x, *qx)
-    return qx
+    qx = K.activation_room(x.shape[1], x.shape[0])
+    K.quantize_activation_rows(x, qx)
+    return qx.supers if K.is_k_quant(wtype) else qx.blocks
 
 
 def _run_matvec(w, wtype, x, via):
     """W @ x through K.matvec (the decode dispatch) or the type's own kernel."""
     n_out = w.shape[0]
     weights = packed(w, wtype) if wtype in QUANT_TYPES else w
-    qx = quantized_activation(x)
     out = np.full(n_out, np.nan, np.float32)
     if via == "matvec":
-        K.matvec(weights, wtype, n_out, x, K.Q8Activation(*(a[0] for a in qx)), out, F16, BF16)
+        qx = K.activation_room(len(x))
+        K.quantize_activation(x, qx)
+        K.matvec(weights, wtype, n_out, x, qx, out, F16, BF16)
     elif wtype in QUANT_TYPES:
-        K.matvec_packed(weights, wtype, n_out, *(a[0] for a in qx), out)
+        K.matvec_packed(weights, wtype, n_out, *(a[0] for a in quantized_activation(x, wtype)), out)
     elif wtype == 0:
         K.matvec_f32(w, x, out)
     else:
@@ -452,7 +549,7 @@ def test_matmul_packed_many_tokens(wtype, rows, n_tok, threads):
     raw = weight_bytes(random_matrix(rng, rows, n), wtype)
     x = np.stack([random_activation(rng, n, zero_block=(t % 3 == 0)) for t in range(n_tok)])
     out = np.full((n_tok, rows), np.nan, np.float32)
-    K.matmul_packed(packed(raw, wtype), wtype, rows, *quantized_activation(x), out)
+    K.matmul_packed(packed(raw, wtype), wtype, rows, *quantized_activation(x, wtype), out)
     for t in range(n_tok):
         want, bound = matvec_twin(raw, wtype, x[t])
         assert np.all(np.abs(out[t] - want) <= bound), f"token {t}"
@@ -1088,13 +1185,11 @@ def test_decode_token(variant, how, kv, tmp_path, threads):
     cache_type = np.uint16 if kv == "f16" else f32
     k_cache = np.zeros((N_LAYERS, N_KV, N_CTX, HEAD_DIM), cache_type)
     v_cache = np.zeros_like(k_cache)
-    q8 = lambda n: K.Q8Activation(np.zeros(n, np.int8), np.zeros(n // 32, f32), np.zeros(n // 32, f32),  # noqa: E731
-                                  np.zeros(n // 16, np.int32))
     n_spans = -(-N_CTX // K.ATTN_SPAN)
     logits = np.zeros(VOCAB, f32)
-    buffers = K.DecodeBuffers(x=np.zeros(DIM, f32), xb=np.zeros(DIM, f32), qx=q8(DIM), q=np.zeros(DIM, f32),
+    buffers = K.DecodeBuffers(x=np.zeros(DIM, f32), xb=np.zeros(DIM, f32), qx=K.activation_room(DIM), q=np.zeros(DIM, f32),
                               k=np.zeros(N_KV * HEAD_DIM, f32), v=np.zeros(N_KV * HEAD_DIM, f32),
-                              att=np.zeros(DIM, f32), hb=np.zeros(FFN, f32), hb2=np.zeros(FFN, f32), qh=q8(FFN),
+                              att=np.zeros(DIM, f32), hb=np.zeros(FFN, f32), hb2=np.zeros(FFN, f32), qh=K.activation_room(FFN),
                               attn_scratch=np.zeros((n_spans * N_KV, HEAD_DIM + N_HEADS // N_KV * K.ATTN_SPAN), f32),
                               attn_partial=np.zeros((n_spans, N_HEADS, HEAD_DIM + 2), f32), logits=logits)
     weights = K.DecodeWeights(placed["token_embd"], types["token_embd"], False, blob, packed_blob, mat_table,

@@ -29,7 +29,7 @@ def test_tile_rows_equal_one_token_rows(wtype, threads):
     weights = packed(raw, wtype)
     n_tok = 2 * K.tile_tokens() + 3
     x = np.stack([random_activation(rng, n, zero_block=(t % 3 == 0)) for t in range(n_tok)])
-    qx = quantized_activation(x)
+    qx = quantized_activation(x, wtype)
     alone = np.empty((n_tok, rows), np.float32)
     for t in range(n_tok):
         K.matvec_packed(weights, wtype, rows, *(a[t] for a in qx), alone[t])

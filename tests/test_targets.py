@@ -59,11 +59,12 @@ for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"):
     K.pack_rows(raw, qtype, lanes, unsigned_q8, packed)
     packed.setflags(write=False)
     x = rng.standard_normal((9, n_in)).astype(np.float32)
-    qx = (np.empty((9, n_in), np.int8), np.empty((9, n_in // 32), np.float32), np.empty((9, n_in // 32), np.float32),
-          np.empty((9, n_in // 16), np.int32))
-    K.quantize_q8_rows(x, *qx)
-    # the twin: ggml's product of the exact weights with the kernels' own int8 blocks (Q4_1 / Q5_1
-    # take the minimum times the block term s), and the kernels' worst-case rounding of it
+    forms = K.activation_room(n_in, 9)
+    K.quantize_activation_rows(x, forms)
+    qx = forms.supers if K.is_k_quant(qtype) else forms.blocks
+    # the twin: ggml's product of the exact weights with the kernels' own int8 blocks (the
+    # K-quants': one scale per 256 values, repeated per block; Q4_1 / Q5_1 take the minimum times
+    # the block term s), and the kernels' worst-case rounding of it
     m = eb.matrix(raw, qtype, (37, n_in))
     grid = (qx[0].reshape(9, -1, 32).astype(np.float64) * qx[1][..., None]).reshape(9, n_in)
     s = qx[2].astype(np.float64)
@@ -111,7 +112,7 @@ TARGETS = {  # name: (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES, what target_summary mu
 
 # The model-level equivalence tests run again for other targets: together they take every kernel
 # path of a target (int8 tiles of all eight quantized formats for one token and for prompt tiles,
-# F32 / F16 / BF16 products, quantize_q8, prompt and one-token attention over f32, f16 and q8_0
+# F32 / F16 / BF16 products, quantize_activation, prompt and one-token attention over f32, f16 and q8_0
 # caches, the KV row helpers of each cache type, the context shift's re-rotation, embeddings from
 # packed and file rows), on the tiny models and on the real one (its shipped file, Q4_1 and Q8_0
 # tensors: no requantized copy to make first).

@@ -39,16 +39,17 @@ from .cache import install as _install_cache
 from .common import BF16_TABLE, F16_TABLE, QK, SUPER_BLOCK, T_BF16, T_F16, T_F32, T_Q4_0, T_Q4_1, T_Q4_K, \
     T_Q5_0, T_Q5_1, T_Q5_K, T_Q6_K, T_Q8_0
 from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, LAYER_MATRICES,
-                     MAT_OFFSET, MAT_OUT, MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, DecodeBuffers, DecodeWeights, Dims, HalfTables, KVCache, Q8Activation,
+                     MAT_OFFSET, MAT_OUT, MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, DecodeBuffers, DecodeWeights, Dims, HalfTables, KVCache,
                      RopeTables, decode_token)
 from .kv import kv_row_length, rerotate_keys, store_kv
 from .layout import (PACKED_FORMATS, dequantize_packed_row, dequantize_row, dequantize_rows, embed_row,
-                     embed_rows, group_bytes, is_quantized, pack_rows, pack_rows_decoded,
+                     embed_rows, group_bytes, is_k_quant, is_quantized, pack_rows, pack_rows_decoded,
                      pack_rows_moved, record_bytes, super_block_bytes,
                      unpack_block)
 from .ops import rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
-from .products import (ALL_FORMATS, Formats, matmul_packed, matvec, matvec_f32, matvec_half, matvec_packed,
-                       quantize_q8, quantize_q8_rows, round_to_f16)
+from .products import (ALL_FORMATS, Activation, Formats, activation_forms_of, activation_room, Q8Activation, matmul_packed, matvec, matvec_f32,
+                       matvec_half, matvec_packed, quantize_activation, quantize_activation_rows, quantize_q8,
+                       quantize_q8_rows, quantize_q8k, quantize_q8k_rows, round_to_f16)
 from .target import packing, target_summary, tile_tokens
 from ..memory import release_compiler_pages as _release_compiler_pages
 from ..quants import F16_LOAD_WIDTH

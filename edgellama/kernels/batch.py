@@ -28,13 +28,13 @@ from numba import njit
 from .attention import ATTN_SPAN, _attend_span, _merge_head
 from .common import EXACT, FAST, T_F16, T_F32
 from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT,
-                     MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, Q8Activation)
+                     MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, consumer_forms)
 from .kv import _kv_store
-from .layout import embed_row, is_quantized
+from .layout import embed_row, is_k_quant, is_quantized
 from .parallel import parallel_rows
 from .ops import _swiglu_inplace, rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
 from .products import _TILE_TOKENS, ALL_FORMATS, _row_tile, _tile, _token_tile, as_formats, in_formats, \
-    matvec_f32, matvec_half, quantize_q8, quantize_q8_rows
+    Activation, activation_forms_of, matvec_f32, matvec_half, quantize_activation_range, quantize_activation_rows
 
 # up to this many rows (a step of generated tokens), the per-row work runs on one thread: a few
 # microseconds each, less than waking the others (the products and attention still use them all)
@@ -62,21 +62,21 @@ class BatchBuffers(NamedTuple):
 
     x: np.ndarray           # (R, dim) residual stream
     xb: np.ndarray          # (R, dim) normed / projected activations
-    qx: Q8Activation        # xb (or att) quantized: (R, dim) int8, (R, dim/32) x2, (R, dim/16)
+    qx: Activation          # xb (or att) quantized: forms of (R, dim) int8, (R, dim/32) x2, (R, dim/16)
     q: np.ndarray           # (R, n_heads * head_dim) queries
     k: np.ndarray           # (R, n_kv_heads * head_dim) keys
     v: np.ndarray           # (R, n_kv_heads * head_dim) values
     att: np.ndarray         # (R, dim) attention outputs
     hb: np.ndarray          # (R, ffn) gate, then silu(gate) * up
     hb2: np.ndarray         # (R, ffn) up
-    qh: Q8Activation        # hb quantized, (R, ffn)
+    qh: Activation          # hb quantized, (R, ffn)
     attn_jobs: np.ndarray   # (R * n_spans,) int64: the row of each (row, span, KV head) attention job
     attn_first: np.ndarray  # (R,) int64: each row's first job
     attn_scratch: np.ndarray  # (n_chunks, head_dim + group * ATTN_SPAN): one per chunk of jobs
     attn_partial: np.ndarray  # (R, n_spans, n_heads, head_dim + 2): each row's per-span partial sums
     out_rows: np.ndarray    # (M,) int64: the rows whose final hidden state (and logits) are wanted
     hidden: np.ndarray      # (M, dim): their final normed hidden states
-    qo: Q8Activation        # hidden quantized, (M, dim)
+    qo: Activation          # hidden quantized, (M, dim)
     logits: np.ndarray      # (M, n_vocab)
 
 
@@ -116,7 +116,8 @@ def _row_products(m, wtype, n_out, x, qx, out, tables, formats):
     """out (R, n_out) = x @ W.T: the int8 tiles over every row at once for a quantized W, the
     one-token float kernels row by row otherwise (the numbers of decode, never BLAS's)."""
     if is_quantized(wtype):
-        matmul_rows(m, wtype, n_out, qx.q, qx.d, qx.s, qx.sums, out, formats)
+        a = qx.supers if is_k_quant(wtype) else qx.blocks
+        matmul_rows(m, wtype, n_out, a.q, a.d, a.s, a.sums, out, formats)
     elif wtype == T_F32:
         for t in range(x.shape[0]):
             matvec_f32(m, x[t], out[t])
@@ -152,12 +153,11 @@ def _rmsnorm_rows(x, weight, eps, out):
 
 
 @njit(**EXACT)
-def _quantize_rows(x, qx):
+def _quantize_rows(x, qx, formats, forms):
     if x.shape[0] > SERIAL_ROWS:
-        quantize_q8_rows(x, qx.q, qx.d, qx.s, qx.sums)
+        quantize_activation_rows(x, qx, formats, forms)
     else:
-        for t in range(x.shape[0]):
-            quantize_q8(x[t], qx.q[t], qx.d[t], qx.s[t], qx.sums[t])
+        quantize_activation_range(0, x.shape[0], x, qx, formats, forms)
 
 
 @njit(**EXACT)
@@ -281,7 +281,7 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
         m = l * N_LAYER_MATRICES  # this layer's first row of mat_table
         # attention block: pre-norm, one quantized activation per row shared by q, k and v
         _rmsnorm_rows(x, w.norms[l, 0], dims.eps, xb)
-        _quantize_rows(xb, buf.qx)
+        _quantize_rows(xb, buf.qx, w.formats, consumer_forms(w, m + ATTN_Q, m + ATTN_V + 1))
         _layer_products(w, m + ATTN_Q, xb, buf.qx, buf.q, tables)
         _layer_products(w, m + ATTN_K, xb, buf.qx, buf.k, tables)
         _layer_products(w, m + ATTN_V, xb, buf.qx, buf.v, tables)
@@ -292,18 +292,18 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
         attention_rows(q3, cache.k, cache.v, l, rows, buf.attn_jobs, buf.attn_first, n_jobs, buf.attn_scratch,
                        buf.attn_partial, att3)
         # output projection and residual
-        _quantize_rows(att, buf.qx)
+        _quantize_rows(att, buf.qx, w.formats, consumer_forms(w, m + ATTN_OUTPUT, m + ATTN_OUTPUT + 1))
         _layer_products(w, m + ATTN_OUTPUT, att, buf.qx, xb, tables)
         for t in range(n_rows):
             for i in range(x.shape[1]):
                 x[t, i] += xb[t, i]
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         _rmsnorm_rows(x, w.norms[l, 1], dims.eps, xb)
-        _quantize_rows(xb, buf.qx)
+        _quantize_rows(xb, buf.qx, w.formats, consumer_forms(w, m + FFN_GATE, m + FFN_UP + 1))
         _layer_products(w, m + FFN_GATE, xb, buf.qx, hb, tables)
         _layer_products(w, m + FFN_UP, xb, buf.qx, buf.hb2, tables)
         _swiglu_rows(hb, buf.hb2)
-        _quantize_rows(hb, buf.qh)
+        _quantize_rows(hb, buf.qh, w.formats, consumer_forms(w, m + FFN_DOWN, m + FFN_DOWN + 1))
         _layer_products(w, m + FFN_DOWN, hb, buf.qh, xb, tables)
         for t in range(n_rows):
             for i in range(x.shape[1]):
@@ -312,6 +312,6 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
     for i in range(buf.out_rows.shape[0]):
         rmsnorm(x[buf.out_rows[i]], w.output_norm, dims.eps, buf.hidden[i])
     if want_logits:
-        _quantize_rows(buf.hidden, buf.qo)
+        _quantize_rows(buf.hidden, buf.qo, w.formats, activation_forms_of(w.output_type))
         _row_products(w.output, w.output_type, buf.logits.shape[1], buf.hidden, buf.qo, buf.logits, tables,
                       w.formats)

@@ -20,7 +20,7 @@ from .common import EXACT
 from .kv import _kv_store
 from .layout import embed_row, is_quantized
 from .ops import _swiglu_inplace, rmsnorm, rope
-from .products import Formats, matvec, quantize_q8
+from .products import Activation, Formats, activation_forms_of, matvec, quantize_activation
 
 # the seven matrices of a layer, as GGUF names them; slot i of a layer is LAYER_MATRICES[i]
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -28,15 +28,6 @@ ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT, FFN_GATE, FFN_UP, FFN_DOWN = range(len(LAYE
 N_LAYER_MATRICES = len(LAYER_MATRICES)
 # mat_table columns: where a matrix's view starts, its shape, its type, its output rows
 MAT_OFFSET, MAT_ROWS, MAT_ROW_BYTES, MAT_TYPE, MAT_OUT = range(5)
-
-
-class Q8Activation(NamedTuple):
-    """An activation vector of n values quantized to int8 blocks of 32 (see quantize_q8)."""
-
-    q: np.ndarray       # (n,) int8
-    d: np.ndarray       # (n/32,) float32 block scales
-    s: np.ndarray       # (n/32,) float32: scale * block sum
-    sums: np.ndarray    # (n/16,) int32 half-block sums
 
 
 class DecodeWeights(NamedTuple):
@@ -77,14 +68,14 @@ class DecodeBuffers(NamedTuple):
 
     x: np.ndarray           # (dim,) residual stream
     xb: np.ndarray          # (dim,) normed / projected activation
-    qx: Q8Activation        # xb (or att) quantized, (dim,)
+    qx: Activation          # xb (or att) quantized, (dim,)
     q: np.ndarray           # (n_heads * head_dim,) query
     k: np.ndarray           # (n_kv_heads * head_dim,) key
     v: np.ndarray           # (n_kv_heads * head_dim,) value
     att: np.ndarray         # (dim,) attention output
     hb: np.ndarray          # (ffn,) gate, then silu(gate) * up
     hb2: np.ndarray         # (ffn,) up
-    qh: Q8Activation        # hb quantized, (ffn,)
+    qh: Activation          # hb quantized, (ffn,)
     attn_scratch: np.ndarray  # see attention_one
     attn_partial: np.ndarray  # see attention_one
     logits: np.ndarray      # (n_vocab,)
@@ -109,8 +100,21 @@ def _layer_matvec(w, i, x, qx, out, tables):
 
 
 @njit(**EXACT)
-def _quantize(x, qx):
-    quantize_q8(x, qx.q, qx.d, qx.s, qx.sums)
+def consumer_forms(w, first, end):
+    """(blocks, supers): the activation forms that matrices first .. end-1 of mat_table take
+    (products.Activation): an input is quantized only as its consumers need it.  (Run-time
+    integers, as _layer_matvec's: literals would compile this once per call site.)"""
+    blocks = supers = False
+    for i in range(first, end):
+        b, k = activation_forms_of(w.mat_table[i, MAT_TYPE])
+        blocks, supers = blocks or b, supers or k
+    return blocks, supers
+
+
+@njit(**EXACT)
+def _quantize(x, qx, w, first, end):
+    """x into qx as matrices first .. end-1 of mat_table take it."""
+    quantize_activation(x, qx, w.formats, consumer_forms(w, first, end))
 
 
 @njit(**EXACT)
@@ -129,7 +133,7 @@ def decode_token(token, pos, w, dims, rope_tables, cache, buf, tables):
         m = l * N_LAYER_MATRICES  # this layer's first row of mat_table
         # attention block: pre-norm, one quantized activation shared by q, k and v
         rmsnorm(x, w.norms[l, 0], dims.eps, xb)
-        _quantize(xb, buf.qx)
+        _quantize(xb, buf.qx, w, m + ATTN_Q, m + ATTN_V + 1)
         _layer_matvec(w, m + ATTN_Q, xb, buf.qx, buf.q, tables)
         _layer_matvec(w, m + ATTN_K, xb, buf.qx, buf.k, tables)
         _layer_matvec(w, m + ATTN_V, xb, buf.qx, buf.v, tables)
@@ -142,21 +146,21 @@ def decode_token(token, pos, w, dims, rope_tables, cache, buf, tables):
         attention_one(buf.q.reshape(n_heads, head_dim), cache.k[l], cache.v[l], pos + 1, buf.attn_scratch,
                       buf.attn_partial, att.reshape(n_heads, head_dim))
         # output projection and residual
-        _quantize(att, buf.qx)
+        _quantize(att, buf.qx, w, m + ATTN_OUTPUT, m + ATTN_OUTPUT + 1)
         _layer_matvec(w, m + ATTN_OUTPUT, att, buf.qx, xb, tables)
         for i in range(x.shape[0]):
             x[i] += xb[i]
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         rmsnorm(x, w.norms[l, 1], dims.eps, xb)
-        _quantize(xb, buf.qx)
+        _quantize(xb, buf.qx, w, m + FFN_GATE, m + FFN_UP + 1)
         _layer_matvec(w, m + FFN_GATE, xb, buf.qx, hb, tables)
         _layer_matvec(w, m + FFN_UP, xb, buf.qx, buf.hb2, tables)
         _swiglu_inplace(hb, buf.hb2)
-        _quantize(hb, buf.qh)
+        _quantize(hb, buf.qh, w, m + FFN_DOWN, m + FFN_DOWN + 1)
         _layer_matvec(w, m + FFN_DOWN, hb, buf.qh, xb, tables)
         for i in range(x.shape[0]):
             x[i] += xb[i]
     # final norm and the vocabulary projection
     rmsnorm(x, w.output_norm, dims.eps, xb)
-    _quantize(xb, buf.qx)
+    quantize_activation(xb, buf.qx, w.formats, activation_forms_of(w.output_type))
     matvec(w.output, w.output_type, buf.logits.shape[0], xb, buf.qx, buf.logits, tables.f16, tables.bf16, w.formats)

@@ -16,8 +16,7 @@ per 32-element block (PACKED_FORMATS below says which pieces a type has):
            whose value is scale * (q - offset) + minimum
 
 and, after the last block, for K-quants per 256-element super-block LANES f16 factors d (and
-LANES dmin): a block's scale is d * its factor, its minimum -dmin * its factor, products taken in
-float32 inside the kernel exactly as ggml dequantizes.  So a packed matrix takes the bytes of the
+LANES dmin): a block's scale is d * its factor, its minimum -dmin * its factor, as ggml dequantizes.  So a packed matrix takes the bytes of the
 file (+2-3% for Q4_K / Q5_K, whose 6-bit factors get a byte each); Q8_0 is stored as q + 128 on
 CPUs with VNNI (see below).  Every value stays exactly what ggml dequantizes.
 
@@ -31,8 +30,11 @@ A product then needs no horizontal sums: lane l accumulates row l.  For each blo
 (vpdpbusd on AVX-VNNI / AVX-512 VNNI: unsigned x signed bytes, 4 products per int32 lane; sdot on
 arm64 with dotprod; vpmaddubsw + vpmaddwd on other x86 with AVX2; portable IR elsewhere) adds 4 products to every row's integer sum.  Offsets
 stay in integers as in ggml: the sum starts at -offset * (sum of the activation's integers).  The
-exact block sum is then scaled once per block (per half for Q6_K): acc += isum * d_w * d_x, one
-fused multiply-add, plus m_w * (sum of the activation block) for the formats with a minimum.
+exact block sum is then scaled once per block: acc += isum * d_w * d_x, one fused multiply-add,
+plus m_w * s (the activation block's half-rounded scaled sum) for Q4_1 / Q5_1.  The K-quants take
+the activation with one scale per 256 values (quantize_q8k, ggml's Q8_K) and, as ggml, sum a
+super-block in integers: S = sum of isum * the block's factor (per half block for Q6_K), M = sum
+of the minimum factor * the activation block's sum, then acc += S * (d * d_x) - M * (dmin * d_x).
 
 The inner work is LLVM IR emitted by the intrinsics below (Numba has no vector types, and LLVM
 finds neither the dot-product instructions nor this data layout in scalar loops).  One call
@@ -178,6 +180,20 @@ def is_quantized(wtype):
 
 
 assert {T_F32, T_F16, T_BF16} == {int(t) for t in RUNTIME_FLOAT}, "is_quantized must follow quants.TYPES"
+
+
+def _is_k_quant(wtype) -> bool:
+    """Whether a packed type is a K-quant (256-value super-blocks, 6-bit or int8 block factors)."""
+    return PACKED_FORMATS[wtype][2] == 1
+
+
+@njit(**EXACT)
+def is_k_quant(wtype):
+    """Whether the int8 products take this packed type's activations as quantize_q8k's super-blocks."""
+    return wtype == T_Q4_K or wtype == T_Q5_K or wtype == T_Q6_K
+
+
+assert {c for c in PACKED_FORMATS if _is_k_quant(c)} == {T_Q4_K, T_Q5_K, T_Q6_K}, "is_k_quant must follow PACKED_FORMATS"
 
 
 # PACKED_FORMATS as an array the kernels can index (Numba freezes global arrays into the code)

@@ -4,6 +4,8 @@ weights, and the per-type dispatch."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -11,8 +13,8 @@ from numba.core import cgutils
 from numba.core.datamodel import models
 from numba.extending import NativeValue, intrinsic, register_model, typeof_impl, unbox
 
-from .common import EXACT, FAST, I32, QK, T_F16, T_F32, T_Q8_0
-from .layout import PACKED_FORMATS, is_quantized, record_bytes, super_block_bytes
+from .common import EXACT, FAST, I32, QK, SUPER_BLOCK, T_F16, T_F32, T_Q8_0
+from .layout import PACKED_FORMATS, _is_k_quant, is_k_quant, is_quantized, record_bytes, super_block_bytes
 from .parallel import parallel_rows
 from .llvm import _F32, _I8, _I16, _I32, _I64, _const_vec, _half_to_f32, _round_half, _vec
 from .target import _arch, _has_vnni, _native_half, _target_features, maddubs_intrinsics, packing, tile_tokens
@@ -60,6 +62,42 @@ def quantize_q8(x, xq, xd, xs, xsum):
 
 
 @njit(**EXACT)
+def quantize_q8k(x, xq, xd, xs, xsum):
+    """x: (n,) f32, n a multiple of 256 -> the super-block activation of the K-quant products, as
+    ggml's quantize_row_q8_K (the reference, which x86 uses): per 256 values, with m the value of
+    largest magnitude (the first of equals), iscale = -127 / m, q = min(127, round-to-nearest-even(x *
+    iscale)), d = 1 / iscale in float32 (no half rounding); a super-block of zeros: d = 0, q = 0.
+    xq: (n,) int8; xd: (n/32,) each block's super-block d; xs: (n/32,) float32 block sums of q
+    (exact integers); xsum: (n/16,) int32 half-block sums."""
+    for sb in range(x.shape[0] // (SUPER_BLOCK * QK)):
+        o = sb * SUPER_BLOCK * QK
+        amax = np.float32(0.0)
+        first = 0          # the first block holding the largest magnitude
+        for b in range(SUPER_BLOCK):
+            block_max = _abs_max(x, o + b * QK)
+            if block_max > amax:
+                amax = block_max
+                first = b
+        m = np.float32(0.0)
+        for i in range(o + first * QK, o + first * QK + QK):
+            if abs(x[i]) == amax:
+                m = x[i]
+                break
+        iscale = np.float32(-127.0) / m if amax != 0.0 else np.float32(0.0)
+        d = np.float32(1.0) / iscale if amax != 0.0 else np.float32(0.0)
+        for i in range(o, o + SUPER_BLOCK * QK):
+            xq[i] = min(I32(127), I32(np.rint(x[i] * iscale)))
+        for h in range(o // 16, o // 16 + 2 * SUPER_BLOCK):
+            total = I32(0)
+            for i in range(16 * h, 16 * h + 16):
+                total += I32(xq[i])
+            xsum[h] = total
+        for b in range(o // QK, o // QK + SUPER_BLOCK):
+            xd[b] = d
+            xs[b] = np.float32(xsum[2 * b] + xsum[2 * b + 1])
+
+
+@njit(**EXACT)
 def quantize_q8_rows(x, xq, xd, xs, xsum):
     """quantize_q8 of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32), xsum (T, n/16)."""
     parallel_rows(_quantize_q8_range, x.shape[0], (x, xq, xd, xs, xsum))
@@ -70,6 +108,38 @@ def _quantize_q8_range(lo, hi, x, xq, xd, xs, xsum):
     for t in range(lo, hi):
         quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
 
+
+@njit(**EXACT)
+def quantize_q8k_rows(x, xq, xd, xs, xsum):
+    """quantize_q8k of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32), xsum (T, n/16)."""
+    parallel_rows(_quantize_q8k_range, x.shape[0], (x, xq, xd, xs, xsum))
+
+
+@njit(**EXACT)
+def _quantize_q8k_range(lo, hi, x, xq, xd, xs, xsum):
+    for t in range(lo, hi):
+        quantize_q8k(x[t], xq[t], xd[t], xs[t], xsum[t])
+
+
+
+class Q8Activation(NamedTuple):
+    """An activation (n values, or rows of n) quantized to int8 blocks of 32: by quantize_q8 (the
+    scale of each block; every packed type but the K-quants) or by quantize_q8k (the scale of each
+    256-value super-block, repeated in d for its 8 blocks; the K-quants)."""
+
+    q: np.ndarray       # (n,) int8
+    d: np.ndarray       # (n/32,) float32 block scales
+    s: np.ndarray       # (n/32,) float32: scale * block sum (quantize_q8k: the block sum)
+    sums: np.ndarray    # (n/16,) int32 half-block sums
+
+
+class Activation(NamedTuple):
+    """An activation quantized for the int8 products in the forms the model's packed types need
+    (quantize_activation): ``blocks`` for the types with one scale per 32 values, ``supers`` for
+    the K-quants.  A form no type of the model needs may be left empty (zero-length arrays)."""
+
+    blocks: Q8Activation
+    supers: Q8Activation
 
 
 # ----- which packed types a model has: a compile-time constant ---------------------------------
@@ -161,6 +231,75 @@ def in_formats(typingctx, formats, wtype):
         return found
 
     return types.boolean(formats, wtype), codegen
+
+
+@intrinsic
+def activation_forms(typingctx, formats):
+    """(blocks, supers): whether ``formats`` (a Formats or the default) has a packed type that takes
+    quantize_q8's blocks, and one that takes quantize_q8k's super-blocks (the K-quants): constants."""
+    codes = _format_codes(formats)
+    if codes is None:
+        return None
+    forms = (any(not _is_k_quant(c) for c in codes), any(_is_k_quant(c) for c in codes))
+    result = types.UniTuple(types.boolean, 2)
+
+    def codegen(context, builder, sig, args):
+        return context.make_tuple(builder, result, [context.get_constant(types.boolean, f) for f in forms])
+
+    return result(formats), codegen
+
+
+def activation_room(n: int, rows: int | None = None, formats: Formats = ALL_FORMATS) -> Activation:
+    """Zeroed room for an Activation of n values (or of ``rows`` rows of n): each form sized only
+    where a packed type of ``formats`` needs it (the super-blocks only for n a multiple of 256)."""
+    lead = () if rows is None else (rows,)
+    k_quants = [_is_k_quant(c) for c in formats.codes]
+
+    def form(needed: bool) -> Q8Activation:
+        m = n if needed else 0
+        return Q8Activation(np.zeros(lead + (m,), np.int8), np.zeros(lead + (m // QK,), np.float32),
+                            np.zeros(lead + (m // QK,), np.float32), np.zeros(lead + (m // 16,), np.int32))
+
+    return Activation(form(not all(k_quants)), form(any(k_quants) and n % (SUPER_BLOCK * QK) == 0))
+
+
+@njit(**EXACT)
+def activation_forms_of(wtype):
+    """(blocks, supers): the activation forms a weight of ggml type wtype takes (none for floats)."""
+    return is_quantized(wtype) and not is_k_quant(wtype), is_k_quant(wtype)
+
+
+@njit(**EXACT)
+def quantize_activation(x, a, formats=ALL_FORMATS, forms=(True, True)):
+    """x (n,) quantized into Activation a in the forms that ``forms`` (blocks, supers) asks for
+    and the packed types of ``formats`` take (the super-blocks only where n is a multiple of 256:
+    no K-quant matrix takes other widths)."""
+    blocks, supers = activation_forms(formats)
+    if blocks and forms[0]:
+        quantize_q8(x, a.blocks.q, a.blocks.d, a.blocks.s, a.blocks.sums)
+    if supers and forms[1] and x.shape[0] % (SUPER_BLOCK * QK) == 0:
+        quantize_q8k(x, a.supers.q, a.supers.d, a.supers.s, a.supers.sums)
+
+
+@njit(**EXACT)
+def quantize_activation_rows(x, a, formats=ALL_FORMATS, forms=(True, True)):
+    """quantize_activation of every row: x (T, n) into an Activation of (T, ...) arrays, rows in
+    parallel."""
+    parallel_rows(quantize_activation_range, x.shape[0], (x, a, as_formats(formats), forms))
+
+
+@njit(**EXACT)
+def quantize_activation_range(lo, hi, x, a, formats, forms):
+    """quantize_activation of rows lo..hi-1 of x (T, n) into an Activation of (T, ...) arrays."""
+    blocks, supers = activation_forms(formats)
+    blocks = blocks and forms[0]
+    supers = supers and forms[1] and x.shape[1] % (SUPER_BLOCK * QK) == 0
+    b, k = a.blocks, a.supers
+    for t in range(lo, hi):
+        if blocks:
+            quantize_q8(x[t], b.q[t], b.d[t], b.s[t], b.sums[t])
+        if supers:
+            quantize_q8k(x[t], k.q[t], k.d[t], k.s[t], k.sums[t])
 
 
 # ----- the int8 tiles over packed weights --------------------------------------------------------
@@ -295,21 +434,88 @@ class _TileIR:
     # ----- the tile
     def emit(self):
         b, n, qt = self.b, self.lanes, self.qtype
-        vf, vi, vb = _vec(_F32, n), _vec(_I32, n), _vec(_I8, 4 * n)
-        fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fmuladd.v{n}f32")
+        vf = _vec(_F32, n)
+        self.fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(vf, [vf] * 3), f"llvm.fmuladd.v{n}f32")
+        self.prefetch = cgutils.get_or_insert_function(
+            b.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
         acc = [cgutils.alloca_once_value(b, ir.Constant(vf, [0.0] * n)) for _ in range(self.n_tok)]
+        _, _, scale_bytes, n_scales, min_bytes, _ = PACKED_FORMATS[qt]
+        self.record = n * record_bytes(qt)
+        if scale_bytes == 1:
+            self.emit_super_blocks(acc, n_scales, min_bytes)
+            self.store(acc, vf)
+            return
+        with cgutils.for_range(b, self.nb) as loop:
+            blk = loop.index
+            rec, isum = self.block_sums(blk)
+            d_w = self.lane_values(rec)
+            if min_bytes:
+                m_w = self.lane_values(b.add(rec, self.i64(2 * n)))
+            # one scaling per block: acc += isum * d_w * d_x (+ m_w * s, Q4_1 / Q5_1: ggml's
+            # half-rounded s = d * sum(q) of Q8_1)
+            for j in range(self.n_tok):
+                d_x = self.splat(self.token_value("xd", j, blk, _F32))
+                total = b.call(self.fma, [b.sitofp(isum[j][0], vf), b.fmul(d_w, d_x), b.load(acc[j])])
+                if min_bytes:
+                    total = b.call(self.fma, [m_w, self.splat(self.token_value("xs", j, blk, _F32)), total])
+                b.store(total, acc[j])
+        self.store(acc, vf)
+
+    def lane_values(self, at):
+        """n half scales or minimums of the packed weights at byte offset ``at`` -> float32 vector."""
+        return _half_to_f32(self.b, self.load(self.wp, at, _vec(_I16, self.lanes)), self.native_half)
+
+    def emit_super_blocks(self, acc, n_scales, min_bytes):
+        """The K-quants against super-block activations (quantize_q8k: one scale d_x per 256
+        values), as ggml's vec_dot_q*_K_q8_K: per super-block, the integer block sums times the
+        blocks' 6-bit (Q6_K: int8) factors summed in int32, and the minimum factors times the
+        activation's block sums (exact in float32: at most 8 x 63 x 4064 < 2^24); then per lane
+        acc += S * (d * d_x) - M * (dmin * d_x), with the super-block's f16 d and dmin."""
+        b, n = self.b, self.lanes
+        vf, vi = _vec(_F32, n), _vec(_I32, n)
+        sums = [cgutils.alloca_once_value(b, ir.Constant(vi, [0] * n)) for _ in range(self.n_tok)]
+        mins = [cgutils.alloca_once_value(b, ir.Constant(vf, [0.0] * n)) for _ in range(self.n_tok)]
+        table_at = b.add(self.group_at, b.mul(self.nb, self.i64(self.record)))  # d (dmin) per super-block
+        sb_bytes = n * super_block_bytes(self.qtype)
+        with cgutils.for_range(b, b.lshr(self.nb, self.i64(3))) as outer:
+            sb = outer.index
+            for j in range(self.n_tok):
+                b.store(ir.Constant(vi, [0] * n), sums[j])
+                b.store(ir.Constant(vf, [0.0] * n), mins[j])
+            with cgutils.for_range(b, self.i64(SUPER_BLOCK)) as inner:
+                blk = b.add(b.shl(sb, self.i64(3)), inner.index)
+                rec, isum = self.block_sums(blk)
+                factors = [b.sext(self.load(self.wp, b.add(rec, self.i64(h * n)), _vec(_I8, n)), vi)
+                           for h in range(n_scales)]
+                if min_bytes:
+                    m_w = b.sitofp(self.load(self.wp, b.add(rec, self.i64(n * n_scales)), _vec(_I8, n)), vf)
+                for j in range(self.n_tok):
+                    total = b.load(sums[j])
+                    for h in range(n_scales):
+                        total = b.add(total, b.mul(isum[j][h], factors[h]))
+                    b.store(total, sums[j])
+                    if min_bytes:
+                        x_sum = self.splat(self.token_value("xs", j, blk, _F32))
+                        b.store(b.call(self.fma, [m_w, x_sum, b.load(mins[j])]), mins[j])
+            sb_at = b.add(table_at, b.mul(sb, self.i64(sb_bytes)))
+            d_w = self.lane_values(sb_at)
+            if min_bytes:
+                m_w = b.fmul(self.lane_values(b.add(sb_at, self.i64(2 * n))), ir.Constant(vf, [-1.0] * n))
+            for j in range(self.n_tok):
+                d_x = self.splat(self.token_value("xd", j, b.shl(sb, self.i64(3)), _F32))
+                total = b.call(self.fma, [b.sitofp(b.load(sums[j]), vf), b.fmul(d_w, d_x), b.load(acc[j])])
+                if min_bytes:
+                    total = b.call(self.fma, [b.load(mins[j]), b.fmul(m_w, d_x), total])
+                b.store(total, acc[j])
+
+    def block_sums(self, blk):
+        """Block blk's exact integer sums: (its record's byte offset, isum[token][scale]), one
+        int32 vector per token and scale (per half block for Q6_K), the offset term included."""
+        b, n, qt = self.b, self.lanes, self.qtype
+        vi, vb = _vec(_I32, n), _vec(_I8, 4 * n)
         quant, high, scale_bytes, n_scales, min_bytes, offset = PACKED_FORMATS[qt]
         if qt == T_Q8_0 and self.unsigned_q8:
             offset = 128
-        record = n * record_bytes(qt)
-        table_at = b.add(self.group_at, b.mul(self.nb, self.i64(record)))  # K-quants' super-block factors
-        sb_bytes = n * super_block_bytes(qt)
-
-        def lane_values(at):  # n half scales or minimums -> float32 vector
-            return _half_to_f32(b, self.load(self.wp, at, _vec(_I16, n)), self.native_half)
-
-        def factors(at, base):  # n factor bytes (6-bit, or Q6_K's int8) x the super-block's f16 -> float32
-            return b.fmul(b.sitofp(self.load(self.wp, at, _vec(_I8, n)), vf), base)
 
         def masked(v, shift, mask):  # (v << shift) & mask on every byte; a negative shift goes right
             if shift > 0:
@@ -318,96 +524,67 @@ class _TileIR:
                 v = b.lshr(v, _const_vec(_I8, [-shift] * (4 * n)))
             return b.and_(v, _const_vec(_I8, [mask] * (4 * n)))
 
-        prefetch = cgutils.get_or_insert_function(
-            b.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0")
-        with cgutils.for_range(b, self.nb) as loop:
-            blk = loop.index
-            rec = b.add(self.group_at, b.mul(blk, self.i64(record)))
-            # ask for the weights PREFETCH_BYTES ahead now, a line at a time (a hint: never a fault,
-            # past the end included); see PREFETCH_BYTES
-            for line in range(0, record, 64):
-                b.call(prefetch, [self.ptr(self.wp, b.add(rec, self.i64(PREFETCH_BYTES + line)), _I8),
-                                  ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-            mins_at = b.add(rec, self.i64(n * n_scales * scale_bytes))
-            if scale_bytes == 1:  # K-quants: block factor x super-block d (dmin), ggml's float32 products
-                sb_at = b.add(table_at, b.mul(b.lshr(blk, self.i64(3)), self.i64(sb_bytes)))
-                d_sb = lane_values(sb_at)
-                d_w = [factors(b.add(rec, self.i64(s * n)), d_sb) for s in range(n_scales)]
-                if min_bytes:
-                    m_w = b.fmul(factors(mins_at, lane_values(b.add(sb_at, self.i64(2 * n)))),
-                                 ir.Constant(vf, [-1.0] * n))
-            else:
-                d_w = [lane_values(rec)]
-                if min_bytes:
-                    m_w = lane_values(mins_at)
-            highs_at = b.add(mins_at, self.i64(n * min_bytes))
-            quants = b.add(highs_at, self.i64(n * high))
-            high_words = [self.load(self.wp, b.add(highs_at, self.i64(4 * n * k)), vb) for k in range(high // 4)]
-            # integer sums (one per scale: per half block for Q6_K), starting from the offset term
-            isum = []
-            for j in range(self.n_tok):
-                halves = [self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
-                          for h in range(2)]
-                sums = [b.add(halves[0], halves[1])] if n_scales == 1 else halves
-                isum.append([self.splat(b.mul(s, ir.Constant(_I32, -offset))) if offset else
-                             ir.Constant(vi, [0] * n) for s in sums])
-            x_at = [b.add(self.rows_of["xq"][j], b.shl(blk, self.i64(5))) for j in range(self.n_tok)]
-            # vpmaddubsw's int16 pair sums of unsigned weights are added as int16 over several steps
-            # before one vpmaddwd widens them (the multiplier port is what bounds these tiles on AVX2):
-            # as many steps as cannot overflow, |pair| <= 2 * top * 128 (top = the largest weight)
-            pending = [[None] * n_scales for _ in range(self.n_tok)]
-            run = 1
-            if self.maddubs is not None and quant == 16:
-                top = {0: 15, 4: 31, 8: 63}[high]
-                run = 32767 // (2 * top * 128)  # 8 steps for 4-bit weights, 4 for 5-bit, 2 for 6-bit
-            for s in range(quant // 4):
-                v = self.load(self.wp, b.add(quants, self.i64(4 * n * s)), vb)
-                if quant == 32:
-                    steps = [(v, 4 * s)]
-                else:  # low nibbles: elements 4s.., high nibbles: elements 16+4s..; then their high bits
-                    lo = b.and_(v, _const_vec(_I8, [15] * (4 * n)))
-                    hi = b.lshr(v, _const_vec(_I8, [4] * (4 * n)))
-                    if high == 4:
-                        lo = b.or_(lo, masked(high_words[0], 4 - s, 16))
-                        hi = b.or_(hi, masked(high_words[0], -s, 16))
-                    elif high == 8:
-                        lo = b.or_(lo, masked(high_words[0], 4 - 2 * s, 48))
-                        hi = b.or_(hi, masked(high_words[1], 4 - 2 * s, 48))
-                    steps = [(lo, 4 * s), (hi, 16 + 4 * s)]
-                for weights, element in steps:
-                    half = element // 16 if n_scales == 2 else 0
-                    w = self.weights(weights, signed=quant == 32 and not offset)
-                    for j in range(self.n_tok):
-                        x4 = b.bitcast(self.splat(self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)), vb)
-                        if run == 1:
-                            isum[j][half] = self.dot(isum[j][half], w, x4)
-                            continue
-                        p = self.pairs(w, x4)
-                        if pending[j][half] is None:
-                            pending[j][half] = (p, 1)
-                        else:
-                            pending[j][half] = (b.add(pending[j][half][0], p), pending[j][half][1] + 1)
-                        if pending[j][half][1] == run:
-                            isum[j][half] = self.widen(isum[j][half], pending[j][half][0])
-                            pending[j][half] = None
-            for j in range(self.n_tok):
-                for h in range(n_scales):
-                    if pending[j][h] is not None:
-                        isum[j][h] = self.widen(isum[j][h], pending[j][h][0])
-            # one scaling per block (per half): acc += isum * d_w * d_x (+ m_w * sum of x)
-            for j in range(self.n_tok):
-                d_x = self.splat(self.token_value("xd", j, blk, _F32))
-                total = b.load(acc[j])
-                for h in range(n_scales):
-                    total = b.call(fma, [b.sitofp(isum[j][h], vf), b.fmul(d_w[h], d_x), total])
-                if min_bytes == 2:    # Q4_1, Q5_1: ggml's half-rounded s = d * sum(q) of Q8_1
-                    total = b.call(fma, [m_w, self.splat(self.token_value("xs", j, blk, _F32)), total])
-                elif min_bytes == 1:  # K-quants: the exact block sum, as ggml's Q8_K sums
-                    x_sum = b.add(*[self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
-                                    for h in range(2)])
-                    total = b.call(fma, [m_w, b.fmul(d_x, self.splat(b.sitofp(x_sum, _F32))), total])
-                b.store(total, acc[j])
-        self.store(acc, vf)
+        rec = b.add(self.group_at, b.mul(blk, self.i64(self.record)))
+        # ask for the weights PREFETCH_BYTES ahead now, a line at a time (a hint: never a fault,
+        # past the end included); see PREFETCH_BYTES
+        for line in range(0, self.record, 64):
+            b.call(self.prefetch, [self.ptr(self.wp, b.add(rec, self.i64(PREFETCH_BYTES + line)), _I8),
+                                   ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        highs_at = b.add(rec, self.i64(n * (n_scales * scale_bytes + min_bytes)))
+        quants = b.add(highs_at, self.i64(n * high))
+        high_words = [self.load(self.wp, b.add(highs_at, self.i64(4 * n * k)), vb) for k in range(high // 4)]
+        # integer sums (one per scale: per half block for Q6_K), starting from the offset term
+        isum = []
+        for j in range(self.n_tok):
+            halves = [self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
+                      for h in range(2)] if offset else []
+            sums = ([b.add(*halves)] if n_scales == 1 else halves) if offset else [None] * n_scales
+            isum.append([self.splat(b.mul(s, ir.Constant(_I32, -offset))) if offset else
+                         ir.Constant(vi, [0] * n) for s in sums])
+        x_at = [b.add(self.rows_of["xq"][j], b.shl(blk, self.i64(5))) for j in range(self.n_tok)]
+        # vpmaddubsw's int16 pair sums of unsigned weights are added as int16 over several steps
+        # before one vpmaddwd widens them (the multiplier port is what bounds these tiles on AVX2):
+        # as many steps as cannot overflow, |pair| <= 2 * top * 128 (top = the largest weight)
+        pending = [[None] * n_scales for _ in range(self.n_tok)]
+        run = 1
+        if self.maddubs is not None and quant == 16:
+            top = {0: 15, 4: 31, 8: 63}[high]
+            run = 32767 // (2 * top * 128)  # 8 steps for 4-bit weights, 4 for 5-bit, 2 for 6-bit
+        for s in range(quant // 4):
+            v = self.load(self.wp, b.add(quants, self.i64(4 * n * s)), vb)
+            if quant == 32:
+                steps = [(v, 4 * s)]
+            else:  # low nibbles: elements 4s.., high nibbles: elements 16+4s..; then their high bits
+                lo = b.and_(v, _const_vec(_I8, [15] * (4 * n)))
+                hi = b.lshr(v, _const_vec(_I8, [4] * (4 * n)))
+                if high == 4:
+                    lo = b.or_(lo, masked(high_words[0], 4 - s, 16))
+                    hi = b.or_(hi, masked(high_words[0], -s, 16))
+                elif high == 8:
+                    lo = b.or_(lo, masked(high_words[0], 4 - 2 * s, 48))
+                    hi = b.or_(hi, masked(high_words[1], 4 - 2 * s, 48))
+                steps = [(lo, 4 * s), (hi, 16 + 4 * s)]
+            for weights, element in steps:
+                half = element // 16 if n_scales == 2 else 0
+                w = self.weights(weights, signed=quant == 32 and not offset)
+                for j in range(self.n_tok):
+                    x4 = b.bitcast(self.splat(self.load(self.xq, b.add(x_at[j], self.i64(element)), _I32)), vb)
+                    if run == 1:
+                        isum[j][half] = self.dot(isum[j][half], w, x4)
+                        continue
+                    p = self.pairs(w, x4)
+                    if pending[j][half] is None:
+                        pending[j][half] = (p, 1)
+                    else:
+                        pending[j][half] = (b.add(pending[j][half][0], p), pending[j][half][1] + 1)
+                    if pending[j][half][1] == run:
+                        isum[j][half] = self.widen(isum[j][half], pending[j][half][0])
+                        pending[j][half] = None
+        for j in range(self.n_tok):
+            for h in range(n_scales):
+                if pending[j][h] is not None:
+                    isum[j][h] = self.widen(isum[j][h], pending[j][h][0])
+        return rec, isum
 
     def store(self, acc, vf):
         """out[token, group rows] = acc: one vector store, or lane by lane past n_out."""
@@ -548,10 +725,10 @@ def _half_rows(lo, hi, wh, x, out, half_table):
 @njit(**EXACT)
 def matvec(w, wtype, n_out, x, qx, out, f16_table, bf16_table, formats=ALL_FORMATS):
     """out (n_out,) = W @ x for a weight of any runtime type: packed groups (n_groups, group_bytes)
-    for the quantized types, file rows (n_out, row_bytes) for F32 / F16 / BF16.  qx = (xq, xd, xs,
-    xsum) must hold quantize_q8(x).  ``formats``: as matvec_packed's."""
+    for the quantized types, file rows (n_out, row_bytes) for F32 / F16 / BF16.  qx: an Activation
+    holding quantize_activation(x, qx, formats).  ``formats``: as matvec_packed's."""
     if is_quantized(wtype):
-        xq, xd, xs, xsum = qx
+        xq, xd, xs, xsum = qx.supers if is_k_quant(wtype) else qx.blocks
         matvec_packed(w, wtype, n_out, xq, xd, xs, xsum, out, as_formats(formats))
     elif wtype == T_F32:
         matvec_f32(w, x, out)
