@@ -401,7 +401,7 @@ def rerotate_keys(k_cache, start, end, cos, sin, head_dim):
 
 @njit(**EXACT)
 def _rerotate_keys_range(lo, hi, k_cache, start, end, cos, sin, head_dim):
-    n_layers, n_kv_heads = k_cache.shape[0], k_cache.shape[1]
+    n_kv_heads = k_cache.shape[1]
     for job in range(lo, hi):
         layer, head = job // n_kv_heads, job % n_kv_heads
         key = np.empty(head_dim, np.float32)

@@ -17,7 +17,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .kv import _attn_array, _elem_ptr
-from .llvm import _F32, _I32, _I64, _const_vec, _exp_ir, _vec
+from .llvm import _F32, _I64, _exp_ir, _splat, _vec
 from .target import _target_features
 
 LANES = 16  # query rows that go down the cached positions together
@@ -28,12 +28,6 @@ def _together() -> int:
     hide the additions' latency with AVX-512's 32 registers; 4 elsewhere (a sum of LANES is 2
     AVX2 or 4 NEON registers).  The numbers do not depend on it: each lane's sum is sequential."""
     return 8 if "avx512f" in _target_features() else 4
-
-
-def _splat(builder, x, ty=_vec(_F32, LANES)):
-    """IR: the scalar x in every lane of vector type ty."""
-    v = builder.insert_element(ir.Constant(ty, ir.Undefined), x, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, _const_vec(_I32, [0] * ty.count))
 
 
 def _clamped(builder, intp, start, end):
@@ -78,7 +72,7 @@ def _lane_scores(typingctx, rows, qt, n, hd, st):
             with cgutils.for_range(builder, size) as loop:
                 qv = builder.load(builder.gep(q0, [loop.index]), align=4)
                 for acc, start in zip(accs, starts):
-                    k = _splat(builder, builder.load(builder.gep(start, [loop.index])))
+                    k = _splat(builder, builder.load(builder.gep(start, [loop.index])), LANES)
                     builder.store(builder.fadd(builder.load(acc), builder.fmul(k, qv)), acc)
             for acc, p in zip(accs, ps):
                 builder.store(builder.load(acc), builder.gep(s0, [p]), align=4)
@@ -115,7 +109,7 @@ def _lane_values(typingctx, rows, pt, n, hd, acct, alpha):
                 pv = builder.load(builder.gep(p0, [loop.index]), align=4)
                 row = builder.gep(r0, [builder.mul(loop.index, size)])
                 for acc, c in zip(accs, cols):
-                    v = _splat(builder, builder.load(builder.gep(row, [c])))
+                    v = _splat(builder, builder.load(builder.gep(row, [c])), LANES)
                     builder.store(builder.fadd(builder.load(acc), builder.fmul(pv, v)), acc)
             for acc, c in zip(accs, cols):
                 builder.store(builder.load(acc), builder.gep(a0, [c]), align=4)
@@ -153,7 +147,7 @@ def _lane_softmax(typingctx, st, n, first, limit, m, scale, alpha, total):
         s0, m_ptr, a_ptr = ptr(0, f32s), ptr(4, f32s), ptr(6, f32s)
         lim = builder.load(ptr(3, i64s), align=8)
         t_ptr = ptr(7, f64s)
-        scales = _splat(builder, args[5], f32s)
+        scales = _splat(builder, args[5], LANES)
         floor = ir.Constant(f32s, [float(SOFTMAX_FLOOR)] * LANES)
         minus_inf = ir.Constant(f32s, [float("-inf")] * LANES)
         m_old = builder.load(m_ptr, align=4)
@@ -163,7 +157,7 @@ def _lane_softmax(typingctx, st, n, first, limit, m, scale, alpha, total):
             at = builder.gep(s0, [loop.index])
             s = builder.fmul(builder.load(at, align=4), scales)
             at_pos = builder.add(first, context.cast(builder, loop.index, types.intp, types.int64))
-            pos = _splat(builder, at_pos, i64s)
+            pos = _splat(builder, at_pos, LANES)
             s = builder.select(builder.icmp_signed(">=", pos, lim), minus_inf, s)
             builder.store(s, at, align=4)
             b = builder.load(best)

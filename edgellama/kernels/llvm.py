@@ -24,6 +24,12 @@ def _const_vec(ty, values):
     return ir.Constant(_vec(ty, len(values)), list(values))
 
 
+def _splat(builder, x, count):
+    """IR: the scalar x in each of ``count`` lanes of a vector."""
+    v = builder.insert_element(ir.Constant(_vec(x.type, count), ir.Undefined), x, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, _const_vec(_I32, [0] * count))
+
+
 def _like(value, ty, c):
     """The constant c of scalar type ty, splatted if value is a vector."""
     if isinstance(value.type, ir.VectorType):

@@ -16,7 +16,7 @@ from numba.extending import NativeValue, intrinsic, register_model, typeof_impl,
 from .common import EXACT, FAST, I32, QK, SUPER_BLOCK, T_F16, T_F32, T_Q8_0
 from .layout import PACKED_FORMATS, _is_k_quant, is_k_quant, is_quantized, record_bytes, super_block_bytes
 from .parallel import parallel_rows
-from .llvm import _F32, _I8, _I16, _I32, _I64, _const_vec, _half_to_f32, _round_half, _vec
+from .llvm import _F32, _I8, _I16, _I32, _I64, _const_vec, _half_to_f32, _round_half, _splat, _vec
 from .target import _arch, _has_vnni, _native_half, _target_features, maddubs_intrinsics, packing, tile_tokens
 
 
@@ -368,9 +368,7 @@ class _TileIR:
         return self.load(getattr(self, name), self.b.add(self.rows_of[name][j], self.b.shl(blk, self.i64(2))), ty, 4)
 
     def splat(self, s):
-        n = self.lanes
-        v = self.b.insert_element(ir.Constant(_vec(s.type, n), ir.Undefined), s, ir.Constant(_I32, 0))
-        return self.b.shuffle_vector(v, v, _const_vec(_I32, [0] * n))
+        return _splat(self.b, s, self.lanes)
 
     def weights(self, u, signed):
         """What dot takes for the weight bytes u: with vpmaddubsw and signed weights (Q8_0 kept
@@ -536,11 +534,13 @@ class _TileIR:
         # integer sums (one per scale: per half block for Q6_K), starting from the offset term
         isum = []
         for j in range(self.n_tok):
+            if not offset:
+                isum.append([ir.Constant(vi, [0] * n)] * n_scales)
+                continue
             halves = [self.token_value("xsum", j, b.add(b.shl(blk, self.i64(1)), self.i64(h)), _I32)
-                      for h in range(2)] if offset else []
-            sums = ([b.add(*halves)] if n_scales == 1 else halves) if offset else [None] * n_scales
-            isum.append([self.splat(b.mul(s, ir.Constant(_I32, -offset))) if offset else
-                         ir.Constant(vi, [0] * n) for s in sums])
+                      for h in range(2)]
+            sums = [b.add(*halves)] if n_scales == 1 else halves
+            isum.append([self.splat(b.mul(s, ir.Constant(_I32, -offset))) for s in sums])
         x_at = [b.add(self.rows_of["xq"][j], b.shl(blk, self.i64(5))) for j in range(self.n_tok)]
         # vpmaddubsw's int16 pair sums of unsigned weights are added as int16 over several steps
         # before one vpmaddwd widens them (the multiplier port is what bounds these tiles on AVX2):
