@@ -204,3 +204,105 @@ def test_a_copy_imported_under_another_name_has_its_own_cache_folder(tmp_path):
     assert first["misses"] == 1 and first["predicted_cold"] == ["swiglu"]
     assert _probe(vendored, home)["hits"] == 1 and _probe(original, home)["hits"] == 1
     assert len(list((home / ".cache" / "edgellama" / "kernels").iterdir())) == 2
+
+
+def _aged(path: Path, days: float, now: float) -> Path:
+    import os
+
+    os.utime(path, (now - days * 86400, now - days * 86400))
+    return path
+
+
+def test_folders_of_sources_unused_for_a_month_are_removed(tmp_path):
+    """Every version of the sources compiles into a folder of its own (10-35 MB): those no process
+    has used for UNUSED_DAYS go; the one in use, recent ones, and anything not a folder stay.  A
+    folder from before the use markers counts from its own time."""
+    import time
+
+    from edgellama.kernels import cache
+
+    now = time.time()
+    kind = tmp_path / "kernels"
+    folders = {name: kind / name for name in ("current", "old", "recent", "old_unmarked", "recent_unmarked")}
+    for name, folder in folders.items():
+        folder.mkdir(parents=True)
+        (folder / "k.nbi").write_bytes(b"index")
+        if "unmarked" not in name:
+            (folder / cache.USED_MARKER).touch()
+    _aged(folders["current"] / cache.USED_MARKER, 400, now)
+    _aged(folders["old"] / cache.USED_MARKER, cache.UNUSED_DAYS + 1, now)
+    _aged(folders["old"], 1, now)  # (a folder's own time moves with its files: the marker decides)
+    _aged(folders["recent"] / cache.USED_MARKER, cache.UNUSED_DAYS - 1, now)
+    _aged(folders["old_unmarked"], cache.UNUSED_DAYS + 1, now)
+    _aged(folders["recent_unmarked"], 2, now)
+    (kind / "a-file").write_text("not a folder")
+    _aged(kind / "a-file", 400, now)
+    (tmp_path / "elsewhere").mkdir()
+    (kind / "a-link").symlink_to(tmp_path / "elsewhere")
+    removed = cache.prune_unused(kind, folders["current"], now)
+    assert sorted(p.name for p in removed) == ["old", "old_unmarked"]
+    assert sorted(p.name for p in kind.iterdir()) == ["a-file", "a-link", "current", "recent", "recent_unmarked"]
+    assert (tmp_path / "elsewhere").is_dir()
+
+
+def test_a_folder_in_use_is_marked_and_old_ones_are_looked_at_once_a_day(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from edgellama.kernels import cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    kind = tmp_path / "xdg" / "edgellama" / "probe-prune"
+    now = time.time()
+    stale = kind / "0123456789abcdef0123-numba0.0"
+    stale.mkdir(parents=True)
+    _aged(stale, cache.UNUSED_DAYS + 5, now)
+    folder = cache.package_folder("probe-prune", os.urandom(16).hex())
+    assert folder is not None and folder.parent == kind
+    assert not stale.exists() and (folder / cache.USED_MARKER).exists() and (folder / cache.PRUNED_MARKER).exists()
+    assert sorted(p.name for p in kind.iterdir()) == [folder.name]  # (the markers are inside it)
+    stale.mkdir()
+    _aged(stale, cache.UNUSED_DAYS + 5, now)
+    (folder / cache.PRUNED_MARKER).touch()
+    _aged(folder, 0, now)
+    cache.package_folder.cache_clear()  # a later process with the same sources, the same day
+    assert cache.package_folder("probe-prune", folder.name.split("-")[0]) == folder
+    assert stale.exists()
+    _aged(folder / cache.PRUNED_MARKER, 2, now)
+    cache.package_folder.cache_clear()  # and one two days later
+    assert cache.package_folder("probe-prune", folder.name.split("-")[0]) == folder
+    assert not stale.exists() and folder.exists()
+
+
+def test_a_kernel_whose_cache_cannot_be_written_still_runs(tmp_path, monkeypatch):
+    """A save that fails (a full disk) leaves the call's result alone; a folder removed under a
+    running process (pruned by another version's) is made again at its next save."""
+    import errno
+    import shutil as sh
+
+    from numba import njit
+    from numba.core.caching import FunctionCache
+
+    from edgellama.kernels import cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    sources = tmp_path / "probe_source.py"
+    sources.write_text("# the probe's stamp, for the save failures\n")
+    module = types.ModuleType("probe_module")
+    module.probe = njit(cache=True)(lambda x: x * 5)
+    assert cache.install([module], (sources,), kind="probe-save") == 1
+    folder = Path(module.probe._cache._cache_path)
+    assert module.probe(2) == 10 and len(list(folder.glob("*.nbc"))) == 1
+    sh.rmtree(folder)
+    assert module.probe(2.5) == 12.5  # a new signature: compiled, and saved into the folder made again
+    assert len(list(folder.glob("*.nbc"))) == 1 and list(folder.glob("*.nbi"))
+
+    def full(self, sig, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FunctionCache, "save_overload", full)
+    assert module.probe(3 + 1j) == 15 + 5j

@@ -31,7 +31,9 @@ import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ..memory import release_compiler_pages
@@ -85,8 +87,9 @@ def cache_root() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def package_folder(kind: str = "kernels", stamp: str | None = None) -> Path | None:
-    """The cache folder of one set of sources (by default the kernels'), created; None where it
-    cannot be created or written."""
+    """The cache folder of one set of sources (by default the kernels'), created and marked as used;
+    None where it cannot be created or written.  Folders of other sources unused for
+    UNUSED_DAYS go (prune_unused)."""
     import numba
 
     folder = cache_root() / kind / f"{(stamp or package_stamp())[:20]}-numba{numba.__version__}"
@@ -95,7 +98,59 @@ def package_folder(kind: str = "kernels", stamp: str | None = None) -> Path | No
         tempfile.TemporaryFile(dir=folder).close()
     except OSError:
         return None
+    _touch_daily(folder / USED_MARKER)
+    if _touch_daily(folder / PRUNED_MARKER):
+        prune_unused(folder.parent, folder)
     return folder
+
+
+# Every version of the sources (every upgrade, every Numba version) compiles into a folder of its
+# own, 10-35 MB each: the folders of versions no process has used for UNUSED_DAYS are removed, by a
+# process of another version, at most once a day.  A process still running an old version recreates
+# its folder when it next saves a kernel, and compiles what it had not loaded yet: nothing fails.
+UNUSED_DAYS = 30
+USED_MARKER = ".used"        # in a sources' folder: touched (at most once a day) by each process using it
+PRUNED_MARKER = ".pruned"    # in the folder in use: when its process last looked at the others
+_DAY = 86400.0
+
+
+def _touch_daily(marker: Path, now: float | None = None) -> bool:
+    """Set marker's time to now unless that was done within the last day; whether it was."""
+    now = time.time() if now is None else now
+    try:
+        if now - marker.stat().st_mtime < _DAY:
+            return False
+    except OSError:
+        pass
+    try:
+        marker.touch()
+        os.utime(marker, (now, now))
+    except OSError:
+        return False
+    return True
+
+
+def prune_unused(kind_folder: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove the folders in ``kind_folder`` (other than ``keep``) whose USED_MARKER (or, before
+    markers, the folder itself) is older than UNUSED_DAYS; the removed ones."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(kind_folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry == keep or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            used = entry / USED_MARKER
+            last = used.stat().st_mtime if used.exists() else entry.stat().st_mtime
+        except OSError:
+            continue
+        if now - last > UNUSED_DAYS * _DAY:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -182,8 +237,15 @@ def install(modules, files: tuple[Path, ...] = PACKAGE_FILES, kind: str = "kerne
             self._cache_file._source_stamp = stamp  # the index is valid for these sources only
 
         def save_overload(self, sig, data):  # after a compilation (a cache miss)
-            with _exclusive(self._cache_path):
-                FunctionCache.save_overload(self, sig, data)
+            # the compiled code is in memory whatever happens here: a cache that cannot be written
+            # (a full disk, a folder pruned under a long-running process and made again) costs a
+            # compilation at the next start, never this call
+            try:
+                os.makedirs(self._cache_path, exist_ok=True)
+                with _exclusive(self._cache_path):
+                    FunctionCache.save_overload(self, sig, data)
+            except OSError:
+                return
             release_compiler_pages()
             for hook in SAVED_HOOKS:
                 hook(self._py_func)
