@@ -16,9 +16,10 @@ per 32-element block (PACKED_FORMATS below says which pieces a type has):
            whose value is scale * (q - offset) + minimum
 
 and, after the last block, for K-quants per 256-element super-block LANES f16 factors d (and
-LANES dmin): a block's scale is d * its factor, its minimum -dmin * its factor, as ggml dequantizes.  So a packed matrix takes the bytes of the
-file (+2-3% for Q4_K / Q5_K, whose 6-bit factors get a byte each); Q8_0 is stored as q + 128 on
-CPUs with VNNI (see below).  Every value stays exactly what ggml dequantizes.
+LANES dmin): a block's scale is d * its factor, its minimum -dmin * its factor, as ggml
+dequantizes.  So a packed matrix takes the bytes of the file (+2-3% for Q4_K / Q5_K, whose 6-bit
+factors get a byte each); Q8_0 is stored as q + 128 on CPUs with VNNI (see below).  Every value
+stays exactly what ggml dequantizes.
 
 The high bits: for Q5_x, byte i of a lane's 4-byte word holds in bit s the 5th bit of element
 4s+i and in bit 4+s that of element 16+4s+i, so nibble step s takes (word << (4-s)) & 16 and

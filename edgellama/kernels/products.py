@@ -272,13 +272,20 @@ def activation_forms_of(wtype):
 @njit(**EXACT)
 def quantize_activation(x, a, formats=ALL_FORMATS, forms=(True, True)):
     """x (n,) quantized into Activation a in the forms that ``forms`` (blocks, supers) asks for
-    and the packed types of ``formats`` take (the super-blocks only where n is a multiple of 256:
-    no K-quant matrix takes other widths)."""
-    blocks, supers = activation_forms(formats)
-    if blocks and forms[0]:
+    and the packed types of ``formats`` take (_wanted_forms)."""
+    blocks, supers = _wanted_forms(formats, forms, x.shape[0])
+    if blocks:
         quantize_q8(x, a.blocks.q, a.blocks.d, a.blocks.s, a.blocks.sums)
-    if supers and forms[1] and x.shape[0] % (SUPER_BLOCK * QK) == 0:
+    if supers:
         quantize_q8k(x, a.supers.q, a.supers.d, a.supers.s, a.supers.sums)
+
+
+@njit(**EXACT)
+def _wanted_forms(formats, forms, n):
+    """The forms to make of an activation of n values: asked for (forms), taken by a packed type of
+    ``formats``, and the super-blocks only for n a multiple of 256 (no K-quant matrix takes others)."""
+    blocks, supers = activation_forms(formats)
+    return blocks and forms[0], supers and forms[1] and n % (SUPER_BLOCK * QK) == 0
 
 
 @njit(**EXACT)
@@ -291,9 +298,7 @@ def quantize_activation_rows(x, a, formats=ALL_FORMATS, forms=(True, True)):
 @njit(**EXACT)
 def quantize_activation_range(lo, hi, x, a, formats, forms):
     """quantize_activation of rows lo..hi-1 of x (T, n) into an Activation of (T, ...) arrays."""
-    blocks, supers = activation_forms(formats)
-    blocks = blocks and forms[0]
-    supers = supers and forms[1] and x.shape[1] % (SUPER_BLOCK * QK) == 0
+    blocks, supers = _wanted_forms(formats, forms, x.shape[1])
     b, k = a.blocks, a.supers
     for t in range(lo, hi):
         if blocks:
