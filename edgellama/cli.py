@@ -689,6 +689,14 @@ def console_main() -> None:
     usual exit reports it."""
     rc = main()
     try:
+        from . import packed_cache
+
+        try:
+            packed_cache.wait_for_writes()
+        except KeyboardInterrupt:  # Ctrl-C while a packed copy is being written: not kept
+            packed_cache.abandon_writes()
+            print("\nedgellama: interrupted: the packed weights were not kept", file=sys.stderr)
+            rc = 130
         for thread in threading.enumerate():
             if thread is not threading.current_thread() and not thread.daemon:
                 thread.join()

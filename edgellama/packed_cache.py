@@ -193,18 +193,19 @@ class PackedCache:
             fd, temp = tempfile.mkstemp(dir=self.folder, prefix=self.path.stem + ".", suffix=".tmp")
         except OSError:
             return False
-        writer = threading.Thread(target=self._write, args=(fd, temp, list(sections)), name="edgellama-packed-cache",
-                                  daemon=False)
-        writer.start()
-        _WRITERS.append(writer)
+        finished = threading.Event()
+        _WRITERS.append(finished)
+        threading.Thread(target=self._write, args=(fd, temp, list(sections), finished),
+                         name="edgellama-packed-cache", daemon=False).start()
         return True
 
-    def _write(self, fd: int, temp: str, sections: list[np.ndarray]) -> None:
+    def _write(self, fd: int, temp: str, sections: list[np.ndarray], finished: threading.Event) -> None:
         done = False
         try:
             pieces = [(offset, memoryview(section).cast("B")) for section, offset in zip(sections, self.offsets)]
             for window in range(0, self.offsets[-1], WRITE_CHUNK):  # (the GIL is free during each write)
-                if not _write_window(fd, window, min(window + WRITE_CHUNK, self.offsets[-1]), pieces):
+                if _ABANDON.is_set() or not _write_window(fd, window, min(window + WRITE_CHUNK, self.offsets[-1]),
+                                                          pieces):
                     return
             os.ftruncate(fd, self.offsets[-1])
             os.fsync(fd)  # the data on disk before the header that makes the file valid
@@ -220,6 +221,7 @@ class PackedCache:
             os.close(fd)
             if not done:
                 _unlink(temp)
+            finished.set()
 
     def _sweep(self) -> None:
         """Remove the copies of model files that are gone or changed, and crashed writers' files."""
@@ -271,13 +273,28 @@ def _unlink(path) -> None:
         pass
 
 
-_WRITERS: list[threading.Thread] = []
+# each writer's end, waited for on an Event (not Thread.join: before Python 3.13 a join that Ctrl-C
+# interrupts takes the thread for finished while it still runs)
+_WRITERS: list[threading.Event] = []
+_ABANDON = threading.Event()
 
 
 def wait_for_writes() -> None:
     """Wait until every cache file this process started writing is on disk and in place."""
     while _WRITERS:
-        _WRITERS.pop().join()
+        _WRITERS[0].wait()
+        _WRITERS.pop(0)
+
+
+def abandon_writes() -> None:
+    """Stop the writers at their next chunk (WRITE_CHUNK) and remove their unfinished files, then
+    return: Ctrl-C while a command waits for its copy to be written (the copy is made again at a
+    later load).  Writes that finished stay."""
+    _ABANDON.set()
+    try:
+        wait_for_writes()
+    finally:
+        _ABANDON.clear()  # (later copies of this process are written again)
 
 
 def _still_current(header: dict) -> bool:

@@ -703,3 +703,57 @@ def test_the_packed_copies_are_keyed_by_the_packing_sources_only():
         path = (package if level == 1 else package.parent) / (module.replace(".", "/") + ".py")
         assert path.resolve() in covered, f"layout.py imports {module}, which the packed cache's key does not cover"
     assert (package / "products.py").resolve() not in covered and (package / "attention.py").resolve() not in covered
+
+
+def test_abandoned_writes_leave_no_file_and_later_ones_are_written(tmp_path, monkeypatch):
+    """Ctrl-C while a command waits for its packed copy (console_main): the writers stop at their
+    next chunk and remove their unfinished files; the copy is made again by a later load."""
+    import threading
+
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0)
+    folder = tmp_path / "cache"
+    started, release = threading.Event(), threading.Event()
+    original = packed_cache._write_window
+
+    def slow_disk(fd, start, end, pieces):  # the first chunk waits until the test has asked to stop
+        started.set()
+        assert release.wait(60)
+        return original(fd, start, end, pieces)
+
+    monkeypatch.setattr(packed_cache, "_write_window", slow_disk)
+    monkeypatch.setattr(packed_cache, "WRITE_CHUNK", 4096)  # several chunks for the tiny model
+    first = _load(path, folder)
+    assert first.weights.pack_source == "saving" and started.wait(60)
+    stopper = threading.Thread(target=packed_cache.abandon_writes)
+    stopper.start()
+    while not packed_cache._ABANDON.is_set():
+        time.sleep(0.001)
+    release.set()
+    stopper.join(60)
+    assert not stopper.is_alive() and not packed_cache._ABANDON.is_set()
+    assert _cache_files(folder) == [] and not list(folder.glob("*.tmp"))
+    monkeypatch.setattr(packed_cache, "_write_window", original)
+    again = _load(path, folder)
+    assert again.weights.pack_source == "saving"
+    wait_for_writes()
+    assert len(_cache_files(folder)) == 1 and _load(path, folder).weights.pack_source == "mapped"
+
+
+def test_ctrl_c_while_the_command_waits_for_its_copy_exits_130(monkeypatch, capsys):
+    from edgellama import cli
+
+    calls = []
+
+    def interrupted():
+        calls.append("wait")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    monkeypatch.setattr(packed_cache, "wait_for_writes", interrupted)
+    monkeypatch.setattr(packed_cache, "abandon_writes", lambda: calls.append("abandon"))
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: None)
+    codes = []
+    monkeypatch.setattr(cli.os, "_exit", lambda code: codes.append(code))
+    cli.console_main()
+    assert calls == ["wait", "abandon"] and codes == [130]
+    assert "packed weights were not kept" in capsys.readouterr().err
