@@ -752,6 +752,8 @@ def test_ctrl_c_while_the_command_waits_for_its_copy_exits_130(monkeypatch, caps
     monkeypatch.setattr(packed_cache, "wait_for_writes", interrupted)
     monkeypatch.setattr(packed_cache, "abandon_writes", lambda: calls.append("abandon"))
     monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: None)
+    # (the run's other threads, e.g. tests/test_targets.py's readers of its children, are not ours)
+    monkeypatch.setattr(cli.threading, "enumerate", lambda: [cli.threading.current_thread()])
     codes = []
     monkeypatch.setattr(cli.os, "_exit", lambda code: codes.append(code))
     cli.console_main()
