@@ -100,25 +100,23 @@ def quantize_q8k(x, xq, xd, xs, xsum):
 @njit(**EXACT)
 def quantize_q8_rows(x, xq, xd, xs, xsum):
     """quantize_q8 of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32), xsum (T, n/16)."""
-    parallel_rows(_quantize_q8_range, x.shape[0], (x, xq, xd, xs, xsum))
-
-
-@njit(**EXACT)
-def _quantize_q8_range(lo, hi, x, xq, xd, xs, xsum):
-    for t in range(lo, hi):
-        quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
+    parallel_rows(_quantize_range, x.shape[0], (x, xq, xd, xs, xsum, False))
 
 
 @njit(**EXACT)
 def quantize_q8k_rows(x, xq, xd, xs, xsum):
     """quantize_q8k of every row: x (T, n) -> xq (T, n), xd and xs (T, n/32), xsum (T, n/16)."""
-    parallel_rows(_quantize_q8k_range, x.shape[0], (x, xq, xd, xs, xsum))
+    parallel_rows(_quantize_range, x.shape[0], (x, xq, xd, xs, xsum, True))
 
 
 @njit(**EXACT)
-def _quantize_q8k_range(lo, hi, x, xq, xd, xs, xsum):
+def _quantize_range(lo, hi, x, xq, xd, xs, xsum, supers):
+    """Rows lo..hi-1 of x quantized by quantize_q8k (``supers``) or quantize_q8."""
     for t in range(lo, hi):
-        quantize_q8k(x[t], xq[t], xd[t], xs[t], xsum[t])
+        if supers:
+            quantize_q8k(x[t], xq[t], xd[t], xs[t], xsum[t])
+        else:
+            quantize_q8(x[t], xq[t], xd[t], xs[t], xsum[t])
 
 
 
@@ -299,12 +297,10 @@ def quantize_activation_rows(x, a, formats=ALL_FORMATS, forms=(True, True)):
 def quantize_activation_range(lo, hi, x, a, formats, forms):
     """quantize_activation of rows lo..hi-1 of x (T, n) into an Activation of (T, ...) arrays."""
     blocks, supers = _wanted_forms(formats, forms, x.shape[1])
-    b, k = a.blocks, a.supers
-    for t in range(lo, hi):
-        if blocks:
-            quantize_q8(x[t], b.q[t], b.d[t], b.s[t], b.sums[t])
-        if supers:
-            quantize_q8k(x[t], k.q[t], k.d[t], k.s[t], k.sums[t])
+    if blocks:
+        _quantize_range(lo, hi, x, a.blocks.q, a.blocks.d, a.blocks.s, a.blocks.sums, False)
+    if supers:
+        _quantize_range(lo, hi, x, a.supers.q, a.supers.d, a.supers.s, a.supers.sums, True)
 
 
 # ----- the int8 tiles over packed weights --------------------------------------------------------
