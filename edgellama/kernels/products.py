@@ -314,7 +314,17 @@ def quantize_activation_range(lo, hi, x, a, formats, forms):
 # 204-212, the memory bound); 1B shape Q4_0 decode, median of 6: 20.0 -> 23.8 tok/s, prompt (pp64)
 # 117 -> 132; SmolLM2 (weights that nearly fit the caches) unchanged within the noise.  1024 bytes
 # ahead gained less; 4096 and 8192 no more than 2048.
+# Where the lines go (llvm.prefetch's locality): for the one-token tile (decode), the L2 cache
+# (2: prefetcht1 on x86, PLDL2KEEP on arm64); for the token tiles (prompts, batched steps), L1 (3:
+# prefetcht0).  Measured on an AMD EPYC Zen 4 (2 threads, variants alternating in one process,
+# 2026-12-04): into L1, the one-token tile's prefetches cost 10-20% on Q4_K rows streamed from DRAM
+# (23-25 -> 27-30 GB/s into L2), up to 7% on Q4_0 / Q6_K / Q8_0, and 1B-shape decode 4-9% (Q4_K_M
+# 33.3 -> 34.8, Q4_0 37.3 -> 39.9 tok/s); into L2, the token tiles lost 12-19% on 4-row batched
+# steps (8B Q4_0 170 -> 195 ms, 1B Q4_0 28.8 -> 35.5 ms), prompts unchanged.  2048 bytes ahead
+# stayed the best distance into L2 (1024 and 4096 measured); no prefetch at all decoded as fast as
+# L2 there but cost prompts 8%.
 PREFETCH_BYTES = 2048
+PREFETCH_LOCALITY = {1: 2}   # tokens per tile -> locality; other tiles: 3
 
 
 class _TileIR:
@@ -526,9 +536,10 @@ class _TileIR:
         rec = b.add(self.group_at, b.mul(blk, self.i64(self.record)))
         # ask for the weights PREFETCH_BYTES ahead now, a line at a time (a hint: never a fault,
         # past the end included); see PREFETCH_BYTES
+        locality = ir.Constant(_I32, PREFETCH_LOCALITY.get(self.n_tok, 3))
         for line in range(0, self.record, 64):
             b.call(self.prefetch, [self.ptr(self.wp, b.add(rec, self.i64(PREFETCH_BYTES + line)), _I8),
-                                   ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                                   ir.Constant(_I32, 0), locality, ir.Constant(_I32, 1)])
         highs_at = b.add(rec, self.i64(n * (n_scales * scale_bytes + min_bytes)))
         quants = b.add(highs_at, self.i64(n * high))
         high_words = [self.load(self.wp, b.add(highs_at, self.i64(4 * n * k)), vb) for k in range(high // 4)]
