@@ -61,7 +61,7 @@ def expected_kernels(matrix_types, prompt_path: bool = True) -> list[str]:
 # child may start): these helper functions of decode_token compile first, the first group in this
 # process and the second in a CompileChild at the same time, then decode_token itself, which finds
 # them all in the cache (Model.warm_up)
-DECODE_PIECES_HERE = ("embed_row", "_quantize", "rmsnorm", "rope", "_swiglu_inplace")
+DECODE_PIECES_HERE = ("embed_row", "_quantize", "rmsnorm", "rope", "_swiglu_inplace", "_byte_shares")
 DECODE_PIECES_CHILD = ("_layer_matvec", "attention_one")
 
 

@@ -416,6 +416,8 @@ class Model:
             "rope": (K.rope, b.q, d.n_heads, d.head_dim, self.rope.cos[0], self.rope.sin[0]),
             "_swiglu_inplace": (K.ops._swiglu_inplace, b.hb, b.hb2),
             "_layer_matvec": (K.decode._layer_matvec, w, 0, b.xb, b.qx, b.q, t),
+            "_byte_shares": (K.decode._byte_shares, 0, 0, w.packed, w.mat_table, 0, 0, b.qx, (b.q, b.k, b.v), 1,
+                             w.formats),
             "attention_one": (K.attention_one, b.q.reshape(d.n_heads, d.head_dim), kv.k[0], kv.v[0], 1,
                               b.attn_scratch, b.attn_partial, b.att.reshape(d.n_heads, d.head_dim)),
         }

@@ -306,3 +306,32 @@ def test_a_kernel_whose_cache_cannot_be_written_still_runs(tmp_path, monkeypatch
 
     monkeypatch.setattr(FunctionCache, "save_overload", full)
     assert module.probe(3 + 1j) == 15 + 5j
+
+
+def test_a_function_numba_cannot_cache_still_runs(tmp_path, monkeypatch):
+    """A function whose machine code holds a run-time address (numba.get_num_threads() inside it)
+    cannot be cached: Numba warns and keeps it in memory.  The package's cache locator once lacked
+    the attribute that warning names (AttributeError: '_py_file'), so such a function failed at
+    its first call instead; the decode step's fused launch reads the thread count with its own
+    intrinsic for that reason, and any future kernel must still run."""
+    import warnings
+
+    import numba
+    from numba import njit
+
+    from edgellama.kernels import cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    sources = tmp_path / "probe_source.py"
+    sources.write_text("# the probe's stamp, for an uncachable function\n")
+    module = types.ModuleType("probe_uncachable")
+    module.probe = njit(cache=True)(lambda x: x + numba.get_num_threads() * 0)
+    assert cache.install([module], (sources,), kind="probe-uncachable") == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert module.probe(7) == 7
+    assert any("Cannot cache" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    folder = Path(module.probe._cache._cache_path)
+    assert not list(folder.glob("*.nbc"))

@@ -187,6 +187,7 @@ def _package_locator_class(kind: str, stamp: str):
 
         def __init__(self, py_func, folder: Path):
             self._lineno = py_func.__code__.co_firstlineno
+            self._py_file = py_func.__code__.co_filename  # named by Numba's warning about an uncachable function
             self._folder = str(folder)
 
         def ensure_cache_path(self):  # made and checked once per process by package_folder

@@ -16,11 +16,12 @@ import numpy as np
 from numba import njit
 
 from .attention import attention_one
-from .common import EXACT
+from .common import EXACT, FAST
 from .kv import _kv_store
-from .layout import embed_row, is_quantized
+from .layout import embed_row, is_k_quant, is_quantized
 from .ops import _swiglu_inplace, rmsnorm, rope
-from .products import Activation, Formats, activation_forms_of, matvec, quantize_activation
+from .parallel import num_threads, parallel_rows
+from .products import Activation, Formats, _row_tile, activation_forms_of, as_formats, matvec, quantize_activation
 
 # the seven matrices of a layer, as GGUF names them; slot i of a layer is LAYER_MATRICES[i]
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -100,6 +101,53 @@ def _layer_matvec(w, i, x, qx, out, tables):
 
 
 @njit(**EXACT)
+def _layer_matvecs(w, first, end, x, qx, outs, tables):
+    """outs[i - first] = matrix i of mat_table @ x for first <= i < end (matrices that take the same
+    input: q, k, v; gate, up): when all are quantized, one parallel launch over all their row groups,
+    each thread taking an equal share of their bytes (one launch and one wait instead of one per
+    matrix, and no thread idle at the end of a small matrix such as k or v); the tiles are
+    matvec_packed's, so every output is the same as _layer_matvec's.  ``outs``: a tuple of as many
+    arrays as matrices or more (the rest unused)."""
+    fused = True
+    for i in range(first, end):
+        fused = fused and is_quantized(w.mat_table[i, MAT_TYPE])
+    if not fused:
+        for i in range(first, end):
+            _layer_matvec(w, i, x, qx, outs[i - first], tables)
+        return
+    threads = num_threads()
+    parallel_rows(_byte_shares, threads, (w.packed, w.mat_table, first, end, qx, outs, threads, as_formats(w.formats)))
+
+
+@njit(**FAST)
+def _byte_shares(lo, hi, packed, table, first, end, qx, outs, threads, formats):
+    """Shares lo .. hi-1 of ``threads`` equal shares of the bytes of matrices first .. end-1 (a
+    row group belongs to the share its first byte falls in)."""
+    total = 0
+    for i in range(first, end):
+        total += table[i, MAT_ROWS] * table[i, MAT_ROW_BYTES]
+    for share in range(lo, hi):
+        start, stop = total * share // threads, total * (share + 1) // threads
+        at = 0
+        for i in range(first, end):
+            n_groups, group_bytes = table[i, MAT_ROWS], table[i, MAT_ROW_BYTES]
+            g0 = max(0, -((at - start) // group_bytes))  # first group starting at or after start
+            g1 = min(n_groups, -((at - stop) // group_bytes))
+            if g0 < g1:
+                wtype, n_out = table[i, MAT_TYPE], table[i, MAT_OUT]
+                offset = table[i, MAT_OFFSET]
+                wp = packed[offset:offset + n_groups * group_bytes].reshape(n_groups, group_bytes)
+                xq, xd, xs, xsum = qx.supers if is_k_quant(wtype) else qx.blocks
+                nb = xd.shape[0]
+                xq2, xd2, xs2, xsum2 = xq.reshape(1, xq.shape[0]), xd.reshape(1, nb), xs.reshape(1, nb), \
+                    xsum.reshape(1, xsum.shape[0])
+                out2 = outs[i - first].reshape(1, n_out)
+                for g in range(g0, g1):
+                    _row_tile(formats, wtype, wp, g, n_out, xq2, xd2, xs2, xsum2, 0, out2)
+            at += n_groups * group_bytes
+
+
+@njit(**EXACT)
 def consumer_forms(w, first, end):
     """(blocks, supers): the activation forms that matrices first .. end-1 of mat_table take
     (products.Activation): an input is quantized only as its consumers need it.  (Run-time
@@ -134,9 +182,7 @@ def decode_token(token, pos, w, dims, rope_tables, cache, buf, tables):
         # attention block: pre-norm, one quantized activation shared by q, k and v
         rmsnorm(x, w.norms[l, 0], dims.eps, xb)
         _quantize(xb, buf.qx, w, m + ATTN_Q, m + ATTN_V + 1)
-        _layer_matvec(w, m + ATTN_Q, xb, buf.qx, buf.q, tables)
-        _layer_matvec(w, m + ATTN_K, xb, buf.qx, buf.k, tables)
-        _layer_matvec(w, m + ATTN_V, xb, buf.qx, buf.v, tables)
+        _layer_matvecs(w, m + ATTN_Q, m + ATTN_V + 1, xb, buf.qx, (buf.q, buf.k, buf.v), tables)
         rope(buf.q, n_heads, head_dim, cos, sin)
         rope(buf.k, n_kv_heads, head_dim, cos, sin)
         # the new key/value enter the cache at slot pos, then the query attends over 0..pos
@@ -153,8 +199,7 @@ def decode_token(token, pos, w, dims, rope_tables, cache, buf, tables):
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         rmsnorm(x, w.norms[l, 1], dims.eps, xb)
         _quantize(xb, buf.qx, w, m + FFN_GATE, m + FFN_UP + 1)
-        _layer_matvec(w, m + FFN_GATE, xb, buf.qx, hb, tables)
-        _layer_matvec(w, m + FFN_UP, xb, buf.qx, buf.hb2, tables)
+        _layer_matvecs(w, m + FFN_GATE, m + FFN_UP + 1, xb, buf.qx, (hb, buf.hb2, buf.hb2), tables)
         _swiglu_inplace(hb, buf.hb2)
         _quantize(hb, buf.qh, w, m + FFN_DOWN, m + FFN_DOWN + 1)
         _layer_matvec(w, m + FFN_DOWN, hb, buf.qh, xb, tables)

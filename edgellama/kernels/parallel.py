@@ -128,3 +128,19 @@ def parallel_rows(typingctx, body, n, args):
         return context.get_dummy_value()
 
     return types.void(body, n, args), codegen
+
+
+@intrinsic
+def num_threads(typingctx):
+    """Numba's current thread count (numba.get_num_threads(), whose jitted form holds a run-time
+    address and so keeps a function out of the cache), as parallel_rows reads it."""
+    def codegen(context, builder, sig, llargs):
+        from numba.core.typed_passes import _reload_parfors
+        from numba.np.ufunc.parallel import _launch_threads
+
+        _launch_threads()  # registers get_num_threads with LLVM (as parallel_rows)
+        context.active_code_library._reload_init.add(_reload_parfors)
+        intp = context.get_value_type(types.intp)
+        return builder.call(_declare(builder.module, "get_num_threads", intp, []), [])
+
+    return types.intp(), codegen
