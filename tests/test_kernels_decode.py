@@ -1,8 +1,10 @@
-"""The decode step's fused launch (kernels/decode.py ``_layer_matvecs``: q, k and v, or gate and up,
-in one parallel launch whose threads take equal shares of the matrices' bytes) computes exactly
-what one ``_layer_matvec`` per matrix computes: the same tile for every row group, each group once,
-whatever the types side by side (Q4_K_M puts Q4_K and Q6_K in one layer), the thread count or the
-number of shares; float matrices take the per-matrix path."""
+"""The fused launches of the decode step (kernels/decode.py ``_layer_matvecs``: q, k and v, or gate
+and up, in one parallel launch whose threads take equal shares of the matrices' bytes) and of the
+batched step (kernels/batch.py ``_layer_products_fused``, the same shares over several rows)
+compute exactly what one ``_layer_matvec`` / ``_layer_products`` per matrix computes: the same
+tiles for every row group, each group once, whatever the types side by side (Q4_K_M puts Q4_K and
+Q6_K in one layer), the thread count, the number of rows or of shares; float matrices take the
+per-matrix path."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from edgellama import kernels as K
+from edgellama.kernels import batch as B
 from edgellama.kernels import decode as D
 from test_kernels import TYPE_NAMES, fit, packed, random_activation, random_matrix, readonly, threads, \
     weight_bytes  # noqa: F401  (threads: a fixture)
@@ -103,3 +106,53 @@ def test_byte_shares_cover_every_row_group_once(wtypes, rows):
                 written[i] += done
         for i in range(len(rows)):
             assert (written[i] == 1).all(), f"{n_shares} shares: matrix {i} rows written {written[i].tolist()}"
+
+
+@pytest.mark.parametrize("wtypes, rows", CASES, ids=[_name(c) for c in CASES])
+def test_fused_batch_products_equal_one_product_per_matrix(wtypes, rows, threads):
+    """Rows of the batched step's fused products = _layer_products' (tiles of 8, 4 and 1 rows) for
+    1 .. 2 tiles + 5 rows."""
+    rng = np.random.default_rng(100 + sum(wtypes))
+    n_in = max(fit(t, 320) for t in wtypes)
+    w = _weights(rng, wtypes, rows, n_in)
+    for n_rows in (1, 3, 4, K.tile_tokens() + 1, 2 * K.tile_tokens() + 5):
+        x = np.stack([random_activation(rng, n_in, zero_block=r % 2 == 0) for r in range(n_rows)])
+        qx = K.activation_room(n_in, n_rows)
+        K.quantize_activation_rows(x, qx)
+        alone = [np.full((n_rows, n), np.nan, np.float32) for n in rows]
+        for i in range(len(rows)):
+            B._layer_products(w, i, x, qx, alone[i], K.HALF_TABLES)
+        assert all(np.isfinite(a).all() for a in alone)
+        outs = [np.full((n_rows, n), np.nan, np.float32) for n in rows]
+        padded = tuple(outs) + (np.zeros((n_rows, 1), np.float32),) * (3 - len(outs))
+        B._layer_products_fused(w, 0, len(rows), x, qx, padded, K.HALF_TABLES)
+        for i in range(len(rows)):
+            np.testing.assert_array_equal(outs[i], alone[i], err_msg=f"{n_rows} rows, matrix {i}")
+
+
+@pytest.mark.parametrize("wtypes, rows", QUANTIZED, ids=[_name(c) for c in QUANTIZED])
+def test_batch_byte_shares_cover_every_row_group_once(wtypes, rows):
+    rng = np.random.default_rng(200 + len(rows))
+    n_in = max(fit(t, 320) for t in wtypes)
+    w = _weights(rng, wtypes, rows, n_in)
+    n_rows = K.tile_tokens() + 5
+    x = np.stack([random_activation(rng, n_in) for _ in range(n_rows)])
+    qx = K.activation_room(n_in, n_rows)
+    K.quantize_activation_rows(x, qx)
+    alone = [np.empty((n_rows, n), np.float32) for n in rows]
+    for i in range(len(rows)):
+        B._layer_products(w, i, x, qx, alone[i], K.HALF_TABLES)
+    assert all(np.isfinite(a).all() for a in alone)
+    for n_shares in (1, 2, 3, 5, 11):
+        written = [np.zeros((n_rows, n), np.int64) for n in rows]
+        for share in range(n_shares):
+            outs = tuple(np.full((n_rows, n), np.nan, np.float32) for n in rows) + \
+                (np.zeros((n_rows, 1), np.float32),) * (3 - len(rows))
+            B._rows_byte_shares(share, share + 1, w.packed, w.mat_table, 0, len(rows), qx, outs, n_shares,
+                                w.formats)
+            for i in range(len(rows)):
+                done = ~np.isnan(outs[i])
+                np.testing.assert_array_equal(outs[i][done], alone[i][done])
+                written[i] += done
+        for i in range(len(rows)):
+            assert (written[i] == 1).all(), f"{n_shares} shares: matrix {i}"

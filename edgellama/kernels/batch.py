@@ -28,10 +28,10 @@ from numba import njit
 from .attention import ATTN_SPAN, _attend_span, _merge_head
 from .common import EXACT, FAST, T_F16, T_F32
 from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT,
-                     MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, consumer_forms)
+                     MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, consumer_forms, groups_between, share_bytes)
 from .kv import _kv_store
 from .layout import embed_row, is_k_quant, is_quantized
-from .parallel import parallel_rows
+from .parallel import num_threads, parallel_rows
 from .ops import _swiglu_inplace, rmsnorm, rmsnorm_rows, rope, rope_rows, swiglu
 from .products import _TILE_TOKENS, ALL_FORMATS, _row_tile, _tile, _token_tile, as_formats, in_formats, \
     Activation, activation_forms_of, matvec_f32, matvec_half, quantize_activation_range, quantize_activation_rows
@@ -138,6 +138,42 @@ def _layer_products(w, i, x, qx, out, tables):
     source = w.packed if is_quantized(wtype) else w.blob
     m = source[offset:offset + n_rows * row_bytes].reshape(n_rows, row_bytes)
     _row_products(m, wtype, entry[MAT_OUT], x, qx, out, tables, w.formats)
+
+
+@njit(**EXACT)
+def _layer_products_fused(w, first, end, x, qx, outs, tables):
+    """outs[i - first] = x @ (matrix i of mat_table).T for first <= i < end (matrices that take the
+    same input: q, k, v; gate, up): when all are quantized, one parallel launch over all their row
+    groups, each thread an equal share of their bytes (decode._layer_matvecs' shares), each group
+    as matmul_rows computes it, so every row is _layer_products'.  ``outs``: a tuple of as many
+    arrays as matrices or more (the rest unused)."""
+    fused = True
+    for i in range(first, end):
+        fused = fused and is_quantized(w.mat_table[i, MAT_TYPE])
+    if not fused:
+        for i in range(first, end):
+            _layer_products(w, i, x, qx, outs[i - first], tables)
+        return
+    threads = num_threads()
+    parallel_rows(_rows_byte_shares, threads,
+                  (w.packed, w.mat_table, first, end, qx, outs, threads, as_formats(w.formats)))
+
+
+@njit(**FAST)
+def _rows_byte_shares(lo, hi, packed, table, first, end, qx, outs, threads, formats):
+    for share in range(lo, hi):
+        start, stop = share_bytes(table, first, end, share, threads)
+        at = 0
+        for i in range(first, end):
+            n_groups, group_bytes = table[i, MAT_ROWS], table[i, MAT_ROW_BYTES]
+            g0, g1 = groups_between(at, start, stop, n_groups, group_bytes)
+            if g0 < g1:
+                wtype, offset = table[i, MAT_TYPE], table[i, MAT_OFFSET]
+                wp = packed[offset:offset + n_groups * group_bytes].reshape(n_groups, group_bytes)
+                a = qx.supers if is_k_quant(wtype) else qx.blocks
+                _matmul_rows_groups(g0, g1, wp, wtype, table[i, MAT_OUT], a.q, a.d, a.s, a.sums, outs[i - first],
+                                    formats)
+            at += n_groups * group_bytes
 
 
 # Per-row work: the one-token functions row by row, on one thread for a few rows, else in parallel
@@ -282,9 +318,7 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
         # attention block: pre-norm, one quantized activation per row shared by q, k and v
         _rmsnorm_rows(x, w.norms[l, 0], dims.eps, xb)
         _quantize_rows(xb, buf.qx, w.formats, consumer_forms(w, m + ATTN_Q, m + ATTN_V + 1))
-        _layer_products(w, m + ATTN_Q, xb, buf.qx, buf.q, tables)
-        _layer_products(w, m + ATTN_K, xb, buf.qx, buf.k, tables)
-        _layer_products(w, m + ATTN_V, xb, buf.qx, buf.v, tables)
+        _layer_products_fused(w, m + ATTN_Q, m + ATTN_V + 1, xb, buf.qx, (buf.q, buf.k, buf.v), tables)
         _rope_rows(buf.q, rows.positions, n_heads, head_dim, rope_tables)
         _rope_rows(buf.k, rows.positions, n_kv_heads, head_dim, rope_tables)
         # every row's key/value enter its slot first, then each row attends over its slot's 0..pos
@@ -300,8 +334,7 @@ def forward_rows(rows, w, dims, rope_tables, cache, buf, tables, want_logits):
         # feed-forward block: pre-norm, SwiGLU, down projection, residual
         _rmsnorm_rows(x, w.norms[l, 1], dims.eps, xb)
         _quantize_rows(xb, buf.qx, w.formats, consumer_forms(w, m + FFN_GATE, m + FFN_UP + 1))
-        _layer_products(w, m + FFN_GATE, xb, buf.qx, hb, tables)
-        _layer_products(w, m + FFN_UP, xb, buf.qx, buf.hb2, tables)
+        _layer_products_fused(w, m + FFN_GATE, m + FFN_UP + 1, xb, buf.qx, (hb, buf.hb2, buf.hb2), tables)
         _swiglu_rows(hb, buf.hb2)
         _quantize_rows(hb, buf.qh, w.formats, consumer_forms(w, m + FFN_DOWN, m + FFN_DOWN + 1))
         _layer_products(w, m + FFN_DOWN, hb, buf.qh, xb, tables)

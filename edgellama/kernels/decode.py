@@ -121,18 +121,14 @@ def _layer_matvecs(w, first, end, x, qx, outs, tables):
 
 @njit(**FAST)
 def _byte_shares(lo, hi, packed, table, first, end, qx, outs, threads, formats):
-    """Shares lo .. hi-1 of ``threads`` equal shares of the bytes of matrices first .. end-1 (a
-    row group belongs to the share its first byte falls in)."""
-    total = 0
-    for i in range(first, end):
-        total += table[i, MAT_ROWS] * table[i, MAT_ROW_BYTES]
+    """Shares lo .. hi-1 of ``threads`` equal shares of the bytes of matrices first .. end-1, with
+    the one-token tile."""
     for share in range(lo, hi):
-        start, stop = total * share // threads, total * (share + 1) // threads
+        start, stop = share_bytes(table, first, end, share, threads)
         at = 0
         for i in range(first, end):
             n_groups, group_bytes = table[i, MAT_ROWS], table[i, MAT_ROW_BYTES]
-            g0 = max(0, -((at - start) // group_bytes))  # first group starting at or after start
-            g1 = min(n_groups, -((at - stop) // group_bytes))
+            g0, g1 = groups_between(at, start, stop, n_groups, group_bytes)
             if g0 < g1:
                 wtype, n_out = table[i, MAT_TYPE], table[i, MAT_OUT]
                 offset = table[i, MAT_OFFSET]
@@ -145,6 +141,24 @@ def _byte_shares(lo, hi, packed, table, first, end, qx, outs, threads, formats):
                 for g in range(g0, g1):
                     _row_tile(formats, wtype, wp, g, n_out, xq2, xd2, xs2, xsum2, 0, out2)
             at += n_groups * group_bytes
+
+
+@njit(**EXACT)
+def share_bytes(table, first, end, share, n_shares):
+    """(start, stop): the bytes of share ``share`` of n_shares equal shares of matrices first ..
+    end-1 of mat_table, counted from the first one's start."""
+    total = 0
+    for i in range(first, end):
+        total += table[i, MAT_ROWS] * table[i, MAT_ROW_BYTES]
+    return total * share // n_shares, total * (share + 1) // n_shares
+
+
+@njit(**EXACT)
+def groups_between(at, start, stop, n_groups, group_bytes):
+    """(g0, g1): the row groups of a matrix whose bytes begin at ``at`` that begin within [start,
+    stop) (a group belongs to the share its first byte falls in)."""
+    g0 = max(0, -((at - start) // group_bytes))  # ceil((start - at) / group_bytes)
+    return g0, min(n_groups, -((at - stop) // group_bytes))
 
 
 @njit(**EXACT)
