@@ -27,8 +27,9 @@ from numba import njit
 
 from .attention import ATTN_SPAN, _attend_span, _merge_head
 from .common import EXACT, FAST, T_F16, T_F32
-from .decode import (ATTN_K, ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT,
-                     MAT_ROW_BYTES, MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, consumer_forms, groups_between, share_bytes)
+from .decode import (ATTN_OUTPUT, ATTN_Q, ATTN_V, FFN_DOWN, FFN_GATE, FFN_UP, MAT_OFFSET, MAT_OUT, MAT_ROW_BYTES,
+                     MAT_ROWS, MAT_TYPE, N_LAYER_MATRICES, all_quantized, consumer_forms, groups_between,
+                     share_bytes)
 from .kv import _kv_store
 from .layout import embed_row, is_k_quant, is_quantized
 from .parallel import num_threads, parallel_rows
@@ -147,16 +148,13 @@ def _layer_products_fused(w, first, end, x, qx, outs, tables):
     groups, each thread an equal share of their bytes (decode._layer_matvecs' shares), each group
     as matmul_rows computes it, so every row is _layer_products'.  ``outs``: a tuple of as many
     arrays as matrices or more (the rest unused)."""
-    fused = True
-    for i in range(first, end):
-        fused = fused and is_quantized(w.mat_table[i, MAT_TYPE])
-    if not fused:
+    if all_quantized(w, first, end):
+        threads = num_threads()
+        parallel_rows(_rows_byte_shares, threads,
+                      (w.packed, w.mat_table, first, end, qx, outs, threads, as_formats(w.formats)))
+    else:
         for i in range(first, end):
             _layer_products(w, i, x, qx, outs[i - first], tables)
-        return
-    threads = num_threads()
-    parallel_rows(_rows_byte_shares, threads,
-                  (w.packed, w.mat_table, first, end, qx, outs, threads, as_formats(w.formats)))
 
 
 @njit(**FAST)

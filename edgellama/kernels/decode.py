@@ -108,15 +108,21 @@ def _layer_matvecs(w, first, end, x, qx, outs, tables):
     matrix, and no thread idle at the end of a small matrix such as k or v); the tiles are
     matvec_packed's, so every output is the same as _layer_matvec's.  ``outs``: a tuple of as many
     arrays as matrices or more (the rest unused)."""
-    fused = True
-    for i in range(first, end):
-        fused = fused and is_quantized(w.mat_table[i, MAT_TYPE])
-    if not fused:
+    if all_quantized(w, first, end):
+        threads = num_threads()
+        parallel_rows(_byte_shares, threads, (w.packed, w.mat_table, first, end, qx, outs, threads, as_formats(w.formats)))
+    else:
         for i in range(first, end):
             _layer_matvec(w, i, x, qx, outs[i - first], tables)
-        return
-    threads = num_threads()
-    parallel_rows(_byte_shares, threads, (w.packed, w.mat_table, first, end, qx, outs, threads, as_formats(w.formats)))
+
+
+@njit(**EXACT)
+def all_quantized(w, first, end):
+    """Whether matrices first .. end-1 of mat_table are all packed (quantized) ones."""
+    for i in range(first, end):
+        if not is_quantized(w.mat_table[i, MAT_TYPE]):
+            return False
+    return True
 
 
 @njit(**FAST)
