@@ -46,11 +46,11 @@ def _weights(rng, wtypes, rows, n_in):
             at_packed += view.nbytes
         table[i] = (at, view.shape[0], view.shape[1], wtype, n_out)
     cat = lambda parts: readonly(np.concatenate(parts) if parts else np.zeros(64, np.uint8))
-    quantized = [t for t in wtypes if t not in (0, 1)]
-    formats = K.Formats(sorted(set(quantized)) or [8])
     empty = np.zeros((1, 1), np.float32)
+    # tiles for every packed type: one compilation of each kernel for all the cases (a model's own
+    # set of types would compile them once per set: minutes under the arm64 emulation)
     return K.DecodeWeights(empty, 0, False, cat(blob_parts), cat(packed_parts), table, empty, empty[0], empty,
-                           0, formats)
+                           0, K.ALL_FORMATS)
 
 
 def _name(case):
