@@ -31,7 +31,7 @@ CASES = [
 def _weights(rng, wtypes, rows, n_in):
     """A DecodeWeights holding these matrices as one layer's first len(wtypes) slots of mat_table:
     the quantized ones packed one after another (as the model's packed buffer), the float ones as
-    rows of the file blob; and the matrices' values as numpy computes them from the same bytes."""
+    rows of the file blob."""
     packed_parts, blob_parts, table = [], [], np.zeros((len(wtypes), 5), np.int64)
     at_packed = at_blob = 0
     for i, (wtype, n_out) in enumerate(zip(wtypes, rows)):
