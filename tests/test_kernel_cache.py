@@ -112,25 +112,33 @@ def test_the_quantizers_compiled_functions_are_found_by_another_copy_of_the_sour
     assert not any((trees[1] / "quantize").glob("__pycache__/*.nbi"))
 
 
+def _cached_probe(tmp_path, monkeypatch, fn, kind="probe", name="probe_module"):
+    """``fn`` as module ``name``'s kernel, jitted with the package's cache (cache.install) for a
+    sources file of its own, in a cache under tmp_path."""
+    from numba import njit
+
+    from edgellama.kernels import cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    sources = tmp_path / "probe_source.py"
+    sources.write_text("# the probe's stamp\n")
+    module = types.ModuleType(name)
+    module.probe = njit(cache=True)(fn)
+    assert cache.install([module], (sources,), kind=kind) == 1
+    return module.probe
+
+
 def test_saving_a_compiled_kernel_holds_the_folders_lock(tmp_path, monkeypatch):
     """Numba adds an index entry by read-modify-write: two processes saving different signatures at
     once could share a data file.  Each save holds an exclusive flock on the folder's .lock, which
     another open file (another process, or another thread) cannot take meanwhile."""
     fcntl = pytest.importorskip("fcntl")
-    from numba import njit
     from numba.core.caching import FunctionCache
 
-    from edgellama.kernels import cache
-
-    module = types.ModuleType("probe_module")
-    module.probe = njit(cache=True)(lambda x: x + 1)
-    sources = tmp_path / "probe_source.py"
-    sources.write_text("# the probe's stamp\n")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
-    assert cache.install([module], (sources,), kind="probe") == 1
-    folder = Path(module.probe._cache._cache_path)
+    probe = _cached_probe(tmp_path, monkeypatch, lambda x: x + 1)
+    folder = Path(probe._cache._cache_path)
     assert folder.parent == tmp_path / "xdg" / "edgellama" / "probe"
     seen = []
     original = FunctionCache.save_overload
@@ -146,7 +154,7 @@ def test_saving_a_compiled_kernel_holds_the_folders_lock(tmp_path, monkeypatch):
         return original(self, sig, data)
 
     monkeypatch.setattr(FunctionCache, "save_overload", save)
-    assert module.probe(1) == 2 and module.probe(1.5) == 2.5
+    assert probe(1) == 2 and probe(1.5) == 2.5
     assert seen == ["held", "held"]
     with open(folder / ".lock", "a+b") as other:  # released after each save
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -157,21 +165,8 @@ def test_an_index_that_cannot_be_read_is_compiled_again(tmp_path, monkeypatch):
     """A kernel's index that does not unpickle (damaged, or written by a copy of the sources imported
     under another name, whose argument types live in other modules) is a cache miss: the kernel
     compiles and a readable index replaces it, where Numba alone raised at every start."""
-    from numba import njit
-
-    from edgellama.kernels import cache
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
-    sources = tmp_path / "probe_source.py"
-    sources.write_text("# the probe's stamp\n")
-
     def fresh():
-        module = types.ModuleType("probe_module")
-        module.probe = njit(cache=True)(lambda x: x * 3)
-        assert cache.install([module], (sources,), kind="probe") == 1
-        return module.probe
+        return _cached_probe(tmp_path, monkeypatch, lambda x: x * 3)
 
     probe = fresh()
     assert probe(2) == 6 and sum(probe.stats.cache_misses.values()) == 1
@@ -282,30 +277,20 @@ def test_a_kernel_whose_cache_cannot_be_written_still_runs(tmp_path, monkeypatch
     import errno
     import shutil as sh
 
-    from numba import njit
     from numba.core.caching import FunctionCache
 
-    from edgellama.kernels import cache
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
-    sources = tmp_path / "probe_source.py"
-    sources.write_text("# the probe's stamp, for the save failures\n")
-    module = types.ModuleType("probe_module")
-    module.probe = njit(cache=True)(lambda x: x * 5)
-    assert cache.install([module], (sources,), kind="probe-save") == 1
-    folder = Path(module.probe._cache._cache_path)
-    assert module.probe(2) == 10 and len(list(folder.glob("*.nbc"))) == 1
+    probe = _cached_probe(tmp_path, monkeypatch, lambda x: x * 5, kind="probe-save")
+    folder = Path(probe._cache._cache_path)
+    assert probe(2) == 10 and len(list(folder.glob("*.nbc"))) == 1
     sh.rmtree(folder)
-    assert module.probe(2.5) == 12.5  # a new signature: compiled, and saved into the folder made again
+    assert probe(2.5) == 12.5  # a new signature: compiled, and saved into the folder made again
     assert len(list(folder.glob("*.nbc"))) == 1 and list(folder.glob("*.nbi"))
 
     def full(self, sig, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(FunctionCache, "save_overload", full)
-    assert module.probe(3 + 1j) == 15 + 5j
+    assert probe(3 + 1j) == 15 + 5j
 
 
 def test_a_function_numba_cannot_cache_still_runs(tmp_path, monkeypatch):
@@ -317,21 +302,12 @@ def test_a_function_numba_cannot_cache_still_runs(tmp_path, monkeypatch):
     import warnings
 
     import numba
-    from numba import njit
 
-    from edgellama.kernels import cache
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
-    sources = tmp_path / "probe_source.py"
-    sources.write_text("# the probe's stamp, for an uncachable function\n")
-    module = types.ModuleType("probe_uncachable")
-    module.probe = njit(cache=True)(lambda x: x + numba.get_num_threads() * 0)
-    assert cache.install([module], (sources,), kind="probe-uncachable") == 1
+    probe = _cached_probe(tmp_path, monkeypatch, lambda x: x + numba.get_num_threads() * 0, kind="probe-uncachable",
+                   name="probe_uncachable")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert module.probe(7) == 7
+        assert probe(7) == 7
     assert any("Cannot cache" in str(w.message) for w in caught), [str(w.message) for w in caught]
-    folder = Path(module.probe._cache._cache_path)
+    folder = Path(probe._cache._cache_path)
     assert not list(folder.glob("*.nbc"))
