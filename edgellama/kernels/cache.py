@@ -245,11 +245,13 @@ def install(modules, files: tuple[Path, ...] = PACKAGE_FILES, kind: str = "kerne
                 os.makedirs(self._cache_path, exist_ok=True)
                 with _exclusive(self._cache_path):
                     FunctionCache.save_overload(self, sig, data)
+                saved = True
             except OSError:
-                return
-            release_compiler_pages()
-            for hook in SAVED_HOOKS:
-                hook(self._py_func)
+                saved = False
+            release_compiler_pages()  # a compilation ended either way
+            if saved:
+                for hook in SAVED_HOOKS:
+                    hook(self._py_func)
 
         def load_overload(self, sig, target_context):
             try:
