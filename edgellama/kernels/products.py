@@ -318,8 +318,8 @@ def quantize_activation_range(lo, hi, x, a, formats, forms):
 # (2: prefetcht1 on x86, PLDL2KEEP on arm64); for the token tiles (prompts, batched steps), L1 (3:
 # prefetcht0).  Measured on an AMD EPYC Zen 4 (2 threads, variants alternating in one process,
 # 2026-12-04): into L1, the one-token tile's prefetches cost 10-20% on Q4_K rows streamed from DRAM
-# (23-25 -> 27-30 GB/s into L2), up to 7% on Q4_0 / Q6_K / Q8_0, and 1B-shape decode 4-9% (Q4_K_M
-# 33.3 -> 34.8, Q4_0 37.3 -> 39.9 tok/s); into L2, the token tiles lost 12-19% on 4-row batched
+# (23-25 -> 27-30 GB/s into L2), up to 7% on Q4_0 / Q6_K / Q8_0, and 1B-shape decode 1-9% with the
+# minute's bandwidth (Q4_K_M 1.03-1.05x, Q4_0 1.01-1.07x; 8B Q4_0 1.00-1.03x); into L2, the token tiles lost 12-19% on 4-row batched
 # steps (8B Q4_0 170 -> 195 ms, 1B Q4_0 28.8 -> 35.5 ms), prompts unchanged.  2048 bytes ahead
 # stayed the best distance into L2 (1024 and 4096 measured); no prefetch at all decoded as fast as
 # L2 there but cost prompts 8%.
