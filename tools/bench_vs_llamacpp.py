@@ -5,8 +5,9 @@ Ours is ``python -m edgellama.cli bench --json``.  llama.cpp's is the C++ ``llam
 from the llama-cpp-python sdist's sources by tools/llamacpp.py; not the Python binding, whose
 per-token Python cost would flatter us): ``llama-bench -p P -n N -r R -o json`` for pp and tg, and
 ``llama-bench -p 0 -n 1 -r 1 --no-warmup`` timed from process start for the first token (load
-included).  Peak RSS of each llama.cpp process comes from wait4.  The two sides alternate (ours
-first on even runs) and each figure is the median over ``--runs`` processes.
+included).  Peak RSS of each llama.cpp process comes from wait4 in a small parent (tools/peak_rss.py;
+ours is the process's own VmHWM).  The two sides alternate (ours first on even runs) and each figure is
+the median over ``--runs`` processes.
 
 The DRAM roofline: tools/membw.py measures the streaming read bandwidth with the same thread count
 before each pair of runs (each run's figure uses the one measured just before it); a decode step
@@ -71,7 +72,10 @@ def kv_bytes_per_token(path: Path, n_past: float) -> float:
 
 
 def _run_timed(cmd: list[str], timeout: float) -> tuple[str, float, float]:
-    """(stdout, wall seconds, peak RSS MiB) of one child process (its own rusage, from wait4)."""
+    """(stdout, wall seconds, peak RSS MiB) of one child process, both measured by tools/peak_rss.py:
+    the child is started from that small interpreter, not from this script, whose own peak would
+    otherwise floor the child's figure (see there)."""
+    import signal
     import threading
 
     env = dict(os.environ)
@@ -79,30 +83,33 @@ def _run_timed(cmd: list[str], timeout: float) -> tuple[str, float, float]:
     # Python's bytecode cache as users have it (on by default): with PYTHONDONTWRITEBYTECODE set (as
     # some sandboxes and CI images do) every start compiles edgellama's modules again, 0.2-0.5 s
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    report_r, report_w = os.pipe()
+    try:
+        proc = subprocess.Popen([sys.executable, "-S", str(ROOT / "tools" / "peak_rss.py"), str(report_w)] + cmd,
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(report_w,), start_new_session=True)
+    finally:
+        os.close(report_w)
     chunks: dict[str, bytes] = {}
     readers = [threading.Thread(target=lambda k, f: chunks.__setitem__(k, f.read()), args=(k, f), daemon=True)
-               for k, f in (("out", proc.stdout), ("err", proc.stderr))]
+               for k, f in (("out", proc.stdout), ("err", proc.stderr), ("report", os.fdopen(report_r, "rb")))]
     for r in readers:
         r.start()
-    timer = threading.Timer(timeout, proc.kill)
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))  # the command too
     timer.start()
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc.wait()
     finally:
         timer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
     for r in readers:
         r.join()
-    if proc.returncode != 0:
+    report = chunks.get("report", b"").split()
+    returncode = int(report[2]) if len(report) == 3 else proc.returncode or -signal.SIGKILL
+    if returncode != 0:
         err = chunks.get("err", b"").decode(errors="replace")
-        raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:4])} failed (exit {proc.returncode}):\n"
+        raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:4])} failed (exit {returncode}):\n"
                            f"{err.strip()[-2000:]}")
-    # the child's ru_maxrss also counts this process's resident size when it was started (Linux keeps
-    # the peak of the address space exec replaced): this script stays small (tens of MiB, no model)
-    return chunks.get("out", b"").decode(errors="replace"), wall, usage.ru_maxrss / 1024
+    return chunks.get("out", b"").decode(errors="replace"), float(report[0]), int(report[1]) / 1024
 
 
 # (key, label, unit, higher is better)
