@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import numpy as np
 
@@ -374,8 +374,11 @@ class GGUFFile:
                                    "GGUF header alone is 24)")
         # a read-only map whose numpy views hold a buffer export: close() cannot unmap it while a
         # view is alive (np.memmap would, and reading the view afterwards would crash)
-        with open(self.path, "rb") as f:
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # kept open for pread: what is at the path may be another file by the time a cache is keyed
+        # (a download or a quantizer renamed over it), so its identity and bytes come from here
+        self._file: BinaryIO | None = open(self.path, "rb", buffering=0)
+        self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        self.stat = os.fstat(self._file.fileno())  # size, times and inode of the file mapped
         self.buf = np.frombuffer(self._mmap, dtype=np.uint8)
         self._view: memoryview | None = None  # of buf, for the string arrays read back from a kept header
         self.header_source = "parsed"
@@ -604,7 +607,17 @@ class GGUFFile:
                 out[key] = (ValueType(vtype), value)
         return out
 
+    def pread(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes of the file mapped from ``offset``, read without mapping them into
+        this process (no resident pages, as reading the map would bring in)."""
+        if self._file is None:
+            raise ValueError(f"{self.path}: closed")
+        return os.pread(self._file.fileno(), size, offset)
+
     def close(self) -> None:
+        fh, self._file = self._file, None
+        if fh is not None:
+            fh.close()
         mm, self._mmap = self._mmap, None
         self.buf = self._view = None
         if mm is not None:

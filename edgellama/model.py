@@ -117,7 +117,7 @@ def _pack(f: GGUFFile, sections: list[list[Weight]], packed_cache=None,
             for w in weights:  # what the kernel's fault-around brought in of a tensor while packing its neighbour
                 f.release(w.name)
 
-    buffers, source = packed_sections(resolve_folder(packed_cache), f.path, layout, sizes,
+    buffers, source = packed_sections(resolve_folder(packed_cache), f.path, f.stat, f.pread, layout, sizes,
                                       lambda buffers: kernel_thread.run(fill, buffers, threads=threads))
     views(buffers)  # read-only views now (one kernel signature for every weight)
     if source == "mapped":  # nothing packed, but reading the norms faulted in their neighbours' pages

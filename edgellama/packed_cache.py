@@ -85,22 +85,23 @@ def resolve_folder(packed_cache) -> Path | None:
     return Path(packed_cache).expanduser()
 
 
-def _model_identity(path: str) -> dict:
+def _model_identity(path: str, st: os.stat_result | None = None) -> dict:
+    """What names a model file's version: its real path, and the size, times and inode of ``st``
+    (the file as opened; default: what is at the path now)."""
     real = os.path.realpath(path)
-    st = os.stat(real)
+    st = os.stat(real) if st is None else st
     return {"model": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
             "ino": st.st_ino, "dev": st.st_dev}
 
 
-def _content_digest(path: str, size: int) -> str:
-    """A hash of the file's first MiB (its header) and of SAMPLES pages spread over the rest: a file
-    rewritten in place within one tick of the file system's clock (same size, times and inode: a
-    test, a quantizer run twice) still differs here, without reading GBs."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(os.pread(fh.fileno(), 1 << 20, 0))
-        for i in range(SAMPLES):
-            digest.update(os.pread(fh.fileno(), 4096, (1 << 20) + max(size - (1 << 20), 0) * i // SAMPLES))
+def _content_digest(read_at: Callable[[int, int], bytes], size: int) -> str:
+    """A hash of the file's first MiB (its header) and of SAMPLES pages spread over the rest
+    (``read_at(offset, n)``: the bytes of the model file as opened): a file rewritten in place
+    within one tick of the file system's clock (same size, times and inode: a test, a quantizer run
+    twice) still differs here, without reading GBs."""
+    digest = hashlib.sha256(read_at(0, 1 << 20))
+    for i in range(SAMPLES):
+        digest.update(read_at((1 << 20) + max(size - (1 << 20), 0) * i // SAMPLES, 4096))
     return digest.hexdigest()
 
 
@@ -138,11 +139,15 @@ class PackedCache:
     matrix's name, type, shape and offset), any JSON-able value; ``sizes``: the bytes of each
     packed section."""
 
-    def __init__(self, folder: Path, model_path: str, layout, sizes: Sequence[int]):
+    def __init__(self, folder: Path, model_path: str, model_stat: os.stat_result,
+                 read_at: Callable[[int, int], bytes], layout, sizes: Sequence[int]):
+        """``model_stat``, ``read_at(offset, n)``: the fstat and the bytes of the model file whose
+        weights are packed, as opened (the key describes that file, even when another one has
+        since been renamed over its path)."""
         self.folder = Path(folder)
-        identity = _model_identity(model_path)
+        identity = _model_identity(model_path, model_stat)
         digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
-        self.key = {"version": VERSION, **identity, "content": _content_digest(identity["model"], identity["size"]),
+        self.key = {"version": VERSION, **identity, "content": _content_digest(read_at, model_stat.st_size),
                     "layout": digest, "sizes": [int(s) for s in sizes]}
         name = f"{identity['model']}\0{json.dumps(layout.get('target'))}".encode("utf-8", "surrogateescape")
         name = hashlib.sha256(name).hexdigest()
@@ -318,15 +323,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def packed_sections(folder: Path | None, model_path: str, layout, sizes: Sequence[int],
+def packed_sections(folder: Path | None, model_path: str, model_stat: os.stat_result,
+                    read_at: Callable[[int, int], bytes], layout, sizes: Sequence[int],
                     fill: Callable[[list[np.ndarray]], None]) -> tuple[list[np.ndarray], str]:
     """The packed sections of a model, read-only: mapped from the cache (``"mapped"``), or packed
     in memory by ``fill`` (given zeroed, writable sections) and being written to the cache
-    (``"saving"``) or not (``"memory"``: no folder, no room, nothing to pack)."""
+    (``"saving"``) or not (``"memory"``: no folder, no room, nothing to pack).  ``model_stat``,
+    ``read_at``: the model file as opened (PackedCache)."""
     cache = None
     if folder is not None and any(sizes) and hasattr(os, "pwrite") and hasattr(mmap, "PROT_READ"):  # (POSIX)
         try:
-            cache = PackedCache(folder, model_path, layout, sizes)
+            cache = PackedCache(folder, model_path, model_stat, read_at, layout, sizes)
         except OSError:
             cache = None
         if cache is not None:

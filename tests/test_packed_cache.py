@@ -16,6 +16,7 @@ import pytest
 
 import edgellama
 from edgellama import packed_cache
+from edgellama.gguf import GGUFFile
 from edgellama.packed_cache import PackedCache, wait_for_writes
 from edgellama.quants import GGMLType
 from tiny_model import write_tiny_model
@@ -27,6 +28,15 @@ K_SIZE = dict(dim=256, ffn=512)  # K-quant rows are 256-element super-blocks
 
 def _load(path, folder):
     return edgellama.load(path, n_ctx=32, threads=2, packed_cache=folder)
+
+
+def _packed_cache(folder, path, layout, sizes) -> PackedCache:
+    """The PackedCache of the model file at ``path`` (opened here, as a load opens it)."""
+    f = GGUFFile(path)
+    try:
+        return PackedCache(folder, str(path), f.stat, f.pread, layout, sizes)
+    finally:
+        f.close()
 
 
 def _cache_files(folder: Path) -> list[Path]:
@@ -95,6 +105,30 @@ def test_a_model_rewritten_in_place_is_packed_again(tmp_path):
     source, got, want = _mapped_after_rewrite(tmp_path, rewrite)
     assert source == "saving"
     assert np.array_equal(got, want)
+
+
+def test_a_model_replaced_while_it_loads_keys_the_copy_by_the_file_packed(tmp_path):
+    """Another file renamed over the path between the open and the packing (a download, a
+    quantizer's --force): the copy written describes the file whose weights it holds, so a later
+    load of the new file packs that one instead of mapping the old weights."""
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_1, seed=1)
+    new = write_tiny_model(tmp_path / "new.gguf", GGMLType.Q4_1, seed=2)
+    folder = tmp_path / "cache"
+    old_want = _load(path, False).logits(IDS)
+    new_want = _load(new, False).logits(IDS)
+    assert not np.array_equal(old_want, new_want)
+    f = GGUFFile(path)
+    os.replace(new, path)  # after the open, before the packing
+    first = edgellama.Model(f, n_ctx=32, threads=2, packed_cache=folder)
+    assert first.weights.pack_source == "saving"
+    assert np.array_equal(first.logits(IDS), old_want)  # the file it opened
+    wait_for_writes()
+    later = _load(path, folder)
+    assert later.weights.pack_source == "saving"  # (another file: its own copy)
+    assert np.array_equal(later.logits(IDS), new_want)
+    wait_for_writes()
+    again = _load(path, folder)
+    assert again.weights.pack_source == "mapped" and np.array_equal(again.logits(IDS), new_want)
 
 
 def test_a_corrupt_or_truncated_cache_file_is_ignored_and_replaced(tmp_path):
@@ -203,7 +237,7 @@ def test_the_copy_is_written_in_whole_aligned_windows(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     sections = [rng.integers(1, 256, n, dtype=np.uint8) for n in sizes]
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0)
-    cache = PackedCache(tmp_path / "c", str(path), {"target": {"lanes": 8}}, sizes)
+    cache = _packed_cache(tmp_path / "c", path, {"target": {"lanes": 8}}, sizes)
     calls = []
     real = os.pwritev
 
@@ -238,9 +272,9 @@ def test_the_copy_is_written_in_whole_aligned_windows(tmp_path, monkeypatch):
 
 def test_cache_files_are_named_per_model_and_layout(tmp_path):
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q4_0)
-    a = PackedCache(tmp_path, str(path), {"target": {"lanes": 8}}, [100])
-    b = PackedCache(tmp_path, str(path), {"target": {"lanes": 4}}, [100])
-    c = PackedCache(tmp_path, str(tmp_path / "m.gguf"), {"target": {"lanes": 8}, "x": 1}, [100])
+    a = _packed_cache(tmp_path, path, {"target": {"lanes": 8}}, [100])
+    b = _packed_cache(tmp_path, path, {"target": {"lanes": 4}}, [100])
+    c = _packed_cache(tmp_path, tmp_path / "m.gguf", {"target": {"lanes": 8}, "x": 1}, [100])
     assert a.path != b.path and a.path == c.path and a.key != c.key
     assert a.offsets[0] % 65536 == 0 and a.offsets[-1] == packed_cache.DATA_OFFSET + 4096
 
