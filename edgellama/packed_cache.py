@@ -36,6 +36,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -64,6 +65,9 @@ WRITE_CHUNK = 64 << 20
 _IOV_MAX = 512  # buffers per pwritev call (POSIX guarantees 16; Linux takes 1024)
 SAMPLES = 64
 _HEADER = struct.Struct("<8sI")
+# the names of the copies (PackedCache.path) and of their writers' temporary files (mkstemp's)
+_COPY_NAME = re.compile(r"[0-9a-f]{32}\.packed")
+_TEMP_NAME = re.compile(r"[0-9a-f]{32}\.[A-Za-z0-9_]+\.tmp")
 
 
 def default_folder() -> Path | None:
@@ -229,15 +233,17 @@ class PackedCache:
             finished.set()
 
     def _sweep(self) -> None:
-        """Remove the copies of model files that are gone or changed, and crashed writers' files."""
+        """Remove the copies of model files that are gone or changed, and crashed writers' files:
+        only files named as this module names them (the folder may be one a user also keeps other
+        files in: ``$EDGELLAMA_PACKED_CACHE``)."""
         now = time.time()
         for entry in self.folder.iterdir():
             try:
-                if entry.suffix == ".tmp":
+                if _TEMP_NAME.fullmatch(entry.name):
                     if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
                         entry.unlink()
                     continue
-                if entry.suffix != ".packed" or entry == self.path:
+                if not _COPY_NAME.fullmatch(entry.name) or entry == self.path:
                     continue
                 header = _read_header(entry)
                 if header is None or not _still_current(header):

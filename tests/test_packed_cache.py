@@ -211,18 +211,23 @@ def test_writing_removes_the_copies_of_gone_or_changed_models_and_old_temporary_
     gone.unlink()
     write_tiny_model(changed, GGMLType.Q4_0, seed=5)
     os.utime(changed, ns=(0, 10**9))
-    old_temp, new_temp = folder / "a.b.tmp", folder / "c.d.tmp"
-    old_temp.write_bytes(b"x")
-    new_temp.write_bytes(b"x")
+    stem = "0123456789abcdef" * 2
+    old_temp, new_temp = folder / f"{stem}.k3x_9q.tmp", folder / f"{stem}.abc123.tmp"
+    # a user's files in the folder (EDGELLAMA_PACKED_CACHE may name a shared one): never removed
+    foreign = [folder / "draft.tmp", folder / "photos.packed", folder / f"{stem}.packed.bak", folder / f"{stem}.tmp"]
+    for p in (old_temp, new_temp, *foreign):
+        p.write_bytes(b"x")
     long_ago = time.time() - 2 * packed_cache.STALE_TEMP_SECONDS
-    os.utime(old_temp, (long_ago, long_ago))
+    for p in (old_temp, *foreign):
+        os.utime(p, (long_ago, long_ago))
     _load(write_tiny_model(tmp_path / "new.gguf", GGMLType.Q4_0), folder)  # a write sweeps the folder
     wait_for_writes()
-    left = set(_cache_files(folder))
+    left = set(_cache_files(folder)) - set(foreign)
     assert names[os.path.realpath(kept)] in left
     assert names[os.path.realpath(gone)] not in left and names[os.path.realpath(changed)] not in left
     assert len(left) == 2
     assert not old_temp.exists() and new_temp.exists()  # a writer of another process may own it
+    assert all(p.read_bytes() == b"x" for p in foreign)
 
 
 def test_the_copy_is_written_in_whole_aligned_windows(tmp_path, monkeypatch):
