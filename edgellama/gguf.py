@@ -701,7 +701,15 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], specs: list[Te
     """
     path = Path(path)
     metadata = dict(metadata)
-    if alignment != DEFAULT_ALIGNMENT:
+    declared = metadata.get("general.alignment")
+    if alignment == DEFAULT_ALIGNMENT and declared is not None:
+        # a key copied from an input file: lay the data out as it says (llama-quantize copies the
+        # key but aligns to 32, a file that neither runtime loads where the key says otherwise)
+        declared = _infer_value("general.alignment", declared)[1]
+        if not is_int(declared) or not 0 < declared <= MAX_ALIGNMENT or declared & (declared - 1):
+            raise ValueError(f"general.alignment {declared!r} is not a power of two in [1, {MAX_ALIGNMENT}]")
+        alignment = int(declared)
+    if alignment != DEFAULT_ALIGNMENT or declared is not None:
         metadata["general.alignment"] = (ValueType.UINT32, alignment)
     header = [GGUF_MAGIC, struct.pack("<IQQ", 3, len(specs), len(metadata))]
     for key, value in metadata.items():

@@ -884,6 +884,21 @@ def test_metadata_the_runtime_refuses_is_never_written(capsys, tmp_path, key, va
     assert only_files(tmp_path) == ["m.gguf"]
 
 
+@pytest.mark.parametrize("alignment", [64, 16, 32])
+def test_an_input_with_another_alignment_gives_an_output_laid_out_as_its_key_says(capsys, tmp_path, alignment):
+    """Adversarial pass: general.alignment = 64 was copied from the input while the data was laid
+    out at 32 (llama-quantize does the same): an output neither runtime loads."""
+    src = tiny_gguf(tmp_path / "m.gguf", metadata={"general.alignment": (ValueType.UINT32, alignment)})
+    assert GGUFFile(src).alignment == alignment
+    code, _, err = run(capsys, src, tmp_path / "o.gguf", "--type", "q8_0", "--quiet")
+    assert code == 0, err
+    out = GGUFFile(tmp_path / "o.gguf")  # (its parser checks every offset against the alignment)
+    assert out.alignment == alignment and out.metadata["general.alignment"] == alignment
+    assert out.data_offset % alignment == 0
+    assert all((t.offset - out.data_offset) % alignment == 0 for t in out.tensors.values())
+    assert_loads_in_the_runtime(tmp_path / "o.gguf")
+
+
 def test_hf_rope_factor_the_runtime_refuses_is_never_written(capsys, tiny, tmp_path):
     edit_json(tiny / "config.json", rope_scaling={"type": "linear", "factor": 0.5})
     code, _, err = run(capsys, tiny, tmp_path / "o.gguf", "--type", "q8_0")
