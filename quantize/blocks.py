@@ -407,9 +407,23 @@ SCALE_OFFSETS = {
 }
 
 
+# the exponent bits of the 16-bit float types: all ones is an inf or a NaN
+_HALF_EXPONENT = {GGMLType.F16: 0x7C00, GGMLType.BF16: 0x7F80}
+
+
+def count_exponent_all_ones(words: np.ndarray, mask: int) -> int:
+    """How many of ``words`` (the bits of floats: uint16 or uint32) have every bit of ``mask`` (the
+    exponent's) set: the infs and NaNs.  In pieces of 4M (a bounded temporary whatever the size)."""
+    step = 1 << 22
+    return sum(int(np.count_nonzero((words[i:i + step] & mask) == mask)) for i in range(0, len(words), step))
+
+
 def count_bad_scales(raw: np.ndarray, qtype: GGMLType) -> int:
     """How many block scales of ``raw`` (n_rows, row_bytes) are inf or NaN (values too large for
-    the type's half-precision scales; llama-quantize refuses such data)."""
+    the type's half-precision scales; llama-quantize refuses such data); for F16 and BF16 rows, how
+    many values are (a finite float32 beyond 65504 becomes an F16 inf)."""
+    if qtype in _HALF_EXPONENT:
+        return count_exponent_all_ones(np.ascontiguousarray(raw).reshape(-1).view("<u2"), _HALF_EXPONENT[qtype])
     if qtype not in SCALE_OFFSETS:
         return 0
     counts = np.empty(raw.shape[0], dtype=np.int64)  # (n_rows,)

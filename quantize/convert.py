@@ -283,8 +283,23 @@ def check_scales(raw: np.ndarray, tensor: SourceTensor, choice: Choice) -> None:
     e.g. above 65504 * 127 for Q8_0), as llama-quantize's data validation does."""
     bad = blocks.count_bad_scales(raw, choice.qtype)
     if bad:
-        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} block scale(s) overflow half precision in "
+        what = "value(s)" if choice.qtype in (GGMLType.F16, GGMLType.BF16) else "block scale(s)"
+        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} {what} overflow half precision in "
                             f"{type_name(choice.qtype)} (values too large for this type); refusing to write them")
+
+
+def check_copied(raw: np.ndarray, tensor: SourceTensor) -> None:
+    """Refuse NaN / Inf in a tensor copied as stored (its values, or its blocks' scales), as a
+    converted tensor's are refused."""
+    qtype = tensor.source_type
+    if qtype == GGMLType.F32:
+        bad = blocks.count_exponent_all_ones(np.ascontiguousarray(raw).reshape(-1).view("<u4"), 0x7F800000)
+    else:
+        bad = blocks.count_bad_scales(np.ascontiguousarray(raw).reshape(tensor.n_rows, -1), qtype)
+    if bad:
+        what = "value(s)" if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) else "block scale(s)"
+        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} NaN/Inf {what} in the {type_name(qtype)} "
+                            "data to be copied; refusing to write them")
 
 
 def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -> tuple[np.ndarray, TensorResult]:
@@ -294,6 +309,7 @@ def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -
                           tensor_nbytes(choice.qtype, tensor.shape), choice.copy, note=choice.note)
     if choice.copy:
         data = np.asarray(tensor.raw())
+        check_copied(data, tensor)
         if measure:
             result.rmse = result.max_abs_error = 0.0  # the stored values, unchanged
         result.seconds = time.perf_counter() - start_time

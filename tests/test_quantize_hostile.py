@@ -884,6 +884,53 @@ def test_metadata_the_runtime_refuses_is_never_written(capsys, tmp_path, key, va
     assert only_files(tmp_path) == ["m.gguf"]
 
 
+def _poke(path: Path, tensor: str, index: int, value: bytes) -> None:
+    """Write ``value`` over item ``index`` (of len(value) bytes) of a tensor's stored data."""
+    gguf = GGUFFile(path)
+    offset = gguf.tensors[tensor].offset + index * len(value)
+    gguf.close()
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(value)
+
+
+@pytest.mark.parametrize("stored, target, poke", [
+    (None, "q8_0", np.float32(np.nan).tobytes()),                     # a norm (always copied)
+    (None, "f32", np.float32(-np.inf).tobytes()),                     # F32 kept F32
+    (GGMLType.F16, "f16", np.float16(np.inf).tobytes()),              # F16 kept F16
+    (GGMLType.Q8_0, "q8_0", np.float16(np.nan).tobytes()),            # a block's scale, Q8_0 kept
+])
+def test_nan_or_inf_in_a_tensor_copied_as_stored_is_refused(capsys, tmp_path, stored, target, poke):
+    """Adversarial pass: NaN / Inf in a tensor copied rather than converted (the norms; any tensor
+    already of the target type) went into the output, while the same in a converted one is refused."""
+    name = "output_norm.weight" if stored is None else "blk.0.attn_q.weight"
+    src = tiny_gguf(tmp_path / "m.gguf", types={} if stored is None else {name: stored})
+    _poke(src, name, 0, poke)  # the first value (Q8_0: the first block's scale)
+    code, _, err = run(capsys, src, tmp_path / "o.gguf", "--type", target)
+    assert code == 1, err
+    assert_one_line_error(err, name, "NaN/Inf", "refusing")
+    assert only_files(tmp_path) == ["m.gguf"]
+
+
+def test_finite_values_beyond_half_precision_are_refused_for_f16(capsys, tmp_path):
+    """Adversarial pass: a weight of 1e6 became an F16 inf, written without a word (Q4_0 refused it)."""
+    from quantize.safetensors import SafetensorsFile, write_safetensors
+
+    hf = make_tiny_hf_checkpoint(tmp_path / "hf", dtype="F32")
+    st = hf / "model.safetensors"
+    f = SafetensorsFile(st)
+    arrays = {n: np.array(f.array(n)) for n in f.tensors}
+    f.close()
+    arrays["model.layers.0.self_attn.q_proj.weight"].reshape(-1)[5] = 1e6
+    write_safetensors(st, arrays)
+    code, _, err = run(capsys, hf, tmp_path / "o.gguf", "--type", "f16")
+    assert code == 1
+    assert_one_line_error(err, "q_proj", "1 value(s) overflow half precision in F16", "refusing")
+    assert not (tmp_path / "o.gguf").exists()
+    code, _, err = run(capsys, hf, tmp_path / "o.gguf", "--type", "f32", "--quiet")  # (F32 holds it)
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("alignment", [64, 16, 32])
 def test_an_input_with_another_alignment_gives_an_output_laid_out_as_its_key_says(capsys, tmp_path, alignment):
     """Adversarial pass: general.alignment = 64 was copied from the input while the data was laid
