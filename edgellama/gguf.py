@@ -689,9 +689,34 @@ class TensorSpec:
         return tensor_nbytes(self.qtype, self.shape)
 
 
+def publish(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True) -> None:
+    """Give a finished temporary file (in ``path``'s folder) the usual permissions and the name
+    ``path``.  Over an existing file only with ``replace``; without, a file of that name is never
+    replaced, even one made after any earlier check (a hard link fails where the name exists; on
+    file systems without hard links, after a last check): FileExistsError, ``tmp`` left for the
+    caller to remove."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "exists (not replaced)", str(path)) from None
+    except OSError:  # no hard links on this file system (FAT, exFAT, some network ones)
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "exists (not replaced)", str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], specs: list[TensorSpec],
-               data: Iterable[np.ndarray], alignment: int = DEFAULT_ALIGNMENT) -> None:
-    """Write a GGUF v3 file atomically: a temp file in the same folder, renamed at the end.
+               data: Iterable[np.ndarray], alignment: int = DEFAULT_ALIGNMENT, replace: bool = True) -> None:
+    """Write a GGUF v3 file atomically: a temp file in the same folder, renamed at the end (over an
+    existing file only with ``replace``: see ``publish``).
 
     ``metadata`` values are plain Python values (types inferred: int -> u32, float -> f32, ...)
     or ``(ValueType, value)`` pairs; for arrays ``(ValueType.ARRAY, (item_type, items))``.
@@ -751,10 +776,7 @@ def write_gguf(path: str | os.PathLike, metadata: dict[str, Any], specs: list[Te
                 written += pad
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        publish(tmp, path, replace)
     except BaseException:
         try:
             os.unlink(tmp)

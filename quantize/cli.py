@@ -169,7 +169,7 @@ def write_report(path: str, plan: Plan, results: list[TensorResult] | None, args
         "source_bytes": plan.checkpoint.source_bytes, "output_bytes": plan.output_bytes,
         "bits_per_weight": plan.bits_per_weight, "seconds": seconds, "tensors": tensors,
     }
-    write_atomically(path, json.dumps(report, indent=1).encode())
+    write_atomically(path, json.dumps(report, indent=1).encode(), replace=args.force)
 
 
 def _warn_line(message, category, filename, lineno, file=None, line=None):
@@ -280,7 +280,7 @@ def _group(name: str) -> str:
 def _write_with_progress(plan: Plan, args) -> list[TensorResult]:
     """A tqdm bar on a terminal; on a pipe or a file one line per finished tensor group (layer)."""
     if args.quiet:
-        return write_plan(plan, args.output, on_tensor=lambda result: _check_pending())
+        return write_plan(plan, args.output, on_tensor=lambda result: _check_pending(), replace=args.force)
     total = len(plan.tensors)
     if not sys.stderr.isatty():
         last = {"group": None, "count": 0, "start": time.perf_counter()}
@@ -293,7 +293,7 @@ def _write_with_progress(plan: Plan, args) -> list[TensorResult]:
             if done == total or groups[done] != group:
                 print(f"[{done}/{total}] {group} ({time.perf_counter() - last['start']:.1f} s)", file=sys.stderr,
                       flush=True)
-        return write_plan(plan, args.output, on_tensor=on_line)
+        return write_plan(plan, args.output, on_tensor=on_line, replace=args.force)
 
     from tqdm import tqdm
 
@@ -303,7 +303,7 @@ def _write_with_progress(plan: Plan, args) -> list[TensorResult]:
             _check_pending()
             bar.set_postfix_str(f"{result.name} {result.type}", refresh=False)
             bar.update(1)
-        return write_plan(plan, args.output, on_tensor=on_tensor)
+        return write_plan(plan, args.output, on_tensor=on_tensor, replace=args.force)
     finally:
         bar.close()
 

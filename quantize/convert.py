@@ -11,6 +11,7 @@ Hugging Face folder, a Meta ``consolidated.*.pth`` folder).  The steps:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 
 from edgellama._validate import is_int, is_number
 from edgellama.config import ModelArgs
-from edgellama.gguf import ModelFormatError, TensorSpec, ValueType, write_gguf
+from edgellama.gguf import ModelFormatError, TensorSpec, ValueType, publish, write_gguf
 from edgellama.quants import GGMLType, tensor_nbytes, type_name
 
 from . import blocks
@@ -335,7 +336,7 @@ def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -
 
 
 def write_plan(plan: Plan, target_path: str | os.PathLike, *, measure: bool = True,
-               on_tensor: Callable[[TensorResult], None] | None = None) -> list[TensorResult]:
+               on_tensor: Callable[[TensorResult], None] | None = None, replace: bool = True) -> list[TensorResult]:
     """Write the planned file atomically; returns one result per tensor, in file order."""
     validate_plan(plan)
     for p in plan.tensors:
@@ -353,7 +354,8 @@ def write_plan(plan: Plan, target_path: str | os.PathLike, *, measure: bool = Tr
                 on_tensor(result)
             yield out
 
-    write_gguf(target_path, plan.metadata, specs, data())
+    with _made_meanwhile(Path(target_path)):
+        write_gguf(target_path, plan.metadata, specs, data(), replace=replace)
     return results
 
 
@@ -408,9 +410,10 @@ def stale_temp_files(target: str | os.PathLike) -> list[Path]:
         return []
 
 
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+def write_atomically(path: str | os.PathLike, data: bytes, replace: bool = True) -> None:
     """A small file (the report) as write_gguf writes its output: temp file in the same folder,
-    fsync, usual permissions, rename; nothing is left under either name if anything fails."""
+    fsync, usual permissions, rename (over an existing file only with ``replace``); nothing is left
+    under either name if anything fails."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
@@ -418,16 +421,25 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        with _made_meanwhile(path):
+            publish(tmp, path, replace)
     except BaseException:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def _made_meanwhile(path: Path):
+    """A file that appeared at an output's name after check_target found none: the command's
+    one-line error (it is not replaced without --force)."""
+    try:
+        yield
+    except FileExistsError:
+        raise QuantizeError(f"{path}: a file of this name was made while converting; not replaced (use --force "
+                            "to overwrite it)") from None
 
 
 def convert_file(source: str | os.PathLike, target: str | os.PathLike, qtype: str | GGMLType | FileType, *,

@@ -703,6 +703,60 @@ def test_report_never_overwrites_an_existing_file_without_force(capsys, tiny, tm
     assert json.loads(other.read_text())["dry_run"] is True
 
 
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("which", ["o.gguf", "r.json"])
+def test_a_file_made_at_the_output_or_report_name_while_converting(capsys, tiny, tmp_path, monkeypatch, which, force):
+    """Adversarial pass: the existence check ran once at the start, and the file a user (or a second
+    run) made at the output's (or report's) name during the conversion was replaced without
+    --force.  Now it stays, and the command says why; with --force it is replaced, as an existing
+    one would be."""
+    out, report, made = tmp_path / "o.gguf", tmp_path / "r.json", tmp_path / which
+    real = convert.convert_tensor
+
+    def meanwhile(*a, **k):
+        if not made.exists():
+            made.write_text("made meanwhile")
+        return real(*a, **k)
+
+    monkeypatch.setattr(convert, "convert_tensor", meanwhile)
+    args = ["--type", "q8_0", "--report", report, "--quiet"] + (["--force"] if force else [])
+    code, _, err = run(capsys, tiny, out, *args)
+    if force:
+        assert code == 0, err
+        assert GGUFFile(out).tensors and json.loads(report.read_text())["output"] == str(out)
+    else:
+        assert code == 1
+        assert_one_line_error(err, which, "made while converting", "not replaced", "--force")
+        assert made.read_text() == "made meanwhile"
+        if which == "r.json":  # (the output was written before the report)
+            assert GGUFFile(out).tensors
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "hf") == sorted({"o.gguf", which} if not force
+                                                                                 else {"o.gguf", "r.json"})
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_publish_never_replaces_without_replace(tmp_path, monkeypatch, links):
+    """edgellama.gguf.publish, with hard links and without (FAT, exFAT: the fallback checks last)."""
+    from edgellama.gguf import publish
+
+    if not links:
+        def no_links(*_):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    tmp, dst = tmp_path / ".new.partial", tmp_path / "new"
+    tmp.write_text("new")
+    dst.write_text("old")
+    with pytest.raises(FileExistsError):
+        publish(tmp, dst, replace=False)
+    assert dst.read_text() == "old" and tmp.exists()
+    dst.unlink()
+    publish(tmp, dst, replace=False)
+    assert dst.read_text() == "new" and not tmp.exists()
+    tmp.write_text("newer")
+    publish(tmp, dst, replace=True)
+    assert dst.read_text() == "newer" and not tmp.exists()
+
+
 def test_report_and_output_must_differ(capsys, tiny, tmp_path):
     out = tmp_path / "o.gguf"
     code, _, err = run(capsys, tiny, out, "--type", "q8_0", "--report", out)
