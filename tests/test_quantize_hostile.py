@@ -927,6 +927,12 @@ def test_any_quantized_source_needs_allow_requantize(capsys, tmp_path, qtype):
     ("llama.embedding_length", (ValueType.UINT32, 0)),
     ("llama.feed_forward_length", None),
     ("general.architecture", (ValueType.STRING, "gpt2")),
+    # the tokenizer's (adversarial pass: these were copied through with exit 0)
+    ("tokenizer.ggml.eos_token_id", (ValueType.UINT32, 99999)),
+    ("tokenizer.ggml.merges", (ValueType.ARRAY, (ValueType.STRING, ["zzz yyy"]))),
+    ("tokenizer.ggml.tokens", (ValueType.ARRAY, (ValueType.STRING, ["a"] * 261))),
+    ("tokenizer.ggml.token_type", (ValueType.ARRAY, (ValueType.INT32, [1] * 7))),
+    ("tokenizer.ggml.model", (ValueType.STRING, "wordpiece")),
 ])
 def test_metadata_the_runtime_refuses_is_never_written(capsys, tmp_path, key, value):
     """Audit: head_count 0 and rope dimension -2 were copied into the output."""
