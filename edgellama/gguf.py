@@ -349,6 +349,22 @@ class StringArray(Sequence):
         return f"StringArray([{head}{', ...' if len(self) > 3 else ''}], {len(self)} strings)"
 
 
+def _data_problem(infos, data_size: int) -> str | None:
+    """What is wrong with where tensors (name, type, shape, offset in the data section, bytes) lie
+    in a data section of ``data_size`` bytes (past its end, before its start, overlapping), or None."""
+    spans = []
+    for name, _, _, offset, nbytes in infos:
+        if offset < 0 or offset + nbytes > data_size:
+            return (f"tensor {name!r}: data [{offset}, {offset + nbytes}) lies past the end of the "
+                    f"{data_size}-byte data section: file is truncated or incomplete")
+        spans.append((offset, offset + nbytes, name))
+    spans.sort()
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            return f"tensors {a!r} and {b!r} overlap in the data section"
+    return None
+
+
 class GGUFFile:
     """A validated, memory-mapped GGUF file.
 
@@ -478,18 +494,11 @@ class GGUFFile:
         data_size = len(self.buf) - self.data_offset
         if data_size < 0:
             raise cur.fail("file is truncated or incomplete: it ends before its tensor data section")
-        self.tensors: dict[str, TensorInfo] = {}
-        spans = []
-        for name, qtype, shape, offset, nbytes in infos:
-            if offset + nbytes > data_size:
-                raise cur.fail(f"tensor {name!r}: data [{offset}, {offset + nbytes}) lies past the end of the "
-                               f"{data_size}-byte data section: file is truncated or incomplete")
-            spans.append((offset, offset + nbytes, name))
-            self.tensors[name] = TensorInfo(name, qtype, shape, self.data_offset + offset, nbytes)
-        spans.sort()
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-            if start < end:
-                raise cur.fail(f"tensors {a!r} and {b!r} overlap in the data section")
+        problem = _data_problem(infos, data_size)
+        if problem:
+            raise cur.fail(problem)
+        self.tensors = {name: TensorInfo(name, qtype, shape, self.data_offset + offset, nbytes)
+                        for name, qtype, shape, offset, nbytes in infos}
 
     # ----- the parsed header, kept ---------------------------------------------------------------
 
@@ -536,6 +545,21 @@ class GGUFFile:
             value_types = {k: pairs.setdefault((a, b), (a, b)) for k, a, b in types}
             infos = {name: TensorInfo(name, GGMLType(q), tuple(shape), offset, nbytes)
                      for name, q, shape, offset, nbytes in tensors}
+            # the record is checked as parsing checks the header (it comes from a cache folder,
+            # not from the header whose digest it carries): a layout parsing would refuse, or
+            # that reaches beyond the file, is parsed again instead
+            if not (is_int(alignment) and 0 < alignment <= MAX_ALIGNMENT and not alignment & (alignment - 1)
+                    and data_offset == (end + alignment - 1) // alignment * alignment and data_offset <= size
+                    and len(infos) == len(tensors)):
+                return False
+            for t in infos.values():
+                if not (1 <= len(t.shape) <= MAX_DIMS and all(is_int(d) and d > 0 for d in t.shape)
+                        and t.shape[-1] % BLOCK_LAYOUT[t.qtype][0] == 0 and t.nbytes == tensor_nbytes(t.qtype, t.shape)
+                        and is_int(t.offset) and (t.offset - data_offset) % alignment == 0):
+                    return False
+            if _data_problem([(t.name, t.qtype, t.shape, t.offset - data_offset, t.nbytes) for t in infos.values()],
+                             size - data_offset):
+                return False
         except Exception:  # a file of another format: parse
             return False
         self.version, self.metadata, self.value_types, self.tensors = version, metadata, value_types, infos

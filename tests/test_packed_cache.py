@@ -690,6 +690,28 @@ def test_a_changed_file_is_parsed_again_whatever_its_times_say(tmp_path, monkeyp
             GGUFFile(path, keep_header=keep)
 
 
+def _forged_layouts(state, size):
+    """A kept header's state with its tensor layout changed (its SHA-256 trailer made again: only a
+    hand with write access to the cache makes these; an adversarial pass crashed the runtime with
+    the first): each one is refused and the header parsed again."""
+    version, meta, types, alignment, memory, data_offset, tensors = state
+    *rest, (name, q, shape, offset, nbytes) = tensors
+    first = tensors[0]
+
+    def with_tensors(ts, align=alignment, data=data_offset):
+        return (version, meta, types, align, memory, data, ts)
+
+    f32_bytes = 4 * int(np.prod(shape))
+    yield with_tensors([*rest, (name, 0, shape, size - f32_bytes, f32_bytes)])   # F32 at the file's end: bigger
+    yield with_tensors([*rest, (name, 0, shape, offset, nbytes)])                # another type, its old size
+    yield with_tensors([*rest, (name, q, shape, size - nbytes + 32, nbytes)])    # past the end
+    yield with_tensors([*rest, (name, q, shape, first[3], nbytes)])              # over the first tensor
+    yield with_tensors([*rest, (name, q, shape, data_offset - 64, nbytes)])      # before the data section
+    yield with_tensors([*rest, (name, q, (shape[0], shape[1] + 1), offset, nbytes)])  # a row of another length
+    yield with_tensors(tensors, align=48)                                        # not a power of two
+    yield with_tensors(tensors, data=data_offset + 32)                           # data elsewhere
+
+
 def test_a_damaged_or_foreign_kept_header_is_ignored_and_replaced(tmp_path, monkeypatch):
     import hashlib
     import marshal
@@ -714,7 +736,8 @@ def test_a_damaged_or_foreign_kept_header_is_ignored_and_replaced(tmp_path, monk
                     whole(b"not marshal data"), whole(marshal.dumps((fmt + 1, size, end, digest, state))),
                     whole(marshal.dumps((fmt, size + 1, end, digest, state))),
                     whole(marshal.dumps((fmt, size, end - 1, digest, state))),
-                    whole(marshal.dumps((fmt, size, end, digest, state[:-1])))):
+                    whole(marshal.dumps((fmt, size, end, digest, state[:-1]))),
+                    *(whole(marshal.dumps((fmt, size, end, digest, forged))) for forged in _forged_layouts(state, size))):
         kept.write_bytes(damaged)
         got = GGUFFile(path, keep_header=True)
         assert got.header_source == "parsed"
