@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import itertools
 import json
 import math
 import os
@@ -76,6 +77,11 @@ MAX_TEMPLATE_CHARS = 1_000_000
 MAX_ITEMS = 100_000
 # What one render may add to the process's memory (on top of its inputs).
 MAX_RENDER_BYTES = 64 << 20
+# The most items a value a template builds may hold counting each occurrence (a list holding one
+# list twice counts its items twice, as comparing or hashing it visits them twice; a string counts
+# 1 per KiB): comparing two lists doubled 60 times (each a 2-item list, every other check passed)
+# was 2**60 steps in one C call that holds the GIL, which no time limit interrupts.
+MAX_NODES = 1 << 20
 DEFAULT_TIMEOUT = 5.0
 _ROLE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
@@ -438,6 +444,7 @@ class _Budget:
         self.rss_start = _rss_bytes()
         self.taint_memo: dict[int, tuple[Any, bool]] = {}
         self.size_memo: dict[tuple[int, str], tuple[Any, int]] = {}
+        self.node_memo: dict[int, tuple[Any, int]] = {}
 
     def tick(self) -> None:
         self.ticks += 1
@@ -474,6 +481,7 @@ class _Budget:
             nbytes = sys.getsizeof(value)
         elif isinstance(value, (list, tuple, dict, set, frozenset)):
             self.need_items(len(value), what)
+            self.check_nodes(value, what)
             nbytes = sys.getsizeof(value)
         elif isinstance(value, int) and not isinstance(value, bool):
             if value.bit_length() > 4096:
@@ -498,6 +506,34 @@ class _Budget:
             raise _LimitExceeded(f"chat template grew memory by {grown >> 20} MB, more than the limit "
                                  f"of {self.max_bytes >> 20} MB")
         self.charged = max(0, grown)
+
+    # --- the work of comparing or hashing a value ---
+
+    def nodes(self, x: Any, depth: int = 0) -> int:
+        """Items of ``x`` counting every occurrence (what ==, <, in, hash and sorting may visit), each
+        container memoized (so computing it is linear in the distinct containers); stops counting
+        once over MAX_NODES.  Namespaces count 1: they compare and hash by identity."""
+        if isinstance(x, str):
+            return 1 + (len(x) >> 10)
+        if not isinstance(x, (list, tuple, dict, set, frozenset)):
+            return 1
+        hit = self.node_memo.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        if depth > 200:
+            raise _LimitExceeded("chat template values are nested more than 200 levels deep")
+        total = 1
+        for item in (itertools.chain.from_iterable(x.items()) if isinstance(x, dict) else x):
+            total += self.nodes(item, depth + 1)
+            if total > MAX_NODES:
+                break
+        self.node_memo[id(x)] = (x, total)
+        return total
+
+    def check_nodes(self, x: Any, what: str) -> None:
+        if self.nodes(x) > MAX_NODES:
+            raise _LimitExceeded(f"chat template {what} holds more than {MAX_NODES} items counting repeats "
+                                 "(comparing or hashing it would take too long)")
 
     # --- sizes of text before it is made ---
 
@@ -574,14 +610,33 @@ def _percent_fields(fmt: str) -> int:
     return fmt.count("%")
 
 
-def _check_widths(b: _Budget, fmt: str, what: str) -> None:
-    """Refuse format strings with absurd widths or precisions ('%999999999d', '{:>99999999}')."""
+# a % conversion whose width or precision is an argument: '%*d', '%-*.*f', '%(name)*s'
+_PERCENT_STAR = re.compile(r"%(?:\([^)]*\))?[-+ #0]*(?:\*|\d*\.\*)")
+
+
+def _check_widths(b: _Budget, fmt: str, what: str, style: str) -> None:
+    """Refuse format strings with absurd widths or precisions ('%999999999d', '{:>99999999}'), and
+    widths or precisions taken from the arguments ('%*d', '{0:{1}}': the string would be made at
+    that size before anything could measure it), which no chat template needs."""
     for m in re.finditer(r"\d{7,}", fmt):
         b.need_count(int(m.group()), what)
+    if style == "%":
+        dynamic = _PERCENT_STAR.search(fmt.replace("%%", "")) is not None
+    else:
+        try:
+            dynamic = any(spec and "{" in spec for _, _, spec, _ in string.Formatter().parse(fmt))
+        except ValueError:  # (str.format refuses it too)
+            dynamic = False
+    if dynamic:
+        raise _LimitExceeded(f"chat template {what} takes a width or precision from its arguments "
+                             "(not available in chat templates)")
 
 
-def _bound_format(b: _Budget, fmt: str, args, kwargs, fields: int, what: str) -> None:
-    _check_widths(b, fmt, what)
+def _bound_format(b: _Budget, fmt: str, args, kwargs, style: str, what: str) -> None:
+    """Refuse what formatting ``fmt`` (``style`` "%" or "{}") with these arguments could make too
+    long, before it is made."""
+    _check_widths(b, fmt, what, style)
+    fields = _percent_fields(fmt) if style == "%" else _format_fields(fmt)
     widest = max([b.text_size(a, "repr") for a in args] + [b.text_size(v, "repr") for v in kwargs.values()]
                  + [0])
     b.need_chars(len(fmt) + fields * widest, what)
@@ -659,6 +714,24 @@ class _CodeGenerator(jinja2.compiler.CodeGenerator):
         raise jinja2.exceptions.TemplateSyntaxError("autoescape is not supported in chat templates",
                                                     node.lineno)
 
+    # list, tuple and dict literals: each value built is checked (_Budget.check_nodes)
+    def visit_List(self, node, frame) -> None:
+        self.write("environment.built(")
+        super().visit_List(node, frame)
+        self.write(")")
+
+    def visit_Tuple(self, node, frame) -> None:
+        if node.ctx != "load":  # an assignment's target
+            return super().visit_Tuple(node, frame)
+        self.write("environment.built(")
+        super().visit_Tuple(node, frame)
+        self.write(")")
+
+    def visit_Dict(self, node, frame) -> None:
+        self.write("environment.built(")
+        super().visit_Dict(node, frame)
+        self.write(")")
+
 
 def _concat_parts(parts) -> str:
     """Macro bodies, {% set %} and {% filter %} blocks: their output pieces joined."""
@@ -674,6 +747,14 @@ class _SafeEnvironment(ImmutableSandboxedEnvironment):
     code_generator_class = _CodeGenerator
     intercepted_binops = frozenset({"+", "*", "**", "%", "//"})
     concat = staticmethod(_concat_parts)
+
+    @staticmethod
+    def built(value):
+        """A list, tuple or dict literal's value (see _CodeGenerator)."""
+        b = _budget()
+        b.tick()
+        b.check_nodes(value, "value")
+        return value
 
     @staticmethod
     def concat_values(values) -> str:
@@ -705,7 +786,7 @@ class _SafeEnvironment(ImmutableSandboxedEnvironment):
         elif operator == "%" and isinstance(left, str):
             args = right if isinstance(right, tuple) else (right,)
             kwargs = right if isinstance(right, Mapping) else {}
-            _bound_format(b, left, args, kwargs, _percent_fields(left), "% format")
+            _bound_format(b, left, args, kwargs, "%", "% format")
         result = super().call_binop(context, operator, left, right)
         if operator == "%" and isinstance(left, str):
             user = _tainted(left, b) or _tainted(right, b)
@@ -729,7 +810,7 @@ class _SafeEnvironment(ImmutableSandboxedEnvironment):
             elif name in ("format", "format_map"):
                 mapping = args[0] if name == "format_map" and args else kwargs
                 _bound_format(b, owner, args if name == "format" else (), mapping if isinstance(mapping, Mapping)
-                              else {}, _format_fields(owner), "format string")
+                              else {}, "{}", "format string")
 
                 def recompute(ch, owner=owner, name=name):
                     # the same call through the sandbox (its formatter checks every field)
@@ -793,7 +874,7 @@ def _filter_bounds(b: _Budget, name: str, values: list, kwargs: dict) -> None:
         if isinstance(value, str):
             b.need_chars(len(value) * (1 + wrap_len) + wrap_len, "filter wordwrap")
     elif name == "format" and isinstance(value, str):
-        _bound_format(b, value, args, kwargs, _percent_fields(value), "format string")
+        _bound_format(b, value, args, kwargs, "%", "format string")
     elif name == "replace" and len(values) >= 3:
         b.need_chars(_replace_size(*values[:3], *values[3:4]), "filter replace")
     elif name == "string" and value is not None:

@@ -75,6 +75,24 @@ AMPLIFIERS = {
                                   "{% set ns.d = dict(ns.d, **{'k' ~ i: big[:900000] ~ i}) %}{% endfor %}",
     "translate": "{{ big.translate({120: big}) }}",
     "strftime": "{{ strftime_now('%c' * 100000) }}",
+    # widths and precisions from the arguments (an adversarial pass: 1-2.9 GB before any check)
+    "format width argument": "{{ '{0:{1}}'.format('a', 999999999) }}",
+    "percent width argument": "{{ '%*d' % (999999999, 1) }}",
+    "percent precision argument": "{{ '%.*f' % (499999999, 1.0) }}",
+    "format filter width argument": "{{ '%*s' | format(999999999, 'a') }}",
+    # values whose items repeat (an adversarial pass: comparing or hashing two of these, 2**60 steps
+    # in one C call that holds the GIL, froze the whole server): refused as they are built
+    "doubled list": "{% set ns = namespace(x=[]) %}{% for i in range(60) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}",
+    "doubled tuple": "{% set ns = namespace(x=()) %}{% for i in range(60) %}{% set ns.x = (ns.x, ns.x) %}"
+                     "{% endfor %}",
+    "doubled dict": "{% set ns = namespace(x={}) %}{% for i in range(60) %}{% set ns.x = {'a': ns.x, 'b': ns.x} %}"
+                    "{% endfor %}",
+    "doubled by +": "{% set ns = namespace(x=[]) %}{% for i in range(60) %}{% set ns.x = [ns.x] + [ns.x] %}"
+                    "{% endfor %}",
+    "doubled by *": "{% set ns = namespace(x=[]) %}{% for i in range(60) %}{% set ns.x = [ns.x] * 2 %}{% endfor %}",
+    "doubled by dict()": "{% set ns = namespace(x=[]) %}{% for i in range(60) %}{% set ns.x = dict(a=ns.x, b=ns.x) %}"
+                         "{% endfor %}",
+    "doubled in a macro": "{% macro f(n, x) %}{% if n %}{{ f(n - 1, [x, x]) }}{% endif %}{% endmacro %}{{ f(60, []) }}",
 }
 
 
@@ -145,6 +163,12 @@ def test_limits_leave_real_work_alone():
     text = render_chat("chatml", msgs)
     assert len(text) > 950_000
     assert render_chat("{{ (range(MAX)|list)|length }}", [], MAX=MAX_ITEMS) == str(MAX_ITEMS)
+    # repeated items below MAX_NODES: built, compared and hashed
+    doubled = ("{% set ns = namespace(x=(), y=()) %}{% for i in range(15) %}{% set ns.x = (ns.x, ns.x) %}"
+               "{% set ns.y = (ns.y, ns.y) %}{% endfor %}{{ ns.x == ns.y }} {{ {ns.x: 1}[ns.y] }}")
+    assert render_chat(doubled, []) == "True 1"
+    assert render_chat("{{ '%5d|%-4s|%.2f|%%*' % (42, 'ab', 1.5) }} {{ '{0:>5}|{0}'.format(7) }}", []) == \
+        "   42|ab  |1.50|%* " + "    7|7"
 
 
 def test_one_long_operation_cannot_outlast_the_budget():
