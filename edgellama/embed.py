@@ -17,9 +17,14 @@ EMBED_ROWS = 64    # tokens per pass
 EMBED_SLOTS = 8    # texts evaluated together
 
 
-def embed(model, texts, add_bos: bool | None = None, normalize: bool = True) -> np.ndarray:
+def embed(model, texts, add_bos: bool | None = None, normalize: bool = True, check=None) -> np.ndarray:
     """(len(texts), dim) float32: per text (a string, or a list of token ids), the mean of its
-    tokens' final normed hidden states, L2-normalized unless ``normalize`` is False."""
+    tokens' final normed hidden states, L2-normalized unless ``normalize`` is False.
+
+    Texts are evaluated in groups of at most EMBED_SLOTS whose KV cache (slots x the group's
+    longest text) holds at most the model's context, so that the memory a call adds is at most one
+    more context's cache, whatever the texts.  ``check``: called before every pass (EMBED_ROWS
+    tokens); what it raises stops the call (a server's client that went away)."""
     from .batch import Rows
     from .model import ContextOverflowError
 
@@ -35,13 +40,14 @@ def embed(model, texts, add_bos: bool | None = None, normalize: bool = True) -> 
             raise ContextOverflowError(f"text {i} has {len(ids)} tokens but the context holds {model.n_ctx}")
         ids_list.append(ids)
     out = np.zeros((len(ids_list), model.args.dim), np.float32)
-    for g in range(0, len(ids_list), EMBED_SLOTS):
-        group = ids_list[g:g + EMBED_SLOTS]
+    for g, group in _groups(ids_list, model.n_ctx):
         rows = Rows(model, len(group), max(2, max(len(ids) for ids in group)), EMBED_ROWS)
         sums = np.zeros((len(group), model.args.dim), np.float64)
         # (text, position) of every token of the group, passes of EMBED_ROWS rows in that order
         todo = [(j, p) for j, ids in enumerate(group) for p in range(len(ids))]
         for start in range(0, len(todo), EMBED_ROWS):
+            if check is not None:
+                check()
             part = todo[start:start + EMBED_ROWS]
             hidden = rows.forward([group[j][p] for j, p in part], [p for _, p in part], [j for j, _ in part],
                                   list(range(len(part))), want_logits=False)
@@ -53,3 +59,17 @@ def embed(model, texts, add_bos: bool | None = None, normalize: bool = True) -> 
         norms = np.linalg.norm(out.astype(np.float64), axis=1, keepdims=True)
         out = (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
     return out
+
+
+def _groups(ids_list: list[list[int]], n_ctx: int):
+    """(index of the first, texts) of consecutive groups of at most EMBED_SLOTS texts with texts x
+    longest (at least 2) <= n_ctx positions (a text alone always: none is longer than the context)."""
+    start, longest = 0, 0
+    for i, ids in enumerate(ids_list):
+        wider = max(longest, len(ids), 2)  # (Rows holds at least 2 positions a slot)
+        if i > start and ((i - start + 1) * wider > n_ctx or i - start == EMBED_SLOTS):
+            yield start, ids_list[start:i]
+            start, wider = i, max(len(ids), 2)
+        longest = wider
+    if start < len(ids_list):
+        yield start, ids_list[start:]

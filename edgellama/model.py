@@ -679,13 +679,15 @@ class Model:
 
         return generate_many(self, prompts, max_tokens, parallel=parallel, **options)
 
-    def embed(self, texts, add_bos: bool | None = None, normalize: bool = True) -> np.ndarray:
+    def embed(self, texts, add_bos: bool | None = None, normalize: bool = True, check=None) -> np.ndarray:
         """Embeddings (len(texts), dim) float32: the mean over each text's tokens of the last layer's
         output after the final norm, L2-normalized (llama.cpp's ``--embedding --pooling mean``).
-        A text is a string or a list of token ids; texts are evaluated together (edgellama.embed)."""
+        A text is a string or a list of token ids; texts are evaluated together (edgellama.embed),
+        adding at most one more context's KV cache; ``check`` (optional) is called between passes,
+        and what it raises stops the call."""
         from .embed import embed
 
-        return embed(self, texts, add_bos=add_bos, normalize=normalize)
+        return embed(self, texts, add_bos=add_bos, normalize=normalize, check=check)
 
 DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
 # the prompt path's kernels whose helper functions the decode step compiles too: a compile child

@@ -417,7 +417,7 @@ def run_embedding(engine, request: Embedding, job: Job) -> None:
 
     model = engine.model
     ids = [model.tokenize(x) if isinstance(x, str) else x for x in request.inputs]
-    vectors = model.embed(ids)
+    vectors = model.embed(ids, check=job.check)  # a client that goes away stops it (JobStopped)
     data = []
     for i, vec in enumerate(vectors):
         if request.base64:
