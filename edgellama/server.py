@@ -52,7 +52,8 @@ Slow or hostile clients (the limits are ``ServerConfig`` fields and ``edgellama 
 Everything else a hostile client may try is answered too: the server binds 127.0.0.1 unless told
 otherwise; an API key (``--api-key`` or ``EDGELLAMA_API_KEY``) is compared in constant time; on a
 loopback address the ``Host`` header must name this machine (DNS rebinding); cross-origin browsers
-get no CORS headers unless their origin is listed, and credentials are never allowed; bodies must
+get no CORS headers unless their origin is listed, and credentials are never allowed; a browser's
+POST from an origin not listed is refused (403: a page cannot make the model work for it); bodies must
 declare their length, which is capped (413); every field is checked against its range before it
 reaches the model (a 400 naming the field); a failure while tokenizing or generating is a JSON
 error too (400 when the request caused it, else 500), even an exception that is not an
@@ -1435,6 +1436,8 @@ class Server:
         self._check_host(request)
         if request.method != "OPTIONS" and request.path != "/health":
             self._check_key(request)
+        if request.method == "POST":
+            self._check_origin(request)
         if "transfer-encoding" in request.headers:
             raise APIError(411, "chunked request bodies are not accepted: send Content-Length")
         length = request.headers.get("content-length")
@@ -1533,6 +1536,23 @@ class Server:
         if name not in LOOPBACK_NAMES | {self.config.host.lower()} | {h.lower() for h in allowed}:
             raise APIError(403, f"Host {host[:80]!r} is not allowed (use --allowed-host)", code="host_not_allowed",
                            kind="permission_error")
+
+    def _check_origin(self, request: Request) -> None:
+        """A browser's POST from a page of another origin runs only when that origin is listed
+        (--cors-origin): a page may send a "simple" request (text/plain, no preflight) that it cannot
+        read the answer of, but that would still occupy the model.  Clients other than browsers send
+        no Origin; a page of this server's own origin may post."""
+        origin = request.headers.get("origin")
+        if origin is None:
+            return
+        allowed = self.config.cors_origins
+        if "*" in allowed or origin in allowed:
+            return
+        host = request.headers.get("host", "").strip().lower()
+        if host and origin.strip().lower() == f"http://{host}":
+            return
+        raise APIError(403, f"requests from the web page origin {origin[:80]!r} are not allowed (use --cors-origin)",
+                       code="origin_not_allowed", kind="permission_error")
 
     def _check_key(self, request: Request) -> None:
         key = self.config.api_key

@@ -415,8 +415,27 @@ def test_cors(server, tiny):
             "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
         assert status == 204 and "POST" in headers["Access-Control-Allow-Methods"]
         assert "Authorization" in headers["Access-Control-Allow-Headers"]
+        assert s.post("/v1/completions", {"prompt": "hi", "max_tokens": 1},
+                      headers={"Origin": "http://app.example"})[0] == 200
     finally:
         s.close()
+
+
+def test_a_web_page_of_another_origin_cannot_make_the_model_work(server):
+    """An adversarial pass: any page could POST a text/plain body (no preflight) to the local server
+    and have it generate; it could not read the answer, but it occupied the model and the line."""
+    before = server.engine.finished
+    for origin in ("https://evil.example", "null", "http://127.0.0.1:1"):
+        for content_type in ("text/plain", "application/json"):
+            status, _, body = server.post("/v1/completions", {"prompt": "hi", "max_tokens": 1},
+                                          headers={"Origin": origin, "Content-Type": content_type})
+            assert status == 403 and body["error"]["code"] == "origin_not_allowed", (origin, body)
+    assert server.engine.finished == before  # nothing ran
+    # no Origin (curl, SDKs) or this server's own: served
+    assert server.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
+    own = f"http://127.0.0.1:{server.port}"
+    assert server.post("/v1/completions", {"prompt": "hi", "max_tokens": 1},
+                       headers={"Origin": own, "Host": f"127.0.0.1:{server.port}"})[0] == 200
 
 
 def test_full_line_gets_503(tiny):
