@@ -353,8 +353,8 @@ def parse_completion(body: dict, chat: bool, n_vocab: int, n_ctx: int) -> Comple
     special = False
     if chat:
         messages = _messages(body)
-        top = _int_field(body, "top_logprobs", 0, 0, MAX_LOGPROBS) if _field(body, "logprobs", (bool,), False) \
-            else None
+        top = _int_field(body, "top_logprobs", 0, 0, MAX_LOGPROBS)  # (checked even where logprobs is off)
+        top = top if _field(body, "logprobs", (bool,), False) else None
         max_tokens = _max_tokens(body, None, "max_completion_tokens", "max_tokens")
     else:
         prompt = _prompt(body, n_vocab)

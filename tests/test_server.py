@@ -258,6 +258,10 @@ BAD = [
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"1": 500}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    # (an adversarial pass: without logprobs these were not read, so any value passed)
+    ("/v1/chat/completions", {"messages": MSG, "top_logprobs": "x"}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MSG, "logprobs": False, "top_logprobs": -5}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": MSG, "top_logprobs": [1]}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": MSG, "seed": -4}, 400, "seed"),
     # ranges come from the Sampler; its errors carry the setting, named by its request field
     ("/v1/chat/completions", {"messages": MSG, "repeat_last_n": -1}, 400, "repeat_last_n"),
