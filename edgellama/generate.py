@@ -214,10 +214,12 @@ def check_generation(tokenizer, max_tokens: int | None, sampler, stop_ids=(), st
         raise GenerationError(f"sampler must be callable (logits -> token id), got {type(sampler).__name__}",
                               param="sampler")
     stops = check_stop(stop)
-    try:
-        extra_ids = frozenset(int(i) for i in stop_ids)
-    except (TypeError, ValueError):
-        raise GenerationError(f"stop_ids must be token ids, got {str(stop_ids)[:100]}", param="stop_ids") from None
+    n_vocab = tokenizer.n_vocab
+    ids = list(stop_ids) if isinstance(stop_ids, Iterable) and not isinstance(stop_ids, (str, bytes)) else None
+    if ids is None or not all(is_int(i) and 0 <= i < n_vocab for i in ids):
+        raise GenerationError(f"stop_ids must be token ids in [0, {n_vocab}), got {str(stop_ids)[:100]}",
+                              param="stop_ids")
+    extra_ids = frozenset(int(i) for i in ids)
     return None if max_tokens is None else int(max_tokens), extra_ids | tokenizer.eog_ids, stops
 
 

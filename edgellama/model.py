@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import numpy as np
 
 from . import kernel_thread, kernels as K
+from ._validate import is_int
 from .config import DEFAULT_MAX_CTX, ModelArgs  # ModelArgs lives in config (no Numba); re-exported here
 from .gguf import GGUFFile, ModelFormatError
 from .kernel_cache import DECODE_PIECES_CHILD, DECODE_PIECES_HERE, CompileChild, compile_for, matrix_types, \
@@ -516,12 +518,14 @@ class Model:
         ``SamplingError``, bad generation options ``GenerationError``; both name the parameter
         in ``param``.
         """
-        from .generate import check_n_keep, generate_tokens, truncate_prompt
+        from .generate import check_generation, check_n_keep, generate_tokens, truncate_prompt
         from .sampling import make_sampler
 
         sampler = make_sampler(sampler, sampling, self.args.n_vocab)
         check_n_keep(n_keep, self.n_ctx, context_shift=context_shift, truncate=truncate)
-        ids = self.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) else list(prompt)
+        check_generation(self.tokenizer, max_tokens, sampler, stop_ids, stop)  # (before truncating by max_tokens)
+        ids = self.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) \
+            else self._check_ids(prompt).tolist()
         if truncate:
             want = self.n_ctx // 4 if max_tokens is None else max_tokens
             ids = truncate_prompt(ids, self.n_ctx, n_keep, room=max(1, min(want, self.n_ctx // 2)))
@@ -529,12 +533,29 @@ class Model:
                                n_keep=n_keep if context_shift else None)
 
     def _check_ids(self, ids) -> np.ndarray:
-        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        """Token ids as an int64 array: integers (a float or a string is a TypeError, not truncated
+        or parsed), each in the vocabulary (a ValueError naming the first that is not)."""
+        n_vocab = self.args.n_vocab
+        if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu":
+            flat = ids.reshape(-1)
+            values = flat[(flat < 0) | (flat >= n_vocab)][:1].tolist()  # the first outside, if any
+            arr = flat.astype(np.int64)
+        else:
+            if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+                raise TypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
+            values = list(ids.reshape(-1)) if isinstance(ids, np.ndarray) else list(ids)
+            wrong = next((t for t in values if not is_int(t)), None)
+            if wrong is not None:
+                raise TypeError(f"token ids must be integers, got {wrong!r}")
+            values = [int(t) for t in values]
+            arr = None
+        outside = next((t for t in values if not 0 <= t < n_vocab), None)
+        if outside is not None:
+            raise ValueError(f"token id {outside} is outside the vocabulary [0, {n_vocab})")
+        if arr is None:
+            arr = np.array(values, dtype=np.int64)
         if arr.size == 0:
             raise ValueError("no tokens to evaluate")
-        bad = (arr < 0) | (arr >= self.args.n_vocab)
-        if bad.any():
-            raise ValueError(f"token id {int(arr[bad][0])} is outside the vocabulary [0, {self.args.n_vocab})")
         return arr
 
     def _decode(self, token: int) -> np.ndarray:

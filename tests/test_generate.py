@@ -439,3 +439,63 @@ def test_model_generate_truncates_an_overlong_prompt_only_when_asked(tiny_path):
     # the same truncated prompt, given directly, yields the same text
     again = list(edgellama.load(tiny_path, n_ctx=32).generate(prompt[:3] + prompt[-25:], max_tokens=4))
     assert "".join(chunks) == "".join(again)
+
+
+# ----- token ids and options of the Python API (an adversarial pass: floats and strings were
+# truncated or parsed into ids, stop_ids were never checked, errors did not say what was wrong) -----
+
+@pytest.fixture(scope="module")
+def api_model(tiny_path):
+    return edgellama.load(tiny_path, n_ctx=64, threads=1)
+
+
+@pytest.mark.parametrize("ids", [[1, 1.7], [1.0], ["1", "2"], [True], np.array([1.5])])
+def test_token_ids_must_be_integers(api_model, ids):
+    before = api_model.n_evaluated
+    with pytest.raises(TypeError, match="token ids must be"):
+        api_model.eval(ids)
+    with pytest.raises(TypeError, match="token ids must be"):
+        api_model.embed([ids])
+    with pytest.raises(TypeError, match="token ids must be"):
+        api_model.generate(ids, 2, sampler=lambda logits: 1)  # a custom sampler: nothing checks the ids later
+    assert api_model.n_evaluated == before  # nothing was evaluated
+
+
+def test_a_string_is_not_token_ids(api_model):
+    """(generate and embed take a string as text; eval takes ids only)"""
+    with pytest.raises(TypeError, match="token ids must be a sequence of integers, got str"):
+        api_model.eval("12")
+
+
+@pytest.mark.parametrize("ids", [[2 ** 70], [-1], [1, 10 ** 6], np.array([2 ** 40], np.int64), np.array([2 ** 63], np.uint64)])
+def test_token_ids_outside_the_vocabulary_are_named(api_model, ids):
+    with pytest.raises(ValueError, match=r"token id -?\d+ is outside the vocabulary \[0, \d+\)"):
+        api_model.eval(ids)
+
+
+def test_integer_ids_of_every_kind_are_taken(api_model):
+    api_model.reset()
+    want = api_model.eval([5, 6, 7]).copy()
+    for ids in (np.array([5, 6, 7], np.int32), np.array([[5, 6, 7]], np.uint16), (np.int64(5), 6, 7), range(5, 8)):
+        api_model.reset()
+        np.testing.assert_array_equal(api_model.eval(ids), want)
+
+
+@pytest.mark.parametrize("stop_ids", ["12", [1.5], [-1], [2 ** 70], 7, [None]])
+def test_stop_ids_must_be_token_ids(api_model, stop_ids):
+    with pytest.raises(GenerationError, match=r"stop_ids must be token ids in \[0, \d+\)") as e:
+        api_model.generate([1, 2], 2, stop_ids=stop_ids)
+    assert e.value.param == "stop_ids"
+
+
+def test_stop_ids_may_be_any_iterable_of_ids(api_model):
+    from edgellama.generate import check_generation
+
+    _, ids, _ = check_generation(api_model.tokenizer, 2, lambda logits: 1, (i for i in (3, 4)))
+    assert {3, 4} <= ids  # (a generator is read once: both kept)
+
+
+def test_max_tokens_is_checked_before_it_sizes_a_truncation(api_model):
+    with pytest.raises(GenerationError, match="max_tokens must be a non-negative integer") as e:
+        api_model.generate(list(range(1, 200)), 1.5, truncate=True)
+    assert e.value.param == "max_tokens"
