@@ -674,6 +674,9 @@ class Model:
         context shift keeps: at least the system prompt, the template's end-of-turn ids)."""
         from .chat import chat_prompt_ids, end_of_turn_ids, template_for
 
+        if template is not None and (not isinstance(template, str) or not template.strip()):
+            raise TypeError(f"template must be a template text or a built-in name (chatml, llama2, llama3), got "
+                            f"{template!r:.80}")
         template = template_for(self.tokenizer, self.file.get("tokenizer.chat_template") if template is None
                                 else template)
         ids = chat_prompt_ids(self.tokenizer, messages, template)
@@ -698,6 +701,8 @@ class Model:
         prompt gets alone.  Options as ``generate``'s (sampling settings as keywords)."""
         from .batch import generate_many
 
+        if isinstance(prompts, (str, bytes)):  # (not its characters, one prompt each)
+            raise TypeError("generate_many takes a list of prompts; for one prompt, use generate")
         return generate_many(self, prompts, max_tokens, parallel=parallel, **options)
 
     def embed(self, texts, add_bos: bool | None = None, normalize: bool = True, check=None) -> np.ndarray:

@@ -499,3 +499,16 @@ def test_max_tokens_is_checked_before_it_sizes_a_truncation(api_model):
     with pytest.raises(GenerationError, match="max_tokens must be a non-negative integer") as e:
         api_model.generate(list(range(1, 200)), 1.5, truncate=True)
     assert e.value.param == "max_tokens"
+
+
+@pytest.mark.parametrize("template", [5, "", "   ", b"chatml"])
+def test_a_chat_template_that_is_not_text_is_an_error(api_model, template):
+    """(it fell back to the built-in template without a word)"""
+    with pytest.raises(TypeError, match="template must be a template text or a built-in name"):
+        api_model.chat([{"role": "user", "content": "hi"}], 1, template=template)
+
+
+def test_generate_many_takes_a_list_not_a_string(api_model):
+    """(a string ran as one prompt per character)"""
+    with pytest.raises(TypeError, match="list of prompts"):
+        api_model.generate_many("abc", 1)
