@@ -638,6 +638,11 @@ class GGUFFile:
             raise ValueError(f"{self.path}: closed")
         return os.pread(self._file.fileno(), size, offset)
 
+    def __del__(self) -> None:  # (a file never closed: its descriptor goes with it, without a warning)
+        fh = getattr(self, "_file", None)
+        if fh is not None:
+            fh.close()
+
     def close(self) -> None:
         fh, self._file = self._file, None
         if fh is not None:
