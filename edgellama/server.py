@@ -418,7 +418,11 @@ def run_embedding(engine, request: Embedding, job: Job) -> None:
 
     model = engine.model
     ids = [model.tokenize(x) if isinstance(x, str) else x for x in request.inputs]
-    vectors = model.embed(ids, check=job.check)  # a client that goes away stops it (JobStopped)
+    def between_passes() -> None:
+        job.check()  # a client that went away stops it (JobStopped)
+        engine.between_passes()  # (with parallel slots: the streams go on meanwhile)
+
+    vectors = model.embed(ids, check=between_passes)
     data = []
     for i, vec in enumerate(vectors):
         if request.base64:
@@ -575,6 +579,9 @@ class Engine:
         """The context one request gets."""
         return self.model.n_ctx
 
+    def between_passes(self) -> None:
+        """Called by long work on the worker between its passes (embeddings): nothing else runs here."""
+
     @property
     def waiting(self) -> int:
         return len(self._line)
@@ -668,7 +675,8 @@ class SlotEngine:
     of every generating request and the next prompt tokens of the others (a long prompt advances a
     piece at a time, so that it never stalls the streams for long); each request's chunks stream into
     its own job's buffer.  Beyond the slots, ``max_queue`` requests may wait (503 beyond them).
-    Other model work (embeddings) runs on the worker between two steps.  A request's reply is the
+    Other model work (embeddings) runs on the worker between two steps, and takes a step of the
+    slots between its own passes (``between_passes``).  A request's reply is the
     same whatever runs beside it (batch invariance: edgellama.batch)."""
 
     def __init__(self, model, name: str, n_slots: int, max_queue: int = 8, n_ctx: int | None = None,
@@ -821,6 +829,15 @@ class SlotEngine:
         except BaseException as e:  # noqa: B036 (a tokenizer's PanicException is a BaseException)
             self._fail(job, e)
             self._done(job)
+
+    def between_passes(self) -> None:
+        """Called by other work on the worker (embeddings) between its passes: one step of the slots,
+        so that their streams go on instead of waiting for the whole of it (a 1 MB request of token
+        ids is minutes of work).  No job starts here."""
+        self._drop_stopped()
+        if self.batch.active:
+            self._step()
+        self._status = self.batch.status()
 
     def _drop_stopped(self) -> None:
         """Jobs whose client left (or whose buffer overflowed) leave their slot now."""
@@ -1122,14 +1139,28 @@ def _client_key(peer) -> str:
 
 
 class _Connection:
-    __slots__ = ("reader", "writer", "peer", "client", "open")
+    __slots__ = ("reader", "writer", "peer", "client", "open", "_closed")
 
     def __init__(self, reader, writer, peer, client):
         self.reader, self.writer, self.peer, self.client = reader, writer, peer, client
         self.open = True
+        self._closed: asyncio.Future | None = None
 
     def abort(self) -> None:
         self.writer.transport.abort()
+
+    def closed(self) -> asyncio.Future:
+        """Done when the connection is closed: one watcher for the connection's life, which each
+        request's delivery hooks into.  (A watcher per request, cancelled after it, cancelled the
+        stream's own close-waiter future with it: every later request on a keep-alive connection
+        then found it done at once, took its client for gone and got no answer.)"""
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self.writer.wait_closed())
+        return self._closed
+
+    def forget(self) -> None:
+        if self._closed is not None:
+            self._closed.cancel()
 
 
 # How much lower (in nice steps) the event loop's thread runs than the model's threads.  Linux
@@ -1377,6 +1408,7 @@ class Server:
             print(f"edgellama serve: connection from {conn.client} failed: {e!r}", file=sys.stderr)
             conn.abort()
         finally:
+            conn.forget()
             self._forget(conn)
 
     async def _read_request(self, conn: _Connection) -> Request | None:
@@ -1639,7 +1671,7 @@ class Server:
             job.cancel()
             self.engine.discard(job)
 
-        watch = asyncio.ensure_future(conn.writer.wait_closed())
+        watch = conn.closed()
         watch.add_done_callback(lost)
         try:
             while job.status is None and not job.done and not job.cancelled:
@@ -1658,6 +1690,7 @@ class Server:
             while True:
                 if conn.writer.transport.is_closing():
                     raise ConnectionResetError("the connection is closed")
+                done = job.done  # (read before take: the worker's last pieces are in before it is set)
                 piece = job.take()
                 if piece is not None:
                     conn.writer.write(piece)
@@ -1666,13 +1699,12 @@ class Server:
                     raise ConnectionResetError("the reply outgrew max_output_buffer")
                 elif job.cancelled:
                     raise ConnectionResetError("the client is gone")
-                elif job.done:
+                elif done:
                     return False
                 else:
                     await job.news()
         finally:
             watch.remove_done_callback(lost)
-            watch.cancel()
             if not job.done:
                 job.cancel()
                 self.engine.discard(job)

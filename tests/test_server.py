@@ -741,3 +741,67 @@ def test_serve_forever_leaves_the_calling_threads_priority_alone(tiny):
             httpd.shutdown()
             httpd.server_close()
     assert not thread.is_alive() and seen == [seen[0]] * 3
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_every_request_on_a_keep_alive_connection_is_answered(tiny, parallel):
+    """A second review: each request's close watcher, cancelled after its reply, cancelled the
+    connection's own close-waiter with it, so every later POST on the connection took its client for
+    gone and got no answer (statuses [200, no answer, 200]: pooled clients failed every other call)."""
+    s = Running(tiny, parallel=parallel)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        bodies = [("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                  ("/v1/embeddings", {"input": "hello"}),
+                  ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                  ("/v1/completions", {"prompt": "again", "max_tokens": 1})]
+        for path, body in bodies:
+            conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 200, (path, r.read())
+            assert json.loads(r.read())["object"] in ("text_completion", "list", "chat.completion")
+        conn.close()
+    finally:
+        s.close()
+
+
+def test_embeddings_let_the_parallel_streams_go_on(tiny):
+    """A second review: with --parallel, an embeddings request ran whole between two steps of the
+    slots, freezing every stream for its length (90 s for a 100 KB request).  Now each of its passes
+    is followed by a step.  Deterministic: the worker runs a stream and then the embeddings in the
+    same turn (a held job keeps it until both are in line), so the stream's chunks buffered when the
+    embeddings answer were made between its passes."""
+    from edgellama.server import Embedding, SlotEngine, parse_completion, run_embedding
+
+    engine = SlotEngine(tiny, "tiny", 2)
+    loop = asyncio.new_event_loop()  # never run: notices queue up
+    try:
+        release = threading.Event()
+        held = Job(lambda job: release.wait(120), loop, 1 << 20)
+        engine.submit(held)
+        wait_until(lambda: held in engine.running, "the held job runs")
+        stream = Job(None, loop, 1 << 24)
+        stream.completion = parse_completion({"prompt": "hi", "max_tokens": 60, "stream": True}, False,
+                                             tiny.args.n_vocab, engine.n_ctx)
+        seen = {}
+        ids = [[3 + (i + j) % 200 for j in range(60)] for i in range(8)]  # 8 texts: one pass each at n_ctx 64
+
+        def embeddings(job):
+            real = job.respond
+
+            def respond(*args):
+                seen["stream pieces"] = len(stream._pieces)
+                real(*args)
+            job.respond = respond
+            run_embedding(engine, Embedding(ids, False), job)
+
+        embed = Job(embeddings, loop, 1 << 24)
+        engine.submit(stream)
+        engine.submit(embed)
+        release.set()
+        wait_until(lambda: embed.done and stream.done, "both jobs end")
+        assert embed.status == 200
+        assert seen["stream pieces"] >= 5, seen  # (the role chunk and tokens from the passes; before: 0-1)
+    finally:
+        engine.close()
+        loop.close()
