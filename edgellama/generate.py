@@ -304,6 +304,12 @@ class Continuation:
         return Chunk(text, None, self.finish, usage)
 
 
+def _context_mark(model) -> tuple:
+    """What tells whether the model's context is still the one a paused generation left."""
+    tokens = model.state.tokens
+    return model.state, model.state.n_past, len(tokens), tokens[-1] if tokens else None
+
+
 def _generate(model, prompt_ids: list[int], max_tokens: int | None, sampler, stop_ids: frozenset[int],
               stops: tuple[str, ...], n_keep: int | None = None) -> Iterator[Chunk]:
     t0 = time.perf_counter()
@@ -314,7 +320,12 @@ def _generate(model, prompt_ids: list[int], max_tokens: int | None, sampler, sto
         chunk = rules.next(logits)
         if chunk is None:
             break
+        mark = _context_mark(model)
         yield chunk
+        if _context_mark(model) != mark:  # (its next token would extend someone else's context)
+            raise GenerationError("the model's context changed while this generation was paused (another "
+                                  "generate, chat, eval, reset or truncate on the same model): one generation "
+                                  "at a time per model; start this one again")
         if rules.stopped_by_string:
             break
         if model.state.n_past >= model.n_ctx:

@@ -52,7 +52,7 @@ class ScriptedModel:
         self.n_ctx = n_ctx
         self.n_vocab = tokenizer.n_vocab
         self.fixed_logits = fixed_logits
-        self.state = SimpleNamespace(n_past=0)
+        self.state = SimpleNamespace(n_past=0, tokens=[])
         self.n_prompt = 0
         self.evaluated: list[int] = []
 
@@ -68,12 +68,14 @@ class ScriptedModel:
         self.evaluated = list(ids)
         self.n_prompt = len(ids)
         self.state.n_past = len(ids)
+        self.state.tokens = list(ids)
         return self.logits_for(0), 0
 
     def eval(self, ids):
         assert self.state.n_past + len(ids) <= self.n_ctx
         self.evaluated += list(ids)
         self.state.n_past += len(ids)
+        self.state.tokens += list(ids)
         return self.logits_for(self.state.n_past - self.n_prompt)
 
 
@@ -512,3 +514,25 @@ def test_generate_many_takes_a_list_not_a_string(api_model):
     """(a string ran as one prompt per character)"""
     with pytest.raises(TypeError, match="list of prompts"):
         api_model.generate_many("abc", 1)
+
+
+def test_a_paused_generation_refuses_a_context_another_call_changed(api_model):
+    """A second review: two generate() iterators advanced in turn on one model each extended the
+    other's context (both texts wrong, no error); so did eval / reset between two chunks."""
+    def paused(prompt):
+        g = api_model.generate(prompt, 8, temperature=0)
+        next(g)
+        return g
+
+    a, b = paused([5, 6, 7]), paused([9, 10, 11])
+    with pytest.raises(GenerationError, match="context changed while this generation was paused"):
+        next(a)
+    assert next(b)  # the one that ran last goes on
+    for meddle in (lambda: api_model.eval([3]), api_model.reset, lambda: api_model.truncate(1)):
+        g = paused([5, 6, 7])
+        meddle()
+        with pytest.raises(GenerationError, match="context changed"):
+            next(g)
+    # alone, and one after the other: as before
+    want = [str(c) for c in api_model.generate([5, 6, 7], 8, temperature=0)]
+    assert [str(c) for c in api_model.generate([5, 6, 7], 8, temperature=0)] == want
