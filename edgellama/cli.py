@@ -546,6 +546,11 @@ def cmd_serve(args) -> int:
     return serve(model, config)
 
 
+def _json_number(x: float) -> float | None:
+    """x, or null where it is not finite (JSON has no NaN or Infinity: strict parsers refuse them)."""
+    return x if math.isfinite(x) else None
+
+
 def cmd_perplexity(args) -> int:
     import json
     from pathlib import Path
@@ -582,7 +587,8 @@ def cmd_perplexity(args) -> int:
     compile_seconds = loaded.compile_seconds + late.seconds
     if args.json:
         print(json.dumps({"model": args.model, "file": str(path), "n_ctx": r.n_ctx, "tokens": len(ids),
-                          "chunks": r.n_chunks, "scored": r.n_scored, "ppl": r.ppl, "ppl_stderr": r.ppl_stderr,
+                          "chunks": r.n_chunks, "scored": r.n_scored, "ppl": _json_number(r.ppl),
+                          "ppl_stderr": _json_number(r.ppl_stderr),
                           "cache_type": model.cache_type, "seconds": seconds, "load_seconds": loaded.seconds,
                           "compile_seconds": compile_seconds}))
     else:

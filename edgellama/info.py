@@ -108,9 +108,10 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 def parse_size(text: str) -> int:
     """'8G', '7.5GiB', '4096M', '3500MB' -> bytes (K, M, G, T are powers of 1024, as free -h shows)."""
     m = _SIZE.match(text)
-    if not m or float(m.group(1)) <= 0:
+    value = float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()) if m else 0.0
+    if not 1 <= value < 2 ** 63:  # (at least a byte; a 400-digit number is inf: not a size either)
         raise ValueError(f"expects a memory size such as 8G, 7.5G or 4096M, got {text!r}")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+    return int(value)
 
 
 def kv_cache_bytes(args, n_ctx: int, bytes_per_value: float = 4) -> int:

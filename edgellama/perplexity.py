@@ -61,11 +61,19 @@ def perplexity(model, ids, n_ctx: int | None = None,
         parts.append(nll)
         total += float(nll.sum())
         count = sum(len(p) for p in parts)
-        running.append(math.exp(total / count))
+        running.append(_exp(total / count))
         if progress is not None:
             progress(c + 1, n_chunks, running[-1])
     nll = np.concatenate(parts)
     mean = float(nll.mean())
     stderr = float(nll.std(ddof=1) / math.sqrt(len(nll))) if len(nll) > 1 else float("nan")
-    ppl = math.exp(mean)
+    ppl = _exp(mean)
     return PerplexityResult(ppl, ppl * stderr, len(nll), n_chunks, n_ctx, running, nll)
+
+
+def _exp(x: float) -> float:
+    """exp, inf beyond float range (a mean NLL over ~709 nats: a model file whose logits are huge)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

@@ -28,7 +28,8 @@ def test_parse_size(text, want):
     assert info.parse_size(text) == want
 
 
-@pytest.mark.parametrize("text", ["", "0G", "-1G", "8X", "G8", "1.2.3G"])
+@pytest.mark.parametrize("text", ["", "0G", "-1G", "8X", "G8", "1.2.3G",
+                                  "1" * 400 + "G", "9" * 30 + "T", "0.0001"])  # (inf, beyond 2**63, under a byte)
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError, match="memory size"):
         info.parse_size(text)

@@ -105,3 +105,33 @@ def test_command(tiny, tmp_path, capsys):
     short.write_text("hi", encoding="utf-8")
     assert main(["perplexity", "-m", str(tiny), "-f", str(short), "-c", "32"]) == 1
     assert "at least one chunk" in capsys.readouterr().err
+
+
+def test_huge_logits_give_an_infinite_perplexity_and_json_stays_json(tmp_path, capsys):
+    """A second review: a model file whose logits are huge (here the final norm's weights x1000)
+    made a mean NLL over ~709 nats and math.exp raised OverflowError (a traceback); one scored
+    token made ppl_stderr NaN, printed as the invalid JSON token NaN."""
+    from edgellama.gguf import GGUFFile
+
+    path = write_tiny_model(tmp_path / "big.gguf", GGMLType.F32, ctx=64)
+    g = GGUFFile(path)
+    info = g.tensor("output_norm.weight")
+    g.close()
+    with open(path, "r+b") as fh:
+        fh.seek(info.offset)
+        fh.write(np.full(info.nbytes // 4, 1000.0, np.float32).tobytes())
+    model = edgellama.load(path, n_ctx=16, threads=1)
+    ids = model.tokenize("the quick brown fox jumps over the lazy dog " * 8)
+    r = perplexity(model, ids, 16)
+    assert float(np.mean(r.nll)) > 710 and math.isinf(r.ppl)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 8, encoding="utf-8")
+    assert main(["perplexity", "-m", str(path), "-f", str(text), "-c", "16", "-t", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert out["ppl"] is None
+    four = tmp_path / "four.txt"
+    four.write_text("hello", encoding="utf-8")
+    assert 4 <= len(model.tokenize(four.read_text())) < 8  # one chunk of 4: its last token scored
+    assert main(["perplexity", "-m", str(path), "-f", str(four), "-c", "4", "-t", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert out["scored"] == 1 and out["ppl_stderr"] is None
