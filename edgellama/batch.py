@@ -214,7 +214,8 @@ class Batch:
         sampler = make_sampler(sampler, sampling, model.args.n_vocab)
         max_tokens, end_ids, stops = check_generation(model.tokenizer, max_tokens, sampler, stop_ids, stop)
         check_n_keep(n_keep, self.n_ctx, context_shift=context_shift, truncate=truncate)
-        ids = model.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) else list(prompt)
+        ids = model.tokenize(prompt, add_bos=add_bos, special=special) if isinstance(prompt, str) \
+            else model._check_ids(prompt).tolist()
         if truncate:
             want = self.n_ctx // 4 if max_tokens is None else max_tokens
             ids = truncate_prompt(ids, self.n_ctx, n_keep, room=max(1, min(want, self.n_ctx // 2)))

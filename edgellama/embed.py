@@ -32,8 +32,12 @@ def embed(model, texts, add_bos: bool | None = None, normalize: bool = True, che
         raise TypeError("embed takes a list of texts (a string, or a list of token ids, each)")
     ids_list = []
     for i, text in enumerate(texts):
-        ids = model.tokenize(text, add_bos=add_bos) if isinstance(text, str) else list(text)
-        ids = [int(t) for t in model._check_ids(ids)] if ids else []
+        if isinstance(text, str):
+            ids = model.tokenize(text, add_bos=add_bos)
+        elif isinstance(text, (list, tuple)) and not text:
+            ids = []
+        else:
+            ids = model._check_ids(text).tolist()
         if not ids:
             raise ValueError(f"text {i} has no tokens to embed")
         if len(ids) > model.n_ctx:

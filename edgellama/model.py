@@ -541,7 +541,8 @@ class Model:
             values = flat[(flat < 0) | (flat >= n_vocab)][:1].tolist()  # the first outside, if any
             arr = flat.astype(np.int64)
         else:
-            if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            if isinstance(ids, (str, bytes, bytearray, memoryview, set, frozenset, dict)) or not isinstance(ids, Iterable):
+                # (bytes would be their byte values, a set in no order, a dict its keys)
                 raise TypeError(f"token ids must be a sequence of integers, got {type(ids).__name__}")
             values = list(ids.reshape(-1)) if isinstance(ids, np.ndarray) else list(ids)
             wrong = next((t for t in values if not is_int(t)), None)

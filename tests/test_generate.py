@@ -451,7 +451,8 @@ def api_model(tiny_path):
     return edgellama.load(tiny_path, n_ctx=64, threads=1)
 
 
-@pytest.mark.parametrize("ids", [[1, 1.7], [1.0], ["1", "2"], [True], np.array([1.5])])
+@pytest.mark.parametrize("ids", [[1, 1.7], [1.0], ["1", "2"], [True], np.array([1.5]),
+                                 b"hi", bytearray(b"hi"), {3: 1, 4: 2}, {3, 4}])  # (bytes: their values; a set: no order)
 def test_token_ids_must_be_integers(api_model, ids):
     before = api_model.n_evaluated
     with pytest.raises(TypeError, match="token ids must be"):
@@ -460,6 +461,8 @@ def test_token_ids_must_be_integers(api_model, ids):
         api_model.embed([ids])
     with pytest.raises(TypeError, match="token ids must be"):
         api_model.generate(ids, 2, sampler=lambda logits: 1)  # a custom sampler: nothing checks the ids later
+    with pytest.raises(TypeError, match="token ids must be"):
+        api_model.batch(2).add(ids, 2)
     assert api_model.n_evaluated == before  # nothing was evaluated
 
 
