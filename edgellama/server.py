@@ -370,6 +370,9 @@ def parse_completion(body: dict, chat: bool, n_vocab: int, n_ctx: int) -> Comple
 
 
 MAX_EMBEDDING_INPUTS = 2048  # as OpenAI
+# The most numbers one embeddings reply holds (inputs x the model's width): its JSON is ~20 bytes a
+# number, held until a client reads it, however slowly (2048 inputs of a 4096-wide model: 170 MB).
+MAX_EMBEDDING_VALUES = 1 << 19
 
 
 @dataclass
@@ -380,7 +383,7 @@ class Embedding:
     base64: bool                       # encoding_format "base64": little-endian float32 bytes
 
 
-def parse_embedding(body: dict, n_vocab: int) -> Embedding:
+def parse_embedding(body: dict, n_vocab: int, dim: int = 1) -> Embedding:
     """Every field of an embeddings request checked (OpenAI's shape: ``input`` a string, an array of
     strings, an array of token ids or an array of arrays of them; a 400 naming the field otherwise)."""
     _field(body, "model", (str,))  # any name: a one-model server serves it
@@ -394,8 +397,10 @@ def parse_embedding(body: dict, n_vocab: int) -> Embedding:
         value = [value]
     if not isinstance(value, list) or not value:
         raise APIError(400, "'input' must be a non-empty string or array of strings or token-id arrays", param="input")
-    if len(value) > MAX_EMBEDDING_INPUTS:
-        raise APIError(400, f"'input' has {len(value)} items, at most {MAX_EMBEDDING_INPUTS} are accepted",
+    most = max(1, min(MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_VALUES // max(dim, 1)))
+    if len(value) > most:
+        raise APIError(400, f"'input' has {len(value)} items, at most {most} are accepted (embeddings of "
+                            f"{dim} numbers each)",
                        param="input")
     inputs: list[str | list[int]] = []
     for i, item in enumerate(value):
@@ -1630,7 +1635,7 @@ class Server:
         model = self.engine.model
         loop = asyncio.get_running_loop()
         if path == "/v1/embeddings":
-            embedding = parse_embedding(_json_body(request.body or b""), model.args.n_vocab)
+            embedding = parse_embedding(_json_body(request.body or b""), model.args.n_vocab, model.args.dim)
             job = Job(lambda job: run_embedding(self.engine, embedding, job), loop, self.config.max_output_buffer,
                       param="input")
         else:

@@ -805,3 +805,19 @@ def test_embeddings_let_the_parallel_streams_go_on(tiny):
     finally:
         engine.close()
         loop.close()
+
+
+def test_an_embeddings_reply_holds_a_bounded_count_of_numbers():
+    """A second review: 2048 one-token inputs made a 26 MB JSON reply from a 10 KB request, held in
+    memory for as long as a slow client took to read it.  The inputs a request may have now depend on
+    the model's width (MAX_EMBEDDING_VALUES numbers a reply)."""
+    from edgellama.server import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_VALUES, APIError, parse_embedding
+
+    wide = 4096
+    most = MAX_EMBEDDING_VALUES // wide
+    assert len(parse_embedding({"input": [[1]] * most}, 100, wide).inputs) == most
+    with pytest.raises(APIError, match=f"at most {most} are accepted") as e:
+        parse_embedding({"input": [[1]] * (most + 1)}, 100, wide)
+    assert e.value.status == 400
+    narrow = 64  # (the cap of 2048 inputs still holds for small widths)
+    assert len(parse_embedding({"input": [[1]] * MAX_EMBEDDING_INPUTS}, 100, narrow).inputs) == MAX_EMBEDDING_INPUTS
