@@ -1228,6 +1228,7 @@ class Server:
         self.server_address = self.socket.getsockname()
         # connections by client address; the ones waiting for (or reading) a request, oldest first
         self._connections: dict[_Connection, None] = {}
+        self._handlers: set[asyncio.Task] = set()  # each connection's coroutine, ended before the loop
         self._per_client: dict[str, int] = collections.Counter()
         self._waiting: collections.OrderedDict[_Connection, None] = collections.OrderedDict()
         self._waiting_of: dict[str, collections.OrderedDict[_Connection, None]] = {}
@@ -1301,6 +1302,10 @@ class Server:
             for conn in list(self._connections):
                 conn.abort()
             self.engine.close(timeout=0)
+            # each connection's coroutine ends on its aborted socket (not cancelled by asyncio.run,
+            # which printed a CancelledError traceback per open connection)
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=2.0)
 
     def shutdown(self) -> None:
         """Stop serve_forever (call from another thread) and wait until it has returned."""
@@ -1388,6 +1393,14 @@ class Server:
     # --- one connection ---
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        try:
+            await self._serve_admitted(reader, writer)
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve_admitted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = self._admit(reader, writer)
         if conn is None:
             error = APIError(503, "too many open connections; retry later", kind="server_error", code="server_busy")
@@ -1787,11 +1800,18 @@ def serve(model, config: ServerConfig) -> int:
     server.on_ready = lambda: print(f"edgellama serve: {server.engine.name} ({slots}, "
                                     f"{model.threads} threads) listening on http://{shown}:{port}/v1",
                                     file=sys.stderr, flush=True)
+    def terminated(signum, frame):  # SIGTERM (a service manager, docker stop): as Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         server.server_close()
     if server.engine.fatal is not None and not isinstance(server.engine.fatal, KeyboardInterrupt):
         return 1
