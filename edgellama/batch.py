@@ -32,6 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from . import kernel_thread, kernels as K
+from ._validate import is_int
 from .generate import Chunk, Continuation, GenerationError, check_generation, check_n_keep, truncate_prompt
 from .memory import lazy_zeros
 from .quants import KV_CACHE_TYPES
@@ -436,6 +437,8 @@ def generate_many(model, prompts: Iterable[str | list[int]], max_tokens: int | N
     """Generate for every prompt, ``parallel`` at a time in one batch (see Batch.add for the
     options; sampling settings make one Sampler per prompt, so a seed gives each prompt the draws
     it gets alone).  Results in the order of ``prompts``, each the same as the prompt run alone."""
+    if not (is_int(parallel) and parallel >= 1):
+        raise GenerationError(f"parallel must be an integer >= 1, got {parallel!r}", param="parallel")
     prompts = list(prompts)
     if "sampler" in options:
         raise GenerationError("generate_many makes one Sampler per prompt from the sampling settings: pass "

@@ -191,7 +191,7 @@ def _add_model_options(p: argparse.ArgumentParser, runtime: bool = True, threads
     p.add_argument("-m", "--model", required=True, help="path of a GGUF model file")
     if runtime:
         if threads:
-            p.add_argument("-t", "--threads", type=_integer(1), default=None,
+            p.add_argument("-t", "--threads", type=_integer(1, "an integer in [1, 1024]", 1024), default=None,
                            help="threads (default: the physical cores)")
         p.add_argument("-c", "--ctx", "--ctx-size", type=_integer(0, ">= 0 (0: the model's trained context)"),
                        default=None, help=ctx_help)

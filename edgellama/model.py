@@ -33,6 +33,7 @@ from .packed_cache import packed_sections, resolve_folder
 from .quants import KV_CACHE_TYPES, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
 
 LAYER_MATRICES = K.LAYER_MATRICES  # slot i of a layer: the kernels address matrices by these slots
+MAX_THREADS = 1024  # (per-thread buffers are sized by it: a count beyond any machine is a mistake)
 
 
 def rope_tables(args: ModelArgs, n_ctx: int, freq_factors: np.ndarray | None):
@@ -286,9 +287,9 @@ class Model:
         if n_batch <= 0:
             raise ValueError(f"n_batch must be positive, got {n_batch}")
         self.n_batch = int(n_batch)
+        if threads is not None and not (is_int(threads) and 0 <= threads <= MAX_THREADS):  # (0: as None)
+            raise ValueError(f"threads must be an integer in [1, {MAX_THREADS}], got {threads!r}")
         self.threads = int(threads or physical_cores())
-        if self.threads <= 0:
-            raise ValueError(f"threads must be positive, got {threads}")
         if cache_type not in KV_CACHE_TYPES:
             raise ValueError(f"cache_type must be one of {', '.join(KV_CACHE_TYPES)}, got {cache_type!r}")
         self.cache_type = cache_type
@@ -333,6 +334,8 @@ class Model:
         they would have been, had those tokens been evaluated at their new positions).
         """
         s = self.state
+        if not (is_int(n_keep) and is_int(n_discard)):
+            raise TypeError(f"n_keep and n_discard must be integers, got {n_keep!r} and {n_discard!r}")
         if not (0 <= n_keep and 0 < n_discard and n_keep + n_discard <= s.n_past):
             raise ValueError(f"cannot discard {n_discard} tokens after keeping {n_keep} of {s.n_past}")
         src, dst = slice(n_keep + n_discard, s.n_past), slice(n_keep, s.n_past - n_discard)

@@ -128,7 +128,8 @@ def test_ctx_zero_is_the_trained_context(tiny):
     (["--repeat-last-n", "2000000000"], "--repeat-last-n must be -1 (the whole context) or in [0, 1073741824], "
                                         "got 2000000000"),
     (["--typical", "0"], "--typical must be in (0, 1], got 0"),
-    (["-t", "0"], "-t must be >= 1, got 0"),
+    (["-t", "0"], "-t must be an integer in [1, 1024], got 0"),
+    (["-t", "1025"], "-t must be an integer in [1, 1024], got 1025"),
     (["--threads", "zero"], "--threads expects an integer, got 'zero'"),
     (["--temperature", "0.5"], "unknown option --temperature (did you mean --temp?)"),
     (["--top_k", "4"], "unknown option --top_k (did you mean --top-k?)"),

@@ -539,3 +539,18 @@ def test_a_paused_generation_refuses_a_context_another_call_changed(api_model):
     # alone, and one after the other: as before
     want = [str(c) for c in api_model.generate([5, 6, 7], 8, temperature=0)]
     assert [str(c) for c in api_model.generate([5, 6, 7], 8, temperature=0)] == want
+
+
+def test_counts_of_the_api_are_integers_in_range(api_model, tiny_path):
+    """A second review: shift_context took bools and failed in a slice on floats, generate_many took
+    parallel 0, -1 and 1.5, a thread count of 10**23 was reported as a context too large for memory."""
+    with pytest.raises(TypeError, match="n_keep and n_discard must be integers"):
+        api_model.shift_context(1.5, 2)
+    with pytest.raises(TypeError, match="n_keep and n_discard must be integers"):
+        api_model.shift_context(True, 2)
+    for parallel in (0, -1, 1.5):
+        with pytest.raises(GenerationError, match="parallel must be an integer >= 1"):
+            api_model.generate_many(["a"], 1, parallel=parallel)
+    for threads in (10 ** 23, -1, 2.0):
+        with pytest.raises(ValueError, match=r"threads must be an integer in \[1, 1024\]"):
+            edgellama.load(tiny_path, n_ctx=32, threads=threads)
