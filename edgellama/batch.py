@@ -37,6 +37,7 @@ from .generate import Chunk, Continuation, GenerationError, check_generation, ch
 from .memory import lazy_zeros
 from .quants import KV_CACHE_TYPES
 
+MAX_SLOTS = 256           # sequences in one batch at most (llama.cpp's LLAMA_MAX_SEQ)
 DEFAULT_BATCH_ROWS = 64   # rows (tokens) per step: generated tokens first, prompt tokens fill the rest
 
 
@@ -48,6 +49,15 @@ class Rows:
     """The buffers of a batched forward pass over up to ``n_rows`` rows in ``n_slots`` KV cache
     regions of ``n_ctx`` positions, logits for up to ``n_logits`` of them (default: one per slot),
     allocated once (the cache's pages cost memory when written)."""
+
+    @staticmethod
+    def eager_bytes(args, n_slots: int, n_ctx: int, n_rows: int) -> int:
+        """About the bytes the buffers below take at once (the KV cache aside: its pages cost memory
+        as they are written); quantized activations counted at 2.5 bytes a value (both forms)."""
+        n_spans = -(-n_ctx // K.ATTN_SPAN)
+        per_row = (4 * (5 * args.dim + 2 * args.kv_dim + 2 * args.ffn_dim) + 5 * (2 * args.dim + args.ffn_dim) // 2
+                   + n_spans * (4 * args.n_heads * (args.head_dim + 2) + 8 * args.n_kv_heads))
+        return n_rows * per_row + min(n_rows, n_slots) * 4 * args.n_vocab
 
     def __init__(self, model, n_slots: int, n_ctx: int, n_rows: int, n_logits: int | None = None):
         a = model.args
@@ -174,14 +184,24 @@ class Batch:
     """
 
     def __init__(self, model, n_slots: int = 4, n_ctx: int | None = None, n_batch: int | None = None):
+        from .info import available_memory, size
+
+        for name, value in (("n_slots", n_slots), ("n_ctx", n_ctx), ("n_batch", n_batch)):
+            if value is not None and not is_int(value):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+        if not 1 <= n_slots <= MAX_SLOTS:
+            raise ValueError(f"n_slots must be in [1, {MAX_SLOTS}], got {n_slots}")
         n_ctx = model.n_ctx if n_ctx is None else int(n_ctx)
         n_batch = max(DEFAULT_BATCH_ROWS, n_slots) if n_batch is None else int(n_batch)
-        if n_slots < 1:
-            raise ValueError(f"n_slots must be at least 1, got {n_slots}")
         if not 2 <= n_ctx <= model.n_ctx:
             raise ValueError(f"n_ctx per slot must be in [2, the model's {model.n_ctx}], got {n_ctx}")
         if n_batch < n_slots:
             raise ValueError(f"n_batch ({n_batch}) must be at least n_slots ({n_slots})")
+        n_batch = min(n_batch, n_slots * n_ctx)  # (more rows than the slots hold are never used)
+        eager, available = Rows.eager_bytes(model.args, n_slots, n_ctx, n_batch), available_memory()
+        if available is not None and eager > available:  # before allocating
+            raise MemoryError(f"a batch of {n_batch} rows needs about {size(eager)} of buffers; "
+                              f"{size(available)} is available: use a smaller n_batch")
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch

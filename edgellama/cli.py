@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a further Host name clients may use (repeatable; '*': any)")
     serve.add_argument("--cors-origin", action="append", default=[],
                        help="an origin whose web pages may call the API (repeatable; '*': any)")
-    serve.add_argument("-np", "--parallel", type=_integer(1), default=1,
+    serve.add_argument("-np", "--parallel", type=_integer(1, "an integer in [1, 256]", 256), default=1,
                        help="requests generated at once, in slots of -c / N positions each (batched: the weights "
                             "are read once per step for all of them)")
     serve.add_argument("-b", "--batch-size", type=_integer(1), default=None,

@@ -1752,8 +1752,8 @@ def _check_config(config: ServerConfig) -> None:
     if config.max_output_buffer <= 0 or config.socket_send_buffer < 0:
         raise ValueError(f"max_output_buffer must be positive and socket_send_buffer >= 0, got "
                          f"{config.max_output_buffer} and {config.socket_send_buffer}")
-    if config.parallel < 1 or (config.batch_size is not None and config.batch_size < config.parallel):
-        raise ValueError(f"parallel must be >= 1 and batch_size >= parallel, got {config.parallel} and "
+    if not 1 <= config.parallel <= 256 or (config.batch_size is not None and config.batch_size < config.parallel):
+        raise ValueError(f"parallel must be in [1, 256] and batch_size >= parallel, got {config.parallel} and "
                          f"{config.batch_size}")
 
 

@@ -184,6 +184,36 @@ def test_slots_and_errors(tmp_path_factory):
         Batch(model, n_slots=3, n_batch=2)
 
 
+def test_batch_sizes_are_checked_before_anything_is_allocated(tmp_path_factory, monkeypatch):
+    """Batch(n_slots=10**9) was numpy's MemoryError from inside the buffers; counts are bounded and the
+    eager buffers compared with the available memory first."""
+    import edgellama.info
+
+    model = _tiny(tmp_path_factory, GGMLType.Q8_0)
+    with pytest.raises(ValueError, match=r"n_slots must be in \[1, 256\], got 1000000000"):
+        Batch(model, n_slots=10 ** 9)
+    assert Batch(model, n_slots=2, n_ctx=32, n_batch=10 ** 12).n_batch == 64  # (no more rows than the slots hold)
+    for bad in (1.5, True, "2"):
+        with pytest.raises(TypeError, match="n_slots must be an integer"):
+            Batch(model, n_slots=bad)
+    # the estimate covers what the buffers really take, and not by much more
+    rows = Rows(model, 3, 200, 48)
+
+    def nbytes(value):  # arrays, and the tuples (quantized activations) that hold them
+        if isinstance(value, np.ndarray):
+            return value.nbytes
+        return sum(nbytes(v) for v in value) if isinstance(value, tuple) else 0
+
+    actual = sum(nbytes(v) for name, v in vars(rows).items() if name not in ("cache", "_scratch"))  # (per thread)
+    estimate = Rows.eager_bytes(model.args, 3, 200, 48)
+    assert actual <= estimate <= 1.5 * actual, (actual, estimate)
+    monkeypatch.setattr(edgellama.info, "available_memory", lambda: estimate - 1)
+    with pytest.raises(MemoryError, match="a batch of 48 rows needs about"):
+        Batch(model, n_slots=3, n_ctx=200, n_batch=48)
+    monkeypatch.setattr(edgellama.info, "available_memory", lambda: estimate)
+    assert Batch(model, n_slots=3, n_ctx=200, n_batch=48).n_batch == 48
+
+
 def test_a_full_slot_ends_with_length(tmp_path_factory):
     model = _tiny(tmp_path_factory, GGMLType.Q8_0)
     batch = Batch(model, n_slots=1, n_ctx=8)

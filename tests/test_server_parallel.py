@@ -277,7 +277,8 @@ def test_serve_command_with_parallel_slots(tiny):
         proc.wait(30)
 
 
-@pytest.mark.parametrize("option", [["-np", "0"], ["--parallel", "x"], ["-np", "4", "-b", "2"], ["-b", "0"]])
+@pytest.mark.parametrize("option", [["-np", "0"], ["--parallel", "x"], ["-np", "4", "-b", "2"], ["-b", "0"],
+                                    ["-np", "257"]])
 def test_serve_command_rejects_bad_parallel_options(tiny, option):
     r = subprocess.run([sys.executable, "-m", "edgellama.cli", "serve", "-m", str(tiny.path), *option],
                        capture_output=True, text=True, cwd=ROOT)
