@@ -553,6 +553,7 @@ def _json_number(x: float) -> float | None:
 
 def cmd_perplexity(args) -> int:
     import json
+    import stat
     from pathlib import Path
 
     from .kernel_cache import CompileProgress
@@ -562,14 +563,22 @@ def cmd_perplexity(args) -> int:
     if 0 < args.ctx < 4:
         raise UsageError(f"{_flag(args, 'ctx')} must be 0 (the model's trained context) or at least 4, got {args.ctx}")
     path = Path(args.file)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.stat().st_size > 4 * MAX_INPUT_CHARS:
-        raise ValueError(f"{path}: {path.stat().st_size} bytes is more text than one run takes")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: " + ("is a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"))
+    if st.st_size > 4 * MAX_INPUT_CHARS:
+        raise ValueError(f"{path}: {st.st_size} bytes is more text than one run takes")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror}") from None
     loaded = load_model(args)
     model = loaded.model
     ids = model.tokenize(text)

@@ -101,6 +101,10 @@ def test_command(tiny, tmp_path, capsys):
     assert "not UTF-8" in capsys.readouterr().err
     assert main(["perplexity", "-m", str(tiny), "-f", str(tmp_path / "missing.txt")]) == 1
     assert "no such file" in capsys.readouterr().err
+    assert main(["perplexity", "-m", str(tiny), "-f", str(tmp_path)]) == 1  # (was "no such file")
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path}: is a directory")
+    assert main(["perplexity", "-m", str(tiny), "-f", "/dev/null"]) == 1
+    assert capsys.readouterr().err.strip().endswith("/dev/null: not a regular file")
     short = tmp_path / "short.txt"
     short.write_text("hi", encoding="utf-8")
     assert main(["perplexity", "-m", str(tiny), "-f", str(short), "-c", "32"]) == 1
