@@ -49,7 +49,7 @@ def test_bench_table(tiny_q8, capsys):
     (["--n-gen", "-3"], "--n-gen must be >= 0, got -3"),
     (["-p", "0", "-n", "0"], "-p and -n are both 0: nothing to measure (0 skips that test, as in llama-bench)"),
     (["-r", "0"], "-r must be >= 1, got 0"),
-    (["-t", "0"], "-t must be >= 1, got 0"),
+    (["-t", "0"], "-t must be an integer in [1, 1024], got 0"),
     (["-c", "0"], "-c must be a positive integer, got 0"),
     (["-p", "8", "-n", "8", "-c", "16"], "-c 16 is too small for -p 8 + -n 8 + 1 = 17 tokens"),
     (["-p", "8", "-n", "8", "-d", "100", "-c", "116"], "-c 116 is too small for -d 100 + -p 8 + -n 8 + 1 = 117 tokens"),
