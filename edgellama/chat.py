@@ -67,7 +67,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["ChatTemplateError", "render_chat", "render_chat_spans", "BUILTIN_TEMPLATES",
            "fallback_template", "template_for", "chat_prompt_ids", "end_of_turn_ids", "MAX_OUTPUT_CHARS",
-           "MAX_TEMPLATE_CHARS", "MAX_ITEMS", "MAX_RENDER_BYTES", "DEFAULT_TIMEOUT"]
+           "MAX_TEMPLATE_CHARS", "MAX_ITEMS", "check_template", "MAX_RENDER_BYTES", "DEFAULT_TIMEOUT"]
 
 # A long multi-turn prompt with tool schemas is ~100k characters; 1M leaves room and still
 # bounds what a hostile template can make us allocate (any one string, and the output).
@@ -978,6 +978,34 @@ def _compile(template: str) -> jinja2.Template:
     return _environment().from_string(template)
 
 
+def _check_length(template: str) -> None:
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ChatTemplateError(f"chat template of {len(template)} characters is longer than the "
+                                f"{MAX_TEMPLATE_CHARS} we accept")
+
+
+def _compile_checked(template: str) -> jinja2.Template:
+    try:
+        return _compile(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template syntax error at line {e.lineno}: {e.message}") from None
+    except (jinja2.exceptions.TemplateError, RecursionError, MemoryError, ValueError) as e:
+        raise ChatTemplateError(f"chat template does not compile: {type(e).__name__}: {e}") from None
+
+
+def check_template(template: str) -> None:
+    """Raise ChatTemplateError where rendering would refuse ``template`` before running it: too
+    long, or not compiling (what the quantizer checks before writing a template into a file)."""
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"chat template must be a string, got {type(template).__name__}")
+    _check_length(template)
+    token = _BUDGET.set(_Budget(MAX_OUTPUT_CHARS, DEFAULT_TIMEOUT))
+    try:
+        _compile_checked(template)
+    finally:
+        _BUDGET.reset(token)
+
+
 # ----- rendering --------------------------------------------------------------------------------
 
 def render_chat(template: str | None, messages: list[dict], add_generation_prompt: bool = True,
@@ -1005,9 +1033,7 @@ def render_chat_spans(template: str | None, messages: list[dict], add_generation
         raise ChatTemplateError(f"chat template must be a string, got {type(template).__name__}")
     elif template in BUILTIN_TEMPLATES:
         template = BUILTIN_TEMPLATES[template]
-    if len(template) > MAX_TEMPLATE_CHARS:
-        raise ChatTemplateError(f"chat template of {len(template)} characters is longer than the "
-                                f"{MAX_TEMPLATE_CHARS} we accept")
+    _check_length(template)
     if not isinstance(messages, (list, tuple)):
         raise ChatTemplateError(f"messages must be a list of dicts, got {type(messages).__name__}")
     for i, m in enumerate(messages):
@@ -1028,12 +1054,7 @@ def render_chat_spans(template: str | None, messages: list[dict], add_generation
     budget = _Budget(max_output_chars, timeout)
     token = _BUDGET.set(budget)
     try:
-        try:
-            compiled = _compile(template)
-        except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"chat template syntax error at line {e.lineno}: {e.message}") from None
-        except (jinja2.exceptions.TemplateError, RecursionError, MemoryError, ValueError) as e:
-            raise ChatTemplateError(f"chat template does not compile: {type(e).__name__}: {e}") from None
+        compiled = _compile_checked(template)
         # user text enters as _Text; roles are the template's vocabulary
         context = {k: _taint_deep(v) for k, v in extra.items()}
         context.setdefault("tools", None)

@@ -31,6 +31,7 @@ from edgellama.gguf import ModelFormatError, TensorSpec, ValueType, publish, wri
 from edgellama.quants import GGMLType, tensor_nbytes, type_name
 
 from . import blocks
+from .files import regular_file
 from .policy import Choice, FileType, TypeChooser, as_file_type, is_quantized, model_shape, parse_tensor_type
 from .source import Checkpoint, QuantizeError, SourceTensor
 
@@ -137,7 +138,7 @@ def _open_checkpoint(p: Path) -> Checkpoint:
             return open_hf(p)
         raise QuantizeError(f"{p}: a model folder needs config.json (Hugging Face) or params.json + "
                             "consolidated.*.pth (Meta)")
-    with open(p, "rb") as f:
+    with open(regular_file(p), "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         from .gguf_source import open_gguf
@@ -264,7 +265,7 @@ def _llama_order(tensors: list[SourceTensor]) -> list[SourceTensor]:
     requantized files match llama.cpp's byte for byte."""
     def key(t: SourceTensor):
         parts = t.name.split(".")
-        layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else -1
+        layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit() else -1
         return layer, t.name.encode()
     return sorted(tensors, key=key)
 
@@ -337,7 +338,10 @@ def convert_tensor(tensor: SourceTensor, choice: Choice, measure: bool = True) -
     out = np.empty((tensor.n_rows, out_row_bytes), dtype=np.uint8)  # (n_rows, row_bytes) output
     sq_err, sq_src, max_err, max_src = 0.0, 0.0, 0.0, 0.0
     for start, stop in _row_chunks(tensor):
-        values = np.ascontiguousarray(tensor.read_rows(start, stop), dtype=np.float32)  # (rows, n_cols)
+        try:
+            values = np.ascontiguousarray(tensor.read_rows(start, stop), dtype=np.float32)  # (rows, n_cols)
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{tensor.origin or tensor.name}: {e}") from None
         check_finite(values, tensor, start)
         blocks.quantize_rows(values, choice.qtype, out=out[start:stop])
         check_scales(out[start:stop], tensor, choice)

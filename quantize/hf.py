@@ -22,6 +22,7 @@ from edgellama.config import MAX_CONTEXT_LENGTH, MAX_INT
 from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.quants import GGMLType
 
+from .files import distinct_files, folder_file, folder_root, regular_file
 from .safetensors import FLOAT_DTYPES, SafetensorsFile, to_float32
 from .source import Checkpoint, QuantizeError, SourceTensor, show
 from .vocab import bpe_vocab, read_json, spm_vocab
@@ -327,10 +328,10 @@ def safetensors_files(folder: Path) -> tuple[list[Path], dict[str, Path] | None]
         return _read_index(folder, index_path)
     single = folder / "model.safetensors"
     if single.exists():
-        return [single], None
+        return [folder_file(single)], None
     others = sorted(folder.glob("*.safetensors"))
     if len(others) == 1:
-        return others, None
+        return [folder_file(others[0])], None
     if others:
         raise QuantizeError(f"{folder}: {len(others)} .safetensors files but no model.safetensors.index.json")
     pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pth"))
@@ -345,18 +346,21 @@ def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, P
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFormatError(f"{index_path}: weight_map must be a non-empty object")
-    root = folder.resolve()
+    base, root = folder.resolve(), folder_root(folder)
     shards: dict[str, Path] = {}
     mapping: dict[str, Path] = {}
     for tensor, filename in weight_map.items():
         if filename not in shards:
-            shards[filename] = _shard_path(root, index_path, tensor, filename)
+            shards[filename] = _shard_path(base, root, index_path, tensor, filename)
         mapping[tensor] = shards[filename]
-    return sorted(set(shards.values())), mapping
+    files = sorted(set(shards.values()))
+    distinct_files(files)
+    return files, mapping
 
 
-def _shard_path(root: Path, index_path: Path, tensor: str, filename: Any) -> Path:
-    """A shard named by the index: a plain file name inside the model folder, nothing else."""
+def _shard_path(base: Path, root: Path, index_path: Path, tensor: str, filename: Any) -> Path:
+    """A shard named by the index: a plain file name in the model folder ``base`` that resolves
+    inside ``root`` (quantize.files.folder_root), nothing else."""
     if not isinstance(filename, str) or not filename:
         raise ModelFormatError(f"{index_path}: tensor {tensor!r} maps to {filename!r}, not a file name")
     candidate = Path(filename)
@@ -364,13 +368,13 @@ def _shard_path(root: Path, index_path: Path, tensor: str, filename: Any) -> Pat
             or "\0" in filename):
         raise ModelFormatError(f"{index_path}: shard {filename!r} (tensor {tensor!r}) is outside the model "
                                "folder; refusing it")
-    path = (root / candidate).resolve()
+    path = (base / candidate).resolve()
     if not path.is_relative_to(root):
         raise ModelFormatError(f"{index_path}: shard {filename!r} resolves to {path}, outside the model "
                                "folder; refusing it")
-    if not path.is_file():
+    if not path.exists():
         raise ModelFormatError(f"{index_path}: shard {filename!r} (tensor {tensor!r}) does not exist")
-    return path
+    return regular_file(path)
 
 
 def open_hf(folder: str | Path) -> Checkpoint:
@@ -444,7 +448,10 @@ def _source_tensors(folder: Path, located: dict[str, SafetensorsFile], config: d
                     p: LlamaParams) -> list[SourceTensor]:
     kept: dict[str, tuple[str, SafetensorsFile]] = {}  # GGUF name -> (HF name, file)
     for hf_name, st in located.items():
-        name = gguf_name(hf_name)
+        try:
+            name = gguf_name(hf_name)
+        except QuantizeError as e:
+            raise QuantizeError(f"{st.path}: {e}") from None
         if name is None or (name == "output.weight" and p.tied_embeddings):
             continue  # rotary inv_freq buffers; an lm_head copy of tied embeddings
         kept[name] = (hf_name, st)

@@ -20,6 +20,7 @@ from edgellama.quants import GGMLType
 
 from .hf import (MAX_CONTEXT_LENGTH, ConfigValues, LlamaParams, RopeScaling, _expected_shapes, check_counts,
                  layer_count, llama3_rope_factors, llama_metadata)
+from .files import distinct_files, folder_file
 from .pickle_reader import StoredTensor, TorchCheckpoint
 from .source import Checkpoint, QuantizeError, SourceTensor, show
 from .vocab import read_json, spm_vocab
@@ -81,7 +82,8 @@ def _params(folder: Path, embed_rows: int, ffn_dim: int) -> tuple[dict, LlamaPar
 
 def open_meta(folder: str | Path) -> Checkpoint:
     folder = Path(folder)
-    paths = sorted(folder.glob("consolidated.*.pth"))
+    paths = [folder_file(path) for path in sorted(folder.glob("consolidated.*.pth"))]
+    distinct_files(paths)
     parts: list[TorchCheckpoint] = []
     try:
         for path in paths:
@@ -100,7 +102,10 @@ def _checkpoint(folder: Path, parts: list[TorchCheckpoint]) -> Checkpoint:
             raise ModelFormatError(f"{part.path}: holds different tensor names than {parts[0].path}")
     pieces: dict[str, list[StoredTensor]] = {}
     for name in names:
-        gguf = gguf_name(name)
+        try:
+            gguf = gguf_name(name)
+        except QuantizeError as e:
+            raise QuantizeError(f"{parts[0].path}: {e}") from None
         if gguf is not None:
             pieces[gguf] = [part.tensors[name] for part in parts]
     for required in ("token_embd.weight", "blk.0.ffn_gate.weight"):
@@ -179,7 +184,7 @@ def _vocab(folder: Path, vocab_size: int) -> dict[str, Any]:
     path = folder / "tokenizer.model"
     if not path.exists():
         raise QuantizeError(f"{folder}: no tokenizer.model")
-    with open(path, "rb") as f:
+    with open(folder_file(path), "rb") as f:
         head = f.read(64)
     if re.match(rb"^[A-Za-z0-9+/=]+ \d+\n", head):
         raise QuantizeError(f"{path}: a tiktoken (Llama 3) tokenizer; only SentencePiece tokenizer.model files "

@@ -39,6 +39,8 @@ import numpy as np
 
 from edgellama.gguf import ModelFormatError
 
+from .files import regular_file
+from .safetensors import narrow_float64
 from .source import map_file, unmap
 
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
@@ -96,6 +98,8 @@ class StoredTensor:
     def to_float32(self) -> np.ndarray:
         if self.bf16:
             return (self.items.astype(np.uint32) << 16).view(np.float32)
+        if self.items.dtype == np.float64:
+            return narrow_float64(self.items)
         return self.items.astype(np.float32)
 
     def __setstate__(self, state):
@@ -274,7 +278,7 @@ def _check_zip_directory(path: Path) -> None:
         with open(path, "rb") as f:
             tail_at = max(0, size - (22 + 0xFFFF))  # the end record, then at most a 64 KiB comment
             f.seek(tail_at)
-            tail = f.read()
+            tail = f.read(22 + 0xFFFF)
             end = tail.rfind(b"PK\x05\x06")
             if end < 0 or len(tail) - end < 22:
                 return
@@ -307,6 +311,14 @@ class _Archive:
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError) as e:
+            try:
+                with open(path, "rb") as f:
+                    zip_start = f.read(4) == b"PK\x03\x04"
+            except OSError:
+                zip_start = False
+            if zip_start:  # a zip's first member, and no directory at the end: cut short
+                raise ModelFormatError(f"{path}: file is truncated or incomplete (a zip archive without its "
+                                       f"central directory: {e})") from None
             raise ModelFormatError(f"{path}: not a zip-format PyTorch checkpoint ({e}); old-style (pre-1.6) "
                                    "pickles are not read") from None
         names = self.zip.namelist()
@@ -386,7 +398,7 @@ class TorchCheckpoint:
     """A validated torch.save file; ``tensors`` maps names to ``StoredTensor``."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = regular_file(Path(path))
         self._archive = _Archive(self.path)
         try:
             self.tensors: dict[str, StoredTensor] = self._load()
@@ -397,8 +409,10 @@ class TorchCheckpoint:
     def _load(self) -> dict[str, StoredTensor]:
         try:
             state = _RestrictedUnpickler(self._archive.pickle_bytes(), self._archive).load()
-        except ModelFormatError:
-            raise
+        except ModelFormatError as e:
+            if str(e).startswith(f"{self.path}:"):
+                raise
+            raise ModelFormatError(f"{self.path}: {e}") from None
         except Exception as e:  # any other failure inside the pickle machine: malformed, not hostile
             raise ModelFormatError(f"{self.path}: cannot read the pickled state dict: "
                                    f"{type(e).__name__}: {str(e)[:200]}") from None

@@ -89,7 +89,7 @@ def parse_file_type(name: str) -> FileType:
     key = FILE_TYPE_ALIASES.get(key, key)
     if key in FILE_TYPES_BY_NAME:
         return FILE_TYPES_BY_NAME[key]
-    if key.isdigit() and int(key) in FILE_TYPES_BY_NUMBER:
+    if key.isascii() and key.isdigit() and int(key) in FILE_TYPES_BY_NUMBER:
         return FILE_TYPES_BY_NUMBER[int(key)]
     raise QuantizeError(f"unknown type {str(name)[:40]!r} (choose from {', '.join(TYPE_NAMES)})")
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from edgellama.gguf import ModelFormatError
 
+from .files import regular_file
 from .source import map_file, unmap
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -72,9 +73,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ModelFormatError(f"{self.path}: no such file")
+        p = regular_file(Path(path))
         self.size = p.stat().st_size
         self.tensors, self.metadata = self._read_header()
         self._mmap, self._buf = map_file(self.path)
@@ -171,9 +170,24 @@ def to_float32(items: np.ndarray, dtype: str) -> np.ndarray:
     """Stored items (as ``SafetensorsFile.array`` gives them) -> float32, exactly for F16/BF16."""
     if dtype == "BF16":
         return (items.astype(np.uint32) << 16).view(np.float32)
-    if dtype in ("F32", "F16", "F64"):
+    if dtype == "F64":
+        return narrow_float64(items)
+    if dtype in ("F32", "F16"):
         return np.asarray(items).astype(np.float32, copy=False)
     raise ModelFormatError(f"dtype {dtype} is not a floating-point type")
+
+
+def narrow_float64(items: np.ndarray) -> np.ndarray:
+    """float64 -> float32, refusing finite values beyond float32's range (the cast would make them
+    Inf: reported as what they are, not as Inf in the file)."""
+    items = np.asarray(items)
+    with np.errstate(over="ignore"):
+        out = items.astype(np.float32)
+    big = np.isinf(out) & np.isfinite(items)
+    if big.any():
+        raise ModelFormatError(f"{int(big.sum())} float64 value(s) beyond float32's range (the first "
+                               f"{float(items.reshape(-1)[np.argmax(big.reshape(-1))])!r}); refusing to quantize them")
+    return out
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],

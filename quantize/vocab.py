@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from edgellama._validate import is_int
+from edgellama.chat import MAX_TEMPLATE_CHARS, ChatTemplateError, check_template
 from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.tokenizer import TokenizerError, read_sentencepiece
 from edgellama.tokenizer.files import MAX_TOKENIZER_FILE_BYTES, SentencePieceModel
 
+from .files import read_folder_file
 from .safetensors import json_items_bound, no_duplicate_keys
 from .source import QuantizeError, show
 
@@ -47,10 +49,7 @@ SPECIAL_KEYS = {"bos": "tokenizer.ggml.bos_token_id", "eos": "tokenizer.ggml.eos
 def read_json(path: Path, what: str = "") -> Any:
     """A JSON file, size-capped, with duplicate keys refused; errors name the file."""
     try:
-        size = path.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise ModelFormatError(f"{path}: {size} bytes is too large for a {what or 'JSON'} file")
-        raw = path.read_bytes()
+        raw = read_folder_file(path, MAX_JSON_BYTES, f"{what or 'JSON'} file")
         items = json_items_bound(raw)
         if items > MAX_JSON_ITEMS:
             raise ModelFormatError(f"{path}: holds up to {items} JSON values, more than the {MAX_JSON_ITEMS} "
@@ -254,14 +253,9 @@ def parse_sentencepiece(path: Path, max_pieces: int | None = None) -> SentencePi
     normalizer_spec ints), read by the runtime's reader.  A file larger than MAX_TOKENIZER_FILE_BYTES
     is refused before it is read, and reading stops at the first piece beyond ``max_pieces`` (the
     embedding's rows); every refusal is a ModelFormatError naming the file."""
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size > MAX_TOKENIZER_FILE_BYTES:
-        raise ModelFormatError(f"{path}: {size} bytes is too large for a SentencePiece model (limit "
-                               f"{MAX_TOKENIZER_FILE_BYTES})")
+    data = read_folder_file(path, MAX_TOKENIZER_FILE_BYTES, "SentencePiece model")
     try:
-        return read_sentencepiece(path.read_bytes(), str(path), max_pieces=max_pieces)
+        return read_sentencepiece(data, str(path), max_pieces=max_pieces)
     except TokenizerError as e:
         raise ModelFormatError(str(e)) from None
 
@@ -347,13 +341,39 @@ def _post_processor_adds(tok_json: dict, kind: str, tokens: list[str], meta: dic
 
 
 def chat_templates(folder: Path, config: dict) -> dict[str, Any]:
-    """tokenizer.chat_template (and named ones) from chat_template.jinja or tokenizer_config.json."""
+    """tokenizer.chat_template (and named ones) from chat_template.jinja or tokenizer_config.json,
+    each checked as the runtime will: one longer than it accepts is refused, one that does not
+    compile is written (llama.cpp copies templates as they are) with a warning."""
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
         try:
-            return {"tokenizer.chat_template": jinja.read_text(encoding="utf-8")}
+            text = read_folder_file(jinja, 4 * MAX_TEMPLATE_CHARS, "chat template").decode("utf-8")
         except UnicodeDecodeError:
             raise ModelFormatError(f"{jinja}: not valid UTF-8") from None
+        out = {"tokenizer.chat_template": text}
+        source = jinja
+    else:
+        out = _config_templates(folder, config)
+        source = folder / "tokenizer_config.json"
+    for key, value in out.items():
+        if isinstance(value, str):
+            _check_template(source, key, value)
+    return out
+
+
+def _check_template(source: Path, key: str, template: str) -> None:
+    name = "the chat template" if key == "tokenizer.chat_template" else f"chat template {key[24:]!r:.80}"
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ModelFormatError(f"{source}: {name} is {len(template)} characters, more than the {MAX_TEMPLATE_CHARS} "
+                               "the runtime accepts (edgellama.chat.MAX_TEMPLATE_CHARS); remove it to convert")
+    try:
+        check_template(template)
+    except ChatTemplateError as e:
+        warnings.warn(f"{source}: {name} is written as it is, but the runtime will refuse it ({e}): "
+                      "chat needs a template given at run time")
+
+
+def _config_templates(folder: Path, config: dict) -> dict[str, Any]:
     template = config.get("chat_template")
     if template is None:
         return {}
@@ -364,6 +384,9 @@ def chat_templates(folder: Path, config: dict) -> dict[str, Any]:
         out: dict[str, Any] = {}
         names = []
         for t in template:
+            if not t["name"] or t["name"] in names or (t["name"] == "default" and "tokenizer.chat_template" in out):
+                raise ModelFormatError(f"{folder / 'tokenizer_config.json'}: chat template name {t['name']!r:.80} "
+                                       "is empty or given twice")
             if t["name"] == "default":
                 out["tokenizer.chat_template"] = t["template"]
             else:
