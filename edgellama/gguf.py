@@ -384,6 +384,8 @@ class GGUFFile:
             raise ModelFileNotFoundError(self.path)
         if p.is_dir():
             raise ModelFormatError(f"{self.path}: is a directory, expected a .gguf file")
+        if not p.is_file():
+            raise ModelFormatError(f"{self.path}: not a regular file (a device, FIFO or socket), expected a .gguf file")
         size = p.stat().st_size
         if size < 24:
             raise ModelFormatError(f"{self.path}: file is truncated or incomplete ({size} bytes, a "

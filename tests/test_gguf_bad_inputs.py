@@ -339,6 +339,13 @@ def test_file_is_a_directory(tmp_path):
     expect_error(d, "is a directory")
 
 
+def test_file_is_a_device_or_a_fifo(tmp_path):
+    """They were "truncated or incomplete (0 bytes...)"."""
+    expect_error(Path("/dev/zero"), "not a regular file")
+    os.mkfifo(tmp_path / "fifo.gguf")
+    expect_error(tmp_path / "fifo.gguf", "not a regular file")
+
+
 def test_missing_file(tmp_path):
     expect_error(tmp_path / "nope.gguf", "no such file")
     with pytest.raises(FileNotFoundError) as e:  # also a ModelFormatError: either except catches it
