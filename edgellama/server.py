@@ -458,9 +458,10 @@ class Job:
     """
 
     def __init__(self, work: Callable[["Job"], None], loop: asyncio.AbstractEventLoop, max_buffer: int,
-                 param: str | None = None):
+                 param: str | None = None, client: str = ""):
         self.work = work
         self.param = param               # the request field failures are blamed on
+        self.client = client             # the client address's key (a share of the line is its own)
         self.max_buffer = max_buffer
         self.status: int | None = None   # set by respond
         self.headers: dict[str, str] = {}
@@ -555,6 +556,27 @@ class Job:
         self._wake.clear()
 
 
+def _make_room(line: collections.deque[Job], job: Job) -> Job | None:
+    """A full line: the newest waiting job of the client that holds the most places, taken out of
+    the line for ``job`` when that client holds at least two more than ``job``'s (so that one
+    client cannot keep the line full and every other client at 503); None otherwise (``job`` gets
+    the 503, as from a full line of its own client's requests)."""
+    counts = collections.Counter(j.client for j in line)
+    client, most = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
+    if most < counts.get(job.client, 0) + 2:
+        return None
+    victim = next(j for j in reversed(line) if j.client == client)
+    line.remove(victim)
+    return victim
+
+
+def _bumped(victim: Job | None) -> None:
+    if victim is not None:
+        victim.fail(_busy("the server is busy: this request's place in line went to a request from another "
+                          "client (each client gets a share of the line); retry later"))
+        victim.finish()
+
+
 class Engine:
     """The model and its worker thread: one generation at a time, in arrival order, at most
     ``max_queue`` jobs waiting behind the running one."""
@@ -606,10 +628,15 @@ class Engine:
         with self._cond:
             if self._closed or self.fatal is not None:
                 raise _busy("the server is shutting down")
+            victim = None
             if len(self._line) + (self.running is not None) > self.max_queue:
-                raise _busy("the server is busy: too many requests are waiting; retry later")
+                victim = _make_room(self._line, job)
+                if victim is None:
+                    raise _busy("the server is busy: too many requests are waiting; retry later")
+                self.finished += 1
             self._line.append(job)
             self._cond.notify()
+        _bumped(victim)
 
     def discard(self, job: Job) -> None:
         """Take a cancelled job out of the line (if the worker has not begun it)."""
@@ -732,10 +759,15 @@ class SlotEngine:
         with self._cond:
             if self._closed or self.fatal is not None:
                 raise _busy("the server is shutting down")
+            victim = None
             if len(self._line) + len(self.running) >= self.n_slots + self.max_queue:
-                raise _busy("the server is busy: too many requests are waiting; retry later")
+                victim = _make_room(self._line, job)
+                if victim is None:
+                    raise _busy("the server is busy: too many requests are waiting; retry later")
+                self.finished += 1
             self._line.append(job)
             self._cond.notify()
+        _bumped(victim)
 
     def discard(self, job: Job) -> None:
         """A cancelled job: out of the line at once; a running one leaves its slot before the next step."""
@@ -1650,12 +1682,12 @@ class Server:
         if path == "/v1/embeddings":
             embedding = parse_embedding(_json_body(request.body or b""), model.args.n_vocab, model.args.dim)
             job = Job(lambda job: run_embedding(self.engine, embedding, job), loop, self.config.max_output_buffer,
-                      param="input")
+                      param="input", client=conn.client)
         else:
             completion = parse_completion(_json_body(request.body or b""), path == "/v1/chat/completions",
                                           model.args.n_vocab, self.engine.n_ctx)
             job = Job(lambda job: run_completion(self.engine, completion, job), loop, self.config.max_output_buffer,
-                      param=completion.param)
+                      param=completion.param, client=conn.client)
             job.completion = completion
         self.engine.submit(job)
         return await self._deliver(conn, request, job)

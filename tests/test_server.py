@@ -828,3 +828,47 @@ def test_an_embeddings_reply_holds_a_bounded_count_of_numbers():
     assert e.value.status == 400
     narrow = 64  # (the cap of 2048 inputs still holds for small widths)
     assert len(parse_embedding({"input": [[1]] * MAX_EMBEDDING_INPUTS}, 100, narrow).inputs) == MAX_EMBEDDING_INPUTS
+
+
+@pytest.mark.parametrize("slots", [0, 2])
+def test_one_client_cannot_keep_the_line_full(tiny, slots):
+    """A fifth review: one address could fill the line (max_queue) and every other client got 503s
+    for as long as it kept it full.  A newcomer now takes the newest place of the client holding at
+    least two more places than its own; among equals (one client alone included) a full line is a
+    503 as before.  Deterministic: held jobs keep the worker busy while the line is filled."""
+    from edgellama.server import APIError, Engine, SlotEngine
+
+    engine = SlotEngine(tiny, "tiny", slots, max_queue=3) if slots else Engine(tiny, "tiny", max_queue=3)
+    loop = asyncio.new_event_loop()  # never run: notices queue up
+    release = threading.Event()
+    try:
+        held = [Job(lambda job: release.wait(120), loop, 1 << 20, client="h") for _ in range(max(slots, 1))]
+        for job in held:
+            engine.submit(job)
+        wait_until(lambda: all(j in (engine.running if slots else [engine.running]) for j in held), "held jobs run")
+        a = [Job(lambda job: None, loop, 1 << 20, client="a") for _ in range(3)]
+        for job in a:
+            engine.submit(job)
+
+        def refused(client):
+            job = Job(lambda job: None, loop, 1 << 20, client=client)
+            with pytest.raises(APIError) as e:
+                engine.submit(job)
+            assert e.value.status == 503
+            return job
+
+        refused("a")  # one client alone: full is full
+        b = Job(lambda job: None, loop, 1 << 20, client="b")
+        engine.submit(b)  # takes a's newest place
+        assert a[-1].done and a[-1].status == 503 and b"another client" in a[-1].body
+        assert list(engine._line) == [*a[:-1], b] and not any(j.done for j in a[:-1])
+        refused("b")  # a: 2, b: 1 -> b may not take another
+        c = Job(lambda job: None, loop, 1 << 20, client="c")
+        engine.submit(c)
+        assert a[-2].done and list(engine._line) == [a[0], b, c]
+        refused("a")
+        refused("b")
+    finally:
+        release.set()
+        engine.close()
+        loop.close()
