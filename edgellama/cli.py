@@ -691,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelFormatError, ValueError, OSError) as e:
         print(f"edgellama {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except MemoryError as e:  # (what a limit checked before allocating names, or numpy's refusal)
+        print(f"edgellama {args.command}: error: out of memory" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -219,3 +219,16 @@ def test_output_piped_into_a_reader_that_goes_away_ends_quietly(tiny):
         os.close(write_end)
     assert r.returncode == 141, r.stderr
     assert "error" not in r.stderr.lower() and "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr
+
+
+def test_out_of_memory_is_one_line(tiny, monkeypatch, capsys):
+    """A MemoryError (a batch's buffers checked before allocating, numpy's own refusal) was a traceback."""
+    import edgellama.cli as cli
+
+    def exhausted(args):
+        raise MemoryError("a batch of 4096 rows needs about 9.0 GiB of buffers; 3.0 GiB is available")
+
+    monkeypatch.setattr(cli, "cmd_info", exhausted)
+    assert cli.main(["info", "-m", str(tiny)]) == 1
+    assert capsys.readouterr().err == ("edgellama info: error: out of memory: a batch of 4096 rows needs about "
+                                       "9.0 GiB of buffers; 3.0 GiB is available\n")
