@@ -29,7 +29,7 @@ from .kernel_cache import DECODE_PIECES_CHILD, DECODE_PIECES_HERE, CompileChild,
 from .hardware import physical_cores  # the default thread count (big physical cores)
 from .memory import lazy_zeros, trim_heap
 from .kernels.cache import LAYOUT_FILES, package_stamp
-from .packed_cache import packed_sections, resolve_folder
+from .packed_cache import packed_sections, resolve_folder, side_folder
 from .quants import KV_CACHE_TYPES, RUNTIME_QUANTIZED, RUNTIME_TYPES, GGMLType, dequantize, type_name
 
 LAYER_MATRICES = K.LAYER_MATRICES  # slot i of a layer: the kernels address matrices by these slots
@@ -299,7 +299,10 @@ class Model:
         # the tokenizer first: what building it frees goes back to the system before the weights
         # are packed on top of it
         # (``tokenizer``: one already built from this file's metadata, e.g. to size a prompt first)
-        self.tokenizer = tokenizer or Tokenizer.from_gguf(f)
+        if tokenizer is None:
+            with side_folder(resolve_folder(packed_cache)):  # (its kept tables where the weights are kept)
+                tokenizer = Tokenizer.from_gguf(f)
+        self.tokenizer = tokenizer
         trim_heap()
         self.weights = Weights(f, self.args, packed_cache, self.threads)
         self.rope = K.RopeTables(*rope_tables(self.args, self.n_ctx, self.weights.rope_freqs))
@@ -312,8 +315,10 @@ class Model:
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
-        return cls(GGUFFile(path, keep_header=kwargs.get("packed_cache") is not False), n_ctx=n_ctx,
-                   threads=threads, **kwargs)
+        folder = resolve_folder(kwargs.get("packed_cache"))
+        with side_folder(folder):  # (the parsed header kept where the weights are kept)
+            f = GGUFFile(path, keep_header=folder is not None)
+        return cls(f, n_ctx=n_ctx, threads=threads, **kwargs)
 
     # ----- text <-> ids ---------------------------------------------------------------------------
 

@@ -32,12 +32,15 @@ header (``tokenizers/``, see ``edgellama.tokenizer.kept``).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import threading
@@ -53,7 +56,7 @@ VERSION = 1
 DATA_OFFSET = 1 << 16            # header room; the data starts page-aligned for any page size up to 64 KiB
 SECTION_ALIGN = 1 << 12
 MIN_FREE_BYTES = 1 << 30         # a copy is written only when this much of the disk stays free after it
-STALE_TEMP_SECONDS = 24 * 3600   # a temporary file this old is a crashed writer's
+STALE_TEMP_SECONDS = 24 * 3600   # a temporary file this old is a crashed writer's (where locks do not work)
 # The file is written in windows of WRITE_CHUNK bytes at multiples of it (a multiple of 2 MiB), each
 # one call whatever sections and gaps it spans: the page cache then holds the new file in 2 MiB
 # folios where memory allows, which a later load maps with 2 MiB pages (fewer TLB misses in the
@@ -68,6 +71,9 @@ _HEADER = struct.Struct("<8sI")
 # the names of the copies (PackedCache.path) and of their writers' temporary files (mkstemp's)
 _COPY_NAME = re.compile(r"[0-9a-f]{32}\.packed")
 _TEMP_NAME = re.compile(r"[0-9a-f]{32}\.[A-Za-z0-9_]+\.tmp")
+_BLOB_NAME = re.compile(r"[0-9a-f]{64}\.bin")  # keep_blob's (names are SHA-256 digests)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 
 def default_folder() -> Path | None:
@@ -119,8 +125,10 @@ def _offsets(sizes: Sequence[int]) -> list[int]:
 
 def _read_header(path: Path) -> dict | None:
     """A cache file's header, or None for anything that is not a whole one."""
-    try:
-        with open(path, "rb") as fh:
+    try:  # (not through a symlink, not blocking on a FIFO: only a regular file is a cache file)
+        with os.fdopen(os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
             head = fh.read(DATA_OFFSET)
     except OSError:
         return None
@@ -131,7 +139,7 @@ def _read_header(path: Path) -> dict | None:
         return None
     try:
         header = json.loads(head[_HEADER.size:_HEADER.size + length])
-    except ValueError:  # (UnicodeDecodeError and JSONDecodeError both)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError, JSONDecodeError; nesting beyond the stack)
         return None
     return header if isinstance(header, dict) else None
 
@@ -170,7 +178,7 @@ class PackedCache:
         if header != self.key:
             return None
         try:
-            with open(self.path, "rb") as fh:
+            with os.fdopen(os.open(self.path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK), "rb") as fh:
                 if os.fstat(fh.fileno()).st_size != self.offsets[-1]:
                     return None
                 mapping = mmap.mmap(fh.fileno(), self.offsets[-1], flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
@@ -202,6 +210,7 @@ class PackedCache:
             fd, temp = tempfile.mkstemp(dir=self.folder, prefix=self.path.stem + ".", suffix=".tmp")
         except OSError:
             return False
+        _lock(fd)  # held until the writer closes it: a sweep removes only temp files nobody holds
         finished = threading.Event()
         _WRITERS.append(finished)
         threading.Thread(target=self._write, args=(fd, temp, list(sections), finished),
@@ -240,7 +249,9 @@ class PackedCache:
         for entry in self.folder.iterdir():
             try:
                 if _TEMP_NAME.fullmatch(entry.name):
-                    if now - entry.stat().st_mtime > STALE_TEMP_SECONDS:
+                    # (a writer locks its file as it creates it; one caught between the two loses
+                    # its file and writes its copy at a later load: nothing else)
+                    if now - entry.lstat().st_mtime > STALE_TEMP_SECONDS or _abandoned(entry):
                         entry.unlink()
                     continue
                 if not _COPY_NAME.fullmatch(entry.name) or entry == self.path:
@@ -250,6 +261,31 @@ class PackedCache:
                     entry.unlink()
             except OSError:
                 continue
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file (flock: released when it is closed, also when its
+    process is killed); False where the file system takes no locks."""
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except (ImportError, OSError):
+        return False
+
+
+def _abandoned(path: Path) -> bool:
+    """A writer's temporary file that no process holds locked: its writer was killed (SIGKILL, the
+    OOM killer, a closed terminal) or it is no writer's."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and _lock(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_window(fd: int, start: int, end: int, pieces: list[tuple[int, memoryview]]) -> bool:
@@ -358,16 +394,51 @@ def packed_sections(folder: Path | None, model_path: str, model_stat: os.stat_re
 # GGUF file's parsed header: ~0.5 s to parse for Llama 3's vocabulary, 0.1 s to read back)
 
 MAX_TABLES = 64  # per kind; the oldest go first
+_UNSET = object()
+_SIDE_FOLDER: contextvars.ContextVar = contextvars.ContextVar("edgellama_side_folder", default=_UNSET)
+
+
+@contextlib.contextmanager
+def side_folder(folder: Path | None):
+    """Within this block (this thread or task), the small things are kept in ``folder`` (None: not
+    kept), as a load's ``packed_cache`` says, instead of default_folder()."""
+    token = _SIDE_FOLDER.set(folder)
+    try:
+        yield
+    finally:
+        _SIDE_FOLDER.reset(token)
+
+
+def _kind_folder(kind: str, create: bool = False) -> Path | None:
+    """``<folder>/<kind>``: a real folder of this user (not a symlink another user of a shared
+    folder planted: what is written and pruned there would land in the folder it points to)."""
+    folder = _SIDE_FOLDER.get()
+    folder = default_folder() if folder is _UNSET else folder
+    if folder is None:
+        return None
+    path = Path(folder) / kind
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+        return None
+    return path
 
 
 def load_blob(kind: str, name: str) -> memoryview | None:
     """The bytes ``keep_blob`` kept as ``name`` (a view, not a copy), if they are whole (their own
     SHA-256 follows them); else None."""
-    folder = default_folder()
+    folder = _kind_folder(kind)
     if folder is None:
         return None
     try:
-        data = (folder / kind / f"{name}.bin").read_bytes()
+        with os.fdopen(os.open(folder / f"{name}.bin", os.O_RDONLY | _NOFOLLOW | _NONBLOCK), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return None
+            data = fh.read()
     except OSError:
         return None
     body = memoryview(data)[:-32]
@@ -379,13 +450,11 @@ def load_blob(kind: str, name: str) -> memoryview | None:
 def keep_blob(kind: str, name: str, data: bytes) -> None:
     """Keep ``data`` for ``load_blob`` (written whole or not at all; errors are ignored); at most
     MAX_TABLES of a kind, the least recently written go first."""
-    folder = default_folder()
+    folder = _kind_folder(kind, create=True)
     if folder is None:
         return
-    folder = folder / kind
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        kept = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)
+        kept = sorted((p for p in folder.iterdir() if _BLOB_NAME.fullmatch(p.name)), key=lambda p: p.lstat().st_mtime)
         for old in kept[:max(0, len(kept) - MAX_TABLES + 1)]:
             old.unlink()
         fd, temp = tempfile.mkstemp(dir=folder, suffix=".tmp")

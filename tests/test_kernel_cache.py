@@ -311,3 +311,44 @@ def test_a_function_numba_cannot_cache_still_runs(tmp_path, monkeypatch):
     assert any("Cannot cache" in str(w.message) for w in caught), [str(w.message) for w in caught]
     folder = Path(probe._cache._cache_path)
     assert not list(folder.glob("*.nbc"))
+
+
+def test_kernel_folders_of_another_user_or_through_links_are_not_used(tmp_path, monkeypatch):
+    """A fifth review: with a shared NUMBA_CACHE_DIR (a /tmp), another user could make the kernel
+    folder first, its .used marker a symlink to any path of ours (touch followed it: as root, an
+    /etc/nologin), and its pickled kernels ours to load.  Markers and the lock never follow links;
+    a folder not of this user is not used (a warning; the kernels compile in the process)."""
+    import os
+    import warnings
+
+    from edgellama.kernels import cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    folder = tmp_path / "k"
+    folder.mkdir()
+    target = tmp_path / "victim" / "nologin"
+    target.parent.mkdir()
+    os.symlink(target, folder / cache.USED_MARKER)
+    assert not cache._touch_daily(folder / cache.USED_MARKER) and not target.exists()
+    os.symlink(target, folder / ".lock")
+    with cache._exclusive(str(folder)):  # (no lock where the lock file is a link: no file made through it)
+        pass
+    assert not target.exists()
+    # a symlinked folder, and one of ours that anyone may write (made group-writable at most)
+    os.symlink(folder, tmp_path / "link")
+    assert not cache._own_folder(tmp_path / "link")
+    os.chmod(folder, 0o777)
+    assert cache._own_folder(folder) and folder.stat().st_mode & 0o777 == 0o775
+    if os.getuid() != 0:
+        return  # (making a folder another user's needs root)
+    stamp = os.urandom(16).hex()
+    theirs = tmp_path / "xdg" / "edgellama" / "probe-owner" / f"{stamp[:20]}-numba{__import__('numba').__version__}"
+    theirs.mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cache.package_folder("probe-owner", stamp) is None
+    assert any("is not a folder of this user" in str(w.message) for w in caught)
+    assert not (theirs / cache.USED_MARKER).exists()

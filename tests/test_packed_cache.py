@@ -179,7 +179,8 @@ def test_no_room_no_folder_or_a_failing_disk_packs_in_memory(tmp_path, monkeypat
     assert model.weights.pack_source == "saving"  # the writer fails later, in its thread
     wait_for_writes()
     assert np.array_equal(model.logits(IDS), want)
-    assert list(folder.iterdir()) == []  # neither a cache file nor its temporary file
+    # neither a cache file nor its temporary file (the tokenizer's small tables are kept beside)
+    assert [p.name for p in folder.iterdir() if not p.is_dir()] == []
 
 
 def test_the_folder_setting(monkeypatch, tmp_path):
@@ -657,11 +658,15 @@ def test_a_header_is_kept_only_when_asked_long_enough_and_with_the_cache_on(tmp_
         assert gguf.GGUFFile(path, keep_header=True).header_source == "parsed"
     assert not (tmp_path / "c").exists() and not (tmp_path / "off").exists()
     monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(tmp_path / "c"))
-    model = edgellama.load(path, n_ctx=32, threads=2, packed_cache=tmp_path / "p")  # the API keeps it too
-    assert len(_kept_headers(tmp_path / "c")) == 1
-    assert gguf.GGUFFile(path, keep_header=True).header_source == "kept"
-    assert np.array_equal(edgellama.load(path, n_ctx=32, threads=2, packed_cache=False).logits(IDS),
-                          model.logits(IDS))
+    model = edgellama.load(path, n_ctx=32, threads=2, packed_cache=tmp_path / "p")  # the API keeps it too,
+    assert not _kept_headers(tmp_path / "c") and len(_kept_headers(tmp_path / "p")) == 1  # where it says
+    assert gguf.GGUFFile(path, keep_header=True).header_source == "parsed"  # (the environment's folder)
+    assert edgellama.load(path, n_ctx=32, threads=2, packed_cache=tmp_path / "p").file.header_source == "kept"
+    kept = {kind: sorted((tmp_path / kind).rglob("*.bin")) for kind in "cp"}
+    off = edgellama.load(path, n_ctx=32, threads=2, packed_cache=False)  # keeps nothing anywhere
+    assert off.file.header_source == "parsed"
+    assert {kind: sorted((tmp_path / kind).rglob("*.bin")) for kind in "cp"} == kept
+    assert np.array_equal(off.logits(IDS), model.logits(IDS))
 
 
 def test_a_changed_file_is_parsed_again_whatever_its_times_say(tmp_path, monkeypatch):
@@ -821,3 +826,77 @@ def test_ctrl_c_while_the_command_waits_for_its_copy_exits_130(monkeypatch, caps
     cli.console_main()
     assert calls == ["wait", "abandon"] and codes == [130]
     assert "packed weights were not kept" in capsys.readouterr().err
+
+
+# ----- a fifth review: hostile or messy cache folders ---------------------------------------------
+
+def test_killed_writers_temp_files_go_at_the_next_write_and_live_ones_stay(tmp_path):
+    """A writer killed mid-copy (SIGKILL, the OOM killer, a closed terminal) left a temp file as large
+    as the copy for 24 hours, one more per kill.  A writer holds its temp file locked: the next
+    save removes those nobody holds, and only those."""
+    import fcntl
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    dead = folder / ("0" * 32 + ".killed.tmp")
+    dead.write_bytes(b"x" * 4096)
+    live = folder / ("1" * 32 + ".writing.tmp")
+    live.write_bytes(b"y" * 4096)
+    other = folder / "notes.tmp"  # not named as this module names its files
+    other.write_text("mine")
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # (another open file description: as another process's writer)
+        path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+        assert _load(path, folder).weights.pack_source == "saving"
+        wait_for_writes()
+        names = sorted(p.name for p in folder.iterdir() if not p.is_dir())
+    assert not dead.exists() and live.exists() and other.exists()
+    assert [n for n in names if n.endswith(".packed")] and len(names) == 3
+
+
+def test_side_tables_prune_only_their_own_files_and_never_through_a_link(tmp_path, monkeypatch):
+    """keep_blob pruned every *.bin of its folder beyond the 63 newest, a user's files included, and
+    followed a symlink another user of a shared folder planted (writing and pruning in its target)."""
+    folder = tmp_path / "cache"
+    kind = folder / "bpe-merges"
+    kind.mkdir(parents=True)
+    mine = [kind / f"user-file-{i}.bin" for i in range(70)]
+    for p in mine:
+        p.write_bytes(b"keep me")
+    monkeypatch.setenv("EDGELLAMA_PACKED_CACHE", str(folder))
+    for i in range(packed_cache.MAX_TABLES + 5):
+        packed_cache.keep_blob("bpe-merges", f"{i:064x}", b"table %d" % i)
+    own = sorted(p.name for p in kind.iterdir() if p.name not in {m.name for m in mine})
+    assert all(p.exists() for p in mine) and len(own) == packed_cache.MAX_TABLES
+    assert bytes(packed_cache.load_blob("bpe-merges", f"{packed_cache.MAX_TABLES + 4:064x}")) == b"table 68"
+    # a kind folder that is a symlink: nothing kept or read through it
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.bin").write_bytes(b"x")
+    os.symlink(victim, folder / "tokenizers")
+    packed_cache.keep_blob("tokenizers", "a" * 64, b"state")
+    assert sorted(p.name for p in victim.iterdir()) == ["precious.bin"]
+    (victim / ("b" * 64 + ".bin")).write_bytes(b"planted")
+    assert packed_cache.load_blob("tokenizers", "b" * 64) is None
+
+
+def test_foreign_files_named_like_copies_neither_hang_nor_break_a_load(tmp_path):
+    """A FIFO named like a copy hung every load of a new model (its sweep opened it); a copy-named
+    file whose JSON header nests 20,000 levels raised RecursionError.  In a child: a hang is a
+    timeout here, not a stuck test run."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    os.mkfifo(folder / ("ab" * 16 + ".packed"))
+    nested = b"[" * 20000 + b"]" * 20000
+    (folder / ("cd" * 16 + ".packed")).write_bytes(packed_cache._HEADER.pack(packed_cache.MAGIC, len(nested)) + nested)
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+    code = ("import sys, numpy as np, edgellama; from edgellama.packed_cache import wait_for_writes; "
+            f"m = edgellama.load({str(path)!r}, n_ctx=32, threads=1, packed_cache={str(folder)!r}); "
+            f"print(m.weights.pack_source, np.asarray(m.logits({IDS})).tobytes().hex()); wait_for_writes()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr[-2000:]
+    source, logits = r.stdout.split()
+    assert source == "saving"
+    assert bytes.fromhex(logits) == np.asarray(_load(path, False).logits(IDS)).tobytes()
+    assert not (folder / ("cd" * 16 + ".packed")).exists()  # swept: not a copy of anything

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -98,6 +99,13 @@ def package_folder(kind: str = "kernels", stamp: str | None = None) -> Path | No
         tempfile.TemporaryFile(dir=folder).close()
     except OSError:
         return None
+    for mine in (folder, folder.parent, folder.parent.parent):  # (<stamp>, <kind>, edgellama)
+        if not _own_folder(mine):
+            import warnings
+
+            warnings.warn(f"{mine} is not a folder of this user (another user's, or a symlink): its kernels are "
+                          "not used (they compile in this process; set NUMBA_CACHE_DIR to a folder of your own)")
+            return None
     _touch_daily(folder / USED_MARKER)
     if _touch_daily(folder / PRUNED_MARKER):
         prune_unused(folder.parent, folder)
@@ -114,17 +122,47 @@ PRUNED_MARKER = ".pruned"    # in the folder in use: when its process last looke
 _DAY = 86400.0
 
 
+def _own_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder (not a symlink) of this user: the kernels Numba loads
+    from a cache folder are pickled machine code, and a folder another user made in a shared
+    NUMBA_CACHE_DIR (a /tmp) would run their code in our process and steer our marker files (a
+    symlink named .used) anywhere we may write.  One of ours that anyone may write (a umask of 0)
+    is made writable by its owner's group at most."""
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
+        return False
+    if st.st_mode & 0o002:
+        try:
+            os.chmod(folder, stat.S_IMODE(st.st_mode) & ~0o002)
+        except OSError:
+            return False
+    return True
+
+
+def _open_marker(path: Path, flags: int) -> int:
+    """An fd of a marker or lock file in a kernel folder, never through a symlink."""
+    return os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
+
+
 def _touch_daily(marker: Path, now: float | None = None) -> bool:
     """Set marker's time to now unless that was done within the last day; whether it was."""
     now = time.time() if now is None else now
     try:
-        if now - marker.stat().st_mtime < _DAY:
+        if now - os.lstat(marker).st_mtime < _DAY:
             return False
     except OSError:
         pass
     try:
-        marker.touch()
-        os.utime(marker, (now, now))
+        fd = _open_marker(marker, os.O_WRONLY)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            os.utime(fd, (now, now)) if os.utime in os.supports_fd else os.utime(marker, (now, now))
+        finally:
+            os.close(fd)
     except OSError:
         return False
     return True
@@ -167,7 +205,7 @@ def _exclusive(folder: str):
         yield
         return
     try:
-        handle = open(os.path.join(folder, ".lock"), "a+b")
+        handle = os.fdopen(_open_marker(Path(folder) / ".lock", os.O_RDWR), "r+b")
     except OSError:
         yield
         return
