@@ -227,7 +227,8 @@ class Batch:
             add_bos: bool | None = None, special: bool = False, context_shift: bool = False, n_keep: int = 4,
             truncate: bool = False, slot: int | None = None, tag=None, **sampling) -> Sequence:
         """Start a sequence in a free slot (``slot``, or the free slot holding the longest prefix of
-        the prompt, else the one unused the longest); its prompt is evaluated by the next steps.
+        the prompt where that is at least half of the prompt or of what the slot holds, else the one
+        unused the longest); its prompt is evaluated by the next steps.
         Options as ``Model.generate``'s, checked here (SlotsBusyError when no slot is free)."""
         from .sampling import make_sampler
 
@@ -288,8 +289,16 @@ class Batch:
         free = [s for s in self.slots if s.seq is None]
         if not free:
             raise SlotsBusyError(f"all {len(self.slots)} slots are busy")
-        # the longest reusable prefix; among equals (none, mostly) the slot unused the longest
-        return max(free, key=lambda s: (_common_prefix(s.tokens, ids, s.reusable()), -s.last_used))
+        # the longest reusable prefix where it is at least half of the prompt or of what the slot
+        # holds (a chat's next turn, however long its new message), else the slot unused the
+        # longest (as llama-server's slot_prompt_similarity, 0.5): a new chat sharing only the
+        # template's first tokens with a conversation must not take its slot, and its context,
+        # while an older slot is free
+        def reuse(s: _Slot) -> int:
+            common = _common_prefix(s.tokens, ids, s.reusable())
+            return common if 2 * common >= min(len(ids), len(s.tokens)) else 0
+
+        return max(free, key=lambda s: (reuse(s), -s.last_used))
 
     def remove(self, seq: Sequence) -> None:
         """Stop a sequence now and free its slot (what its slot has evaluated stays reusable)."""

@@ -259,3 +259,24 @@ def test_real_model_is_batch_invariant(smollm2_path):
     assert run([0, 1, 2, 3], 4, 64) == alone
     assert run([3, 1, 0, 2], 4, 6) == alone
     assert "".join(alone[3][1]) == case["greedy_text"]
+
+
+def test_a_short_shared_prefix_does_not_take_a_conversations_slot(tmp_path_factory):
+    """A server test failed now and then: a new chat sharing only the template's first tokens with a
+    conversation was put in that conversation's slot (the longest prefix, however short), whose next
+    turn then found its context gone.  A slot is chosen for its prefix only when that is at least
+    half of the prompt or of what the slot holds; else the slot unused the longest."""
+    model = _tiny(tmp_path_factory, GGMLType.Q8_0)
+    batch = Batch(model, n_slots=3)
+    head = [7, 8, 9, 10]  # (a template's first tokens)
+    conversation = head + [(i * 13 + 5) % 240 + 2 for i in range(30)]
+    for slot, prompt in ((0, [100, 101]), (1, [110, 111]), (2, conversation)):
+        batch.add(prompt, 1, slot=slot, temperature=0.0)
+        list(batch.stream())
+    new_chat = head + [50, 51, 52, 53, 54, 55]  # 4 of 10 tokens shared with slot 2, 0 with the others
+    assert batch.add(new_chat, 1, temperature=0.0).slot == 0  # the slot unused the longest
+    list(batch.stream())
+    held = list(batch.slots[2].tokens)
+    assert held[:len(conversation)] == conversation
+    seq = batch.add(held + [60, 61] * 40, 1, temperature=0.0)  # its next turn: a long new message
+    assert seq.slot == 2 and seq.cached == len(held)
