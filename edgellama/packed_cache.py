@@ -82,8 +82,16 @@ def default_folder() -> Path | None:
     value = os.environ.get(ENV)
     if value is not None:
         return None if value.strip().lower() in ("", "0", "off", "no", "false") else Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgellama" / "packed"
+    return user_cache() / "edgellama" / "packed"
+
+
+def user_cache() -> Path:
+    """The user's cache folder: $XDG_CACHE_HOME where that is an absolute path (the XDG spec: a
+    relative one is ignored, as it would move with the working directory), else ~/.cache."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg)
+    return Path(os.path.expanduser("~")) / ".cache"
 
 
 def resolve_folder(packed_cache) -> Path | None:

@@ -900,3 +900,19 @@ def test_foreign_files_named_like_copies_neither_hang_nor_break_a_load(tmp_path)
     assert source == "saving"
     assert bytes.fromhex(logits) == np.asarray(_load(path, False).logits(IDS)).tobytes()
     assert not (folder / ("cd" * 16 + ".packed")).exists()  # swept: not a copy of anything
+
+
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    """The XDG spec: a relative $XDG_CACHE_HOME is ignored (it moved the caches with the working
+    directory)."""
+    from edgellama.kernels import cache
+
+    monkeypatch.delenv("EDGELLAMA_PACKED_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("numba.core.config.CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert packed_cache.default_folder() == tmp_path / "home" / ".cache" / "edgellama" / "packed"
+    assert cache.cache_root() == tmp_path / "home" / ".cache" / "edgellama"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert packed_cache.default_folder() == tmp_path / "xdg" / "edgellama" / "packed"
+    assert cache.cache_root() == tmp_path / "xdg" / "edgellama"

@@ -82,8 +82,9 @@ def cache_root() -> Path:
 
     if config.CACHE_DIR:
         return Path(config.CACHE_DIR) / "edgellama"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "edgellama"
+    from ..packed_cache import user_cache
+
+    return user_cache() / "edgellama"
 
 
 @functools.lru_cache(maxsize=None)
