@@ -221,13 +221,17 @@ def test_writing_removes_the_copies_of_gone_or_changed_models_and_old_temporary_
     long_ago = time.time() - 2 * packed_cache.STALE_TEMP_SECONDS
     for p in (old_temp, *foreign):
         os.utime(p, (long_ago, long_ago))
-    _load(write_tiny_model(tmp_path / "new.gguf", GGMLType.Q4_0), folder)  # a write sweeps the folder
-    wait_for_writes()
+    import fcntl
+
+    with open(new_temp, "rb") as held:  # a writer of another process holds its file locked
+        fcntl.flock(held, fcntl.LOCK_EX)
+        _load(write_tiny_model(tmp_path / "new.gguf", GGMLType.Q4_0), folder)  # a write sweeps the folder
+        wait_for_writes()
     left = set(_cache_files(folder)) - set(foreign)
     assert names[os.path.realpath(kept)] in left
     assert names[os.path.realpath(gone)] not in left and names[os.path.realpath(changed)] not in left
     assert len(left) == 2
-    assert not old_temp.exists() and new_temp.exists()  # a writer of another process may own it
+    assert not old_temp.exists() and new_temp.exists()
     assert all(p.read_bytes() == b"x" for p in foreign)
 
 
