@@ -272,7 +272,10 @@ def llama_metadata(folder: Path, config: dict, p: LlamaParams) -> dict[str, Any]
     u32, f32 = ValueType.UINT32, ValueType.FLOAT32
     name_or_path = config.get("_name_or_path")
     if not isinstance(name_or_path, str) or not name_or_path.strip("/"):
-        name_or_path = folder.resolve().name
+        root = folder.resolve()
+        snapshot = root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--")
+        # (a Hugging Face cache snapshot's folder is named by its commit: the repository's name)
+        name_or_path = root.parent.parent.name.split("--")[-1] if snapshot else root.name
     name = name_or_path.rstrip("/").split("/")[-1]
     meta: dict[str, Any] = {
         "general.architecture": "llama",

@@ -100,7 +100,7 @@ def test_a_file_from_outside_the_folder_never_reaches_the_output(hf, tmp_path):
 @pytest.mark.parametrize("shards", [1, 2])
 def test_a_hugging_face_cache_snapshot_converts_as_its_plain_folder(tmp_path, shards):
     """The cache's snapshot files are symlinks into the repository's blobs/: the same output bytes."""
-    plain = make_tiny_hf_checkpoint(tmp_path / "plain", shards=shards)
+    plain = make_tiny_hf_checkpoint(tmp_path / "tiny", shards=shards)
     repo = tmp_path / "hub" / "models--org--tiny"
     snapshot = repo / "snapshots" / "0123abcd"
     snapshot.mkdir(parents=True)
@@ -111,9 +111,9 @@ def test_a_hugging_face_cache_snapshot_converts_as_its_plain_folder(tmp_path, sh
     convert_file(plain, tmp_path / "plain.gguf", "q8_0", quiet=True)
     convert_file(snapshot, tmp_path / "cached.gguf", "q8_0", quiet=True)
     plain_out, cached_out = GGUFFile(tmp_path / "plain.gguf"), GGUFFile(tmp_path / "cached.gguf")
-    named = {"general.name"}  # (from the folder's name)
     assert plain_out.metadata.keys() == cached_out.metadata.keys()
-    for key in plain_out.metadata.keys() - named:
+    assert cached_out.metadata["general.name"] == "tiny"  # the repository's, not the snapshot's commit
+    for key in plain_out.metadata.keys():
         a, b = plain_out.metadata[key], cached_out.metadata[key]
         assert (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), key
     assert list(plain_out.tensors) == list(cached_out.tensors)
