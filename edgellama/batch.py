@@ -463,7 +463,7 @@ class Generated(str):
 
 def generate_many(model, prompts: Iterable[str | list[int]], max_tokens: int | None = 64, *, parallel: int = 4,
                   n_ctx: int | None = None, n_batch: int | None = None, **options) -> list[Generated]:
-    """Generate for every prompt, ``parallel`` at a time in one batch (see Batch.add for the
+    """Generate for every prompt, ``parallel`` (at most MAX_SLOTS) at a time in one batch (see Batch.add for the
     options; sampling settings make one Sampler per prompt, so a seed gives each prompt the draws
     it gets alone).  Results in the order of ``prompts``, each the same as the prompt run alone."""
     if not (is_int(parallel) and parallel >= 1):
@@ -475,7 +475,7 @@ def generate_many(model, prompts: Iterable[str | list[int]], max_tokens: int | N
     results: list[Generated | None] = [None] * len(prompts)
     if not prompts:
         return []
-    batch = Batch(model, n_slots=max(1, min(parallel, len(prompts))), n_ctx=n_ctx, n_batch=n_batch)
+    batch = Batch(model, n_slots=max(1, min(parallel, len(prompts), MAX_SLOTS)), n_ctx=n_ctx, n_batch=n_batch)
     waiting = list(enumerate(prompts))
     while waiting or batch.active:
         while waiting and batch.free_slots():

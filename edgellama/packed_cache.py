@@ -219,6 +219,7 @@ class PackedCache:
         except OSError:
             return False
         _lock(fd)  # held until the writer closes it: a sweep removes only temp files nobody holds
+        _OWN_TEMPS.add(os.path.abspath(temp))  # (where locks are per process, as NFS's: never this process's)
         finished = threading.Event()
         _WRITERS.append(finished)
         threading.Thread(target=self._write, args=(fd, temp, list(sections), finished),
@@ -247,6 +248,7 @@ class PackedCache:
             os.close(fd)
             if not done:
                 _unlink(temp)
+            _OWN_TEMPS.discard(os.path.abspath(temp))
             finished.set()
 
     def _sweep(self) -> None:
@@ -259,6 +261,8 @@ class PackedCache:
                 if _TEMP_NAME.fullmatch(entry.name):
                     # (a writer locks its file as it creates it; one caught between the two loses
                     # its file and writes its copy at a later load: nothing else)
+                    if os.path.abspath(entry) in _OWN_TEMPS:
+                        continue
                     if now - entry.lstat().st_mtime > STALE_TEMP_SECONDS or _abandoned(entry):
                         entry.unlink()
                     continue
@@ -331,6 +335,7 @@ def _unlink(path) -> None:
 # each writer's end, waited for on an Event (not Thread.join: before Python 3.13 a join that Ctrl-C
 # interrupts takes the thread for finished while it still runs)
 _WRITERS: list[threading.Event] = []
+_OWN_TEMPS: set[str] = set()  # this process's writers' temporary files
 _ABANDON = threading.Event()
 
 
@@ -417,9 +422,23 @@ def side_folder(folder: Path | None):
         _SIDE_FOLDER.reset(token)
 
 
+def owned_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of this user, reached directly or through a symlink of this
+    user's (a user's own link to another disk); not through a link another user of a shared folder
+    planted, which would steer what is written and pruned there into the folder it points to."""
+    try:
+        link = os.lstat(path)
+        st = os.stat(path)
+    except OSError:
+        return False
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    if stat.S_ISLNK(link.st_mode) and uid is not None and link.st_uid != uid:
+        return False
+    return stat.S_ISDIR(st.st_mode) and (uid is None or st.st_uid == uid)
+
+
 def _kind_folder(kind: str, create: bool = False) -> Path | None:
-    """``<folder>/<kind>``: a real folder of this user (not a symlink another user of a shared
-    folder planted: what is written and pruned there would land in the folder it points to)."""
+    """``<folder>/<kind>``: a folder of this user (owned_folder)."""
     folder = _SIDE_FOLDER.get()
     folder = default_folder() if folder is _UNSET else folder
     if folder is None:
@@ -428,12 +447,9 @@ def _kind_folder(kind: str, create: bool = False) -> Path | None:
     try:
         if create:
             path.mkdir(parents=True, exist_ok=True)
-        st = os.lstat(path)
     except OSError:
         return None
-    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
-        return None
-    return path
+    return path if owned_folder(path) else None
 
 
 def load_blob(kind: str, name: str) -> memoryview | None:

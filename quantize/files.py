@@ -2,12 +2,13 @@
 
 A model folder comes from a stranger (a git clone, a tarball): any of its names can be a symlink or
 a special file.  Every file the quantizer reads from a folder must be a regular file (a device or a
-FIFO would be read without end, or block) that resolves inside the folder: what the quantizer reads
-ends up in its output (a chat template, the tokenizer, the weights), and a symlink to
-``~/.ssh/id_rsa`` named ``chat_template.jinja`` must not travel into a GGUF that gets published.
-A Hugging Face cache snapshot (``models--org--name/snapshots/<revision>/``), whose files are
-symlinks into the repository's ``blobs/``, may resolve anywhere inside that repository folder.
-A file given by the user directly (not found in a folder) is only required to be a regular file.
+FIFO would be read without end, or block); links are followed (a ``--local-dir`` download links its
+weights into the Hugging Face cache, Meta's layout links ``../tokenizer.model``), as what they lead
+to must parse as the file it stands for.  A file whose text is copied into the output as it is, a
+``chat_template.jinja``, must moreover resolve inside the folder: a symlink to ``~/.ssh/id_rsa``
+under that name must not travel into a GGUF that gets published.  A Hugging Face cache snapshot
+(``models--org--name/snapshots/<revision>/``), whose files are symlinks into the repository's
+``blobs/``, counts the repository folder as its own.
 """
 
 from __future__ import annotations
@@ -48,15 +49,16 @@ def regular_file(path: Path, root: Path | None = None) -> Path:
     return path
 
 
-def folder_file(path: Path) -> Path:
-    """A file of a model folder (``path.parent``): a regular file inside the folder (see above)."""
-    return regular_file(path, folder_root(Path(path).parent))
+def folder_file(path: Path, contained: bool = False) -> Path:
+    """A file of a model folder (``path.parent``): a regular file, and with ``contained`` one that
+    resolves inside the folder (see above)."""
+    return regular_file(path, folder_root(Path(path).parent) if contained else None)
 
 
-def read_folder_file(path: Path, limit: int, what: str) -> bytes:
+def read_folder_file(path: Path, limit: int, what: str, contained: bool = False) -> bytes:
     """The bytes of a model folder's file, at most ``limit`` of them (counted as read: a size the
     file system reports is not trusted)."""
-    folder_file(path)
+    folder_file(path, contained)
     try:  # (O_NONBLOCK: a FIFO put in its place since the check does not block the open)
         with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
             st = os.fstat(f.fileno())

@@ -22,7 +22,7 @@ from edgellama.config import MAX_CONTEXT_LENGTH, MAX_INT
 from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.quants import GGMLType
 
-from .files import distinct_files, folder_file, folder_root, regular_file
+from .files import distinct_files, folder_file, regular_file
 from .safetensors import FLOAT_DTYPES, SafetensorsFile, to_float32
 from .source import Checkpoint, QuantizeError, SourceTensor, show
 from .vocab import bpe_vocab, read_json, spm_vocab
@@ -349,21 +349,21 @@ def _read_index(folder: Path, index_path: Path) -> tuple[list[Path], dict[str, P
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ModelFormatError(f"{index_path}: weight_map must be a non-empty object")
-    base, root = folder.resolve(), folder_root(folder)
+    base = folder.resolve()
     shards: dict[str, Path] = {}
     mapping: dict[str, Path] = {}
     for tensor, filename in weight_map.items():
         if filename not in shards:
-            shards[filename] = _shard_path(base, root, index_path, tensor, filename)
+            shards[filename] = _shard_path(base, index_path, tensor, filename)
         mapping[tensor] = shards[filename]
     files = sorted(set(shards.values()))
     distinct_files(files)
     return files, mapping
 
 
-def _shard_path(base: Path, root: Path, index_path: Path, tensor: str, filename: Any) -> Path:
-    """A shard named by the index: a plain file name in the model folder ``base`` that resolves
-    inside ``root`` (quantize.files.folder_root), nothing else."""
+def _shard_path(base: Path, index_path: Path, tensor: str, filename: Any) -> Path:
+    """A shard named by the index: a plain file name in the model folder ``base`` (a regular file
+    there, or a link to one: quantize.files), nothing else."""
     if not isinstance(filename, str) or not filename:
         raise ModelFormatError(f"{index_path}: tensor {tensor!r} maps to {filename!r}, not a file name")
     candidate = Path(filename)
@@ -372,9 +372,6 @@ def _shard_path(base: Path, root: Path, index_path: Path, tensor: str, filename:
         raise ModelFormatError(f"{index_path}: shard {filename!r} (tensor {tensor!r}) is outside the model "
                                "folder; refusing it")
     path = (base / candidate).resolve()
-    if not path.is_relative_to(root):
-        raise ModelFormatError(f"{index_path}: shard {filename!r} resolves to {path}, outside the model "
-                               "folder; refusing it")
     if not path.exists():
         raise ModelFormatError(f"{index_path}: shard {filename!r} (tensor {tensor!r}) does not exist")
     return regular_file(path)

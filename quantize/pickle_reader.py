@@ -314,9 +314,13 @@ class _Archive:
             try:
                 with open(path, "rb") as f:
                     zip_start = f.read(4) == b"PK\x03\x04"
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - (22 + 0xFFFF)))
+                    tail = f.read()
+                    end = tail.rfind(b"PK\x05\x06")  # (the end record: 22 bytes and a comment)
+                    zip_start = zip_start and (end < 0 or len(tail) - end < 22)
             except OSError:
                 zip_start = False
-            if zip_start:  # a zip's first member, and no directory at the end: cut short
+            if zip_start:  # a zip's first member, and no whole directory record at the end: cut short
                 raise ModelFormatError(f"{path}: file is truncated or incomplete (a zip archive without its "
                                        f"central directory: {e})") from None
             raise ModelFormatError(f"{path}: not a zip-format PyTorch checkpoint ({e}); old-style (pre-1.6) "

@@ -347,7 +347,7 @@ def chat_templates(folder: Path, config: dict) -> dict[str, Any]:
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
         try:
-            text = read_folder_file(jinja, 4 * MAX_TEMPLATE_CHARS, "chat template").decode("utf-8")
+            text = read_folder_file(jinja, 4 * MAX_TEMPLATE_CHARS, "chat template", contained=True).decode("utf-8")
         except UnicodeDecodeError:
             raise ModelFormatError(f"{jinja}: not valid UTF-8") from None
         out = {"tokenizer.chat_template": text}

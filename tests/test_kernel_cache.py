@@ -336,13 +336,17 @@ def test_kernel_folders_of_another_user_or_through_links_are_not_used(tmp_path, 
     with cache._exclusive(str(folder)):  # (no lock where the lock file is a link: no file made through it)
         pass
     assert not target.exists()
-    # a symlinked folder, and one of ours that anyone may write (made group-writable at most)
+    # our own link (a cache moved to another disk), and a folder of ours that anyone may write
+    # (made group-writable at most)
     os.symlink(folder, tmp_path / "link")
-    assert not cache._own_folder(tmp_path / "link")
+    assert cache._own_folder(tmp_path / "link")
     os.chmod(folder, 0o777)
     assert cache._own_folder(folder) and folder.stat().st_mode & 0o777 == 0o775
     if os.getuid() != 0:
-        return  # (making a folder another user's needs root)
+        return  # (making a folder or a link another user's needs root)
+    os.symlink(folder, tmp_path / "planted")
+    os.lchown(tmp_path / "planted", 65534, 65534)  # a link another user planted, to a folder of ours
+    assert not cache._own_folder(tmp_path / "planted")
     stamp = os.urandom(16).hex()
     theirs = tmp_path / "xdg" / "edgellama" / "probe-owner" / f"{stamp[:20]}-numba{__import__('numba').__version__}"
     theirs.mkdir(parents=True)

@@ -873,11 +873,21 @@ def test_side_tables_prune_only_their_own_files_and_never_through_a_link(tmp_pat
     own = sorted(p.name for p in kind.iterdir() if p.name not in {m.name for m in mine})
     assert all(p.exists() for p in mine) and len(own) == packed_cache.MAX_TABLES
     assert bytes(packed_cache.load_blob("bpe-merges", f"{packed_cache.MAX_TABLES + 4:064x}")) == b"table 68"
-    # a kind folder that is a symlink: nothing kept or read through it
+    # a kind folder that is our own link (to another disk, say) is used
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, folder / "gguf-headers")
+    packed_cache.keep_blob("gguf-headers", "e" * 64, b"header")
+    assert bytes(packed_cache.load_blob("gguf-headers", "e" * 64)) == b"header"
+    assert [p.name for p in elsewhere.iterdir()] == ["e" * 64 + ".bin"]
+    if os.getuid() != 0:
+        return  # (a link of another user's needs root to make)
+    # one another user of a shared folder planted: nothing kept or read through it
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.bin").write_bytes(b"x")
     os.symlink(victim, folder / "tokenizers")
+    os.lchown(folder / "tokenizers", 65534, 65534)
     packed_cache.keep_blob("tokenizers", "a" * 64, b"state")
     assert sorted(p.name for p in victim.iterdir()) == ["precious.bin"]
     (victim / ("b" * 64 + ".bin")).write_bytes(b"planted")

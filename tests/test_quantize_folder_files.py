@@ -51,22 +51,43 @@ def _replace_with_link(path: Path, target: Path | str) -> None:
     path.symlink_to(target)
 
 
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                                  "model.safetensors"])
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"])
 def test_a_device_under_a_folder_name_is_refused_before_reading(hf, tmp_path, name):
+    original = (hf / name).read_bytes()
     _replace_with_link(hf / name, "/dev/zero")
-    with pytest.raises(ModelFormatError, match=f"{name}: resolves to /dev/zero, outside the model folder"):
+    with pytest.raises(ModelFormatError, match=f"{name}: not a regular file"):
         convert_file(hf, tmp_path / "out.gguf", "q8_0", quiet=True)
     assert not (tmp_path / "out.gguf").exists()
+    (hf / name).unlink()
+    (hf / name).write_bytes(original)
+    _replace_with_link(hf / "chat_template.jinja", "/dev/zero")  # (a text copied as it is: not even a link out)
+    with pytest.raises(ModelFormatError, match="chat_template.jinja: resolves to /dev/zero, outside the model folder"):
+        convert_file(hf, tmp_path / "out.gguf", "q8_0", quiet=True)
 
 
 def test_meta_files_that_are_devices_are_refused(tmp_path):
     for name in ("params.json", "consolidated.00.pth", "tokenizer.model"):
         folder = meta_folder(tmp_path)
         _replace_with_link(folder / name, "/dev/zero")
-        with pytest.raises(ModelFormatError, match=f"{name}: resolves to /dev/zero"):
+        with pytest.raises(ModelFormatError, match=f"{name}: not a regular file"):
             convert_file(folder, tmp_path / "out.gguf", "q8_0", quiet=True)
         shutil.rmtree(folder)
+
+
+def test_links_out_of_the_folder_are_followed_for_parsed_files(tmp_path):
+    """A review: Meta's download keeps one tokenizer.model beside the size folders (users link
+    ../tokenizer.model in), and `huggingface-cli download --local-dir` linked the weights into the
+    Hugging Face cache: both were refused by a rule meant for texts copied as they are."""
+    folder = meta_folder(tmp_path)
+    convert_file(folder, tmp_path / "plain.gguf", "q8_0", quiet=True)
+    os.replace(folder / "tokenizer.model", tmp_path / "tokenizer.model")
+    (folder / "tokenizer.model").symlink_to(Path("..") / "tokenizer.model")
+    blobs = tmp_path / "hf-cache" / "blobs"
+    blobs.mkdir(parents=True)
+    os.replace(folder / "consolidated.00.pth", blobs / "abc123")
+    (folder / "consolidated.00.pth").symlink_to(blobs / "abc123")
+    convert_file(folder, tmp_path / "linked.gguf", "q8_0", quiet=True)
+    assert (tmp_path / "plain.gguf").read_bytes() == (tmp_path / "linked.gguf").read_bytes()
 
 
 def test_a_fifo_in_the_folder_does_not_block_the_run(hf, tmp_path):
@@ -120,11 +141,11 @@ def test_a_hugging_face_cache_snapshot_converts_as_its_plain_folder(tmp_path, sh
     assert all(np.array_equal(plain_out.raw(n), cached_out.raw(n)) for n in plain_out.tensors)
     plain_out.close()
     cached_out.close()
-    # but not beyond the repository folder
-    outside = tmp_path / "hub" / "elsewhere.json"
-    shutil.copy(plain / "config.json", outside)
-    _replace_with_link(snapshot / "config.json", outside)
-    with pytest.raises(ModelFormatError, match="outside the model folder"):
+    # a template is read from the repository folder only
+    outside = tmp_path / "hub" / "elsewhere.jinja"
+    outside.write_text("{{ messages[0]['content'] }}")
+    _replace_with_link(snapshot / "chat_template.jinja", outside)
+    with pytest.raises(ModelFormatError, match="chat_template.jinja: resolves to .*, outside the model folder"):
         convert_file(snapshot, tmp_path / "x.gguf", "q8_0", quiet=True)
 
 

@@ -104,8 +104,9 @@ def package_folder(kind: str = "kernels", stamp: str | None = None) -> Path | No
         if not _own_folder(mine):
             import warnings
 
-            warnings.warn(f"{mine} is not a folder of this user (another user's, or a symlink): its kernels are "
-                          "not used (they compile in this process; set NUMBA_CACHE_DIR to a folder of your own)")
+            warnings.warn(f"{mine} is not a folder of this user (another user's, or reached through another "
+                          "user's symlink): its kernels are not used (they compile in this process; set "
+                          "NUMBA_CACHE_DIR to a folder of your own)")
             return None
     _touch_daily(folder / USED_MARKER)
     if _touch_daily(folder / PRUNED_MARKER):
@@ -124,17 +125,16 @@ _DAY = 86400.0
 
 
 def _own_folder(folder: Path) -> bool:
-    """Whether ``folder`` is a real folder (not a symlink) of this user: the kernels Numba loads
-    from a cache folder are pickled machine code, and a folder another user made in a shared
-    NUMBA_CACHE_DIR (a /tmp) would run their code in our process and steer our marker files (a
-    symlink named .used) anywhere we may write.  One of ours that anyone may write (a umask of 0)
-    is made writable by its owner's group at most."""
-    try:
-        st = os.lstat(folder)
-    except OSError:
+    """Whether ``folder`` is a folder of this user, directly or through a symlink of this user's (a
+    cache moved to another disk): the kernels Numba loads from a cache folder are pickled machine
+    code, and a folder (or link) another user made in a shared NUMBA_CACHE_DIR (a /tmp) would run
+    their code in our process and steer our marker files and pruning anywhere we may write.  One
+    of ours that anyone may write (a umask of 0) is made writable by its owner's group at most."""
+    from ..packed_cache import owned_folder
+
+    if not owned_folder(folder):
         return False
-    if not stat.S_ISDIR(st.st_mode) or (hasattr(os, "getuid") and st.st_uid != os.getuid()):
-        return False
+    st = os.stat(folder)
     if st.st_mode & 0o002:
         try:
             os.chmod(folder, stat.S_IMODE(st.st_mode) & ~0o002)

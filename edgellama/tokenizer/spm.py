@@ -20,8 +20,9 @@ class SentencePieceBPE:
         self.scores = scores
         # each token's place in score order (0: the highest; equal scores share a place), so that
         # a merge candidate is one int: place << 32 | position (best score first, then leftmost)
-        distinct = np.unique(np.asarray(scores, np.float32))
-        self.rank: list[int] = (len(distinct) - 1 - np.searchsorted(distinct, scores)).tolist()
+        scores32 = np.asarray(scores, np.float32)  # (llama.cpp compares them as float32)
+        distinct = np.unique(scores32)
+        self.rank: list[int] = (len(distinct) - 1 - np.searchsorted(distinct, scores32)).tolist()
         self.unk_id = unk_id
         byte_ids: list[int | None] = []
         for b in range(256):
