@@ -280,3 +280,16 @@ def test_a_short_shared_prefix_does_not_take_a_conversations_slot(tmp_path_facto
     assert held[:len(conversation)] == conversation
     seq = batch.add(held + [60, 61] * 40, 1, temperature=0.0)  # its next turn: a long new message
     assert seq.slot == 2 and seq.cached == len(held)
+
+
+def test_generate_many_runs_more_prompts_than_a_batch_holds_at_once(tmp_path_factory):
+    """A review: parallel=300 with 300 prompts asked for 300 slots, beyond MAX_SLOTS (256), and failed
+    naming n_slots, a parameter the caller never passed; at most MAX_SLOTS run at once."""
+    from edgellama.batch import MAX_SLOTS
+
+    model = _tiny(tmp_path_factory, GGMLType.Q8_0)
+    prompts = [[3 + i % 200, 7] for i in range(MAX_SLOTS + 44)]
+    results = generate_many(model, prompts, 2, parallel=MAX_SLOTS + 44, temperature=0.0)
+    assert len(results) == len(prompts) and all(len(r.tokens) == 2 for r in results)
+    for i in (0, 1, MAX_SLOTS, len(prompts) - 1):  # each as the prompt alone gives it (the order kept)
+        assert results[i].tokens == generate_many(model, [prompts[i]], 2, temperature=0.0)[0].tokens

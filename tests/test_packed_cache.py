@@ -930,3 +930,22 @@ def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert packed_cache.default_folder() == tmp_path / "xdg" / "edgellama" / "packed"
     assert cache.cache_root() == tmp_path / "xdg" / "edgellama"
+
+
+def test_this_process_never_sweeps_its_own_writers_files(tmp_path, monkeypatch):
+    """A review: where locks are per process (NFS emulates flock with POSIX locks), a second save in
+    the process could take its own live writer's temp file for a killed one's."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    live = folder / ("2" * 32 + ".live.tmp")
+    live.write_bytes(b"z")
+    monkeypatch.setattr(packed_cache, "_abandoned", lambda path: True)  # (as every file looks there)
+    monkeypatch.setattr(packed_cache, "_OWN_TEMPS", {os.path.abspath(live)})
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+    assert _load(path, folder).weights.pack_source == "saving"
+    wait_for_writes()
+    assert live.exists()
+    monkeypatch.setattr(packed_cache, "_OWN_TEMPS", set())
+    assert _load(write_tiny_model(tmp_path / "n.gguf", GGMLType.Q8_0, seed=4), folder).weights.pack_source == "saving"
+    wait_for_writes()
+    assert not live.exists()
