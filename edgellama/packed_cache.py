@@ -87,10 +87,19 @@ def default_folder() -> Path | None:
 
 def user_cache() -> Path:
     """The user's cache folder: $XDG_CACHE_HOME where that is an absolute path (the XDG spec: a
-    relative one is ignored, as it would move with the working directory), else ~/.cache."""
+    relative one is ignored, as it would move with the working directory), else ~/.cache (an
+    empty or relative $HOME: the account's home folder)."""
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg and os.path.isabs(xdg):
         return Path(xdg)
+    home = os.environ.get("HOME")
+    if home is not None and not os.path.isabs(home):  # (HOME="" made "~" the root folder)
+        try:
+            import pwd
+
+            return Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache"
+        except (ImportError, KeyError):
+            pass
     return Path(os.path.expanduser("~")) / ".cache"
 
 

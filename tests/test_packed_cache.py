@@ -930,6 +930,11 @@ def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert packed_cache.default_folder() == tmp_path / "xdg" / "edgellama" / "packed"
     assert cache.cache_root() == tmp_path / "xdg" / "edgellama"
+    import pwd
+
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "")  # (it made the caches /.cache/edgellama)
+    assert packed_cache.user_cache() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache"
 
 
 def test_this_process_never_sweeps_its_own_writers_files(tmp_path, monkeypatch):
