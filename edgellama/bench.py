@@ -67,13 +67,20 @@ def check_args(n_prompt: int, n_gen: int, repetitions: int, threads: int | None,
         raise ValueError(f"-t must be a positive integer, got {threads!r}")
     if n_ctx is None:
         return default_n_ctx(n_prompt, n_gen, n_depth)
-    if not is_int(n_ctx) or n_ctx <= 0:
-        raise ValueError(f"-c must be a positive integer, got {n_ctx!r}")
+    if not is_int(n_ctx) or n_ctx < 0:
+        raise ValueError(f"-c must be an integer >= 0 (0: the model's trained context), got {n_ctx!r}")
+    if n_ctx == 0:
+        return 0  # (the trained context, as for the other commands: checked against the run once loaded)
+    check_room(n_ctx, n_prompt, n_gen, n_depth)
+    return n_ctx
+
+
+def check_room(n_ctx: int, n_prompt: int, n_gen: int, n_depth: int = 0, what: str | None = None) -> None:
     need = n_depth + n_prompt + n_gen + 1
     if need > n_ctx:
         depth = f"-d {n_depth} + " if n_depth else ""
-        raise ValueError(f"-c {n_ctx} is too small for {depth}-p {n_prompt} + -n {n_gen} + 1 = {need} tokens")
-    return n_ctx
+        raise ValueError(f"{what or f'-c {n_ctx}'} is too small for {depth}-p {n_prompt} + -n {n_gen} + 1 = "
+                         f"{need} tokens")
 
 
 def random_ids(n_vocab: int, n: int, seed: int = SEED) -> np.ndarray:
@@ -186,6 +193,8 @@ def run_bench(args) -> int:
 
         model = Model(f, n_ctx=n_ctx, threads=args.threads, cache_type=getattr(args, "cache_type", "f16"))
         load_s = time.perf_counter() - t_start
+        if n_ctx == 0:  # -c 0: the trained context
+            check_room(model.n_ctx, n_prompt, n_gen, n_depth, f"-c 0 (the trained context, {model.n_ctx})")
         n_vocab = model.args.n_vocab
 
         # warm-up: a 2-token prompt (its logits give the first token) and one decoded token, then a

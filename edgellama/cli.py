@@ -361,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "available now)")
 
     bench = sub.add_parser("bench", help="llama-bench style speed test")
-    _add_model_options(bench, ctx_help="context size in tokens (default: -d + -p + -n + 16, rounded up to 256)")
+    _add_model_options(bench, ctx_help="context size in tokens (default: -d + -p + -n + 16, rounded up to 256; "
+                                        "0: the model's trained context)")
     bench.add_argument("-p", "--n-prompt", type=_integer(0), default=256, help="prompt tokens (pp; 0 skips it)")
     bench.add_argument("-n", "--n-gen", type=_integer(0), default=128, help="generated tokens (tg; 0 skips it)")
     bench.add_argument("-d", "--n-depth", type=_integer(0), default=0,

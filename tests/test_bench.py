@@ -50,7 +50,7 @@ def test_bench_table(tiny_q8, capsys):
     (["-p", "0", "-n", "0"], "-p and -n are both 0: nothing to measure (0 skips that test, as in llama-bench)"),
     (["-r", "0"], "-r must be >= 1, got 0"),
     (["-t", "0"], "-t must be an integer in [1, 1024], got 0"),
-    (["-c", "0"], "-c must be a positive integer, got 0"),
+    (["-c", "-1"], "-c must be >= 0 (0: the model's trained context), got -1"),
     (["-p", "8", "-n", "8", "-c", "16"], "-c 16 is too small for -p 8 + -n 8 + 1 = 17 tokens"),
     (["-p", "8", "-n", "8", "-d", "100", "-c", "116"], "-c 116 is too small for -d 100 + -p 8 + -n 8 + 1 = 117 tokens"),
     (["-d", "-1"], "-d must be >= 0, got -1"),
@@ -118,3 +118,16 @@ def test_check_args_defaults_and_exact_fit():
     args = build_parser().parse_args(["bench", "-m", "x.gguf"])
     assert (args.n_prompt, args.n_gen, args.repetitions, args.ctx, args.n_depth) == (256, 128, 3, None, 0)
     assert default_n_ctx(256, 128, 2048) == 2560  # 2048 + 256 + 128 + 16 = 2448, rounded up
+
+
+def test_bench_c_0_is_the_trained_context_as_elsewhere(tiny_q8, capsys):
+    """-c 0 was refused ("must be a positive integer") where every other command takes it for the
+    model's trained context."""
+    from edgellama.gguf import GGUFFile
+
+    trained = GGUFFile(tiny_q8).metadata["llama.context_length"]
+    assert main(["bench", "-m", str(tiny_q8), "-t", "1", "-p", "4", "-n", "2", "-r", "1", "-c", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_ctx"] == trained
+    assert main(["bench", "-m", str(tiny_q8), "-t", "1", "-p", str(trained), "-n", "2", "-c", "0"]) == 1
+    assert capsys.readouterr().err.strip() == (f"edgellama bench: error: -c 0 (the trained context, {trained}) is "
+                                               f"too small for -p {trained} + -n 2 + 1 = {trained + 3} tokens")
