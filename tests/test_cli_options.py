@@ -197,7 +197,7 @@ def test_help_shows_the_real_defaults():
     ppl = " ".join(edgellama_cmd("perplexity", "--help").stdout.split())
     assert "(default: 512, as llama-perplexity" in ppl and "4096" not in ppl
     bench = " ".join(edgellama_cmd("bench", "--help").stdout.split())
-    assert "(default: -d + -p + -n + 16, rounded up to 256)" in bench and "(default: 256)" in bench
+    assert "(default: -d + -p + -n + 16, rounded up to 256; 0: the model's trained context)" in bench and "(default: 256)" in bench
     info = edgellama_cmd("info", "--help").stdout
     assert "--threads" not in info and "--ctx" in info
 
