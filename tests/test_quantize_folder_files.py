@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgellama.gguf import GGUFFile, ModelFormatError, TensorSpec, ValueType, write_gguf
+from edgellama.gguf import GGUFFile, ModelFormatError, TensorSpec, write_gguf
 from quantize.convert import convert_file
 from quantize.pickle_reader import TorchCheckpoint
 from quantize.safetensors import SafetensorsFile, write_safetensors
@@ -43,6 +42,14 @@ def meta_folder(root: Path) -> Path:
     for name in ("params.json", "tokenizer.model", "consolidated.00.pth"):
         shutil.copy(META / name, folder)
     return folder
+
+
+def _weights(folder: Path) -> dict[str, np.ndarray]:
+    """The tensors of a folder's model.safetensors, copied out of its map."""
+    st = SafetensorsFile(folder / "model.safetensors")
+    tensors = {n: np.array(st.array(n)) for n in st.tensors}
+    st.close()
+    return tensors
 
 
 def _replace_with_link(path: Path, target: Path | str) -> None:
@@ -163,25 +170,13 @@ def test_one_checkpoint_under_two_part_names_is_refused(tmp_path, how):
 
 def test_a_tensor_name_with_a_unicode_digit_is_a_clean_error(hf, tmp_path):
     convert_file(hf, tmp_path / "f32.gguf", "f32", quiet=True)
-    g = GGUFFile(tmp_path / "f32.gguf")
-    metadata = {}
-    for key, (vt, value) in g.typed_metadata().items():
-        if vt == ValueType.ARRAY:
-            value = (value[0], np.array(value[1]) if isinstance(value[1], np.ndarray) else list(value[1]))
-        metadata[key] = (vt, value)
-    specs, data = [], []
-    for name, info in g.tensors.items():
-        specs.append(TensorSpec("blk.\u00b2.attn_q.weight" if name == "blk.1.attn_q.weight" else name,
-                                info.qtype, info.shape))
-        data.append(np.array(g.raw(name)))
+    g = GGUFFile(tmp_path / "f32.gguf")  # (written while it is open: the values are views of its map)
+    specs = [TensorSpec("blk.\u00b2.attn_q.weight" if name == "blk.1.attn_q.weight" else name, info.qtype, info.shape)
+             for name, info in g.tensors.items()]
+    write_gguf(tmp_path / "odd.gguf", g.typed_metadata(), specs, [g.raw(name) for name in g.tensors])
     g.close()
-    write_gguf(tmp_path / "odd.gguf", metadata, specs, data)
     with pytest.raises((ModelFormatError, QuantizeError), match="missing tensor 'blk.1.attn_q.weight'"):
         convert_file(tmp_path / "odd.gguf", tmp_path / "out.gguf", "q8_0", quiet=True)
-
-
-def _pickled(value) -> bytes:
-    return pickle.dumps(value, protocol=2)[2:-1]  # (an opcode sequence without the protocol and stop)
 
 
 def test_errors_inside_a_checkpoint_name_its_file(tmp_path, hf):
@@ -198,18 +193,14 @@ def test_errors_inside_a_checkpoint_name_its_file(tmp_path, hf):
     save_by_hand(folder / "consolidated.00.pth", dict(arrays, extra=np.zeros(4, np.float32)))
     with pytest.raises(QuantizeError, match=r"consolidated.00.pth: tensor 'extra' is not part of a Meta Llama"):
         convert_file(folder, tmp_path / "out.gguf", "q8_0", quiet=True)
-    st = SafetensorsFile(hf / "model.safetensors")
-    tensors = {n: np.array(st.array(n)) for n in st.tensors}
-    st.close()
+    tensors = _weights(hf)
     write_safetensors(hf / "model.safetensors", dict(tensors, **{"model.extra.weight": np.zeros((2, 2), np.float32)}))
     with pytest.raises(QuantizeError, match=r"model.safetensors: tensor 'model.extra.weight' is not part"):
         convert_file(hf, tmp_path / "out.gguf", "q8_0", quiet=True)
 
 
 def test_finite_float64_beyond_float32_is_named_as_such(hf, tmp_path):
-    st = SafetensorsFile(hf / "model.safetensors")
-    tensors = {n: np.array(st.array(n)) for n in st.tensors}
-    st.close()
+    tensors = _weights(hf)
     name = "model.layers.0.self_attn.q_proj.weight"
     tensors[name] = np.full(tensors[name].shape, 1e300, np.float64)
     write_safetensors(hf / "model.safetensors", tensors)
