@@ -1,6 +1,8 @@
-"""The SentencePiece encoder as it was before 2026-12-05 (tuples of strings per merge candidate),
+"""The SentencePiece merge loop as it was before 2026-12-05 (tuples of strings per merge candidate),
 kept as an independent reference for the compact one in edgellama/tokenizer/spm.py: it was checked
-against the sentencepiece package and llama.cpp (tests/test_tokenizer.py, the golden fixtures)."""
+against the sentencepiece package and llama.cpp (tests/test_tokenizer.py, the golden fixtures).
+The vocabulary's byte tokens and a final symbol's ids are the encoder's own (what is compared is
+the merging)."""
 
 from __future__ import annotations
 
@@ -8,28 +10,18 @@ import heapq
 
 import numpy as np
 
+from edgellama.tokenizer.spm import SentencePieceBPE
 
-class ReferenceSentencePieceBPE:
-    """The encoder of one SentencePiece vocabulary."""
 
-    def __init__(self, token_to_id: dict[str, int], scores: np.ndarray, unk_id: int | None):
-        self.token_to_id = token_to_id
-        self.scores = scores
-        self.unk_id = unk_id
-        byte_ids: list[int | None] = []
-        for b in range(256):
-            i = token_to_id.get(f"<0x{b:02X}>")
-            if i is None and b < 128:
-                i = token_to_id.get(chr(b))
-            byte_ids.append(i)
-        self.byte_ids = byte_ids
+class ReferenceSentencePieceBPE(SentencePieceBPE):
+    """The encoder of one SentencePiece vocabulary, merging as before."""
 
     def encode(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (spaces already U+2581) to ``out``.
 
         llama.cpp's SPM tokenizer: merge adjacent symbols whose union is a token, best score
         first (ties: leftmost); symbols that are no token fall back to byte tokens."""
-        t2i, scores = self.token_to_id, self.scores
+        t2i, scores = self.token_to_id, np.asarray(self.scores, np.float32)
         syms = list(text)  # one symbol per character
         n = len(syms)
         if n == 0:
@@ -63,15 +55,5 @@ class ReferenceSentencePieceBPE:
             push(left, nxt[left])
         i = 0
         while i != -1:
-            s = syms[i]
-            tid = t2i.get(s)
-            if tid is not None:
-                out.append(tid)
-            else:
-                for b in s.encode("utf-8"):
-                    bid = self.byte_ids[b]
-                    if bid is not None:
-                        out.append(bid)
-                    elif self.unk_id is not None:
-                        out.append(self.unk_id)
+            self.append_symbol(syms[i], out)
             i = nxt[i]

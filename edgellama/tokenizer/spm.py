@@ -89,15 +89,19 @@ class SentencePieceBPE:
                     push(heap, rank[tid] << 32 | before)
         i = 0
         while i != -1:
-            s = text[i:i + size[i]]
-            tid = t2i.get(s)
-            if tid is not None:
-                out.append(tid)
-            else:
-                for b in s.encode("utf-8"):
-                    bid = self.byte_ids[b]
-                    if bid is not None:
-                        out.append(bid)
-                    elif self.unk_id is not None:
-                        out.append(self.unk_id)
+            self.append_symbol(text[i:i + size[i]], out)
             i = nxt[i]
+
+    def append_symbol(self, s: str, out: list[int]) -> None:
+        """Append a final symbol's id, or its bytes' tokens where it is no token (the unknown
+        token for a byte that has none)."""
+        tid = self.token_to_id.get(s)
+        if tid is not None:
+            out.append(tid)
+            return
+        for b in s.encode("utf-8"):
+            bid = self.byte_ids[b]
+            if bid is not None:
+                out.append(bid)
+            elif self.unk_id is not None:
+                out.append(self.unk_id)
