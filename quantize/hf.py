@@ -22,7 +22,7 @@ from edgellama.config import MAX_CONTEXT_LENGTH, MAX_INT
 from edgellama.gguf import ModelFormatError, ValueType
 from edgellama.quants import GGMLType
 
-from .files import distinct_files, folder_file, regular_file
+from .files import distinct_files, folder_file, folder_root, regular_file
 from .safetensors import FLOAT_DTYPES, SafetensorsFile, to_float32
 from .source import Checkpoint, QuantizeError, SourceTensor, show
 from .vocab import bpe_vocab, read_json, spm_vocab
@@ -272,10 +272,9 @@ def llama_metadata(folder: Path, config: dict, p: LlamaParams) -> dict[str, Any]
     u32, f32 = ValueType.UINT32, ValueType.FLOAT32
     name_or_path = config.get("_name_or_path")
     if not isinstance(name_or_path, str) or not name_or_path.strip("/"):
-        root = folder.resolve()
-        snapshot = root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--")
+        root, repository = folder.resolve(), folder_root(folder)
         # (a Hugging Face cache snapshot's folder is named by its commit: the repository's name)
-        name_or_path = root.parent.parent.name.split("--")[-1] if snapshot else root.name
+        name_or_path = root.name if repository == root else repository.name.split("--")[-1]
     name = name_or_path.rstrip("/").split("/")[-1]
     meta: dict[str, Any] = {
         "general.architecture": "llama",
