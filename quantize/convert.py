@@ -303,9 +303,13 @@ def check_scales(raw: np.ndarray, tensor: SourceTensor, choice: Choice) -> None:
     e.g. above 65504 * 127 for Q8_0), as llama-quantize's data validation does."""
     bad = blocks.count_bad_scales(raw, choice.qtype)
     if bad:
-        what = "value(s)" if choice.qtype in (GGMLType.F16, GGMLType.BF16) else "block scale(s)"
-        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} {what} overflow half precision in "
+        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} {_counted(choice.qtype)} overflow half precision in "
                             f"{type_name(choice.qtype)} (values too large for this type); refusing to write them")
+
+
+def _counted(qtype: GGMLType) -> str:
+    """What a count of bad entries of this type counts: float values, or quantized blocks' scales."""
+    return "value(s)" if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) else "block scale(s)"
 
 
 def check_copied(raw: np.ndarray, tensor: SourceTensor) -> None:
@@ -317,8 +321,7 @@ def check_copied(raw: np.ndarray, tensor: SourceTensor) -> None:
     else:
         bad = blocks.count_bad_scales(np.ascontiguousarray(raw).reshape(tensor.n_rows, -1), qtype)
     if bad:
-        what = "value(s)" if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16) else "block scale(s)"
-        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} NaN/Inf {what} in the {type_name(qtype)} "
+        raise QuantizeError(f"{tensor.origin or tensor.name}: {bad} NaN/Inf {_counted(qtype)} in the {type_name(qtype)} "
                             "data to be copied; refusing to write them")
 
 
