@@ -171,13 +171,30 @@ def _per_token_buffers(args, threads: int) -> float:
     return 4 * scratch / ATTN_SPAN + 4 * args.rope_dim
 
 
-def batch_buffers(args, n_tokens: int) -> int:
-    """A prompt batch's activations at their peak, measured (tracemalloc: 27.0 MiB for 256 tokens of
-    Llama-3.2-1B, exactly this), in the down projection: the residual, normed and attention rows
-    (T, dim) x3 and the projection's output (T, dim), the gate and up rows (T, ffn) in float32, and
-    the gate rows quantized for it (int8 values, float32 block scales and sums, int32 half-block
-    sums: 1.5 bytes per value).  q, k, v are freed before the feed-forward's rows are made."""
-    return int(n_tokens * (4 * (4 * args.dim + 2 * args.ffn_dim) + 1.5 * args.ffn_dim))
+PROMPT_FFN_BYTES = 2 << 20  # a prompt's gate (and up) rows are made about this many bytes at a time
+
+
+def prompt_ffn_columns(ffn: int, n_rows: int, down_quantized: bool = True) -> int:
+    """The feed-forward columns a prompt chunk of ``n_rows`` tokens makes at a time
+    (model.PromptBuffers): all of them where their gate rows take at most PROMPT_FFN_BYTES, where
+    the down projection reads float rows (it needs them all), or where ffn is not a multiple of
+    256; else the most whole 256-column blocks that fit, at least one (a piece's quantized values
+    are then exactly the whole row's: K-quant activations are scaled per 256 values)."""
+    if not down_quantized or ffn % 256 or 4 * n_rows * ffn <= PROMPT_FFN_BYTES:
+        return ffn
+    return max(256, PROMPT_FFN_BYTES // (4 * n_rows) // 256 * 256)
+
+
+def batch_buffers(args, n_tokens: int, quantized: bool = True) -> int:
+    """The bytes of a prompt batch's buffers (model.PromptBuffers, kept from the first prompt on):
+    the residual, normed and projected rows (T, dim) x3, keys and values (T, kv_dim) x2, the gate
+    and up rows (T, cols) in float32, and, for ``quantized`` matrices (float ones read the float
+    rows), the quantized inputs of the projections (int8 values, float32 block scales and sums,
+    int32 half-block sums: 1.5 bytes per value): (T, dim), (T, ffn) and, where the feed-forward is
+    made in pieces, a piece (T, cols)."""
+    cols = prompt_ffn_columns(args.ffn_dim, n_tokens, quantized)
+    rooms = args.dim + args.ffn_dim + (cols if cols < args.ffn_dim else 0) if quantized else 0
+    return int(n_tokens * (4 * (3 * args.dim + 2 * args.kv_dim + 2 * cols) + 1.5 * rooms))
 
 
 def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads: int = 1,
@@ -188,7 +205,10 @@ def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", thread
     cold cache), which takes LLVM's memory for a while."""
     weights = weights_held(f, n_ctx)
     kv = kv_cache_bytes(args, n_ctx, KV_BYTES_PER_VALUE[cache_type])
-    buffers = int(n_ctx * _per_token_buffers(args, threads)) + batch_buffers(args, min(n_batch, max(n_ctx, 1)))
+    downs = [i for name, i in f.tensors.items() if name.endswith(".ffn_down.weight")]
+    quantized = all(GGMLType(i.qtype) in PACKED_BYTES for i in downs)  # (a float file's rows are read as they are)
+    buffers = int(n_ctx * _per_token_buffers(args, threads)) + batch_buffers(args, min(n_batch, max(n_ctx, 1)),
+                                                                              quantized)
     buffers += 4 * args.n_vocab + prompt_work_bytes(args.head_dim, threads)  # the logits, prompt attention's
     if any(len(i.shape) == 2 and GGMLType(i.qtype) not in PACKED_BYTES and i.name != "token_embd.weight"
            for i in f.tensors.values()):

@@ -78,6 +78,18 @@ class Weight:
         """What the kernels read: the packed groups of a quantized weight, the file rows of a float one."""
         return self.packed if self.quantized else self.rows
 
+    def rows_between(self, start: int, stop: int, lanes: int) -> "Weight":
+        """Output rows start..stop-1 as a weight of their own: views of this one's rows and packed
+        groups of ``lanes`` rows (kernels.packing), ``start`` a multiple of ``lanes``."""
+        part = object.__new__(Weight)
+        part.name, part.qtype, part.n_in, part.n_out = self.name, self.qtype, self.n_in, stop - start
+        part.rows = self.rows[start:stop]
+        part.packed = None
+        if self.packed is not None:
+            assert start % lanes == 0, "a packed weight is cut at whole groups of rows"
+            part.packed = self.packed[start // lanes:-(-stop // lanes)]
+        return part
+
 
 PACK_CHUNK_BYTES = 4 << 20  # file bytes packed between two releases of their pages
 
@@ -256,6 +268,63 @@ class State:
         self.tokens: list[int] = []                    # the tokens behind those positions
 
 
+class PromptBuffers:
+    """The rows a prompt chunk of up to ``n_rows`` tokens passes through (Model._prefill), made at
+    the first prompt and kept, as llama.cpp keeps its compute buffers: nothing is allocated per
+    layer or per prompt (freed arrays of a few MB used to stay in the C heap, 20 MB of a 1B
+    model's), and the feed-forward's gate and up rows, the largest, are made ``cols`` columns at a
+    time (info.prompt_ffn_columns; Model._feed_forward).  info.batch_buffers counts these bytes."""
+
+    def __init__(self, args: ModelArgs, weights: Weights, n_rows: int):
+        from .info import prompt_ffn_columns
+
+        f32 = np.float32
+        downs = [layer["ffn_down"] for layer in weights.layers]
+        self.cols = prompt_ffn_columns(args.ffn_dim, n_rows, all(w.quantized for w in downs))
+        # per layer, the pieces of columns: (c0, c1, gate rows c0..c1-1, up rows c0..c1-1)
+        lanes, ffn = K.packing()[0], args.ffn_dim
+        self.pieces = [[(c0, min(c0 + self.cols, ffn), *(layer[m].rows_between(c0, min(c0 + self.cols, ffn), lanes)
+                                                          for m in ("ffn_gate", "ffn_up")))
+                        for c0 in range(0, ffn, self.cols)] for layer in weights.layers]
+        self.x = np.zeros((n_rows, args.dim), f32)      # residual stream (T, dim)
+        self.xb = np.zeros((n_rows, args.dim), f32)     # normed rows, then the attention's output (T, dim)
+        self.y = np.zeros((n_rows, args.dim), f32)      # queries, then each projection's output (T, dim)
+        self.k = np.zeros((n_rows, args.kv_dim), f32)   # keys (T, kv_dim)
+        self.v = np.zeros((n_rows, args.kv_dim), f32)   # values (T, kv_dim)
+        self.gate = np.zeros(n_rows * self.cols, f32)   # gate, then silu(gate) * up: (T, <= cols) at the front
+        self.up = np.zeros(n_rows * self.cols, f32)     # up: (T, <= cols) at the front
+        reading_dim = K.Formats(w.qtype for layer in weights.layers for m, w in layer.items()
+                                if m != "ffn_down" and w.quantized)
+        reading_ffn = K.Formats(w.qtype for w in downs if w.quantized)
+        self.qx = K.activation_room(args.dim, n_rows, reading_dim)      # xb or the attention quantized (T, dim)
+        self.qh = K.activation_room(args.ffn_dim, n_rows, reading_ffn)  # silu(gate) * up quantized (T, ffn)
+        # a piece of columns quantized, then copied into its columns of qh: (T, <= cols) at the front
+        self.qc = K.activation_room(n_rows * self.cols, None, reading_ffn) if self.cols < args.ffn_dim else None
+
+
+def _first_rows(room: "K.Activation", n: int) -> "K.Activation":
+    """The first n rows of an Activation of rows (both forms)."""
+    return K.Activation(*(K.Q8Activation(*(a[:n] for a in form)) for form in room))
+
+
+def _flat_rows(room: "K.Activation", n: int, width: int) -> "K.Activation":
+    """n rows of ``width`` values at the front of a flat Activation (C-contiguous, as the kernels
+    take them; width a multiple of 32)."""
+    def form(f):
+        sizes = (width, width // K.QK, width // K.QK, width // 16) if f.q.size else (0, 0, 0, 0)
+        return K.Q8Activation(*(a[:n * m].reshape(n, m) for a, m in zip(f, sizes)))
+
+    return K.Activation(*(form(f) for f in room))
+
+
+def _put_columns(whole: "K.Activation", piece: "K.Activation", c0: int, c1: int) -> None:
+    """Copy a quantized piece of columns c0..c1-1 (multiples of 256) into its place in ``whole``."""
+    for into, part in zip(whole, piece):
+        if into.q.size and part.q.size:
+            for a, b, per in zip(into, part, (1, K.QK, K.QK, 16)):
+                a[:, c0 // per:c1 // per] = b
+
+
 class Model:
     """A loaded model: weights, tokenizer, one evaluation state (KV cache + buffers).
 
@@ -312,6 +381,7 @@ class Model:
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
         self.n_shifted = 0    # tokens dropped from the cache by context shifts
         self._blas = None
+        self._prompt = None  # PromptBuffers, made at the first prompt of more than DECODE_MAX_PROMPT tokens
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
@@ -587,27 +657,36 @@ class Model:
             yield
 
     def _linear(self, x: np.ndarray, *weights: Weight) -> list[np.ndarray]:
-        """x: (T, n_in) -> [x @ W.T for each W], all W reading the same input.
+        """x: (T, n_in) -> [x @ W.T for each W], all W reading the same input, in new arrays."""
+        outputs = [np.empty((x.shape[0], w.n_out), np.float32) for w in weights]   # (T, n_out) each
+        self._project(x, self._quantized(x, weights), zip(weights, outputs))
+        return outputs
 
-        For quantized weights x is quantized to Q8 blocks once, shared by all of them, and each
-        product runs through the int8 tile kernels (the same numbers as decoding token by token).
-        """
+    @staticmethod
+    def _quantized(x: np.ndarray, weights, room: "K.Activation | None" = None) -> "K.Activation | None":
+        """x (T, n_in) quantized to Q8 blocks in the forms the quantized ones of ``weights`` take
+        (into the first T rows of ``room``, else new arrays); None if none is quantized."""
+        types = [w.qtype for w in weights if w.quantized]
+        if not types:
+            return None
+        blocks, supers = any(not K.is_k_quant(t) for t in types), any(K.is_k_quant(t) for t in types)
         n_tok, n_in = x.shape
-        outputs = [np.empty((n_tok, w.n_out), np.float32) for w in weights]   # (T, n_out) each
-        if any(w.quantized for w in weights):
-            formats = K.Formats(w.qtype for w in weights if w.quantized)      # what these take
-            qx = K.activation_room(n_in, n_tok, formats)                       # (T, n_in) int8 ...
-            if qx.blocks.q.size:
-                K.quantize_q8_rows(x, *qx.blocks)
-            if qx.supers.q.size:
-                K.quantize_q8k_rows(x, *qx.supers)
-        for w, out in zip(weights, outputs):
+        qx = K.activation_room(n_in, n_tok, K.Formats(types)) if room is None else _first_rows(room, n_tok)
+        if blocks:
+            K.quantize_q8_rows(x, *qx.blocks)
+        if supers:
+            K.quantize_q8k_rows(x, *qx.supers)
+        return qx
+
+    def _project(self, x: np.ndarray, qx: "K.Activation | None", pairs) -> None:
+        """out = x @ W.T for each (W, out) of ``pairs``; quantized W read x as qx (Model._quantized),
+        through the int8 tile kernels (the same numbers as decoding token by token)."""
+        for w, out in pairs:
             if w.quantized:
                 a = qx.supers if K.is_k_quant(w.qtype) else qx.blocks
                 K.matmul_packed(w.packed, w.qtype, w.n_out, *a, out, self.weights.formats)
             else:
                 self._float_linear(x, w, out)
-        return outputs
 
     def _float_linear(self, x: np.ndarray, w: Weight, out: np.ndarray) -> None:
         """out = x @ W.T for an F32 / F16 / BF16 weight through BLAS; 16-bit rows are widened to
@@ -627,28 +706,32 @@ class Model:
         """Evaluate T tokens at positions n_past.. with matrix kernels; logits (T, V) or (V,)."""
         a, w, s = self.args, self.weights, self.state
         n_tok, start = len(ids), s.n_past
+        if self._prompt is None:
+            self._prompt = PromptBuffers(a, w, min(self.n_batch, self.n_ctx))
+        b = self._prompt
         positions = np.arange(start, start + n_tok, dtype=np.int64)
-        x = np.empty((n_tok, a.dim), np.float32)              # residual stream (T, dim)
-        xb = np.empty_like(x)                                 # normed activations (T, dim)
-        att = np.empty((n_tok, a.n_heads, a.head_dim), np.float32)
+        x, xb, y = b.x[:n_tok], b.xb[:n_tok], b.y[:n_tok]      # residual, normed, projected (T, dim)
+        k, v = b.k[:n_tok], b.v[:n_tok]                          # (T, kv_dim)
         K.embed_rows(ids, *w.embedding, x, K.F16_TABLE, K.BF16_TABLE)
         for l, layer in enumerate(w.layers):
             # attention block: q/k/v for all tokens, rotate, append to the cache, causal attention
             K.rmsnorm_rows(x, w.norms[l, 0], self.dims.eps, xb)
-            q, k, v = self._linear(xb, layer["attn_q"], layer["attn_k"], layer["attn_v"])
-            K.rope_rows(q, positions, a.n_heads, a.head_dim, self.rope.cos, self.rope.sin)
+            qkv = (layer["attn_q"], layer["attn_k"], layer["attn_v"])
+            self._project(xb, self._quantized(xb, qkv, b.qx), zip(qkv, (y, k, v)))
+            K.rope_rows(y, positions, a.n_heads, a.head_dim, self.rope.cos, self.rope.sin)
             K.rope_rows(k, positions, a.n_kv_heads, a.head_dim, self.rope.cos, self.rope.sin)
             K.store_kv(s.k_cache[l], start, k)
             K.store_kv(s.v_cache[l], start, v)
-            K.attention(q.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.prompt_work, att)
-            del q, k, v  # (freed before the feed-forward's larger rows are made: a lower peak)
-            x += self._linear(att.reshape(n_tok, a.dim), layer["attn_output"])[0]
+            att = xb  # (the normed rows are in qx now: xb takes the attention's output)
+            K.attention(y.reshape(n_tok, a.n_heads, a.head_dim), s.k_cache[l], s.v_cache[l], start, s.prompt_work,
+                        att.reshape(n_tok, a.n_heads, a.head_dim))
+            o = (layer["attn_output"],)
+            self._project(att, self._quantized(att, o, b.qx), zip(o, (y,)))
+            x += y
             # feed-forward block
             K.rmsnorm_rows(x, w.norms[l, 1], self.dims.eps, xb)
-            gate, up = self._linear(xb, layer["ffn_gate"], layer["ffn_up"])
-            K.swiglu(gate, up)
-            x += self._linear(gate, layer["ffn_down"])[0]
-            del gate, up  # (not kept alive while the next layer makes its own)
+            self._feed_forward(l, xb, b, y)
+            x += y
         s.n_past += n_tok
         s.tokens.extend(int(t) for t in ids)
         self.n_evaluated += n_tok
@@ -661,6 +744,30 @@ class Model:
             return s.logits
         K.rmsnorm_rows(x, w.output_norm, self.dims.eps, xb)
         return self._linear(xb, w.output)[0]
+
+    def _feed_forward(self, l: int, xb: np.ndarray, b: "PromptBuffers", out: np.ndarray) -> None:
+        """out = down(silu(gate(xb)) * up(xb)) for T rows of layer l.  The gate and up rows are
+        made b.cols columns at a time (whole row groups of the packed matrices and whole 256-value
+        blocks of the down projection's quantized input, so that every number is what one piece
+        would give): quantized into their columns of b.qh, they are not needed in float32 all at
+        once."""
+        n_tok, ffn = len(xb), self.args.ffn_dim
+        down_w = self.weights.layers[l]["ffn_down"]
+        qx = self._quantized(xb, (self.weights.layers[l]["ffn_gate"], self.weights.layers[l]["ffn_up"]), b.qx)
+        qh = _first_rows(b.qh, n_tok) if down_w.quantized else None
+        for c0, c1, gate_w, up_w in b.pieces[l]:
+            width = c1 - c0
+            gate, up = b.gate[:n_tok * width].reshape(n_tok, width), b.up[:n_tok * width].reshape(n_tok, width)
+            self._project(xb, qx, ((gate_w, gate), (up_w, up)))
+            K.swiglu(gate, up)
+            if qh is None:  # a float down projection reads the float rows (one piece: PromptBuffers)
+                self._float_linear(gate, down_w, out)
+                return
+            if width == ffn:
+                self._quantized(gate, (down_w,), qh)
+            else:
+                _put_columns(qh, self._quantized(gate, (down_w,), _flat_rows(b.qc, n_tok, width)), c0, c1)
+        self._project(None, qh, ((down_w, out),))
 
     def chat(self, messages, max_tokens: int | None = None, sampler=None, *, template: str | None = None, stop=(),
              **sampling):

@@ -79,6 +79,31 @@ def test_weights_are_what_a_loaded_model_holds(tmp_path, qtype, tied):
     assert info.weights_held(f, 64) == at_16_lanes + floats + vectors + embedding
 
 
+@pytest.mark.parametrize("qtype, budget", [(GGMLType.Q8_0, None), (GGMLType.Q8_0, 1), (GGMLType.Q4_K, 1),
+                                            (GGMLType.F16, 1)])
+def test_batch_buffers_are_what_a_prompt_holds(tmp_path, monkeypatch, qtype, budget):
+    """The prompt buffers a model keeps from its first prompt on (model.PromptBuffers) take exactly
+    batch_buffers' bytes: in one piece, and with the feed-forward made 256 columns at a time
+    (budget 1), where a float down projection still takes the whole rows."""
+    import numpy as np
+
+    import edgellama
+
+    if budget is not None:
+        monkeypatch.setattr(info, "PROMPT_FFN_BYTES", budget)
+    path = write_tiny_model(tmp_path / "m.gguf", qtype, dim=256, ffn=768)
+    model = edgellama.load(path, n_ctx=64, threads=1, n_batch=32)
+    model.eval(list(range(1, 21)))
+    b = model._prompt
+    arrays = [b.x, b.xb, b.y, b.k, b.v, b.gate, b.up, *(a for room in (b.qx, b.qh, b.qc) if room is not None
+                                                         for form in room for a in form)]
+    assert all(isinstance(a, np.ndarray) for a in arrays)
+    f = GGUFFile(path)
+    quantized = qtype != GGMLType.F16
+    assert b.cols == (256 if budget and quantized else 768)
+    assert sum(a.nbytes for a in arrays) == info.batch_buffers(ModelArgs.from_gguf(f), 32, quantized)
+
+
 def test_the_largest_context_is_the_largest_that_fits(tmp_path):
     path = write_tiny_model(tmp_path / "untied.gguf", GGMLType.Q8_0, tied=False)  # a non-linear term
     f = GGUFFile(path)

@@ -109,6 +109,33 @@ def test_prefill_in_chunks_equals_one_chunk(tmp_path, qtype):
     eb.check(chunked, whole, eb.tolerance(_envelope(path), 2), "chunks of 4 vs one chunk")
 
 
+@pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q4_K, GGMLType.Q6_K,
+                                   GGMLType.F16])
+def test_prompt_feed_forward_in_pieces_is_exactly_one_piece(tmp_path, monkeypatch, qtype):
+    """A prompt's gate and up rows made 256 columns at a time (model.PromptBuffers: whole row
+    groups of the packed matrices, whole 256-value blocks of the down projection's quantized
+    input) give the logits of one piece bit for bit: every product and every quantized value is
+    the same number.  A float down projection reads the float rows: one piece, whatever the budget."""
+    from edgellama import info
+
+    path = write_tiny_model(tmp_path / "m.gguf", qtype, dim=256, ffn=768)
+    one = edgellama.load(path, n_ctx=32, threads=2)
+    whole = one.logits(IDS)
+    assert one._prompt.cols == 768
+    monkeypatch.setattr(info, "PROMPT_FFN_BYTES", 1)  # the least: one 256-column block at a time
+    model = edgellama.load(path, n_ctx=32, threads=2)
+    pieces = model.logits(IDS)
+    assert model._prompt.cols == (768 if qtype == GGMLType.F16 else 256)
+    np.testing.assert_array_equal(pieces, whole)
+    # a later prompt after a cached context (position 4 on) reuses the buffers, with the same numbers
+    buffers = model._prompt
+    for m in (one, model):
+        m.reset()
+        m.eval(IDS[:4])
+    np.testing.assert_array_equal(model.eval(IDS[4:]), one.eval(IDS[4:]))
+    assert model._prompt is buffers
+
+
 def test_prefill_with_small_weight_tiles_equals_one_tile(tmp_path, monkeypatch):
     """16-bit float weights are widened in tiles of rows for BLAS: many small tiles give the same
     products as one tile per matrix (to summation order)."""
