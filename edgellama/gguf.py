@@ -619,6 +619,15 @@ class GGUFFile:
         start = begin // mmap.PAGESIZE * mmap.PAGESIZE
         mapping.madvise(mmap.MADV_DONTNEED, start, info.offset + stop_row * row_bytes - start)
 
+    def release_header(self) -> None:
+        """Drop the header's pages of the map from this process's memory (the metadata was parsed, or
+        its kept copy checked against them; the vocabulary's strings, read where they lie, come back
+        from the page cache if read again).  A no-op where madvise is missing."""
+        mapping = self._mmap
+        end = getattr(self, "data_offset", 0) // mmap.PAGESIZE * mmap.PAGESIZE  # (not the first tensor's page)
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED") and end > 0:
+            mapping.madvise(mmap.MADV_DONTNEED, 0, end)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

@@ -382,6 +382,7 @@ class Model:
         self.n_shifted = 0    # tokens dropped from the cache by context shifts
         self._blas = None
         self._prompt = None  # PromptBuffers, made at the first prompt of more than DECODE_MAX_PROMPT tokens
+        f.release_header()  # read: the tokenizer and the weights are built
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, threads: int | None = None, **kwargs) -> "Model":
