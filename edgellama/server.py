@@ -136,6 +136,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+SHUTDOWN_GRACE = 1.0  # seconds a stopping server gives its answers in progress to say that it stops
+
+
 def _busy(message: str) -> APIError:
     return APIError(503, message, kind="server_error", code="server_busy", headers={"Retry-After": "1"})
 
@@ -1261,6 +1264,8 @@ class Server:
         # connections by client address; the ones waiting for (or reading) a request, oldest first
         self._connections: dict[_Connection, None] = {}
         self._handlers: set[asyncio.Task] = set()  # each connection's coroutine, ended before the loop
+        self._delivering: dict[Job, asyncio.Task] = {}  # the jobs whose replies connections wait for or send
+        self._closing = False  # the loop is stopping: answers in progress end saying so
         self._per_client: dict[str, int] = collections.Counter()
         self._waiting: collections.OrderedDict[_Connection, None] = collections.OrderedDict()
         self._waiting_of: dict[str, collections.OrderedDict[_Connection, None]] = {}
@@ -1330,10 +1335,19 @@ class Server:
             await self._stop.wait()
         finally:
             self.ready.clear()
+            self._closing = True
             server.close()
+            self.engine.close(timeout=0)  # every job cancelled: the worker stops at its next token
+            # a stream in progress ends with an error event saying why, a request still waiting is
+            # answered 503 (not cut off like a finished stream, or left without an answer): each
+            # delivery is woken and given a moment to write that
+            deliveries = list(self._delivering.items())
+            for job, _ in deliveries:
+                job.cancel()
+            if deliveries:
+                await asyncio.wait([task for _, task in deliveries], timeout=SHUTDOWN_GRACE)
             for conn in list(self._connections):
                 conn.abort()
-            self.engine.close(timeout=0)
             # each connection's coroutine ends on its aborted socket (not cancelled by asyncio.run,
             # which printed a CancelledError traceback per open connection)
             if self._handlers:
@@ -1442,7 +1456,7 @@ class Server:
             writer.close()  # a few hundred bytes: the kernel takes them at once
             return
         try:
-            while conn.open:
+            while conn.open and not self._closing:
                 request = await self._read_request(conn)
                 if request is None or not await self._respond(conn, request):
                     break
@@ -1547,7 +1561,7 @@ class Server:
         headers = dict(e.headers)
         if e.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        keep = not close and request is not None and request.keep_alive
+        keep = not close and not self._closing and request is not None and request.keep_alive
         await self._send(conn, request, e.status, e.body(), headers, keep)
         return keep
 
@@ -1723,11 +1737,12 @@ class Server:
 
         watch = conn.closed()
         watch.add_done_callback(lost)
+        self._delivering[job] = asyncio.current_task()
         try:
             while job.status is None and not job.done and not job.cancelled:
                 await job.news()
-            if job.status is None:  # cancelled, or the worker stopped
-                if job.cancelled:
+            if job.status is None:  # cancelled (the client gone, or the server stopping), or the worker stopped
+                if job.cancelled and not self._closing:
                     return False
                 raise _busy("the server is shutting down")
             if job.body is not None:  # a whole reply (or an error)
@@ -1747,6 +1762,12 @@ class Server:
                     await self._flush(conn)
                 elif job.overflowed:
                     raise ConnectionResetError("the reply outgrew max_output_buffer")
+                elif job.cancelled and self._closing:  # (its pieces written): the reason it ends, unless it had
+                    if not done:
+                        conn.writer.write(b"data: " + json.dumps(_busy("the server is shutting down").body()).encode()
+                                          + b"\n\n")
+                        await self._flush(conn)
+                    return False
                 elif job.cancelled:
                     raise ConnectionResetError("the client is gone")
                 elif done:
@@ -1754,6 +1775,7 @@ class Server:
                 else:
                     await job.news()
         finally:
+            self._delivering.pop(job, None)
             watch.remove_done_callback(lost)
             if not job.done:
                 job.cancel()

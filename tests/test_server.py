@@ -523,6 +523,64 @@ def test_client_gone_mid_stream_stops_decoding_and_frees_the_model(tiny, monkeyp
         s.close()
 
 
+def test_a_stopping_server_says_so_to_the_streams_and_requests_in_progress(tiny, monkeypatch):
+    """Stopping the server (Ctrl-C, SIGTERM) used to cut every connection: a stream in progress just
+    ended, like a finished one but for its finish_reason, and a request waiting in line got no
+    answer.  Now the stream's last event is a 503 error saying the server is shutting down, and the
+    waiting request is answered 503.  Deterministic: the model's next token waits on an event the
+    test sets only after both answers are read."""
+    gate = threading.Event()
+    real_eval = tiny.eval
+    calls = []
+
+    def held_eval(ids, *a, **kw):  # the prompt and two tokens, then the worker waits
+        calls.append(len(ids))
+        if len(calls) > 3:
+            gate.wait(60)
+        return real_eval(ids, *a, **kw)
+
+    monkeypatch.setattr(tiny, "eval", held_eval)
+    s = Running(tiny)
+    stopping = threading.Thread(target=s.close)
+    try:
+        body = json.dumps({"prompt": "hello", "max_tokens": 50, "temperature": 1.0, "seed": 1, "stream": True,
+                           "logit_bias": {str(i): -100 for i in tiny.tokenizer.eog_ids}}).encode()
+        post = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n")
+        stream = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+        stream.sendall(post % len(body) + body)
+        got = b""
+        while got.count(b"data: ") < 2:
+            got += stream.recv(4096)
+        wait_until(lambda: len(calls) > 3, "the worker waits")
+        short = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+        waiting = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+        waiting.sendall(post % len(short) + short)
+        wait_until(lambda: s.engine.waiting == 1, "the second request waits in line")
+        stopping.start()
+        while chunk := stream.recv(65536):
+            got += chunk
+        answer = b""
+        while chunk := waiting.recv(65536):
+            answer += chunk
+        stream.close()
+        waiting.close()
+        head, _, rest = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        evs = events(rest.decode())
+        assert all("choices" in e for e in evs[:-1]) and "[DONE]" not in evs, evs
+        assert evs[-1]["error"]["code"] == "server_busy" and "shutting down" in evs[-1]["error"]["message"], evs[-1]
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"Connection: close" in head, head
+        assert "shutting down" in json.loads(rest)["error"]["message"]
+    finally:
+        gate.set()
+        if stopping.ident is None:  # (failed before stopping it)
+            s.close()
+        else:
+            stopping.join(60)
+
+
 # ----- the real model and the command ----------------------------------------------------------------
 
 def test_real_model_reply_is_llama_cpps(smollm2_path):
