@@ -446,7 +446,7 @@ class Model:
 
             def compile_prompt_path():
                 self.reset()
-                self._prefill(ids, False)
+                self._prefill(ids[:self.n_batch], False)  # (a chunk, as eval makes them)
 
             child = kernel_thread.run(CompileChild.start, compile_prompt_path, SHARED_WITH_DECODE)
         elif plan.split_decode:
@@ -710,6 +710,8 @@ class Model:
         if self._prompt is None:
             self._prompt = PromptBuffers(a, w, min(self.n_batch, self.n_ctx))
         b = self._prompt
+        if n_tok > len(b.x):  # (eval cuts prompts into chunks of n_batch: the kernels write T rows)
+            raise ValueError(f"a prompt chunk of {n_tok} tokens is longer than n_batch ({len(b.x)})")
         positions = np.arange(start, start + n_tok, dtype=np.int64)
         x, xb, y = b.x[:n_tok], b.xb[:n_tok], b.y[:n_tok]      # residual, normed, projected (T, dim)
         k, v = b.k[:n_tok], b.v[:n_tok]                          # (T, kv_dim)

@@ -136,6 +136,30 @@ def test_prompt_feed_forward_in_pieces_is_exactly_one_piece(tmp_path, monkeypatc
     assert model._prompt is buffers
 
 
+def test_warm_up_with_a_batch_shorter_than_its_prompt(tmp_path, monkeypatch):
+    """A first run's warm-up evaluates a 9-token prompt on the prompt path (in a compile child when
+    the cache is cold); with n_batch below that it takes one chunk, as eval does: the prompt
+    buffers hold n_batch rows, and a longer chunk is refused, never written past them."""
+    import edgellama.model as model_module
+    from edgellama.kernel_cache import WarmUpPlan
+
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0)
+    model = edgellama.load(path, n_ctx=32, threads=1, n_batch=4)
+    ran = []
+
+    def in_process(work, deferred=()):  # the compile child's work, run here
+        ran.append(work())
+        return None
+
+    monkeypatch.setattr(model_module, "plan_warm_up", lambda *a: WarmUpPlan(None, [], prompt_child=True))
+    monkeypatch.setattr(model_module.CompileChild, "start", staticmethod(in_process))
+    model.warm_up()
+    assert ran == [None] and model._prompt.x.shape[0] == 4 and model.n_cached == 0
+    np.testing.assert_array_equal(model.logits(IDS), edgellama.load(path, n_ctx=32, threads=1, n_batch=4).logits(IDS))
+    with pytest.raises(ValueError, match="longer than n_batch"):
+        model._prefill(np.array(IDS[:5]), False)
+
+
 def test_prefill_with_small_weight_tiles_equals_one_tile(tmp_path, monkeypatch):
     """16-bit float weights are widened in tiles of rows for BLAS: many small tiles give the same
     products as one tile per matrix (to summation order)."""
