@@ -185,16 +185,35 @@ def prompt_ffn_columns(ffn: int, n_rows: int, down_quantized: bool = True) -> in
     return max(256, PROMPT_FFN_BYTES // (4 * n_rows) // 256 * 256)
 
 
-def batch_buffers(args, n_tokens: int, quantized: bool = True) -> int:
+def activation_forms(qtypes, n: int) -> int:
+    """How many quantized forms an input of n values is made in for matrices of these types
+    (kernels.activation_room): Q8 blocks for the block types, Q8_K super-blocks for the K-quants (n
+    a multiple of 256); none for float matrices."""
+    scales = [PACKED_BYTES[GGMLType(t)][1] for t in qtypes if GGMLType(t) in PACKED_BYTES]
+    return int(any(s == 0 for s in scales)) + int(any(s > 0 for s in scales) and n % 256 == 0)
+
+
+def batch_buffers(args, n_tokens: int, forms: tuple[int, int] = (1, 1), down_quantized: bool = True) -> int:
     """The bytes of a prompt batch's buffers (model.PromptBuffers, kept from the first prompt on):
     the residual, normed and projected rows (T, dim) x3, keys and values (T, kv_dim) x2, the gate
-    and up rows (T, cols) in float32, and, for ``quantized`` matrices (float ones read the float
-    rows), the quantized inputs of the projections (int8 values, float32 block scales and sums,
-    int32 half-block sums: 1.5 bytes per value): (T, dim), (T, ffn) and, where the feed-forward is
-    made in pieces, a piece (T, cols)."""
-    cols = prompt_ffn_columns(args.ffn_dim, n_tokens, quantized)
-    rooms = args.dim + args.ffn_dim + (cols if cols < args.ffn_dim else 0) if quantized else 0
+    and up rows (T, cols) in float32 (cols: prompt_ffn_columns; every column where a down
+    projection is a float matrix), and the quantized inputs of the projections (int8 values,
+    float32 block scales and sums, int32 half-block sums: 1.5 bytes per value, in each of
+    ``forms``: activation_forms of the matrices reading dim and of the down projections): (T, dim),
+    (T, ffn) and, where the feed-forward is made in pieces, a piece (T, cols)."""
+    cols = prompt_ffn_columns(args.ffn_dim, n_tokens, down_quantized)
+    piece = cols if cols < args.ffn_dim else 0
+    rooms = forms[0] * args.dim + forms[1] * (args.ffn_dim + piece)
     return int(n_tokens * (4 * (3 * args.dim + 2 * args.kv_dim + 2 * cols) + 1.5 * rooms))
+
+
+def prompt_buffers(f: GGUFFile, args, n_tokens: int) -> int:
+    """batch_buffers for the matrices of file f."""
+    layers = [i for name, i in f.tensors.items() if name.startswith("blk.") and len(i.shape) == 2]
+    downs = [i.qtype for i in layers if i.name.endswith(".ffn_down.weight")]
+    others = [i.qtype for i in layers if not i.name.endswith(".ffn_down.weight")]
+    forms = (activation_forms(others, args.dim), activation_forms(downs, args.ffn_dim))
+    return batch_buffers(args, n_tokens, forms, all(GGMLType(t) in PACKED_BYTES for t in downs))
 
 
 def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", threads: int = 1,
@@ -205,10 +224,7 @@ def memory_needed(f: GGUFFile, args, n_ctx: int, cache_type: str = "f16", thread
     cold cache), which takes LLVM's memory for a while."""
     weights = weights_held(f, n_ctx)
     kv = kv_cache_bytes(args, n_ctx, KV_BYTES_PER_VALUE[cache_type])
-    downs = [i for name, i in f.tensors.items() if name.endswith(".ffn_down.weight")]
-    quantized = all(GGMLType(i.qtype) in PACKED_BYTES for i in downs)  # (a float file's rows are read as they are)
-    buffers = int(n_ctx * _per_token_buffers(args, threads)) + batch_buffers(args, min(n_batch, max(n_ctx, 1)),
-                                                                              quantized)
+    buffers = int(n_ctx * _per_token_buffers(args, threads)) + prompt_buffers(f, args, min(n_batch, max(n_ctx, 1)))
     buffers += 4 * args.n_vocab + prompt_work_bytes(args.head_dim, threads)  # the logits, prompt attention's
     if any(len(i.shape) == 2 and GGMLType(i.qtype) not in PACKED_BYTES and i.name != "token_embd.weight"
            for i in f.tensors.values()):

@@ -79,29 +79,38 @@ def test_weights_are_what_a_loaded_model_holds(tmp_path, qtype, tied):
     assert info.weights_held(f, 64) == at_16_lanes + floats + vectors + embedding
 
 
-@pytest.mark.parametrize("qtype, budget", [(GGMLType.Q8_0, None), (GGMLType.Q8_0, 1), (GGMLType.Q4_K, 1),
-                                            (GGMLType.F16, 1)])
-def test_batch_buffers_are_what_a_prompt_holds(tmp_path, monkeypatch, qtype, budget):
+Q4K, Q8, F16 = GGMLType.Q4_K, GGMLType.Q8_0, GGMLType.F16
+
+
+@pytest.mark.parametrize("qtype, types, budget, forms, pieces", [
+    (Q8, {}, None, (1, 1), False), (Q8, {}, 1, (1, 1), True), (Q4K, {}, 1, (1, 1), True), (F16, {}, 1, (0, 0), False),
+    # a float down projection beside quantized matrices: one piece (its rows are read in float32)
+    (Q8, {"blk.1.ffn_down.weight": F16}, 1, (1, 1), False),
+    # down projections of a K-quant and a block type, gate of the other kind: both forms of each input
+    (Q4K, {"blk.1.ffn_down.weight": Q8, "blk.0.ffn_gate.weight": Q8}, 1, (2, 2), True)],
+    ids=["q8_0", "q8_0-pieces", "q4_k-pieces", "f16", "float-down", "both-forms"])
+def test_batch_buffers_are_what_a_prompt_holds(tmp_path, monkeypatch, qtype, types, budget, forms, pieces):
     """The prompt buffers a model keeps from its first prompt on (model.PromptBuffers) take exactly
-    batch_buffers' bytes: in one piece, and with the feed-forward made 256 columns at a time
-    (budget 1), where a float down projection still takes the whole rows."""
+    the estimate's bytes (info.prompt_buffers): in one piece, with the feed-forward made 256 columns
+    at a time (budget 1), and in files that mix types."""
     import numpy as np
 
     import edgellama
 
     if budget is not None:
         monkeypatch.setattr(info, "PROMPT_FFN_BYTES", budget)
-    path = write_tiny_model(tmp_path / "m.gguf", qtype, dim=256, ffn=768)
+    path = write_tiny_model(tmp_path / "m.gguf", qtype, dim=256, ffn=768, tensor_types=types)
     model = edgellama.load(path, n_ctx=64, threads=1, n_batch=32)
     model.eval(list(range(1, 21)))
     b = model._prompt
     arrays = [b.x, b.xb, b.y, b.k, b.v, b.gate, b.up, *(a for room in (b.qx, b.qh, b.qc) if room is not None
                                                          for form in room for a in form)]
     assert all(isinstance(a, np.ndarray) for a in arrays)
+    assert b.cols == (256 if pieces else 768)
     f = GGUFFile(path)
-    quantized = qtype != GGMLType.F16
-    assert b.cols == (256 if budget and quantized else 768)
-    assert sum(a.nbytes for a in arrays) == info.batch_buffers(ModelArgs.from_gguf(f), 32, quantized)
+    args = ModelArgs.from_gguf(f)
+    assert sum(a.nbytes for a in arrays) == info.prompt_buffers(f, args, 32) \
+        == info.batch_buffers(args, 32, forms, down_quantized=F16 not in (qtype, *types.values()))
 
 
 def test_the_largest_context_is_the_largest_that_fits(tmp_path):

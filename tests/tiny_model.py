@@ -112,7 +112,10 @@ def _encode(w: np.ndarray, qtype: GGMLType) -> np.ndarray:
 
 def write_tiny_model(path: Path, qtype: GGMLType = GGMLType.Q8_0, *, dim: int = 64, n_layers: int = 2,
                      n_heads: int = 4, n_kv_heads: int = 2, ffn: int = 96, ctx: int = 64, seed: int = 0,
-                     tied: bool = True, rope_freqs: bool = False, embd_type: GGMLType | None = None) -> Path:
+                     tied: bool = True, rope_freqs: bool = False, embd_type: GGMLType | None = None,
+                     tensor_types: dict[str, GGMLType] | None = None) -> Path:
+    """``tensor_types``: the types of named tensors (``{"blk.1.ffn_down.weight": GGMLType.F16}``),
+    the others' being ``qtype`` (``embd_type`` for the embedding table)."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = tiny_vocab()
     n_vocab = len(tokens)
@@ -143,7 +146,7 @@ def write_tiny_model(path: Path, qtype: GGMLType = GGMLType.Q8_0, *, dim: int = 
 
     def mat(name, rows, cols, t=qtype, scale=None):
         w = rng.standard_normal((rows, cols)).astype(np.float32) * (scale or 1.0 / np.sqrt(cols))
-        tensors.append((name, t, w))
+        tensors.append((name, (tensor_types or {}).get(name, t), w))
 
     def vec(name, n, around=1.0):
         tensors.append((name, GGMLType.F32, (around + 0.1 * rng.standard_normal(n)).astype(np.float32)))
