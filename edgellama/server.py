@@ -137,6 +137,7 @@ class APIError(Exception):
 
 
 SHUTDOWN_GRACE = 1.0  # seconds a stopping server gives its answers in progress to say that it stops
+STREAM_END = b"data: [DONE]\n\n"  # a stream's last event
 
 
 def _busy(message: str) -> APIError:
@@ -1067,7 +1068,7 @@ class Reply:
         self._event([end])
         if request.include_usage:
             self._event([], _usage(last))
-        job.put(b"data: [DONE]\n\n")
+        job.put(STREAM_END)
 
     def _event(self, choices: list, usage: dict | None = None) -> None:
         payload = {"id": self.ident, "object": "chat.completion.chunk" if self.request.chat else "text_completion",
@@ -1752,6 +1753,7 @@ class Server:
             headers = {**job.headers, **self._cors_headers(request), "Connection": "close"}
             conn.writer.write(_head(job.status, headers))
             _log(conn, request, job.status, " (stream)")
+            ended = False  # the stream's end event written (a stop then adds nothing)
             while True:
                 if conn.writer.transport.is_closing():
                     raise ConnectionResetError("the connection is closed")
@@ -1759,11 +1761,12 @@ class Server:
                 piece = job.take()
                 if piece is not None:
                     conn.writer.write(piece)
+                    ended = piece == STREAM_END
                     await self._flush(conn)
                 elif job.overflowed:
                     raise ConnectionResetError("the reply outgrew max_output_buffer")
                 elif job.cancelled and self._closing:  # (its pieces written): the reason it ends, unless it had
-                    if not done:
+                    if not (done or ended):  # (the worker marks a job done a moment after its end event)
                         conn.writer.write(b"data: " + json.dumps(_busy("the server is shutting down").body()).encode()
                                           + b"\n\n")
                         await self._flush(conn)

@@ -581,6 +581,42 @@ def test_a_stopping_server_says_so_to_the_streams_and_requests_in_progress(tiny,
             stopping.join(60)
 
 
+def test_a_stream_that_ended_gets_nothing_after_its_done_when_the_server_stops(tiny, monkeypatch):
+    """A stop between the worker's last event ([DONE]) and its marking the job done must not add the
+    shutdown error event after [DONE] (a review found it could).  Deterministic: the worker is held
+    right after the reply's last event until the server has stopped."""
+    from edgellama import server as S
+
+    gate, ended = threading.Event(), threading.Event()
+    real_finish = S.Reply.finish
+
+    def finish_then_wait(self):  # the last events and [DONE] put; job.finish() not yet reached
+        real_finish(self)
+        ended.set()
+        gate.wait(60)
+
+    monkeypatch.setattr(S.Reply, "finish", finish_then_wait)
+    s = Running(tiny)
+    try:
+        body = json.dumps({"prompt": "hello", "max_tokens": 5, "stream": True}).encode()
+        c = socket.create_connection(("127.0.0.1", s.port), timeout=60)
+        c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        assert ended.wait(60)
+        got = b""
+        while b"[DONE]" not in got:
+            got += c.recv(65536)
+        s.httpd.shutdown()
+        while chunk := c.recv(65536):
+            got += chunk
+        c.close()
+        evs = events(got.partition(b"\r\n\r\n")[2].decode())
+        assert evs[-1] == "[DONE]" and evs.count("[DONE]") == 1, evs[-2:]
+    finally:
+        gate.set()
+        s.httpd.server_close()
+
+
 # ----- the real model and the command ----------------------------------------------------------------
 
 def test_real_model_reply_is_llama_cpps(smollm2_path):
