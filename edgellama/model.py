@@ -707,8 +707,9 @@ class Model:
         """Evaluate T tokens at positions n_past.. with matrix kernels; logits (T, V) or (V,)."""
         a, w, s = self.args, self.weights, self.state
         n_tok, start = len(ids), s.n_past
-        if self._prompt is None:
-            self._prompt = PromptBuffers(a, w, min(self.n_batch, self.n_ctx))
+        rows = min(self.n_batch, self.n_ctx)
+        if self._prompt is None or len(self._prompt.x) != rows:  # (the first prompt, or n_batch changed since)
+            self._prompt = PromptBuffers(a, w, rows)
         b = self._prompt
         if n_tok > len(b.x):  # (eval cuts prompts into chunks of n_batch: the kernels write T rows)
             raise ValueError(f"a prompt chunk of {n_tok} tokens is longer than n_batch ({len(b.x)})")

@@ -158,6 +158,9 @@ def test_warm_up_with_a_batch_shorter_than_its_prompt(tmp_path, monkeypatch):
     np.testing.assert_array_equal(model.logits(IDS), edgellama.load(path, n_ctx=32, threads=1, n_batch=4).logits(IDS))
     with pytest.raises(ValueError, match="longer than n_batch"):
         model._prefill(np.array(IDS[:5]), False)
+    model.n_batch = 16  # set after the first prompt: the buffers follow
+    np.testing.assert_array_equal(model.logits(IDS), edgellama.load(path, n_ctx=32, threads=1).logits(IDS))
+    assert model._prompt.x.shape[0] == 16
 
 
 def test_prefill_with_small_weight_tiles_equals_one_tile(tmp_path, monkeypatch):
