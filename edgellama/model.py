@@ -273,7 +273,7 @@ class PromptBuffers:
     the first prompt and kept, as llama.cpp keeps its compute buffers: nothing is allocated per
     layer or per prompt (freed arrays of a few MB used to stay in the C heap, 20 MB of a 1B
     model's), and the feed-forward's gate and up rows, the largest, are made ``cols`` columns at a
-    time (info.prompt_ffn_columns; Model._feed_forward).  info.batch_buffers counts these bytes."""
+    time (info.prompt_ffn_columns; Model._feed_forward).  info.prompt_buffers counts these bytes."""
 
     def __init__(self, args: ModelArgs, weights: Weights, n_rows: int):
         from .info import prompt_ffn_columns
