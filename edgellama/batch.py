@@ -18,8 +18,9 @@ however its prompt is cut into steps: every row of a step goes through the same 
 context it last held: a sequence whose prompt begins with it (a chat's next turn) evaluates only the
 rest, with the same results as from an empty slot (this is why a slot whose context was shifted
 offers only its kept first tokens for reuse).  Prompt rows and generated rows share one arithmetic
-(the one-token attention), so a batch's results are those of ``Model.generate`` for prompts of at
-most a few tokens, and within rounding of them otherwise (whose long prompts run through the prompt
+(the one-token attention), so a batch's results are those of ``Model.generate`` for the prompts it
+evaluates token by token (at most ``Model.decode_max_prompt`` tokens: 8 on small models, 2-3 on
+1B and larger ones), and within rounding of them otherwise (whose prompts run through the prompt
 kernels).
 """
 

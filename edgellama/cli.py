@@ -404,7 +404,7 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
     once, and the loading and a warm-up of every kernel show the compilation's progress.  The
     kernels are ready (compiled, or loaded from the cache) before the command times anything;
     ``seconds`` counts their loading, not their compilation.  ``prompt_path``: whether the prompt
-    path's kernels are needed too (a callable: asked with the model's tokenizer), or only the
+    path's kernels are needed too (a callable: asked with the model's tokenizer and file), or only the
     one-token path's (a short prompt: the first token comes sooner).
     """
     stream = sys.stderr if stream is None else stream
@@ -438,7 +438,7 @@ def load_model(args, stream=None, prompt_path=True) -> Loaded:
             from .tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_gguf(f)
-            prompt_path = bool(prompt_path(tokenizer))
+            prompt_path = bool(prompt_path(tokenizer, f))
         status = plan_warm_up(matrix_types(f), prompt_path).status
         check_memory(f, model_args, n_ctx, args.cache_type, threads, compiling=bool(status and status.cold))
         progress.expect(status)
@@ -463,10 +463,10 @@ def _mib(n: int) -> str:
 def cmd_run(args) -> int:
     from .kernel_cache import CompileProgress
 
-    from .model import DECODE_MAX_PROMPT
+    from .model import decode_max_prompt, token_bytes
 
-    loaded = load_model(args, prompt_path=lambda tok: len(tok.encode(args.prompt, special=args.special))
-                        > DECODE_MAX_PROMPT)
+    loaded = load_model(args, prompt_path=lambda tok, f: len(tok.encode(args.prompt, special=args.special))
+                        > decode_max_prompt(token_bytes(f)))
     model = loaded.model
     ids = model.tokenize(args.prompt, special=args.special)
     if len(ids) > model.n_ctx and not args.truncate:

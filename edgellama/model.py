@@ -381,7 +381,8 @@ class Model:
         self.n_evaluated = 0  # tokens run through the network since load (prompt-cache accounting)
         self.n_shifted = 0    # tokens dropped from the cache by context shifts
         self._blas = None
-        self._prompt = None  # PromptBuffers, made at the first prompt of more than DECODE_MAX_PROMPT tokens
+        self._prompt = None  # PromptBuffers, made at the first prompt of more than decode_max_prompt tokens
+        self.decode_max_prompt = decode_max_prompt(token_bytes(f))  # prompts up to this long go token by token
         f.release_header()  # read: the tokenizer and the weights are built
 
     @classmethod
@@ -425,11 +426,11 @@ class Model:
 
     def warm_up(self, prompt_path: bool = True) -> None:
         """Load (or, the first time on a machine, compile) the kernels of the one-token path and,
-        with ``prompt_path``, of the prompt path (prompts of more than DECODE_MAX_PROMPT tokens), so
+        with ``prompt_path``, of the prompt path (prompts of more than decode_max_prompt tokens), so
         that the first real request does not wait for them; the cache is left empty."""
         token = self.tokenizer.bos_id or 0
-        prompt = [token] * min(DECODE_MAX_PROMPT + 1, self.n_ctx)
-        prompt_path = prompt_path and len(prompt) > DECODE_MAX_PROMPT
+        prompt = [token] * min(self.decode_max_prompt + 1, self.n_ctx)
+        prompt_path = prompt_path and len(prompt) > self.decode_max_prompt
         # a first run on a machine with cores to spare compiles in two processes at once
         # (kernel_cache.plan_warm_up, CompileChild): the prompt path's kernels in a forked child
         # while this process compiles the decode step, or, the decode step alone being needed, some
@@ -543,9 +544,9 @@ class Model:
 
     def _evaluate(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
         """eval's work, on the kernel thread (edgellama.kernel_thread)."""
-        if len(ids) <= DECODE_MAX_PROMPT and not all_logits:
-            # a few tokens: the decode kernel alone (this also spares a fresh process from loading
-            # the prefill kernels before its first token)
+        if len(ids) <= self.decode_max_prompt and not all_logits:
+            # up to decode_max_prompt tokens: the decode kernel alone (this also spares a fresh
+            # process from loading the prefill kernels before its first token)
             for i, token in enumerate(ids):
                 if i:
                     kernel_thread.adapt()
@@ -835,7 +836,32 @@ class Model:
 
         return embed(self, texts, add_bos=add_bos, normalize=normalize, check=check)
 
-DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel
+DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token through the decode kernel (small models)
+# the weight bytes a memory bus reads while a fresh process loads the prompt path's kernels from
+# the cache (60-70 ms on a 2-core Zen 4, 2026-12-05, at a conservative 20 GB/s): see decode_max_prompt
+SHORT_PROMPT_BYTES = 1_300_000_000
+
+
+def token_bytes(f: GGUFFile) -> int:
+    """The weight bytes one decode step reads: every matrix but an untied embedding table."""
+    tied = "output.weight" not in f.tensors
+    return sum(i.nbytes for name, i in f.tensors.items()
+               if len(i.shape) == 2 and (tied or name != "token_embd.weight"))
+
+
+def decode_max_prompt(weight_bytes: int) -> int:
+    """The longest prompt a model reading ``weight_bytes`` a token evaluates token by token through
+    the decode kernel.  Token by token, a prompt of n tokens reads every weight n times; the prompt
+    kernels read them once but compute at least one tile of 8 tokens, about two passes' time (a
+    2-token prompt: 34 ms against 15-21 ms a token on the 1B shape at Q4_0, 200 against 82-130 ms
+    on the 8B shape; 6 tokens: 36 against 129 ms and 210 against 780 ms), and a fresh process first
+    loads them (60-70 ms).  So prompts of up to 2 tokens go token by token, and longer ones where
+    their passes cost less than that load: 2 + SHORT_PROMPT_BYTES / (the bytes a token reads), at
+    most DECODE_MAX_PROMPT (8 on SmolLM2, 3 on the 1B shape at Q4_0, 2 at Q8_0 and on larger
+    models).  Fixed per model, so that a prompt's numbers depend on the prompt alone."""
+    return max(1, min(DECODE_MAX_PROMPT, 2 + SHORT_PROMPT_BYTES // max(int(weight_bytes), 1)))
+
+
 # the prompt path's kernels whose helper functions the decode step compiles too: a compile child
 # leaves them to its second pass, by when this process has cached those helpers
 SHARED_WITH_DECODE = ("embed_rows", "matvec", "rmsnorm", "quantize_activation")

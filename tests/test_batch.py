@@ -104,7 +104,8 @@ def test_the_batched_pass_computes_the_model(tmp_path_factory, qtype):
 @pytest.mark.parametrize("qtype", [GGMLType.Q8_0, GGMLType.Q6_K, GGMLType.F16], ids=lambda t: t.name)
 def test_generated_tokens_are_model_generates(tmp_path_factory, qtype):
     """Generated tokens go through the same arithmetic as Model.generate's decode: for prompts that
-    it evaluates token by token too (at most 8 tokens), the results are Model.generate's exactly."""
+    it evaluates token by token too (at most Model.decode_max_prompt tokens: 8 on this model), the
+    results are Model.generate's exactly."""
     model = _tiny(tmp_path_factory, qtype)
     for prompt, seed in ((PROMPTS[0], 1), (PROMPTS[1], 2)):
         want = list(model.generate(prompt, 12, seed=seed, **SAMPLING))

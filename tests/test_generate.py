@@ -340,9 +340,7 @@ def test_real_model_seeded_generation_reproduces_and_logprobs_match(tiny_path):
     runs = [list(generate_tokens(model, ids, 12, Sampler(**kw), stop_ids=())) for _ in range(2)]
     # exact: a 7-token prompt goes through the decode kernel token by token in both runs (the second
     # re-evaluates only its last token, on the same cache), so the logits are the same bits
-    from edgellama.model import DECODE_MAX_PROMPT
-
-    assert len(ids) <= DECODE_MAX_PROMPT
+    assert len(ids) <= model.decode_max_prompt
     assert [(c.token, str(c)) for c in runs[0]] == [(c.token, str(c)) for c in runs[1]]
     tokens = [c.token for c in runs[0] if c.token is not None]
     assert runs[0][-1].usage.completion_tokens == len(tokens)

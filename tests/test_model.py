@@ -163,6 +163,36 @@ def test_warm_up_with_a_batch_shorter_than_its_prompt(tmp_path, monkeypatch):
     assert model._prompt.x.shape[0] == 16
 
 
+def test_short_prompts_of_large_models_take_the_prompt_path(tmp_path, monkeypatch):
+    """Prompts of up to 8 tokens go token by token on small models (each token reads every weight,
+    which costs less than loading the prompt kernels), and through the prompt kernels from 4 tokens
+    on a 1B model at Q4_0, from 3 at Q8_0 and on larger ones (model.decode_max_prompt, from the
+    weight bytes a token reads).  The choice is the model's, fixed at load: the same prompt always
+    takes the same path."""
+    import edgellama.model as model_module
+
+    gb = 10 ** 9
+    assert [model_module.decode_max_prompt(b) for b in (0.1 * gb, 0.14 * gb, 0.76 * gb, 1.31 * gb, 2.5 * gb, 4.4 * gb)] \
+        == [8, 8, 3, 2, 2, 2]
+    path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0, tied=False)
+    f = edgellama.gguf.GGUFFile(path)
+    matrices = [i for i in f.tensors.values() if len(i.shape) == 2]
+    assert model_module.token_bytes(f) == sum(i.nbytes for i in matrices) - f.tensors["token_embd.weight"].nbytes
+    small = edgellama.load(path, n_ctx=32, threads=1)
+    assert small.decode_max_prompt == 8
+    got_small = small.eval(IDS[:5]).copy()
+    assert small._prompt is None  # token by token: the prompt kernels were not needed
+    # the same file taken for a large model (as if each token read 2.5 GB): the prompt path
+    monkeypatch.setattr(model_module, "token_bytes", lambda f: int(2.5 * gb))
+    large = edgellama.load(path, n_ctx=32, threads=1)
+    assert large.decode_max_prompt == 2
+    got_large = large.eval(IDS[:5]).copy()
+    assert large._prompt is not None and large._prompt.x.shape[0] >= 5
+    eb.check(got_large, got_small, eb.tolerance(_envelope(path, ids=IDS[:5]), 2), "prompt path vs token by token")
+    large.reset()
+    np.testing.assert_array_equal(large.eval(IDS[:5]), got_large)  # the same path again, the same bits
+
+
 def test_prefill_with_small_weight_tiles_equals_one_tile(tmp_path, monkeypatch):
     """16-bit float weights are widened in tiles of rows for BLAS: many small tiles give the same
     products as one tile per matrix (to summation order)."""
