@@ -463,10 +463,11 @@ def _mib(n: int) -> str:
 def cmd_run(args) -> int:
     from .kernel_cache import CompileProgress
 
-    from .model import decode_max_prompt, token_bytes
+    from .info import weight_bytes_per_token
+    from .model import decode_max_prompt
 
     loaded = load_model(args, prompt_path=lambda tok, f: len(tok.encode(args.prompt, special=args.special))
-                        > decode_max_prompt(token_bytes(f)))
+                        > decode_max_prompt(weight_bytes_per_token(f)))
     model = loaded.model
     ids = model.tokenize(args.prompt, special=args.special)
     if len(ids) > model.n_ctx and not args.truncate:

@@ -171,6 +171,17 @@ def _per_token_buffers(args, threads: int) -> float:
     return 4 * scratch / ATTN_SPAN + 4 * args.rope_dim
 
 
+def weight_bytes_per_token(f: GGUFFile) -> int:
+    """Bytes of weights one decode step reads: every tensor once, an untied embedding table one row."""
+    total = 0
+    for name, i in f.tensors.items():
+        if name == "token_embd.weight" and "output.weight" in f.tensors:
+            total += i.nbytes // i.shape[0]
+        else:
+            total += i.nbytes
+    return total
+
+
 PROMPT_FFN_BYTES = 2 << 20  # a prompt's gate (and up) rows are made about this many bytes at a time
 
 

@@ -344,6 +344,7 @@ class Model:
 
         from .info import ContextLengthWarning, resolve_n_ctx
         from .info import check_memory as memory_check
+        from .info import weight_bytes_per_token
         from .tokenizer import Tokenizer  # the tokenizer is independent of Numba
 
         self.file = f
@@ -382,7 +383,7 @@ class Model:
         self.n_shifted = 0    # tokens dropped from the cache by context shifts
         self._blas = None
         self._prompt = None  # PromptBuffers, made at the first prompt of more than decode_max_prompt tokens
-        self.decode_max_prompt = decode_max_prompt(token_bytes(f))  # prompts up to this long go token by token
+        self.decode_max_prompt = decode_max_prompt(weight_bytes_per_token(f))  # prompts up to this long go token by token
         f.release_header()  # read: the tokenizer and the weights are built
 
     @classmethod
@@ -840,13 +841,6 @@ DECODE_MAX_PROMPT = 8    # prompts up to this many tokens go token by token thro
 # the weight bytes a memory bus reads while a fresh process loads the prompt path's kernels from
 # the cache (60-70 ms on a 2-core Zen 4, 2026-12-05, at a conservative 20 GB/s): see decode_max_prompt
 SHORT_PROMPT_BYTES = 1_300_000_000
-
-
-def token_bytes(f: GGUFFile) -> int:
-    """The weight bytes one decode step reads: every matrix but an untied embedding table."""
-    tied = "output.weight" not in f.tensors
-    return sum(i.nbytes for name, i in f.tensors.items()
-               if len(i.shape) == 2 and (tied or name != "token_embd.weight"))
 
 
 def decode_max_prompt(weight_bytes: int) -> int:

@@ -170,20 +170,22 @@ def test_short_prompts_of_large_models_take_the_prompt_path(tmp_path, monkeypatc
     weight bytes a token reads).  The choice is the model's, fixed at load: the same prompt always
     takes the same path."""
     import edgellama.model as model_module
+    from edgellama import info
 
     gb = 10 ** 9
     assert [model_module.decode_max_prompt(b) for b in (0.1 * gb, 0.14 * gb, 0.76 * gb, 1.31 * gb, 2.5 * gb, 4.4 * gb)] \
         == [8, 8, 3, 2, 2, 2]
     path = write_tiny_model(tmp_path / "m.gguf", GGMLType.Q8_0, tied=False)
     f = edgellama.gguf.GGUFFile(path)
-    matrices = [i for i in f.tensors.values() if len(i.shape) == 2]
-    assert model_module.token_bytes(f) == sum(i.nbytes for i in matrices) - f.tensors["token_embd.weight"].nbytes
+    embd = f.tensors["token_embd.weight"]  # untied: one row of it a token
+    assert info.weight_bytes_per_token(f) == sum(i.nbytes for i in f.tensors.values()) - embd.nbytes \
+        + embd.nbytes // embd.shape[0]
     small = edgellama.load(path, n_ctx=32, threads=1)
     assert small.decode_max_prompt == 8
     got_small = small.eval(IDS[:5]).copy()
     assert small._prompt is None  # token by token: the prompt kernels were not needed
     # the same file taken for a large model (as if each token read 2.5 GB): the prompt path
-    monkeypatch.setattr(model_module, "token_bytes", lambda f: int(2.5 * gb))
+    monkeypatch.setattr(info, "weight_bytes_per_token", lambda f: int(2.5 * gb))
     large = edgellama.load(path, n_ctx=32, threads=1)
     assert large.decode_max_prompt == 2
     got_large = large.eval(IDS[:5]).copy()

@@ -44,18 +44,15 @@ from edgellama.bench import check_args  # noqa: E402  (light: imports numpy and 
 
 
 def weight_bytes_per_token(path: Path) -> int:
-    """Bytes of weights one decode step reads: every matrix once, the embedding table one row."""
+    """Bytes of weights one decode step reads (edgellama.info.weight_bytes_per_token)."""
     from edgellama.gguf import GGUFFile
+    from edgellama.info import weight_bytes_per_token as of_file
 
     f = GGUFFile(path)
-    total = 0
-    for name, info in f.tensors.items():
-        if name == "token_embd.weight" and "output.weight" in f.tensors:
-            total += info.nbytes // info.shape[0]
-        else:
-            total += info.nbytes
-    f.close()
-    return total
+    try:
+        return of_file(f)
+    finally:
+        f.close()
 
 
 def kv_bytes_per_token(path: Path, n_past: float) -> float:
