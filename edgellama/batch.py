@@ -36,6 +36,7 @@ from . import kernel_thread, kernels as K
 from ._validate import is_int
 from .generate import Chunk, Continuation, GenerationError, check_generation, check_n_keep, truncate_prompt
 from .memory import lazy_zeros
+from .model import first_rows
 from .quants import KV_CACHE_TYPES
 
 MAX_SLOTS = 256           # sequences in one batch at most (llama.cpp's LLAMA_MAX_SEQ)
@@ -103,11 +104,10 @@ class Rows:
             raise ValueError(f"positions beyond the context of {self.n_ctx}")
         if rows.slots.min() < 0 or rows.slots.max() >= self.n_slots:
             raise ValueError(f"slots beyond the {self.n_slots} there are")
-        qrows = lambda qx, k: K.Activation(*(K.Q8Activation(*(a[:k] for a in form)) for form in qx))
-        buf = K.BatchBuffers(self._x[:n], self._xb[:n], qrows(self._qx, n), self._q[:n], self._k[:n], self._v[:n],
-                             self._att[:n], self._hb[:n], self._hb2[:n], qrows(self._qh, n), self._jobs,
+        buf = K.BatchBuffers(self._x[:n], self._xb[:n], first_rows(self._qx, n), self._q[:n], self._k[:n], self._v[:n],
+                             self._att[:n], self._hb[:n], self._hb2[:n], first_rows(self._qh, n), self._jobs,
                              self._first[:n], self._scratch, self._partial[:n], np.asarray(out_rows, np.int64),
-                             self._hidden[:m], qrows(self._qo, m), self._logits[:m])
+                             self._hidden[:m], first_rows(self._qo, m), self._logits[:m])
         model = self.model
         kernel_thread.run(K.forward_rows, rows, model.weights.decode, model.dims, model.rope, self.cache, buf,
                           K.HALF_TABLES, bool(want_logits), threads=model.threads)

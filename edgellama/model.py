@@ -302,7 +302,7 @@ class PromptBuffers:
         self.qc = K.activation_room(n_rows * self.cols, None, reading_ffn) if self.cols < args.ffn_dim else None
 
 
-def _first_rows(room: "K.Activation", n: int) -> "K.Activation":
+def first_rows(room: "K.Activation", n: int) -> "K.Activation":
     """The first n rows of an Activation of rows (both forms)."""
     return K.Activation(*(K.Q8Activation(*(a[:n] for a in form)) for form in room))
 
@@ -674,7 +674,7 @@ class Model:
             return None
         blocks, supers = any(not K.is_k_quant(t) for t in types), any(K.is_k_quant(t) for t in types)
         n_tok, n_in = x.shape
-        qx = K.activation_room(n_in, n_tok, K.Formats(types)) if room is None else _first_rows(room, n_tok)
+        qx = K.activation_room(n_in, n_tok, K.Formats(types)) if room is None else first_rows(room, n_tok)
         if blocks:
             K.quantize_q8_rows(x, *qx.blocks)
         if supers:
@@ -760,7 +760,7 @@ class Model:
         n_tok, ffn = len(xb), self.args.ffn_dim
         down_w = self.weights.layers[l]["ffn_down"]
         qx = self._quantized(xb, (self.weights.layers[l]["ffn_gate"], self.weights.layers[l]["ffn_up"]), b.qx)
-        qh = _first_rows(b.qh, n_tok) if down_w.quantized else None
+        qh = first_rows(b.qh, n_tok) if down_w.quantized else None
         for c0, c1, gate_w, up_w in b.pieces[l]:
             width = c1 - c0
             gate, up = b.gate[:n_tok * width].reshape(n_tok, width), b.up[:n_tok * width].reshape(n_tok, width)
